@@ -1,0 +1,92 @@
+"""Atomic file writes: a reader (or a crash) sees the old file or the new one, never a torn one.
+
+Every file maskforge writes goes through `atomic_write`: the bytes go to a temporary file in the same
+folder (so the final rename never crosses file systems), are flushed and fsynced, and only then renamed
+over the destination. If anything fails on the way the temporary file is removed and the destination is
+left as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .errors import MaskforgeError
+
+
+def ensure_writable_dir(folder: str | os.PathLike) -> Path:
+    """Create `folder` if needed and check that we can write into it, or raise a clear error."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MaskforgeError(f"cannot create output folder {folder}: {exc.strerror or exc}") from None
+    if not folder.is_dir():
+        raise MaskforgeError(f"output path {folder} exists and is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise MaskforgeError(f"output folder {folder} is not writable")
+    return folder
+
+
+@contextlib.contextmanager
+def atomic_path(destination: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `destination`; on success it is fsynced and renamed over it.
+
+    Use this for writers that insist on a path (safetensors, onnx). On any exception the temporary
+    file is deleted and `destination` is untouched.
+
+    >>> with atomic_path("out.txt") as tmp:          # doctest: +SKIP
+    ...     tmp.write_text("hello")
+    """
+    destination = Path(destination)
+    folder = destination.parent if str(destination.parent) else Path(".")
+    if not folder.is_dir():
+        raise MaskforgeError(f"output folder {folder} does not exist")
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise MaskforgeError(f"cannot write {destination}: {exc.strerror or exc}") from None
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        _fsync_file(tmp)
+        os.replace(tmp, destination)
+        _fsync_dir(folder)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise MaskforgeError(f"cannot write {destination}: {exc.strerror or exc}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(destination: str | os.PathLike, data: bytes | str | Callable[[Path], None]) -> Path:
+    """Write `data` (bytes, text, or a callable that writes to a given path) to `destination` atomically."""
+    with atomic_path(destination) as tmp:
+        if callable(data):
+            data(tmp)
+        elif isinstance(data, str):
+            tmp.write_text(data, encoding="utf-8")
+        else:
+            tmp.write_bytes(data)
+    return Path(destination)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as handle:
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    # The rename is durable only once the folder entry is on disk; some file systems refuse this.
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
