@@ -10,6 +10,12 @@ Layout (docs/FORMAT.md is the normative description):
 Loading validates the schema, the format version, every shape against the architecture, and the
 SHA-256 digests of every tensor and of the document itself. `verify_weights` (used by materialize)
 recomputes the digests of the regenerated weights.
+
+Loading is strict because artifacts are untrusted input: the safetensors header is parsed and checked by
+us first (only U8/F32 tensors, regions contiguous and covering the file exactly), JSON with duplicate
+keys, NaN/Infinity or absurd nesting is refused, unknown fields are refused, and every derived field
+(density, fan-in, the batch-norm list) must agree with what it derives from. tests/test_fuzz.py
+mutates real artifacts over a thousand ways: each mutant is refused or gives identical outputs.
 """
 
 from __future__ import annotations
@@ -18,8 +24,10 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -227,53 +235,159 @@ def load_artifact(path: str | os.PathLike) -> Artifact:
     return artifact
 
 
-def artifact_from_bytes(data: bytes, label: str = "artifact") -> Artifact:
-    document, tensors = _read_safetensors(data, label)
+def artifact_from_bytes(data: bytes, label: str = "artifact", *,
+                        on_check: Callable[[str, str], None] | None = None) -> Artifact:
+    """Parse and fully validate the bytes of an artifact file (docs/FORMAT.md section 2.4).
+
+    `on_check(stage, detail)` is called after each stage passes (`maskforge verify` lists them); the
+    first failing stage raises `MaskforgeError` naming the field, tensor or layer at fault.
+    """
+    passed = on_check or (lambda stage, detail: None)
+    header, body = _read_header(data, label)
+    passed("header", f"safetensors header: {len(header) - 1} tensors laid out contiguously over "
+                     f"{len(body):,} bytes")
+    document = _read_document(header, label)
     _validate_document(document, label)
-    _check_digests(document, tensors, label)
+    passed("schema", f"format {FORMAT_NAME} v{document['format_version']}, arch {document['arch']['name']}, "
+                     f"k={document['k']}, seed={document['seed']}, init {document['init']['distribution']}")
+    if _document_digest(document) != document["digests"]["document"]:
+        raise MaskforgeError(f"{label}: metadata digest mismatch (the JSON document was modified or corrupted)")
+    passed("document digest", f"sha256 {document['digests']['document'][:16]}...")
+    tensors = _load_tensors(data, label)
+    _check_tensor_digests(document, tensors, label)
+    passed("tensor digests", f"{len(tensors)} stored tensors match their sha256")
     structure = _check_structure(document, tensors, label)
-    masks = {param: unpack_mask(tensors[f"mask/{param}"], tuple(info["shape"]))
-             for param, info in document["layers"].items()}
-    for param, mask in masks.items():
-        if int(mask.sum()) != document["layers"][param]["kept"]:
-            raise MaskforgeError(f"{label}: layer {param} keeps {int(mask.sum())} weights but the metadata "
-                                 f"says {document['layers'][param]['kept']}")
+    passed("structure", f"{len(document['layers'])} masked layers and {len(document['bn'])} batch norms "
+                        f"match {document['arch']['name']} {document['arch']['args']}")
+    masks = {}
+    for param, info in document["layers"].items():
+        try:
+            masks[param] = unpack_mask(tensors[f"mask/{param}"], tuple(info["shape"]))
+        except MaskforgeError as exc:
+            raise MaskforgeError(f"{label}: layer {param}: {exc}") from None
+        if int(masks[param].sum()) != info["kept"]:
+            raise MaskforgeError(f"{label}: layer {param} keeps {int(masks[param].sum())} weights but the "
+                                 f"metadata says {info['kept']}")
+    passed("masks", f"{sum(m.numel() for m in masks.values()):,} mask bits, zero padding, kept counts as "
+                    f"recorded")
     bn_stats = {name[3:]: torch.from_numpy(array.astype(np.float32)) for name, array in tensors.items()
                 if name.startswith("bn/")}
     return Artifact(document, masks, bn_stats, _structure=structure)
 
 
-def _read_safetensors(data: bytes, label: str) -> tuple[dict, dict[str, np.ndarray]]:
-    header = _read_header(data, label)
-    metadata = header.get("__metadata__") or {}
-    if METADATA_KEY not in metadata:
-        raise MaskforgeError(f"{label} is a safetensors file but not a maskforge artifact "
-                             f"(no '{METADATA_KEY}' metadata)")
-    try:
-        document = json.loads(metadata[METADATA_KEY])
-    except (TypeError, ValueError) as exc:
-        raise MaskforgeError(f"{label}: the maskforge metadata is not valid JSON ({exc})") from None
-    try:
-        tensors = _st_load_bytes(data)
-    except (SafetensorError, ValueError, TypeError) as exc:
-        raise MaskforgeError(f"{label}: corrupt safetensors data ({exc})") from None
-    return document, tensors
+# --- the safetensors container -----------------------------------------------------------------------
+
+_DTYPE_BYTES = {"U8": 1, "F32": 4}          # the only dtypes an artifact stores
+_TENSOR_FIELDS = {"dtype", "shape", "data_offsets"}
+_MAX_HEADER_BYTES = 100_000_000              # safetensors' own limit
 
 
-def _read_header(data: bytes, label: str) -> dict:
-    # Parse the header ourselves first: it gives clear messages for truncated or foreign files.
+def _strict_json(text: str | bytes, label: str, what: str):
+    """json.loads that refuses duplicate keys, NaN/Infinity and absurd nesting, with a clear message."""
+
+    def no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+        result = {}
+        for key, value in pairs:
+            if key in result:
+                raise MaskforgeError(f"{label}: {what} has the key {key!r} twice")
+            result[key] = value
+        return result
+
+    def no_constant(name: str):
+        raise MaskforgeError(f"{label}: {what} contains {name}, which is not valid JSON")
+
+    try:
+        return json.loads(text, object_pairs_hook=no_duplicates, parse_constant=no_constant)
+    except MaskforgeError:
+        raise
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise MaskforgeError(f"{label}: {what} is not valid JSON ({type(exc).__name__})") from None
+
+
+def _read_header(data: bytes, label: str) -> tuple[dict, memoryview]:
+    """Parse and check the safetensors header ourselves: clear messages for foreign, truncated or forged
+    files, independent of the safetensors library's own (also strict) checks."""
     if len(data) < 8:
         raise MaskforgeError(f"{label} is not a maskforge artifact (only {len(data)} bytes)")
     header_len = int.from_bytes(data[:8], "little")
-    if header_len > len(data) - 8 or header_len > 100_000_000:
+    if header_len > len(data) - 8 or header_len > _MAX_HEADER_BYTES or header_len < 2:
         raise MaskforgeError(f"{label} is not a maskforge artifact (not a safetensors file, or truncated)")
+    raw = data[8:8 + header_len]
+    if not raw.startswith(b"{"):
+        raise MaskforgeError(f"{label} is not a maskforge artifact (unreadable safetensors header)")
     try:
-        header = json.loads(data[8:8 + header_len])
-    except (UnicodeDecodeError, ValueError):
-        raise MaskforgeError(f"{label} is not a maskforge artifact (unreadable safetensors header)") from None
+        header = _strict_json(raw, label, "the safetensors header")
+    except MaskforgeError as exc:
+        reason = str(exc).removeprefix(f"{label}: ")
+        raise MaskforgeError(f"{label} is not a maskforge artifact ({reason})") from None
     if not isinstance(header, dict):
         raise MaskforgeError(f"{label} is not a maskforge artifact (bad safetensors header)")
-    return header
+    body = memoryview(data)[8 + header_len:]
+    _check_layout(header, len(body), label)
+    return header, body
+
+
+def _check_layout(header: dict, body_bytes: int, label: str) -> None:
+    """Every tensor entry well formed, U8 or F32, and the data regions contiguous, disjoint and covering
+    the file exactly (no hidden bytes, no overlap, no truncation)."""
+    regions = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"{label}: safetensors entry {name!r}"
+        _require(isinstance(entry, dict) and set(entry) == _TENSOR_FIELDS, where,
+                 f"must have exactly {sorted(_TENSOR_FIELDS)}")
+        _require(isinstance(entry["dtype"], str) and entry["dtype"] in _DTYPE_BYTES, where,
+                 f"has dtype {entry['dtype']!r}; an artifact stores only {sorted(_DTYPE_BYTES)}")
+        shape, offsets = entry["shape"], entry["data_offsets"]
+        _require(isinstance(shape, list) and all(_is_int(s) and s >= 0 for s in shape), where, "has a bad shape")
+        _require(isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) and o >= 0 for o in offsets)
+                 and offsets[0] <= offsets[1], where, "has bad data_offsets")
+        _require(offsets[1] - offsets[0] == math.prod(shape) * _DTYPE_BYTES[entry["dtype"]], where,
+                 f"has {offsets[1] - offsets[0]} bytes for shape {shape} {entry['dtype']}")
+        regions.append((offsets[0], offsets[1], name))
+    position = 0
+    for begin, end, name in sorted(regions):
+        if begin != position:
+            problem = "overlaps another tensor" if begin < position else "leaves a gap before it"
+            raise MaskforgeError(f"{label}: safetensors entry {name!r} {problem} (corrupted or forged file)")
+        position = end
+    if position != body_bytes:
+        raise MaskforgeError(f"{label}: the tensors cover {position:,} bytes but the file holds {body_bytes:,} "
+                             f"after the header ({'truncated' if position > body_bytes else 'trailing data'})")
+
+
+def _read_document(header: dict, label: str) -> dict:
+    metadata = header.get("__metadata__")
+    if not isinstance(metadata, dict) or METADATA_KEY not in metadata:
+        raise MaskforgeError(f"{label} is a safetensors file but not a maskforge artifact "
+                             f"(no '{METADATA_KEY}' metadata)")
+    extra = sorted(set(metadata) - {METADATA_KEY})
+    _require(not extra, label, f"unexpected safetensors metadata key(s) {extra} (an artifact has only "
+                               f"'{METADATA_KEY}')")
+    _require(isinstance(metadata[METADATA_KEY], str), label, "the maskforge metadata is not a JSON string")
+    document = _strict_json(metadata[METADATA_KEY], label, "the maskforge metadata")
+    _require(isinstance(document, dict), label, "the maskforge metadata is not a JSON object")
+    return document
+
+
+def _load_tensors(data: bytes, label: str) -> dict[str, np.ndarray]:
+    try:
+        return _st_load_bytes(data)
+    except (SafetensorError, ValueError, TypeError) as exc:
+        raise MaskforgeError(f"{label}: corrupt safetensors data ({exc})") from None
+
+
+# --- the JSON document -------------------------------------------------------------------------------
+
+_TOP_LEVEL = {"format", "format_version", "arch", "input", "seed", "init", "k", "generator", "layers", "bn",
+              "provenance", "digests"}
+_LAYER_FIELDS = {"shape", "kept", "density", "fan_in"}
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+# Known provenance fields and their types; other keys are allowed (free-form notes) if JSON scalars.
+_PROVENANCE_TYPES = {"maskforge_version": str, "torch_version": str, "data": str, "data_kind": str,
+                     "epochs": int, "steps": int, "batch_size": int, "processes": int, "heldout_examples": int,
+                     "lr": float, "heldout_acc": float}
 
 
 def _require(condition: bool, label: str, message: str) -> None:
@@ -285,8 +399,16 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_digest_map(value) -> bool:
+    return isinstance(value, dict) and all(isinstance(v, str) and _HEX64.fullmatch(v) for v in value.values())
+
+
 def _validate_document(doc: dict, label: str) -> None:
-    """Types, ranges and the format version of the JSON document."""
+    """Types, ranges and the format version of the JSON document (docs/FORMAT.md section 2.3)."""
     _require(isinstance(doc, dict), label, "metadata is not a JSON object")
     _require(doc.get("format") == FORMAT_NAME, label, f"format is {doc.get('format')!r}, not {FORMAT_NAME!r}")
     version = doc.get("format_version")
@@ -295,60 +417,116 @@ def _validate_document(doc: dict, label: str) -> None:
         raise MaskforgeError(f"{label} uses artifact format version {version}, newer than this maskforge "
                              f"reads ({FORMAT_VERSION}); upgrade maskforge")
     _require(version == FORMAT_VERSION, label, f"unsupported format version {version}")
-    arch = doc.get("arch")
-    _require(isinstance(arch, dict) and isinstance(arch.get("name"), str), label, "arch is missing")
+    missing, extra = sorted(_TOP_LEVEL - set(doc)), sorted(set(doc) - _TOP_LEVEL)
+    _require(not missing, label, f"metadata field(s) {missing} missing")
+    _require(not extra, label, f"unknown metadata field(s) {extra}")
+    arch = doc["arch"]
+    _require(isinstance(arch, dict) and set(arch) == {"name", "args"} and isinstance(arch["name"], str), label,
+             "arch must be an object with exactly name and args")
     _require(arch["name"] in archs.ARCHS, label,
              f"unknown architecture {arch['name']!r} (known: {', '.join(archs.ARCHS)})")
-    args = arch.get("args")
+    args = arch["args"]
     _require(isinstance(args, dict) and set(args) == {"in_channels", "num_classes", "image_size"}, label,
              "arch.args must have exactly in_channels, num_classes, image_size")
-    _require(_is_int(args["in_channels"]) and 1 <= args["in_channels"] <= 64, label, "bad arch.args.in_channels")
+    _require(_is_int(args["in_channels"]) and 1 <= args["in_channels"] <= 64, label,
+             f"arch.args.in_channels must be an integer in [1, 64], got {args['in_channels']!r}")
     _require(_is_int(args["num_classes"]) and 1 <= args["num_classes"] <= 1_000_000, label,
-             "bad arch.args.num_classes")
+             f"arch.args.num_classes must be an integer in [1, 1000000], got {args['num_classes']!r}")
     size = args["image_size"]
     _require(isinstance(size, list) and len(size) == 2 and all(_is_int(s) and 1 <= s <= 8192 for s in size),
-             label, "bad arch.args.image_size")
-    seed = doc.get("seed")
-    _require(_is_int(seed) and 0 <= seed < 2 ** 63, label, "seed must be a non-negative integer")
-    k = doc.get("k")
-    _require(isinstance(k, float) and 0.0 < k <= 1.0, label, "k must be a number in (0, 1]")
-    init = doc.get("init")
-    _require(isinstance(init, dict) and init.get("distribution") in regen.DISTRIBUTIONS
-             and isinstance(init.get("scale_fan"), bool), label,
-             f"init must name a distribution in {regen.DISTRIBUTIONS} and a boolean scale_fan")
-    generator = doc.get("generator")
+             label, f"arch.args.image_size must be [height, width] in [1, 8192], got {size!r}")
+    seed = doc["seed"]
+    _require(_is_int(seed) and 0 <= seed < 2 ** 63, label,
+             f"seed must be a non-negative integer below 2^63, got {seed!r}")
+    k = doc["k"]
+    _require(isinstance(k, float) and 0.0 < k <= 1.0, label, f"k must be a number in (0, 1], got {k!r}")
+    init = doc["init"]
+    _require(isinstance(init, dict) and set(init) == {"distribution", "scale_fan"}
+             and init["distribution"] in regen.DISTRIBUTIONS and isinstance(init["scale_fan"], bool), label,
+             f"init must be {{distribution: one of {', '.join(regen.DISTRIBUTIONS)}, scale_fan: true/false}}, "
+             f"got {init!r}")
+    generator = doc["generator"]
     _require(generator == {"id": regen.GENERATOR_ID, "version": regen.GENERATOR_VERSION}, label,
              f"generator {generator!r} is not {regen.GENERATOR_ID} v{regen.GENERATOR_VERSION}")
     try:
-        spec = InputSpec.from_dict(doc.get("input"))
+        spec = InputSpec.from_dict(doc["input"])
     except MaskforgeError as exc:
         raise MaskforgeError(f"{label}: bad input spec: {exc}") from None
     _require(spec.channels == args["in_channels"] and [spec.height, spec.width] == size
              and spec.num_classes == args["num_classes"], label, "input spec does not match arch.args")
-    _require(isinstance(doc.get("layers"), dict), label, "layers is missing")
-    _require(isinstance(doc.get("bn"), list), label, "bn is missing")
-    _require(isinstance(doc.get("provenance"), dict), label, "provenance is missing")
-    digests = doc.get("digests")
-    _require(isinstance(digests, dict) and all(isinstance(digests.get(key), (dict, str)) for key in
-                                               ("weights", "tensors", "document")), label, "digests are missing")
+    _validate_layers(doc["layers"], label)
+    bn = doc["bn"]
+    _require(isinstance(bn, list) and all(isinstance(name, str) for name in bn) and bn == sorted(set(bn)), label,
+             "bn must be a sorted list of distinct batch-norm module names")
+    _validate_provenance(doc["provenance"], label)
+    digests = doc["digests"]
+    _require(isinstance(digests, dict) and set(digests) == {"weights", "tensors", "document"}, label,
+             "digests must have exactly weights, tensors and document")
+    _require(isinstance(digests["document"], str) and _HEX64.fullmatch(digests["document"]) is not None, label,
+             "digests.document must be 64 lowercase hex digits")
+    for key in ("weights", "tensors"):
+        _require(_is_digest_map(digests[key]), label, f"digests.{key} must map names to 64 lowercase hex digits")
+    _require(set(digests["weights"]) == set(doc["layers"]), label,
+             "digests.weights must list exactly the masked layers")
 
 
-def _check_digests(doc: dict, tensors: dict[str, np.ndarray], label: str) -> None:
-    if _document_digest(doc) != doc["digests"]["document"]:
-        raise MaskforgeError(f"{label}: metadata digest mismatch (the JSON document was modified or corrupted)")
+def _validate_layers(layers, label: str) -> None:
+    _require(isinstance(layers, dict) and layers, label, "layers must be a non-empty object")
+    for param, info in layers.items():
+        where = f"layer {param}"
+        _require(isinstance(info, dict) and set(info) == _LAYER_FIELDS, label,
+                 f"{where} must have exactly {', '.join(sorted(_LAYER_FIELDS))}")
+        shape = info["shape"]
+        _require(isinstance(shape, list) and len(shape) >= 2 and all(_is_int(s) and s >= 1 for s in shape), label,
+                 f"{where} has a bad shape {shape!r}")
+        count = math.prod(shape)
+        _require(_is_int(info["kept"]) and 1 <= info["kept"] <= count, label,
+                 f"{where} has a bad kept count {info['kept']!r}")
+        _require(info["density"] == info["kept"] / count and not isinstance(info["density"], bool), label,
+                 f"{where}: density {info['density']!r} is not kept/weights = {info['kept'] / count!r}")
+        _require(_is_int(info["fan_in"]) and info["fan_in"] == regen.fan_in(shape), label,
+                 f"{where}: fan_in {info['fan_in']!r} does not match its shape {shape}")
+
+
+def _validate_provenance(provenance, label: str) -> None:
+    _require(isinstance(provenance, dict), label, "provenance must be an object")
+    for key, value in provenance.items():
+        _require(value is None or isinstance(value, (str, bool)) or _is_number(value), label,
+                 f"provenance.{key} must be a string, number, boolean or null, got {type(value).__name__}")
+        expected = _PROVENANCE_TYPES.get(key)
+        if expected is None or value is None:
+            continue
+        if expected is str:
+            ok = isinstance(value, str)
+        elif expected is int:
+            ok = _is_int(value) and value >= 0
+        else:
+            ok = _is_number(value) and value >= 0
+        if key == "heldout_acc":
+            ok = ok and value <= 1
+        _require(ok, label, f"provenance.{key} has a bad value {value!r}")
+
+
+def _check_tensor_digests(doc: dict, tensors: dict[str, np.ndarray], label: str) -> None:
     recorded = doc["digests"]["tensors"]
     if set(recorded) != set(tensors):
         missing, extra = sorted(set(recorded) - set(tensors)), sorted(set(tensors) - set(recorded))
         raise MaskforgeError(f"{label}: tensor set differs from the metadata (missing {missing}, extra {extra})")
-    for name, array in tensors.items():
+    for name, array in sorted(tensors.items()):
         if _tensor_digest(array) != recorded[name]:
             raise MaskforgeError(f"{label}: tensor {name} does not match its digest (corrupted)")
 
 
 def _check_structure(doc: dict, tensors: dict[str, np.ndarray], label: str) -> nn.Module:
     """Every layer, shape and kept count must be what the architecture and k imply."""
-    with torch.device("meta"):
-        structure = archs.build_structure(doc["arch"]["name"], doc["arch"]["args"], doc["k"])
+    try:
+        with torch.device("meta"):
+            structure = archs.build_structure(doc["arch"]["name"], doc["arch"]["args"], doc["k"])
+    except MaskforgeError as exc:
+        raise MaskforgeError(f"{label}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - validated arguments that a builder still refuses
+        raise MaskforgeError(f"{label}: cannot build architecture {doc['arch']['name']} with "
+                             f"{doc['arch']['args']}: {type(exc).__name__}: {exc}") from None
     expected = {f"{name}.weight": list(layer.weight.shape) for name, layer in masked_modules(structure).items()}
     layers = doc["layers"]
     if set(layers) != set(expected):
@@ -357,16 +535,20 @@ def _check_structure(doc: dict, tensors: dict[str, np.ndarray], label: str) -> n
                              f"unexpected {sorted(set(layers) - set(expected))[:3]})")
     for param, shape in expected.items():
         info = layers[param]
-        _require(isinstance(info, dict) and info.get("shape") == shape, label,
-                 f"layer {param} has shape {info.get('shape') if isinstance(info, dict) else info}, "
-                 f"the architecture says {shape}")
-        _require(info.get("kept") == kept_count(math.prod(shape), doc["k"]), label,
-                 f"layer {param}: kept count {info.get('kept')} does not match k={doc['k']}")
+        _require(info["shape"] == shape, label, f"layer {param} has shape {info['shape']}, the architecture "
+                                                f"says {shape}")
+        _require(info["kept"] == kept_count(math.prod(shape), doc["k"]), label,
+                 f"layer {param}: kept count {info['kept']} does not match k={doc['k']}")
         _require(f"mask/{param}" in tensors, label, f"mask of layer {param} is missing")
-        _require(isinstance(doc["digests"]["weights"].get(param), str), label,
-                 f"weight digest of layer {param} is missing")
-    bn_expected = {f"bn/{name}.{stat}": [bn.num_features] for name, bn in batchnorm_modules(structure).items()
-                   for stat in _BN_STATS}
+        array = tensors[f"mask/{param}"]
+        _require(array.dtype == np.uint8 and array.shape == ((math.prod(shape) + 7) // 8,), label,
+                 f"mask/{param} is {array.dtype} {list(array.shape)}, expected uint8 "
+                 f"[{(math.prod(shape) + 7) // 8}]")
+    bn_modules = batchnorm_modules(structure)
+    _require(doc["bn"] == sorted(bn_modules), label,
+             f"bn lists {len(doc['bn'])} batch norms but architecture {doc['arch']['name']} has "
+             f"{len(bn_modules)} (first expected: {sorted(bn_modules)[:1]})")
+    bn_expected = {f"bn/{name}.{stat}": [bn.num_features] for name, bn in bn_modules.items() for stat in _BN_STATS}
     bn_present = {name for name in tensors if name.startswith("bn/")}
     _require(bn_present == set(bn_expected), label, "batch-norm statistics do not match the architecture")
     for name, shape in bn_expected.items():
@@ -376,7 +558,8 @@ def _check_structure(doc: dict, tensors: dict[str, np.ndarray], label: str) -> n
         _require(bool(np.isfinite(array).all()), label, f"{name} has non-finite values")
         if name.endswith("running_var"):
             _require(bool((array >= 0).all()), label, f"{name} has negative variances")
-    _require(set(tensors) == {f"mask/{p}" for p in expected} | bn_present, label, "unexpected tensors in file")
+    unexpected = sorted(set(tensors) - ({f"mask/{p}" for p in expected} | bn_present))
+    _require(not unexpected, label, f"unexpected tensors in file: {unexpected[:3]}")
     return structure
 
 

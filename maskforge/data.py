@@ -161,7 +161,8 @@ def _float_tuple(values: Any, name: str) -> tuple[float, ...]:
         raise MaskforgeError(f"invalid input spec: {name} must be a list of numbers, got {values!r}")
     out = []
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(v):
+        is_number = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+        if not is_number or not math.isfinite(v):
             raise MaskforgeError(f"invalid input spec: {name} must contain finite numbers, got {v!r}")
         out.append(float(v))
     return tuple(out)
@@ -196,7 +197,7 @@ class InMemoryImages(ImageDataset):
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(f"images must be a uint8 tensor [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
+            raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
         if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
             raise ValueError(f"labels must be a tensor [N={images.shape[0]}], got {tuple(labels.shape)}")
         self.images = images
@@ -259,11 +260,12 @@ def load_data(source: str = "mnist5k", *, image_size: int | None = None) -> Data
     `image_size` sets the side of image-folder images; for the fixed-size sources (mnist5k, MNIST,
     CIFAR-10) it must be left out or equal the native size.
 
-    >>> splits = load_data("mnist5k")                     # doctest: +SKIP
+    >>> splits = load_data("mnist5k")
     >>> len(splits.train), len(splits.heldout), splits.spec.num_classes
     (4000, 1000, 10)
     """
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0):
+    valid_size = isinstance(image_size, int) and not isinstance(image_size, bool) and image_size > 0
+    if image_size is not None and not valid_size:
         raise MaskforgeError(f"image size must be a positive integer, got {image_size!r}")
     if str(source) == "mnist5k":
         splits = _load_mnist5k()
@@ -315,13 +317,16 @@ def _in_memory_splits(
     return DataSplits(
         name=name,
         kind=kind,
-        train=InMemoryImages(torch.from_numpy(np.ascontiguousarray(train_x)), torch.from_numpy(train_y.astype(np.int64))),
-        heldout=InMemoryImages(
-            torch.from_numpy(np.ascontiguousarray(heldout_x)), torch.from_numpy(heldout_y.astype(np.int64))
-        ),
+        train=_in_memory(train_x, train_y),
+        heldout=_in_memory(heldout_x, heldout_y),
         spec=spec,
         augment=augment,
     )
+
+
+def _in_memory(images: np.ndarray, labels: np.ndarray) -> InMemoryImages:
+    images = torch.from_numpy(np.ascontiguousarray(images))
+    return InMemoryImages(images, torch.from_numpy(labels.astype(np.int64)))
 
 
 def _channel_histograms(images: np.ndarray) -> np.ndarray:
@@ -361,7 +366,9 @@ def _load_mnist5k() -> DataSplits:
         with importlib.resources.as_file(resource) as path, np.load(path, allow_pickle=False) as npz:
             images, labels = npz["images"], npz["labels"]
     except (OSError, KeyError, ValueError) as exc:
-        raise MaskforgeError(f"the built-in data set {resource} is missing or damaged (reinstall maskforge): {exc}") from None
+        raise MaskforgeError(
+            f"the built-in data set {resource} is missing or damaged (reinstall maskforge): {exc}"
+        ) from None
     if images.shape != (5000, 28, 28) or images.dtype != np.uint8 or labels.shape != (5000,):
         raise MaskforgeError(f"the built-in data set {resource} is damaged (reinstall maskforge)")
     heldout = np.arange(len(labels)) % 5 == 4
@@ -386,7 +393,11 @@ def _numpy_function(name: str) -> Any:
         from numpy._core import multiarray, numeric
     except ImportError:  # numpy < 2
         from numpy.core import multiarray, numeric  # type: ignore[no-redef]
-    return {"_reconstruct": multiarray._reconstruct, "scalar": multiarray.scalar, "_frombuffer": numeric._frombuffer}[name]
+    return {
+        "_reconstruct": multiarray._reconstruct,
+        "scalar": multiarray.scalar,
+        "_frombuffer": numeric._frombuffer,
+    }[name]
 
 
 # The only globals a CIFAR pickle needs: numpy's array/dtype reconstruction (protocol 2 arrays, and
@@ -455,14 +466,17 @@ def _check_labels(labels: np.ndarray, count: int, num_classes: int, path: Path) 
     if labels.shape != (count,) or labels.dtype.kind not in "iu":
         raise MaskforgeError(f"{path}: expected {count} integer labels, got shape {labels.shape}")
     if count and (labels.min() < 0 or labels.max() >= num_classes):
-        raise MaskforgeError(f"{path}: labels must be in [0, {num_classes}), found {labels.min()}..{labels.max()}")
+        raise MaskforgeError(
+            f"{path}: labels must be in [0, {num_classes}), found {labels.min()}..{labels.max()}"
+        )
     return labels.astype(np.int64)
 
 
 def _load_cifar10_python(folder: Path) -> DataSplits:
     meta = _read_pickle(folder / "batches.meta")
     try:
-        class_names = [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in _get(meta, "label_names")]
+        names = _get(meta, "label_names")
+        class_names = [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names]
     except (KeyError, TypeError, UnicodeDecodeError):
         raise MaskforgeError(f"CIFAR-10 file {folder / 'batches.meta'} has no valid 'label_names'") from None
     if not class_names:
@@ -502,13 +516,13 @@ def _load_cifar10_binary(folder: Path) -> DataSplits:
 # Source 3: MNIST / Fashion-MNIST IDX files
 # ---------------------------------------------------------------------------------------------------------
 
-_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+_MNIST_TRAIN_IMAGES = "train-images-idx3-ubyte"
 
 
 def _find_mnist_raw(path: Path) -> Path | None:
     """The folder holding the IDX files, if `path` is ROOT, ROOT/<MNIST|FashionMNIST> or the raw folder."""
     def has_idx(folder: Path) -> bool:
-        name = _MNIST_FILES[0]
+        name = _MNIST_TRAIN_IMAGES
         return (folder / name).is_file() or (folder / f"{name}.gz").is_file()
 
     if has_idx(path):
@@ -539,7 +553,9 @@ def _read_idx(folder: Path, name: str, ndim: int) -> np.ndarray:
         raise MaskforgeError(f"{path} is not an IDX file of {ndim}-D unsigned bytes (bad magic number)")
     dims = struct.unpack(f">{ndim}I", data[4:header])
     if len(data) - header != math.prod(dims):
-        raise MaskforgeError(f"{path}: header says {dims} = {math.prod(dims)} bytes, file has {len(data) - header}")
+        raise MaskforgeError(
+            f"{path}: header says {dims} = {math.prod(dims)} bytes, file has {len(data) - header}"
+        )
     # Copy: a frombuffer view is read-only, which torch.from_numpy warns about.
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims).copy()
 
@@ -567,25 +583,24 @@ def _load_mnist_raw(raw: Path) -> DataSplits:
 _SAMPLE_FOR_CHANNELS = 32
 _SAMPLE_FOR_STATS = 256
 _GRAY_MODES = ("1", "L", "LA")
+_EXTENSIONS_TEXT = ", ".join(IMAGE_EXTENSIONS)
 
 
 def _load_image_folder(root: Path, image_size: int | None) -> DataSplits:
-    class_names = sorted(p.name for p in (root / "train").iterdir() if p.is_dir() and not p.name.startswith("."))
+    class_names = _class_folders(root / "train")
     if not class_names:
-        raise MaskforgeError(f"image folder {root / 'train'} has no class subfolders (expected train/<class>/*.png)")
+        raise MaskforgeError(f"image folder {root / 'train'} has no class subfolders (train/<class>/*.png)")
     heldout_dir = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
     if heldout_dir is None:
-        raise MaskforgeError(f"image folder {root} has train/ but no val/ or test/ folder for the held-out split")
-    unknown = sorted(
-        p.name for p in heldout_dir.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in class_names
-    )
+        raise MaskforgeError(f"image folder {root} has train/ but no val/ or test/ folder (held-out split)")
+    unknown = [name for name in _class_folders(heldout_dir) if name not in class_names]
     if unknown:
         raise MaskforgeError(f"{heldout_dir} has class folder(s) {unknown} that {root / 'train'} lacks")
 
     train_files, train_labels = _list_images(root / "train", class_names, require_every_class=True)
     heldout_files, heldout_labels = _list_images(heldout_dir, class_names, require_every_class=False)
     if not heldout_files:
-        raise MaskforgeError(f"held-out folder {heldout_dir} contains no images ({', '.join(IMAGE_EXTENSIONS)})")
+        raise MaskforgeError(f"held-out folder {heldout_dir} contains no images ({_EXTENSIONS_TEXT})")
 
     channels = _sniff_channels(train_files)
     size = image_size if image_size is not None else _default_size(train_files[0])
@@ -596,7 +611,14 @@ def _load_image_folder(root: Path, image_size: int | None) -> DataSplits:
     return DataSplits(str(root), "imagefolder", train, heldout, spec, augment=True)
 
 
-def _list_images(split_dir: Path, class_names: Sequence[str], *, require_every_class: bool) -> tuple[list[Path], list[int]]:
+def _class_folders(split_dir: Path) -> list[str]:
+    """Sorted names of the (non-hidden) subfolders: the class names, in label order."""
+    return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _list_images(
+    split_dir: Path, class_names: Sequence[str], *, require_every_class: bool
+) -> tuple[list[Path], list[int]]:
     """All image files under split_dir/<class>/ (recursively), sorted so the order is the same everywhere."""
     files: list[Path] = []
     labels: list[int] = []
@@ -604,7 +626,7 @@ def _list_images(split_dir: Path, class_names: Sequence[str], *, require_every_c
         class_dir = split_dir / name
         found = sorted(_walk_images(class_dir)) if class_dir.is_dir() else []
         if require_every_class and not found:
-            raise MaskforgeError(f"class folder {class_dir} contains no images ({', '.join(IMAGE_EXTENSIONS)})")
+            raise MaskforgeError(f"class folder {class_dir} contains no images ({_EXTENSIONS_TEXT})")
         files.extend(found)
         labels.extend([label] * len(found))
     return files, labels
@@ -661,7 +683,9 @@ def _open_image(path: Path) -> Image.Image:
     width, height = image.size
     if width * height > MAX_IMAGE_PIXELS:
         image.close()
-        raise MaskforgeError(f"refusing to decode image {path}: {width}x{height} exceeds {MAX_IMAGE_PIXELS} pixels")
+        raise MaskforgeError(
+            f"refusing to decode image {path}: {width}x{height} exceeds {MAX_IMAGE_PIXELS} pixels"
+        )
     return image
 
 

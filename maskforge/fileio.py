@@ -20,6 +20,8 @@ from .errors import MaskforgeError
 def ensure_writable_dir(folder: str | os.PathLike) -> Path:
     """Create `folder` if needed and check that we can write into it, or raise a clear error."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise MaskforgeError(f"output path {folder} exists and is not a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -53,6 +55,8 @@ def atomic_path(destination: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        # mkstemp creates 0600; give the file the permissions a plain open() would (0666 minus umask).
+        os.chmod(tmp, 0o666 & ~_current_umask())
         _fsync_file(tmp)
         os.replace(tmp, destination)
         _fsync_dir(folder)
@@ -74,6 +78,12 @@ def atomic_write(destination: str | os.PathLike, data: bytes | str | Callable[[P
         else:
             tmp.write_bytes(data)
     return Path(destination)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_file(path: Path) -> None:

@@ -152,7 +152,9 @@ def test_start_batch_resumes_exactly_where_a_full_epoch_would_be(world_size):
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
-@pytest.mark.parametrize("n,world_size,drop_last", [(50, 3, False), (50, 3, True), (48, 4, False), (2, 3, False)])
+@pytest.mark.parametrize(
+    "n,world_size,drop_last", [(50, 3, False), (50, 3, True), (48, 4, False), (2, 3, False)]
+)
 def test_ranks_partition_the_epoch(n, world_size, drop_last):
     ds = _indexed_dataset(n)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(5 * 1_000_003 + 0)).tolist()
@@ -287,7 +289,11 @@ def _write_cifar_python(folder: Path, per_batch: int = 3) -> dict:
                  b"filenames": [b"x.png"] * per_batch}
         (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
         written[name] = (data, labels)
-    meta = {b"num_cases_per_batch": per_batch, b"label_names": [n.encode() for n in CIFAR_NAMES], b"num_vis": 3072}
+    meta = {
+        b"num_cases_per_batch": per_batch,
+        b"label_names": [n.encode() for n in CIFAR_NAMES],
+        b"num_vis": 3072,
+    }
     (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
     return written
 

@@ -1,0 +1,115 @@
+"""Artifact -> a plain PyTorch network with the masked weights baked in.
+
+`materialize` regenerates every weight from the seed (in parallel threads), checks each tensor against
+the SHA-256 recorded at search time (hashing releases the GIL, so the checks run in parallel too), and
+builds the architecture with ordinary `nn.Conv2d` / `nn.Linear` layers holding `weight * mask` and the
+batch-norm running statistics. The result depends on nothing of maskforge at inference time.
+
+>>> model = materialize("runs/demo/artifact.safetensors")      # doctest: +SKIP
+>>> logits = model(torch.zeros(1, 1, 28, 28))                  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import archs, regen
+from .artifact import Artifact, load_artifact, verify_weights
+from .errors import MaskforgeError
+from .layers import MaskedConv2d, MaskedLinear, batchnorm_modules, masked_modules
+
+
+def default_threads() -> int:
+    """Worker threads for regeneration and hashing: the CPU count, capped (the work is memory-bound)."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def as_artifact(artifact_or_path: Artifact | str | os.PathLike) -> Artifact:
+    """Accept an `Artifact` or the path of one."""
+    if isinstance(artifact_or_path, Artifact):
+        return artifact_or_path
+    return load_artifact(Path(artifact_or_path))
+
+
+def masked_weights(artifact: Artifact | str | os.PathLike, *, threads: int | None = None,
+                   verify: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """`{param name: (regenerated float32 weight, bool mask)}` for every masked layer, in module order.
+
+    Each layer is regenerated and (with `verify`) hashed in a worker thread. A digest mismatch raises
+    `MaskforgeError` naming the first failing layer in module order.
+    """
+    artifact = as_artifact(artifact_or_path=artifact)
+    params = list(artifact.document["layers"])
+    shapes = {param: tuple(artifact.document["layers"][param]["shape"]) for param in params}
+
+    def one(param: str) -> tuple[np.ndarray, str | None]:
+        weight = regen.generate(artifact.seed, param, shapes[param], artifact.init, k=artifact.k,
+                                scale_fan=artifact.scale_fan)
+        if verify:
+            try:
+                verify_weights(artifact, {param: weight})
+            except MaskforgeError as exc:
+                return weight, str(exc)
+        return weight, None
+
+    with ThreadPoolExecutor(max_workers=threads or default_threads()) as pool:
+        results = list(pool.map(one, params))  # map keeps the order, so the first failure is deterministic
+    for weight, error in results:
+        if error is not None:
+            raise MaskforgeError(error)
+    return {param: (weight, artifact.masks[param].numpy())
+            for param, (weight, _) in zip(params, results)}
+
+
+def plain_structure(arch: str, arch_args: dict, k: float) -> nn.Module:
+    """The architecture with plain bias-free Conv2d/Linear layers, on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = archs.build_structure(arch, arch_args, k)
+        for name, layer in list(masked_modules(model).items()):
+            if isinstance(layer, MaskedConv2d):
+                plain: nn.Module = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
+                                             layer.stride, layer.padding, layer.dilation, layer.groups,
+                                             bias=False, padding_mode=layer.padding_mode)
+            elif isinstance(layer, MaskedLinear):
+                plain = nn.Linear(layer.in_features, layer.out_features, bias=False)
+            else:  # pragma: no cover - MASKED_TYPES has exactly these two
+                raise MaskforgeError(f"cannot materialize layer {name} of type {type(layer).__name__}")
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, plain)
+    return model
+
+
+def materialize(artifact_or_path: Artifact | str | os.PathLike, *, threads: int | None = None) -> nn.Module:
+    """A plain `nn.Module` in eval mode whose outputs equal the artifact's masked search-time model.
+
+    Weights are regenerated and checked against the artifact's digests first; a mismatch raises
+    `MaskforgeError` naming the layer.
+
+    >>> model = materialize("runs/demo/artifact.safetensors")      # doctest: +SKIP
+    >>> isinstance(model.features[0], torch.nn.Conv2d)             # doctest: +SKIP
+    True
+    """
+    artifact = as_artifact(artifact_or_path)
+    weights = masked_weights(artifact, threads=threads)
+    model = plain_structure(artifact.arch, artifact.arch_args, artifact.k)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        modules = dict(model.named_modules())
+        for param, (weight, mask) in weights.items():
+            # weight * mask with the masked entries set to +0.0 (a product would give -0.0 for negatives)
+            baked = np.where(mask, weight, np.float32(0.0)).astype(np.float32, copy=False)
+            modules[param.rsplit(".", 1)[0]].weight.copy_(torch.from_numpy(baked))
+        for name, bn in batchnorm_modules(model).items():
+            bn.running_mean.copy_(artifact.bn_stats[f"{name}.running_mean"])
+            bn.running_var.copy_(artifact.bn_stats[f"{name}.running_var"])
+            if bn.num_batches_tracked is not None:
+                bn.num_batches_tracked.zero_()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model.eval()

@@ -1,0 +1,242 @@
+"""Atomic writes: a writer killed at any moment leaves the old file or the new one, never a torn one.
+
+* Kill test: a child process rewrites a multi-megabyte file with `atomic_write` in a loop (two
+  alternating contents); the parent SIGKILLs it at random moments and then checks that the destination
+  is byte-exactly the initial content or one of the two new ones. A control writer that writes in place
+  (no temporary file) is killed the same way and does leave torn files: the check can see tearing.
+* What a killed writer can leave behind: its temporary file `.<name>.<random>.tmp` in the same folder
+  (nothing can delete it after SIGKILL). It is never read by maskforge; delete stale ones at will
+  (docs/TROUBLESHOOTING.md).
+* Simulated full disk (ENOSPC at write, fsync or rename): a clear `MaskforgeError`, the old file intact,
+  no temporary file left.
+* Every writer in the library goes through `maskforge.fileio` (an AST scan of the source).
+"""
+
+from __future__ import annotations
+
+import ast
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import maskforge
+from maskforge import fileio
+from maskforge.errors import MaskforgeError
+from maskforge.fileio import atomic_path, atomic_write
+
+PACKAGE_DIR = Path(maskforge.__file__).parent
+CLI_DIR = PACKAGE_DIR.parent / "cli"
+SIZE = 4 * 1024 * 1024
+
+# The child imports maskforge.fileio without maskforge/__init__ (which would import torch: seconds per
+# process); fileio depends on nothing but the standard library and maskforge.errors.
+_CHILD = r"""
+import os, sys, types
+package = types.ModuleType("maskforge")
+package.__path__ = [sys.argv[1]]
+sys.modules["maskforge"] = package
+from maskforge.fileio import atomic_write
+
+mode, dest, size = sys.argv[2], sys.argv[3], int(sys.argv[4])
+contents = [bytes([1 + i]) * 97 + bytes(range(256)) * (size // 256) for i in range(2)]
+sys.stdout.write("ready\n")
+sys.stdout.flush()
+i = 0
+while True:
+    data = contents[i % 2]
+    if mode == "atomic":
+        atomic_write(dest, data)
+    else:  # the control: rewrite in place, 64 KiB at a time
+        with open(dest, "wb") as handle:
+            for start in range(0, len(data), 65536):
+                handle.write(data[start:start + 65536])
+                handle.flush()
+    i += 1
+"""
+
+
+def _contents(size: int) -> list[bytes]:
+    """What the child writes (same expression as in _CHILD)."""
+    return [bytes([1 + i]) * 97 + bytes(range(256)) * (size // 256) for i in range(2)]
+
+
+def _kill_rounds(folder: Path, mode: str, rounds: int, rng: random.Random) -> dict[str, int]:
+    dest = folder / f"{mode}.bin"
+    initial = b"old content\n" * 1000
+    new_a, new_b = _contents(SIZE)
+    results = {"kills": 0, "old": 0, "new": 0, "torn": 0, "temp_left": 0}
+    for _ in range(rounds):
+        dest.write_bytes(initial)  # the parent's own setup write, not under test
+        child = subprocess.Popen([sys.executable, "-c", _CHILD, str(PACKAGE_DIR), mode, str(dest), str(SIZE)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert child.stdout.readline().strip() == b"ready", child.stderr.read().decode()
+            time.sleep(rng.uniform(0.0, 0.25))
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait(timeout=30)
+            child.stdout.close()
+            child.stderr.close()
+        assert child.returncode == -signal.SIGKILL, child.returncode
+        results["kills"] += 1
+        final = dest.read_bytes()
+        if final == initial:
+            results["old"] += 1
+        elif final in (new_a, new_b):
+            results["new"] += 1
+        else:
+            results["torn"] += 1
+        litter = list(folder.glob(f".{dest.name}.*.tmp"))
+        results["temp_left"] += len(litter)
+        for path in litter:  # what a user may do with stale temporary files: delete them
+            path.unlink()
+    return results
+
+
+def test_killed_writer_leaves_old_or_new_never_torn(tmp_path, capsys):
+    rng = random.Random(1234)
+    atomic = _kill_rounds(tmp_path, "atomic", 16, rng)
+    control = _kill_rounds(tmp_path, "inplace", 6, rng)
+    with capsys.disabled():
+        print(f"\n[atomic] atomic_write killed {atomic['kills']} times: old file {atomic['old']}, new file "
+              f"{atomic['new']}, torn {atomic['torn']}, temporary files left by the killed writer "
+              f"{atomic['temp_left']}")
+        print(f"[atomic] control (in-place writes) killed {control['kills']} times: old {control['old']}, "
+              f"new {control['new']}, torn {control['torn']}")
+    assert atomic["torn"] == 0
+    assert atomic["old"] + atomic["new"] == atomic["kills"]
+    # the oracle can see tearing: in-place writes killed at random moments leave partial files
+    assert control["torn"] > 0
+
+
+def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
+    dest = tmp_path / "report.json"
+    atomic_write(dest, "one")
+    atomic_write(dest, b"two")
+    atomic_write(dest, lambda tmp: tmp.write_text("three"))
+    assert dest.read_text() == "three"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+
+
+# --- simulated full disk -----------------------------------------------------------------------------------
+
+def _enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("where", ["write", "fsync", "rename"])
+def test_full_disk_keeps_the_old_file(tmp_path, monkeypatch, where):
+    dest = tmp_path / "artifact.safetensors"
+    dest.write_bytes(b"the old, complete file")
+    if where == "write":
+        original = Path.write_bytes
+
+        def half_then_full(self, data):
+            original(self, data[: len(data) // 2])  # part of the data reaches the disk, then it is full
+            _enospc()
+
+        monkeypatch.setattr(Path, "write_bytes", half_then_full)
+    elif where == "fsync":
+        monkeypatch.setattr(fileio.os, "fsync", _enospc)
+    else:
+        monkeypatch.setattr(fileio.os, "replace", _enospc)
+    with pytest.raises(MaskforgeError, match=rf"cannot write {dest}: No space left on device"):
+        atomic_write(dest, b"x" * 100_000)
+    monkeypatch.undo()
+    assert dest.read_bytes() == b"the old, complete file"
+    assert [p.name for p in tmp_path.iterdir()] == ["artifact.safetensors"]
+
+
+def test_full_disk_while_saving_an_artifact(tmp_path, monkeypatch):
+    from maskforge.archs import arch_args, create_model
+    from maskforge.artifact import build_artifact, load_artifact, save_artifact
+    from maskforge.data import InputSpec
+
+    args = arch_args(1, 3, (4, 4))
+    spec = InputSpec(1, 4, 4, (0.5,), (0.25,), ("a", "b", "c"))
+    artifact = build_artifact(create_model("fc", **args, k=0.5, seed=1), arch="fc", arch_args=args, spec=spec,
+                              seed=1, init="signed_constant", scale_fan=False, k=0.5)
+    path = save_artifact(artifact, tmp_path / "artifact.safetensors")
+    before = path.read_bytes()
+    monkeypatch.setattr(fileio.os, "fsync", _enospc)
+    with pytest.raises(MaskforgeError, match="No space left on device"):
+        save_artifact(artifact, path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    load_artifact(path)  # still a valid artifact
+    assert [p.name for p in tmp_path.iterdir()] == ["artifact.safetensors"]
+
+
+def test_missing_output_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(MaskforgeError, match="does not exist"):
+        atomic_write(tmp_path / "no" / "such" / "file.json", "{}")
+
+
+def test_exception_inside_atomic_path_removes_the_temp(tmp_path):
+    dest = tmp_path / "model.onnx"
+    dest.write_bytes(b"old")
+    with pytest.raises(ValueError):
+        with atomic_path(dest) as tmp:
+            tmp.write_bytes(b"half")
+            raise ValueError("the exporter failed")
+    assert dest.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+
+# --- every writer goes through fileio ----------------------------------------------------------------------
+
+# json.dump and friends write to an open handle: the `open(..., "w")` is what gets flagged.
+_WRITE_CALLS = {"write_bytes", "write_text", "save_file", "save", "savez", "savez_compressed", "to_csv",
+                "SerializeToFile", "save_model"}
+
+
+def _writes_outside_atomic(tree: ast.AST) -> list[str]:
+    """Calls that write files and are neither inside `with atomic_path(...)` nor arguments of atomic_write."""
+    problems: list[str] = []
+
+    def is_call_to(node: ast.AST, name: str) -> bool:
+        return isinstance(node, ast.Call) and (
+            (isinstance(node.func, ast.Name) and node.func.id == name)
+            or (isinstance(node.func, ast.Attribute) and node.func.attr == name))
+
+    def visit(node: ast.AST, protected: bool) -> None:
+        if isinstance(node, ast.With) and any(is_call_to(item.context_expr, "atomic_path") for item in node.items):
+            protected = True
+        if is_call_to(node, "atomic_write"):
+            protected = True
+        if isinstance(node, ast.Call) and not protected:
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            # a bare `save(...)` is usually a local helper; library writers are methods or save_file/save_model
+            if name in _WRITE_CALLS and (isinstance(func, ast.Attribute) or name in ("save_file", "save_model")):
+                problems.append(f"line {node.lineno}: {ast.unparse(node)[:80]}")
+            if name == "open" and _open_mode(node) and any(c in _open_mode(node) for c in "wax+"):
+                problems.append(f"line {node.lineno}: {ast.unparse(node)[:80]}")
+        for child in ast.iter_child_nodes(node):
+            visit(child, protected)
+
+    visit(tree, False)
+    return problems
+
+
+def _open_mode(node: ast.Call) -> str:
+    mode = node.args[1] if len(node.args) > 1 else next((kw.value for kw in node.keywords if kw.arg == "mode"), None)
+    return mode.value if isinstance(mode, ast.Constant) and isinstance(mode.value, str) else ""
+
+
+def test_every_library_writer_is_atomic():
+    offenders = {}
+    for source in sorted([*PACKAGE_DIR.glob("*.py"), *CLI_DIR.glob("*.py")]):
+        if source.name == "fileio.py":
+            continue
+        problems = _writes_outside_atomic(ast.parse(source.read_text(), str(source)))
+        if problems:
+            offenders[source.name] = problems
+    assert not offenders, f"file writes that bypass maskforge.fileio (use atomic_write/atomic_path): {offenders}"

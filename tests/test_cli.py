@@ -1,0 +1,183 @@
+"""Tests for the `maskforge` command line, driven through typer's CliRunner (and once as a real process):
+the commands do what the library does, and every user error is one `error:` line with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from maskforge.archs import arch_names, create_model
+from maskforge.cli import app
+from maskforge.layers import kept_count, masked_modules
+
+runner = CliRunner()
+
+FC_WEIGHTS = 784 * 300 + 300 * 100 + 100 * 10  # LeNet 300-100 on 1x28x28, 10 classes
+
+
+def _invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def _one_error_line(result, needle: str | None = None) -> str:
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    assert "Traceback" not in result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert result.stdout == ""  # the error goes to stderr only
+    if needle:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "run"
+    result = _invoke("search", "--arch", "fc", "--max-steps", "3", "--epochs", "1", "--seed", "3",
+                     "--batch-size", "64", "--device", "cpu", "--workers", "0", "--quiet", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "done" in result.output and "artifact.safetensors" in result.output.replace("\n", "")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# archs
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_no_arguments_shows_help():
+    result = _invoke()
+    assert result.exit_code == 0
+    assert "Usage" in result.output
+    for command in ("search", "inspect", "archs"):
+        assert command in result.output
+
+
+def test_archs_table():
+    result = _invoke("archs")
+    assert result.exit_code == 0, result.output
+    for name in arch_names():
+        assert name in result.output
+    # the fc row shows its CIFAR-10 count (3x32x32 inputs), thousands-separated
+    assert f"{3072 * 300 + 300 * 100 + 100 * 10:,}" in result.output
+
+
+def test_archs_json_lines():
+    result = _invoke("archs", "--json")
+    assert result.exit_code == 0, result.output
+    entries = [json.loads(line) for line in result.output.strip().splitlines()]
+    assert [e["name"] for e in entries] == arch_names()
+    by_name = {e["name"]: e for e in entries}
+    assert by_name["fc"]["weights_cifar10"] == 3072 * 300 + 300 * 100 + 100 * 10
+    assert by_name["conv2"]["weights_cifar10"] == 3 * 64 * 9 + 64 * 64 * 9 + 64 * 16 * 16 * 256 + 256 * 256 + 2560
+    for entry in entries:
+        assert set(entry) >= {"name", "description", "weights_cifar10", "weights_imagenet"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# search + inspect
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_search_writes_the_run_folder(run_dir):
+    assert (run_dir / "artifact.safetensors").is_file()
+    config = json.loads((run_dir / "config.json").read_text())
+    assert (config["arch"], config["max_steps"], config["epochs"], config["seed"]) == ("fc", 3, 1, 3)
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 1 and metrics[0]["step"] == 3
+
+
+def test_inspect_json_agrees_with_independent_computation(run_dir):
+    path = run_dir / "artifact.safetensors"
+    result = _invoke("inspect", "--json", str(path))
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    model = create_model("fc", in_channels=1, num_classes=10, image_size=(28, 28), k=0.5, seed=3)
+    masked = sum(layer.weight.numel() for layer in masked_modules(model).values())
+    assert masked == FC_WEIGHTS
+    assert summary["arch"] == "fc" and summary["k"] == 0.5 and summary["seed"] == 3
+    assert summary["init"] == "signed_constant"
+    assert summary["file_bytes"] == os.path.getsize(path)
+    assert summary["masked_weights"] == masked
+    assert summary["kept_weights"] == sum(kept_count(layer.weight.numel(), 0.5)
+                                          for layer in masked_modules(model).values())
+    assert math.isclose(summary["bits_per_weight"], 8 * os.path.getsize(path) / masked)
+    assert summary["bits_per_weight"] < 1.2
+    assert [layer["name"] for layer in summary["layers"]] == [f"{n}.weight" for n in masked_modules(model)]
+
+
+def test_inspect_table(run_dir):
+    result = _invoke("inspect", str(run_dir / "artifact.safetensors"))
+    assert result.exit_code == 0, result.output
+    assert "fc" in result.output and "1.weight" in result.output
+
+
+# ---------------------------------------------------------------------------------------------------------
+# errors: one line, exit code 2
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["search", "--k", "0"], "k must be"),
+    (["search", "--k", "1.5"], "k must be"),
+    (["search", "--arch", "resnet9000"], "resnet9000"),
+    (["search", "--data", "/no/such/folder/anywhere"], "/no/such/folder/anywhere"),
+    (["search", "--epochs", "abc"], "--epochs"),
+    (["search", "--no-such-option"], "--no-such-option"),
+    (["inspect", "/no/such/artifact.safetensors"], "does not exist"),
+    (["frobnicate"], "frobnicate"),
+])
+def test_bad_input_is_one_error_line(args, needle, tmp_path):
+    if args[0] == "search":
+        args = args + ["--out", str(tmp_path / "run")]
+    _one_error_line(_invoke(*args), needle)
+    assert not (tmp_path / "run").exists()
+
+
+def test_inspect_of_a_file_that_is_not_an_artifact(tmp_path):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"this is not a model" * 10)
+    _one_error_line(_invoke("inspect", str(junk)), "not a maskforge artifact")
+    _one_error_line(_invoke("inspect", str(tmp_path)), "folder")
+
+
+def test_corrupted_artifact_is_one_error_line(run_dir, tmp_path):
+    data = bytearray((run_dir / "artifact.safetensors").read_bytes())
+    data[-1] ^= 0xFF  # last byte of the last tensor
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(bytes(data))
+    _one_error_line(_invoke("inspect", "--json", str(bad)), "digest")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the installed console script
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _console_script() -> str:
+    candidate = Path(sys.executable).parent / "maskforge"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("maskforge")
+    if not found:
+        pytest.skip("the maskforge console script is not installed")
+    return found
+
+
+def test_console_script_entry_point():
+    exe = _console_script()
+    env = dict(os.environ, COLUMNS="200")
+    ok = subprocess.run([exe, "archs"], capture_output=True, text=True, timeout=120, env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert "Traceback" not in ok.stderr
+    for name in arch_names():
+        assert f" {name} " in ok.stdout, name
