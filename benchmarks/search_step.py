@@ -200,7 +200,6 @@ def time_interleaved(steps: dict, device: torch.device, repeats: int, inner: int
     samples: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            steps[name]()  # one untimed step: the variant's tensors back in cache
             _sync(device)
             started = clock()
             for _ in range(inner):
@@ -249,15 +248,27 @@ def measure_memory_child(workload: Workload, variant: str, batch: int, device: t
     return {"peak_mb": peak - (base_rss or 0.0), "peak_rss_mb": peak, "base_rss_mb": base_rss, "method": method}
 
 
-def measure_memory(arch: str, variant: str, batch: int, device: str, threads: int | None) -> dict:
-    command = [sys.executable, __file__, "--arch", arch, "--device", device, "--batch", str(batch),
-               "--_memory-child", variant]
-    if threads:
-        command += ["--threads", str(threads)]
-    proc = subprocess.run(command, capture_output=True, text=True)
-    if proc.returncode != 0:
-        return {"peak_mb": None, "error": proc.stderr.strip().splitlines()[-1:] or ["failed"]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def measure_memory(arch: str, batch: int, device: str, threads: int | None, parallel: bool) -> dict:
+    """{variant: peak report}, each variant in a fresh process (CPU: run side by side, as RSS is per
+    process; CUDA: one after the other, so that they never share the GPU's memory)."""
+
+    def start(variant: str) -> subprocess.Popen:
+        command = [sys.executable, __file__, "--arch", arch, "--device", device, "--batch", str(batch),
+                   "--_memory-child", variant]
+        if threads:
+            command += ["--threads", str(threads)]
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def finish(proc: subprocess.Popen) -> dict:
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            return {"peak_mb": None, "error": (err.strip().splitlines() or ["failed"])[-1]}
+        return json.loads(out.strip().splitlines()[-1])
+
+    if parallel:
+        procs = {variant: start(variant) for variant in VARIANTS}
+        return {variant: finish(proc) for variant, proc in procs.items()}
+    return {variant: finish(start(variant)) for variant in VARIANTS}
 
 
 # --- a workload ------------------------------------------------------------------------------------------
@@ -282,39 +293,46 @@ def _fit_batch(workload: Workload, models: dict, device: torch.device, batch: in
             batch //= 2
 
 
-def _check_same_network(models: dict, workload: Workload) -> float:
-    """Largest |logit difference| of the variants at initialization (they must be one network)."""
+def _check_same_network(models: dict, workload: Workload) -> dict[str, float]:
+    """Largest |logit difference| from the search model at initialization, per other variant.
+
+    Dense must be exactly the search network. The reference may differ slightly: where several scores
+    equal the threshold, its (unstable) sort keeps other tied weights than maskforge's lowest-index rule.
+    """
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(4, workload.channels, workload.size, workload.size, generator=gen)
-    outs = []
+    outs = {}
     with torch.no_grad():
-        for model in models.values():
+        for name, model in models.items():
             model.eval()
-            outs.append(model(x).float())
+            outs[name] = model(x).float()
             model.train()
-    return max(float((o - outs[0]).abs().max()) for o in outs[1:])
+    return {name: float((out - outs["search"]).abs().max()) for name, out in outs.items() if name != "search"}
 
 
 def run_workload(workload: Workload, device: torch.device, *, repeats: int | None, inner: int | None,
-                 batch: int | None, memory: bool, threads: int | None, clock: str = "wall") -> dict:
+                 batch: int | None, memory: bool, threads: int | None, clock: str = "wall",
+                 warmup: int | None = None) -> dict:
     cuda = device.type == "cuda"
     batch = batch or (workload.batch_cuda if cuda else workload.batch_cpu)
     repeats = repeats or (workload.repeats * 4 if cuda else workload.repeats)
     inner = inner or (max(1, workload.inner // 2) if cuda else workload.inner)
     models = {name: build_variant(workload, name) for name in VARIANTS}
-    logit_diff = _check_same_network(models, workload) if workload.arch != "wrn50" else None
+    logit_diff = _check_same_network(models, workload) if workload.arch != "wrn50" else {}
     if cuda:
         torch.backends.cudnn.benchmark = True
     batch, steps = _fit_batch(workload, models, device, batch)
     load_before = os.getloadavg()[0]
-    times = time_interleaved(steps, device, repeats=repeats, inner=inner, warmup=2 if workload.inner == 1 else 5,
+    if warmup is None:
+        warmup = 2 if workload.inner == 1 else 5
+    times = time_interleaved(steps, device, repeats=repeats, inner=inner, warmup=warmup,
                              clock=time.process_time if clock == "cpu" else time.perf_counter)
     load_after = os.getloadavg()[0]
     del steps, models
     if cuda:
         torch.cuda.empty_cache()
-    peaks = {name: (measure_memory(workload.arch, name, batch, device.type, threads) if memory else {})
-             for name in VARIANTS}
+    peaks = (measure_memory(workload.arch, batch, device.type, threads, parallel=not cuda) if memory
+             else {name: {} for name in VARIANTS})
     ms = {name: times[name]["median_s"] * 1e3 for name in VARIANTS}
     record = {
         "arch": workload.arch, "batch": batch, "device": device.type,
@@ -328,7 +346,8 @@ def run_workload(workload: Workload, device: torch.device, *, repeats: int | Non
         "reference_peak_mb": peaks["reference"].get("peak_mb"),
         "memory_method": peaks["search"].get("method"),
         "repeats": repeats, "inner": inner, "clock": clock, "k": K, "amp": "bf16" if cuda else None,
-        "init_logit_max_diff": logit_diff, "load_before": load_before, "load_after": load_after,
+        "init_logit_max_diff": logit_diff.get("dense"), "reference_logit_max_diff": logit_diff.get("reference"),
+        "load_before": load_before, "load_after": load_after,
         "threads": torch.get_num_threads(), "torch": torch.__version__, "cpus": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),
         "gpu": torch.cuda.get_device_name(device) if cuda else None,
@@ -401,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     parser.add_argument("--repeats", type=int, help="timed samples per variant (default: per workload)")
     parser.add_argument("--inner", type=int, help="steps per timed sample (default: per workload)")
+    parser.add_argument("--warmup", type=int, help="untimed steps per variant first (default: 2, fc 5)")
     parser.add_argument("--batch", type=int, help="override the workload's batch size")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
@@ -452,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     for arch in arch_list:
         record = run_workload(WORKLOADS[arch], device, repeats=args.repeats, inner=args.inner,
                               batch=args.batch, memory=not args.no_memory, threads=args.threads,
-                              clock=args.clock)
+                              clock=args.clock, warmup=args.warmup)
         records.append(record)
         if args.json:
             print(json.dumps(record), flush=True)

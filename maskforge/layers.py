@@ -54,8 +54,8 @@ def topk_mask(magnitudes: torch.Tensor, kept: int, hint: ThresholdHint | None = 
 
     CPU: NumPy introselect (`np.partition`, linear time, no index array: several times faster than
     `torch.kthvalue` or `torch.topk`), then one comparison. With a `hint` (the layer's previous
-    threshold) only the entries inside a narrow band around it are partitioned. CUDA: `torch.kthvalue`
-    and a prefix count over the tied entries, without any host synchronization.
+    threshold) only the entries inside a narrow band around it are partitioned. CUDA (and under
+    torch.compile): `torch.kthvalue` and a prefix count over the tied entries, without any host sync.
     """
     numel = magnitudes.numel()
     if kept >= numel:
@@ -63,8 +63,9 @@ def topk_mask(magnitudes: torch.Tensor, kept: int, hint: ThresholdHint | None = 
     if kept <= 0:
         return torch.zeros_like(magnitudes, dtype=torch.bool)
     flat = magnitudes.detach().reshape(-1)
-    if flat.device.type != "cpu":
-        # The kept-th largest value is the (numel - kept + 1)-th smallest.
+    if flat.device.type != "cpu" or torch.compiler.is_compiling():
+        # The kept-th largest value is the (numel - kept + 1)-th smallest. (Also what torch.compile
+        # traces on the CPU: NumPy would break its graph.)
         threshold = torch.kthvalue(flat, numel - kept + 1).values
         above = flat > threshold
         at = flat == threshold
@@ -142,7 +143,8 @@ class _StraightThroughMask(torch.autograd.Function):
         ctx.save_for_backward(scores, weight)
         numel = scores.numel()
         if (scores.device.type == "cpu" and weight.device.type == "cpu" and 0 < kept < numel
-                and scores.dtype in _NUMPY_DTYPES and weight.dtype in _NUMPY_DTYPES):
+                and scores.dtype in _NUMPY_DTYPES and weight.dtype in _NUMPY_DTYPES
+                and not torch.compiler.is_compiling()):
             # the same selection as topk_mask(|s|), minus its per-call torch overhead (small layers)
             magnitudes = np.abs(scores.detach().numpy()).reshape(-1)
             mask = _select_top(magnitudes, kept, hint).reshape(tuple(scores.shape))

@@ -59,7 +59,12 @@ DIGEST_DIR_ENV = "MASKFORGE_MASK_DIGEST_DIR"
 
 @dataclass
 class SearchConfig:
-    """Every argument of a search. Defaults are the paper's CIFAR settings (section 4, appendix B)."""
+    """Every argument of a search.
+
+    Defaults are the paper's CIFAR settings (section 4, appendix B), except label smoothing: we use the
+    paper's ImageNet value 0.1 everywhere, because on the small demo set it narrows the train/held-out
+    gap (conv4 k=0.5: 97.0 % -> 97.5 % held-out; see BENCHMARKS.md). Pass 0 for the CIFAR recipe.
+    """
 
     arch: str = "conv4"
     k: float = 0.5                   # fraction of weights kept in every layer
@@ -70,7 +75,7 @@ class SearchConfig:
     lr: float = 0.1                  # for the global batch; the number of processes does not change it
     momentum: float = 0.9
     weight_decay: float = 1e-4       # on the scores (they are the only parameters)
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.1     # the paper's ImageNet value (CIFAR recipe: 0)
     warmup_epochs: int = 0           # linear warm-up before the cosine decay
     seed: int = 0
     init: str = "signed_constant"    # weight distribution, see regen.DISTRIBUTIONS

@@ -67,10 +67,10 @@ def _check_forward_backward(model: nn.Module, x: torch.Tensor, num_classes: int)
             assert module.bias is None, name
 
 
-@pytest.mark.parametrize("arch", SMALL_NETS)
-def test_small_nets_forward_backward(arch):
-    model = create_model(arch, in_channels=1, num_classes=10, image_size=(28, 28), k=0.5, seed=1)
-    _check_forward_backward(model, torch.randn(3, 1, 28, 28), 10)
+@pytest.mark.parametrize("arch,side", [("fc", 28), ("conv2", 28), ("conv4", 28), ("conv6", 16), ("conv8", 16)])
+def test_small_nets_forward_backward(arch, side):
+    model = create_model(arch, in_channels=1, num_classes=10, image_size=(side, side), k=0.5, seed=1)
+    _check_forward_backward(model, torch.randn(3, 1, side, side), 10)
 
 
 def test_small_net_on_color_nonsquare_input():

@@ -1,0 +1,55 @@
+"""Smoke tests of the benchmark scripts: they run and report the documented fields (no timing assertions)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_search_step_fc_json_fields():
+    proc = _run("search_step.py", "--arch", "fc", "--repeats", "1", "--inner", "1", "--warmup", "1", "--json",
+                "--threads", "1")
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    assert record["arch"] == "fc" and record["batch"] == 128 and record["device"] == "cpu"
+    for key in ("search_ms", "dense_ms", "reference_ms", "ratio", "reference_ratio"):
+        assert isinstance(record[key], float) and math.isfinite(record[key]) and record[key] > 0, key
+    for key in ("search_peak_mb", "dense_peak_mb", "reference_peak_mb"):
+        assert isinstance(record[key], (int, float)) and math.isfinite(record[key]), key
+    assert math.isclose(record["ratio"], record["search_ms"] / record["dense_ms"], rel_tol=1e-9)
+    # the dense twin is the search network at initialization (the same masked weights)
+    assert record["init_logit_max_diff"] < 1e-5
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="GPU machines run the real thing")
+def test_search_step_cuda_and_epoch_like_skip_cleanly_without_a_gpu(capsys):
+    script = _load_script("search_step")
+    assert script.main(["--arch", "fc", "--device", "cuda", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and "CUDA is not available" in captured.err
+    assert script.main(["--epoch-like"]) == 0
+    assert "skipped on CPU" in capsys.readouterr().err
