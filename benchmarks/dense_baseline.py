@@ -8,7 +8,9 @@ the same schedule, then prints one comparison line per architecture: held-out ac
 
 Shared settings (the paper's CIFAR recipe, which `maskforge search` uses): data `mnist5k` (4,000 train /
 1,000 held-out), batch 128 (last partial batch dropped), SGD lr 0.1, momentum 0.9, weight decay 1e-4,
-cosine decay per step, no augmentation for digits; epochs: conv4 10, fc 30. If dense SGD at lr 0.1
+cosine decay per step, label smoothing as the search's default (`SearchConfig().label_smoothing`, 0.1;
+`--label-smoothing 0` for the paper's CIFAR recipe) for both runs, no augmentation for digits; epochs:
+conv4 10, fc 30. If dense SGD at lr 0.1
 diverges (a non-finite loss), the dense run restarts with Adam (lr 1e-3, same cosine schedule, no weight
 decay) and the output says so (`dense_optimizer`).
 
@@ -81,7 +83,7 @@ def _accuracy(model: nn.Module, dataset, spec, device: torch.device) -> float:
 
 
 def train_dense(arch: str, epochs: int, *, optimizer_name: str, seed: int, device: torch.device,
-                max_steps: int | None) -> dict:
+                max_steps: int | None, label_smoothing: float) -> dict:
     """Ordinary training of the dense copy; returns accuracy, time and whether the loss stayed finite."""
     splits = load_data(DATA)
     spec = splits.spec
@@ -108,7 +110,8 @@ def train_dense(arch: str, epochs: int, *, optimizer_name: str, seed: int, devic
                 break
             for group in optimizer.param_groups:
                 group["lr"] = _lr(step, total, base_lr)
-            loss = F.cross_entropy(model(normalize(images.to(device), spec)), labels.to(device))
+            loss = F.cross_entropy(model(normalize(images.to(device), spec)), labels.to(device),
+                                   label_smoothing=label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -125,31 +128,34 @@ def train_dense(arch: str, epochs: int, *, optimizer_name: str, seed: int, devic
             "final_train_loss": last_loss, "optimizer": optimizer_name}
 
 
-def run_search(arch: str, epochs: int, *, seed: int, device: str, max_steps: int | None) -> dict:
+def run_search(arch: str, epochs: int, *, seed: int, device: str, max_steps: int | None,
+               label_smoothing: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="maskforge-baseline-") as out:
         started = time.perf_counter()
         result = search(SearchConfig(arch=arch, k=K, data=DATA, epochs=epochs, max_steps=max_steps, seed=seed,
                                      batch_size=BATCH, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
-                                     device=device, out=out), progress=False)
+                                     label_smoothing=label_smoothing, device=device, out=out), progress=False)
         seconds = time.perf_counter() - started
     steps = result.metrics[-1]["step"] if result.metrics else 0
     return {"heldout_acc": result.heldout_acc, "seconds": seconds, "steps": steps,
             "search_train_seconds": sum(m["epoch_seconds"] for m in result.metrics)}
 
 
-def compare(arch: str, epochs: int, *, seed: int, device: str, max_steps: int | None, dense_optimizer: str) -> dict:
+def compare(arch: str, epochs: int, *, seed: int, device: str, max_steps: int | None, dense_optimizer: str,
+            label_smoothing: float) -> dict:
     torch_device = torch.device("cuda" if device == "cuda" else "cpu")
     dense = train_dense(arch, epochs, optimizer_name=dense_optimizer, seed=seed, device=torch_device,
-                        max_steps=max_steps)
+                        max_steps=max_steps, label_smoothing=label_smoothing)
     note = None
     if not dense["finite"] and dense_optimizer == "sgd":
         note = "dense SGD lr 0.1 diverged (non-finite loss); rerun with Adam lr 1e-3"
         dense = train_dense(arch, epochs, optimizer_name="adam", seed=seed, device=torch_device,
-                            max_steps=max_steps)
-    popup = run_search(arch, epochs, seed=seed, device=device, max_steps=max_steps)
+                            max_steps=max_steps, label_smoothing=label_smoothing)
+    popup = run_search(arch, epochs, seed=seed, device=device, max_steps=max_steps,
+                       label_smoothing=label_smoothing)
     return {
         "arch": arch, "data": DATA, "epochs": epochs, "max_steps": max_steps, "k": K, "batch": BATCH,
-        "seed": seed, "device": device,
+        "seed": seed, "device": device, "label_smoothing": label_smoothing,
         "edge_popup_acc": popup["heldout_acc"], "edge_popup_s": popup["seconds"],
         "edge_popup_train_s": popup["search_train_seconds"], "edge_popup_steps": popup["steps"],
         "dense_acc": dense["heldout_acc"], "dense_s": dense["seconds"], "dense_steps": dense["steps"],
@@ -169,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dense-optimizer", choices=("sgd", "adam"), default="sgd",
                         help="sgd (the search's recipe; falls back to adam if it diverges) or adam")
+    parser.add_argument("--label-smoothing", type=float, default=SearchConfig().label_smoothing,
+                        help="for both runs (default: the search's default)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     args = parser.parse_args(argv)
@@ -180,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     for arch in args.arch or list(DEFAULT_EPOCHS):
         epochs = args.epochs or DEFAULT_EPOCHS[arch]
         record = compare(arch, epochs, seed=args.seed, device=args.device, max_steps=args.max_steps,
-                         dense_optimizer=args.dense_optimizer)
+                         dense_optimizer=args.dense_optimizer, label_smoothing=args.label_smoothing)
         if args.json:
             print(json.dumps(record), flush=True)
         else:

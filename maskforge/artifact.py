@@ -39,7 +39,7 @@ from safetensors.numpy import save as _st_save_bytes
 from . import archs, regen
 from .data import InputSpec
 from .errors import MaskforgeError
-from .fileio import atomic_write
+from .fileio import atomic_write, read_bytes
 from .layers import batchnorm_modules, kept_count, masked_modules
 
 FORMAT_NAME = "maskforge-artifact"
@@ -222,14 +222,7 @@ def save_artifact(artifact: Artifact, path: str | os.PathLike) -> Path:
 def load_artifact(path: str | os.PathLike) -> Artifact:
     """Read and fully validate an artifact; any inconsistency raises `MaskforgeError`."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise MaskforgeError(f"artifact {path} does not exist") from None
-    except IsADirectoryError:
-        raise MaskforgeError(f"{path} is a folder, not an artifact file") from None
-    except OSError as exc:
-        raise MaskforgeError(f"cannot read {path}: {exc.strerror or exc}") from None
+    data = read_bytes(path, "artifact")
     artifact = artifact_from_bytes(data, str(path))
     artifact.path, artifact.file_bytes = path, len(data)
     return artifact

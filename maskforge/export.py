@@ -211,19 +211,26 @@ def _with_digest(artifact: Artifact) -> Artifact:
 
 # --- metadata ------------------------------------------------------------------------------------------
 
-def _set_metadata(proto, artifact: Artifact, layout: str) -> None:
-    spec = artifact.spec
-    bn_values = sum(stat.numel() for stat in artifact.bn_stats.values())
-    entries = {
-        "version": __version__,
-        "onnx_format": layout,
+def artifact_identity(artifact: Artifact) -> dict[str, str]:
+    """The metadata_props values that tie an ONNX file to its source artifact (`verify` compares them)."""
+    return {
+        "artifact_digest": artifact.digest,
         "arch": artifact.arch,
         "arch_args": json.dumps(artifact.arch_args, sort_keys=True),
         "k": repr(float(artifact.k)),
         "seed": str(artifact.seed),
         "init": artifact.init,
         "scale_fan": json.dumps(bool(artifact.scale_fan)),
-        "artifact_digest": artifact.digest,
+    }
+
+
+def _set_metadata(proto, artifact: Artifact, layout: str) -> None:
+    spec = artifact.spec
+    bn_values = sum(stat.numel() for stat in artifact.bn_stats.values())
+    entries = {
+        "version": __version__,
+        "onnx_format": layout,
+        **artifact_identity(artifact),
         "artifact_bytes": str(artifact.file_bytes if artifact.file_bytes is not None else ""),
         "preprocessing": json.dumps({
             "layout": "NCHW", "channels": spec.channels, "height": spec.height, "width": spec.width,

@@ -17,6 +17,19 @@ from typing import Callable, Iterator
 from .errors import MaskforgeError
 
 
+def read_bytes(path: str | os.PathLike, what: str = "file") -> bytes:
+    """The content of `path`, or a MaskforgeError that says why it cannot be read (`what` names it)."""
+    path = Path(path)
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise MaskforgeError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise MaskforgeError(f"{path} is a folder, not an {what} file") from None
+    except OSError as exc:
+        raise MaskforgeError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
 def ensure_writable_dir(folder: str | os.PathLike) -> Path:
     """Create `folder` if needed and check that we can write into it, or raise a clear error."""
     folder = Path(folder)

@@ -385,52 +385,44 @@ def _identity(config: SearchConfig, arch_args: dict | None = None) -> dict:
     return identity
 
 
-def _on_main(fn: Callable[[], Any], world: World) -> None:
-    """Run `fn` on rank 0 only; if it raises a MaskforgeError, every rank raises it."""
+def _on_main(fn: Callable[[], Any], world: World, what: str = "") -> Any:
+    """Run `fn` on rank 0 only and give every rank its result, or make every rank raise its error.
+
+    A `MaskforgeError` on rank 0 becomes the same `MaskforgeError` everywhere (so all ranks exit 2
+    together); any other failure re-raises on rank 0 and becomes a RuntimeError on the others.
+    """
     if not world.is_distributed:
-        fn()
-        return
+        return fn()
     message = None
     if world.is_main:
         try:
-            fn()
+            message = ("ok", fn())
         except MaskforgeError as exc:
             message = ("error", str(exc))
         except BaseException as exc:
             distributed.broadcast_object(("crash", f"{type(exc).__name__}: {exc}"), world)
             raise
-    message = distributed.broadcast_object(message, world)
-    if message is not None:
-        kind, text = message
-        if kind == "error":
-            raise MaskforgeError(text)
-        raise RuntimeError(f"rank 0 failed: {text}")
+    kind, payload = distributed.broadcast_object(message, world)
+    if kind == "error":
+        raise MaskforgeError(payload)
+    if kind == "crash":
+        raise RuntimeError(f"rank 0 failed{what}: {payload}")
+    return payload
 
 
 def _agree(plan_fn: Callable[[], _Plan], world: World) -> _Plan:
     """Run `plan_fn` on rank 0 and give every rank its config (and checkpoint document), or its error."""
-    if not world.is_distributed:
-        return plan_fn()
-    plan, message = None, None
-    if world.is_main:
-        try:
-            plan = plan_fn()
-            ckpt = plan.checkpoint
-            message = ("ok", asdict(plan.config), ckpt.document if ckpt else None,
-                       sorted(ckpt.tensors) if ckpt else None)
-        except MaskforgeError as exc:
-            message = ("error", str(exc))
-        except BaseException as exc:
-            distributed.broadcast_object(("crash", f"{type(exc).__name__}: {exc}"), world)
-            raise
-    message = distributed.broadcast_object(message, world)
-    if message[0] == "error":
-        raise MaskforgeError(message[1])
-    if message[0] == "crash":
-        raise RuntimeError(f"rank 0 failed while preparing the search: {message[1]}")
-    if world.is_main:
-        return plan
-    _, config, document, names = message
+    plans: list[_Plan] = []
+
+    def plan_on_main():
+        plan = plan_fn()
+        plans.append(plan)
+        ckpt = plan.checkpoint
+        return (asdict(plan.config), ckpt.document if ckpt else None, sorted(ckpt.tensors) if ckpt else None)
+
+    config, document, names = _on_main(plan_on_main, world, " while preparing the search")
+    if plans:  # rank 0 (or a single process) keeps its own plan, tensors included
+        return plans[0]
     # Other ranks know the checkpoint's document and tensor names; the tensors come by broadcast.
     return _Plan(SearchConfig(**config), Checkpoint(document, dict.fromkeys(names)) if document else None)
 

@@ -21,7 +21,6 @@ folder; call it before handing an untrusted ONNX path to `onnx.load` or onnxrunt
 
 from __future__ import annotations
 
-import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ import torch
 from . import regen
 from .artifact import Artifact, artifact_from_bytes
 from .errors import MaskforgeError
+from .fileio import read_bytes
 
 ONNX_BATCH = 4          # images in the fixed batch that compares onnxruntime with PyTorch
 ONNX_SEED = 20200601    # seed of that batch (torch.Generator; the batch need not be portable)
@@ -104,7 +104,7 @@ def verify_artifact(path: str | os.PathLike, *, threads: int | None = None) -> V
 def _verify_artifact(path: Path, threads: int | None) -> tuple[VerifyReport, Artifact | None]:
     report = VerifyReport(path, "artifact")
     try:
-        data = _read_file(path, "artifact")
+        data = read_bytes(path, "artifact")
     except MaskforgeError as exc:
         return report._fail("file", str(exc)), None
     report._pass("file", f"{len(data):,} bytes")
@@ -114,17 +114,6 @@ def _verify_artifact(path: Path, threads: int | None) -> tuple[VerifyReport, Art
     report.digest = artifact.digest
     _check_weights(artifact, report, threads)
     return report, artifact
-
-
-def _read_file(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise MaskforgeError(f"{what} {path} does not exist") from None
-    except IsADirectoryError:
-        raise MaskforgeError(f"{path} is a folder, not an {what} file") from None
-    except OSError as exc:
-        raise MaskforgeError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 def _load_with_report(data: bytes, path: Path, report: VerifyReport
@@ -191,7 +180,7 @@ def verify_onnx(onnx_path: str | os.PathLike, artifact_path: str | os.PathLike, 
     if not source.ok:
         return report
     try:
-        data = _read_file(onnx_path, "ONNX model")
+        data = read_bytes(onnx_path, "ONNX model")
         external = check_onnx_external_data(onnx_path)
         proto = _parse_onnx(data, onnx_path)
     except MaskforgeError as exc:
@@ -208,15 +197,7 @@ def verify_onnx(onnx_path: str | os.PathLike, artifact_path: str | os.PathLike, 
         return report._fail("onnx metadata", "the ONNX file has no maskforge metadata (not exported by "
                                              "`maskforge export`)")
     meta = info.metadata
-    expected = {
-        "artifact_digest": artifact.digest,
-        "arch": artifact.arch,
-        "arch_args": json.dumps(artifact.arch_args, sort_keys=True),
-        "k": repr(float(artifact.k)),
-        "seed": str(artifact.seed),
-        "init": artifact.init,
-        "scale_fan": json.dumps(bool(artifact.scale_fan)),
-    }
+    expected = export.artifact_identity(artifact)
     for key, value in expected.items():
         got = meta.get(export.META_PREFIX + key)
         if got != value:
@@ -226,7 +207,7 @@ def verify_onnx(onnx_path: str | os.PathLike, artifact_path: str | os.PathLike, 
     if info.spec != artifact.spec:
         return report._fail("onnx metadata", "metadata fields maskforge.preprocessing/class_names differ from the "
                                              "artifact's input spec")
-    report._pass("onnx metadata", f"digest, arch, arch args, k, seed, init and input spec match the artifact")
+    report._pass("onnx metadata", "digest, arch, arch args, k, seed, init and input spec match the artifact")
 
     try:
         model = materialize(artifact)
@@ -294,7 +275,7 @@ def check_onnx_external_data(model: str | os.PathLike, base_dir: str | os.PathLi
 
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
-        proto = _parse_onnx(_read_file(path, "ONNX model"), path)
+        proto = _parse_onnx(read_bytes(path, "ONNX model"), path)
         base = Path(base_dir) if base_dir is not None else (path.parent if str(path.parent) else Path("."))
     else:
         proto, base = model, Path(base_dir if base_dir is not None else ".")

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
 from typer.testing import CliRunner
 
 from maskforge.archs import arch_names, create_model

@@ -196,7 +196,6 @@ def test_hostile_pickle_through_the_cli(tmp_path):
 
 def _onnx_with_external(folder: Path, location: str, *, in_subgraph: bool = False) -> Path:
     """A MatMul model whose weight lives in external data at `location` (relative to `folder`)."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     weight = numpy_helper.from_array(np.arange(8, dtype=np.float32).reshape(4, 2), "W")
