@@ -312,3 +312,27 @@ def test_masked_modules_and_batchnorm_modules_listing():
     assert list(masked_modules(model)) == ["0", "2.1"]
     assert list(batchnorm_modules(model)) == ["1"]
     assert math.isclose(kept_count(model[0].weight.numel(), 0.5), model[0].kept)
+
+
+def test_threshold_hint_never_changes_the_mask():
+    """The band-hint fast path (layers of >= _BAND_MIN_SIZE weights) against the sort oracle, over a
+    sequence of small score updates like an optimizer's, big jumps (the band misses) and planted ties."""
+    from maskforge.layers import _BAND_MIN_SIZE, ThresholdHint
+
+    generator = torch.Generator().manual_seed(7)
+    numel = _BAND_MIN_SIZE * 2 + 13
+    scores = torch.randn(numel, generator=generator)
+    hint = ThresholdHint()
+    for step in range(40):
+        kept = kept_count(numel, 0.3 if step < 20 else 0.7)
+        if step % 9 == 8:
+            scores = scores * 3.0 + 1.0  # the threshold jumps far outside the band
+        else:
+            scores = scores + 0.01 * torch.randn(numel, generator=generator)
+        if step % 5 == 0:  # plant ties straddling the current threshold
+            order = torch.argsort(scores.abs(), descending=True, stable=True)
+            scores[order[kept - 3:kept + 3]] = scores[order[kept]].abs()
+        magnitudes = scores.abs()
+        oracle = torch.zeros(numel, dtype=torch.bool)
+        oracle[torch.argsort(-magnitudes, stable=True)[:kept]] = True
+        assert torch.equal(topk_mask(magnitudes, kept, hint), oracle), f"step {step}"
