@@ -82,23 +82,19 @@ def search_command(
     (see docs/SCALE.md).
     """
     progress = not quiet and sys.stderr.isatty()
+    values = {"arch": arch, "k": k, "data": data, "epochs": epochs, "max_steps": max_steps,
+              "batch_size": batch_size, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
+              "label_smoothing": label_smoothing, "warmup_epochs": warmup_epochs, "seed": seed,
+              "init": init, "scale_fan": scale_fan, "device": device, "workers": workers,
+              "image_size": image_size, "compile": compile_model, "checkpoint_every": checkpoint_every,
+              "out": out}
     if resume_dir is not None:
-        values = {"arch": arch, "k": k, "data": data, "epochs": epochs, "max_steps": max_steps,
-                  "batch_size": batch_size, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
-                  "label_smoothing": label_smoothing, "warmup_epochs": warmup_epochs, "seed": seed,
-                  "init": init, "scale_fan": scale_fan, "device": device, "workers": workers,
-                  "image_size": image_size, "compile": compile_model, "checkpoint_every": checkpoint_every,
-                  "out": out}
+        # Only the options typed on this command line are compared with the recorded run.
         params = {"compile": "compile_model"}
         given = {key: value for key, value in values.items() if _given(ctx, params.get(key, key))}
         result = resume(resume_dir, given, progress=progress)
     else:
-        config = SearchConfig(arch=arch, k=k, data=data, epochs=epochs, max_steps=max_steps,
-                              batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                              label_smoothing=label_smoothing, warmup_epochs=warmup_epochs, seed=seed, init=init,
-                              scale_fan=scale_fan, device=device, workers=workers, image_size=image_size,
-                              compile=compile_model, checkpoint_every=checkpoint_every, out=out)
-        result = search(config, progress=progress)
+        result = search(SearchConfig(**values), progress=progress)
     if result.rank != 0:
         return  # under torchrun only rank 0 reports
     console = Console()
