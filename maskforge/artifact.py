@@ -586,6 +586,8 @@ def inspect_artifact(path: str | os.PathLike) -> dict:
         "density": artifact.kept_weights / masked, "bn_values": bn_values,
         "bits_per_weight": 8.0 * artifact.file_bytes / masked,
         "dense_float32_bytes": 4 * (masked + bn_values),
-        "layers": [{"name": name, **info} for name, info in doc["layers"].items()],
+        # in network order (the JSON document keeps them sorted by name)
+        "layers": [{"name": f"{name}.weight", **doc["layers"][f"{name}.weight"]}
+                   for name in masked_modules(artifact._structure)],
         "provenance": doc["provenance"], "digest": artifact.digest,
     }
