@@ -174,8 +174,14 @@ def load_torch_export(path: str | os.PathLike) -> nn.Module:
         raise MaskforgeError(f"{path} is not a safetensors file ({_first_line(exc)})") from None
     if TORCH_EXPORT_KEY not in metadata:
         raise MaskforgeError(f"{path} is not a maskforge torch export (no '{TORCH_EXPORT_KEY}' metadata)")
-    document = json.loads(metadata[TORCH_EXPORT_KEY])
-    model = plain_structure(document["arch"]["name"], document["arch"]["args"], document["k"])
+    try:
+        document = json.loads(metadata[TORCH_EXPORT_KEY])
+        arch, args, k = document["arch"]["name"], document["arch"]["args"], document["k"]
+        if not (isinstance(arch, str) and isinstance(args, dict) and isinstance(k, float) and 0.0 < k <= 1.0):
+            raise TypeError("bad arch, args or k")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise MaskforgeError(f"{path}: damaged maskforge torch-export metadata ({_first_line(exc)})") from None
+    model = plain_structure(arch, args, k)
     model.to_empty(device="cpu")
     try:
         model.load_state_dict(state, strict=True)

@@ -362,3 +362,16 @@ def test_cli_export_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, ca
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("metadata", ["{not json", '{"arch": {}}', '{"arch": {"name": "fc", "args": {}}, "k": "x"}',
+                                      '{"arch": {"name": "fc", "args": {}}, "k": 0.5}'])
+def test_torch_export_with_damaged_metadata_is_a_clear_error(tmp_path, metadata):
+    from safetensors.torch import save_file
+
+    from maskforge.export import TORCH_EXPORT_KEY, load_torch_export
+
+    path = tmp_path / "damaged.safetensors"
+    save_file({"weight": torch.zeros(1)}, str(path), metadata={TORCH_EXPORT_KEY: metadata})
+    with pytest.raises(MaskforgeError):
+        load_torch_export(path)
