@@ -26,7 +26,6 @@ import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -39,10 +38,6 @@ SHAPES = {"wrn50": (3, 1000, (224, 224)), "resnet50": (3, 1000, (224, 224)), "re
           "conv4": (3, 10, (32, 32)), "fc": (1, 10, (28, 28))}
 
 
-def default_threads() -> int:
-    return max(1, min(8, os.cpu_count() or 1))  # as materialize.default_threads
-
-
 def layer_shapes(arch: str) -> dict[str, tuple[int, ...]]:
     channels, classes, size = SHAPES[arch]
     with torch.device("meta"):
@@ -50,25 +45,14 @@ def layer_shapes(arch: str) -> dict[str, tuple[int, ...]]:
     return {f"{name}.weight": tuple(layer.weight.shape) for name, layer in masked_modules(model).items()}
 
 
-def regenerate(shapes: dict, init: str, threads: int, verify: bool) -> dict[str, str | None]:
-    """{param: digest} (None without verification), one layer per pool task, as materialize does."""
-
-    def one(param: str) -> str | None:
-        weight = regen.generate(0, param, shapes[param], init, k=0.5, scale_fan=False)
-        return regen.weight_digest(weight) if verify else None
-
-    # Largest layers first, so the pool's tail is short (materialize keeps module order: same total work).
-    order = sorted(shapes, key=lambda p: -int(np.prod(shapes[p])))
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        return dict(zip(order, pool.map(one, order)))
+def regenerate(shapes: dict, init: str, threads: int, verify: bool) -> dict:
+    """What materialize does: every layer regenerated (and with `verify` hashed) in a thread pool."""
+    return regen.generate_many(0, shapes, init, k=0.5, digests=verify, threads=threads)
 
 
 def save_dense(shapes: dict, init: str, path: Path, threads: int) -> None:
-    def one(param: str) -> tuple[str, torch.Tensor]:
-        return param, torch.from_numpy(regen.generate(0, param, shapes[param], init, k=0.5, scale_fan=False))
-
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        torch.save(dict(pool.map(one, shapes)), path)
+    weights = regen.generate_many(0, shapes, init, k=0.5, threads=threads)
+    torch.save({name: torch.from_numpy(weight) for name, (weight, _) in weights.items()}, path)
 
 
 def load_dense(path: Path) -> dict:
@@ -122,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--init", default="signed_constant", choices=regen.DISTRIBUTIONS)
     parser.add_argument("--also-normal", action="store_true", help="also time kaiming_normal")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=default_threads())
+    parser.add_argument("--threads", type=int, default=regen.default_threads())
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     inits = [args.init] + (["kaiming_normal"] if args.also_normal and args.init != "kaiming_normal" else [])

@@ -8,7 +8,6 @@ every score from its own stream, so a network is fully described by (arch, arch 
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -204,15 +203,11 @@ def create_model(name: str, *, in_channels: int = 1, num_classes: int = 10,
 
 
 def regenerate_weights(model: nn.Module, seed: int, init: str, *, k: float, scale_fan: bool,
-                       threads: int = 2) -> dict[str, np.ndarray]:
+                       threads: int | None = None) -> dict[str, np.ndarray]:
     """`{param name: float32 array}` for every masked layer of `model`, generated in parallel threads."""
     shapes = {f"{name}.weight": tuple(layer.weight.shape) for name, layer in masked_modules(model).items()}
-
-    def one(item: tuple[str, tuple[int, ...]]) -> tuple[str, np.ndarray]:
-        return item[0], regen.generate(seed, item[0], item[1], init, k=k, scale_fan=scale_fan)
-
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        return dict(pool.map(one, shapes.items()))
+    generated = regen.generate_many(seed, shapes, init, k=k, scale_fan=scale_fan, threads=threads)
+    return {name: weight for name, (weight, _) in generated.items()}
 
 
 def count_masked_weights(name: str, args: dict) -> int:

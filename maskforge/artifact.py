@@ -8,7 +8,7 @@ Layout (docs/FORMAT.md is the normative description):
 * metadata key `maskforge` — the JSON document (sorted keys) described by `_validate_document`.
 
 Loading validates the schema, the format version, every shape against the architecture, and the
-SHA-256 digests of every tensor and of the document itself. `verify_weights` (used by materialize)
+SHA-256 digests of every tensor and of the document itself. `check_weight_digests` (used by materialize and verify)
 recomputes the digests of the regenerated weights.
 
 Loading is strict because artifacts are untrusted input: the safetensors header is parsed and checked by
@@ -556,14 +556,16 @@ def _check_structure(doc: dict, tensors: dict[str, np.ndarray], label: str) -> n
     return structure
 
 
-def verify_weights(artifact: Artifact, weights: dict[str, np.ndarray]) -> None:
-    """Raise, naming the first layer, if regenerated weights differ from the digests recorded at search."""
+def check_weight_digests(artifact: Artifact, digests: dict[str, str]) -> None:
+    """Raise, naming the first layer in the artifact's order, if regenerated weights (given by their
+    SHA-256, `regen.weight_digest`) differ from the digests recorded at search time."""
     recorded = artifact.document["digests"]["weights"]
-    for param, array in weights.items():
-        if regen.weight_digest(array) != recorded[param]:
-            raise MaskforgeError(f"regenerated weights of layer {param} do not match the artifact's digest: "
-                                 f"this generator ({regen.GENERATOR_ID} v{regen.GENERATOR_VERSION}) gives a "
-                                 f"different network than the one searched")
+    bad = [param for param in recorded if param in digests and digests[param] != recorded[param]]
+    if bad:
+        raise MaskforgeError(f"regenerated weights of layer {bad[0]} do not match the artifact's digest "
+                             f"(field digests.weights.{bad[0]}; {len(bad)} of {len(recorded)} layers differ): "
+                             f"this generator ({regen.GENERATOR_ID} v{regen.GENERATOR_VERSION}) gives a "
+                             f"different network than the one searched")
 
 
 def inspect_artifact(path: str | os.PathLike) -> dict:

@@ -12,7 +12,6 @@ batch-norm running statistics. The result depends on nothing of maskforge at inf
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +19,9 @@ import torch
 import torch.nn as nn
 
 from . import archs, regen
-from .artifact import Artifact, load_artifact, verify_weights
+from .artifact import Artifact, check_weight_digests, load_artifact
 from .errors import MaskforgeError
 from .layers import MaskedConv2d, MaskedLinear, batchnorm_modules, masked_modules
-
-
-def default_threads() -> int:
-    """Worker threads for regeneration and hashing: the CPU count, capped (the work is memory-bound)."""
-    return max(1, min(8, os.cpu_count() or 1))
 
 
 def as_artifact(artifact_or_path: Artifact | str | os.PathLike) -> Artifact:
@@ -45,26 +39,12 @@ def masked_weights(artifact: Artifact | str | os.PathLike, *, threads: int | Non
     `MaskforgeError` naming the first failing layer in module order.
     """
     artifact = as_artifact(artifact_or_path=artifact)
-    params = list(artifact.document["layers"])
-    shapes = {param: tuple(artifact.document["layers"][param]["shape"]) for param in params}
-
-    def one(param: str) -> tuple[np.ndarray, str | None]:
-        weight = regen.generate(artifact.seed, param, shapes[param], artifact.init, k=artifact.k,
-                                scale_fan=artifact.scale_fan)
-        if verify:
-            try:
-                verify_weights(artifact, {param: weight})
-            except MaskforgeError as exc:
-                return weight, str(exc)
-        return weight, None
-
-    with ThreadPoolExecutor(max_workers=threads or default_threads()) as pool:
-        results = list(pool.map(one, params))  # map keeps the order, so the first failure is deterministic
-    for weight, error in results:
-        if error is not None:
-            raise MaskforgeError(error)
-    return {param: (weight, artifact.masks[param].numpy())
-            for param, (weight, _) in zip(params, results)}
+    shapes = {param: tuple(info["shape"]) for param, info in artifact.document["layers"].items()}
+    generated = regen.generate_many(artifact.seed, shapes, artifact.init, k=artifact.k,
+                                    scale_fan=artifact.scale_fan, digests=verify, threads=threads)
+    if verify:
+        check_weight_digests(artifact, {param: digest for param, (_, digest) in generated.items()})
+    return {param: (weight, artifact.masks[param].numpy()) for param, (weight, _) in generated.items()}
 
 
 def plain_structure(arch: str, arch_args: dict, k: float) -> nn.Module:

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Sequence
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -197,3 +199,28 @@ def weight_digest(weights: np.ndarray) -> str:
     """SHA-256 of a weight tensor's float32 little-endian bytes in C order (what artifacts record)."""
     data = np.ascontiguousarray(weights, dtype="<f4")
     return hashlib.sha256(memoryview(data).cast("B")).hexdigest()
+
+
+def default_threads() -> int:
+    """Worker threads for regeneration and hashing: the CPU count, capped (the work is memory-bound)."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def generate_many(seed: int, shapes: Mapping[str, Sequence[int]], distribution: str = "signed_constant", *,
+                  k: float = 1.0, scale_fan: bool = False, digests: bool = False,
+                  threads: int | None = None) -> dict[str, tuple[np.ndarray, str | None]]:
+    """Regenerate several tensors in worker threads: `{name: (float32 array, digest or None)}`.
+
+    NumPy and hashlib release the GIL, so tensors are generated (and, with `digests`, hashed) in
+    parallel; that is what makes regenerating and verifying a network as fast as loading it. The
+    largest tensors are scheduled first so the pool's tail is short; the result keeps `shapes`' order.
+    """
+
+    def one(name: str) -> tuple[np.ndarray, str | None]:
+        weight = generate(seed, name, shapes[name], distribution, k=k, scale_fan=scale_fan)
+        return weight, weight_digest(weight) if digests else None
+
+    largest_first = sorted(shapes, key=lambda name: -math.prod(shapes[name]))
+    with ThreadPoolExecutor(max_workers=threads or default_threads()) as pool:
+        results = dict(zip(largest_first, pool.map(one, largest_first)))
+    return {name: results[name] for name in shapes}

@@ -22,7 +22,6 @@ folder; call it before handing an untrusted ONNX path to `onnx.load` or onnxrunt
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 
 from . import regen
-from .artifact import Artifact, artifact_from_bytes
+from .artifact import Artifact, artifact_from_bytes, check_weight_digests
 from .errors import MaskforgeError
 from .fileio import read_bytes
 
@@ -136,24 +135,15 @@ def _load_with_report(data: bytes, path: Path, report: VerifyReport
 
 def _check_weights(artifact: Artifact, report: VerifyReport, threads: int | None) -> None:
     """Regenerate each layer from the seed and compare its SHA-256 with the recorded one."""
-    recorded = artifact.document["digests"]["weights"]
-    layers = artifact.document["layers"]
-
-    def digest(param: str) -> str:
-        weight = regen.generate(artifact.seed, param, tuple(layers[param]["shape"]), artifact.init,
-                                k=artifact.k, scale_fan=artifact.scale_fan)
-        return regen.weight_digest(weight)
-
-    with ThreadPoolExecutor(max_workers=threads or max(1, min(8, os.cpu_count() or 1))) as pool:
-        digests = dict(zip(layers, pool.map(digest, layers)))
-    bad = [param for param in layers if digests[param] != recorded[param]]
-    if bad:
-        report._fail("weights", f"regenerated weights of layer {bad[0]} do not match the recorded digest "
-                                f"(field digests.weights.{bad[0]}; {len(bad)} of {len(layers)} layers differ): "
-                                f"this file and this maskforge ({regen.GENERATOR_ID} v{regen.GENERATOR_VERSION}) "
-                                f"do not give the network that was searched")
+    shapes = {param: tuple(info["shape"]) for param, info in artifact.document["layers"].items()}
+    generated = regen.generate_many(artifact.seed, shapes, artifact.init, k=artifact.k,
+                                    scale_fan=artifact.scale_fan, digests=True, threads=threads)
+    try:
+        check_weight_digests(artifact, {param: digest for param, (_, digest) in generated.items()})
+    except MaskforgeError as exc:
+        report._fail("weights", str(exc))
         return
-    report._pass("weights", f"{len(layers)} layers ({artifact.masked_weights:,} weights) regenerated from seed "
+    report._pass("weights", f"{len(shapes)} layers ({artifact.masked_weights:,} weights) regenerated from seed "
                             f"{artifact.seed} match their sha256")
 
 
