@@ -14,6 +14,7 @@ import torch
 import torchvision
 from safetensors.numpy import save as st_save
 
+from helpers import perturb_like_search
 from maskforge import regen
 from maskforge.archs import arch_args, create_model
 from maskforge.artifact import (
@@ -47,13 +48,7 @@ def _searched(arch: str, channels: int, size: tuple[int, int], classes: int, *, 
     """A model that looks searched: scores moved away from their initial values, BN statistics set."""
     model = create_model(arch, in_channels=channels, num_classes=classes, image_size=size, k=k, seed=seed,
                          init=init, scale_fan=scale_fan)
-    gen = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        for layer in masked_modules(model).values():
-            layer.scores.add_(torch.randn(layer.scores.shape, generator=gen) * 0.1)
-        for bn in batchnorm_modules(model).values():
-            bn.running_mean.copy_(torch.randn(bn.num_features, generator=gen))
-            bn.running_var.copy_(torch.rand(bn.num_features, generator=gen) + 0.1)
+    perturb_like_search(model, seed + 100, score_noise=0.1, bn_mean_scale=1.0, bn_var_floor=0.1)
     model.eval()
     artifact = build_artifact(model, arch=arch, arch_args=arch_args(channels, classes, size),
                               spec=_spec(channels, size, classes), seed=seed, init=init, scale_fan=scale_fan,

@@ -15,13 +15,12 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from helpers import write_image_folder
 from maskforge.artifact import load_artifact, pack_mask
 from maskforge.checkpoint import CHECKPOINT_NAME, load_checkpoint, read_position
 from maskforge.distributed import World, detect
@@ -136,23 +135,11 @@ _ENTRY = textwrap.dedent('''
 ''')
 
 
-def _image_folder(root: Path) -> Path:
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 64), ("val", 8)):
-        for label, name in enumerate(("dark", "light")):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(count):
-                pixels = np.clip(rng.normal(60 + 120 * label, 40, (8, 8, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.png")
-    return root
-
-
 @pytest.mark.slow
 def test_torchrun_batchnorm_kill_and_resume_is_exact(tmp_path):
     entry = tmp_path / "entry.py"
     entry.write_text(_ENTRY)
-    data = _image_folder(tmp_path / "images")
+    data = write_image_folder(tmp_path / "images", 64)
     args = ["search", "--arch", "_test_bn", "--k", "0.4", "--data", str(data), "--epochs", "3",
             "--batch-size", "16", "--workers", "0", "--device", "cpu", "-q"]
     reference, killed, digests = tmp_path / "reference", tmp_path / "killed", tmp_path / "digests"

@@ -20,6 +20,7 @@ import torch.nn as nn
 from onnx import numpy_helper
 from typer.testing import CliRunner
 
+from helpers import perturb_like_search
 from maskforge import regen
 from maskforge.archs import arch_args, create_model
 from maskforge.artifact import build_artifact, load_artifact, save_artifact
@@ -28,7 +29,7 @@ from maskforge.data import InputSpec, load_data, normalize
 from maskforge.errors import MaskforgeError
 from maskforge.export import (default_export_path, export_onnx, export_torch, load_torch_export,
                               read_onnx_metadata)
-from maskforge.layers import MASKED_TYPES, batchnorm_modules, masked_modules
+from maskforge.layers import MASKED_TYPES
 from maskforge.materialize import materialize
 
 # ---------------------------------------------------------------------------------------------------------
@@ -41,13 +42,7 @@ def make_artifact(folder: Path, arch: str, channels: int, size: int, classes: in
     """A saved artifact that looks searched: scores moved off their start, BN statistics set."""
     model = create_model(arch, in_channels=channels, num_classes=classes, image_size=(size, size), k=k,
                          seed=seed, init=init)
-    gen = torch.Generator().manual_seed(seed + 7)
-    with torch.no_grad():
-        for layer in masked_modules(model).values():
-            layer.scores.add_(torch.randn(layer.scores.shape, generator=gen) * 0.05)
-        for bn in batchnorm_modules(model).values():
-            bn.running_mean.copy_(torch.randn(bn.num_features, generator=gen) * 0.2)
-            bn.running_var.copy_(torch.rand(bn.num_features, generator=gen) + 0.5)
+    perturb_like_search(model, seed + 7, score_noise=0.05, bn_mean_scale=0.2, bn_var_floor=0.5)
     spec = InputSpec(channels, size, size, tuple(0.4 + 0.05 * c for c in range(channels)),
                      tuple(0.2 + 0.01 * c for c in range(channels)), tuple(f"c{i}" for i in range(classes)))
     artifact = build_artifact(model.eval(), arch=arch, arch_args=arch_args(channels, classes, (size, size)),

@@ -17,13 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from PIL import Image
 from typer.testing import CliRunner
 
+from helpers import write_image_folder
 from maskforge import archs
 from maskforge.checkpoint import (CHECKPOINT_NAME, Checkpoint, load_checkpoint, read_position,
                                   save_checkpoint)
@@ -127,26 +126,12 @@ def bn_arch():
     archs.ARCHS.pop("_test_bn")
 
 
-def _image_folder(root: Path) -> Path:
-    """A small RGB image folder (augmentation is on for image folders): 2 classes, 40 + 8 images each."""
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 40), ("val", 8)):
-        for label, name in enumerate(("dark", "light")):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(count):
-                base = 60 + 120 * label
-                pixels = np.clip(rng.normal(base, 40, (8, 8, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.png")
-    return root
-
-
 class _Crash(Exception):
     pass
 
 
 def test_resume_is_exact_with_batchnorm_augmentation_and_momentum(tmp_path, bn_arch, monkeypatch):
-    data = _image_folder(tmp_path / "images")
+    data = write_image_folder(tmp_path / "images", 40)
     common = dict(arch=bn_arch, k=0.4, data=str(data), epochs=3, batch_size=16, workers=0, device="cpu",
                   lr=0.05, label_smoothing=0.1, warmup_epochs=1)
     reference = search(SearchConfig(**common, out=str(tmp_path / "ref")), progress=False)
