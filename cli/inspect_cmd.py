@@ -20,7 +20,10 @@ def inspect_command(
     file: Annotated[Path, typer.Argument(help="An artifact.safetensors written by `maskforge search`.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
 ) -> None:
-    """Show an artifact's metadata, each layer's shape and density, the file size and bits per weight."""
+    """Show an artifact's metadata, each layer's shape and density, the file size and bits per weight.
+
+    Example: maskforge inspect runs/conv4/artifact.safetensors --json
+    """
     summary = inspect_artifact(file)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
