@@ -20,7 +20,6 @@ mutates real artifacts over a thousand ways: each mutant is refused or gives ide
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -38,6 +37,7 @@ from safetensors.numpy import save as _st_save_bytes
 
 from . import archs, regen
 from .data import InputSpec
+from .digests import canonical_json, document_digest, is_int, tensor_digest
 from .errors import MaskforgeError
 from .fileio import atomic_write, read_bytes
 from .layers import batchnorm_modules, kept_count, masked_modules
@@ -181,20 +181,6 @@ def unpack_mask(packed: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.from_numpy(bits[:count].astype(bool).reshape(shape))
 
 
-def _tensor_digest(array: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
-
-
-def _document_digest(document: dict) -> str:
-    """SHA-256 of the canonical JSON of the document without its `digests` member."""
-    body = {key: value for key, value in document.items() if key != "digests"}
-    return hashlib.sha256(_canonical_json(body).encode("utf-8")).hexdigest()
-
-
-def _canonical_json(value) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-
-
 # --- save / load -------------------------------------------------------------------------------------
 
 def artifact_bytes(artifact: Artifact) -> bytes:
@@ -203,11 +189,11 @@ def artifact_bytes(artifact: Artifact) -> bytes:
     tensors.update({f"bn/{name}": stat.numpy().astype("<f4") for name, stat in artifact.bn_stats.items()})
     document = dict(artifact.document)
     digests = dict(document["digests"])
-    digests["tensors"] = {name: _tensor_digest(array) for name, array in sorted(tensors.items())}
+    digests["tensors"] = {name: tensor_digest(array) for name, array in sorted(tensors.items())}
     document["digests"] = digests
-    digests["document"] = _document_digest(document)
+    digests["document"] = document_digest(document)
     artifact.document = document
-    return _st_save_bytes(tensors, metadata={METADATA_KEY: _canonical_json(document)})
+    return _st_save_bytes(tensors, metadata={METADATA_KEY: canonical_json(document)})
 
 
 def save_artifact(artifact: Artifact, path: str | os.PathLike) -> Path:
@@ -243,7 +229,7 @@ def artifact_from_bytes(data: bytes, label: str = "artifact", *,
     _validate_document(document, label)
     passed("schema", f"format {FORMAT_NAME} v{document['format_version']}, arch {document['arch']['name']}, "
                      f"k={document['k']}, seed={document['seed']}, init {document['init']['distribution']}")
-    if _document_digest(document) != document["digests"]["document"]:
+    if document_digest(document) != document["digests"]["document"]:
         raise MaskforgeError(f"{label}: metadata digest mismatch (the JSON document was modified or corrupted)")
     passed("document digest", f"sha256 {document['digests']['document'][:16]}...")
     tensors = _load_tensors(data, label)
@@ -333,8 +319,8 @@ def _check_layout(header: dict, body_bytes: int, label: str) -> None:
         _require(isinstance(entry["dtype"], str) and entry["dtype"] in _DTYPE_BYTES, where,
                  f"has dtype {entry['dtype']!r}; an artifact stores only {sorted(_DTYPE_BYTES)}")
         shape, offsets = entry["shape"], entry["data_offsets"]
-        _require(isinstance(shape, list) and all(_is_int(s) and s >= 0 for s in shape), where, "has a bad shape")
-        _require(isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) and o >= 0 for o in offsets)
+        _require(isinstance(shape, list) and all(is_int(s) and s >= 0 for s in shape), where, "has a bad shape")
+        _require(isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) and o >= 0 for o in offsets)
                  and offsets[0] <= offsets[1], where, "has bad data_offsets")
         _require(offsets[1] - offsets[0] == math.prod(shape) * _DTYPE_BYTES[entry["dtype"]], where,
                  f"has {offsets[1] - offsets[0]} bytes for shape {shape} {entry['dtype']}")
@@ -388,10 +374,6 @@ def _require(condition: bool, label: str, message: str) -> None:
         raise MaskforgeError(f"{label}: {message}")
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -405,7 +387,7 @@ def _validate_document(doc: dict, label: str) -> None:
     _require(isinstance(doc, dict), label, "metadata is not a JSON object")
     _require(doc.get("format") == FORMAT_NAME, label, f"format is {doc.get('format')!r}, not {FORMAT_NAME!r}")
     version = doc.get("format_version")
-    _require(_is_int(version), label, "format_version is missing or not an integer")
+    _require(is_int(version), label, "format_version is missing or not an integer")
     if version > FORMAT_VERSION:
         raise MaskforgeError(f"{label} uses artifact format version {version}, newer than this maskforge "
                              f"reads ({FORMAT_VERSION}); upgrade maskforge")
@@ -421,15 +403,15 @@ def _validate_document(doc: dict, label: str) -> None:
     args = arch["args"]
     _require(isinstance(args, dict) and set(args) == {"in_channels", "num_classes", "image_size"}, label,
              "arch.args must have exactly in_channels, num_classes, image_size")
-    _require(_is_int(args["in_channels"]) and 1 <= args["in_channels"] <= 64, label,
+    _require(is_int(args["in_channels"]) and 1 <= args["in_channels"] <= 64, label,
              f"arch.args.in_channels must be an integer in [1, 64], got {args['in_channels']!r}")
-    _require(_is_int(args["num_classes"]) and 1 <= args["num_classes"] <= 1_000_000, label,
+    _require(is_int(args["num_classes"]) and 1 <= args["num_classes"] <= 1_000_000, label,
              f"arch.args.num_classes must be an integer in [1, 1000000], got {args['num_classes']!r}")
     size = args["image_size"]
-    _require(isinstance(size, list) and len(size) == 2 and all(_is_int(s) and 1 <= s <= 8192 for s in size),
+    _require(isinstance(size, list) and len(size) == 2 and all(is_int(s) and 1 <= s <= 8192 for s in size),
              label, f"arch.args.image_size must be [height, width] in [1, 8192], got {size!r}")
     seed = doc["seed"]
-    _require(_is_int(seed) and 0 <= seed < 2 ** 63, label,
+    _require(is_int(seed) and 0 <= seed < 2 ** 63, label,
              f"seed must be a non-negative integer below 2^63, got {seed!r}")
     k = doc["k"]
     _require(isinstance(k, float) and 0.0 < k <= 1.0, label, f"k must be a number in (0, 1], got {k!r}")
@@ -470,14 +452,14 @@ def _validate_layers(layers, label: str) -> None:
         _require(isinstance(info, dict) and set(info) == _LAYER_FIELDS, label,
                  f"{where} must have exactly {', '.join(sorted(_LAYER_FIELDS))}")
         shape = info["shape"]
-        _require(isinstance(shape, list) and len(shape) >= 2 and all(_is_int(s) and s >= 1 for s in shape), label,
+        _require(isinstance(shape, list) and len(shape) >= 2 and all(is_int(s) and s >= 1 for s in shape), label,
                  f"{where} has a bad shape {shape!r}")
         count = math.prod(shape)
-        _require(_is_int(info["kept"]) and 1 <= info["kept"] <= count, label,
+        _require(is_int(info["kept"]) and 1 <= info["kept"] <= count, label,
                  f"{where} has a bad kept count {info['kept']!r}")
         _require(info["density"] == info["kept"] / count and not isinstance(info["density"], bool), label,
                  f"{where}: density {info['density']!r} is not kept/weights = {info['kept'] / count!r}")
-        _require(_is_int(info["fan_in"]) and info["fan_in"] == regen.fan_in(shape), label,
+        _require(is_int(info["fan_in"]) and info["fan_in"] == regen.fan_in(shape), label,
                  f"{where}: fan_in {info['fan_in']!r} does not match its shape {shape}")
 
 
@@ -492,7 +474,7 @@ def _validate_provenance(provenance, label: str) -> None:
         if expected is str:
             ok = isinstance(value, str)
         elif expected is int:
-            ok = _is_int(value) and value >= 0
+            ok = is_int(value) and value >= 0
         else:
             ok = _is_number(value) and value >= 0
         if key == "heldout_acc":
@@ -506,7 +488,7 @@ def _check_tensor_digests(doc: dict, tensors: dict[str, np.ndarray], label: str)
         missing, extra = sorted(set(recorded) - set(tensors)), sorted(set(tensors) - set(recorded))
         raise MaskforgeError(f"{label}: tensor set differs from the metadata (missing {missing}, extra {extra})")
     for name, array in sorted(tensors.items()):
-        if _tensor_digest(array) != recorded[name]:
+        if tensor_digest(array) != recorded[name]:
             raise MaskforgeError(f"{label}: tensor {name} does not match its digest (corrupted)")
 
 

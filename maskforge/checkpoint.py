@@ -24,13 +24,11 @@ checks all of it; any problem is a `MaskforgeError` naming the file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
@@ -38,6 +36,7 @@ from safetensors.torch import load as _st_load_bytes
 from safetensors.torch import save_file as _st_save_file
 
 from . import archs
+from .digests import canonical_json, document_digest, is_int, tensor_digest
 from .errors import MaskforgeError
 from .fileio import atomic_path
 from .layers import batchnorm_modules, masked_modules
@@ -173,12 +172,13 @@ def save_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike) -> Path:
     document = {key: value for key, value in checkpoint.document.items() if key != "digests"}
     document["format"], document["format_version"] = FORMAT_NAME, FORMAT_VERSION
     tensors = {name: checkpoint.tensors[name] for name in sorted(checkpoint.tensors)}
-    digests = {"tensors": {name: _tensor_digest(t) for name, t in tensors.items()}}
+    digests = {"tensors": {name: tensor_digest(t) for name, t in tensors.items()}}
     document["digests"] = digests
-    digests["document"] = _document_digest(document)
+    # NaN is allowed here: a diverged search still checkpoints (its losses are NaN) and resumes the same way.
+    digests["document"] = document_digest(document, allow_nan=True)
     checkpoint.document = document
     with atomic_path(path) as tmp:
-        _st_save_file(tensors, str(tmp), metadata={METADATA_KEY: _json(document)})
+        _st_save_file(tensors, str(tmp), metadata={METADATA_KEY: canonical_json(document, allow_nan=True)})
     return Path(path)
 
 
@@ -201,13 +201,13 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     except (SafetensorError, ValueError, TypeError, RuntimeError) as exc:
         raise MaskforgeError(f"{label} is corrupt ({' '.join(str(exc).split())})") from None
     _validate_document(document, label)
-    if _document_digest(document) != document["digests"]["document"]:
+    if document_digest(document, allow_nan=True) != document["digests"]["document"]:
         raise MaskforgeError(f"{label} is corrupt: its metadata does not match its digest")
     recorded = document["digests"]["tensors"]
     if not isinstance(recorded, dict) or set(recorded) != set(tensors):
         raise MaskforgeError(f"{label} is corrupt: its tensors differ from the ones its metadata lists")
     for name, tensor in tensors.items():
-        if _tensor_digest(tensor) != recorded[name]:
+        if tensor_digest(tensor) != recorded[name]:
             raise MaskforgeError(f"{label} is corrupt: tensor {name} does not match its digest")
     if "rng/torch_cpu" not in tensors or tensors["rng/torch_cpu"].dtype != torch.uint8:
         raise MaskforgeError(f"{label} is corrupt: the RNG state is missing")
@@ -229,7 +229,7 @@ def read_position(path: str | os.PathLike) -> dict | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     keys = ("epoch", "batch_in_epoch", "step", "steps_per_epoch", "total_steps")
-    if not isinstance(position, dict) or not all(_is_int(position.get(key)) for key in keys):
+    if not isinstance(position, dict) or not all(is_int(position.get(key)) for key in keys):
         return None
     return position
 
@@ -255,10 +255,6 @@ def _read_document(data: bytes, label: str) -> dict:
     return document
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _validate_document(doc: dict, label: str) -> None:
     def require(ok: bool, message: str) -> None:
         if not ok:
@@ -266,7 +262,7 @@ def _validate_document(doc: dict, label: str) -> None:
 
     require(doc.get("format") == FORMAT_NAME, f"format is {doc.get('format')!r}, not {FORMAT_NAME!r}")
     version = doc.get("format_version")
-    require(_is_int(version), "format_version is missing")
+    require(is_int(version), "format_version is missing")
     if version > FORMAT_VERSION:
         raise MaskforgeError(f"{label} has format version {version}, newer than this maskforge reads "
                              f"({FORMAT_VERSION}); upgrade maskforge")
@@ -276,10 +272,10 @@ def _validate_document(doc: dict, label: str) -> None:
             f"identity must hold {', '.join(IDENTITY_KEYS)}")
     require(isinstance(doc.get("config"), dict), "config is missing")
     world_size = doc.get("world_size")
-    require(_is_int(world_size) and world_size >= 1, "world_size is missing")
+    require(is_int(world_size) and world_size >= 1, "world_size is missing")
     position = doc.get("position")
     keys = ("epoch", "batch_in_epoch", "step", "steps_per_epoch", "total_steps")
-    require(isinstance(position, dict) and all(_is_int(position.get(k)) and position[k] >= 0 for k in keys),
+    require(isinstance(position, dict) and all(is_int(position.get(k)) and position[k] >= 0 for k in keys),
             f"position must hold non-negative integers {', '.join(keys)}")
     require(position["batch_in_epoch"] <= position["steps_per_epoch"] and position["step"]
             <= position["total_steps"], "position is inconsistent")
@@ -292,18 +288,3 @@ def _validate_document(doc: dict, label: str) -> None:
     digests = doc.get("digests")
     require(isinstance(digests, dict) and isinstance(digests.get("document"), str)
             and isinstance(digests.get("tensors"), dict), "digests are missing")
-
-
-def _tensor_digest(tensor: torch.Tensor) -> str:
-    array = tensor.detach().cpu().contiguous().numpy()
-    return hashlib.sha256(np.ascontiguousarray(array).reshape(-1).view(np.uint8)).hexdigest()
-
-
-def _json(value) -> str:
-    # NaN is allowed: a diverged search still checkpoints (its losses are NaN) and must resume the same way.
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-
-
-def _document_digest(document: dict) -> str:
-    body = {key: value for key, value in document.items() if key != "digests"}
-    return hashlib.sha256(_json(body).encode("utf-8")).hexdigest()

@@ -183,17 +183,12 @@ class _MaskedMixin:
         """The current boolean mask (cached until the scores change)."""
         version = self.scores._version
         if self._mask_cache is None or self._mask_cache[0] != version or self._mask_cache[1].device != self.scores.device:
-            self._mask_cache = (version, topk_mask(self.scores.detach().abs(), self.kept, self._hint()))
+            self._mask_cache = (version, topk_mask(self.scores.detach().abs(), self.kept, self._threshold_hint))
         return self._mask_cache[1]
-
-    def _hint(self) -> ThresholdHint:
-        if getattr(self, "_threshold_hint", None) is None:  # layers unpickled from older versions
-            self._threshold_hint = ThresholdHint()
-        return self._threshold_hint
 
     def effective_weight(self) -> torch.Tensor:
         if torch.is_grad_enabled() and self.scores.requires_grad:
-            return _StraightThroughMask.apply(self.scores, self.weight, self.kept, self._hint())
+            return _StraightThroughMask.apply(self.scores, self.weight, self.kept, self._threshold_hint)
         return self.weight * self.mask()
 
     def extra_repr(self) -> str:  # noqa: D401 - nn.Module hook

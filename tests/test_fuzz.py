@@ -37,7 +37,8 @@ import torch
 import torch.nn as nn
 
 from maskforge import archs
-from maskforge.artifact import _canonical_json, artifact_from_bytes, build_artifact, save_artifact
+from maskforge.artifact import artifact_from_bytes, build_artifact, save_artifact
+from maskforge.digests import canonical_json
 from maskforge.data import InputSpec
 from maskforge.errors import MaskforgeError
 from maskforge.layers import MaskedConv2d, MaskedLinear, NonAffineBatchNorm2d, batchnorm_modules, masked_modules
@@ -139,7 +140,7 @@ def _with_document(parsed: Parsed, document: dict, *, redigest: bool, text: str 
     if redigest and isinstance(document.get("digests"), dict):
         document["digests"]["document"] = _doc_digest(document)
     header = copy.deepcopy(parsed.header)
-    header["__metadata__"]["maskforge"] = text if text is not None else _canonical_json(document)
+    header["__metadata__"]["maskforge"] = text if text is not None else canonical_json(document)
     return _with_header(parsed, header, separators=(",", ":"))
 
 
