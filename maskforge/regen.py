@@ -207,18 +207,20 @@ def default_threads() -> int:
 
 
 def generate_many(seed: int, shapes: Mapping[str, Sequence[int]], distribution: str = "signed_constant", *,
-                  k: float = 1.0, scale_fan: bool = False, digests: bool = False,
-                  threads: int | None = None) -> dict[str, tuple[np.ndarray, str | None]]:
-    """Regenerate several tensors in worker threads: `{name: (float32 array, digest or None)}`.
+                  k: float = 1.0, scale_fan: bool = False, digests: bool = False, keep: bool = True,
+                  threads: int | None = None) -> dict[str, tuple[np.ndarray | None, str | None]]:
+    """Regenerate several tensors in worker threads: `{name: (float32 array or None, digest or None)}`.
 
     NumPy and hashlib release the GIL, so tensors are generated (and, with `digests`, hashed) in
-    parallel; that is what makes regenerating and verifying a network as fast as loading it. The
-    largest tensors are scheduled first so the pool's tail is short; the result keeps `shapes`' order.
+    parallel; that is what makes regenerating and verifying a network as fast as loading it. With
+    `keep=False` only the digests are returned and each array is freed at once (pure verification needs
+    no 275 MB of weights held). The largest tensors are scheduled first so the pool's tail is short; the
+    result keeps `shapes`' order.
     """
 
-    def one(name: str) -> tuple[np.ndarray, str | None]:
+    def one(name: str) -> tuple[np.ndarray | None, str | None]:
         weight = generate(seed, name, shapes[name], distribution, k=k, scale_fan=scale_fan)
-        return weight, weight_digest(weight) if digests else None
+        return weight if keep else None, weight_digest(weight) if digests else None
 
     largest_first = sorted(shapes, key=lambda name: -math.prod(shapes[name]))
     with ThreadPoolExecutor(max_workers=threads or default_threads()) as pool:

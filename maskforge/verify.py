@@ -137,7 +137,8 @@ def _check_weights(artifact: Artifact, report: VerifyReport, threads: int | None
     """Regenerate each layer from the seed and compare its SHA-256 with the recorded one."""
     shapes = {param: tuple(info["shape"]) for param, info in artifact.document["layers"].items()}
     generated = regen.generate_many(artifact.seed, shapes, artifact.init, k=artifact.k,
-                                    scale_fan=artifact.scale_fan, digests=True, threads=threads)
+                                    scale_fan=artifact.scale_fan, digests=True, keep=False,
+                                    threads=threads)
     try:
         check_weight_digests(artifact, {param: digest for param, (_, digest) in generated.items()})
     except MaskforgeError as exc:
