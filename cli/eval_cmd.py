@@ -102,6 +102,9 @@ def _progress():
     console = Console(stderr=True)
     with console.status("evaluating...", spinner="dots") as status:
         def progress(stage: str, done: int, total: int) -> None:
-            status.update(f"{stage} {done:,}/{total:,}..." if stage == "scoring" else f"{stage}...")
+            text = {"exporting": f"exporting mode {done + 1} of {total}",
+                    "scoring": f"scoring {done:,}/{total:,} images", "timing": "timing latency",
+                    "memory": "measuring session start and peak memory"}
+            status.update(text.get(stage, stage) + "...")
 
         yield progress

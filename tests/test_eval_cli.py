@@ -85,8 +85,8 @@ def test_inspect_of_an_onnx_file_says_what_it_is_and_what_takes_it(run):
 
 
 @pytest.mark.parametrize("case", ["truncated onnx", "png named .onnx", "no metadata", "rgb images",
-                                  "other class names", "json under a file", "wrong size", "compare an onnx",
-                                  "compare with --size", "zero latency runs"])
+                                  "other class names", "json under a file", "wrong size", "artifact, wrong size",
+                                  "compare an onnx", "compare with --size", "zero latency runs"])
 def test_bad_input_is_one_line_exit_2_and_leaves_nothing(run, tmp_path, case):
     model, extra = run / "model.onnx", []
     if case == "truncated onnx":
@@ -111,6 +111,8 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(run, tmp_path, case):
         extra = ["--json", str(tmp_path / "plain" / "r.json")]
     elif case == "wrong size":   # issue 10 item 11: was an onnxruntime traceback and exit 1
         extra = ["--data", str(_folder(tmp_path / "digits", [str(d) for d in range(10)], "L")), "--size", "32"]
+    elif case == "artifact, wrong size":
+        model, extra = run / "artifact.safetensors", ["--size", "32"]
     elif case == "compare an onnx":
         extra = ["--compare"]
     elif case == "compare with --size":
@@ -125,6 +127,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(run, tmp_path, case):
                 "other class names": "has classes a, b", "json under a file": "is not a folder",
                 "wrong size": r"model.onnx takes 1x28x28 images \(its ONNX input 'input' is \[batch, 1, 28, 28\]\), "
                               r"but the preprocessing gives 1x32x32",
+                "artifact, wrong size": r"artifact.safetensors takes 1x28x28 images; size 32 does not apply",
                 "compare an onnx": "comparing export modes needs the artifact",
                 "compare with --size": "--size does not apply with --compare",
                 "zero latency runs": "latency runs must be at least 1"}[case]

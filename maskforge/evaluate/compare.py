@@ -35,8 +35,9 @@ class ExportMode:
     options: dict = field(default_factory=dict)
 
 
-# Every mode `export_onnx` offers, in table order. With storage/precision export options this becomes:
-# EXPORT_MODES = tuple(ExportMode(f"{s}-{p}", {"storage": s, "precision": p}) for s in ("dense", "compact", "regen") for p in ("fp32", "int8"))
+# Every mode `export_onnx` offers, in table order. Once export takes storage= and precision=, this is:
+# EXPORT_MODES = tuple(ExportMode(f"{s}-{p}", {"storage": s, "precision": p})
+#                      for s in ("dense", "compact", "regen") for p in ("fp32", "int8"))
 EXPORT_MODES = (ExportMode("dense", {"compact": False}), ExportMode("compact", {"compact": True}))
 
 

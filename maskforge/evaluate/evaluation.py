@@ -22,7 +22,7 @@ from .footprint import compute_section, size_section
 from .report import EvalReport, Latency, ModelSummary, Timing
 from .runners import OnnxRunner, TorchRunner, torch_threads
 from .scoring import Progress, Runner, accuracy_section, agreement_section, score
-from .subject import Subject, open_model, open_onnx
+from .subject import Subject, open_model, open_onnx, preprocessing_overrides
 from .timing import latency_stats, measure_latency, probe_footprint
 
 SPLITS = {"test": "heldout", "heldout": "heldout", "val": "heldout", "train": "train"}
@@ -93,7 +93,7 @@ def evaluate(model: str | os.PathLike, *, data: str | None = None, split: str = 
         if subject.artifact is not None:
             torch_model = materialize(subject.artifact, threads=settings.threads)
             exported = export_onnx(subject.artifact, Path(workdir) / "model.onnx", model=torch_model)
-            evaluated = open_onnx(exported.path)
+            evaluated = open_onnx(exported.path, preprocessing_overrides(mean, std, size))
             ref = Reference(TorchRunner(torch_model), "PyTorch, the materialized artifact", timed=True)
         if reference is not None:
             ref = open_reference(reference, subject, settings.threads)

@@ -109,6 +109,10 @@ def parse_floats(value: Sequence[float] | str, name: str) -> tuple[float, ...]:
 
 def _open_artifact(path: Path, overrides: dict) -> Subject:
     artifact = load_artifact(path)
+    native = artifact.spec
+    if overrides.get("size", native.height) != native.height or native.height != native.width and "size" in overrides:
+        raise MaskforgeError(f"{path} takes {native.channels}x{native.height}x{native.width} images; size "
+                             f"{overrides['size']} does not apply to it")
     spec = _apply_overrides(artifact.spec, overrides)
     return Subject(path, "artifact", spec, True, _source(overrides), OnnxModelInfo(None, None, {}), artifact)
 
