@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 
 from maskforge.errors import MaskforgeError
-from maskforge.evaluate import check_report_path, compare, evaluate, save_confusion_png, write_report
+from maskforge.evaluation import check_report_path, compare, evaluate, save_confusion_png, write_report
 
 from .app import app
 from .eval_tables import class_table, compare_table, report_table

@@ -1,13 +1,13 @@
 """Rich tables for `maskforge eval`: the report, the per-class accuracy / confusion matrix, the mode comparison.
 
-Printing only: every number comes from the typed report (`maskforge.evaluate.report`).
+Printing only: every number comes from the typed report (`maskforge.evaluation.report`).
 """
 
 from __future__ import annotations
 
 from rich.table import Table
 
-from maskforge.evaluate import CompareReport, EvalReport
+from maskforge.evaluation import CompareReport, EvalReport
 
 FULL_MATRIX_UP_TO = 20   # classes; above this, only the worst classes are listed
 WORST_SHOWN = 10

@@ -16,7 +16,7 @@ from .artifact import Artifact, inspect_artifact, load_artifact, save_artifact  
 from .search import SearchConfig, SearchResult, resume, search  # noqa: E402
 from .materialize import materialize  # noqa: E402
 from .export import export_onnx, export_torch, load_torch_export  # noqa: E402
-from .evaluate import evaluate  # noqa: E402
+from .evaluation import evaluate  # noqa: E402
 from .predict import predict  # noqa: E402
 from .verify import verify_artifact, verify_onnx  # noqa: E402
 

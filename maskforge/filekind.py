@@ -50,8 +50,8 @@ def file_kind(path: str | os.PathLike) -> FileKind:
     for magic, name in _IMAGE_MAGIC:
         if head.startswith(magic):
             return FileKind("image", f"a {name} image")
-    # ModelProto field 1 (ir_version, a varint) comes first in every serializer: tag byte 0x08
-    if head[:1] == b"\x08":
+    # ModelProto field 1 (ir_version, a varint) comes first in the usual serializers: tag byte 0x08
+    if head[:1] == b"\x08" or path.suffix.lower() == ".onnx":
         onnx_kind = _onnx_kind(path)
         if onnx_kind is not None:
             return onnx_kind

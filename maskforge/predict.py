@@ -21,9 +21,9 @@ import numpy as np
 
 from .data import ImageFileDataset, iterate_batches, normalize
 from .errors import MaskforgeError
-from .evaluate.runners import OnnxRunner, TorchRunner, torch_threads
-from .evaluate.scoring import top_k
-from .evaluate.subject import open_model
+from .evaluation.runners import OnnxRunner, TorchRunner, torch_threads
+from .evaluation.scoring import top_k
+from .evaluation.subject import open_model
 from .materialize import materialize
 
 TOP = 5

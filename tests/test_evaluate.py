@@ -23,8 +23,8 @@ from maskforge.archs import arch_args, create_model
 from maskforge.artifact import build_artifact, load_artifact, save_artifact
 from maskforge.data import InputSpec, load_data
 from maskforge.errors import MaskforgeError
-from maskforge.evaluate import EXPORT_MODES, ExportMode, compare, evaluate, write_report
-from maskforge.evaluate.timing import block_sizes, probe_footprint
+from maskforge.evaluation import EXPORT_MODES, ExportMode, compare, evaluate, write_report
+from maskforge.evaluation.timing import block_sizes, probe_footprint
 
 FC_MACS_28 = 784 * 300 + 300 * 100 + 100 * 10  # LeNet 300-100 on 1x28x28: one MAC per weight
 

@@ -8,7 +8,7 @@ One module per job:
 * `timing`     latency and throughput in this process; `probe.py` session start and peak memory in a
                fresh one;
 * `footprint`  file sizes, bits per masked weight, parameters and MACs;
-* `evaluation` `evaluate` (one model) and the steps it shares with `compare` (every export mode);
+* `measure`    `evaluate` (one model) and the steps it shares with `compare` (every export mode);
 * `report`     the typed report, its JSON and `write_report`; `figure` the confusion-matrix PNG.
 
 >>> report = evaluate("runs/demo/artifact.onnx", batch_size=64)      # doctest: +SKIP
@@ -17,7 +17,7 @@ One module per job:
 """
 
 from .compare import EXPORT_MODES, ExportMode, compare
-from .evaluation import SPLITS, evaluate
+from .measure import SPLITS, evaluate
 from .figure import save_confusion_png
 from .report import (Accuracy, Agreement, ClassResult, CompareReport, Compute, EvalReport, Latency, ModelSummary,
                      ModeRow, Size, Timing, check_report_path, write_report)

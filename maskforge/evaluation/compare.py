@@ -20,7 +20,7 @@ from pathlib import Path
 from ..errors import MaskforgeError
 from ..export import export_onnx
 from ..materialize import materialize
-from .evaluation import Reference, Settings, load_matching_data, measure, split_of
+from .measure import Reference, Settings, load_matching_data, measure, split_of
 from .report import CompareReport, ModeRow
 from .runners import TorchRunner
 from .scoring import Progress
