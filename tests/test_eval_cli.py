@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from onnx import helper, numpy_helper
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -157,3 +158,20 @@ def test_a_model_that_fails_inside_onnxruntime_is_one_line(run, tmp_path, capfd)
         _one_error_line(CliRunner().invoke(app, [*command, *options]), pattern)
         native = capfd.readouterr()
         assert native.err == "" and native.out == "", native
+    # an edited maskforge export (metadata intact, a Slice cutting the image before the MatMul, open sides so
+    # that onnxruntime cannot see it at load): the file's fault, not maskforge's, so exit 2 as well
+    proto = onnx.load(str(run / "model.dense.onnx"))
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "height", "width"
+    del proto.graph.value_info[:]
+    flatten = next(node for node in proto.graph.node if node.op_type == "Flatten")
+    cut = helper.make_node("Slice", [flatten.input[0], "cut/start", "cut/end", "cut/axis"], ["cut"])
+    flatten.input[0] = "cut"
+    proto.graph.node.insert(0, cut)
+    proto.graph.initializer.extend(numpy_helper.from_array(np.array([v], dtype=np.int64), f"cut/{name}")
+                                   for name, v in (("start", 0), ("end", 27), ("axis", 2)))
+    onnx.save(proto, str(tmp_path / "edited.onnx"))
+    _one_error_line(CliRunner().invoke(app, ["eval", str(tmp_path / "edited.onnx"), "--no-latency"]),
+                    r"onnxruntime cannot run .*edited.onnx .*\(its graph does not fit its own maskforge metadata: a "
+                    r"damaged or edited file\?\)")
+    assert capfd.readouterr().err == ""

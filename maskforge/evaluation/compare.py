@@ -69,6 +69,7 @@ def compare(artifact: str | os.PathLike, *, modes: tuple[ExportMode, ...] = EXPO
                 refused[mode.name] = str(exc)
                 continue
             subjects[mode.name] = open_onnx(exported.path)
+            subjects[mode.name].exported_here = True
         if not subjects:
             raise MaskforgeError(f"{artifact} could not be exported in any mode: "
                                  + "; ".join(f"{name}: {why}" for name, why in refused.items()))

@@ -94,6 +94,7 @@ def evaluate(model: str | os.PathLike, *, data: str | None = None, split: str = 
             torch_model = materialize(subject.artifact, threads=settings.threads)
             exported = export_onnx(subject.artifact, Path(workdir) / "model.onnx", model=torch_model)
             evaluated = open_onnx(exported.path, preprocessing_overrides(mean, std, size))
+            evaluated.exported_here = True
             ref = Reference(TorchRunner(torch_model), "PyTorch, the materialized artifact", timed=True)
         if reference is not None:
             ref = open_reference(reference, subject, settings.threads)

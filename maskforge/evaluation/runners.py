@@ -1,8 +1,8 @@
 """Callables that turn a normalized float32 batch `[B, C, H, W]` into logits `[B, classes]`.
 
-`OnnxRunner` wraps an onnxruntime session. When the model or its preprocessing came from the user (an
-ONNX file without maskforge metadata, or a `size`/`mean`/`std` override), a failure inside onnxruntime is
-the input's fault and becomes one `MaskforgeError`; for maskforge's own exports it stays a bug.
+`OnnxRunner` wraps an onnxruntime session. When the ONNX file came from the user (foreign, edited or
+damaged, or run with a `size`/`mean`/`std` override), a failure inside onnxruntime is the input's fault and
+becomes one `MaskforgeError`; for a file this process exported from an artifact it stays a bug.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class OnnxRunner:
         self.subject = subject
         self.session = ort_session(subject.onnx_path, threads=threads)
         self.input_name = self.session.get_inputs()[0].name
-        self.user_input = subject.foreign or subject.preprocessing != "metadata"
+        self.user_input = not subject.exported_here
         self._errors = onnxruntime_errors()
         import onnxruntime as ort
 
@@ -49,9 +49,11 @@ class OnnxRunner:
             if not self.user_input:
                 raise
             message = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", " ".join(str(exc).split()))
+            hint = ("the model does not fit the preprocessing given: check size, mean and std"
+                    if self.subject.preprocessing != "metadata" else
+                    "its graph does not fit its own maskforge metadata: a damaged or edited file?")
             raise MaskforgeError(f"onnxruntime cannot run {self.subject.path} on a float32 batch of shape "
-                                 f"{list(x.shape)}: {message[:300]} (the model does not fit the preprocessing "
-                                 f"given: check size, mean and std)") from None
+                                 f"{list(x.shape)}: {message[:300]} ({hint})") from None
 
 
 class TorchRunner:

@@ -46,11 +46,7 @@ class Subject:
     precision: str | None = None
     notes: list[str] = field(default_factory=list)
     classes_known: bool = True          # False: a foreign graph whose output does not fix the class count
-
-    @property
-    def foreign(self) -> bool:
-        """True for an ONNX file maskforge did not write: its failures are the input's, not maskforge's."""
-        return self.kind == "onnx" and not self.info.has_maskforge_metadata
+    exported_here: bool = False         # written by this process from an artifact (its failures are maskforge's)
 
     def provenance(self) -> dict:
         if self.artifact is not None:
