@@ -114,9 +114,13 @@ def split_of(splits: DataSplits, split: str, source: str):
 
 def open_reference(path: str | os.PathLike, subject: Subject, threads: int) -> Reference:
     """The artifact (materialized, PyTorch) or float32 ONNX file to compare `subject` with."""
-    overrides = {} if subject.names_known else {"mean": subject.spec.mean, "std": subject.spec.std,
-                                                 "size": subject.spec.height}
-    other = open_model(path, **overrides)
+    try:
+        other = open_model(path)
+    except MaskforgeError:
+        if subject.names_known:
+            raise
+        # a reference without metadata, beside a model without metadata: both take the preprocessing given
+        other = open_model(path, mean=subject.spec.mean, std=subject.spec.std, size=subject.spec.height)
     got, want = other.spec, subject.spec
     if (got.channels, got.height, got.width, got.num_classes) != (want.channels, want.height, want.width,
                                                                  want.num_classes):
