@@ -68,7 +68,8 @@ def eval_command(
             for name, value in (("--mean", mean), ("--std", std), ("--size", size), ("--reference", reference),
                                 ("--confusion-png", confusion_png)):
                 if value is not None:
-                    raise MaskforgeError(f"{name} does not apply with --compare (it evaluates the artifact's own exports)")
+                    raise MaskforgeError(f"{name} does not apply with --compare (it evaluates the artifact's own "
+                                         f"exports)")
             report = compare(model, progress=progress, **options)
         else:
             report = evaluate(model, mean=mean, std=std, size=size, reference=reference, progress=progress,
