@@ -4,7 +4,7 @@
 For each workload: materialize an artifact (given with --artifact, or a seeded one built here), export it
 compact (checked against PyTorch by `export_onnx`), open it in onnxruntime with default session options
 (plus the thread count), and time both runtimes on the same input batches at batch 1 and batch B. Timing
-uses `maskforge.evaluate.time_calls`, what `maskforge eval` uses: warm-up calls, then alternating blocks
+uses `maskforge.evaluation.time_calls`, what `maskforge eval` uses: warm-up calls, then alternating blocks
 of calls per runtime with a short pause before each block, so that neither runtime's spinning worker
 threads steal the cores from the other and a varying background load hits both alike. The figures are
 medians (p50) per call; images/s = batch / p50; the ratio is onnxruntime's images/s over PyTorch's.
@@ -32,7 +32,7 @@ import torch
 from maskforge import archs
 from maskforge.artifact import build_artifact, load_artifact, save_artifact
 from maskforge.data import InputSpec
-from maskforge.evaluate import time_calls
+from maskforge.evaluation import time_calls
 from maskforge.export import export_onnx, ort_session
 from maskforge.materialize import materialize
 

@@ -1,7 +1,8 @@
-"""`maskforge eval`: accuracy, latency, size and compute of a deployed model in onnxruntime."""
+"""`maskforge eval`: accuracy, agreement, latency, memory, size and compute of a deployed model in onnxruntime."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -9,12 +10,12 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
-from maskforge.evaluate import evaluate, write_report
-from maskforge.export import check_output_path
+from maskforge.errors import MaskforgeError
+from maskforge.evaluation import check_report_path, compare, evaluate, save_confusion_png, write_report
 
 from .app import app
+from .eval_tables import class_table, compare_table, report_table
 
 
 @app.command("eval")
@@ -30,84 +31,81 @@ def eval_command(
     mean: Annotated[Optional[str], typer.Option(help="Per-channel mean, comma-separated (ONNX files without "
                                                      "maskforge metadata).")] = None,
     std: Annotated[Optional[str], typer.Option(help="Per-channel std, comma-separated.")] = None,
-    size: Annotated[Optional[int], typer.Option(help="Input image side in pixels.")] = None,
+    size: Annotated[Optional[int], typer.Option(help="Input image side in pixels (default: the model's).")] = None,
+    reference: Annotated[Optional[Path], typer.Option(
+        help="The artifact or float32 ONNX file to compare predictions with: adds argmax agreement and the "
+             "top-1 difference (implied when MODEL is an artifact).")] = None,
+    compare_modes: Annotated[bool, typer.Option(
+        "--compare", help="MODEL is an artifact: export it in every mode and print one side-by-side table.")]
+    = False,
+    latency: Annotated[bool, typer.Option("--latency/--no-latency",
+                                          help="Measure latency, session start and peak memory.")] = True,
     latency_runs: Annotated[int, typer.Option(help="Timed runs per batch size (after warm-up).")] = 30,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON here "
-                                                                     "('-' for stdout only).")] = None,
+    json_out: Annotated[Optional[Path], typer.Option(
+        "--json", help="Also write the report as JSON here (missing folders are created; '-': stdout only).")]
+    = None,
+    confusion_png: Annotated[Optional[Path], typer.Option(
+        "--confusion-png", help="Also draw the confusion matrix into this PNG file.")] = None,
 ) -> None:
-    """Evaluate a model in onnxruntime: top-1/top-5 on the held-out split, latency, sizes, parameters and MACs.
+    """Evaluate a model in onnxruntime: top-1/top-5 and per-class accuracy on the held-out split, agreement
+    with float32, latency, throughput, session start, peak memory, sizes, parameters and MACs.
 
-    Example: maskforge eval runs/conv4/artifact.onnx --batch-size 64 --json report.json
+    Examples:
+
+      maskforge eval runs/conv4/artifact.onnx --json report.json --confusion-png confusion.png
+
+      maskforge eval runs/conv4/artifact.safetensors --compare      # every export mode, one table
+
+      maskforge eval other.onnx --mean 0.1307 --std 0.3081 --reference other.fp32.onnx
     """
-    if json_out is not None and str(json_out) != "-":
-        check_output_path(json_out)  # fail before the (long) evaluation, not after
-    console = Console(stderr=True)
-    with console.status("evaluating...", spinner="dots") if sys.stderr.isatty() else _nothing():
-        report = evaluate(model, data=data, split=split, batch_size=batch_size, threads=threads, mean=mean,
-                          std=std, size=size, latency_runs=latency_runs)
+    for path in (json_out, confusion_png):
+        if path is not None and str(path) != "-":
+            check_report_path(path)  # fail before the (long) evaluation, not after
+    options = dict(data=data, split=split, batch_size=batch_size, threads=threads, latency=latency,
+                   latency_runs=latency_runs)
+    with _progress() as progress:
+        if compare_modes:
+            for name, value in (("--mean", mean), ("--std", std), ("--size", size), ("--reference", reference),
+                                ("--confusion-png", confusion_png)):
+                if value is not None:
+                    raise MaskforgeError(f"{name} does not apply with --compare (it evaluates the artifact's own "
+                                         f"exports)")
+            report = compare(model, progress=progress, **options)
+        else:
+            report = evaluate(model, mean=mean, std=std, size=size, reference=reference, progress=progress,
+                              **options)
+    if confusion_png is not None:
+        save_confusion_png(report.accuracy, report.model.class_names, confusion_png)
     if json_out is not None:
         if str(json_out) == "-":
-            typer.echo(json.dumps(report, indent=2))
+            typer.echo(json.dumps(report.to_dict(), indent=2))
             return
         write_report(report, json_out)
     console = Console()
-    console.print(report_table(report))
-    console.print(f"[dim]{report['sparsity_note']}[/]")
+    if compare_modes:
+        console.print(compare_table(report))
+        notes = [note for row in report.rows for note in row.report.model.notes]
+        note = report.rows[0].report.compute.note
+    else:
+        console.print(report_table(report))
+        console.print(class_table(report))
+        notes, note = report.model.notes, report.compute.note
+    for line in [*dict.fromkeys(notes), note]:
+        console.print(f"[dim]{line}[/]")
 
 
-class _nothing:
-    def __enter__(self):
-        return self
+@contextlib.contextmanager
+def _progress():
+    """A spinner that names the current stage (terminals only); yields the `progress` callback."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    console = Console(stderr=True)
+    with console.status("evaluating...", spinner="dots") as status:
+        def progress(stage: str, done: int, total: int) -> None:
+            text = {"exporting": f"exporting mode {done + 1} of {total}",
+                    "scoring": f"scoring {done:,}/{total:,} images", "timing": "timing latency",
+                    "memory": "measuring session start and peak memory"}
+            status.update(text.get(stage, stage) + "...")
 
-    def __exit__(self, *exc):
-        return False
-
-
-def report_table(report: dict) -> Table:
-    """The report as one rich table (sections: accuracy, latency, size, compute)."""
-    table = Table(title=f"maskforge eval: {report['model']}", show_header=True)
-    table.add_column("what")
-    table.add_column("value", justify="right")
-    table.add_column("notes")
-    examples = report["examples"]
-    table.add_row("[bold]accuracy[/]", "", f"{report['data']} / {report['split']}, {examples:,} examples")
-    table.add_row("top-1 (onnxruntime)", f"{report['top1']:.2%}", f"{report['correct']:,} correct")
-    table.add_row(f"top-{report['top5_k']} (onnxruntime)", f"{report['top5']:.2%}", f"{report['correct_top5']:,} correct")
-    if "torch_top1" in report:
-        table.add_row("top-1 (PyTorch, materialized)", f"{report['torch_top1']:.2%}",
-                      f"{report['torch_correct']:,} correct; argmax agreement {report['argmax_agreement']:.2%}")
-    if report.get("search_heldout_acc") is not None:
-        table.add_row("held-out accuracy at search", f"{report['search_heldout_acc']:.2%}", "from the provenance")
-    if "latency_ms" in report:
-        table.add_row("[bold]latency[/]", "", f"{report['threads']} thread(s); after warm-up")
-        for batch, stats in report["latency_ms"].items():
-            table.add_row(f"onnxruntime batch {batch}", f"{stats['p50']:.3f} ms",
-                          f"p90 {stats['p90']:.3f} / p99 {stats['p99']:.3f} ms, "
-                          f"{report['images_per_s'][batch]:,.0f} images/s ({stats['runs']} runs)")
-        for batch, stats in report.get("torch_latency_ms", {}).items():
-            table.add_row(f"PyTorch eager batch {batch}", f"{stats['p50']:.3f} ms",
-                          f"p90 {stats['p90']:.3f} / p99 {stats['p99']:.3f} ms, "
-                          f"{report['torch_images_per_s'][batch]:,.0f} images/s; onnxruntime/PyTorch "
-                          f"{report['ort_vs_torch'][batch]:.2f}x")
-    table.add_row("[bold]size[/]", "", "")
-    rows = [("artifact", report.get("artifact_bytes"), report.get("artifact_bits_per_weight")),
-            ("ONNX compact", report.get("onnx_compact_bytes"), None),
-            ("ONNX dense", report.get("onnx_dense_bytes"), None),
-            ("dense float32 equivalent", report.get("dense_float32_bytes"), None)]
-    total = report.get("params_total")
-    for name, value, bits in rows:
-        if value:
-            bits = bits if bits is not None else (8 * value / total if total else None)
-            table.add_row(name, f"{value:,} B", f"{bits:.3f} bits per weight" if bits is not None else "")
-    ratios = {key: value for key, value in (report.get("ratios") or {}).items() if value}
-    if ratios:
-        table.add_row("ratios", "", ", ".join(f"{key.replace('_', ' ')} {value:.1f}x" for key, value in ratios.items()))
-    table.add_row("[bold]compute[/]", "", "")
-    if total is not None:
-        table.add_row("parameters", f"{total:,}", f"{report['params_kept']:,} kept ({report['density']:.1%})"
-                      if report.get("params_kept") is not None else "")
-    if report.get("macs_dense") is not None:
-        effective = report.get("macs_effective")
-        table.add_row("MACs per image", f"{report['macs_dense']:,}",
-                      f"effective (x density): {effective:,}" if effective is not None else "")
-    return table
+        yield progress

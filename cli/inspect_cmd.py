@@ -13,6 +13,7 @@ from rich.table import Table
 from maskforge.artifact import inspect_artifact
 
 from .app import app
+from .file_hints import require_artifact
 
 
 @app.command("inspect")
@@ -24,6 +25,7 @@ def inspect_command(
 
     Example: maskforge inspect runs/conv4/artifact.safetensors --json
     """
+    require_artifact(file)
     summary = inspect_artifact(file)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))

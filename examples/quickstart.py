@@ -48,17 +48,20 @@ def main() -> None:
 
     # 5. eval: the artifact itself, so PyTorch eager runs beside onnxruntime on the same batches
     report = maskforge.evaluate(result.artifact_path, batch_size=64)
-    print(f"eval: top-1 {report['top1']:.2%} ({report['correct']} / {report['examples']}), "
-          f"top-5 {report['top5']:.2%}; PyTorch top-1 {report['torch_top1']:.2%}; "
+    acc, agree, timing = report.accuracy, report.agreement, report.timing
+    print(f"eval: top-1 {acc.top1:.2%} ({acc.correct} / {acc.examples}), top-{acc.k} {acc.topk:.2%}; "
+          f"PyTorch top-1 {agree.reference_top1:.2%}, argmax agreement {agree.argmax_agreement:.2%}; "
           f"search's last held-out accuracy {result.heldout_acc:.2%}")
-    batch = str(report["batch_size"])
-    print(f"eval: onnxruntime batch {batch}: p50 {report['latency_ms'][batch]['p50']:.2f} ms, "
-          f"{report['images_per_s'][batch]:,.0f} images/s = {report['ort_vs_torch'][batch]:.2f}x PyTorch eager")
-    print(f"eval: sizes: artifact {report['artifact_bytes']:,} B, ONNX compact {report['onnx_compact_bytes']:,} B, "
-          f"ONNX dense {report['onnx_dense_bytes']:,} B, float32 weights {report['dense_float32_bytes']:,} B")
-    print(f"eval: {report['params_kept']:,} of {report['params_total']:,} weights kept; "
-          f"{report['macs_dense']:,} MACs per image ({report['macs_effective']:,} effective)")
-    print(report["sparsity_note"])
+    ort_b, torch_b = timing.at(report.batch_size), timing.at(report.batch_size, "pytorch")
+    print(f"eval: onnxruntime batch {report.batch_size}: p50 {ort_b.p50_ms:.2f} ms, {ort_b.images_per_s:,.0f} "
+          f"images/s = {ort_b.images_per_s / torch_b.images_per_s:.2f}x PyTorch eager; session start "
+          f"{timing.session_start_ms:.1f} ms, peak memory {timing.peak_rss_bytes / 2**20:.0f} MiB")
+    size, compute = report.size, report.compute
+    print(f"eval: sizes: artifact {size.artifact_bytes:,} B, ONNX {size.onnx_bytes:,} B "
+          f"({size.onnx_bits_per_weight:.2f} bits per weight), float32 weights {size.dense_float32_bytes:,} B")
+    print(f"eval: {compute.params_kept:,} of {compute.params_total:,} weights kept; "
+          f"{compute.macs_dense:,} MACs per image ({compute.macs_effective:,} effective)")
+    print(compute.note)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """maskforge: find a subnetwork in a seeded random network (edge-popup) and ship it as seed + mask.
 
 The public API mirrors the CLI, one function per command: `search`/`resume` (maskforge search),
-`inspect_artifact`, `export_onnx`/`export_torch`, `evaluate`, `verify_artifact`/`verify_onnx`.
+`inspect_artifact`, `export_onnx`/`export_torch`, `evaluate`, `predict`, `verify_artifact`/`verify_onnx`.
 
 >>> import maskforge
 >>> result = maskforge.search(maskforge.SearchConfig(arch="conv4", k=0.5, epochs=1))   # doctest: +SKIP
@@ -16,7 +16,8 @@ from .artifact import Artifact, inspect_artifact, load_artifact, save_artifact  
 from .search import SearchConfig, SearchResult, resume, search  # noqa: E402
 from .materialize import materialize  # noqa: E402
 from .export import export_onnx, export_torch, load_torch_export  # noqa: E402
-from .evaluate import evaluate  # noqa: E402
+from .evaluation import evaluate  # noqa: E402
+from .predict import predict  # noqa: E402
 from .verify import verify_artifact, verify_onnx  # noqa: E402
 
 __all__ = [
@@ -25,5 +26,5 @@ __all__ = [
     "Artifact", "load_artifact", "save_artifact", "inspect_artifact",
     "SearchConfig", "SearchResult", "search", "resume",
     "materialize", "export_onnx", "export_torch", "load_torch_export",
-    "evaluate", "verify_artifact", "verify_onnx",
+    "evaluate", "predict", "verify_artifact", "verify_onnx",
 ]

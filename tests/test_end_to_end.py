@@ -40,10 +40,11 @@ def test_search_export_eval_on_the_demo_data(tmp_path, arch, epochs, target):
         reports[layout] = json.loads(report_path.read_text())
     # onnxruntime classifies exactly as the search's held-out evaluation did, for both layouts
     for report in reports.values():
-        assert report["examples"] == 1000
-        assert report["correct"] == round(heldout * 1000)
+        assert report["accuracy"]["examples"] == 1000
+        assert report["accuracy"]["correct"] == round(heldout * 1000)
     # the artifact itself, evaluated with PyTorch beside onnxruntime: the same examples are correct
     result = runner.invoke(app, ["eval", str(out / "artifact.safetensors"), "--json", str(out / "art.json")])
     assert result.exit_code == 0, result.output
     artifact_report = json.loads((out / "art.json").read_text())
-    assert artifact_report["torch_correct"] == artifact_report["correct"] == round(heldout * 1000)
+    assert (artifact_report["agreement"]["reference_correct"] == artifact_report["accuracy"]["correct"]
+            == round(heldout * 1000))

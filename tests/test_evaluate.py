@@ -1,27 +1,30 @@
-"""Tests for evaluate: accuracy against an independent PyTorch computation on the demo data, the report's
-fields (latency, sizes, parameters, MACs), ONNX files with and without metadata, and bad inputs through
-the command line (one `error:` line, exit 2, nothing left behind)."""
+"""Tests for `maskforge.evaluate` (the library): accuracy, top-k, per-class accuracy and the confusion matrix
+against independent computations (the search-time masked model in PyTorch, a separate onnxruntime session,
+numpy's argsort, a Python count), agreement with a reference, exact latency run counts, the memory probe
+against a known initializer size, export-mode metadata, ONNX files without metadata, and the mode
+comparison."""
 
 from __future__ import annotations
 
+import collections
 import json
-import re
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
+from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
-from typer.testing import CliRunner
 
-from maskforge.artifact import load_artifact
-from maskforge.cli import app
-from maskforge.data import load_data
+from eval_helpers import searched_fc
+from maskforge.archs import arch_args, create_model
+from maskforge.artifact import build_artifact, load_artifact, save_artifact
+from maskforge.data import InputSpec, load_data
 from maskforge.errors import MaskforgeError
-from maskforge.evaluate import evaluate
-from maskforge.export import export_onnx
-from maskforge.search import SearchConfig, search
+from maskforge.evaluation import EXPORT_MODES, ExportMode, compare, evaluate, write_report
+from maskforge.evaluation.timing import block_sizes, probe_footprint
 
 FC_MACS_28 = 784 * 300 + 300 * 100 + 100 * 10  # LeNet 300-100 on 1x28x28: one MAC per weight
 
@@ -30,138 +33,213 @@ FC_MACS_28 = 784 * 300 + 300 * 100 + 100 * 10  # LeNet 300-100 on 1x28x28: one M
 def run(tmp_path_factory) -> Path:
     """A short real search of the MLP on the demo data (a few seconds): artifact + its ONNX exports."""
     out = tmp_path_factory.mktemp("eval")
-    result = search(SearchConfig(arch="fc", k=0.5, epochs=1, max_steps=15, batch_size=128, out=str(out)),
-                    progress=False)
-    export_onnx(result.artifact_path, out / "model.onnx", compact=True)
-    export_onnx(result.artifact_path, out / "model.dense.onnx", compact=False)
+    searched_fc(out, steps=15)
     return out
 
 
-def _independent_accuracy(artifact_path: Path) -> tuple[int, int, int]:
-    """Oracle: the masked search-time model (not the materialized one, not onnxruntime) on the held-out
-    split, normalized here with numpy from the artifact's spec. Returns (examples, top-1 hits, top-5 hits)."""
-    artifact = load_artifact(artifact_path)
-    model = artifact.create_model()
+def _heldout(spec: InputSpec) -> tuple[np.ndarray, np.ndarray]:
+    """The demo held-out split, normalized here with numpy from the spec: (float32 [N, C, H, W], labels)."""
     heldout = load_data("mnist5k").heldout
     images = heldout.images.numpy().astype(np.float32) / np.float32(255)
-    mean = np.asarray(artifact.spec.mean, dtype=np.float32).reshape(1, -1, 1, 1)
-    std = np.asarray(artifact.spec.std, dtype=np.float32).reshape(1, -1, 1, 1)
-    x = torch.from_numpy((images - mean) / std)
+    mean = np.asarray(spec.mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(spec.std, dtype=np.float32).reshape(1, -1, 1, 1)
+    return (images - mean) / std, heldout.labels.numpy()
+
+
+def _search_time_logits(artifact_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Oracle: the masked search-time model (not the materialized one, not onnxruntime) on the held-out split."""
+    artifact = load_artifact(artifact_path)
+    x, labels = _heldout(artifact.spec)
     with torch.no_grad():
-        logits = model(x)
-    labels = heldout.labels
-    top5 = logits.topk(5, dim=1).indices
-    return len(labels), int((top5[:, 0] == labels).sum()), int((top5 == labels[:, None]).any(1).sum())
+        return artifact.create_model()(torch.from_numpy(x)).numpy(), labels
+
+
+def _ort_logits(onnx_path: Path, x: np.ndarray) -> np.ndarray:
+    """Oracle: a separate onnxruntime session with default options."""
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
 def test_artifact_accuracy_matches_an_independent_pytorch_computation(run):
     report = evaluate(run / "artifact.safetensors", batch_size=100, latency=False)
-    examples, top1, top5 = _independent_accuracy(run / "artifact.safetensors")
-    assert report["examples"] == examples == 1000
-    assert report["correct"] == top1 and report["correct_top5"] == top5
-    assert report["top1"] == pytest.approx(top1 / examples) and report["top5"] == pytest.approx(top5 / examples)
-    # the materialized model in PyTorch and onnxruntime agree example for example
-    assert report["torch_correct"] == report["correct"] and report["argmax_agreement"] == 1.0
+    logits, labels = _search_time_logits(run / "artifact.safetensors")
+    top5 = np.argsort(-logits, axis=1)[:, :5]
+    acc = report.accuracy
+    assert acc.examples == len(labels) == 1000
+    assert acc.correct == int((top5[:, 0] == labels).sum()) and acc.k == 5
+    assert acc.correct_topk == int((top5 == labels[:, None]).any(axis=1).sum())
+    assert acc.top1 == pytest.approx(acc.correct / 1000) and acc.topk == pytest.approx(acc.correct_topk / 1000)
+    # the materialized model (the float32 reference) and onnxruntime agree example for example
+    assert report.agreement.reference_correct == acc.correct and report.agreement.argmax_agreement == 1.0
+    assert report.agreement.top1_difference == 0.0 and report.agreement.max_abs_diff < 1e-4
     # ... and with the held-out accuracy the search recorded
-    assert report["search_heldout_acc"] == pytest.approx(report["top1"])
+    assert acc.search_heldout_acc == pytest.approx(acc.top1)
+    assert report.model.kind == "artifact" and report.model.storage == "compact"
 
 
-def test_onnx_files_give_the_same_accuracy_and_read_their_metadata(run):
+def test_confusion_matrix_and_per_class_accuracy_against_a_separate_onnxruntime_run(run):
+    report = evaluate(run / "model.dense.onnx", batch_size=7, latency=False)   # 7 does not divide 1000
+    spec = load_artifact(run / "artifact.safetensors").spec
+    x, labels = _heldout(spec)
+    predicted = _ort_logits(run / "model.dense.onnx", x).argmax(axis=1)
+    counts = collections.Counter(zip(labels.tolist(), predicted.tolist()))
+    expected = [[counts[(true, guess)] for guess in range(10)] for true in range(10)]
+    assert report.accuracy.confusion == expected
+    for index, result in enumerate(report.accuracy.per_class):
+        in_class = labels == index
+        assert result.name == str(index) and result.examples == int(in_class.sum()) == 100
+        assert result.correct == int((predicted[in_class] == index).sum())
+        assert result.accuracy == pytest.approx(result.correct / result.examples)
+        wrong = collections.Counter(predicted[in_class & (predicted != index)].tolist())
+        assert result.confused_with == (str(max(sorted(wrong), key=wrong.get)) if wrong else None)
+    assert sum(r.correct for r in report.accuracy.per_class) == report.accuracy.correct
+
+
+def test_onnx_files_read_their_metadata_sizes_and_compute(run):
     artifact = load_artifact(run / "artifact.safetensors")
-    compact = evaluate(run / "model.onnx", batch_size=128, latency=False)
-    dense = evaluate(run / "model.dense.onnx", batch_size=7, latency=False)  # a batch that does not divide
-    _, top1, _ = _independent_accuracy(run / "artifact.safetensors")
-    for report, layout in ((compact, "compact"), (dense, "dense")):
-        assert report["correct"] == top1 and report["model_kind"] == "onnx"
-        assert report["onnx_format"] == layout and report["arch"] == "fc" and report["k"] == 0.5
-        assert report["params_total"] == artifact.masked_weights == 266_200
-        assert report["params_kept"] == artifact.kept_weights
-        assert report["macs_dense"] == FC_MACS_28
-        assert report["macs_effective"] == round(FC_MACS_28 * artifact.kept_weights / artifact.masked_weights)
-        assert report["artifact_bytes"] == artifact.file_bytes
-    assert compact["onnx_compact_bytes"] == (run / "model.onnx").stat().st_size
-    assert dense["onnx_dense_bytes"] == (run / "model.dense.onnx").stat().st_size
+    logits, labels = _search_time_logits(run / "artifact.safetensors")
+    for name, storage in (("model.onnx", "compact"), ("model.dense.onnx", "dense")):
+        report = evaluate(run / name, batch_size=128, latency=False)
+        assert report.accuracy.correct == int((logits.argmax(1) == labels).sum())
+        assert (report.model.kind, report.model.storage, report.model.precision) == ("onnx", storage, "fp32")
+        assert report.model.arch == "fc" and report.model.k == 0.5 and report.agreement is None
+        size = report.size
+        assert size.onnx_bytes == (run / name).stat().st_size and size.artifact_bytes == artifact.file_bytes
+        assert size.masked_weights == artifact.masked_weights == 266_200
+        assert size.onnx_bits_per_weight == pytest.approx(8 * size.onnx_bytes / 266_200)
+        assert size.dense_float32_bytes == 4 * 266_200   # the MLP has no batch norm
+        assert report.compute.params_kept == artifact.kept_weights and report.compute.macs_dense == FC_MACS_28
+        assert report.compute.macs_effective == round(FC_MACS_28 * artifact.kept_weights / 266_200)
 
 
-def test_onnx_without_metadata_needs_preprocessing(run, tmp_path):
+def test_a_reference_file_gives_agreement_counted_independently(run, tmp_path):
+    # a different model: the dense export with the last layer's weights reversed along the class axis
+    proto = onnx.load(str(run / "model.dense.onnx"))
+    last = [t for t in proto.graph.initializer if len(t.dims) == 2 and 10 in t.dims][-1]
+    weight = numpy_helper.to_array(last)
+    last.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(np.flip(weight, axis=0 if weight.shape[0] == 10
+                                                                      else 1)), last.name))
+    other = tmp_path / "other.onnx"
+    onnx.save(proto, str(other))
+    report = evaluate(other, reference=run / "model.dense.onnx", latency=False)
+    x, labels = _heldout(load_artifact(run / "artifact.safetensors").spec)
+    mine, theirs = _ort_logits(other, x), _ort_logits(run / "model.dense.onnx", x)
+    agree = report.agreement
+    assert agree.argmax_agreement == pytest.approx(float((mine.argmax(1) == theirs.argmax(1)).mean()))
+    assert agree.argmax_agreement < 1.0
+    assert agree.reference_correct == int((theirs.argmax(1) == labels).sum())
+    assert agree.top1_difference == pytest.approx(float((mine.argmax(1) == labels).mean()
+                                                        - (theirs.argmax(1) == labels).mean()))
+    assert agree.max_abs_diff == pytest.approx(float(np.abs(mine - theirs).max()), rel=1e-6)
+    # the artifact as the reference of its own export: full agreement
+    same = evaluate(run / "model.onnx", reference=run / "artifact.safetensors", latency=False)
+    assert same.agreement.argmax_agreement == 1.0 and "artifact" in same.agreement.reference
+
+
+def test_latency_runs_are_exact_and_the_probe_reports_start_and_memory(run):
+    assert [block_sizes(n, 2) for n in (1, 2, 5, 6, 31)] == [[1], [1, 1], [3, 2], [3, 3], [16, 15]]
+    report = evaluate(run / "artifact.safetensors", batch_size=16, latency_runs=5, threads=1)
+    timing = report.timing
+    assert {(t.runtime, t.batch) for t in timing.latency} == {(r, b) for r in ("onnxruntime", "pytorch")
+                                                              for b in (1, 16)}
+    for stats in timing.latency:
+        assert stats.runs == 5 == timing.runs_requested
+        assert 0 < stats.p50_ms <= stats.p90_ms <= stats.p99_ms
+        assert stats.images_per_s == pytest.approx(stats.batch * 1000 / stats.p50_ms)
+    assert timing.session_start_ms > 0 and timing.peak_rss_bytes > timing.model_rss_bytes > 0
+
+
+def test_peak_memory_counts_what_onnxruntime_allocates(tmp_path):
+    """A model holding a 64 MiB initializer must cost at least that much more than one holding 1 KiB:
+    the probe sees native allocations that Python-level tracing would miss."""
+    def model(side: int) -> Path:
+        weight = numpy_helper.from_array(np.ones((side, side), dtype=np.float32), "w")
+        graph = helper.make_graph(
+            [helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("MatMul", ["f", "w"], ["y"])], "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 1, side])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", side])], [weight])
+        path = tmp_path / f"m{side}.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+        return path
+
+    small, why_small = probe_footprint(model(16), (1, 1, 16), [1], threads=1)
+    big, why_big = probe_footprint(model(4096), (1, 1, 4096), [1], threads=1)
+    assert why_small is None and why_big is None
+    assert big["model_rss_bytes"] - small["model_rss_bytes"] >= 64 * 2**20
+    assert big["peak_rss_bytes"] - big["baseline_rss_bytes"] == big["model_rss_bytes"]
+
+
+def test_three_classes_report_a_top3_not_a_top5(tmp_path):
+    spec = InputSpec(1, 8, 8, (0.5,), (0.25,), ("a", "b", "c"))
+    args = arch_args(1, 3, (8, 8))
+    model = create_model("fc", **args, k=0.5, seed=1)
+    artifact = build_artifact(model, arch="fc", arch_args=args, spec=spec, seed=1, init="signed_constant",
+                              scale_fan=False, k=0.5, provenance={"data": "mnist5k"})
+    path = save_artifact(artifact, tmp_path / "three.safetensors")
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for name in ("a", "b", "c"):
+            (tmp_path / "data" / split / name).mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), "L").save(
+                    tmp_path / "data" / split / name / f"{i}.png")
+    report = evaluate(path, data=str(tmp_path / "data"), latency=False)
+    assert report.accuracy.k == 3 and report.accuracy.topk == 1.0   # the 3 best of 3 classes always hit
+    data = report.to_dict()["accuracy"]
+    assert data["top3"] == 1.0 and data["correct_top3"] == 12 and "top5" not in data and "topk" not in data
+    assert [r.name for r in report.accuracy.per_class] == ["a", "b", "c"]
+
+
+def test_unknown_export_metadata_is_reported_not_fatal(run, tmp_path):
+    proto = onnx.load(str(run / "model.dense.onnx"))
+    for key, value in (("maskforge.storage", "hologram"), ("maskforge.precision", "int3")):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    odd = tmp_path / "odd.onnx"
+    onnx.save(proto, str(odd))
+    report = evaluate(odd, latency=False)
+    assert (report.model.storage, report.model.precision) == ("hologram", "int3")
+    assert any("'hologram' is unknown" in note for note in report.model.notes)
+    assert any("'int3' is unknown" in note for note in report.model.notes)
+
+
+def test_onnx_without_metadata_takes_its_size_from_the_graph(run):
     proto = onnx.load(str(run / "model.dense.onnx"))
     del proto.metadata_props[:]
-    bare = tmp_path / "bare.onnx"
+    bare = run / "bare.onnx"
     onnx.save(proto, str(bare))
-    with pytest.raises(MaskforgeError, match="no maskforge metadata.*--mean, --std, --size"):
+    with pytest.raises(MaskforgeError, match=r"no maskforge metadata.*give mean, std \("):
         evaluate(bare, latency=False)
     spec = load_artifact(run / "artifact.safetensors").spec
-    report = evaluate(bare, mean=",".join(map(str, spec.mean)), std=list(spec.std), size=28, latency=False)
-    _, top1, _ = _independent_accuracy(run / "artifact.safetensors")
-    assert report["correct"] == top1
+    report = evaluate(bare, mean=",".join(map(str, spec.mean)), std=list(spec.std), latency=False)
+    logits, labels = _search_time_logits(run / "artifact.safetensors")
+    assert report.accuracy.correct == int((logits.argmax(1) == labels).sum())
+    assert report.model.preprocessing == "given" and report.model.storage == "dense"
+    assert report.model.class_names == [str(d) for d in range(10)]   # the data's
     # parameters are counted from the dense initializers themselves
-    assert report["params_total"] == 266_200 and report["params_kept"] == 133_100
-    assert report["macs_dense"] == FC_MACS_28
+    assert report.compute.params_total == 266_200 and report.compute.params_kept == 133_100
+    with pytest.raises(MaskforgeError, match=r"takes 1x28x28 images .* preprocessing gives 1x32x32"):
+        evaluate(bare, mean=spec.mean, std=spec.std, size=32, latency=False)
 
 
-def test_cli_report_table_and_json(run, tmp_path):
-    out = tmp_path / "report.json"
-    result = CliRunner().invoke(app, ["eval", str(run / "artifact.safetensors"), "--batch-size", "32",
-                                      "--threads", "1", "--latency-runs", "4", "--json", str(out)])
-    assert result.exit_code == 0, result.stderr
-    report = json.loads(out.read_text())
-    for key in ("top1", "top5", "examples", "latency_ms", "images_per_s", "onnx_bytes", "params_total",
-                "params_kept", "macs_dense", "macs_effective", "torch_latency_ms", "ort_vs_torch",
-                "onnx_compact_bytes", "onnx_dense_bytes", "dense_float32_bytes", "artifact_bytes"):
-        assert report.get(key) is not None, key
-    assert set(report["latency_ms"]) == {"1", "32"} and set(report["images_per_s"]) == {"1", "32"}
-    for stats in list(report["latency_ms"].values()) + list(report["torch_latency_ms"].values()):
-        assert 0 < stats["p50"] <= stats["p90"] <= stats["p99"] and stats["runs"] >= 3
-    assert report["images_per_s"]["32"] == pytest.approx(32_000 / report["latency_ms"]["32"]["p50"])
-    assert report["ort_vs_torch"]["32"] == pytest.approx(report["images_per_s"]["32"]
-                                                         / report["torch_images_per_s"]["32"])
-    assert report["onnx_compact_bytes"] < report["onnx_dense_bytes"]
-    assert report["dense_float32_bytes"] == 4 * 266_200  # the MLP has no batch norm
-    text = " ".join(result.stdout.split())
-    assert "top-1 (onnxruntime)" in text and "does not speed up dense kernels" in text
-
-
-def _folder(root: Path, classes: list[str], mode: str, size: int = 28) -> Path:
-    for split in ("train", "val"):
-        for name in classes:
-            (root / split / name).mkdir(parents=True, exist_ok=True)
-            pixels = np.zeros((size, size, 3) if mode == "RGB" else (size, size), dtype=np.uint8)
-            Image.fromarray(pixels, mode).save(root / split / name / "0.png")
-    return root
-
-
-@pytest.mark.parametrize("case", ["truncated onnx", "not onnx", "no metadata", "rgb images", "other class names",
-                                  "json under a file"])
-def test_cli_bad_input_is_one_line_exit_2_and_leaves_nothing(run, tmp_path, case):
-    model, extra = run / "model.onnx", []
-    if case == "truncated onnx":
-        model = tmp_path / "cut.onnx"
-        data = (run / "model.onnx").read_bytes()
-        model.write_bytes(data[: len(data) * 2 // 3])
-    elif case == "not onnx":
-        model = tmp_path / "photo.onnx"
-        Image.fromarray(np.zeros((4, 4), dtype=np.uint8)).save(model, format="PNG")
-    elif case == "no metadata":
-        proto = onnx.load(str(run / "model.dense.onnx"))
-        del proto.metadata_props[:]
-        model = tmp_path / "bare.onnx"
-        onnx.save(proto, str(model))
-        extra = ["--mean", "0.1"]
-    elif case == "rgb images":
-        extra = ["--data", str(_folder(tmp_path / "rgb", [str(d) for d in range(10)], "RGB"))]
-    elif case == "other class names":
-        extra = ["--data", str(_folder(tmp_path / "letters", list("abcdefghij"), "L"))]
-    else:
-        (tmp_path / "plain").write_text("x")
-        extra = ["--json", str(tmp_path / "plain" / "r.json")]
-    before = sorted(p.name for p in tmp_path.rglob("*"))
-    result = CliRunner().invoke(app, ["eval", str(model), "--latency-runs", "1", *extra])
-    assert result.exit_code == 2, (result.stdout, result.stderr)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr
-    expected = {"truncated onnx": "not a readable ONNX model|not a valid ONNX model",
-                "not onnx": "not a readable ONNX model", "no metadata": "pass --std, --size",
-                "rgb images": "3-channel images, the model takes 1",
-                "other class names": "has classes a, b", "json under a file": "cannot write"}[case]
-    assert re.search(expected, lines[0]), lines[0]
-    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+def test_compare_evaluates_every_mode_on_the_same_examples(run, tmp_path):
+    modes = EXPORT_MODES + (ExportMode("bad-opset", {"compact": True, "opset": 99}),)
+    table = compare(run / "artifact.safetensors", modes=modes, batch_size=32, latency_runs=3, threads=1)
+    logits, labels = _search_time_logits(run / "artifact.safetensors")
+    assert [row.mode for row in table.rows] == [mode.name for mode in EXPORT_MODES]
+    assert set(table.refused) == {"bad-opset"} and "opset" in table.refused["bad-opset"]
+    assert table.reference_top1 == pytest.approx(float((logits.argmax(1) == labels).mean()))
+    for row in table.rows:
+        summary = row.summary()
+        assert summary["storage"] == row.mode and summary["precision"] == "fp32"
+        assert summary["top1"] == table.reference_top1 and summary["argmax_agreement"] == 1.0
+        assert summary["bits_per_weight"] == pytest.approx(8 * summary["onnx_bytes"] / 266_200)
+        for key in ("session_start_ms", "peak_rss_bytes", "throughput_b1", "throughput_b32", "p50_ms_b1"):
+            assert summary[key] > 0, key
+        assert row.report.timing.at(32).runs == 3
+    rows = {row.mode: row.summary() for row in table.rows}
+    assert rows["compact"]["onnx_bytes"] < rows["dense"]["onnx_bytes"] / 10
+    written = json.loads(write_report(table, tmp_path / "a" / "b" / "compare.json").read_text())
+    assert [r["mode"] for r in written["rows"]] == ["dense", "compact"] and "bad-opset" in written["refused"]
+    with pytest.raises(MaskforgeError, match="needs the artifact"):
+        compare(run / "model.onnx")
