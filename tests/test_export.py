@@ -278,9 +278,9 @@ def test_other_opsets_load_in_onnxruntime(folder, opset):
 
 
 def test_failed_parity_check_leaves_no_file(folder, tmp_path, monkeypatch):
-    import maskforge.export as export_module
+    import maskforge.export.onnx_export as export_module
 
-    real = export_module._trace_to_onnx
+    real = export_module.trace_to_onnx
 
     def broken(model, spec, opset):
         proto = real(model, spec, opset)
@@ -289,7 +289,7 @@ def test_failed_parity_check_leaves_no_file(folder, tmp_path, monkeypatch):
         weight.CopyFrom(numpy_helper.from_array(array, weight.name))
         return proto
 
-    monkeypatch.setattr(export_module, "_trace_to_onnx", broken)
+    monkeypatch.setattr(export_module, "trace_to_onnx", broken)
     with pytest.raises(MaskforgeError, match="onnxruntime and PyTorch disagree"):
         export_onnx(make_artifact(folder, "conv2", 1, 8), tmp_path / "bad.onnx")
     assert list(tmp_path.iterdir()) == []
