@@ -43,6 +43,8 @@ def load_check_images(artifact: Artifact, source: str | None, calibration: int,
                       heldout: int = DEFAULT_CHECK_IMAGES) -> CheckImages:
     """Load `calibration` training and up to `heldout` held-out images of `source` (or the artifact's data)."""
     calibration = check_calibration_count(calibration)
+    if isinstance(heldout, bool) or not isinstance(heldout, int) or heldout < 1:
+        raise MaskforgeError(f"check_images must be a positive number of images, got {heldout!r}")
     source = source or _provenance_source(artifact)
     splits = matching_splits(artifact.spec, source, "calibration data")
     if len(splits.train) == 0 or len(splits.heldout) == 0:

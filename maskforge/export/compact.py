@@ -37,7 +37,7 @@ class EncodeStats:
         self.encodings[encoding] = self.encodings.get(encoding, 0) + 1
 
     def expect(self, total: int | None, kept: int | None, storage: str) -> "EncodeStats":
-        if total is not None and (self.elements != total or self.kept != kept):
+        if total is not None and (self.elements != total or (kept is not None and self.kept != kept)):
             raise MaskforgeError(f"{storage} export found {self.elements:,} weights ({self.kept:,} nonzero) in the "
                                  f"traced graph, the artifact has {total:,} ({kept:,} kept); this is a maskforge "
                                  f"bug, use storage 'dense'")

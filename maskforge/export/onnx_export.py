@@ -21,7 +21,8 @@ import torch.nn as nn
 from ..artifact import Artifact
 from ..fileio import atomic_path
 from ..materialize import as_artifact, materialize
-from .calibration import DEFAULT_CALIBRATION, CheckImages, check_calibration_count, load_check_images
+from .calibration import (DEFAULT_CALIBRATION, DEFAULT_CHECK_IMAGES, CheckImages, check_calibration_count,
+                          load_check_images)
 from .compact import compact_weights
 from .int8 import QuantizeInfo, check_int8_weights, quantize
 from .metadata import set_metadata, with_digest
@@ -68,16 +69,17 @@ def export_onnx(artifact: Artifact | str | os.PathLike, out: str | os.PathLike |
                 storage: str | None = None, precision: str = "fp32", calibration: int = DEFAULT_CALIBRATION,
                 calibration_data: str | None = None, allow_lossy: bool = False, opset: int | None = None,
                 check: bool = True, threads: int | None = None, model: nn.Module | None = None,
-                compact: bool | None = None, max_top1_drop: float = INT8_MAX_TOP1_DROP,
-                min_agreement: float = INT8_MIN_AGREEMENT) -> ExportResult:
+                compact: bool | None = None, check_images: int = DEFAULT_CHECK_IMAGES,
+                max_top1_drop: float = INT8_MAX_TOP1_DROP, min_agreement: float = INT8_MIN_AGREEMENT
+                ) -> ExportResult:
     """Write the artifact's network as an ONNX file and check it in onnxruntime before keeping it.
 
     `storage` is "dense", "compact" or "regen" (default: regen where possible, else compact; `compact=
     True/False` is the old spelling), `precision` "fp32" or "int8". int8 calibrates on `calibration`
     training images of `calibration_data` (any `maskforge search` data source; default: the artifact's
-    own data) and is checked on its held-out split: at most `max_top1_drop` points below fp32 and the
-    fp32 class for at least `min_agreement` of the images. `model` may pass an already materialized
-    network. Every failure raises `MaskforgeError` and leaves nothing behind.
+    own data) and is checked on (up to `check_images` of) its held-out split: at most `max_top1_drop`
+    points below fp32 and the fp32 class for at least `min_agreement` of the images. `model` may pass
+    an already materialized network. Every failure raises `MaskforgeError` and leaves nothing behind.
 
     >>> result = export_onnx("runs/demo/artifact.safetensors", precision="int8")   # doctest: +SKIP
     >>> result.path.name, result.bits_per_weight < 1.2                             # doctest: +SKIP
@@ -91,7 +93,9 @@ def export_onnx(artifact: Artifact | str | os.PathLike, out: str | os.PathLike |
     out = Path(out) if out is not None else default_export_path(artifact.path, storage=mode.storage,
                                                                  precision=mode.precision)
     check_output_path(out)
-    images = load_check_images(artifact, calibration_data, calibration) if mode.precision == "int8" else None
+    images = None
+    if mode.precision == "int8":
+        images = load_check_images(artifact, calibration_data, calibration, check_images)
     if mode.lossy:
         warnings.warn(f"int8 of {artifact.init} weights is lossy: the file approximates the artifact's network "
                       f"(checked against fp32 top-1 on held-out data)", UserWarning, stacklevel=2)
@@ -127,7 +131,9 @@ def _build(artifact: Artifact, model: nn.Module, mode: ExportMode, images: Check
         proto = quantize(fp32, images.calibration, lossy=mode.lossy)
         quantized = check_int8_weights(proto, fp32, exact=not mode.lossy, calibration_images=len(images.calibration))
     if mode.storage == "compact":
-        compact_weights(proto, expect_total=artifact.masked_weights, expect_kept=artifact.kept_weights)
+        # lossy int8 rounds small weights to 0: its nonzero count is not the artifact's kept count
+        compact_weights(proto, expect_total=artifact.masked_weights,
+                        expect_kept=None if mode.lossy else artifact.kept_weights)
     elif mode.storage == "regen":
         regen_weights(proto, artifact, mode.opset)
     set_metadata(proto, artifact, mode.storage, mode.precision)
