@@ -144,19 +144,22 @@ def generator_function(kind: str, opset: int):
         body.append(helper.make_node(kind_, inputs, [output], **attrs))
         return output
 
-    def bits(words: str, width: int, dtype, count: str, tag: str) -> str:
-        """Bit i of the flat result is bit (i mod width), LSB first, of word (i div width): bool[count]."""
+    def split(words: str, width: int, step: int, dtype, tag: str) -> str:
+        """[w] words -> [w * width / step] pieces of `step` bits each, least significant first, still `dtype`."""
         column = op("Unsqueeze", [words, const(f"{tag}_axis", np.array([1], np.int64))], f"{tag}_column")
-        shifted = op("BitShift", [column, const(f"{tag}_shifts", np.arange(width, dtype=dtype))], f"{tag}_shifted",
-                     direction="RIGHT")
-        ones = op("BitwiseAnd", [shifted, const(f"{tag}_one", np.array(1, dtype))], f"{tag}_bits")
-        flat = op("Reshape", [ones, const(f"{tag}_flat", np.array([-1], np.int64))], f"{tag}_flatbits")
-        cut = op("Slice", [flat, const(f"{tag}_start", np.array([0], np.int64)), count], f"{tag}_cut")
-        as_bool = op("Cast", [cut], f"{tag}_bool", to=TensorProto.BOOL)
-        return op("Reshape", [as_bool, "shape"], f"{tag}_shaped")
+        shifts = const(f"{tag}_shifts", np.arange(0, width, step, dtype=dtype))
+        shifted = op("BitShift", [column, shifts], f"{tag}_shifted", direction="RIGHT")
+        low = op("BitwiseAnd", [shifted, const(f"{tag}_low", np.array((1 << step) - 1, dtype))], f"{tag}_low_bits")
+        return op("Reshape", [low, const(f"{tag}_flat", np.array([-1], np.int64))], f"{tag}_flat_bits")
+
+    def bits(packed: str, count: str, tag: str) -> str:
+        """Bit i of the result is bit (i mod 8), LSB first, of byte (i div 8) of `packed`: bool, `shape`."""
+        cut = op("Slice", [split(packed, 8, 1, np.uint8, tag), const(f"{tag}_start", np.array([0], np.int64)),
+                           count], f"{tag}_cut")
+        return op("Reshape", [op("Cast", [cut], f"{tag}_bool", to=TensorProto.BOOL), "shape"], f"{tag}_shaped")
 
     count = op("ReduceProd", ["shape"], "count", keepdims=1)                         # n, as int64 [1]
-    mask = bits("mask_packed", 8, np.uint8, count, "mask")
+    mask = bits("mask_packed", count, "mask")
     if kind == SIGNED:
         # block j = SplitMix64 output j + 1 from state `key`; weight i uses bit (i mod 64) of block (i div 64)
         one = const("one", np.array(1, np.int64))
@@ -172,7 +175,9 @@ def generator_function(kind: str, opset: int):
             z = op("BitwiseXor", [z, shifted], f"z{step}_xor")
             if mix is not None:
                 z = op("Mul", [z, const(f"mix{step}", np.array(mix, np.uint64))], f"z{step + 1}")
-        sign = bits(z, 64, np.uint64, count, "sign")
+        # the blocks' bytes, little-endian, as uint8: the per-weight intermediates then take 1 byte, not 8
+        block_bytes = op("Cast", [split(z, 64, 8, np.uint64, "bytes")], "block_bytes", to=TensorProto.UINT8)
+        sign = bits(block_bytes, count, "sign")
         value = op("Where", [sign, "magnitude", op("Neg", ["magnitude"], "negative")], "signed")
         inputs = ["key", "mask_packed", "shape", "magnitude", "zero"]
     else:
