@@ -41,10 +41,10 @@ import numpy as np
 MODES = [(storage, precision) for precision in ("fp32", "int8") for storage in ("dense", "compact", "regen")]
 BASELINE = ("dense", "fp32")
 WORKLOADS = {
-    # name: (arch, k, search epochs, data: "mnist5k" or "synthetic")
-    "conv4": ("conv4", 0.5, 3, "mnist5k"),
-    "resnet18": ("resnet18", 0.3, 5, "mnist5k"),
-    "resnet18-px": ("resnet18", 0.3, 4, "synthetic"),
+    # name: (arch, k, search epochs, search batch size, data: "mnist5k" or "synthetic")
+    "conv4": ("conv4", 0.5, 3, 128, "mnist5k"),
+    "resnet18": ("resnet18", 0.3, 5, 128, "mnist5k"),
+    "resnet18-px": ("resnet18", 0.3, 15, 64, "synthetic"),
 }
 SETTLE_S = 0.1   # pause before each timing block: the previous session's worker threads stop spinning
 
@@ -85,13 +85,13 @@ def searched_artifact(name: str, workdir: Path, size: int, given: dict[str, Path
     """The workload's artifact: given, found in workdir from an earlier run, or searched now."""
     if name in given:
         return given[name]
-    arch, k, epochs, data = WORKLOADS[name]
+    arch, k, epochs, batch_size, data = WORKLOADS[name]
     out = workdir / (f"search-{name}" + (f"-{size}" if data == "synthetic" else ""))
     path = out / "artifact.safetensors"
     if not path.exists():
         source = "mnist5k" if data == "mnist5k" else str(write_synthetic_folder(workdir / f"synthetic{size}", size))
         command = [sys.executable, "-m", "maskforge.cli", "search", "--arch", arch, "--k", str(k), "--epochs",
-                   str(epochs), "--data", source, "--out", str(out), "--quiet"]
+                   str(epochs), "--batch-size", str(batch_size), "--data", source, "--out", str(out), "--quiet"]
         if data == "synthetic":
             command += ["--image-size", str(size)]
         print(f"[deploy] searching {name}: {' '.join(command[2:])}", file=sys.stderr, flush=True)

@@ -259,7 +259,7 @@ def _check_int8_outputs(onnx_path: Path, artifact: Artifact, opset: int | None) 
         if not any(ref.shape == values.shape and _weights_match(values, ref, quantized, exact) for ref in reference):
             raise MaskforgeError(f"int8 weight {name} {list(values.shape)} does not dequantize to any weight of the "
                                  f"artifact's network" + (" exactly" if exact else ""))
-    diff, tolerance, _ = kernel_check(onnx_path, parity_inputs(artifact.spec).numpy())
+    diff, tolerance = kernel_check(onnx_path, parity_inputs(artifact.spec).numpy())
     return (f"{len(weights)} int8 weights dequantize to the artifact's folded weights"
             + (" exactly" if exact else " within one step") + f"; integer kernels vs float Q/DQ: max abs difference "
             f"{diff:.2g} <= {tolerance:.2g}")

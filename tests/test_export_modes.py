@@ -308,6 +308,15 @@ def rgb_folder(tmp_path_factory) -> Path:
     return write_image_folder(tmp_path_factory.mktemp("rgb"), train_per_class=4, val_per_class=2)
 
 
+@pytest.fixture(scope="module")
+def odd_shapes(tmp_path_factory) -> dict[str, Path]:
+    """Artifacts the demo data does not fit: 8x8 images ("small"), 3 classes ("three")."""
+    from test_export import make_artifact
+
+    folder = tmp_path_factory.mktemp("odd")
+    return {"small": make_artifact(folder, "fc", 1, 8), "three": make_artifact(folder, "fc", 1, 28, classes=3)}
+
+
 BAD = [
     ("regen below opset 18", "good", ["--storage", "regen", "--opset", "17"],
      "storage 'regen' needs opset 18 or later (BitwiseXor, BitwiseAnd), got opset 17; use opset 18 to 20, or storage "
@@ -319,7 +328,13 @@ BAD = [
     ("calibration 0", "good", ["--precision", "int8", "--calibration", "0"],
      "calibration must be a positive number of images, got 0"),
     ("calibration data of other channels", "good", ["--precision", "int8", "--data", "RGB"],
-     "has 3-channel images, the network takes 1"),
+     "has 3-channel images, the model takes 1"),
+    ("calibration data of another size", "small", ["--precision", "int8", "--data", "mnist5k"],
+     "calibration data mnist5k has 28x28 images, the model takes 8x8"),
+    ("calibration data of other classes", "three", ["--precision", "int8", "--data", "mnist5k"],
+     "calibration data mnist5k has 10 classes, the model predicts 3"),
+    ("calibration data not on this machine", "small", ["--precision", "int8"],
+     "the artifact was searched on test, which is not on this machine; give calibration_data"),
     ("unknown storage", "good", ["--storage", "sparse"], "storage must be one of dense, compact, regen; got 'sparse'"),
     ("unknown precision", "good", ["--precision", "int4"], "precision must be one of fp32, int8; got 'int4'"),
     ("alias contradicts storage", "good", ["--dense", "--storage", "regen"],
@@ -329,9 +344,9 @@ BAD = [
 
 
 @pytest.mark.parametrize("case,which,argv,message", BAD, ids=[case[0] for case in BAD])
-def test_bad_input_is_one_error_line_exit_2_and_no_file(conv2, kaiming, rgb_folder, tmp_path, case, which, argv,
-                                                        message):
-    artifact = conv2.path if which == "good" else kaiming
+def test_bad_input_is_one_error_line_exit_2_and_no_file(conv2, kaiming, rgb_folder, odd_shapes, tmp_path, case,
+                                                        which, argv, message):
+    artifact = {"good": conv2.path, "kaiming": kaiming, **odd_shapes}[which]
     argv = [str(rgb_folder) if arg == "RGB" else arg for arg in argv]
     out = tmp_path / "out" / "m.onnx"
     out.parent.mkdir()

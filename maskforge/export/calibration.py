@@ -57,26 +57,26 @@ def load_check_images(artifact: Artifact, source: str | None, calibration: int,
     return CheckImages(source, calibration_images, _images(splits.heldout, indices, spec), labels)
 
 
-def matching_splits(spec: InputSpec, source: str, what: str = "data") -> DataSplits:
-    """`load_data(source)`, refused with one clear message unless it fits a network of input `spec`."""
+def matching_splits(spec: InputSpec, source: str, what: str = "data", *, check_names: bool = True) -> DataSplits:
+    """`load_data(source)`, refused with one clear message unless it fits a model of input `spec`
+    (channels, size after resizing image folders, classes and, with `check_names`, class names)."""
     splits = load_data(source)
     if splits.kind == "imagefolder" and (splits.spec.height, splits.spec.width) != (spec.height, spec.width):
         if spec.height != spec.width:
-            raise MaskforgeError(f"the network takes {spec.height}x{spec.width} images; image folders are resized "
+            raise MaskforgeError(f"the model takes {spec.height}x{spec.width} images; image folders are resized "
                                  f"to squares only")
         splits = load_data(source, image_size=spec.height)
     got = splits.spec
     if got.channels != spec.channels:
-        raise MaskforgeError(f"{what} {source} has {got.channels}-channel images, the network takes {spec.channels}")
+        raise MaskforgeError(f"{what} {source} has {got.channels}-channel images, the model takes {spec.channels}")
     if (got.height, got.width) != (spec.height, spec.width):
-        raise MaskforgeError(f"{what} {source} has {got.height}x{got.width} images, the network takes "
+        raise MaskforgeError(f"{what} {source} has {got.height}x{got.width} images, the model takes "
                              f"{spec.height}x{spec.width}")
     if got.num_classes != spec.num_classes:
-        raise MaskforgeError(f"{what} {source} has {got.num_classes} classes, the network predicts "
-                             f"{spec.num_classes}")
-    if tuple(got.class_names) != tuple(spec.class_names):
-        raise MaskforgeError(f"{what} {source} has classes {_names(got.class_names)}, the network was searched "
-                             f"on {_names(spec.class_names)}")
+        raise MaskforgeError(f"{what} {source} has {got.num_classes} classes, the model predicts {spec.num_classes}")
+    if check_names and tuple(got.class_names) != tuple(spec.class_names):
+        raise MaskforgeError(f"{what} {source} has classes {_names(got.class_names)}, the model was searched on "
+                             f"{_names(spec.class_names)}")
     return splits
 
 
