@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds per batch size")
     parser.add_argument("--calls-b1", type=int, default=20, help="calls per block at batch 1")
     parser.add_argument("--calls-b64", type=int, default=3, help="calls per block at batch 64")
-    parser.add_argument("--starts", type=int, default=5, help="session creations per mode")
+    parser.add_argument("--starts", type=int, default=9, help="session creations per mode")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory probes")
     parser.add_argument("--json", action="store_true", help="one JSON line per workload and mode")
     args = parser.parse_args(argv)
