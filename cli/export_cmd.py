@@ -53,8 +53,8 @@ def export_command(
     top-1 on held-out images.
 
     Examples:
-      maskforge export runs/conv4/artifact.safetensors                      # regen fp32: runs/conv4/artifact.onnx
-      maskforge export runs/conv4/artifact.safetensors --precision int8     # runs/conv4/artifact.int8.onnx
+      maskforge export runs/conv4/artifact.safetensors                    # -> runs/conv4/artifact.onnx
+      maskforge export runs/conv4/artifact.safetensors --precision int8   # -> artifact.int8.onnx
       maskforge export runs/conv4/artifact.safetensors --storage dense --out conv4.onnx
     """
     if fmt == "onnx":
