@@ -29,12 +29,14 @@ PARITY_SEED = 20200601    # its torch.Generator seed (the batch need not be port
 INT8_KERNEL_STEPS = 8.0   # int8: optimized vs unoptimized run, in steps of the output's quantization scale
 INT8_MAX_TOP1_DROP = 1.0  # int8: held-out top-1 may be at most this many points below fp32
 INT8_MIN_AGREEMENT = 0.95  # int8: and predict the fp32 network's class for at least this share of images
-KERNEL_CHECK_IMAGES = 256  # int8: images run both optimized and unoptimized (the latter is slow)
+KERNEL_CHECK_IMAGES = 128  # int8: images run both optimized and unoptimized (the latter is slow)
 
 
-def ort_session(path: str | os.PathLike, threads: int | None = None, *, optimization: str = "default",
+def ort_session(path: str | os.PathLike | bytes, threads: int | None = None, *, optimization: str = "default",
                 optimized_path: str | os.PathLike | None = None):
     """An onnxruntime CPU session with default options, except the thread count when given.
+
+    `path` is a file, or the serialized model itself (bytes).
 
     `optimization`: "default" (onnxruntime's: everything), "basic" (constant folding and other
     semantics-preserving rewrites only: weight subgraphs become initializers, Q/DQ stay), "none" (QDQ
@@ -53,10 +55,12 @@ def ort_session(path: str | os.PathLike, threads: int | None = None, *, optimiza
         options.graph_optimization_level = levels[optimization]
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
+    model = path if isinstance(path, bytes) else str(path)
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-        raise MaskforgeError(f"onnxruntime cannot load {path}: {first_line(exc)}") from None
+        what = "the model" if isinstance(path, bytes) else path
+        raise MaskforgeError(f"onnxruntime cannot load {what}: {first_line(exc)}") from None
 
 
 def run_session(session, x: np.ndarray, batch: int = 256) -> np.ndarray:
@@ -102,7 +106,7 @@ def compare_logits(got: np.ndarray, expected: np.ndarray, rtol: float = PARITY_R
     return Parity(diff, tolerance)
 
 
-def float_parity(path: str | os.PathLike, model: nn.Module, spec: InputSpec) -> Parity:
+def float_parity(path: str | os.PathLike | bytes, model: nn.Module, spec: InputSpec) -> Parity:
     """Run an fp32 ONNX file (default session options) and the PyTorch model on the fixed batch."""
     x = parity_inputs(spec)
     with torch.no_grad():
