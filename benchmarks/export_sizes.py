@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Compact vs dense ONNX sizes: bits per masked weight for conv4 and a Wide ResNet-50 artifact.
+"""ONNX sizes of the three fp32 storages (regen, compact, dense): bits per masked weight for conv4 and a
+Wide ResNet-50 artifact. (All six modes, int8 included, with speed and accuracy: benchmarks/deploy.py.)
 
-For each workload this builds an artifact (or reads the one given with --artifact), exports it compact and
-dense (each checked in onnxruntime against PyTorch by `export_onnx` itself), runs both files in
-onnxruntime on the same batch to confirm they compute the same logits, and reports the file sizes:
+For each workload this builds an artifact (or reads the one given with --artifact), exports it regen,
+compact and dense (each checked in onnxruntime against PyTorch by `export_onnx` itself), runs the files
+in onnxruntime on the same batch to confirm they compute the same logits, and reports the file sizes:
 
 * `conv4`  — the paper's Conv-4 on the demo data's shape (1x28x28, 10 classes), k = 0.5, signed constant.
 * `wrn50`  — torchvision's Wide ResNet-50-2 at ImageNet shape (3x224x224, 1000 classes), k = 0.3: the
@@ -67,30 +68,33 @@ def measure(artifact_path: Path, folder: Path, label: str) -> dict:
     started = time.perf_counter()
     model = materialize(artifact)
     materialize_s = time.perf_counter() - started
-    compact = export_onnx(artifact, folder / f"{label}.onnx", compact=True, model=model)
-    dense = export_onnx(artifact, folder / f"{label}.dense.onnx", compact=False, model=model)
+    results = {storage: export_onnx(artifact, folder / f"{label}.{storage}.onnx", storage=storage, model=model)
+               for storage in ("regen", "compact", "dense")}
     spec = artifact.spec
     x = np.random.default_rng(1).standard_normal((2, spec.channels, spec.height, spec.width)).astype(np.float32)
-    outputs, session_s = [], {}
-    for result in (compact, dense):
+    outputs, session_s = {}, {}
+    for storage, result in results.items():
         t0 = time.perf_counter()
         session = ort.InferenceSession(str(result.path))  # default options
-        session_s[result.layout] = time.perf_counter() - t0
-        outputs.append(session.run(None, {"input": x})[0])
+        session_s[storage] = time.perf_counter() - t0
+        outputs[storage] = session.run(None, {"input": x})[0]
         del session
     masked = artifact.masked_weights
-    return {
+    row = {
         "workload": label, "arch": artifact.arch, "input": f"{spec.channels}x{spec.height}x{spec.width}",
         "classes": spec.num_classes, "k": artifact.k, "masked_weights": masked, "kept_weights": artifact.kept_weights,
         "artifact_bytes": artifact.file_bytes, "artifact_bits_per_weight": 8 * artifact.file_bytes / masked,
-        "onnx_compact_bytes": compact.file_bytes, "onnx_compact_bits_per_weight": compact.bits_per_weight,
-        "onnx_dense_bytes": dense.file_bytes, "onnx_dense_bits_per_weight": dense.bits_per_weight,
-        "dense_over_compact": dense.file_bytes / compact.file_bytes,
-        "compact_vs_dense_max_abs_diff": float(np.abs(outputs[0] - outputs[1]).max()),
-        "compact_vs_torch_max_abs_diff": compact.max_abs_diff, "dense_vs_torch_max_abs_diff": dense.max_abs_diff,
-        "materialize_s": materialize_s, "export_compact_s": compact.seconds, "export_dense_s": dense.seconds,
-        "ort_session_start_s": session_s,
+        "materialize_s": materialize_s, "ort_session_start_s": session_s,
+        "dense_over_compact": results["dense"].file_bytes / results["compact"].file_bytes,
+        "regen_over_artifact": results["regen"].file_bytes / artifact.file_bytes,
     }
+    for storage, result in results.items():
+        row[f"onnx_{storage}_bytes"] = result.file_bytes
+        row[f"onnx_{storage}_bits_per_weight"] = result.bits_per_weight
+        row[f"{storage}_vs_torch_max_abs_diff"] = result.max_abs_diff
+        row[f"export_{storage}_s"] = result.seconds
+        row[f"{storage}_vs_dense_max_abs_diff"] = float(np.abs(outputs[storage] - outputs["dense"]).max())
+    return row
 
 
 def main() -> None:
@@ -118,13 +122,12 @@ def main() -> None:
             for file in folder.glob(f"{label}*"):
                 file.unlink()
     if not args.json:
-        print(f"{'workload':10s} {'weights':>12s} {'artifact':>14s} {'ONNX compact':>22s} {'ONNX dense':>22s} "
-              f"{'dense/compact':>13s}")
+        print(f"{'workload':10s} {'weights':>12s} {'artifact':>14s} {'ONNX regen':>22s} {'ONNX compact':>22s} "
+              f"{'ONNX dense':>22s}")
         for r in rows:
-            print(f"{r['workload']:10s} {r['masked_weights']:>12,d} {r['artifact_bytes']:>14,d} "
-                  f"{r['onnx_compact_bytes']:>12,d} ({r['onnx_compact_bits_per_weight']:.3f} b/w) "
-                  f"{r['onnx_dense_bytes']:>12,d} ({r['onnx_dense_bits_per_weight']:.2f} b/w) "
-                  f"{r['dense_over_compact']:>12.1f}x")
+            cells = " ".join(f"{r[f'onnx_{s}_bytes']:>12,d} ({r[f'onnx_{s}_bits_per_weight']:.3f} b/w)"
+                             for s in ("regen", "compact", "dense"))
+            print(f"{r['workload']:10s} {r['masked_weights']:>12,d} {r['artifact_bytes']:>14,d} {cells}")
     sys.exit(0)
 
 

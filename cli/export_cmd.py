@@ -1,8 +1,9 @@
-"""`maskforge export`: an artifact -> ONNX (compact or dense) or a PyTorch safetensors state dict."""
+"""`maskforge export`: an artifact -> ONNX (storage x precision) or a PyTorch safetensors state dict."""
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,7 +11,7 @@ import typer
 from rich.console import Console
 
 from maskforge.errors import MaskforgeError
-from maskforge.export import DEFAULT_OPSET, export_onnx, export_torch
+from maskforge.export import DEFAULT_CALIBRATION, DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, export_onnx, export_torch
 
 from .app import app
 
@@ -18,34 +19,73 @@ from .app import app
 @app.command("export")
 def export_command(
     artifact: Annotated[Path, typer.Argument(help="An artifact.safetensors written by `maskforge search`.")],
+    storage: Annotated[Optional[str], typer.Option(
+        help="ONNX weight storage: regen (the graph regenerates the weights from the seed: ~1 bit per "
+             "weight), compact (packed mask and sign bits: ~1 + k bits), or dense (plain tensors). "
+             "Default: regen, or compact where regen cannot apply (kaiming_normal, opset < 18).")] = None,
+    precision: Annotated[str, typer.Option(
+        help="fp32 (exact) or int8 (QDQ: exact weights, activations calibrated on training images; about "
+             "twice as fast in onnxruntime).")] = "fp32",
+    calibration: Annotated[int, typer.Option(
+        help="int8: training images to calibrate the activation ranges on.")] = DEFAULT_CALIBRATION,
+    data: Annotated[Optional[str], typer.Option(
+        help="int8: data to calibrate and check on (any `maskforge search --data` source; default: the "
+             "artifact's own data).")] = None,
+    allow_lossy: Annotated[bool, typer.Option(
+        "--allow-lossy", help="int8 of kaiming_normal weights, which int8 cannot hold exactly (still checked "
+                              "against fp32 top-1 on held-out data).")] = False,
     fmt: Annotated[str, typer.Option("--format", help="onnx (for onnxruntime and other runtimes) or torch "
                                                       "(a .safetensors state dict for PyTorch).")] = "onnx",
-    compact: Annotated[bool, typer.Option("--compact/--dense",
-                                          help="ONNX only: store packed mask and sign bits that onnxruntime "
-                                               "expands at session start (about 1 + k bits per weight), or "
-                                               "plain float32 weights.")] = True,
-    opset: Annotated[int, typer.Option(help="ONNX opset version (13 to 20).")] = DEFAULT_OPSET,
-    out: Annotated[Optional[Path], typer.Option(help="Output file (default: next to the artifact, "
-                                                     "artifact.onnx / artifact.dense.onnx / "
-                                                     "artifact.torch.safetensors).")] = None,
+    compact: Annotated[Optional[bool], typer.Option(
+        "--compact/--dense", help="Old spelling of --storage compact / --storage dense.")] = None,
+    opset: Annotated[Optional[int], typer.Option(
+        help=f"ONNX opset version ({MIN_OPSET} to {MAX_OPSET}; default {DEFAULT_OPSET}; regen needs 18 or "
+             f"later).")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        help="Output file (default: next to the artifact: artifact.onnx for regen fp32, "
+             "artifact.<storage>[.int8].onnx otherwise, artifact.torch.safetensors).")] = None,
     threads: Annotated[Optional[int], typer.Option(help="Threads for regenerating the weights.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
 ) -> None:
-    """Materialize an artifact and export it; the file is checked in onnxruntime against PyTorch before it is kept.
+    """Materialize an artifact and export it; every file is checked in onnxruntime before it is kept.
 
-    Example: maskforge export runs/conv4/artifact.safetensors --compact --out conv4.onnx
+    fp32 files are compared with PyTorch; int8 files with the same graph run in float and with fp32
+    top-1 on held-out images.
+
+    Examples:
+      maskforge export runs/conv4/artifact.safetensors                    # -> runs/conv4/artifact.onnx
+      maskforge export runs/conv4/artifact.safetensors --precision int8   # -> artifact.int8.onnx
+      maskforge export runs/conv4/artifact.safetensors --storage dense --out conv4.onnx
     """
     if fmt == "onnx":
-        result = export_onnx(artifact, out, compact=compact, opset=opset, threads=threads)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            result = export_onnx(artifact, out, storage=storage, precision=precision, calibration=calibration,
+                                 calibration_data=data, allow_lossy=allow_lossy, opset=opset, compact=compact,
+                                 threads=threads)
+        for warning in caught:
+            typer.echo(f"warning: {warning.message}", err=True)
     elif fmt == "torch":
+        if storage is not None or precision != "fp32" or compact is not None:
+            raise MaskforgeError("--storage, --precision and --compact/--dense apply to --format onnx only")
         result = export_torch(artifact, out, threads=threads)
     else:
         raise MaskforgeError(f"unknown --format {fmt!r}; choose onnx or torch")
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return
-    kind = f"ONNX ({result.layout}, opset {result.opset})" if result.format == "onnx" else "PyTorch state dict"
-    check = ("onnxruntime vs PyTorch" if result.format == "onnx" else "reloaded vs materialized")
-    Console().print(f"[bold green]wrote[/] {result.path}: {kind}, {result.file_bytes:,} bytes = "
-                    f"{result.bits_per_weight:.3f} bits per masked weight ({result.masked_weights:,} weights, "
-                    f"{result.kept_weights:,} kept); {check}: max abs diff {result.max_abs_diff:.2g}")
+    Console().print(f"[bold green]wrote[/] {result.path}: {_describe(result)}")
+
+
+def _describe(result) -> str:
+    size = (f"{result.file_bytes:,} bytes = {result.bits_per_weight:.3f} bits per masked weight "
+            f"({result.masked_weights:,} weights, {result.kept_weights:,} kept)")
+    if result.format == "torch":
+        return f"PyTorch state dict, {size}; reloaded vs materialized: max abs diff {result.max_abs_diff:.2g}"
+    kind = f"ONNX ({result.storage}, {result.precision}, opset {result.opset}), {size}"
+    if result.precision == "int8":
+        weights = "LOSSY" if result.lossy else "exact"
+        return (f"{kind}; weights {weights} (max error {result.int8_weight_max_error:.2g}); held-out top-1 "
+                f"{100 * result.top1:.2f} % vs fp32 {100 * result.reference_top1:.2f} %, same class for "
+                f"{100 * result.argmax_agreement:.1f} % of {result.check_examples} images")
+    return f"{kind}; onnxruntime vs PyTorch: max abs diff {result.max_abs_diff:.2g}"

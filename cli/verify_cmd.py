@@ -25,10 +25,13 @@ def verify_command(
     """Verify an artifact: layout, schema, digests, structure, masks and every regenerated weight.
 
     With an ONNX file and --artifact, also check that the ONNX metadata names that artifact and that
-    onnxruntime computes the same outputs. Prints OK and the checks, or `error:` naming the failing
-    layer or field (exit code 2).
+    onnxruntime computes what it does: fp32 files (any storage) give the same logits; int8 files hold
+    the artifact's weights exactly and their integer kernels agree with the graph run in float. Prints
+    OK and the checks, or `error:` naming the failing layer or field (exit code 2).
 
-    Example: maskforge verify runs/conv4/artifact.safetensors
+    Examples:
+      maskforge verify runs/conv4/artifact.safetensors
+      maskforge verify runs/conv4/artifact.int8.onnx --artifact runs/conv4/artifact.safetensors
     """
     is_onnx = file.suffix.lower() == ".onnx"
     if is_onnx and artifact is None:

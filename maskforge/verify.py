@@ -33,9 +33,6 @@ from .artifact import Artifact, artifact_from_bytes, check_weight_digests
 from .errors import MaskforgeError
 from .fileio import read_bytes
 
-ONNX_BATCH = 4          # images in the fixed batch that compares onnxruntime with PyTorch
-ONNX_SEED = 20200601    # seed of that batch (torch.Generator; the batch need not be portable)
-
 
 @dataclass
 class Check:
@@ -151,19 +148,20 @@ def _check_weights(artifact: Artifact, report: VerifyReport, threads: int | None
 # --- ONNX exports ----------------------------------------------------------------------------------------
 
 def verify_onnx(onnx_path: str | os.PathLike, artifact_path: str | os.PathLike, *,
-                atol: float | None = None) -> VerifyReport:
+                rtol: float | None = None) -> VerifyReport:
     """Check that an ONNX file is an export of `artifact_path` and computes what the artifact does.
 
     Checks, in order: the artifact itself (all of `verify_artifact`), the ONNX file's external-data
     locations, that it parses, that its maskforge metadata names the artifact's digest, arch, arch args,
-    k, seed and init, and that onnxruntime's logits equal the materialized artifact's on a fixed batch
-    (max abs difference <= `atol`, default `export.PARITY_ATOL`, and the same predicted classes).
+    k, seed and init, and its outputs. fp32 files (any storage): onnxruntime's logits equal the
+    materialized artifact's on a fixed batch (max abs difference <= `rtol` x the largest logit, at least
+    `rtol`; default `export.PARITY_RTOL`; and the same predicted classes). int8 files: every weight, as
+    onnxruntime folds and dequantizes it, equals the artifact's folded fp32 weight exactly (lossy
+    exports: within one quantization step), and the integer kernels agree with the graph run in float.
     """
     from . import export
-    from .materialize import materialize
 
     onnx_path = Path(onnx_path)
-    atol = export.PARITY_ATOL if atol is None else atol
     source, artifact = _verify_artifact(Path(artifact_path), None)
     report = VerifyReport(onnx_path, "onnx", digest=source.digest)
     for check in source.checks:
@@ -179,66 +177,100 @@ def verify_onnx(onnx_path: str | os.PathLike, artifact_path: str | os.PathLike, 
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     report._pass("onnx file", f"{len(data):,} bytes, opset {opset}"
                               + (f", {len(external)} external data file(s) inside its folder" if external else ""))
-
+    info = _check_onnx_metadata(proto, artifact, report)
+    if info is None:
+        return report
     try:
-        info = export.read_onnx_metadata(proto)
-    except MaskforgeError as exc:
-        return report._fail("onnx metadata", str(exc))
-    if not info.has_maskforge_metadata:
-        return report._fail("onnx metadata", "the ONNX file has no maskforge metadata (not exported by "
-                                             "`maskforge export`)")
-    meta = info.metadata
-    expected = export.artifact_identity(artifact)
-    for key, value in expected.items():
-        got = meta.get(export.META_PREFIX + key)
-        if got != value:
-            return report._fail("onnx metadata", f"metadata field {export.META_PREFIX}{key} is {got!r}, the "
-                                                 f"artifact has {value!r}"
-                                + (" (exported from a different artifact)" if key == "artifact_digest" else ""))
-    if info.spec != artifact.spec:
-        return report._fail("onnx metadata", "metadata fields maskforge.preprocessing/class_names differ from the "
-                                             "artifact's input spec")
-    report._pass("onnx metadata", "digest, arch, arch args, k, seed, init and input spec match the artifact")
-
-    try:
-        model = materialize(artifact)
-        generator = torch.Generator().manual_seed(ONNX_SEED)
-        spec = artifact.spec
-        x = torch.randn(ONNX_BATCH, spec.channels, spec.height, spec.width, generator=generator)
-        with torch.no_grad():
-            expected_out = model(x).float().numpy()
-        session = export.ort_session(onnx_path)
-        inputs = session.get_inputs()
-        if len(inputs) != 1:
-            raise MaskforgeError(f"the ONNX model has {len(inputs)} inputs, expected 1")
-        got = session.run(None, {inputs[0].name: x.numpy()})[0]
+        if info.precision == "int8":
+            detail = _check_int8_outputs(onnx_path, artifact, opset)
+        else:
+            detail = _check_float_outputs(onnx_path, artifact, export.PARITY_RTOL if rtol is None else rtol)
     except MaskforgeError as exc:
         return report._fail("onnx outputs", str(exc))
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for malformed graphs
         return report._fail("onnx outputs", f"onnxruntime cannot run the model: {type(exc).__name__}: "
                                             f"{' '.join(str(exc).split())[:300]}")
-    if got.shape != expected_out.shape:
-        return report._fail("onnx outputs", f"onnxruntime output shape {list(got.shape)} differs from the "
-                                            f"artifact's {list(expected_out.shape)}")
-    diff = float(np.abs(got.astype(np.float64) - expected_out).max())
-    if not np.isfinite(diff) or diff > atol:
-        return report._fail("onnx outputs", f"onnxruntime logits differ from the artifact's by up to {diff:.3g} "
-                                            f"(> {atol}) on a fixed batch of {ONNX_BATCH}")
-    disagree = [row for row in range(len(got)) if got[row].argmax() != expected_out[row].argmax()
-                and _top_gap(expected_out[row]) > atol]
-    if disagree:
-        return report._fail("onnx outputs", f"onnxruntime predicts a different class for example {disagree[0]} "
-                                            f"of the fixed batch")
-    report._pass("onnx outputs", f"onnxruntime logits equal the materialized artifact's on {ONNX_BATCH} inputs "
-                                 f"(max abs difference {diff:.2g} <= {atol}, same classes)")
+    report._pass("onnx outputs", detail)
     return report
 
 
-def _top_gap(row: np.ndarray) -> float:
-    if row.size < 2:
-        return float("inf")
-    top = np.sort(row)[-2:]
-    return float(top[1] - top[0])
+def _check_onnx_metadata(proto, artifact: Artifact, report: VerifyReport):
+    """The file's maskforge metadata against the artifact: the parsed info, or None after a failure."""
+    from . import export
+
+    try:
+        info = export.read_onnx_metadata(proto)
+    except MaskforgeError as exc:
+        report._fail("onnx metadata", str(exc))
+        return None
+    if not info.has_maskforge_metadata:
+        report._fail("onnx metadata", "the ONNX file has no maskforge metadata (not exported by "
+                                      "`maskforge export`)")
+        return None
+    for key, value in export.artifact_identity(artifact).items():
+        got = info.metadata.get(export.META_PREFIX + key)
+        if got != value:
+            report._fail("onnx metadata", f"metadata field {export.META_PREFIX}{key} is {got!r}, the artifact has "
+                                          f"{value!r}" + (" (exported from a different artifact)"
+                                                          if key == "artifact_digest" else ""))
+            return None
+    if info.spec != artifact.spec:
+        report._fail("onnx metadata", "metadata fields maskforge.preprocessing/class_names differ from the "
+                                      "artifact's input spec")
+        return None
+    report._pass("onnx metadata", f"digest, arch, arch args, k, seed, init and input spec match the artifact "
+                                  f"({info.storage} storage, {info.precision})")
+    return info
+
+
+def _check_float_outputs(onnx_path: Path, artifact: Artifact, rtol: float) -> str:
+    from .export.parity import PARITY_BATCH, compare_logits, ort_session, parity_inputs, run_session
+    from .materialize import materialize
+
+    x = parity_inputs(artifact.spec)
+    with torch.no_grad():
+        expected = materialize(artifact)(x).float().numpy()
+    session = ort_session(onnx_path)
+    if len(session.get_inputs()) != 1:
+        raise MaskforgeError(f"the ONNX model has {len(session.get_inputs())} inputs, expected 1")
+    parity = compare_logits(run_session(session, x.numpy()), expected, rtol)
+    if parity.failure is not None:
+        raise MaskforgeError(f"{parity.failure} on a fixed batch of {PARITY_BATCH}")
+    return (f"onnxruntime logits equal the materialized artifact's on {PARITY_BATCH} inputs (max abs difference "
+            f"{parity.max_abs_diff:.2g} <= {parity.tolerance:.2g}, same classes)")
+
+
+def _check_int8_outputs(onnx_path: Path, artifact: Artifact, opset: int | None) -> str:
+    """int8: the weights onnxruntime runs against the artifact's, then its kernels against float Q/DQ."""
+    from onnx import numpy_helper
+
+    from .export.int8 import folded_weights
+    from .export.parity import kernel_check, parity_inputs
+    from .export.trace import trace_to_onnx
+    from .materialize import materialize
+
+    exact = artifact.init in ("signed_constant", "unsigned_constant")
+    traced = trace_to_onnx(materialize(artifact), artifact.spec, opset or 13)
+    reference = [numpy_helper.to_array(t) for t in traced.graph.initializer]
+    weights = folded_weights(onnx_path)
+    if not weights:
+        raise MaskforgeError("the int8 file has no DequantizeLinear weights")
+    for name, quantized, values in weights:
+        if not any(ref.shape == values.shape and _weights_match(values, ref, quantized, exact) for ref in reference):
+            raise MaskforgeError(f"int8 weight {name} {list(values.shape)} does not dequantize to any weight of the "
+                                 f"artifact's network" + (" exactly" if exact else ""))
+    diff, tolerance = kernel_check(onnx_path, parity_inputs(artifact.spec).numpy())
+    return (f"{len(weights)} int8 weights dequantize to the artifact's folded weights"
+            + (" exactly" if exact else " within one step") + f"; integer kernels vs float Q/DQ: max abs difference "
+            f"{diff:.2g} <= {tolerance:.2g}")
+
+
+def _weights_match(values: np.ndarray, reference: np.ndarray, quantized: np.ndarray, exact: bool) -> bool:
+    if exact:
+        return bool(np.array_equal(values, reference))
+    nonzero = quantized != 0
+    step = float(np.abs(values[nonzero] / quantized[nonzero]).max()) if nonzero.any() else 0.0
+    return bool(np.abs(values - reference).max() <= step)
 
 
 def _parse_onnx(data: bytes, path: Path):

@@ -1,7 +1,8 @@
 """Tests for materialize and export: the plain network against the masked search-time model, every
-architecture family through ONNX (dense and compact) against PyTorch in onnxruntime, the compact encoding
-against an independent decoder written from docs/DEPLOY.md, the size bound, metadata, and the files
-left behind (none) when something fails."""
+architecture family through ONNX (dense and compact) against PyTorch in onnxruntime, regen against dense,
+the compact encoding against an independent decoder written from docs/DEPLOY.md, the size bound,
+metadata, and the files left behind (none) when something fails. The int8 modes and the storage x
+precision choices are tested in test_export_modes.py."""
 
 from __future__ import annotations
 
@@ -208,6 +209,25 @@ def test_onnx_round_trip_dense_and_compact(exported, arch, channels, size):
     assert compact.file_bytes < dense.file_bytes
 
 
+@pytest.mark.parametrize("arch,channels,size", [("resnet18", 3, 8), ("conv6", 3, 8)])
+def test_regen_logits_identical_to_dense(exported, arch, channels, size, tmp_path):
+    """With batch norm folded into every convolution (resnet18) and without (conv6): the regenerated
+    weights, as onnxruntime folds them, are the dense file's bit for bit, so the logits are identical."""
+    entry = exported(arch, channels, size)
+    result = export_onnx(entry.artifact, tmp_path / "regen.onnx", storage="regen", model=entry.model)
+    x = inputs(entry.artifact, 6, seed=5)
+    assert np.abs(run_ort(result.path, x) - run_ort(entry.dense.path, x)).max() == 0.0
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # constant folding only
+    options.optimized_model_filepath = str(tmp_path / "folded.onnx")
+    ort.InferenceSession(str(result.path), options)
+    folded = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "folded.onnx")).graph.initializer}
+    weights = [t for t in onnx.load(str(entry.dense.path)).graph.initializer if len(t.dims) >= 2]
+    assert len(weights) == len(entry.artifact.masks)
+    for tensor in weights:
+        assert folded[tensor.name].tobytes() == numpy_helper.to_array(tensor).tobytes(), tensor.name
+
+
 def test_metadata_is_written_and_read_back(exported):
     entry = exported("conv2", 1, 8)
     artifact, result = entry.artifact, entry.compact
@@ -217,7 +237,8 @@ def test_metadata_is_written_and_read_back(exported):
     assert json.loads(meta["maskforge.arch_args"]) == artifact.arch_args
     assert float(meta["maskforge.k"]) == artifact.k and int(meta["maskforge.seed"]) == artifact.seed
     assert meta["maskforge.artifact_digest"] == artifact.digest
-    assert meta["maskforge.onnx_format"] == "compact"
+    assert meta["maskforge.onnx_format"] == meta["maskforge.storage"] == "compact"
+    assert meta["maskforge.precision"] == "fp32"
     assert json.loads(meta["maskforge.class_names"]) == list(artifact.spec.class_names)
     pre = json.loads(meta["maskforge.preprocessing"])
     assert (pre["channels"], pre["height"], pre["width"]) == (1, 8, 8)
@@ -278,9 +299,9 @@ def test_other_opsets_load_in_onnxruntime(folder, opset):
 
 
 def test_failed_parity_check_leaves_no_file(folder, tmp_path, monkeypatch):
-    import maskforge.export as export_module
+    import maskforge.export.onnx_export as export_module
 
-    real = export_module._trace_to_onnx
+    real = export_module.trace_to_onnx
 
     def broken(model, spec, opset):
         proto = real(model, spec, opset)
@@ -289,7 +310,7 @@ def test_failed_parity_check_leaves_no_file(folder, tmp_path, monkeypatch):
         weight.CopyFrom(numpy_helper.from_array(array, weight.name))
         return proto
 
-    monkeypatch.setattr(export_module, "_trace_to_onnx", broken)
+    monkeypatch.setattr(export_module, "trace_to_onnx", broken)
     with pytest.raises(MaskforgeError, match="onnxruntime and PyTorch disagree"):
         export_onnx(make_artifact(folder, "conv2", 1, 8), tmp_path / "bad.onnx")
     assert list(tmp_path.iterdir()) == []

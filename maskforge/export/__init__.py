@@ -1,0 +1,40 @@
+"""Export an artifact for deployment: ONNX (three storages x two precisions) or a PyTorch state dict.
+
+One module per job:
+
+* `modes`        the choices (storage dense|compact|regen, precision fp32|int8, opset), checked up front,
+                 and the file name of each mode
+* `trace`        materialized network -> ONNX graph (TorchScript exporter, batch norm folded)
+* `int8`         QDQ quantization with onnxruntime's tooling; weights exactly -1/0/+1 x c_j
+* `calibration`  the training / held-out images int8 calibrates and is checked on
+* `compact`      weights as packed mask + sign bits, rebuilt by standard operators at session start
+* `regen_graph`  weights regenerated from the seed inside the graph (SplitMix64 in ONNX integer ops)
+* `metadata`     the `maskforge.*` metadata_props that tie a file to its artifact
+* `parity`       the onnxruntime session helper and the output checks shared with `verify`
+* `onnx_export`  `export_onnx`: the steps above, then the check, then the atomic rename
+* `torch_export` `export_torch` / `load_torch_export`
+
+>>> result = export_onnx("runs/demo/artifact.safetensors")        # doctest: +SKIP
+>>> result.storage, result.precision, result.bits_per_weight < 1.2  # doctest: +SKIP
+('regen', 'fp32', True)
+"""
+
+from .calibration import DEFAULT_CALIBRATION
+from .compact import compact_weights
+from .metadata import META_PREFIX, OnnxModelInfo, artifact_identity, read_onnx_metadata
+from .modes import (DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, PRECISIONS, STORAGES, ExportMode, check_output_path,
+                    default_export_path, resolve_mode)
+from .onnx_export import ExportResult, export_onnx
+from .onnxio import first_line
+from .parity import PARITY_RTOL, compare_logits, float_parity, ort_session
+from .torch_export import TORCH_EXPORT_FORMAT, TORCH_EXPORT_KEY, export_torch, load_torch_export
+
+_first_line = first_line   # the old private name, still imported by maskforge.evaluate (merge: use first_line)
+
+__all__ = [
+    "export_onnx", "export_torch", "load_torch_export", "ExportResult", "ExportMode", "resolve_mode",
+    "default_export_path", "check_output_path", "STORAGES", "PRECISIONS", "DEFAULT_OPSET", "MIN_OPSET",
+    "MAX_OPSET", "DEFAULT_CALIBRATION", "META_PREFIX", "OnnxModelInfo", "read_onnx_metadata", "artifact_identity",
+    "TORCH_EXPORT_KEY", "TORCH_EXPORT_FORMAT", "ort_session", "compare_logits", "float_parity", "PARITY_RTOL",
+    "compact_weights", "first_line",
+]

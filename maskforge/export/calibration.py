@@ -1,0 +1,122 @@
+"""The images an int8 export calibrates on (training split) and is checked on (held-out split).
+
+By default they come from the data set the artifact was searched on (its provenance); any source
+`maskforge search` accepts can be given instead. The data must match the network: channels, image
+size (image folders are resized) and classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..artifact import Artifact
+from ..data import DataSplits, InputSpec, load_data, normalize
+from ..errors import MaskforgeError
+
+DEFAULT_CALIBRATION = 256    # training images whose activation ranges set the int8 scales
+DEFAULT_CHECK_IMAGES = 1000  # held-out images the int8 file is compared with fp32 on
+CALIBRATION_BATCH = 32
+
+
+@dataclass
+class CheckImages:
+    """Normalized float32 images: `calibration` (training split) and `heldout` with its labels."""
+
+    source: str
+    calibration: np.ndarray
+    heldout: np.ndarray
+    labels: np.ndarray
+
+
+def check_calibration_count(calibration) -> int:
+    if isinstance(calibration, bool) or not isinstance(calibration, (int, np.integer)) or calibration < 1:
+        raise MaskforgeError(f"calibration must be a positive number of images, got {calibration!r}")
+    return int(calibration)
+
+
+def load_check_images(artifact: Artifact, source: str | None, calibration: int,
+                      heldout: int = DEFAULT_CHECK_IMAGES) -> CheckImages:
+    """Load `calibration` training and up to `heldout` held-out images of `source` (or the artifact's data)."""
+    calibration = check_calibration_count(calibration)
+    if isinstance(heldout, bool) or not isinstance(heldout, int) or heldout < 1:
+        raise MaskforgeError(f"check_images must be a positive number of images, got {heldout!r}")
+    source = source or _provenance_source(artifact)
+    splits = matching_splits(artifact.spec, source, "calibration data")
+    if len(splits.train) == 0 or len(splits.heldout) == 0:
+        raise MaskforgeError(f"calibration data {source} needs training and held-out images; it has "
+                             f"{len(splits.train)} and {len(splits.heldout)}")
+    spec = artifact.spec
+    calibration_images = _images(splits.train, _spread(len(splits.train), calibration), spec)
+    indices = list(range(min(heldout, len(splits.heldout))))
+    labels = np.array([int(splits.heldout[i][1]) for i in indices], dtype=np.int64)
+    return CheckImages(source, calibration_images, _images(splits.heldout, indices, spec), labels)
+
+
+def matching_splits(spec: InputSpec, source: str, what: str = "data", *, check_names: bool = True) -> DataSplits:
+    """`load_data(source)`, refused with one clear message unless it fits a model of input `spec`
+    (channels, size after resizing image folders, classes and, with `check_names`, class names)."""
+    splits = load_data(source)
+    if splits.kind == "imagefolder" and (splits.spec.height, splits.spec.width) != (spec.height, spec.width):
+        if spec.height != spec.width:
+            raise MaskforgeError(f"the model takes {spec.height}x{spec.width} images; image folders are resized "
+                                 f"to squares only")
+        splits = load_data(source, image_size=spec.height)
+    got = splits.spec
+    if got.channels != spec.channels:
+        raise MaskforgeError(f"{what} {source} has {got.channels}-channel images, the model takes {spec.channels}")
+    if (got.height, got.width) != (spec.height, spec.width):
+        raise MaskforgeError(f"{what} {source} has {got.height}x{got.width} images, the model takes "
+                             f"{spec.height}x{spec.width}")
+    if got.num_classes != spec.num_classes:
+        raise MaskforgeError(f"{what} {source} has {got.num_classes} classes, the model predicts {spec.num_classes}")
+    if check_names and tuple(got.class_names) != tuple(spec.class_names):
+        raise MaskforgeError(f"{what} {source} has classes {_names(got.class_names)}, the model was searched on "
+                             f"{_names(spec.class_names)}")
+    return splits
+
+
+def calibration_reader(images: np.ndarray, input_name: str):
+    """An onnxruntime.quantization CalibrationDataReader over `images`, CALIBRATION_BATCH at a time."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{input_name: images[i:i + CALIBRATION_BATCH]}
+                                 for i in range(0, len(images), CALIBRATION_BATCH)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    return _Reader()
+
+
+def _provenance_source(artifact: Artifact) -> str:
+    provenance = artifact.document.get("provenance", {})
+    source = provenance.get("data") if isinstance(provenance, dict) else None
+    if not source:
+        raise MaskforgeError("the artifact does not name the data it was searched on; give calibration_data")
+    if source != "mnist5k" and not Path(source).expanduser().exists():
+        raise MaskforgeError(f"the artifact was searched on {source}, which is not on this machine; give "
+                             f"calibration_data")
+    return source
+
+
+def _spread(length: int, count: int) -> list[int]:
+    """`count` indices spread evenly over `range(length)` (all of them when count >= length)."""
+    if count >= length:
+        return list(range(length))
+    return sorted({int(i) for i in np.linspace(0, length - 1, count).round()})
+
+
+def _images(dataset, indices: Sequence[int], spec: InputSpec) -> np.ndarray:
+    batch = torch.stack([dataset[i][0] for i in indices])
+    return normalize(batch, spec).numpy()
+
+
+def _names(names: Sequence[str]) -> str:
+    return ", ".join(names[:6]) + (" ..." if len(names) > 6 else "")

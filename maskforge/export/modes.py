@@ -1,0 +1,109 @@
+"""The export choices (storage x precision x opset), checked before any work, and the files they name.
+
+* storage: `dense` (float32 or int8 initializers), `compact` (packed mask + sign bits, ~1 + k bits per
+  weight), `regen` (mask bits + one stream key per layer: the graph regenerates the weights, ~1 bit).
+* precision: `fp32` (exact: the artifact's network) or `int8` (QDQ; exact weights, calibrated
+  activations, about twice as fast on onnxruntime's CPU kernels).
+
+The default (storage None) is `regen` where the artifact's distribution and the opset allow it, else
+`compact`: the smallest exact file, and onnxruntime folds it into the dense graph at session start, so
+it runs at the dense file's speed (docs/DEPLOY.md has the measurements).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..artifact import Artifact
+from ..errors import MaskforgeError
+from . import regen_graph
+from .trace import TRACE_MAX_OPSET
+
+STORAGES = ("dense", "compact", "regen")
+PRECISIONS = ("fp32", "int8")
+DEFAULT_OPSET = 18                  # the lowest opset regen can use (bitwise operators)
+MIN_OPSET, MAX_OPSET = 13, TRACE_MAX_OPSET   # 13: per-channel DequantizeLinear, Slice/Unsqueeze with inputs
+EXACT_INT8 = ("signed_constant", "unsigned_constant")   # c_j x {-1, 0, +1} per channel after BN folding
+
+
+@dataclass(frozen=True)
+class ExportMode:
+    """A checked combination of export choices."""
+
+    storage: str
+    precision: str
+    opset: int
+    lossy: bool = False        # int8 of weights int8 cannot hold exactly (allowed only when asked)
+
+    @property
+    def name(self) -> str:
+        return f"{self.storage} {self.precision}"
+
+
+def resolve_mode(artifact: Artifact, storage: str | None = None, precision: str = "fp32",
+                 opset: int | None = None, compact: bool | None = None, allow_lossy: bool = False) -> ExportMode:
+    """Check the choices against each other and the artifact; raise one clear `MaskforgeError` if they clash."""
+    if compact is not None:
+        alias = "compact" if compact else "dense"
+        if storage is not None and storage != alias:
+            raise MaskforgeError(f"compact={compact} means storage {alias!r}, which contradicts storage {storage!r}; "
+                                 f"give one of them")
+        storage = alias
+    if storage is not None and storage not in STORAGES:
+        raise MaskforgeError(f"storage must be one of {', '.join(STORAGES)}; got {storage!r}")
+    if precision not in PRECISIONS:
+        raise MaskforgeError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    opset = DEFAULT_OPSET if opset is None else opset
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise MaskforgeError(f"opset must be an integer from {MIN_OPSET} to {MAX_OPSET}, got {opset!r}")
+    regen_ok = artifact.init in regen_graph.DISTRIBUTIONS
+    if storage is None:
+        storage = "regen" if regen_ok and opset >= regen_graph.MIN_OPSET else "compact"
+    if storage == "regen" and not regen_ok:
+        raise MaskforgeError(regen_graph.refusal(artifact.init))
+    if storage == "regen" and opset < regen_graph.MIN_OPSET:
+        raise MaskforgeError(f"storage 'regen' needs opset {regen_graph.MIN_OPSET} or later (BitwiseXor, "
+                             f"BitwiseAnd), got opset {opset}; use opset {regen_graph.MIN_OPSET} to {MAX_OPSET}, "
+                             f"or storage 'compact', which works from opset {MIN_OPSET}")
+    lossy = precision == "int8" and artifact.init not in EXACT_INT8
+    if lossy and not allow_lossy:
+        raise MaskforgeError(f"precision 'int8' of {artifact.init} weights is lossy (they are not c x {{-1, 0, +1}} "
+                             f"per output channel); set allow_lossy to export anyway (7-bit weights, checked "
+                             f"against fp32 top-1 on held-out data), or use precision 'fp32'")
+    return ExportMode(storage, precision, opset, lossy)
+
+
+def default_export_path(artifact_path: str | os.PathLike | None, fmt: str = "onnx", compact: bool | None = None,
+                        *, storage: str | None = None, precision: str = "fp32") -> Path:
+    """The file an export writes next to its artifact, one name per mode.
+
+    `runs/x/artifact.safetensors` -> `artifact.onnx` (regen fp32, the default), `artifact.compact.onnx`,
+    `artifact.dense.onnx`, `artifact.int8.onnx` (regen int8), `artifact.compact.int8.onnx`,
+    `artifact.dense.int8.onnx`, `artifact.torch.safetensors`. `compact=True/False` is the old spelling of
+    storage 'compact'/'dense'.
+    """
+    base = Path(artifact_path) if artifact_path is not None else Path("model.safetensors")
+    stem = base.name[: -len(".safetensors")] if base.name.endswith(".safetensors") else base.stem
+    if fmt == "torch":
+        return base.with_name(stem + ".torch.safetensors")
+    if storage is None and compact is not None:
+        storage = "compact" if compact else "dense"
+    parts = [stem] + ([storage] if storage not in (None, "regen") else []) + (["int8"] if precision == "int8" else [])
+    return base.with_name(".".join(parts) + ".onnx")
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """Fail early (before any expensive work) if `path` cannot be written as a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise MaskforgeError(f"output {path} is a folder; give a file name")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.exists():
+        raise MaskforgeError(f"cannot write {path}: folder {folder} does not exist")
+    if not folder.is_dir():
+        raise MaskforgeError(f"cannot write {path}: {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise MaskforgeError(f"cannot write {path}: folder {folder} is not writable")
+    return path

@@ -1,0 +1,176 @@
+"""`export_onnx`: artifact -> checked ONNX file, in any storage x precision (see `modes`).
+
+The steps, each in its own module: materialize the network, trace it (`trace`, batch norm folded),
+quantize it (`int8`, precision int8), encode its weights (`compact` or `regen_graph`), record what it
+is (`metadata`), and check the result in onnxruntime (`parity`) before it is renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch.nn as nn
+
+from ..artifact import Artifact
+from ..fileio import atomic_path
+from ..materialize import as_artifact, materialize
+from .calibration import (DEFAULT_CALIBRATION, DEFAULT_CHECK_IMAGES, CheckImages, check_calibration_count,
+                          load_check_images)
+from .compact import compact_weights
+from .int8 import QuantizeInfo, check_int8_weights, quantize
+from .metadata import set_metadata, with_digest
+from .modes import ExportMode, check_output_path, default_export_path, resolve_mode
+from .onnxio import MAX_IR_VERSION, finalize
+from .parity import (INT8_MAX_TOP1_DROP, INT8_MIN_AGREEMENT, Int8Check, Parity, float_parity, int8_parity,
+                     ort_session, run_session)
+from .regen_graph import regen_weights
+from .trace import trace_to_onnx
+
+
+@dataclass
+class ExportResult:
+    """What an export wrote and how it checked out (None where a figure does not apply)."""
+
+    path: Path
+    format: str                    # "onnx" | "torch"
+    layout: str                    # ONNX: the storage (its old name); torch: "state_dict"
+    file_bytes: int
+    masked_weights: int
+    kept_weights: int
+    bits_per_weight: float         # 8 * file_bytes / masked_weights
+    max_abs_diff: float | None     # fp32: vs PyTorch; int8: integer kernels vs the graph run in float
+    opset: int | None
+    seconds: float
+    storage: str | None = None     # "dense" | "compact" | "regen" (ONNX)
+    precision: str | None = None   # "fp32" | "int8" (ONNX)
+    parity_tolerance: float | None = None   # the bound max_abs_diff was held to
+    lossy: bool = False            # int8 of weights int8 cannot hold exactly (explicitly allowed)
+    int8_weight_max_error: float | None = None   # max |dequantized int8 - fp32 weight|: 0.0 when exact
+    calibration_data: str | None = None
+    calibration_images: int | None = None
+    top1: float | None = None            # int8: held-out top-1 of the file ...
+    reference_top1: float | None = None  # ... and of the fp32 network on the same images
+    argmax_agreement: float | None = None
+    check_examples: int | None = None
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["path"] = str(self.path)
+        return out
+
+
+def export_onnx(artifact: Artifact | str | os.PathLike, out: str | os.PathLike | None = None, *,
+                storage: str | None = None, precision: str = "fp32", calibration: int = DEFAULT_CALIBRATION,
+                calibration_data: str | None = None, allow_lossy: bool = False, opset: int | None = None,
+                check: bool = True, threads: int | None = None, model: nn.Module | None = None,
+                compact: bool | None = None, check_images: int = DEFAULT_CHECK_IMAGES,
+                max_top1_drop: float = INT8_MAX_TOP1_DROP, min_agreement: float = INT8_MIN_AGREEMENT
+                ) -> ExportResult:
+    """Write the artifact's network as an ONNX file and check it in onnxruntime before keeping it.
+
+    `storage` is "dense", "compact" or "regen" (default: regen where possible, else compact; `compact=
+    True/False` is the old spelling), `precision` "fp32" or "int8". int8 calibrates on `calibration`
+    training images of `calibration_data` (any `maskforge search` data source; default: the artifact's
+    own data) and is checked on (up to `check_images` of) its held-out split: at most `max_top1_drop`
+    points below fp32 and the fp32 class for at least `min_agreement` of the images. `model` may pass
+    an already materialized network. Every failure raises `MaskforgeError` and leaves nothing behind.
+
+    >>> result = export_onnx("runs/demo/artifact.safetensors", precision="int8")   # doctest: +SKIP
+    >>> result.path.name, result.bits_per_weight < 1.2                             # doctest: +SKIP
+    ('artifact.int8.onnx', True)
+    """
+    started = time.perf_counter()
+    artifact = with_digest(as_artifact(artifact))
+    mode = resolve_mode(artifact, storage, precision, opset, compact, allow_lossy)
+    if mode.precision == "int8":
+        check_calibration_count(calibration)
+    out = Path(out) if out is not None else default_export_path(artifact.path, storage=mode.storage,
+                                                                 precision=mode.precision)
+    check_output_path(out)
+    images = None
+    if mode.precision == "int8":
+        images = load_check_images(artifact, calibration_data, calibration, check_images)
+    if mode.lossy:
+        warnings.warn(f"int8 of {artifact.init} weights is lossy: the file approximates the artifact's network "
+                      f"(checked against fp32 top-1 on held-out data)", UserWarning, stacklevel=2)
+    if model is None:
+        model = materialize(artifact, threads=threads)
+    proto, quantized, fp32 = _build(artifact, model, mode, images)
+    result = ExportResult(out, "onnx", mode.storage, 0, artifact.masked_weights, artifact.kept_weights, 0.0, None,
+                          mode.opset, 0.0, mode.storage, mode.precision, lossy=mode.lossy)
+    if quantized is not None:
+        result.int8_weight_max_error = quantized.weight_max_error
+        result.calibration_data, result.calibration_images = images.source, quantized.calibration_images
+    with atomic_path(out) as tmp:
+        tmp.write_bytes(proto.SerializeToString())
+        if check and images is not None:
+            reference = _reference(fp32, model, artifact, images)
+            _record_int8(result, int8_parity(tmp, images.heldout, images.labels, reference,
+                                             max_top1_drop=max_top1_drop, min_agreement=min_agreement))
+        elif check:
+            _record_float(result, float_parity(tmp, model, artifact.spec).raise_for_failure())
+        set_metadata(proto, artifact, mode.storage, mode.precision, _check_metadata(result))
+        data = proto.SerializeToString()
+        tmp.write_bytes(data)
+    result.file_bytes, result.bits_per_weight = len(data), 8.0 * len(data) / artifact.masked_weights
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _build(artifact: Artifact, model: nn.Module, mode: ExportMode, images: CheckImages | None):
+    """The finished ModelProto of `mode` and, for int8, what quantization did and the fp32 graph."""
+    proto = trace_to_onnx(model, artifact.spec, mode.opset)
+    quantized: QuantizeInfo | None = None
+    fp32 = None
+    if mode.precision == "int8":
+        fp32 = proto
+        proto = quantize(fp32, images.calibration, lossy=mode.lossy)
+        quantized = check_int8_weights(proto, fp32, exact=not mode.lossy, calibration_images=len(images.calibration))
+    if mode.storage == "compact":
+        # lossy int8 rounds small weights to 0: its nonzero count is not the artifact's kept count
+        compact_weights(proto, expect_total=artifact.masked_weights,
+                        expect_kept=None if mode.lossy else artifact.kept_weights)
+    elif mode.storage == "regen":
+        regen_weights(proto, artifact, mode.opset)
+    set_metadata(proto, artifact, mode.storage, mode.precision)
+    finalize(proto)
+    return proto, quantized, fp32
+
+
+def _reference(fp32, model: nn.Module, artifact: Artifact, images: CheckImages) -> np.ndarray:
+    """The fp32 network's logits for the held-out images (what int8 is compared with), from the fp32
+    graph in onnxruntime (several times faster than PyTorch eager), itself checked against PyTorch."""
+    fp32.ir_version = min(fp32.ir_version, MAX_IR_VERSION)
+    data = fp32.SerializeToString()
+    float_parity(data, model, artifact.spec).raise_for_failure()
+    return run_session(ort_session(data), images.heldout)
+
+
+def _record_float(result: ExportResult, parity: Parity) -> None:
+    result.max_abs_diff, result.parity_tolerance = parity.max_abs_diff, parity.tolerance
+
+
+def _record_int8(result: ExportResult, check: Int8Check) -> None:
+    result.max_abs_diff, result.parity_tolerance = check.kernel_max_abs_diff, check.kernel_tolerance
+    result.top1, result.reference_top1 = check.top1, check.reference_top1
+    result.argmax_agreement, result.check_examples = check.argmax_agreement, check.examples
+
+
+def _check_metadata(result: ExportResult) -> dict[str, str]:
+    """The export's own figures, recorded in the file (`maskforge.export_check`, `maskforge.calibration`)."""
+    keys = ("max_abs_diff", "parity_tolerance", "int8_weight_max_error", "top1", "reference_top1",
+            "argmax_agreement", "check_examples", "lossy")
+    entries = {"export_check": json.dumps({key: getattr(result, key) for key in keys}, sort_keys=True)}
+    if result.precision == "int8":
+        entries["calibration"] = json.dumps({
+            "data": result.calibration_data, "images": result.calibration_images, "method": "MinMax",
+            "activations": "uint8, asymmetric, per tensor",
+            "weights": "int8, symmetric, per output channel" + ("" if result.lossy else ": -1/0/+1 x c_j, exact")},
+            sort_keys=True)
+    return entries
