@@ -27,6 +27,7 @@ is what makes a search reproducible and resumable mid-epoch:
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.resources
 import math
 import os
@@ -182,6 +183,11 @@ class ImageDataset(torch.utils.data.Dataset):
 
     labels: torch.Tensor
 
+    @property
+    def item_shape(self) -> tuple[int, int, int]:  # pragma: no cover - abstract
+        """`(C, H, W)` of every image."""
+        raise NotImplementedError
+
     def __len__(self) -> int:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -202,6 +208,10 @@ class InMemoryImages(ImageDataset):
             raise ValueError(f"labels must be a tensor [N={images.shape[0]}], got {tuple(labels.shape)}")
         self.images = images
         self.labels = labels.to(torch.int64)
+
+    @property
+    def item_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -229,6 +239,10 @@ class ImageFileDataset(ImageDataset):
         self.labels = torch.as_tensor(list(labels), dtype=torch.int64)
         self.channels = channels
         self.size = size
+
+    @property
+    def item_shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.size, self.size)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -729,30 +743,27 @@ def _resize_center_crop(image: Image.Image, size: int) -> Image.Image:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def num_batches(dataset_len: int, batch_size: int, *, drop_last: bool, world_size: int = 1) -> int:
-    """Batches per process per epoch, matching `iterate_batches` (with `start_batch=0`)."""
+def num_batches(dataset_len: int, batch_size: int, *, drop_last: bool = False) -> int:
+    """Global batches per epoch (the same count on every process), matching `iterate_batches`."""
     if batch_size <= 0:
         raise MaskforgeError(f"batch size must be positive, got {batch_size}")
-    per_rank = -(-dataset_len // world_size)  # the epoch is padded to a multiple of world_size
-    return per_rank // batch_size if drop_last else -(-per_rank // batch_size)
+    return dataset_len // batch_size if drop_last else -(-dataset_len // batch_size)
+
+
+def derive_seed(domain: str, *values: int) -> int:
+    """A 64-bit seed from a domain name and integers: the first 8 bytes (little-endian) of
+    SHA-256(domain 0x00 decimal(v1) 0x00 decimal(v2) ...). Hashing, not arithmetic, so that every seed
+    the artifact format allows (up to 2^63 - 1) gives a valid generator seed."""
+    payload = b"\x00".join([domain.encode("ascii")] + [str(int(v)).encode("ascii") for v in values])
+    return int.from_bytes(hashlib.sha256(payload).digest()[:8], "little")
 
 
 def _epoch_order(n: int, *, shuffle: bool, seed: int, epoch: int) -> torch.Tensor:
     """The epoch's example order: a pure function of (seed, epoch) so any process can recompute it."""
     if not shuffle:
         return torch.arange(n)
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    generator = torch.Generator().manual_seed(derive_seed("maskforge/order/v1", seed, epoch))
     return torch.randperm(n, generator=generator)
-
-
-def _rank_indices(order: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-    """Pad `order` by repeating it from the start to a multiple of world_size, then take every
-    world_size-th index from `rank` (DistributedSampler's scheme): equal shares, so equal batch counts."""
-    total = -(-len(order) // world_size) * world_size
-    if total > len(order):
-        reps = -(-total // len(order))
-        order = order.repeat(reps)[:total]
-    return order[rank::world_size]
 
 
 def iterate_batches(
@@ -769,12 +780,15 @@ def iterate_batches(
     workers: int = 0,
     pin_memory: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield `(uint8 [B, C, H, W], int64 [B])` CPU batches of one epoch for process `rank` of `world_size`.
+    """Yield `(uint8 [b, C, H, W], int64 [b])` CPU batches of one epoch for process `rank` of `world_size`.
 
-    The order is `torch.randperm(n)` seeded with `seed * 1_000_003 + epoch` (or 0..n-1 without shuffle),
-    padded by repetition to a multiple of `world_size`, of which rank r takes `perm[r::world_size]`; it is
-    then cut into `batch_size` batches, the first `start_batch` of which are skipped without being loaded
-    (resume mid-epoch). With `shuffle=False, world_size=1` every example comes exactly once, in order.
+    `batch_size` is the GLOBAL batch. The epoch order is `torch.randperm(n)` seeded with
+    `derive_seed("maskforge/order/v1", seed, epoch)` (or 0..n-1 without shuffle); global batch `s` is
+    positions `s*batch_size .. (s+1)*batch_size - 1` of it (the last one shorter unless `drop_last`), and
+    rank r takes its positions r, r + world_size, r + 2*world_size, ... So the N local batches of step s
+    together are exactly the one-process batch of step s, every example comes once per epoch, and a
+    short last batch is shared as evenly as it allows (a rank may get none). The first `start_batch`
+    batches are skipped without being loaded (resume mid-epoch).
 
     `InMemoryImages` are sliced directly; other data sets go through a `DataLoader` with `workers` processes.
     """
@@ -782,12 +796,13 @@ def iterate_batches(
         raise ValueError(f"invalid rank {rank} for world size {world_size}")
     if start_batch < 0:
         raise ValueError(f"start_batch must be >= 0, got {start_batch}")
-    total_batches = num_batches(len(dataset), batch_size, drop_last=drop_last, world_size=world_size)
     n = len(dataset)
+    total_batches = num_batches(n, batch_size, drop_last=drop_last)
     if n == 0 or start_batch >= total_batches:
         return
-    indices = _rank_indices(_epoch_order(n, shuffle=shuffle, seed=seed, epoch=epoch), rank, world_size)
-    batches = (indices[b * batch_size : (b + 1) * batch_size] for b in range(start_batch, total_batches))
+    order = _epoch_order(n, shuffle=shuffle, seed=seed, epoch=epoch)
+    batches = (order[b * batch_size: (b + 1) * batch_size][rank::world_size]
+               for b in range(start_batch, total_batches))
 
     if isinstance(dataset, InMemoryImages):
         pin = pin_memory and torch.cuda.is_available()
@@ -796,16 +811,21 @@ def iterate_batches(
             yield (x.pin_memory(), y.pin_memory()) if pin else (x, y)
         return
 
+    index_lists = [idx.tolist() for idx in batches]
     loader = torch.utils.data.DataLoader(
         dataset,
-        batch_sampler=[idx.tolist() for idx in batches],
+        batch_sampler=[indices for indices in index_lists if indices],  # a DataLoader cannot load nothing
         num_workers=workers,
         pin_memory=pin_memory,
         persistent_workers=False,
     )
     batches_iter = iter(loader)
     try:
-        for x, y in batches_iter:
+        for indices in index_lists:
+            if not indices:  # this rank's share of a short last batch is empty
+                yield torch.empty((0, *dataset.item_shape), dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
+                continue
+            x, y = next(batches_iter)
             yield x, y.to(torch.int64)
     except MaskforgeError as exc:
         message = _worker_error_message(exc)

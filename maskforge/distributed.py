@@ -138,13 +138,14 @@ def broadcast_tensors(tensors: Sequence[torch.Tensor], world: World) -> None:
             tensor.copy_(buffer)
 
 
-def average_tensors_(tensors: Sequence[torch.Tensor], world: World) -> None:
-    """Replace each float tensor by its mean over ranks, with one all-reduce over a flat copy."""
+def weighted_sum_(tensors: Sequence[torch.Tensor], weight: float, world: World) -> None:
+    """Replace each float tensor by the sum over ranks of `weight * tensor` (each rank gives its own weight),
+    with one all-reduce over a flat copy. Weights that add up to 1 give a weighted average."""
     if not world.is_distributed or not tensors:
         return
     flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    flat *= weight
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= world.world_size
     offset = 0
     for tensor in tensors:
         n = tensor.numel()

@@ -39,7 +39,7 @@ from . import __version__, archs, distributed, regen
 from .artifact import Artifact, build_artifact, pack_mask, save_artifact
 from .checkpoint import CHECKPOINT_NAME, Checkpoint, capture, check_compatible, load_checkpoint, restore
 from .checkpoint import read_position, save_checkpoint
-from .data import DataSplits, InMemoryImages, augment_batch, iterate_batches, load_data, normalize, num_batches
+from .data import DataSplits, augment_batch, derive_seed, iterate_batches, load_data, normalize, num_batches
 from .distributed import World
 from .errors import MaskforgeError
 from .fileio import atomic_write, ensure_writable_dir
@@ -181,13 +181,13 @@ def evaluate_accuracy(model: nn.Module, dataset, splits: DataSplits, device: tor
                       ) -> tuple[float, float]:
     """(loss, accuracy) of `model` on every example of `dataset` once.
 
-    Under torchrun (`world`) each rank evaluates every world_size-th example and the sums are added.
+    Under torchrun (`world`) each rank evaluates its share of every batch and the sums are added.
     """
     world = world or World()
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, examples
-    batches = iterate_batches(_shard(dataset, world), batch_size, shuffle=False, workers=workers,
-                              pin_memory=device.type == "cuda")
+    batches = iterate_batches(dataset, batch_size * world.world_size, shuffle=False, rank=world.rank,
+                              world_size=world.world_size, workers=workers, pin_memory=device.type == "cuda")
     with torch.no_grad(), _autocast(device):
         for images, labels in _on_device(batches, device):
             logits = model(_normalize(images, splits, _uses_conv(model) and device.type == "cuda")).float()
@@ -196,15 +196,6 @@ def evaluate_accuracy(model: nn.Module, dataset, splits: DataSplits, device: tor
             sums[2] += labels.numel()
     loss_sum, correct, total = distributed.sum_over_ranks(sums.tolist(), world)
     return loss_sum / max(1, total), correct / max(1, total)
-
-
-def _shard(dataset, world: World):
-    if not world.is_distributed:
-        return dataset
-    if isinstance(dataset, InMemoryImages):
-        return InMemoryImages(dataset.images[world.rank::world.world_size],
-                              dataset.labels[world.rank::world.world_size])
-    return torch.utils.data.Subset(dataset, range(world.rank, len(dataset), world.world_size))
 
 
 def _to_device(images: torch.Tensor, labels: torch.Tensor, splits: DataSplits, device: torch.device):
@@ -463,10 +454,7 @@ def _search(config: SearchConfig, checkpoint: Checkpoint | None, world: World, p
     optimizer = torch.optim.SGD(scores, lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
 
-    local_batch = config.batch_size // world.world_size
-    drop_last = len(splits.train) > config.batch_size
-    steps_per_epoch = num_batches(len(splits.train), local_batch, drop_last=drop_last,
-                                  world_size=world.world_size)
+    steps_per_epoch = num_batches(len(splits.train), config.batch_size)  # the last batch may be short
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
@@ -525,7 +513,7 @@ def _search(config: SearchConfig, checkpoint: Checkpoint | None, world: World, p
             correct = torch.tensor(int(sums[1]), dtype=torch.int64, device=device)
             seen, seen_here, started = int(sums[2]), 0, time.perf_counter()
             batches = _on_device(iterate_batches(
-                splits.train, local_batch, shuffle=True, seed=config.seed, epoch=epoch, drop_last=drop_last,
+                splits.train, config.batch_size, shuffle=True, seed=config.seed, epoch=epoch,
                 start_batch=first, rank=world.rank, world_size=world.world_size, workers=workers,
                 pin_memory=cuda), device)
             for batch_index, (images, labels) in enumerate(batches, start=first):
@@ -534,25 +522,31 @@ def _search(config: SearchConfig, checkpoint: Checkpoint | None, world: World, p
                 if splits.augment:
                     # A generator on the batch's device: on CUDA the random draws need no host round trip.
                     generator = torch.Generator(device=images.device)
-                    generator.manual_seed(_augment_seed(config.seed, epoch, batch_index, world))
+                    generator.manual_seed(derive_seed("maskforge/augment/v1", config.seed, epoch, batch_index,
+                                                      world.rank))
                     images = augment_batch(images, generator)
                 x = _normalize(images, splits, channels_last)
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, total_steps, warmup_steps, config.lr)
+                n = labels.numel()  # this rank's share of the global batch (0 is possible in a short last one)
+                global_count = min(config.batch_size, len(splits.train) - batch_index * config.batch_size)
                 with _autocast(device):
                     logits = train_model(x)
-                    loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
+                    local_sum = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing,
+                                                reduction="sum")
+                    # DDP averages the N gradients; scaled by N / global_count, that average is the gradient
+                    # of the global batch's mean loss, however unevenly a short batch was shared.
+                    loss = local_sum * (world.world_size / global_count)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 if world.is_distributed:
-                    with torch.no_grad():
-                        distributed.average_tensors_(bn_stats, world)
+                    with torch.no_grad():  # each rank's statistics count by its share of the batch
+                        distributed.weighted_sum_(bn_stats, n / global_count, world)
                 step += 1
-                n = labels.numel()
                 seen, seen_here = seen + n, seen_here + n
                 # Accumulated on the device: no host sync per step.
-                loss_sum += loss.detach().double() * n
+                loss_sum += local_sum.detach().double()
                 correct += (logits.argmax(1) == labels).sum()
                 if bar.enabled and (not cuda or step % 20 == 0 or step == total_steps):
                     elapsed = max(time.perf_counter() - started, 1e-9)
@@ -662,21 +656,6 @@ def _write_debug_digest(digest: bytes, world: World) -> None:
     folder = os.environ.get(DIGEST_DIR_ENV)
     if folder:
         atomic_write(Path(folder) / f"masks-rank{world.rank}.txt", digest.hex() + "\n")
-
-
-def _augment_seed(seed: int, epoch: int, batch_index: int, world: World) -> int:
-    # Ranks draw different crops/flips for their different images (one process: the original formula).
-    if world.is_distributed:
-        return _mix(seed, epoch, batch_index, world.rank)
-    return _mix(seed, epoch, batch_index)
-
-
-def _mix(*values: int) -> int:
-    """A 63-bit seed from several integers (for per-step generators), stable across runs."""
-    result = 0
-    for value in values:
-        result = (result * 1_000_003 + int(value) + 1) % (2 ** 63)
-    return result
 
 
 class _ProgressBar:

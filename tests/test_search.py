@@ -19,7 +19,7 @@ import torch
 
 from maskforge import regen
 from maskforge.artifact import load_artifact
-from maskforge.data import DataSplits, InMemoryImages
+from maskforge.data import DataSplits, InMemoryImages, load_data
 from maskforge.errors import MaskforgeError
 from maskforge.layers import batchnorm_modules, masked_modules
 from maskforge.search import SearchConfig, search
@@ -275,3 +275,57 @@ def test_out_folder_that_cannot_be_created_even_by_root(tmp_path):
     with pytest.raises(MaskforgeError, match="maskforge-test-run"):
         search(config, progress=False)
     assert not Path("/proc/maskforge-test-run").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Found from outside: any seed the format allows (bug 1), every training image every epoch (bug 5)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [2 ** 45, 2 ** 63 - 1])
+def test_any_seed_the_format_allows_searches_end_to_end(tmp_path, seed):
+    from typer.testing import CliRunner
+
+    from maskforge.cli import app
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["search", "--arch", "fc", "--epochs", "1", "--max-steps", "1",
+                                      "--batch-size", "64", "--seed", str(seed), "--device", "cpu",
+                                      "--out", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    assert load_artifact(out / "artifact.safetensors").seed == seed
+
+
+@pytest.fixture
+def spy_arch():
+    """The fc network, registered under a test-only name, recording every input it trains on."""
+    from maskforge import archs
+
+    trained: list[torch.Tensor] = []
+
+    def record(module, args):
+        if module.training:
+            trained.append(args[0].detach().clone())
+
+    def build(in_channels, num_classes, image_size, k=0.5):
+        model = archs.ARCHS["fc"].builder(in_channels, num_classes, image_size, k=k)
+        model.register_forward_pre_hook(record)
+        return model
+
+    archs.register_arch("_spy_fc", "test-only: fc that records its training inputs")(build)
+    yield "_spy_fc", trained
+    archs.ARCHS.pop("_spy_fc")
+
+
+def test_every_training_image_is_used_once_per_epoch(tmp_path, spy_arch):
+    """4,000 demo training images at batch 128: 31 full batches and a last one of 32, every epoch."""
+    arch, trained = spy_arch
+    result = search(_config(tmp_path, arch=arch, epochs=2, max_steps=None, batch_size=128), progress=False)
+    assert [record["step"] for record in result.metrics] == [32, 64]
+    assert [x.shape[0] for x in trained] == ([128] * 31 + [32]) * 2
+    splits = load_data("mnist5k")
+    train = _normalize(splits.train.images, splits.spec).reshape(4000, -1)
+    expected = sorted(row.numpy().tobytes() for row in train)
+    for epoch in range(2):
+        seen = torch.cat(trained[32 * epoch: 32 * (epoch + 1)]).reshape(-1, 28 * 28)
+        assert sorted(row.numpy().tobytes() for row in seen) == expected, f"epoch {epoch}"
