@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import MaskforgeError
+from .schema import InputSpec
 
 __all__ = [
     "InputSpec",
@@ -77,96 +78,6 @@ _ACCEPTED_SOURCES = (
     "torchvision's layout (ROOT/MNIST/raw/*-ubyte[.gz], ROOT/MNIST or the raw folder itself); "
     "an image folder ROOT/train/<class>/*.png|jpg|... with ROOT/val/ or ROOT/test/"
 )
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Input spec
-# ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What a model expects as input: shape, normalization and the meaning of its outputs.
-
-    `mean` and `std` are per channel, in [0, 1] pixel units (pixels are divided by 255 first). The spec is
-    stored in artifacts, so it validates itself and round-trips through JSON:
-
-    >>> spec = InputSpec(1, 28, 28, (0.13,), (0.31,), tuple("0123456789"))
-    >>> InputSpec.from_dict(spec.to_dict()) == spec
-    True
-    """
-
-    channels: int
-    height: int
-    width: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    class_names: tuple[str, ...]
-
-    def __post_init__(self) -> None:
-        # Accept lists (JSON) and numpy scalars, but store plain tuples of Python floats/str so that
-        # equality, hashing and JSON output are predictable.
-        for name in ("channels", "height", "width"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-                raise MaskforgeError(f"invalid input spec: {name} must be a positive integer, got {value!r}")
-            object.__setattr__(self, name, int(value))
-        for name in ("mean", "std"):
-            values = _float_tuple(getattr(self, name), name)
-            if len(values) != self.channels:
-                raise MaskforgeError(
-                    f"invalid input spec: {name} has {len(values)} values for {self.channels} channel(s)"
-                )
-            if name == "std" and any(v <= 0 for v in values):
-                raise MaskforgeError(f"invalid input spec: std must be positive, got {list(values)}")
-            object.__setattr__(self, name, values)
-        names = self.class_names
-        if isinstance(names, (str, bytes)) or not isinstance(names, Sequence) or not names:
-            raise MaskforgeError("invalid input spec: class_names must be a non-empty list of strings")
-        if not all(isinstance(n, str) for n in names):
-            raise MaskforgeError("invalid input spec: class_names must contain only strings")
-        object.__setattr__(self, "class_names", tuple(names))
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes (outputs of the model)."""
-        return len(self.class_names)
-
-    def to_dict(self) -> dict:
-        """A JSON-able dict (lists, not tuples)."""
-        return {
-            "channels": self.channels,
-            "height": self.height,
-            "width": self.width,
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "class_names": list(self.class_names),
-        }
-
-    @classmethod
-    def from_dict(cls, d: Any) -> "InputSpec":
-        """Build a spec from `to_dict` output, raising `MaskforgeError` on missing, extra or bad fields."""
-        if not isinstance(d, Mapping):
-            raise MaskforgeError(f"invalid input spec: expected a JSON object, got {type(d).__name__}")
-        expected = {"channels", "height", "width", "mean", "std", "class_names"}
-        missing, extra = expected - set(d), set(d) - expected
-        if missing:
-            raise MaskforgeError(f"invalid input spec: missing field(s) {sorted(missing)}")
-        if extra:
-            raise MaskforgeError(f"invalid input spec: unknown field(s) {sorted(map(str, extra))}")
-        return cls(**{key: d[key] for key in expected})
-
-
-def _float_tuple(values: Any, name: str) -> tuple[float, ...]:
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        raise MaskforgeError(f"invalid input spec: {name} must be a list of numbers, got {values!r}")
-    out = []
-    for v in values:
-        is_number = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-        if not is_number or not math.isfinite(v):
-            raise MaskforgeError(f"invalid input spec: {name} must contain finite numbers, got {v!r}")
-        out.append(float(v))
-    return tuple(out)
 
 
 # ---------------------------------------------------------------------------------------------------------

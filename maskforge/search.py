@@ -27,7 +27,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -42,6 +42,7 @@ from .checkpoint import read_position, save_checkpoint
 from .data import DataSplits, augment_batch, derive_seed, iterate_batches, load_data, normalize, num_batches
 from .distributed import World
 from .errors import MaskforgeError
+from .schema import RESUME_OVERRIDABLE, SearchConfig
 from .fileio import atomic_write, ensure_writable_dir
 from .layers import batchnorm_modules, masked_modules
 
@@ -49,103 +50,10 @@ ARTIFACT_NAME = "artifact.safetensors"
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.json"
 
-#: Options that `--resume` may change: they do not change what the search computes.
-RESUME_OVERRIDABLE = ("workers", "checkpoint_every")
 #: Fields of a metrics record that measure time (they differ between runs; nothing else may).
 TIMING_FIELDS = ("images_per_s", "epoch_seconds")
 #: Test hook: a folder where every rank writes the digest of its final masks (`masks-rank<r>.txt`).
 DIGEST_DIR_ENV = "MASKFORGE_MASK_DIGEST_DIR"
-
-
-@dataclass
-class SearchConfig:
-    """Every argument of a search.
-
-    Defaults are the paper's CIFAR settings (section 4, appendix B), except label smoothing: we use the
-    paper's ImageNet value 0.1 everywhere, because on the small demo set it narrows the train/held-out
-    gap (conv4 k=0.5: 97.0 % -> 97.5 % held-out; see BENCHMARKS.md). Pass 0 for the CIFAR recipe.
-    """
-
-    arch: str = "conv4"
-    k: float = 0.5                   # fraction of weights kept in every layer
-    data: str = "mnist5k"            # built-in demo set, or a CIFAR-10 / MNIST / image folder
-    epochs: int = 10
-    max_steps: int | None = None     # stop after this many optimizer steps (smoke runs)
-    batch_size: int = 128            # GLOBAL batch: under torchrun each of N processes takes batch_size / N
-    lr: float = 0.1                  # for the global batch; the number of processes does not change it
-    momentum: float = 0.9
-    weight_decay: float = 1e-4       # on the scores (they are the only parameters)
-    label_smoothing: float = 0.1     # the paper's ImageNet value (CIFAR recipe: 0)
-    warmup_epochs: int = 0           # linear warm-up before the cosine decay
-    seed: int = 0
-    init: str = "signed_constant"    # weight distribution, see regen.DISTRIBUTIONS
-    scale_fan: bool = False          # sigma = sqrt(2 / (k * fan_in)) instead of sqrt(2 / fan_in)
-    device: str = "auto"             # auto | cpu | cuda (under torchrun: cuda:LOCAL_RANK)
-    workers: int | None = None       # data-loader processes for image folders; None: min(8, cores / procs)
-    image_size: int | None = None    # image folders only: resize to this side
-    compile: bool = False            # torch.compile the model (pays off on GPU for long searches)
-    checkpoint_every: int | None = None  # also checkpoint every N optimizer steps (always at epoch ends)
-    out: str = "runs/search"
-
-    def validate(self) -> None:
-        _check_types(self)
-        archs.get_arch(self.arch)
-        if not 0.0 < self.k <= 1.0:
-            raise MaskforgeError(f"k must be in (0, 1] (the fraction of weights kept), got {self.k}")
-        if self.init not in regen.DISTRIBUTIONS:
-            raise MaskforgeError(f"unknown --init {self.init!r}; choose from {', '.join(regen.DISTRIBUTIONS)}")
-        checks = [(self.epochs >= 1, "epochs must be at least 1"),
-                  (self.max_steps is None or self.max_steps >= 1, "max-steps must be at least 1"),
-                  (self.batch_size >= 1, "batch-size must be at least 1"),
-                  (self.lr > 0, "lr must be positive"),
-                  (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
-                  (self.weight_decay >= 0, "weight-decay must be non-negative"),
-                  (0 <= self.label_smoothing < 1, "label-smoothing must be in [0, 1)"),
-                  (0 <= self.warmup_epochs < self.epochs or self.warmup_epochs == 0,
-                   "warmup-epochs must be smaller than epochs"),
-                  (self.seed >= 0, "seed must be a non-negative integer"),
-                  (self.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda"),
-                  (self.workers is None or self.workers >= 0, "workers must be non-negative"),
-                  (self.checkpoint_every is None or self.checkpoint_every >= 1,
-                   "checkpoint-every must be at least 1")]
-        for ok, message in checks:
-            if not ok:
-                raise MaskforgeError(message)
-
-    @classmethod
-    def from_dict(cls, values: Any, label: str = "config") -> "SearchConfig":
-        """The config recorded in a run folder (`config.json`), checked field by field."""
-        if not isinstance(values, Mapping):
-            raise MaskforgeError(f"{label} is not a JSON object")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise MaskforgeError(f"{label} has unknown field(s) {unknown}")
-        config = cls(**values)
-        try:
-            config.validate()
-        except MaskforgeError as exc:
-            raise MaskforgeError(f"{label}: {exc}") from None
-        return config
-
-
-_FIELD_TYPES: dict[str, tuple] = {
-    "arch": (str,), "k": (int, float), "data": (str,), "epochs": (int,), "max_steps": (int, type(None)),
-    "batch_size": (int,), "lr": (int, float), "momentum": (int, float), "weight_decay": (int, float),
-    "label_smoothing": (int, float), "warmup_epochs": (int,), "seed": (int,), "init": (str,),
-    "scale_fan": (bool,), "device": (str,), "workers": (int, type(None)), "image_size": (int, type(None)),
-    "compile": (bool,), "checkpoint_every": (int, type(None)), "out": (str,),
-}
-
-
-def _check_types(config: SearchConfig) -> None:
-    for name, types in _FIELD_TYPES.items():
-        value = getattr(config, name)
-        is_bool = isinstance(value, bool)
-        if not isinstance(value, types) or (is_bool and bool not in types):
-            raise MaskforgeError(f"{name.replace('_', '-')} has the wrong type: {value!r}")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise MaskforgeError(f"{name.replace('_', '-')} must be finite, got {value!r}")
 
 
 @dataclass
@@ -246,7 +154,6 @@ def _uses_conv(model: nn.Module) -> bool:
 
 def prepare(config: SearchConfig) -> tuple[DataSplits, nn.Module, dict]:
     """Validate the config, load the data and build the seeded model (nothing is written)."""
-    config.validate()
     splits = load_data(config.data, image_size=config.image_size)
     spec = splits.spec
     args = archs.arch_args(spec.channels, spec.num_classes, (spec.height, spec.width))
@@ -267,7 +174,6 @@ def search(config: SearchConfig, *, progress: bool = True,
     >>> round(result.heldout_acc, 2)                                                # doctest: +SKIP
     0.9
     """
-    config.validate()
     world = distributed.detect()
     _check_world(config, world)
     return _run(world, lambda: _plan_fresh(config), progress, on_epoch)
@@ -329,7 +235,7 @@ def _plan_resume(run: Path, overrides: dict, world: World) -> _Plan:
     if not run.is_dir():
         raise MaskforgeError(f"--resume {run}: no such run folder")
     recorded = read_run_config(run)
-    values = asdict(recorded)
+    values = recorded.to_dict()
     conflicts = []
     for key, value in overrides.items():
         if key not in values:
@@ -355,9 +261,9 @@ def _plan_resume(run: Path, overrides: dict, world: World) -> _Plan:
     path = run / CHECKPOINT_NAME
     checkpoint = load_checkpoint(path)
     check_compatible(checkpoint, _identity(config), f"checkpoint {path}")
-    recorded_config = checkpoint.document["config"]
-    differing = sorted(key for key in set(values) | set(recorded_config)
-                       if key not in RESUME_OVERRIDABLE + ("out",) and recorded_config.get(key) != values.get(key))
+    recorded_config = checkpoint.meta.config.to_dict()
+    differing = sorted(key for key in recorded_config
+                       if key not in RESUME_OVERRIDABLE + ("out",) and recorded_config[key] != values[key])
     if differing:
         raise MaskforgeError(f"checkpoint {path} was written by a search with other arguments than "
                              f"{run / CONFIG_NAME} records (differing: {', '.join(differing)})")
@@ -409,13 +315,13 @@ def _agree(plan_fn: Callable[[], _Plan], world: World) -> _Plan:
         plan = plan_fn()
         plans.append(plan)
         ckpt = plan.checkpoint
-        return (asdict(plan.config), ckpt.document if ckpt else None, sorted(ckpt.tensors) if ckpt else None)
+        return (plan.config.to_dict(), ckpt.document if ckpt else None, sorted(ckpt.tensors) if ckpt else None)
 
     config, document, names = _on_main(plan_on_main, world, " while preparing the search")
     if plans:  # rank 0 (or a single process) keeps its own plan, tensors included
         return plans[0]
     # Other ranks know the checkpoint's document and tensor names; the tensors come by broadcast.
-    return _Plan(SearchConfig(**config), Checkpoint(document, dict.fromkeys(names)) if document else None)
+    return _Plan(SearchConfig.from_dict(config), Checkpoint(document, dict.fromkeys(names)) if document else None)
 
 
 # --- the search ------------------------------------------------------------------------------------------
@@ -434,14 +340,14 @@ def _search(config: SearchConfig, checkpoint: Checkpoint | None, world: World, p
     cuda = device.type == "cuda"
     splits, model, args = prepare(config)
     identity = _identity(config, args)
-    if checkpoint is not None and checkpoint.identity["arch_args"] != args:
+    if checkpoint is not None and checkpoint.identity.arch_args.to_dict() != args:
         raise MaskforgeError(f"the data {config.data} now gives a network with {args}, but the checkpoint "
-                             f"was written for {checkpoint.identity['arch_args']}")
+                             f"was written for {checkpoint.identity.arch_args.to_dict()}")
     out = Path(config.out)
     if checkpoint is None:
         # Only now, once the data loaded and the network built: a bad argument leaves no folder behind.
         _on_main(lambda: atomic_write(ensure_writable_dir(out) / CONFIG_NAME,
-                                      json.dumps(asdict(config), indent=2, sort_keys=True) + "\n"), world)
+                                      json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"), world)
 
     model.to(device)
     channels_last = cuda and _uses_conv(model)
@@ -493,7 +399,7 @@ def _search(config: SearchConfig, checkpoint: Checkpoint | None, world: World, p
         rows = distributed.gather_rows(local_sums, world)
         if not main:
             return
-        document = {"identity": identity, "config": asdict(config), "world_size": world.world_size,
+        document = {"identity": identity, "config": config.to_dict(), "world_size": world.world_size,
                     "position": {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": step,
                                  "steps_per_epoch": steps_per_epoch, "total_steps": total_steps},
                     "train_sums": [[row[0], int(row[1]), int(row[2])] for row in rows],

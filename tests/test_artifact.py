@@ -21,6 +21,7 @@ from maskforge.artifact import (
     FORMAT_VERSION,
     Artifact,
     artifact_bytes,
+    artifact_from_bytes,
     build_artifact,
     inspect_artifact,
     load_artifact,
@@ -450,3 +451,108 @@ def test_non_finite_bn_statistics_are_refused(resnet, tmp_path):
     forged = Artifact(dict(loaded.document), loaded.masks, stats)
     with pytest.raises(MaskforgeError, match=r"bn1\.running_var.*non-finite"):
         load_artifact(_write(tmp_path, artifact_bytes(forged)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Numbers are numbers, whatever their JSON spelling (found from outside: bug 2)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _respell(value, as_float: bool):
+    """Every number in `value` spelled as a JSON float (3 -> 3.0) or, where integral, as an integer."""
+    if isinstance(value, dict):
+        return {key: _respell(item, as_float) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_respell(item, as_float) for item in value]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    if as_float:
+        return float(value)
+    return int(value) if float(value).is_integer() else value
+
+
+@pytest.mark.parametrize("as_float", [False, True], ids=["integers as 1", "integers as 1.0"])
+def test_numbers_are_read_as_numbers_whatever_their_json_spelling(tmp_path, as_float):
+    """A JavaScript or Go writer spells k = 1 as `1`; another writer may spell every number `3.0`."""
+    model, artifact = _searched("conv2", 1, (12, 12), 4, k=1.0, seed=3)
+    original = artifact_bytes(artifact)
+    header, _ = _split(original)
+    document = json.loads(header["__metadata__"]["maskforge"])
+    assert document["k"] == 1.0 and isinstance(document["k"], float)
+
+    def respell(doc):
+        for key in [key for key in doc if key != "digests"]:
+            doc[key] = _respell(doc[key], as_float)
+
+    data = _edit_document(original, respell, resign=True)
+    edited = json.loads(_split(data)[0]["__metadata__"]["maskforge"])
+    assert (type(edited["k"]), type(edited["seed"])) == ((float, float) if as_float else (int, int))
+    path = tmp_path / "respelled.safetensors"
+    path.write_bytes(data)
+    loaded = load_artifact(path)
+    assert (loaded.k, loaded.seed, loaded.arch_args["image_size"]) == (1.0, 3, [12, 12])
+    assert type(loaded.k) is float and type(loaded.seed) is int
+    assert all(type(side) is int for side in loaded.arch_args["image_size"])
+    assert artifact_bytes(loaded) == data  # re-saving keeps the document as written (its digest stays valid)
+    x = torch.randn(2, 1, 12, 12, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded.create_model()(x), model.eval()(x))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The safetensors layout is checked by the safetensors library itself (maskforge no longer repeats it)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _first_and_last_tensor(header: dict) -> tuple[str, str]:
+    names = sorted((name for name in header if name != "__metadata__"), key=lambda n: header[n]["data_offsets"])
+    return names[0], names[-1]
+
+
+def _shift(header: dict, name: str, delta: int) -> dict:
+    header = json.loads(json.dumps(header))
+    start, end = header[name]["data_offsets"]
+    header[name]["data_offsets"] = [start + delta, end + delta]
+    return header
+
+
+def _forge(data: bytes, how: str) -> bytes:
+    header, body = _split(data)
+    first, last = _first_and_last_tensor(header)
+    if how == "gap":
+        return _join(_shift(header, last, 1), body + b"\x00")
+    if how == "overlap":
+        return _join(_shift(header, last, -1), body[:-1])
+    if how == "trailing data":
+        return _join(header, body + b"\x00" * 4)
+    if how == "truncated":
+        return _join(header, body[:-4])
+    if how == "size mismatch":
+        edited = json.loads(json.dumps(header))
+        edited[last]["shape"] = [edited[last]["shape"][0] + 1]
+        return _join(edited, body)
+    if how == "unknown dtype":
+        edited = json.loads(json.dumps(header))
+        edited[first]["dtype"] = "Q7"
+        return _join(edited, body)
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how,message", [
+    ("gap", "forged is damaged (safetensors: invalid offset for tensor "),
+    ("overlap", "forged is damaged (safetensors: invalid offset for tensor "),
+    ("trailing data", "forged is truncated, or trailing data (safetensors: incomplete metadata, file not fully"),
+    ("truncated", "forged is truncated, or trailing data (safetensors: incomplete metadata, file not fully"),
+    ("size mismatch", "forged is damaged (safetensors: invalid shape, data type, or offset for tensor)"),
+    ("unknown dtype", "forged is damaged (safetensors: invalid JSON in header: unknown variant `Q7`"),
+])
+def test_layout_damage_is_refused_by_safetensors_itself(conv, how, message):
+    from safetensors import SafetensorError
+    from safetensors.numpy import load as safetensors_load
+
+    data = _forge(conv[2].read_bytes(), how)
+    with pytest.raises(SafetensorError):  # the library alone refuses it: maskforge need not check it again
+        safetensors_load(data)
+    with pytest.raises(MaskforgeError) as caught:
+        artifact_from_bytes(data, "forged")
+    assert str(caught.value).startswith(message), str(caught.value)

@@ -116,9 +116,55 @@ def test_inspect_json_agrees_with_independent_computation(run_dir):
 
 
 def test_inspect_table(run_dir):
-    result = _invoke("inspect", str(run_dir / "artifact.safetensors"))
+    path = run_dir / "artifact.safetensors"
+    result = CliRunner().invoke(app, ["inspect", str(path)], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
-    assert "fc" in result.output and "1.weight" in result.output
+    summary = json.loads(_invoke("inspect", "--json", str(path)).output)
+    rows = [line for line in result.output.splitlines() if " 1.weight " in line or " 5.weight " in line]
+    assert len(rows) == 2 and "300x784" in rows[0] and "10x100" in rows[1]
+    assert summary["digest"] in result.output
+    assert "fc {'in_channels': 1, 'num_classes': 10, 'image_size': [28, 28]}" in result.output
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the search options are the schema's fields
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_search_options_are_built_from_the_schema():
+    import dataclasses
+
+    import typer.main
+
+    from maskforge.schema import SearchConfig
+
+    command = typer.main.get_command(app).commands["search"]
+    options = {param.name: param for param in command.params}
+    fields = {field.name for field in dataclasses.fields(SearchConfig)}
+    assert set(options) == fields | {"resume_dir", "quiet", "ctx"} - {"ctx"}
+    for name in fields:
+        description = SearchConfig.__pydantic_fields__[name].description
+        assert options[name].help.startswith(description), name
+        assert options[name].default is None, name  # not given: the schema's default applies
+        assert f"--{name.replace('_', '-')}" in options[name].opts
+
+
+def test_search_passes_only_the_options_given(monkeypatch, tmp_path):
+    import maskforge.search as library  # the module (the package attribute is the function)
+
+    module = sys.modules["maskforge.search"]
+    seen = []
+
+    def fake_search(config, **kwargs):
+        seen.append(config)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(module, "search", fake_search)
+    assert _invoke("search", "--k", "0.25", "--no-scale-fan", "--out", str(tmp_path)).exit_code == 0
+    from maskforge.schema import SearchConfig
+
+    assert seen == [SearchConfig(k=0.25, scale_fan=False, out=str(tmp_path))]
+    assert library  # imported for its module
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -127,19 +173,19 @@ def test_inspect_table(run_dir):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["search", "--k", "0"], "k must be"),
-    (["search", "--k", "1.5"], "k must be"),
-    (["search", "--arch", "resnet9000"], "resnet9000"),
-    (["search", "--data", "/no/such/folder/anywhere"], "/no/such/folder/anywhere"),
-    (["search", "--epochs", "abc"], "--epochs"),
-    (["search", "--no-such-option"], "--no-such-option"),
-    (["inspect", "/no/such/artifact.safetensors"], "does not exist"),
-    (["frobnicate"], "frobnicate"),
+    (["search", "--k", "0"], "error: search config: k must be > 0, got 0.0"),
+    (["search", "--k", "1.5"], "error: search config: k must be <= 1, got 1.5"),
+    (["search", "--arch", "resnet9000"], "error: unknown architecture 'resnet9000'; choose from: fc,"),
+    (["search", "--data", "/no/such/folder/anywhere"], "error: data source /no/such/folder/anywhere does not exist"),
+    (["search", "--epochs", "abc"], "error: Invalid value for '--epochs': "),
+    (["search", "--no-such-option"], "error: No such option: --no-such-option"),
+    (["inspect", "/no/such/artifact.safetensors"], "error: artifact /no/such/artifact.safetensors does not exist"),
+    (["frobnicate"], "error: No such command 'frobnicate'."),
 ])
 def test_bad_input_is_one_error_line(args, needle, tmp_path):
     if args[0] == "search":
         args = args + ["--out", str(tmp_path / "run")]
-    _one_error_line(_invoke(*args), needle)
+    assert _one_error_line(_invoke(*args)).startswith(needle)
     assert not (tmp_path / "run").exists()
 
 

@@ -237,16 +237,20 @@ ROWS = [
     # archs
     R("archs", "unknown option", lambda f: ["archs", "--bogus"], "No such option: --bogus"),
     # search: options out of range (checked before any data is loaded)
-    R("search", "k = 0", lambda f: ["search", "--k", "0"], r"k must be in \(0, 1\]"),
-    R("search", "k > 1", lambda f: ["search", "--k", "1.5"], r"k must be in \(0, 1\]"),
+    R("search", "k = 0", lambda f: ["search", "--k", "0"], r"^error: search config: k must be > 0, got 0\.0$"),
+    R("search", "k > 1", lambda f: ["search", "--k", "1.5"], r"^error: search config: k must be <= 1, got 1\.5$"),
     R("search", "k not a number", lambda f: ["search", "--k", "half"], "Invalid value for '--k'"),
     R("search", "unknown architecture", lambda f: ["search", "--arch", "resnet9000"], "unknown architecture"),
-    R("search", "epochs 0", lambda f: ["search", "--epochs", "0"], "epochs must be at least 1"),
-    R("search", "batch size 0", lambda f: ["search", "--batch-size", "0"], "batch-size must be at least 1"),
-    R("search", "negative lr", lambda f: ["search", "--lr", "-0.1"], "lr must be positive"),
-    R("search", "negative seed", lambda f: ["search", "--seed", "-1"], "seed must be a non-negative integer"),
-    R("search", "unknown init", lambda f: ["search", "--init", "xavier"], "unknown --init 'xavier'"),
-    R("search", "unknown device", lambda f: ["search", "--device", "tpu"], "device must be auto, cpu or cuda"),
+    R("search", "epochs 0", lambda f: ["search", "--epochs", "0"], r"search config: epochs must be >= 1, got 0$"),
+    R("search", "batch size 0", lambda f: ["search", "--batch-size", "0"],
+      r"search config: batch_size must be >= 1, got 0$"),
+    R("search", "negative lr", lambda f: ["search", "--lr", "-0.1"], r"search config: lr must be > 0, got -0\.1$"),
+    R("search", "negative seed", lambda f: ["search", "--seed", "-1"], r"search config: seed must be >= 0, got -1$"),
+    R("search", "unknown init", lambda f: ["search", "--init", "xavier"],
+      r"search config: init must be one of 'signed_constant', 'unsigned_constant' or 'kaiming_normal', "
+      r"got 'xavier'$"),
+    R("search", "unknown device", lambda f: ["search", "--device", "tpu"],
+      r"search config: device must be one of 'auto', 'cpu' or 'cuda', got 'tpu'$"),
     # search: data
     R("search", "missing data folder", lambda f: ["search", "--data", f.missing], "does not exist"),
     R("search", "data is a file", lambda f: ["search", "--data", f.text], "is not a folder"),
@@ -275,10 +279,12 @@ ROWS = [
     R("inspect", "text file", lambda f: ["inspect", f.text], "not a maskforge artifact"),
     R("inspect", "PNG image", lambda f: ["inspect", f.png], "not a maskforge artifact"),
     R("inspect", "empty file", lambda f: ["inspect", f.empty], r"not a maskforge artifact \(only 0 bytes\)"),
-    R("inspect", "truncated artifact", lambda f: ["inspect", f.truncated], r"\(truncated\)"),
+    R("inspect", "truncated artifact", lambda f: ["inspect", f.truncated],
+      r"truncated\.safetensors is truncated, or trailing data \(safetensors: incomplete metadata, file not fully "
+      r"covered\)$"),
     R("inspect", "corrupted tensor", lambda f: ["inspect", f.corrupted], r"tensor mask/\S+ does not match its digest"),
     R("inspect", "newer format version", lambda f: ["inspect", f.newer], "upgrade maskforge"),
-    R("inspect", "k out of range in file", lambda f: ["inspect", f.bad_k], r"k must be a number in \(0, 1\]"),
+    R("inspect", "k out of range in file", lambda f: ["inspect", f.bad_k], r"k\.safetensors: k must be > 0, got 0\.0$"),
     R("inspect", "unreadable file (simulated)", lambda f: ["inspect", f.unreadable], "Permission denied",
       _unreadable("unreadable")),
     # verify

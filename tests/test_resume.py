@@ -265,7 +265,7 @@ def test_resume_with_edited_checkpoint_metadata(finished_run, tmp_path):
     assert header != text[8:8 + header_len] and len(header) == header_len
     (run / CHECKPOINT_NAME).write_bytes(text[:8] + header + text[8 + header_len:])
     assert ckpt.position["step"] == 2
-    _fails(["search", "--resume", str(run)], "does not match its digest", run)
+    _fails(["search", "--resume", str(run)], "metadata digest mismatch (the JSON document was modified", run)
 
 
 @pytest.mark.parametrize("field,value", [("arch", "conv2"), ("k", 0.3), ("seed", 7)])

@@ -224,16 +224,27 @@ def test_heldout_images_are_never_trained_on(tmp_path, captured):
 # ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("change,needle", [
-    ({"data": "MISSING"}, "does not exist"),
-    ({"data": "EMPTY"}, "not a recognized"),
-    ({"k": 0.0}, "k must be"),
-    ({"k": 1.5}, "k must be"),
-    ({"arch": "resnet9000"}, "unknown architecture"),
-    ({"epochs": 0}, "epochs"),
-    ({"init": "xavier"}, "xavier"),
+@pytest.mark.parametrize("change,message", [
+    ({"k": 0.0}, "search config: k must be > 0, got 0.0"),
+    ({"k": 1.5}, "search config: k must be <= 1, got 1.5"),
+    ({"epochs": 0}, "search config: epochs must be >= 1, got 0"),
+    ({"init": "xavier"}, "search config: init must be one of 'signed_constant', 'unsigned_constant' or "
+                         "'kaiming_normal', got 'xavier'"),
+    ({"epochs": 2, "warmup_epochs": 2}, "search config: warmup_epochs (2) must be smaller than epochs (2)"),
+    ({"lr": float("inf")}, "search config: lr must be a finite number, got inf"),
 ])
-def test_bad_config_raises_and_writes_nothing(tmp_path, change, needle):
+def test_bad_config_is_refused_when_built(tmp_path, change, message):
+    with pytest.raises(MaskforgeError) as caught:
+        _config(tmp_path, **change)
+    assert str(caught.value) == message
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"data": "MISSING"}, "data source {tmp}/no-such-folder does not exist; expected one of: 'mnist5k'"),
+    ({"data": "EMPTY"}, "data source {tmp}/empty is not a recognized data folder; expected one of: 'mnist5k'"),
+    ({"arch": "resnet9000"}, "unknown architecture 'resnet9000'; choose from: fc, conv2,"),
+])
+def test_bad_search_raises_and_writes_nothing(tmp_path, change, message):
     change = dict(change)
     if change.get("data") == "MISSING":
         change["data"] = str(tmp_path / "no-such-folder")
@@ -241,8 +252,9 @@ def test_bad_config_raises_and_writes_nothing(tmp_path, change, needle):
         (tmp_path / "empty").mkdir()
         change["data"] = str(tmp_path / "empty")
     config = _config(tmp_path, **change)
-    with pytest.raises(MaskforgeError, match=needle):
+    with pytest.raises(MaskforgeError) as caught:
         search(config, progress=False)
+    assert str(caught.value).startswith(message.format(tmp=tmp_path))
     assert not Path(config.out).exists()
 
 
