@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from maskforge import data as D
+import maskforge
 from maskforge.data import (
     DataSplits,
     ImageFileDataset,
@@ -30,7 +30,7 @@ from maskforge.data import (
 )
 from maskforge.errors import MaskforgeError
 
-VENDORED = Path(D.__file__).parent / "_data" / "mnist5k.npz"
+VENDORED = Path(maskforge.__file__).parent / "_data" / "mnist5k.npz"
 
 
 # ---------------------------------------------------------------------------------------------------------

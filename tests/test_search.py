@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+import maskforge
 from maskforge import regen
 from maskforge.artifact import load_artifact
 from maskforge.data import DataSplits, InMemoryImages, load_data
@@ -26,7 +27,7 @@ from maskforge.search import SearchConfig, search
 
 # `maskforge.search` the attribute is the function; the module (whose globals we patch) is this:
 search_module = importlib.import_module("maskforge.search")
-VENDORED = Path(search_module.__file__).parent / "_data" / "mnist5k.npz"
+VENDORED = Path(maskforge.__file__).parent / "_data" / "mnist5k.npz"
 
 
 # ---------------------------------------------------------------------------------------------------------
