@@ -9,6 +9,7 @@ typed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import sys
@@ -69,14 +70,20 @@ CONFIG_OPTIONS = [_option(field.name, _HINTS[field.name]) for field in dataclass
 
 def search_command(ctx: typer.Context, resume_dir: Optional[Path] = None, quiet: bool = False,
                    **options: Any) -> None:
-    progress = not quiet and sys.stderr.isatty()
     given = {name: value for name, value in options.items() if value is not None}
     from maskforge.search import resume, search  # torch loads here, not for --help
 
-    if resume_dir is not None:
-        result = resume(resume_dir, given, progress=progress)
-    else:
-        result = search(SearchConfig(**given), progress=progress)
+    with contextlib.ExitStack() as stack:
+        callbacks = {}
+        if not quiet and sys.stderr.isatty():
+            from .progress import SearchProgress
+
+            bar = stack.enter_context(SearchProgress())
+            callbacks = {"on_step": bar.on_step, "on_epoch": bar.on_epoch}
+        if resume_dir is not None:
+            result = resume(resume_dir, given, **callbacks)
+        else:
+            result = search(SearchConfig(**given), **callbacks)
     if result.rank != 0:
         return  # under torchrun only rank 0 reports
     from rich.console import Console

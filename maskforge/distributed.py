@@ -21,7 +21,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -114,6 +114,31 @@ def process_group(world: World) -> Iterator[None]:
         yield
     finally:
         dist.destroy_process_group()
+
+
+def run_on_main(fn: Callable[[], Any], world: World, what: str = "") -> Any:
+    """Run `fn` on rank 0 only and give every rank its result, or make every rank raise its error.
+
+    A `MaskforgeError` on rank 0 becomes the same `MaskforgeError` everywhere (so all ranks exit 2
+    together); any other failure re-raises on rank 0 and becomes a RuntimeError on the others.
+    """
+    if not world.is_distributed:
+        return fn()
+    message = None
+    if world.is_main:
+        try:
+            message = ("ok", fn())
+        except MaskforgeError as exc:
+            message = ("error", str(exc))
+        except BaseException as exc:
+            broadcast_object(("crash", f"{type(exc).__name__}: {exc}"), world)
+            raise
+    kind, payload = broadcast_object(message, world)
+    if kind == "error":
+        raise MaskforgeError(payload)
+    if kind == "crash":
+        raise RuntimeError(f"rank 0 failed{what}: {payload}")
+    return payload
 
 
 def broadcast_object(obj: Any, world: World) -> Any:
