@@ -44,6 +44,17 @@ KIND = "maskforge artifact"
 BN_STATS = ("running_mean", "running_var")
 
 
+def _field(path: str, doc: str) -> property:
+    """A read-only property reading `path` (dotted) from the typed document `meta`."""
+    def get(artifact: "Artifact"):
+        value = artifact.meta
+        for name in path.split("."):
+            value = getattr(value, name)
+        return value
+
+    return property(get, doc=doc)
+
+
 @dataclass
 class Artifact:
     """An in-memory artifact: the sealed JSON document, boolean masks and BN statistics.
@@ -68,38 +79,18 @@ class Artifact:
         if self.meta is None:
             self.meta = parse_artifact_document(self.document, "artifact")
 
-    @property
-    def arch(self) -> str:
-        return self.meta.arch.name
+    arch = _field("arch.name", "The registered architecture name.")
+    k = _field("k", "The fraction of weights kept.")
+    seed = _field("seed", "The generator seed.")
+    init = _field("init.distribution", "The weight distribution.")
+    scale_fan = _field("init.scale_fan", "Whether sigma uses k * fan_in.")
+    topk = _field("topk", "The top-k rule: 'layer' (the kept-count rule per layer) or 'global'.")
+    spec = _field("input", "The input spec (`InputSpec`).")
 
     @property
     def arch_args(self) -> dict:
         """The architecture's arguments (`archs.create_model` keywords), typed as the builders expect."""
         return self.meta.arch.args.to_dict()
-
-    @property
-    def k(self) -> float:
-        return self.meta.k
-
-    @property
-    def seed(self) -> int:
-        return self.meta.seed
-
-    @property
-    def init(self) -> str:
-        return self.meta.init.distribution
-
-    @property
-    def scale_fan(self) -> bool:
-        return self.meta.init.scale_fan
-
-    @property
-    def topk(self) -> str:
-        return self.meta.topk
-
-    @property
-    def spec(self) -> InputSpec:
-        return self.meta.input
 
     @property
     def masked_weights(self) -> int:

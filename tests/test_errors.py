@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import importlib
+import importlib.util
 import json
 import os
 import re
@@ -34,12 +35,11 @@ from maskforge import fileio
 from maskforge.archs import arch_args, create_model
 from maskforge.artifact import build_artifact, save_artifact
 from maskforge.cli import app
+from maskforge.cli.commands import COMMANDS as CLI_COMMANDS
 from maskforge.data import InputSpec
 
-# `maskforge.cli.app` the attribute is the Typer app; the module holding the CLI state is this one:
-app_module = importlib.import_module("maskforge.cli.app")
-
-COMMANDS = {info.name for info in app.registered_commands}
+# Every command of this checkout (each module loads when its command runs).
+COMMANDS = {name for name, command in CLI_COMMANDS.items() if importlib.util.find_spec(command.module)}
 EXECUTABLE = Path(sys.executable).parent / "maskforge"
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 _TABLE: list[tuple[str, str, int, str]] = []
@@ -154,7 +154,7 @@ def files(tmp_path_factory) -> Files:
 
 @pytest.fixture(autouse=True)
 def _no_debug(monkeypatch):
-    monkeypatch.setitem(app_module._state, "debug", False)
+    monkeypatch.delenv("MASKFORGE_DEBUG", raising=False)  # a developer's setting must not change the table
 
 
 @pytest.fixture(scope="module", autouse=True)

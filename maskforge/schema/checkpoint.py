@@ -74,15 +74,19 @@ TrainSums = tuple[Measurement, Count, Count]  # loss sum, correct, seen of the c
 
 @record(frozen=True, label="checkpoint")
 class CheckpointDocument:
-    format: Literal[FORMAT_NAME]
-    format_version: Annotated[Integer, Field(ge=FORMAT_VERSION, le=FORMAT_VERSION)]
+    """The JSON document under the metadata key `maskforge_checkpoint`: what is being searched, where the
+    search stands, and the seal."""
+
     identity: Identity
     config: SearchConfig
-    world_size: Annotated[Integer, Field(ge=1, description="processes that wrote it (a resume must use as many)")]
     position: Position
-    train_sums: Annotated[list[TrainSums], Field(description="per rank: [loss_sum, correct, seen] of the current epoch")]
+    train_sums: Annotated[list[TrainSums], Field(description="per rank: [loss_sum, correct, seen] of the "
+                                                             "current epoch")]
     metrics: Annotated[list[EpochRecord], Field(description="the records of the finished epochs")]
+    world_size: Annotated[Integer, Field(ge=1, description="processes that wrote it (a resume must use as many)")]
     versions: dict[Text, Text]
+    format: Literal[FORMAT_NAME]
+    format_version: Annotated[Integer, Field(ge=FORMAT_VERSION, le=FORMAT_VERSION)]
     digests: CheckpointDigests
 
     @model_validator(mode="after")
