@@ -294,3 +294,27 @@ def test_out_folder_that_cannot_be_created_even_by_root(tmp_path):
         search(config)
     assert str(caught.value).startswith("cannot create output folder /proc/maskforge-test-run/run: ")
     assert not Path("/proc/maskforge-test-run").exists()
+
+
+def test_computing_choices_are_applied_and_recorded(tmp_path):
+    """precision, channels_last and deterministic reach the loop (seen from on_step, during the search),
+    are recorded in the provenance, and the global switches are restored afterwards."""
+    data = str(write_mnist_folder(tmp_path / "data", 64, 16))
+    seen = []
+
+    def during(progress):
+        seen.append((torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic))
+
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic)
+    with spy_arch("conv2") as spy:
+        result = search(_config(tmp_path, arch=spy.name, data=data, max_steps=2, batch_size=32, precision="bf16",
+                                channels_last=True, deterministic=True), on_step=during)
+        inputs = spy.trained
+    assert seen == [(True, True)] * 2
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic) == before
+    assert all(x.is_contiguous(memory_format=torch.channels_last) for x in inputs)
+    provenance = result.artifact.document["provenance"]
+    assert {key: provenance[key] for key in ("device", "precision", "channels_last", "masker", "compile",
+                                             "deterministic")} == \
+        {"device": "cpu", "precision": "bf16", "channels_last": True, "masker": None, "compile": False,
+         "deterministic": True}
