@@ -42,10 +42,13 @@ def _one_error_line(result, needle: str | None = None) -> str:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cli") / "run"
-    result = _invoke("search", "--arch", "fc", "--max-steps", "3", "--epochs", "1", "--seed", "3",
-                     "--batch-size", "64", "--device", "cpu", "--workers", "0", "--quiet", "--out", str(out))
+    result = runner.invoke(app, ["search", "--arch", "fc", "--max-steps", "3", "--epochs", "1", "--seed", "3",
+                                 "--batch-size", "64", "--device", "cpu", "--workers", "0", "--quiet", "--out",
+                                 str(out)], env={"COLUMNS": "1000"})  # no line breaks inside the path
     assert result.exit_code == 0, result.output
-    assert "done" in result.output and "artifact.safetensors" in result.output.replace("\n", "")
+    text = " ".join(result.output.split())
+    assert text.startswith("done: fc k=0.5 seed=3 held-out accuracy "), text
+    assert f"artifact {out / 'artifact.safetensors'} (" in text and " bits per masked weight)" in text
     return out
 
 
@@ -223,8 +226,9 @@ def test_bad_input_is_one_error_line(args, needle, tmp_path):
 def test_inspect_of_a_file_that_is_not_an_artifact(tmp_path):
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"this is not a model" * 10)
-    _one_error_line(_invoke("inspect", str(junk)), "not a maskforge artifact")
-    _one_error_line(_invoke("inspect", str(tmp_path)), "folder")
+    assert _one_error_line(_invoke("inspect", str(junk))) == \
+        f"error: {junk} is not a maskforge artifact (not a safetensors file, or truncated)"
+    assert _one_error_line(_invoke("inspect", str(tmp_path))) == f"error: {tmp_path} is a folder, not an artifact file"
 
 
 def test_corrupted_artifact_is_one_error_line(run_dir, tmp_path):
@@ -232,7 +236,8 @@ def test_corrupted_artifact_is_one_error_line(run_dir, tmp_path):
     data[-1] ^= 0xFF  # last byte of the last tensor
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(bytes(data))
-    _one_error_line(_invoke("inspect", "--json", str(bad)), "digest")
+    assert _one_error_line(_invoke("inspect", "--json", str(bad))) == \
+        f"error: {bad}: tensor mask/5.weight does not match its digest (corrupted)"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -202,13 +202,15 @@ def _copy(run: Path, tmp_path: Path) -> Path:
     return target
 
 
-def _fails(argv: list[str], needle: str, folder: Path | None = None) -> None:
+def _fails(argv: list[str], needle: str, folder: Path | None = None, *, exact: bool = False) -> None:
+    """One `error:` line, exit 2, nothing in `folder` changed; the line contains `needle` (a phrase of the
+    message, never a part of a path) or, with `exact`, is it."""
     before = _snapshot(folder) if folder is not None and folder.is_dir() else None
     result = CliRunner().invoke(app, argv)
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2, (result.exit_code, result.output)
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert needle in lines[0], lines[0]
+    assert lines[0] == needle if exact else needle in lines[0], lines[0]
     if before is not None:
         assert _snapshot(folder) == before
 
@@ -229,8 +231,14 @@ def test_resume_of_a_folder_that_is_not_a_run(tmp_path):
     _fails(["search", "--resume", str(tmp_path / "empty")], "not a search run folder", tmp_path / "empty")
 
 
-@pytest.mark.parametrize("damage", ["flip a data byte", "truncate", "garbage", "empty"])
-def test_resume_with_a_corrupt_checkpoint(finished_run, tmp_path, damage):
+@pytest.mark.parametrize("damage,message", [
+    ("flip a data byte", "error: checkpoint {path}: tensor rng/torch_cpu does not match its digest (corrupted)"),
+    ("truncate", "error: checkpoint {path} is truncated, or trailing data (safetensors: incomplete metadata, file not "
+                 "fully covered)"),
+    ("garbage", "error: checkpoint {path} is not a maskforge checkpoint (not a safetensors file, or truncated)"),
+    ("empty", "error: checkpoint {path} is not a maskforge checkpoint (only 0 bytes)"),
+])
+def test_resume_with_a_corrupt_checkpoint(finished_run, tmp_path, damage, message):
     run = _copy(finished_run, tmp_path)
     path = run / CHECKPOINT_NAME
     data = bytearray(path.read_bytes())
@@ -243,7 +251,7 @@ def test_resume_with_a_corrupt_checkpoint(finished_run, tmp_path, damage):
     else:
         data = bytearray()
     path.write_bytes(bytes(data))
-    _fails(["search", "--resume", str(run)], "corrupt", run)
+    _fails(["search", "--resume", str(run)], message.format(path=path), run, exact=True)
 
 
 def test_resume_with_edited_checkpoint_metadata(finished_run, tmp_path):
@@ -259,14 +267,16 @@ def test_resume_with_edited_checkpoint_metadata(finished_run, tmp_path):
     _fails(["search", "--resume", str(run)], "metadata digest mismatch (the JSON document was modified", run)
 
 
-@pytest.mark.parametrize("field,value", [("arch", "conv2"), ("k", 0.3), ("seed", 7)])
-def test_resume_with_a_checkpoint_of_another_search(finished_run, tmp_path, field, value):
+@pytest.mark.parametrize("field,value,recorded", [("arch", "conv2", "'fc'"), ("k", 0.3, "0.5"), ("seed", 7, "0")])
+def test_resume_with_a_checkpoint_of_another_search(finished_run, tmp_path, field, value, recorded):
     # The folder's config says one network, its checkpoint holds another one's scores.
     run = _copy(finished_run, tmp_path)
     config = json.loads((run / "config.json").read_text())
     config[field] = value
     (run / "config.json").write_text(json.dumps(config))
-    _fails(["search", "--resume", str(run)], "was written by a different search", run)
+    _fails(["search", "--resume", str(run)],
+           f"error: checkpoint {run / CHECKPOINT_NAME} was written by a different search: {field} {recorded} "
+           f"(this run: {value!r})", run, exact=True)
 
 
 def test_resume_with_a_checkpoint_whose_tensors_do_not_fit(finished_run, tmp_path):
@@ -344,7 +354,10 @@ def test_fresh_search_may_overwrite_a_finished_run(finished_run, tmp_path):
 
 
 def test_load_checkpoint_errors_are_maskforge_errors(tmp_path):
-    with pytest.raises(MaskforgeError, match="no checkpoint at"):
+    with pytest.raises(MaskforgeError) as caught:
         load_checkpoint(tmp_path / "missing.safetensors")
-    with pytest.raises(MaskforgeError, match="is a folder"):
+    assert str(caught.value) == (f"no checkpoint at {tmp_path / 'missing.safetensors'}: nothing to resume (a search "
+                                 f"writes one at the end of every epoch and every checkpoint_every steps)")
+    with pytest.raises(MaskforgeError) as caught:
         load_checkpoint(tmp_path)
+    assert str(caught.value) == f"{tmp_path} is a folder, not a checkpoint file"
