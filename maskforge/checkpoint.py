@@ -171,7 +171,7 @@ def save_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike) -> Path:
     """Write atomically: a reader or a crash sees the previous checkpoint or this one, never a torn file."""
     document = {key: value for key, value in checkpoint.document.items() if key != "digests"}
     document["format"], document["format_version"] = FORMAT_NAME, FORMAT_VERSION
-    tensors = {name: checkpoint.tensors[name].numpy() for name in sorted(checkpoint.tensors)}
+    tensors = {name: checkpoint.tensors[name] for name in sorted(checkpoint.tensors)}
     # NaN is allowed here: a diverged search still checkpoints (its losses are NaN) and resumes the same way.
     checkpoint.document = container.write_file(path, document, tensors, key=METADATA_KEY, allow_nan=True)
     return Path(path)

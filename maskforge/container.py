@@ -78,9 +78,12 @@ def seal(document: Mapping, tensors: Mapping[str, np.ndarray], *, allow_nan: boo
     return sealed
 
 
-def write(document: Mapping, tensors: Mapping[str, np.ndarray], *, key: str, allow_nan: bool = False) -> bytes:
-    """The bytes of a container holding `tensors` and the sealed `document` (deterministic)."""
-    return serialize(seal(document, tensors, allow_nan=allow_nan), tensors, key=key, allow_nan=allow_nan)
+def write(document: Mapping, tensors: Mapping[str, np.ndarray | torch.Tensor], *, key: str,
+          allow_nan: bool = False) -> bytes:
+    """The bytes of a container holding `tensors` (numpy arrays or CPU torch tensors) and the sealed
+    `document` (deterministic)."""
+    arrays = as_arrays(tensors)
+    return serialize(seal(document, arrays, allow_nan=allow_nan), arrays, key=key, allow_nan=allow_nan)
 
 
 def serialize(sealed: Mapping, tensors: Mapping[str, np.ndarray], *, key: str, allow_nan: bool = False) -> bytes:
@@ -88,11 +91,18 @@ def serialize(sealed: Mapping, tensors: Mapping[str, np.ndarray], *, key: str, a
     return _safetensors_save(dict(tensors), metadata={key: canonical_json(sealed, allow_nan=allow_nan)})
 
 
-def write_file(path, document: Mapping, tensors: Mapping[str, np.ndarray], *, key: str,
+def as_arrays(tensors: Mapping[str, np.ndarray | torch.Tensor]) -> dict[str, np.ndarray]:
+    """numpy views of torch tensors (C order, on the CPU); numpy arrays pass through."""
+    return {name: t.detach().cpu().contiguous().numpy() if isinstance(t, torch.Tensor) else t
+            for name, t in tensors.items()}
+
+
+def write_file(path, document: Mapping, tensors: Mapping[str, np.ndarray | torch.Tensor], *, key: str,
                allow_nan: bool = False) -> dict:
     """Seal `document` and write the container to `path` atomically, streaming the tensors to the file
     (no copy of them in memory: checkpoints of large networks hold hundreds of MB). Returns the sealed
     document."""
+    tensors = as_arrays(tensors)
     sealed = seal(document, tensors, allow_nan=allow_nan)
     metadata = {key: canonical_json(sealed, allow_nan=allow_nan)}
     with atomic_path(path) as tmp:
