@@ -1,6 +1,8 @@
-"""The `maskforge` command line: a thin Typer layer over the library (installed as `maskforge.cli`)."""
+"""The `maskforge` command line: a thin Typer layer over the library (installed as `maskforge.cli`).
+
+Importing it loads no command module and no torch: each command loads when it runs (see commands.py).
+"""
 
 from .app import app, main
-from . import commands  # noqa: F401  (registers every command on `app`)
 
 __all__ = ["app", "main"]

@@ -47,8 +47,11 @@ def eval_command(
     confusion_png: Annotated[Optional[Path], typer.Option(
         "--confusion-png", help="Also draw the confusion matrix into this PNG file.")] = None,
 ) -> None:
-    """Evaluate a model in onnxruntime: top-1/top-5 and per-class accuracy on the held-out split, agreement
-    with float32, latency, throughput, session start, peak memory, sizes, parameters and MACs.
+    """Evaluate a model in onnxruntime: accuracy, agreement with float32, latency, memory and size.
+
+    Reports top-1/top-5 and per-class accuracy on the held-out split (confusion matrix), argmax agreement
+    with float32, latency and throughput at batch 1 and B, session start, peak memory, sizes, parameters
+    and MACs.
 
     Examples:
 

@@ -35,7 +35,7 @@ def inspect_command(
     overview = Table(show_header=False, title=str(file))
     rows = [
         ("architecture", f"{summary['arch']} {summary['arch_args']}"),
-        ("k (kept fraction)", f"{summary['k']}"),
+        ("k (kept fraction)", f"{summary['k']}" + (" (one global threshold)" if summary["topk"] == "global" else "")),
         ("seed / init", f"{summary['seed']} / {summary['init']}{' (scaled fan-in)' if summary['scale_fan'] else ''}"),
         ("input", f"{spec['channels']}x{spec['height']}x{spec['width']}, mean {spec['mean']}, std {spec['std']}"),
         ("classes", ", ".join(spec["class_names"][:12]) + (" ..." if len(spec["class_names"]) > 12 else "")),

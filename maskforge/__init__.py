@@ -2,29 +2,56 @@
 
 The public API mirrors the CLI, one function per command: `search`/`resume` (maskforge search),
 `inspect_artifact`, `export_onnx`/`export_torch`, `evaluate`, `predict`, `verify_artifact`/`verify_onnx`.
+Names load on first use, so `import maskforge` (and `maskforge --help`) does not import torch.
 
 >>> import maskforge
 >>> result = maskforge.search(maskforge.SearchConfig(arch="conv4", k=0.5, epochs=1))   # doctest: +SKIP
 >>> model = maskforge.materialize(result.artifact_path)                                 # doctest: +SKIP
 """
 
+import importlib
+import sys
+import types
+
 __version__ = "0.1.0"
 
-from .errors import MaskforgeError  # noqa: E402
-from .archs import ARCHS, arch_names, create_model, list_archs  # noqa: E402
-from .artifact import Artifact, inspect_artifact, load_artifact, save_artifact  # noqa: E402
-from .search import SearchConfig, SearchResult, resume, search  # noqa: E402
-from .materialize import materialize  # noqa: E402
-from .export import export_onnx, export_torch, load_torch_export  # noqa: E402
-from .evaluation import evaluate  # noqa: E402
-from .predict import predict  # noqa: E402
-from .verify import verify_artifact, verify_onnx  # noqa: E402
+from .errors import MaskforgeError  # noqa: E402  (light: no torch)
 
-__all__ = [
-    "__version__", "MaskforgeError",
-    "ARCHS", "arch_names", "list_archs", "create_model",
-    "Artifact", "load_artifact", "save_artifact", "inspect_artifact",
-    "SearchConfig", "SearchResult", "search", "resume",
-    "materialize", "export_onnx", "export_torch", "load_torch_export",
-    "evaluate", "predict", "verify_artifact", "verify_onnx",
-]
+#: public name -> the module that defines it
+_PUBLIC = {
+    "ARCHS": "archs", "arch_names": "archs", "list_archs": "archs", "create_model": "archs",
+    "Artifact": "artifact", "load_artifact": "artifact", "save_artifact": "artifact",
+    "inspect_artifact": "artifact",
+    "SearchConfig": "schema", "InputSpec": "schema",
+    "SearchResult": "search", "search": "search", "resume": "search",
+    "materialize": "materialize",
+    "export_onnx": "export", "export_torch": "export", "load_torch_export": "export",
+    "evaluate": "evaluation", "predict": "predict",
+    "verify_artifact": "verify", "verify_onnx": "verify",
+}
+
+__all__ = ["__version__", "MaskforgeError", *_PUBLIC]
+
+
+class _Package(types.ModuleType):
+    """Loads public names on first use. Where a function shares its module's name (`search`, `materialize`,
+    `evaluate`), the function wins: importing the module (which sets the package attribute to the
+    module) leaves `maskforge.search` the function, as an eager import of both would."""
+
+    def __getattr__(self, name: str):
+        if name not in _PUBLIC:
+            raise AttributeError(f"module 'maskforge' has no attribute {name!r}")
+        value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+        super().__setattr__(name, value)
+        return value
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, types.ModuleType) and _PUBLIC.get(name) == name:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+    def __dir__(self) -> list[str]:
+        return sorted({*super().__dir__(), *_PUBLIC})
+
+
+sys.modules[__name__].__class__ = _Package

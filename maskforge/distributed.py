@@ -21,7 +21,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -116,6 +116,31 @@ def process_group(world: World) -> Iterator[None]:
         dist.destroy_process_group()
 
 
+def run_on_main(fn: Callable[[], Any], world: World, what: str = "") -> Any:
+    """Run `fn` on rank 0 only and give every rank its result, or make every rank raise its error.
+
+    A `MaskforgeError` on rank 0 becomes the same `MaskforgeError` everywhere (so all ranks exit 2
+    together); any other failure re-raises on rank 0 and becomes a RuntimeError on the others.
+    """
+    if not world.is_distributed:
+        return fn()
+    message = None
+    if world.is_main:
+        try:
+            message = ("ok", fn())
+        except MaskforgeError as exc:
+            message = ("error", str(exc))
+        except BaseException as exc:
+            broadcast_object(("crash", f"{type(exc).__name__}: {exc}"), world)
+            raise
+    kind, payload = broadcast_object(message, world)
+    if kind == "error":
+        raise MaskforgeError(payload)
+    if kind == "crash":
+        raise RuntimeError(f"rank 0 failed{what}: {payload}")
+    return payload
+
+
 def broadcast_object(obj: Any, world: World) -> Any:
     """Rank 0's `obj` on every rank (small picklable values only: plans, JSON documents)."""
     if not world.is_distributed:
@@ -138,13 +163,14 @@ def broadcast_tensors(tensors: Sequence[torch.Tensor], world: World) -> None:
             tensor.copy_(buffer)
 
 
-def average_tensors_(tensors: Sequence[torch.Tensor], world: World) -> None:
-    """Replace each float tensor by its mean over ranks, with one all-reduce over a flat copy."""
+def weighted_sum_(tensors: Sequence[torch.Tensor], weight: float, world: World) -> None:
+    """Replace each float tensor by the sum over ranks of `weight * tensor` (each rank gives its own weight),
+    with one all-reduce over a flat copy. Weights that add up to 1 give a weighted average."""
     if not world.is_distributed or not tensors:
         return
     flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    flat *= weight
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= world.world_size
     offset = 0
     for tensor in tensors:
         n = tensor.numel()

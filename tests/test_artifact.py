@@ -21,6 +21,7 @@ from maskforge.artifact import (
     FORMAT_VERSION,
     Artifact,
     artifact_bytes,
+    artifact_from_bytes,
     build_artifact,
     inspect_artifact,
     load_artifact,
@@ -137,11 +138,12 @@ def test_pack_mask_uses_c_order_of_the_weight_shape():
 
 
 def test_unpack_mask_rejects_bad_input():
-    with pytest.raises(MaskforgeError, match="padding"):
+    with pytest.raises(MaskforgeError, match=r"^packed mask has non-zero padding bits$"):
         unpack_mask(np.array([0b1000_0000], dtype=np.uint8), (7,))
-    with pytest.raises(MaskforgeError, match="expected"):
+    with pytest.raises(MaskforgeError, match=r"^packed mask has shape \(2,\) and dtype uint8, expected uint8 of 1 "
+                                             r"bytes for weights of shape \[7\]$"):
         unpack_mask(np.zeros(2, dtype=np.uint8), (7,))
-    with pytest.raises(MaskforgeError, match="expected"):
+    with pytest.raises(MaskforgeError, match=r"^packed mask has shape \(1,\) and dtype int8, expected uint8"):
         unpack_mask(np.zeros(1, dtype=np.int8), (7,))
 
 
@@ -301,44 +303,60 @@ def _write(tmp_path: Path, data: bytes, name: str = "bad.safetensors") -> Path:
     return path
 
 
+def _refused(tmp_path: Path, data: bytes, message: str, name: str = "bad.safetensors") -> None:
+    """Loading `data` fails with exactly `message` ({path} stands for the file's path)."""
+    path = _write(tmp_path, data, name)
+    with pytest.raises(MaskforgeError) as caught:
+        load_artifact(path)
+    assert str(caught.value) == message.format(path=path)
+
+
+def _forged(conv, edit_masks, edit_document) -> bytes:
+    """The conv artifact with its masks and document edited and every digest re-signed (written from the
+    spec here, not by maskforge), as a tool that knows the format would forge it."""
+    header, _ = _split(conv[2].read_bytes())
+    document = json.loads(header["__metadata__"]["maskforge"])
+    masks = dict(load_artifact(conv[2]).masks)
+    edit_masks(masks)
+    edit_document(document)
+    tensors = {f"mask/{p}": pack_mask(m) for p, m in masks.items()}
+    document["digests"]["tensors"] = {n: hashlib.sha256(a.tobytes()).hexdigest() for n, a in tensors.items()}
+    _resign(document)
+    return st_save(tensors, metadata={"maskforge": _canonical(document)})
+
+
 def test_missing_and_folder_paths(tmp_path):
-    with pytest.raises(MaskforgeError, match="does not exist"):
+    with pytest.raises(MaskforgeError) as caught:
         load_artifact(tmp_path / "nope.safetensors")
-    with pytest.raises(MaskforgeError, match="folder"):
+    assert str(caught.value) == f"artifact {tmp_path / 'nope.safetensors'} does not exist"
+    with pytest.raises(MaskforgeError) as caught:
         load_artifact(tmp_path)
+    assert str(caught.value) == f"{tmp_path} is a folder, not an artifact file"
 
 
-@pytest.mark.parametrize("data", [b"", b"hello", b"\x00" * 100, b"PK\x03\x04" + bytes(200),
-                                  (10).to_bytes(8, "little") + b"not json!!", (2 ** 40).to_bytes(8, "little")])
-def test_not_a_safetensors_file(tmp_path, data):
-    with pytest.raises(MaskforgeError, match="not a maskforge artifact"):
-        load_artifact(_write(tmp_path, data))
+@pytest.mark.parametrize("data,reason", [
+    (b"", "only 0 bytes"), (b"hello", "only 5 bytes"), (b"\x00" * 100, "not a safetensors file, or truncated"),
+    (b"PK\x03\x04" + bytes(200), "not a safetensors file, or truncated"),
+    ((10).to_bytes(8, "little") + b"not json!!", "not a safetensors file, or truncated"),
+    ((9).to_bytes(8, "little") + b"{not json", "the safetensors header is not valid JSON (JSONDecodeError)"),
+    ((2 ** 40).to_bytes(8, "little"), "not a safetensors file, or truncated"),
+])
+def test_not_a_safetensors_file(tmp_path, data, reason):
+    _refused(tmp_path, data, f"{{path}} is not a maskforge artifact ({reason})")
 
 
 def test_safetensors_without_maskforge_metadata(tmp_path):
-    data = st_save({"weight": np.zeros((2, 2), dtype=np.float32)}, metadata={"format": "pt"})
-    with pytest.raises(MaskforgeError, match="maskforge"):
-        load_artifact(_write(tmp_path, data))
-    data = st_save({"weight": np.zeros((2, 2), dtype=np.float32)})
-    with pytest.raises(MaskforgeError, match="maskforge"):
-        load_artifact(_write(tmp_path, data, "plain.safetensors"))
+    message = "{path} is a safetensors file but not a maskforge artifact (no 'maskforge' metadata)"
+    _refused(tmp_path, st_save({"weight": np.zeros((2, 2), dtype=np.float32)}, metadata={"format": "pt"}), message)
+    _refused(tmp_path, st_save({"weight": np.zeros((2, 2), dtype=np.float32)}), message, "plain.safetensors")
 
 
 def test_newer_format_version_says_upgrade(conv, tmp_path):
     data = conv[2].read_bytes()
-
-    def newer(doc):
-        doc["format_version"] = FORMAT_VERSION + 1
-
-    with pytest.raises(MaskforgeError, match="upgrade"):
-        load_artifact(_write(tmp_path, _edit_document(data, newer, resign=True)))
-
-    def older(doc):
-        doc["format_version"] = 0
-
-    with pytest.raises(MaskforgeError, match="version") as info:
-        load_artifact(_write(tmp_path, _edit_document(data, older, resign=True), "old.safetensors"))
-    assert "upgrade" not in str(info.value)
+    _refused(tmp_path, _edit_document(data, lambda doc: doc.update(format_version=FORMAT_VERSION + 1), resign=True),
+             "{path} uses artifact format version 2, newer than this maskforge reads (1); upgrade maskforge")
+    _refused(tmp_path, _edit_document(data, lambda doc: doc.update(format_version=0), resign=True),
+             "{path}: unsupported format version 0", "old.safetensors")
 
 
 def test_resigned_unchanged_document_still_loads(conv, tmp_path):
@@ -351,13 +369,10 @@ def test_resigned_unchanged_document_still_loads(conv, tmp_path):
 def test_flipped_mask_bit_is_caught_by_the_tensor_digest(conv, tmp_path):
     data = conv[2].read_bytes()
     header, body = _split(data)
-    name = "mask/features.2.weight"
-    start, end = header[name]["data_offsets"]
-    offset = 8 + (len(data) - 8 - len(body)) + (start + end) // 2
+    start, end = header["mask/features.2.weight"]["data_offsets"]
     corrupted = bytearray(data)
-    corrupted[offset] ^= 0b0001_0000
-    with pytest.raises(MaskforgeError, match=r"features\.2\.weight.*digest|digest.*features\.2\.weight"):
-        load_artifact(_write(tmp_path, bytes(corrupted)))
+    corrupted[8 + (len(data) - 8 - len(body)) + (start + end) // 2] ^= 0b0001_0000
+    _refused(tmp_path, bytes(corrupted), "{path}: tensor mask/features.2.weight does not match its digest (corrupted)")
 
 
 @pytest.mark.parametrize("field,value", [("k", 0.25), ("seed", 4), ("arch", "conv4"),
@@ -373,9 +388,8 @@ def test_edited_document_is_caught_by_the_document_digest(conv, tmp_path, field,
         else:
             doc[field] = value
 
-    data = _edit_document(conv[2].read_bytes(), edit, resign=False)
-    with pytest.raises(MaskforgeError, match="digest"):
-        load_artifact(_write(tmp_path, data))
+    _refused(tmp_path, _edit_document(conv[2].read_bytes(), edit, resign=False),
+             "{path}: metadata digest mismatch (the JSON document was modified or corrupted)")
 
 
 def test_edited_tensor_digest_list_is_caught(conv, tmp_path):
@@ -383,63 +397,94 @@ def test_edited_tensor_digest_list_is_caught(conv, tmp_path):
         doc["digests"]["tensors"]["mask/features.0.weight"] = "0" * 64
 
     # digests.tensors is outside the document digest, but must still match the stored tensors
-    data = _edit_document(conv[2].read_bytes(), edit, resign=True)
-    with pytest.raises(MaskforgeError, match=r"features\.0\.weight"):
-        load_artifact(_write(tmp_path, data))
+    _refused(tmp_path, _edit_document(conv[2].read_bytes(), edit, resign=True),
+             "{path}: tensor mask/features.0.weight does not match its digest (corrupted)")
 
 
 def test_missing_layer_is_refused(conv, tmp_path):
-    header, body = _split(conv[2].read_bytes())
-    document = json.loads(header["__metadata__"]["maskforge"])
-    loaded = load_artifact(conv[2])
     victim = "features.2.weight"
-    tensors = {f"mask/{p}": pack_mask(m) for p, m in loaded.masks.items() if p != victim}
-    del document["layers"][victim]
-    del document["digests"]["weights"][victim]
-    document["digests"]["tensors"] = {n: hashlib.sha256(a.tobytes()).hexdigest() for n, a in tensors.items()}
-    _resign(document)
-    data = st_save(tensors, metadata={"maskforge": _canonical(document)})
-    with pytest.raises(MaskforgeError, match=r"features\.2\.weight"):
-        load_artifact(_write(tmp_path, data))
+
+    def drop(document):
+        del document["layers"][victim]
+        del document["digests"]["weights"][victim]
+
+    _refused(tmp_path, _forged(conv, lambda masks: masks.pop(victim), drop),
+             "{path}: layers do not match architecture conv2 (missing ['features.2.weight'], unexpected [])")
 
 
 def test_wrong_kept_count_is_refused(conv, tmp_path):
     # A forged file whose mask keeps one weight too many (all digests re-signed) is still refused.
-    header, body = _split(conv[2].read_bytes())
-    document = json.loads(header["__metadata__"]["maskforge"])
-    loaded = load_artifact(conv[2])
-    masks = dict(loaded.masks)
-    flat = masks["features.0.weight"].clone().reshape(-1)
-    flat[int((~flat).nonzero()[0])] = True
-    masks["features.0.weight"] = flat.view_as(masks["features.0.weight"])
-    tensors = {f"mask/{p}": pack_mask(m) for p, m in masks.items()}
-    document["digests"]["tensors"] = {n: hashlib.sha256(a.tobytes()).hexdigest() for n, a in tensors.items()}
-    _resign(document)
-    data = st_save(tensors, metadata={"maskforge": _canonical(document)})
-    with pytest.raises(MaskforgeError, match=r"features\.0\.weight"):
-        load_artifact(_write(tmp_path, data))
+    def one_more(masks):
+        flat = masks["features.0.weight"].clone().reshape(-1)
+        flat[int((~flat).nonzero()[0])] = True
+        masks["features.0.weight"] = flat.view_as(masks["features.0.weight"])
+
+    _refused(tmp_path, _forged(conv, one_more, lambda document: None),
+             "{path}: layer features.0.weight keeps 289 weights but the metadata says 288")
 
 
-@pytest.mark.parametrize("edit,needle", [
-    (lambda d: d["layers"]["features.0.weight"].update(shape=[64, 1, 5, 5]), r"features\.0\.weight"),
-    (lambda d: d.update(k=1.5), "k"),
-    (lambda d: d.update(seed=-1), "seed"),
-    (lambda d: d["arch"].update(name="lenet9"), "lenet9"),
-    (lambda d: d["init"].update(distribution="xavier"), "init"),
-    (lambda d: d.update(generator={"id": "maskforge-splitmix64", "version": 2}), "generator"),
-    (lambda d: d.pop("layers"), "layers"),
+@pytest.mark.parametrize("edit,message", [
+    (lambda d: d["layers"]["features.0.weight"].update(shape=[64, 1, 5, 5]),
+     "{path}: layers.features.0.weight density 0.5 is not kept/weights = 0.18"),
+    (lambda d: d.update(k=1.5), "{path}: k must be <= 1, got 1.5"),
+    (lambda d: d.update(seed=-1), "{path}: seed must be >= 0, got -1"),
+    (lambda d: d["arch"].update(name="lenet9"), "{path}: unknown architecture 'lenet9' (known: fc, conv2, conv4,"),
+    (lambda d: d["init"].update(distribution="xavier"), "{path}: init.distribution must be one of "
+                                                        "'signed_constant', 'unsigned_constant' or 'kaiming_normal', "
+                                                        "got 'xavier'"),
+    (lambda d: d.update(generator={"id": "maskforge-splitmix64", "version": 2}),
+     "{path}: generator.version must be <= 1, got 2"),
+    (lambda d: d.pop("layers"), "{path}: field layers is missing"),
+    (lambda d: d["input"].update(channels=3, mean=[0.5] * 3, std=[0.25] * 3),
+     "{path}: input (3 channel(s), 12x12, 4 class names) does not match arch.args (1 channel(s), 12x12, 4 classes)"),
+    (lambda d: d["input"].update(extra=1), "{path}: unknown field input.extra"),
+    (lambda d: d["arch"]["args"].update(depth=3), "{path}: unknown field arch.args.depth"),
+    (lambda d: d["arch"]["args"].update(width=0), "{path}: arch.args.width must be > 0, got 0"),
+    (lambda d: d.update(topk="best"), "{path}: topk must be one of 'layer' or 'global', got 'best'"),
+    (lambda d: d["digests"]["weights"].update({"features.0.weight": "AB" * 32}),
+     "{path}: digests.weights.features.0.weight must be 64 lowercase hex digits (a SHA-256), got '" + "AB" * 32 + "'"),
 ])
-def test_schema_errors_name_the_field(conv, tmp_path, edit, needle):
+def test_schema_errors_name_the_field(conv, tmp_path, edit, message):
     data = _edit_document(conv[2].read_bytes(), edit, resign=True)
-    with pytest.raises(MaskforgeError, match=needle):
-        load_artifact(_write(tmp_path, data))
+    path = _write(tmp_path, data)
+    with pytest.raises(MaskforgeError) as caught:
+        load_artifact(path)
+    assert str(caught.value).startswith(message.format(path=path)), str(caught.value)
+
+
+def test_global_topk_lets_each_layer_keep_its_own_count(conv, tmp_path):
+    """With topk "global" the kept-count rule does not apply (each layer keeps 1..n); the per-layer rule
+    still binds a document without topk."""
+    def shift(masks):  # one weight moves from features.0 to features.2
+        for name, value in (("features.0.weight", False), ("features.2.weight", True)):
+            flat = masks[name].clone().reshape(-1)
+            flat[int((flat != value).nonzero()[0])] = value
+            masks[name] = flat.view_as(masks[name])
+
+    def counts(document, topk):
+        for name, delta in (("features.0.weight", -1), ("features.2.weight", 1)):
+            layer = document["layers"][name]
+            layer["kept"] += delta
+            layer["density"] = layer["kept"] / math.prod(layer["shape"])
+        if topk:
+            document["topk"] = topk
+
+    loaded = load_artifact(_write(tmp_path, _forged(conv, shift, lambda d: counts(d, "global"))))
+    assert loaded.topk == "global" and loaded.meta.layers["features.0.weight"].kept == 287
+    _refused(tmp_path, _forged(conv, shift, lambda d: counts(d, None)),
+             "{path}: layer features.0.weight: kept count 287 does not match k=0.5", "layer.safetensors")
 
 
 def test_truncated_file_is_refused(conv, tmp_path):
     data = conv[2].read_bytes()
-    for cut in (len(data) - 1, len(data) // 2, 20):
-        with pytest.raises(MaskforgeError):
-            load_artifact(_write(tmp_path, data[:cut], f"cut{cut}.safetensors"))
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    for cut, reason in ((len(data) - 1, "is truncated, or trailing data (safetensors: incomplete metadata, file "
+                                        "not fully covered)"),
+                        (len(data) // 2, "is truncated, or trailing data (safetensors: incomplete metadata, file "
+                                         "not fully covered)"),
+                        (header_end - 1, "is not a maskforge artifact (not a safetensors file, or truncated)"),
+                        (20, "is not a maskforge artifact (not a safetensors file, or truncated)")):
+        _refused(tmp_path, data[:cut], "{path} " + reason, f"cut{cut}.safetensors")
 
 
 def test_non_finite_bn_statistics_are_refused(resnet, tmp_path):
@@ -448,5 +493,109 @@ def test_non_finite_bn_statistics_are_refused(resnet, tmp_path):
     stats["bn1.running_var"] = stats["bn1.running_var"].clone()
     stats["bn1.running_var"][0] = float("nan")
     forged = Artifact(dict(loaded.document), loaded.masks, stats)
-    with pytest.raises(MaskforgeError, match=r"bn1\.running_var.*non-finite"):
-        load_artifact(_write(tmp_path, artifact_bytes(forged)))
+    _refused(tmp_path, artifact_bytes(forged), "{path}: bn/bn1.running_var has non-finite values")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Numbers are numbers, whatever their JSON spelling (found from outside: bug 2)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _respell(value, as_float: bool):
+    """Every number in `value` spelled as a JSON float (3 -> 3.0) or, where integral, as an integer."""
+    if isinstance(value, dict):
+        return {key: _respell(item, as_float) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_respell(item, as_float) for item in value]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    if as_float:
+        return float(value)
+    return int(value) if float(value).is_integer() else value
+
+
+@pytest.mark.parametrize("as_float", [False, True], ids=["integers as 1", "integers as 1.0"])
+def test_numbers_are_read_as_numbers_whatever_their_json_spelling(tmp_path, as_float):
+    """A JavaScript or Go writer spells k = 1 as `1`; another writer may spell every number `3.0`."""
+    model, artifact = _searched("conv2", 1, (12, 12), 4, k=1.0, seed=3)
+    original = artifact_bytes(artifact)
+    header, _ = _split(original)
+    document = json.loads(header["__metadata__"]["maskforge"])
+    assert document["k"] == 1.0 and isinstance(document["k"], float)
+
+    def respell(doc):
+        for key in [key for key in doc if key != "digests"]:
+            doc[key] = _respell(doc[key], as_float)
+
+    data = _edit_document(original, respell, resign=True)
+    edited = json.loads(_split(data)[0]["__metadata__"]["maskforge"])
+    assert (type(edited["k"]), type(edited["seed"])) == ((float, float) if as_float else (int, int))
+    path = tmp_path / "respelled.safetensors"
+    path.write_bytes(data)
+    loaded = load_artifact(path)
+    assert (loaded.k, loaded.seed, loaded.arch_args["image_size"]) == (1.0, 3, [12, 12])
+    assert type(loaded.k) is float and type(loaded.seed) is int
+    assert all(type(side) is int for side in loaded.arch_args["image_size"])
+    assert artifact_bytes(loaded) == data  # re-saving keeps the document as written (its digest stays valid)
+    x = torch.randn(2, 1, 12, 12, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded.create_model()(x), model.eval()(x))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The safetensors layout is checked by the safetensors library itself (maskforge no longer repeats it)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _first_and_last_tensor(header: dict) -> tuple[str, str]:
+    names = sorted((name for name in header if name != "__metadata__"), key=lambda n: header[n]["data_offsets"])
+    return names[0], names[-1]
+
+
+def _shift(header: dict, name: str, delta: int) -> dict:
+    header = json.loads(json.dumps(header))
+    start, end = header[name]["data_offsets"]
+    header[name]["data_offsets"] = [start + delta, end + delta]
+    return header
+
+
+def _forge(data: bytes, how: str) -> bytes:
+    header, body = _split(data)
+    first, last = _first_and_last_tensor(header)
+    if how == "gap":
+        return _join(_shift(header, last, 1), body + b"\x00")
+    if how == "overlap":
+        return _join(_shift(header, last, -1), body[:-1])
+    if how == "trailing data":
+        return _join(header, body + b"\x00" * 4)
+    if how == "truncated":
+        return _join(header, body[:-4])
+    if how == "size mismatch":
+        edited = json.loads(json.dumps(header))
+        edited[last]["shape"] = [edited[last]["shape"][0] + 1]
+        return _join(edited, body)
+    if how == "unknown dtype":
+        edited = json.loads(json.dumps(header))
+        edited[first]["dtype"] = "Q7"
+        return _join(edited, body)
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how,message", [
+    ("gap", "forged is damaged (safetensors: invalid offset for tensor "),
+    ("overlap", "forged is damaged (safetensors: invalid offset for tensor "),
+    ("trailing data", "forged is truncated, or trailing data (safetensors: incomplete metadata, file not fully"),
+    ("truncated", "forged is truncated, or trailing data (safetensors: incomplete metadata, file not fully"),
+    ("size mismatch", "forged is damaged (safetensors: invalid shape, data type, or offset for tensor)"),
+    ("unknown dtype", "forged is damaged (safetensors: invalid JSON in header: unknown variant `Q7`"),
+])
+def test_layout_damage_is_refused_by_safetensors_itself(conv, how, message):
+    from safetensors import SafetensorError
+    from safetensors.numpy import load as safetensors_load
+
+    data = _forge(conv[2].read_bytes(), how)
+    with pytest.raises(SafetensorError):  # the library alone refuses it: maskforge need not check it again
+        safetensors_load(data)
+    with pytest.raises(MaskforgeError) as caught:
+        artifact_from_bytes(data, "forged")
+    assert str(caught.value).startswith(message), str(caught.value)

@@ -233,10 +233,10 @@ def _open_mode(node: ast.Call) -> str:
 
 def test_every_library_writer_is_atomic():
     offenders = {}
-    for source in sorted([*PACKAGE_DIR.glob("*.py"), *CLI_DIR.glob("*.py")]):
+    for source in sorted([*PACKAGE_DIR.rglob("*.py"), *CLI_DIR.rglob("*.py")]):
         if source.name == "fileio.py":
             continue
         problems = _writes_outside_atomic(ast.parse(source.read_text(), str(source)))
         if problems:
-            offenders[source.name] = problems
+            offenders[str(source.relative_to(PACKAGE_DIR.parent))] = problems
     assert not offenders, f"file writes that bypass maskforge.fileio (use atomic_write/atomic_path): {offenders}"

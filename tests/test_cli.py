@@ -42,10 +42,13 @@ def _one_error_line(result, needle: str | None = None) -> str:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cli") / "run"
-    result = _invoke("search", "--arch", "fc", "--max-steps", "3", "--epochs", "1", "--seed", "3",
-                     "--batch-size", "64", "--device", "cpu", "--workers", "0", "--quiet", "--out", str(out))
+    result = runner.invoke(app, ["search", "--arch", "fc", "--max-steps", "3", "--epochs", "1", "--seed", "3",
+                                 "--batch-size", "64", "--device", "cpu", "--workers", "0", "--quiet", "--out",
+                                 str(out)], env={"COLUMNS": "1000"})  # no line breaks inside the path
     assert result.exit_code == 0, result.output
-    assert "done" in result.output and "artifact.safetensors" in result.output.replace("\n", "")
+    text = " ".join(result.output.split())
+    assert text.startswith("done: fc k=0.5 seed=3 held-out accuracy "), text
+    assert f"artifact {out / 'artifact.safetensors'} (" in text and " bits per masked weight)" in text
     return out
 
 
@@ -55,11 +58,40 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 def test_no_arguments_shows_help():
-    result = _invoke()
+    result = CliRunner().invoke(app, [], env={"COLUMNS": "300"})
     assert result.exit_code == 0
-    assert "Usage" in result.output
-    for command in ("search", "inspect", "archs"):
-        assert command in result.output
+    assert result.output.lstrip().startswith("Usage: maskforge [OPTIONS] COMMAND [ARGS]...")
+    from maskforge.cli.commands import COMMANDS
+
+    for name, command in COMMANDS.items():
+        assert f" {name} " in result.output and command.summary in result.output, name
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["search", "--help"]])
+def test_help_starts_without_torch(argv):
+    """`maskforge --help` (and `maskforge search --help`) import neither torch nor torchvision."""
+    code = ("import sys\nfrom maskforge.cli import main\nsys.argv = ['maskforge', *sys.argv[1:]]\n"
+            "try:\n    main()\nexcept SystemExit as exc:\n    assert exc.code == 0, exc.code\n"
+            "print(sorted(m for m in ('torch', 'torchvision', 'onnx', 'onnxruntime') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "200"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-500:]
+
+
+def test_command_summaries_are_the_commands_own():
+    """commands.py lists each command's summary (so --help need not import it): it must be the first line
+    of the command's docstring."""
+    import importlib.util
+
+    from maskforge.cli.commands import COMMANDS
+
+    for name, command in COMMANDS.items():
+        if importlib.util.find_spec(command.module) is None:
+            continue  # not in this checkout
+        importlib.import_module(command.module)
+        info = next(info for info in app.registered_commands if info.name == name)
+        assert info.callback.__doc__.strip().splitlines()[0] == command.summary, name
 
 
 def test_archs_table():
@@ -116,9 +148,57 @@ def test_inspect_json_agrees_with_independent_computation(run_dir):
 
 
 def test_inspect_table(run_dir):
-    result = _invoke("inspect", str(run_dir / "artifact.safetensors"))
+    path = run_dir / "artifact.safetensors"
+    result = CliRunner().invoke(app, ["inspect", str(path)], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
-    assert "fc" in result.output and "1.weight" in result.output
+    summary = json.loads(_invoke("inspect", "--json", str(path)).output)
+    rows = [line for line in result.output.splitlines() if " 1.weight " in line or " 5.weight " in line]
+    assert len(rows) == 2 and "300x784" in rows[0] and "10x100" in rows[1]
+    assert summary["digest"] in result.output
+    assert "fc {'in_channels': 1, 'num_classes': 10, 'image_size': [28, 28]}" in result.output
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the search options are the schema's fields
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_search_options_are_built_from_the_schema():
+    import dataclasses
+
+    import typer.main
+
+    from maskforge.schema import SearchConfig
+
+    import maskforge.cli.search_cmd  # noqa: F401  (registers the command; `maskforge search` loads it lazily)
+
+    command = typer.main.get_command(app).commands["search"]
+    options = {param.name: param for param in command.params}
+    fields = {field.name for field in dataclasses.fields(SearchConfig)}
+    assert set(options) == fields | {"resume_dir", "quiet", "ctx"} - {"ctx"}
+    for name in fields:
+        description = SearchConfig.__pydantic_fields__[name].description
+        assert options[name].help.startswith(description), name
+        assert options[name].default is None, name  # not given: the schema's default applies
+        assert f"--{name.replace('_', '-')}" in options[name].opts
+
+
+def test_search_passes_only_the_options_given(monkeypatch, tmp_path):
+    import maskforge.search as library  # the module (the package attribute is the function)
+
+    module = sys.modules["maskforge.search"]
+    seen = []
+
+    def fake_search(config, **kwargs):
+        seen.append(config)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(module, "search", fake_search)
+    assert _invoke("search", "--k", "0.25", "--no-scale-fan", "--out", str(tmp_path)).exit_code == 0
+    from maskforge.schema import SearchConfig
+
+    assert seen == [SearchConfig(k=0.25, scale_fan=False, out=str(tmp_path))]
+    assert library  # imported for its module
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -127,27 +207,28 @@ def test_inspect_table(run_dir):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["search", "--k", "0"], "k must be"),
-    (["search", "--k", "1.5"], "k must be"),
-    (["search", "--arch", "resnet9000"], "resnet9000"),
-    (["search", "--data", "/no/such/folder/anywhere"], "/no/such/folder/anywhere"),
-    (["search", "--epochs", "abc"], "--epochs"),
-    (["search", "--no-such-option"], "--no-such-option"),
-    (["inspect", "/no/such/artifact.safetensors"], "does not exist"),
-    (["frobnicate"], "frobnicate"),
+    (["search", "--k", "0"], "error: search config: k must be > 0, got 0.0"),
+    (["search", "--k", "1.5"], "error: search config: k must be <= 1, got 1.5"),
+    (["search", "--arch", "resnet9000"], "error: unknown architecture 'resnet9000'; choose from: fc,"),
+    (["search", "--data", "/no/such/folder/anywhere"], "error: data source /no/such/folder/anywhere does not exist"),
+    (["search", "--epochs", "abc"], "error: Invalid value for '--epochs': "),
+    (["search", "--no-such-option"], "error: No such option: --no-such-option"),
+    (["inspect", "/no/such/artifact.safetensors"], "error: artifact /no/such/artifact.safetensors does not exist"),
+    (["frobnicate"], "error: No such command 'frobnicate'."),
 ])
 def test_bad_input_is_one_error_line(args, needle, tmp_path):
     if args[0] == "search":
         args = args + ["--out", str(tmp_path / "run")]
-    _one_error_line(_invoke(*args), needle)
+    assert _one_error_line(_invoke(*args)).startswith(needle)
     assert not (tmp_path / "run").exists()
 
 
 def test_inspect_of_a_file_that_is_not_an_artifact(tmp_path):
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"this is not a model" * 10)
-    _one_error_line(_invoke("inspect", str(junk)), "not a maskforge artifact")
-    _one_error_line(_invoke("inspect", str(tmp_path)), "folder")
+    assert _one_error_line(_invoke("inspect", str(junk))) == \
+        f"error: {junk} is not a maskforge artifact (not a safetensors file, or truncated)"
+    assert _one_error_line(_invoke("inspect", str(tmp_path))) == f"error: {tmp_path} is a folder, not an artifact file"
 
 
 def test_corrupted_artifact_is_one_error_line(run_dir, tmp_path):
@@ -155,7 +236,8 @@ def test_corrupted_artifact_is_one_error_line(run_dir, tmp_path):
     data[-1] ^= 0xFF  # last byte of the last tensor
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(bytes(data))
-    _one_error_line(_invoke("inspect", "--json", str(bad)), "digest")
+    assert _one_error_line(_invoke("inspect", "--json", str(bad))) == \
+        f"error: {bad}: tensor mask/5.weight does not match its digest (corrupted)"
 
 
 # ---------------------------------------------------------------------------------------------------------

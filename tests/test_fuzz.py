@@ -38,7 +38,7 @@ import torch.nn as nn
 
 from maskforge import archs
 from maskforge.artifact import artifact_from_bytes, build_artifact, save_artifact
-from maskforge.digests import canonical_json
+from maskforge.container import canonical_json
 from maskforge.data import InputSpec
 from maskforge.errors import MaskforgeError
 from maskforge.layers import MaskedConv2d, MaskedLinear, NonAffineBatchNorm2d, batchnorm_modules, masked_modules
@@ -440,10 +440,13 @@ def test_consistent_seed_edit_is_caught_by_the_weight_digests(fc_artifact):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("format_version", 2, "newer than this maskforge reads .*upgrade maskforge"),
-    ("k", 1.5, r"k must be a number in \(0, 1\]"),
-    ("seed", -3, "seed must be a non-negative integer"),
-    ("comment", "x", r"unknown metadata field\(s\) \['comment'\]"),
+    ("format_version", 2, r"^edited uses artifact format version 2, newer than this maskforge reads \(1\); "
+                          r"upgrade maskforge$"),
+    ("k", 1.5, r"^edited: k must be <= 1, got 1\.5$"),
+    ("seed", -3, r"^edited: seed must be >= 0, got -3$"),
+    ("seed", 2 ** 63, r"^edited: seed must be <= 9223372036854775807, got 9223372036854775808$"),
+    ("seed", True, r"^edited: seed must be an integer, got True$"),
+    ("comment", "x", r"^edited: unknown field comment$"),
 ])
 def test_schema_messages_name_the_field(fc_artifact, field, value, message):
     p = Parsed.of(fc_artifact)

@@ -7,7 +7,6 @@ The oracle is always an uninterrupted run of the same arguments (never values co
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 import shutil
@@ -31,7 +30,6 @@ from maskforge.errors import MaskforgeError
 from maskforge.layers import MaskedConv2d, MaskedLinear, NonAffineBatchNorm2d
 from maskforge.search import TIMING_FIELDS, SearchConfig, resume, search
 
-search_module = importlib.import_module("maskforge.search")
 
 # fc on the demo set with a global batch of 500: 8 steps per epoch, 16 in all, a few seconds per run.
 ARGS = ["--arch", "fc", "--k", "0.5", "--epochs", "2", "--batch-size", "500", "--device", "cpu", "-q"]
@@ -66,8 +64,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_artifact(tmp_path
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        search(SearchConfig(arch="fc", k=0.5, epochs=2, batch_size=500, device="cpu", out=str(reference)),
-               progress=False)
+        search(SearchConfig(arch="fc", k=0.5, epochs=2, batch_size=500, device="cpu", out=str(reference)))
     finally:
         torch.set_num_threads(threads)
 
@@ -130,32 +127,27 @@ class _Crash(Exception):
     pass
 
 
-def test_resume_is_exact_with_batchnorm_augmentation_and_momentum(tmp_path, bn_arch, monkeypatch):
+def test_resume_is_exact_with_batchnorm_augmentation_and_momentum(tmp_path, bn_arch):
     data = write_image_folder(tmp_path / "images", 40)
     common = dict(arch=bn_arch, k=0.4, data=str(data), epochs=3, batch_size=16, workers=0, device="cpu",
                   lr=0.05, label_smoothing=0.1, warmup_epochs=1)
-    reference = search(SearchConfig(**common, out=str(tmp_path / "ref")), progress=False)
+    reference = search(SearchConfig(**common, out=str(tmp_path / "ref")))
     assert reference.artifact.bn_stats  # the network really has batch norm
 
-    # Crash at the start of global step 8 (epoch 2, batch 3): the last checkpoint is the one after step 6.
-    original = search_module.lr_at
-
-    def crashing_lr_at(step, *args):
-        if step == 8:
+    # Crash right after global step 8 (epoch 2, batch 3): the last checkpoint is the one after step 6.
+    def crash(progress):
+        if progress.step == 8:
             raise _Crash()
-        return original(step, *args)
 
-    monkeypatch.setattr(search_module, "lr_at", crashing_lr_at)
     run = tmp_path / "run"
     with pytest.raises(_Crash):
-        search(SearchConfig(**common, checkpoint_every=3, out=str(run)), progress=False)
-    monkeypatch.setattr(search_module, "lr_at", original)
+        search(SearchConfig(**common, checkpoint_every=3, out=str(run)), on_step=crash)
     position = load_checkpoint(run / CHECKPOINT_NAME).position
     assert (position["epoch"], position["batch_in_epoch"], position["step"]) == (1, 1, 6)
     assert len(load_checkpoint(run / CHECKPOINT_NAME).document["metrics"]) == 1
 
     epochs_seen = []
-    result = resume(run, progress=False, on_epoch=lambda record: epochs_seen.append(record["epoch"]))
+    result = resume(run, on_epoch=lambda record: epochs_seen.append(record["epoch"]))
     assert epochs_seen == [2, 3]
     assert (run / "artifact.safetensors").read_bytes() == (tmp_path / "ref" / "artifact.safetensors").read_bytes()
     assert _metrics(run) == _metrics(tmp_path / "ref")
@@ -163,7 +155,7 @@ def test_resume_is_exact_with_batchnorm_augmentation_and_momentum(tmp_path, bn_a
 
     # Resuming a finished run changes nothing: it rebuilds the same artifact.
     before = (run / "artifact.safetensors").read_bytes()
-    resume(run, progress=False)
+    resume(run)
     assert (run / "artifact.safetensors").read_bytes() == before
 
 
@@ -176,7 +168,7 @@ def test_checkpoint_holds_what_the_search_had(tmp_path):
         seen["record"] = record
 
     result = search(SearchConfig(arch="fc", epochs=1, max_steps=2, batch_size=500, device="cpu", workers=0,
-                                 out=str(out)), progress=False, on_epoch=spy)
+                                 out=str(out)), on_epoch=spy)
     ckpt = load_checkpoint(out / CHECKPOINT_NAME)
     assert ckpt.position == {"epoch": 1, "batch_in_epoch": 0, "step": 2, "steps_per_epoch": 8, "total_steps": 2}
     assert ckpt.document["metrics"] == [seen["record"]]
@@ -200,8 +192,7 @@ def test_checkpoint_holds_what_the_search_had(tmp_path):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("finished") / "run"
-    search(SearchConfig(arch="fc", epochs=1, max_steps=2, batch_size=500, device="cpu", workers=0, out=str(out)),
-           progress=False)
+    search(SearchConfig(arch="fc", epochs=1, max_steps=2, batch_size=500, device="cpu", workers=0, out=str(out)))
     return out
 
 
@@ -211,13 +202,15 @@ def _copy(run: Path, tmp_path: Path) -> Path:
     return target
 
 
-def _fails(argv: list[str], needle: str, folder: Path | None = None) -> None:
+def _fails(argv: list[str], needle: str, folder: Path | None = None, *, exact: bool = False) -> None:
+    """One `error:` line, exit 2, nothing in `folder` changed; the line contains `needle` (a phrase of the
+    message, never a part of a path) or, with `exact`, is it."""
     before = _snapshot(folder) if folder is not None and folder.is_dir() else None
     result = CliRunner().invoke(app, argv)
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2, (result.exit_code, result.output)
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert needle in lines[0], lines[0]
+    assert lines[0] == needle if exact else needle in lines[0], lines[0]
     if before is not None:
         assert _snapshot(folder) == before
 
@@ -238,8 +231,14 @@ def test_resume_of_a_folder_that_is_not_a_run(tmp_path):
     _fails(["search", "--resume", str(tmp_path / "empty")], "not a search run folder", tmp_path / "empty")
 
 
-@pytest.mark.parametrize("damage", ["flip a data byte", "truncate", "garbage", "empty"])
-def test_resume_with_a_corrupt_checkpoint(finished_run, tmp_path, damage):
+@pytest.mark.parametrize("damage,message", [
+    ("flip a data byte", "error: checkpoint {path}: tensor rng/torch_cpu does not match its digest (corrupted)"),
+    ("truncate", "error: checkpoint {path} is truncated, or trailing data (safetensors: incomplete metadata, file not "
+                 "fully covered)"),
+    ("garbage", "error: checkpoint {path} is not a maskforge checkpoint (not a safetensors file, or truncated)"),
+    ("empty", "error: checkpoint {path} is not a maskforge checkpoint (only 0 bytes)"),
+])
+def test_resume_with_a_corrupt_checkpoint(finished_run, tmp_path, damage, message):
     run = _copy(finished_run, tmp_path)
     path = run / CHECKPOINT_NAME
     data = bytearray(path.read_bytes())
@@ -252,7 +251,7 @@ def test_resume_with_a_corrupt_checkpoint(finished_run, tmp_path, damage):
     else:
         data = bytearray()
     path.write_bytes(bytes(data))
-    _fails(["search", "--resume", str(run)], "corrupt", run)
+    _fails(["search", "--resume", str(run)], message.format(path=path), run, exact=True)
 
 
 def test_resume_with_edited_checkpoint_metadata(finished_run, tmp_path):
@@ -265,17 +264,19 @@ def test_resume_with_edited_checkpoint_metadata(finished_run, tmp_path):
     assert header != text[8:8 + header_len] and len(header) == header_len
     (run / CHECKPOINT_NAME).write_bytes(text[:8] + header + text[8 + header_len:])
     assert ckpt.position["step"] == 2
-    _fails(["search", "--resume", str(run)], "does not match its digest", run)
+    _fails(["search", "--resume", str(run)], "metadata digest mismatch (the JSON document was modified", run)
 
 
-@pytest.mark.parametrize("field,value", [("arch", "conv2"), ("k", 0.3), ("seed", 7)])
-def test_resume_with_a_checkpoint_of_another_search(finished_run, tmp_path, field, value):
+@pytest.mark.parametrize("field,value,recorded", [("arch", "conv2", "'fc'"), ("k", 0.3, "0.5"), ("seed", 7, "0")])
+def test_resume_with_a_checkpoint_of_another_search(finished_run, tmp_path, field, value, recorded):
     # The folder's config says one network, its checkpoint holds another one's scores.
     run = _copy(finished_run, tmp_path)
     config = json.loads((run / "config.json").read_text())
     config[field] = value
     (run / "config.json").write_text(json.dumps(config))
-    _fails(["search", "--resume", str(run)], "was written by a different search", run)
+    _fails(["search", "--resume", str(run)],
+           f"error: checkpoint {run / CHECKPOINT_NAME} was written by a different search: {field} {recorded} "
+           f"(this run: {value!r})", run, exact=True)
 
 
 def test_resume_with_a_checkpoint_whose_tensors_do_not_fit(finished_run, tmp_path):
@@ -287,11 +288,11 @@ def test_resume_with_a_checkpoint_whose_tensors_do_not_fit(finished_run, tmp_pat
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["--k", "0.3"], "--k 0.3 (recorded: 0.5)"),
-    (["--epochs", "5"], "--epochs 5 (recorded: 1)"),
-    (["--arch", "conv2", "--lr", "0.2"], "--arch conv2 (recorded: fc); --lr 0.2 (recorded: 0.1)"),
-    (["--out", "somewhere/else"], "--out somewhere/else"),
-    (["--compile"], "--compile True (recorded: False)"),
+    (["--k", "0.3"], ": k 0.3 (recorded: 0.5) conflict with the arguments recorded in"),
+    (["--epochs", "5"], ": epochs 5 (recorded: 1) conflict with"),
+    (["--arch", "conv2", "--lr", "0.2"], ": arch conv2 (recorded: fc); lr 0.2 (recorded: 0.1) conflict with"),
+    (["--out", "somewhere/else"], ": out somewhere/else (the run folder is "),
+    (["--compile"], ": compile True (recorded: False) conflict with"),
 ])
 def test_resume_with_conflicting_arguments(finished_run, tmp_path, argv, needle):
     run = _copy(finished_run, tmp_path)
@@ -324,7 +325,7 @@ def test_world_size_that_does_not_divide_the_batch(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
     _fails(["search", "--arch", "fc", "--batch-size", "128", "--out", str(tmp_path / "new")],
-           "--batch-size 128 is the global batch and must be a multiple of the number of processes (3)")
+           "error: batch_size 128 is the global batch and must be a multiple of the number of processes (3), e.g. 129")
     assert not (tmp_path / "new").exists()
 
 
@@ -353,7 +354,10 @@ def test_fresh_search_may_overwrite_a_finished_run(finished_run, tmp_path):
 
 
 def test_load_checkpoint_errors_are_maskforge_errors(tmp_path):
-    with pytest.raises(MaskforgeError, match="no checkpoint at"):
+    with pytest.raises(MaskforgeError) as caught:
         load_checkpoint(tmp_path / "missing.safetensors")
-    with pytest.raises(MaskforgeError, match="is a folder"):
+    assert str(caught.value) == (f"no checkpoint at {tmp_path / 'missing.safetensors'}: nothing to resume (a search "
+                                 f"writes one at the end of every epoch and every checkpoint_every steps)")
+    with pytest.raises(MaskforgeError) as caught:
         load_checkpoint(tmp_path)
+    assert str(caught.value) == f"{tmp_path} is a folder, not a checkpoint file"

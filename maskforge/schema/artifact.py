@@ -1,0 +1,166 @@
+"""The artifact's JSON document (docs/FORMAT.md section 2.3), defined and validated here once.
+
+`parse_artifact_document(raw, label)` checks the format name and version first (a newer version says
+"upgrade maskforge"), then every field's type and range and the rules between fields. What needs the
+architecture (layer shapes, kept counts, batch-norm names) is checked by `maskforge.artifact`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import AfterValidator, Strict, model_validator
+
+from .. import regen
+from .base import Field, Flag, Hex64, Integer, Number, Text, check_format, parse, record, to_integer
+from .spec import InputSpec
+
+FORMAT_NAME = "maskforge-artifact"
+FORMAT_VERSION = 1
+METADATA_KEY = "maskforge"
+MAX_SEED = 2 ** 63 - 1
+TOPK_RULES = ("layer", "global")
+
+Distribution = Literal[regen.DISTRIBUTIONS]
+TopkRule = Literal[TOPK_RULES]
+Side = Annotated[Integer, Field(ge=1, le=8192)]
+
+
+@record(frozen=True, label="arch.args")
+class ArchArgs:
+    """What an architecture is built from, besides its name and k."""
+
+    in_channels: Annotated[Integer, Field(ge=1, le=64, description="image channels")]
+    num_classes: Annotated[Integer, Field(ge=1, le=1_000_000, description="outputs")]
+    image_size: Annotated[tuple[Side, Side], Field(description="[height, width] in pixels")]
+    width: Number = Field(1.0, gt=0, le=64, description="the paper's width multiplier; absent means 1 "
+                                                        "(and is not written at 1)")
+
+    def to_dict(self) -> dict:
+        """The keyword arguments of `archs.create_model` (no `width` at 1, as the document stores them)."""
+        args = {"in_channels": self.in_channels, "num_classes": self.num_classes,
+                "image_size": list(self.image_size)}
+        if self.width != 1.0:
+            args["width"] = self.width
+        return args
+
+
+@record(frozen=True, label="arch")
+class ArchSpec:
+    name: Annotated[Text, Field(description="a registered architecture (`maskforge archs`)")]
+    args: ArchArgs
+
+
+@record(frozen=True, label="init")
+class InitSpec:
+    distribution: Annotated[Distribution, Field(description="weight distribution (FORMAT.md section 1.4)")]
+    scale_fan: Annotated[Flag, Field(description="sigma from k * fan_in instead of fan_in")]
+
+
+@record(frozen=True, label="generator")
+class GeneratorSpec:
+    id: Literal[regen.GENERATOR_ID]
+    version: Annotated[Integer, Field(ge=regen.GENERATOR_VERSION, le=regen.GENERATOR_VERSION)]
+
+
+@record(frozen=True, label="layer")
+class LayerRecord:
+    shape: Annotated[list[Annotated[Integer, Field(ge=1)]], Field(min_length=2, description="PyTorch weight shape")]
+    kept: Annotated[Integer, Field(ge=1, description="weights kept (ones in the mask)")]
+    density: Annotated[Number, Field(description="kept / product(shape), a binary64 quotient")]
+    fan_in: Annotated[Integer, Field(description="product(shape[1:])")]
+
+    @model_validator(mode="after")
+    def _derived_fields(self) -> "LayerRecord":
+        count = math.prod(self.shape)
+        if self.kept > count:
+            raise ValueError(f"kept {self.kept} exceeds the {count} weights of shape {self.shape}")
+        if self.density != self.kept / count:
+            raise ValueError(f"density {self.density!r} is not kept/weights = {self.kept / count!r}")
+        if self.fan_in != regen.fan_in(self.shape):
+            raise ValueError(f"fan_in {self.fan_in} does not match shape {self.shape}")
+        return self
+
+
+@record(frozen=True, label="digests")
+class ArtifactDigests:
+    weights: Annotated[dict[Text, Hex64], Field(description="per masked parameter: SHA-256 of its regenerated weights")]
+    tensors: Annotated[dict[Text, Hex64], Field(description="per stored tensor: SHA-256 of its bytes as stored")]
+    document: Annotated[Hex64, Field(description="SHA-256 of the canonical JSON of the document without `digests`")]
+
+
+# Known provenance fields and what they hold; others may be added (free-form notes) if JSON scalars.
+PROVENANCE_FIELDS: dict[str, str] = {
+    "maskforge_version": "text", "torch_version": "text", "data": "text", "data_kind": "text",
+    "epochs": "count", "steps": "count", "batch_size": "count", "processes": "count", "heldout_examples": "count",
+    "lr": "amount", "heldout_acc": "fraction", "device": "text", "precision": "text", "channels_last": "flag",
+    "masker": "text", "compile": "flag", "deterministic": "flag",
+}
+_KIND_TEXT = {"text": "a string", "count": "a non-negative integer", "amount": "a non-negative number",
+              "fraction": "a number in [0, 1]", "flag": "true or false"}
+
+
+def _fits(kind: str, value: Any) -> bool:
+    if kind in ("text", "flag"):
+        return isinstance(value, str if kind == "text" else bool)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        return False
+    if kind == "count":
+        try:
+            return to_integer(value) == value
+        except ValueError:
+            return False
+    return kind == "amount" or value <= 1
+
+
+def _check_provenance(provenance: dict) -> dict:
+    for key, value in provenance.items():
+        kind = PROVENANCE_FIELDS.get(key)
+        if value is not None and kind is not None and not _fits(kind, value):
+            raise ValueError(f"provenance.{key} must be {_KIND_TEXT[kind]} or null, got {value!r}")
+    return provenance
+
+
+Scalar = Union[Flag, Annotated[int, Strict()], Annotated[float, Strict(), Field(allow_inf_nan=False)], Text, None]
+Provenance = Annotated[dict[Text, Scalar], AfterValidator(_check_provenance)]
+
+
+@record(frozen=True, label="artifact")
+class ArtifactDocument:
+    """The JSON document stored under the safetensors metadata key `maskforge`."""
+
+    format: Literal[FORMAT_NAME]
+    format_version: Annotated[Integer, Field(ge=FORMAT_VERSION, le=FORMAT_VERSION)]
+    arch: ArchSpec
+    input: InputSpec
+    seed: Annotated[Integer, Field(ge=0, le=MAX_SEED, description="the generator seed")]
+    init: InitSpec
+    k: Annotated[Number, Field(gt=0, le=1, description="fraction of weights kept")]
+    generator: GeneratorSpec
+    layers: Annotated[dict[Text, LayerRecord], Field(min_length=1, description="per masked parameter")]
+    bn: Annotated[list[Text], Field(description="batch-norm module names, sorted, distinct")]
+    provenance: Annotated[Provenance, Field(description="how the artifact was made (no timestamps)")]
+    digests: ArtifactDigests
+    topk: TopkRule = Field("layer", description="'layer': the kept-count rule in every layer (absent: the "
+                                                "default); 'global': one threshold over all layers")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ArtifactDocument":
+        args, spec = self.arch.args, self.input
+        if (spec.channels, [spec.height, spec.width], spec.num_classes) != \
+                (args.in_channels, list(args.image_size), args.num_classes):
+            raise ValueError(f"input ({spec.channels} channel(s), {spec.height}x{spec.width}, "
+                             f"{spec.num_classes} class names) does not match arch.args ({args.in_channels} "
+                             f"channel(s), {args.image_size[0]}x{args.image_size[1]}, {args.num_classes} classes)")
+        if self.bn != sorted(set(self.bn)):
+            raise ValueError("bn must be a sorted list of distinct batch-norm module names")
+        if set(self.digests.weights) != set(self.layers):
+            raise ValueError("digests.weights must list exactly the masked layers")
+        return self
+
+
+def parse_artifact_document(raw: Any, label: str) -> ArtifactDocument:
+    """Validate a parsed document: format and version first, then every field (docs/FORMAT.md 2.3-2.4)."""
+    check_format(raw, FORMAT_NAME, FORMAT_VERSION, label, "artifact")
+    return parse(ArtifactDocument, raw, label)

@@ -1,0 +1,98 @@
+"""The search configuration: every argument of `maskforge search`, defined once.
+
+The CLI builds its options from these fields (names, types, help from the descriptions); the run folder
+records them as `config.json`; the checkpoint embeds them. `None` means "not chosen": the architecture's
+or the device's default applies, so a CLI default never overrides an architecture default.
+
+Defaults are the paper's CIFAR settings (section 4, appendix B), except label smoothing: we use the
+paper's ImageNet value 0.1 everywhere, because on the small demo set it narrows the train/held-out gap
+(conv4 k=0.5: 97.0 % -> 97.5 % held-out; see BENCHMARKS.md). Pass 0 for the CIFAR recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal, Optional
+
+from pydantic import model_validator
+
+from .artifact import MAX_SEED, Distribution, TopkRule
+from .base import Field, Flag, Integer, Number, Text, parse, record
+
+#: Options that a resumed search may change: they do not change what the search computes.
+RESUME_OVERRIDABLE = ("workers", "checkpoint_every")
+
+
+@record(frozen=True, label="search config")
+class SearchConfig:
+    """Every argument of a search (`maskforge search --help` shows the same text).
+
+    >>> SearchConfig(arch="fc", k=0.3).k
+    0.3
+    """
+
+    arch: Text = Field("conv4", description="Architecture to search (see `maskforge archs`).")
+    k: Number = Field(0.5, gt=0, le=1, description="Fraction of weights KEPT in every layer, in (0, 1].")
+    data: Text = Field("mnist5k", description="mnist5k (built-in demo), or a CIFAR-10 / MNIST raw / image "
+                                              "folder (train/ + val/ class subfolders).")
+    epochs: Integer = Field(10, ge=1, description="Passes over the training split.")
+    max_steps: Optional[Integer] = Field(None, ge=1, description="Stop after this many optimizer steps "
+                                                                 "(smoke runs).")
+    batch_size: Integer = Field(128, ge=1, description="GLOBAL images per step: under torchrun each of N "
+                                "processes takes batch-size/N (N must divide it). The lr belongs to this "
+                                "global batch and is not rescaled by N.")
+    lr: Number = Field(0.1, gt=0, description="Peak learning rate of the scores (warm-up, then cosine "
+                                               "decay to 0), for the global batch.")
+    momentum: Number = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    weight_decay: Number = Field(1e-4, ge=0, description="Weight decay on the scores (the only parameters).")
+    label_smoothing: Number = Field(0.1, ge=0, lt=1, description="Label smoothing (the paper's ImageNet "
+                                                                 "value; 0 gives its CIFAR recipe).")
+    warmup_epochs: Integer = Field(0, ge=0, description="Epochs of linear warm-up before the cosine decay.")
+    seed: Integer = Field(0, ge=0, le=MAX_SEED, description="Seed of the random weights and scores; the "
+                                                            "artifact stores it.")
+    init: Distribution = Field("signed_constant", description="Weight distribution: signed_constant, "
+                                                              "kaiming_normal or unsigned_constant.")
+    scale_fan: Flag = Field(False, description="Use sigma = sqrt(2/(k*fan_in)) (the subnetwork's fan-in).")
+    width: Optional[Number] = Field(None, gt=0, le=64, description="Width multiplier of the architecture "
+                                                                   "(default: the architecture's, 1).")
+    topk: TopkRule = Field("layer", description="Top-k rule: layer (k in every layer, the paper's) or global "
+                                                "(one threshold over all layers, each keeps at least 1).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto (CUDA when present), cpu or "
+                                                   "cuda; under torchrun each process uses cuda:LOCAL_RANK.")
+    precision: Optional[Literal["fp32", "bf16"]] = Field(None, description="Autocast precision of the "
+                                                         "network (default: bf16 on CUDA, fp32 on CPU).")
+    channels_last: Optional[Flag] = Field(None, description="channels_last memory format for conv nets "
+                                                            "(default: on CUDA only).")
+    masker: Optional[Literal["numpy", "torch"]] = Field(None, description="Top-k implementation (default: "
+                                                        "the fastest for the device).")
+    compile: Flag = Field(False, description="torch.compile the model (worth it on GPU for long searches; the "
+                                             "first steps are slow).")
+    deterministic: Flag = Field(False, description="Deterministic kernels: no cuDNN autotuning, no TF32, "
+                                                   "torch.use_deterministic_algorithms (slower on GPU).")
+    workers: Optional[Integer] = Field(None, ge=0, description="Data-loader processes for image folders "
+                                       "(default: min(8, cores / processes per node)).")
+    image_size: Optional[Integer] = Field(None, ge=1, description="Image folders: resize images to this side.")
+    checkpoint_every: Optional[Integer] = Field(None, ge=1, description="Also write DIR/checkpoint.safetensors "
+                                                "every N optimizer steps (it is always written at the end of "
+                                                "every epoch).")
+    out: Text = Field("runs/search", description="Run folder for artifact.safetensors, metrics.jsonl, "
+                                                 "config.json, checkpoint.safetensors.")
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> "SearchConfig":
+        if self.warmup_epochs and self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be smaller than epochs ({self.epochs})")
+        return self
+
+    def to_dict(self) -> dict:
+        """Every field, defaults included (what `config.json` records)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Any, label: str = "search config") -> "SearchConfig":
+        """A config from recorded values; fields missing from an older record take their defaults."""
+        return parse(cls, values, label)
+
+    def replace(self, **changes: Any) -> "SearchConfig":
+        """A copy with some fields changed (validated)."""
+        return dataclasses.replace(self, **changes)

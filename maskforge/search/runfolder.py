@@ -1,0 +1,133 @@
+"""The run folder: what a search writes, each file by one function (rank 0 writes, the others wait).
+
+* `prepare_run_folder`: create `out/` and record the arguments in `config.json`;
+* `write_metrics`: `metrics.jsonl`, one record per finished epoch;
+* `save_checkpoint`: `checkpoint.safetensors` (collective: every rank contributes its running sums);
+* `finalize_artifact`: `artifact.safetensors`, built from the searched model on every rank.
+
+Every write is atomic (maskforge.fileio). `read_run_config` reads `config.json` back for `--resume`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .. import __version__, distributed
+from ..artifact import Artifact, build_artifact, pack_mask, save_artifact
+from ..checkpoint import CHECKPOINT_NAME, capture
+from ..checkpoint import save_checkpoint as write_checkpoint
+from ..distributed import World
+from ..errors import MaskforgeError
+from ..fileio import atomic_write, ensure_writable_dir
+from ..layers import masked_modules
+from ..schema import SearchConfig
+from .setup import Session
+
+ARTIFACT_NAME = "artifact.safetensors"
+METRICS_NAME = "metrics.jsonl"
+CONFIG_NAME = "config.json"
+#: Fields of a metrics record that measure time (they differ between runs; nothing else may).
+TIMING_FIELDS = ("images_per_s", "epoch_seconds")
+
+__all__ = ["ARTIFACT_NAME", "METRICS_NAME", "CONFIG_NAME", "CHECKPOINT_NAME", "TIMING_FIELDS", "read_run_config",
+           "prepare_run_folder", "write_metrics", "save_checkpoint", "finalize_artifact", "identity"]
+
+
+def read_run_config(run_dir: str | os.PathLike) -> SearchConfig:
+    """The `SearchConfig` recorded in `run_dir/config.json` (fields newer than the record take defaults)."""
+    path = Path(run_dir) / CONFIG_NAME
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MaskforgeError(f"{path} is missing: {run_dir} is not a search run folder") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise MaskforgeError(f"cannot read {path}: {exc}") from None
+    return SearchConfig.from_dict(values, str(path))
+
+
+def prepare_run_folder(config: SearchConfig, world: World) -> None:
+    """Create the run folder and write `config.json` (rank 0; any rank's failure fails every rank)."""
+    def write() -> None:
+        atomic_write(ensure_writable_dir(config.out) / CONFIG_NAME,
+                     json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    distributed.run_on_main(write, world)
+
+
+def write_metrics(out: str | os.PathLike, metrics: list[dict]) -> None:
+    """`metrics.jsonl`: the records of the finished epochs, one JSON object per line (rewritten whole)."""
+    atomic_write(Path(out) / METRICS_NAME, "".join(json.dumps(m, sort_keys=True) + "\n" for m in metrics))
+
+
+def identity(config: SearchConfig, arch_args: dict | None = None) -> dict:
+    """Which network a checkpoint's scores belong to (without `arch_args` when the data is not loaded)."""
+    values = {"arch": config.arch, "k": float(config.k), "seed": config.seed, "init": config.init,
+              "scale_fan": config.scale_fan, "topk": config.topk}
+    if arch_args is not None:
+        values["arch_args"] = arch_args
+    return values
+
+
+def save_checkpoint(session: Session, epoch_sums: list) -> None:
+    """Write the checkpoint at `session.position`. Collective: every rank contributes its running sums of
+    the current epoch (`[loss_sum, correct, seen]`); rank 0 writes."""
+    rows = distributed.gather_rows(epoch_sums, session.world)
+    if not session.world.is_main:
+        return
+    position = session.position
+    document = {"identity": identity(session.config, session.arch_args), "config": session.config.to_dict(),
+                "world_size": session.world.world_size,
+                "position": {"epoch": position.epoch, "batch_in_epoch": position.batch_in_epoch,
+                             "step": position.step, "steps_per_epoch": session.steps_per_epoch,
+                             "total_steps": session.total_steps},
+                "train_sums": [[row[0], int(row[1]), int(row[2])] for row in rows], "metrics": session.metrics,
+                "versions": {"maskforge": __version__, "torch": torch.__version__.split("+")[0]}}
+    write_checkpoint(capture(session.model, session.optimizer, document), Path(session.config.out) / CHECKPOINT_NAME)
+
+
+def mask_digest(model: torch.nn.Module) -> str:
+    """SHA-256 (hex) of a model's masks: each layer's name, then its packed mask bytes, in layer order."""
+    digest = hashlib.sha256()
+    for name, layer in masked_modules(model).items():
+        digest.update(name.encode("utf-8"))
+        digest.update(pack_mask(layer.mask()).tobytes())
+    return digest.hexdigest()
+
+
+def finalize_artifact(session: Session) -> tuple[Artifact, Path, str]:
+    """Build the artifact from the searched model on every rank, check that every rank holds the same
+    masks, and write it (rank 0). Returns (artifact, its path, this rank's mask digest)."""
+    config, world, model = session.config, session.world, session.model
+    if world.is_main and session.metrics:
+        # Idempotent; repairs the file if a kill fell between an epoch's metrics and its checkpoint.
+        write_metrics(config.out, session.metrics)
+    digest = mask_digest(model)
+    distributed.check_identical(bytes.fromhex(digest), "the searched masks", world)
+    model.cpu()
+    if session.accelerator.channels_last:
+        model.to(memory_format=torch.contiguous_format)
+    artifact = build_artifact(model, arch=config.arch, arch_args=session.arch_args, spec=session.splits.spec,
+                              seed=config.seed, init=config.init, scale_fan=config.scale_fan, k=float(config.k),
+                              provenance=provenance(session), topk=config.topk)
+    path = Path(config.out) / ARTIFACT_NAME
+    if world.is_main:
+        save_artifact(artifact, path)
+    distributed.barrier(world)  # no rank returns before the artifact exists
+    return artifact, path, digest
+
+
+def provenance(session: Session) -> dict:
+    """How the artifact was made: versions, data, schedule and the computing choices (no timestamps)."""
+    config, accelerator, metrics = session.config, session.accelerator, session.metrics
+    return {"maskforge_version": __version__, "torch_version": torch.__version__.split("+")[0],
+            "data": session.splits.name, "data_kind": session.splits.kind, "epochs": config.epochs,
+            "steps": session.position.step, "batch_size": config.batch_size, "processes": session.world.world_size,
+            "lr": config.lr, "heldout_acc": metrics[-1]["heldout_acc"] if metrics else None,
+            "heldout_examples": len(session.splits.heldout), "device": accelerator.device.type,
+            "precision": accelerator.precision, "channels_last": accelerator.channels_last,
+            "masker": config.masker, "compile": config.compile, "deterministic": config.deterministic}

@@ -1,0 +1,180 @@
+"""Setting a search up: the seeded model on its device, the optimizer, the schedule and the position.
+
+`prepare(config)` loads the data and builds the seeded model (nothing is written, nothing moves to a
+device); `setup(...)` makes the `Session` the training steps work on, restoring a checkpoint's state
+when resuming. Under torchrun the model is wrapped in DistributedDataParallel over the scores.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .. import archs, distributed, layers
+from ..artifact import use_topk_rule
+from ..checkpoint import Checkpoint, restore
+from ..data import DataSplits, load_data, num_batches
+from ..distributed import World
+from ..errors import MaskforgeError
+from ..layers import batchnorm_modules, masked_modules
+from ..schema import SearchConfig
+from .device import Accelerator, resolve_device
+
+
+@dataclass
+class Position:
+    """Where the search stands: the epoch being run (0-based), batches of it done, optimizer steps done."""
+
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    step: int = 0
+
+
+@dataclass
+class Session:
+    """Everything the training steps need, built once by `setup`."""
+
+    config: SearchConfig
+    world: World
+    accelerator: Accelerator
+    splits: DataSplits
+    model: nn.Module               # the plain model (what checkpoints and the artifact capture)
+    train_model: nn.Module         # the model the steps call: DDP- and/or compile-wrapped
+    optimizer: torch.optim.Optimizer
+    arch_args: dict
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    workers: int
+    position: Position = field(default_factory=Position)
+    metrics: list[dict] = field(default_factory=list)
+    # This rank's running train sums of the current epoch: loss sum, correct, seen.
+    epoch_sums: list = field(default_factory=lambda: [0.0, 0, 0])
+
+    @property
+    def bn_stats(self) -> list[torch.Tensor]:
+        return [t for bn in batchnorm_modules(self.model).values() for t in (bn.running_mean, bn.running_var)
+                if t is not None]
+
+    @property
+    def finished(self) -> bool:
+        return self.position.step >= self.total_steps or self.position.epoch >= self.config.epochs
+
+
+def prepare(config: SearchConfig) -> tuple[DataSplits, nn.Module, dict]:
+    """Load the data and build the seeded model with its top-k rule and masker (nothing is written, nothing
+    moves to a device). Returns (splits, model, arch args)."""
+    splits = load_data(config.data, image_size=config.image_size)
+    spec = splits.spec
+    args = archs.arch_args(spec.channels, spec.num_classes, (spec.height, spec.width))
+    if config.width is not None and config.width != 1:
+        args["width"] = config.width  # an architecture argument: recorded in the artifact's arch.args
+    model = archs.create_model(config.arch, **args, k=config.k, seed=config.seed, init=config.init,
+                               scale_fan=config.scale_fan)
+    _choose_masking(model, config)
+    return splits, model, args
+
+
+def setup(config: SearchConfig, splits: DataSplits, model: nn.Module, arch_args: dict,
+          checkpoint: Checkpoint | None, world: World) -> Session:
+    """The session of a fresh search, or of a resumed one at its checkpoint's position."""
+    device = distributed.local_device(world, resolve_device(config.device).type)
+    accelerator = Accelerator.resolve(config, device, model)
+    accelerator.prepare_model(model)
+    scores = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(scores, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    steps_per_epoch = num_batches(len(splits.train), config.batch_size)  # the last batch may be short
+    total_steps = steps_per_epoch * config.epochs
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    session = Session(config, world, accelerator, splits, model, model, optimizer, arch_args, steps_per_epoch,
+                      total_steps, config.warmup_epochs * steps_per_epoch, _workers(config, world))
+    if checkpoint is not None:
+        _resume_from(session, checkpoint)
+    session.train_model = _wrap(model, config, world, device)
+    return session
+
+
+def _choose_masking(model: nn.Module, config: SearchConfig) -> None:
+    if config.topk != "layer":
+        use_topk_rule(model, config.topk, config.k)
+    if config.masker is not None:
+        set_masker = getattr(layers, "set_masker", None)
+        if set_masker is None:
+            raise MaskforgeError(f"masker {config.masker!r} needs maskforge.layers.set_masker, which this version "
+                                 f"of maskforge does not have; leave masker unset")
+        set_masker(model, config.masker)
+
+
+def _resume_from(session: Session, checkpoint: Checkpoint) -> None:
+    recorded_args = checkpoint.identity.arch_args.to_dict()
+    if recorded_args != session.arch_args:
+        raise MaskforgeError(f"the data {session.config.data} now gives a network with {session.arch_args}, but "
+                             f"the checkpoint was written for {recorded_args}")
+    position = checkpoint.position
+    expected = (session.steps_per_epoch, session.total_steps)
+    if (position["steps_per_epoch"], position["total_steps"]) != expected:
+        raise MaskforgeError(f"the checkpoint expects {position['steps_per_epoch']} steps per epoch and "
+                             f"{position['total_steps']} in all, this data gives {expected[0]} and {expected[1]}")
+    _restore_everywhere(checkpoint, session.model, session.optimizer, session.world)
+    session.position = Position(position["epoch"], position["batch_in_epoch"], position["step"])
+    session.metrics = [dict(record) for record in checkpoint.document["metrics"]]
+    session.epoch_sums = list(checkpoint.document["train_sums"][session.world.rank])
+
+
+def _restore_everywhere(checkpoint: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer,
+                        world: World) -> None:
+    """Rank 0 loads the checkpoint's tensors; every other rank receives them by broadcast."""
+    if world.is_main:
+        restore(checkpoint, model, optimizer)
+    if not world.is_distributed:
+        return
+    has_momentum = any(name.startswith("momentum/") for name in checkpoint.tensors)
+    state = []
+    for param in model.parameters():
+        state.append(param.data)
+        if has_momentum:
+            buffer = optimizer.state[param].get("momentum_buffer")
+            if buffer is None:
+                buffer = optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)
+            state.append(buffer)
+    for bn in batchnorm_modules(model).values():
+        state += [t for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked) if t is not None]
+    with torch.no_grad():
+        distributed.broadcast_tensors(state, world)
+    for layer in masked_modules(model).values():
+        layer._mask_cache = None
+
+
+def _wrap(model: nn.Module, config: SearchConfig, world: World, device: torch.device) -> nn.Module:
+    train_model = model
+    if world.is_distributed:
+        # The weights are non-persistent buffers regenerated identically on every rank: keep DDP from
+        # broadcasting them (68 M floats for a WRN-50). BN statistics are averaged after each step instead
+        # of broadcast from rank 0 each forward, so they see every rank's batches.
+        model._ddp_params_and_buffers_to_ignore = [f"{name}.weight" for name in masked_modules(model)]
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, **_no_forward_buffer_sync())
+    if config.compile:
+        train_model = torch.compile(train_model)
+    return train_model
+
+
+def _no_forward_buffer_sync() -> dict:
+    # Newer torch renamed the flag (broadcast_buffers is deprecated); either way buffers sync once at init.
+    parameters = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in parameters else {"broadcast_buffers": False}
+
+
+def _workers(config: SearchConfig, world: World) -> int:
+    if config.workers is not None:
+        return config.workers
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 2
+    return max(1, min(8, cores // world.local_world_size))
