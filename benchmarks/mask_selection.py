@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from maskforge import layers
+from maskforge.topk import BAND_MIN_SIZE
 from maskforge.layers import ThresholdHint, topk_mask
 
 # The largest layers (and the small fc ones): fc 784-300-100-10, conv4 at 32x32, resnet18 at 32x32.
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     checked = check_exact()
     methods = [m for m in METHODS if not (args.no_sort and m == "sort")]
     header = {"checked_exact": checked, "threads": torch.get_num_threads(), "load_avg": os.getloadavg()[0],
-              "band_min_size": layers._BAND_MIN_SIZE}
+              "band_min_size": BAND_MIN_SIZE}
     print(json.dumps(header) if args.json else
           f"all methods exact on {checked} oracle checks; threads {header['threads']}, "
           f"load {header['load_avg']:.1f}; microseconds per call (median):")

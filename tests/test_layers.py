@@ -317,7 +317,7 @@ def test_masked_modules_and_batchnorm_modules_listing():
 def test_threshold_hint_never_changes_the_mask():
     """The band-hint fast path (layers of >= _BAND_MIN_SIZE weights) against the sort oracle, over a
     sequence of small score updates like an optimizer's, big jumps (the band misses) and planted ties."""
-    from maskforge.layers import _BAND_MIN_SIZE, ThresholdHint
+    from maskforge.topk import BAND_MIN_SIZE as _BAND_MIN_SIZE, ThresholdHint
 
     generator = torch.Generator().manual_seed(7)
     numel = _BAND_MIN_SIZE * 2 + 13
