@@ -26,7 +26,6 @@ from .topk import (
     global_topk_masks,
     kept_count,
     numpy_select,
-    resolve_masker,
     topk_mask,
 )
 
@@ -90,7 +89,7 @@ class _MaskedMixin:
         self.k = float(k)
         self.masker: str | None = None  # "numpy", "torch", or None: follow the device (see maskforge.topk)
         self.global_topk: GlobalTopK | None = None  # set by `set_topk(model, "global")`
-        self._mask_cache: tuple[tuple, torch.Tensor] | None = None
+        self._mask_cache: tuple[tuple[int, int], torch.Tensor] | None = None
         self._threshold_hint = ThresholdHint()  # speeds up the numpy masker; never changes a mask
 
     @property
@@ -105,34 +104,32 @@ class _MaskedMixin:
             return self.global_topk.mask_of(self)
         if torch.compiler.is_compiling():  # no Python-side cache inside a compiled graph
             return self._select()
-        key = _version_key(self.scores)
-        if self._mask_cache is None or self._mask_cache[0] != key:
-            self._mask_cache = (key, self._select())
-        return self._mask_cache[1]
+        scores = self.scores
+        key = (scores._version, scores.data_ptr())  # in place: _version; `.to()` or `.data =`: the storage
+        cache = self._mask_cache
+        if cache is None or cache[0] != key:
+            cache = self._mask_cache = (key, self._select())
+        return cache[1]
 
     def _select(self) -> torch.Tensor:
-        if resolve_masker(self.masker, self.scores.device) == "torch":
-            return topk_mask(self.scores.detach().abs(), self.kept, masker="torch")
+        scores = self.scores
+        if self.masker == "torch" or (self.masker is None and scores.device.type != "cpu"):
+            return topk_mask(scores.detach().abs(), self.kept, masker="torch")
         select = _numpy_layer_mask_eager if torch.compiler.is_compiling() else _numpy_layer_mask
-        return select(self.scores, self.kept, self._threshold_hint)
+        return select(scores, self.kept, self._threshold_hint)
 
     def effective_weight(self) -> torch.Tensor:
         """weight * mask; with gradients on, the straight-through product that trains the scores."""
-        mask = self.mask()
-        numpy_product = (mask.device.type == "cpu" and self.weight.device.type == "cpu"
-                         and self.weight.dtype in NUMPY_DTYPES and not torch.compiler.is_compiling()
-                         and resolve_masker(self.masker, self.weight.device) == "numpy")
-        if torch.is_grad_enabled() and self.scores.requires_grad:
-            return _StraightThroughMask.apply(self.scores, self.weight, mask, numpy_product)
-        return _masked_product(self.weight, mask, numpy_product)
+        mask, weight, scores = self.mask(), self.weight, self.scores
+        # the numpy masker's product runs in NumPy too (CPU only; under compile, torch's product traces)
+        numpy_product = (self.masker != "torch" and mask.device.type == "cpu" and weight.device.type == "cpu"
+                         and weight.dtype in NUMPY_DTYPES and not torch.compiler.is_compiling())
+        if scores.requires_grad and torch.is_grad_enabled():
+            return _StraightThroughMask.apply(scores, weight, mask, numpy_product)
+        return _masked_product(weight, mask, numpy_product)
 
     def extra_repr(self) -> str:  # noqa: D401 - nn.Module hook
         return f"{super().extra_repr()}, k={self.k}"
-
-
-def _version_key(scores: torch.Tensor) -> tuple:
-    # in-place updates bump _version; `.to(device)` or `param.data = ...` change the storage
-    return scores._version, scores.data_ptr(), scores.device
 
 
 class MaskedConv2d(_MaskedMixin, nn.Conv2d):
@@ -221,7 +218,7 @@ class GlobalTopK:
         return self.masks()[self._position[layer]]
 
     def _current(self) -> list[torch.Tensor]:
-        key = tuple(_version_key(layer.scores) for layer in self.layers)
+        key = tuple((layer.scores._version, layer.scores.data_ptr()) for layer in self.layers)
         if self._cache is None or self._cache[0] != key:
             masks = global_topk_masks([layer.scores for layer in self.layers], self.k,
                                       masker=self.layers[0].masker, hint=self._hint)

@@ -142,44 +142,53 @@ def as_numpy(flat: torch.Tensor) -> np.ndarray:
 
 def numpy_select(values: np.ndarray, kept: int, hint: ThresholdHint | None = None) -> np.ndarray:
     """The exact top-`kept` boolean mask of a flat array, 0 < kept < size (see `topk_mask`)."""
+    use_band = hint is not None and values.size >= BAND_MIN_SIZE
+    if use_band and hint.threshold is not None:
+        mask = _band_select(values, kept, hint)
+        if mask is not None:
+            return mask
     if np.isnan(values.max()):  # one cheap pass; a diverged search, never the hot path
         return _stable_sort_mask(values, kept)
-    use_band = hint is not None and values.size >= BAND_MIN_SIZE
-    result = _band_select(values, kept, hint) if use_band and hint.threshold is not None else None
-    if result is None:
-        cut = values.size - kept
-        threshold = np.partition(values, cut)[cut]
-        mask = values >= threshold
-        count = int(np.count_nonzero(mask))
-    else:
-        threshold, mask, count = result
+    cut = values.size - kept
+    threshold = np.partition(values, cut)[cut]
+    mask = values >= threshold
+    count = int(np.count_nonzero(mask))
     if count > kept:  # entries equal to the threshold straddle the cut: the lowest indices stay
         tied = np.flatnonzero(values == threshold)
         mask[tied[tied.size - (count - kept):]] = False
     if use_band:
-        hint.update(float(threshold), result is not None)
+        hint.update(float(threshold), False)
     return mask
 
 
-def _band_select(values: np.ndarray, kept: int, hint: ThresholdHint):
-    """(threshold, values >= threshold, its count) if the threshold lies in the hint's band, else None."""
+def _band_select(values: np.ndarray, kept: int, hint: ThresholdHint) -> np.ndarray | None:
+    """The mask, if the threshold lies in the hint's band [low, high]; else None (a full selection runs).
+
+    Everything above the band is kept and everything below dropped; only the band (a few hundred
+    entries) is partitioned, and the mask is `above` plus the band's winners, so no pass over the whole
+    layer follows the two comparisons. NaN, neither above nor below, lands in the band and is caught there.
+    """
     dtype = values.dtype.type
     low, high = dtype(hint.threshold - hint.width), dtype(hint.threshold + hint.width)
     above = values > high
     n_above = int(np.count_nonzero(above))
-    if n_above >= kept:
+    room = kept - n_above  # the threshold is the room-th largest entry of the band
+    if room <= 0:
         return None
-    in_band = values >= low
-    np.logical_xor(in_band, above, out=in_band)  # low <= v <= high, as `above` is a subset of `values >= low`
-    band = values[in_band]
-    rank = kept - n_above  # the threshold is the rank-th largest entry of the band
-    if rank > band.size:
+    outside = values < low
+    np.logical_or(outside, above, out=outside)
+    np.logical_not(outside, out=outside)
+    where = np.flatnonzero(outside)  # ascending: ties then go to the lowest index
+    band = values[where]
+    if room > band.size or np.isnan(band).any():
         return None
-    cut = band.size - rank
-    band = np.partition(band, cut)
-    threshold = band[cut]
-    count = n_above + int(np.count_nonzero(band >= threshold))  # entries below `cut` may tie it too
-    return threshold, values >= threshold, count
+    threshold = np.partition(band, band.size - room)[band.size - room]
+    wins = band > threshold
+    above[where[wins]] = True
+    tied = where[band == threshold]
+    above[tied[:room - int(np.count_nonzero(wins))]] = True
+    hint.update(float(threshold), True)
+    return above
 
 
 def _stable_sort_mask(values: np.ndarray, kept: int) -> np.ndarray:
