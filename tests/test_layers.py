@@ -23,13 +23,17 @@ from maskforge.layers import (
 )
 
 
-def sort_oracle(magnitudes: torch.Tensor, kept: int) -> torch.Tensor:
-    """Keep the first `kept` entries of the order sorted by (-|s|, flat index); NaN counts as largest."""
+def sort_order(magnitudes: torch.Tensor) -> np.ndarray:
+    """Flat indices sorted by (-|s|, flat index), NaN first (as the largest): a stable descending sort."""
     flat = magnitudes.reshape(-1).double().numpy()
     nan = np.isnan(flat)
-    order = np.lexsort((np.arange(flat.size), -np.where(nan, 0.0, flat), ~nan))  # last key is primary
-    mask = np.zeros(flat.size, dtype=bool)
-    mask[order[:kept]] = True
+    return np.lexsort((np.arange(flat.size), -np.where(nan, 0.0, flat), ~nan))  # last key is primary
+
+
+def sort_oracle(magnitudes: torch.Tensor, kept: int) -> torch.Tensor:
+    """Keep the first `kept` entries of the order sorted by (-|s|, flat index); NaN counts as largest."""
+    mask = np.zeros(magnitudes.numel(), dtype=bool)
+    mask[sort_order(magnitudes)[:kept]] = True
     return torch.from_numpy(mask.reshape(tuple(magnitudes.shape)))
 
 
