@@ -8,9 +8,9 @@ descending sort; they differ only in speed and in where they run:
   it copies the magnitudes to the host and the mask back: still exact, but it synchronizes the device
   on every call, so it is a checking tool there, not a fast path. Inside `torch.compile` it runs eagerly
   (a graph break), since the compiler cannot trace NumPy's partition.
-* ``"torch"`` — `torch.kthvalue` and a prefix count over the entries tied with the threshold: tensor
-  operations only, no host sync, traceable by `torch.compile`. The fast path on CUDA; on the CPU it
-  runs the exact code a GPU search runs.
+* ``"torch"`` — the threshold from `torch.topk` and a prefix count over the entries tied with it:
+  tensor operations only, no host sync, traceable by `torch.compile`. The fast path on CUDA; on the
+  CPU it runs the exact code a GPU search runs.
 
 `None` (or ``"auto"``) follows the tensor: ``"torch"`` on accelerators and inside `torch.compile`,
 ``"numpy"`` on the CPU.
@@ -106,12 +106,24 @@ def topk_mask(magnitudes: torch.Tensor, kept: int, hint: ThresholdHint | None = 
 def torch_select(flat: torch.Tensor, kept: int) -> torch.Tensor:
     """The top-`kept` mask of a 1-D tensor, 0 < kept < numel, with tensor operations only (no host sync).
 
-    The kept-th largest value is the (numel - kept + 1)-th smallest; `torch.kthvalue` ranks NaN above
+    The threshold is the kept-th largest value, read off `torch.topk` (the smaller side: the `kept`
+    largest or the numel - kept + 1 smallest). On CUDA, topk runs a multi-block radix select over one
+    long row, where `torch.kthvalue` gives a whole layer to a single thread block. topk ranks NaN above
     every number (CPU and CUDA), so the threshold is NaN exactly when at least `kept` entries are NaN.
     Entries strictly above it are kept; of those equal to it (NaN "equals" NaN here), the first ones in
     flat order fill the remaining room (a prefix count).
     """
-    threshold = torch.kthvalue(flat, flat.numel() - kept + 1).values
+    numel = flat.numel()
+    if kept <= numel - kept + 1:
+        values = torch.topk(flat, kept, largest=True, sorted=False).values
+        if flat.is_floating_point():  # the smallest of the kept values, NaN only if they all are
+            nan = torch.isnan(values)
+            smallest = torch.where(nan, torch.full_like(values, float("inf")), values).min()
+            threshold = torch.where(nan.all(), values[0], smallest)
+        else:
+            threshold = values.min()
+    else:  # the largest of the numel - kept + 1 smallest; max() propagates NaN as intended
+        threshold = torch.topk(flat, numel - kept + 1, largest=False, sorted=False).values.max()
     if flat.is_floating_point():
         nan_threshold = torch.isnan(threshold)
         above = ~(flat <= threshold) & ~nan_threshold  # NaN entries are above any number
@@ -119,7 +131,7 @@ def torch_select(flat: torch.Tensor, kept: int) -> torch.Tensor:
     else:
         above, at = flat > threshold, flat == threshold
     room = kept - above.sum()
-    count_dtype = torch.int32 if flat.numel() < 2**31 else torch.int64
+    count_dtype = torch.int32 if numel < 2**31 else torch.int64
     return above | (at & (torch.cumsum(at, 0, dtype=count_dtype) <= room))
 
 
@@ -224,16 +236,25 @@ def global_topk_masks(scores: list[torch.Tensor], k: float, *, masker: str | Non
     devices = {s.device for s in scores}
     if len(devices) > 1:
         raise MaskforgeError(f"global top-k needs every masked layer on one device, found {sorted(map(str, devices))}")
+    # Each layer's own largest entry is kept outright and leaves the pool (every |score| is >= 0 or NaN):
+    # argmax (NumPy's and torch's, CPU and CUDA) breaks ties by the lowest index and ranks NaN highest.
     sizes = [s.numel() for s in scores]
-    total = global_kept_count(sizes, k)
+    rest = global_kept_count(sizes, k) - len(sizes)  # kept beyond each layer's own best
     dtype = torch.float64 if any(s.dtype == torch.float64 for s in scores) else torch.float32
-    pool = torch.empty(sum(sizes), dtype=dtype, device=scores[0].device)
-    parts = pool.split(sizes)
-    for part, layer_scores in zip(parts, scores):
-        torch.abs(layer_scores.detach().reshape(-1).to(dtype), out=part)
-    # each layer's own largest entry is kept outright and leaves the pool (every |score| is >= 0 or NaN)
-    best = [topk_mask(part, 1, masker=masker) for part in parts]
-    reserved = torch.cat(best)
-    pool.masked_fill_(reserved, -1.0)
-    kept = topk_mask(pool, total - len(sizes), hint, masker=masker) | reserved
+    device = scores[0].device
+    if resolve_masker(masker, device) == "numpy" and device.type == "cpu":
+        # NumPy end to end: torch's multi-threaded small ops cost more than they save here
+        pool = np.concatenate([np.abs(as_numpy(s.detach().reshape(-1).to(dtype))) for s in scores])
+        best = np.cumsum([0] + sizes[:-1]) + [int(np.argmax(part)) for part in np.split(pool, np.cumsum(sizes)[:-1])]
+        pool[best] = -1.0
+        kept_np = numpy_select(pool, rest, hint) if 0 < rest < pool.size else np.full(pool.size, rest > 0)
+        kept_np[best] = True
+        kept = torch.from_numpy(kept_np)
+    else:
+        pool = torch.cat([s.detach().reshape(-1).to(dtype).abs() for s in scores])
+        offsets = torch.tensor(np.cumsum([0] + sizes[:-1]).tolist(), device=device)
+        best = torch.stack([torch.argmax(part) for part in pool.split(sizes)]) + offsets
+        pool[best] = -1.0
+        kept = topk_mask(pool, rest, hint, masker=masker)
+        kept[best] = True
     return [part.view(s.shape) for part, s in zip(kept.split(sizes), scores)]

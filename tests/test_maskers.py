@@ -40,21 +40,22 @@ def _values(kind: str, n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
     elif kind == "signed_zeros":  # -0.0 and +0.0 are equal values: ties broken by index alone
         values = torch.randint(0, 3, (n,), generator=gen).float() * 0.5
         values = torch.where((values == 0) & (torch.rand(n, generator=gen) < 0.5), -0.0, values)
-    else:  # "nan_inf"
+    else:  # "nan_inf" (10 % NaN) or "mostly_nan" (70 %: the threshold itself is NaN for most kept)
         values = torch.rand(n, generator=gen)
         pick = torch.rand(n, generator=gen)
-        values[pick < 0.1] = NAN
-        values[(pick >= 0.1) & (pick < 0.15)] = INF
+        share = 0.7 if kind == "mostly_nan" else 0.1
+        values[pick < share] = NAN
+        values[(pick >= share) & (pick < share + 0.05)] = INF
     return values.to(dtype)
 
 
 def _kept_cases(n: int) -> list[int]:
-    return sorted({1, 2, n // 3, n // 2, n - 1, n} - {0})
+    return sorted({1, 2, n // 3, n // 2, (3 * n) // 4, n - 1, n} - {0})
 
 
 @pytest.mark.parametrize("masker", MASKERS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("kind", ["distinct", "ties", "signed_zeros", "nan_inf"])
+@pytest.mark.parametrize("kind", ["distinct", "ties", "signed_zeros", "nan_inf", "mostly_nan"])
 @pytest.mark.parametrize("n", [1, 2, 7, 1000, BAND_MIN_SIZE + 1001])
 def test_masker_matches_the_sort_oracle(masker, dtype, kind, n):
     values = _values(kind, n, dtype, seed=n + len(kind))
