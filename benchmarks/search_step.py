@@ -50,6 +50,7 @@ from maskforge.layers import MaskedConv2d, MaskedLinear, masked_modules, set_mas
 K = 0.5
 SEED = 0
 VARIANTS = ("search", "dense", "reference")
+BREAKDOWN = ("fixed-mask", "fixed-all")  # --variants ...,fixed-mask,fixed-all: where the search's extra time goes
 
 
 @dataclass(frozen=True)
@@ -162,10 +163,46 @@ def _swap_masked(model: nn.Module, make) -> nn.Module:
     return model
 
 
+class _FixedProduct(torch.autograd.Function):
+    """Breakdown: the straight-through product without any selection (a fixed weight * mask), and with
+    `gradient` also without the backward's arithmetic (a fixed score gradient)."""
+
+    @staticmethod
+    def forward(ctx, scores, weight, product, gradient):
+        ctx.save_for_backward(scores, weight)
+        ctx.gradient = gradient
+        return product
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.gradient is not None:
+            return ctx.gradient, None, None, None
+        scores, weight = ctx.saved_tensors
+        return torch.sign(scores).mul_(weight).mul_(grad), None, None, None
+
+
+def _fix_selection(model: nn.Module, fixed_gradient: bool) -> nn.Module:
+    for layer in masked_modules(model).values():
+        cache: dict = {}
+
+        def effective_weight(layer=layer, cache=cache):
+            device = layer.weight.device
+            if device not in cache:  # built once per device, on the first step
+                with torch.no_grad():
+                    cache[device] = (layer.weight * layer.mask(),
+                                     torch.zeros_like(layer.scores) if fixed_gradient else None)
+            return _FixedProduct.apply(layer.scores, layer.weight, *cache[device])
+
+        layer.effective_weight = effective_weight
+    return model
+
+
 def build_variant(workload: Workload, variant: str, masker: str | None = None) -> nn.Module:
     model = archs.create_model(workload.arch, in_channels=workload.channels, num_classes=workload.classes,
                                image_size=(workload.size, workload.size), k=K, seed=SEED)
     set_masker(model, masker)
+    if variant in BREAKDOWN:
+        return _fix_selection(model, fixed_gradient=variant == "fixed-all")
     if variant == "dense":
         return _swap_masked(model, _dense_twin)
     if variant == "reference":
@@ -356,7 +393,7 @@ def run_workload(workload: Workload, device: torch.device, *, repeats: int | Non
         torch.cuda.empty_cache()
     child = [*(child_args or []), "--arch", workload.arch, "--batch", str(batch)]
     peaks = measure_memory(list(variants), child, parallel=not cuda) if memory else {}
-    ms = {name: times[name]["median_s"] * 1e3 if name in times else None for name in VARIANTS}
+    ms = {name: times[name]["median_s"] * 1e3 if name in times else None for name in VARIANTS + BREAKDOWN}
     peak = {name: peaks.get(name, {}).get("peak_mb") for name in VARIANTS}
 
     def ratio(a, b):
@@ -368,6 +405,7 @@ def run_workload(workload: Workload, device: torch.device, *, repeats: int | Non
         "search_ms": ms["search"], "dense_ms": ms["dense"], "reference_ms": ms["reference"],
         "ratio": ratio(ms["search"], ms["dense"]), "reference_ratio": ratio(ms["reference"], ms["search"]),
         "reference_vs_dense": ratio(ms["reference"], ms["dense"]),
+        **{f"{name.replace('-', '_')}_ms": ms[name] for name in BREAKDOWN if name in variants},
         **{f"{name}_min_ms": times[name]["min_s"] * 1e3 if name in times else None for name in VARIANTS},
         "search_peak_mb": peak["search"], "dense_peak_mb": peak["dense"], "reference_peak_mb": peak["reference"],
         "peak_ratio": ratio(peak["search"], peak["dense"]),
@@ -459,7 +497,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="wall: elapsed time (default); cpu: this process's CPU time (CPU device only: "
                              "with --threads 1 it ignores time lost to other processes on a loaded machine)")
     parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help=f"comma list of variants to time (default: {','.join(VARIANTS)}); needs dense")
+                        help=f"comma list of variants to time (default: {','.join(VARIANTS)}; needs dense); "
+                             "add fixed-mask (no selection, no product) and fixed-all (also no backward "
+                             "arithmetic) to see where the search's extra time goes")
     parser.add_argument("--precision", choices=("fp32", "bf16"),
                         help="bf16: autocast (default on CUDA); fp32 (default on the CPU)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
@@ -476,7 +516,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--epoch-workers", type=int, default=8, help="epoch-like: data-loader processes")
     parser.add_argument("--epoch-batch", type=int, default=128, help="epoch-like: batch size")
     parser.add_argument("--epochs", type=int, default=2, help="epoch-like: epochs (the first one warms up)")
-    parser.add_argument("--_memory-child", dest="memory_child", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--_memory-child", dest="memory_child", choices=VARIANTS + BREAKDOWN, help=argparse.SUPPRESS)
     parser.add_argument("--_epoch-like-on-cpu", dest="epoch_like_cpu", action="store_true", help=argparse.SUPPRESS)
     return parser
 
@@ -522,9 +562,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.clock == "cpu" and args.device == "cuda":
         parser.error("--clock cpu measures host CPU time: use it with --device cpu")
-    variants = tuple(v for v in VARIANTS if v in args.variants.split(","))
-    if "dense" not in variants or set(args.variants.split(",")) - set(VARIANTS):
-        parser.error(f"--variants: a comma list of {', '.join(VARIANTS)} that includes dense")
+    variants = tuple(v for v in VARIANTS + BREAKDOWN if v in args.variants.split(","))
+    if "dense" not in variants or set(args.variants.split(",")) - set(VARIANTS + BREAKDOWN):
+        parser.error(f"--variants: a comma list of {', '.join(VARIANTS + BREAKDOWN)} that includes dense")
     device = torch.device(args.device)
     recipe = Recipe(args.precision, args.channels_last, args.masker,
                     args.compile_backend if args.compile else None)

@@ -53,3 +53,20 @@ def test_search_step_cuda_and_epoch_like_skip_cleanly_without_a_gpu(capsys):
     assert captured.out == "" and "CUDA is not available" in captured.err
     assert script.main(["--epoch-like"]) == 0
     assert "skipped on CPU" in capsys.readouterr().err
+
+
+def test_search_step_breakdown_variants_and_recipe_flags(capsys):
+    """The breakdown variants (no selection; no backward arithmetic either) and the accelerator-recipe
+    flags on the CPU: every requested variant is timed and the record says which recipe ran."""
+    script = _load_script("search_step")
+    argv = ["--arch", "fc", "--batch", "4", "--repeats", "1", "--inner", "1", "--warmup", "0", "--no-memory",
+            "--json", "--variants", "search,dense,fixed-mask,fixed-all", "--masker", "torch",
+            "--precision", "bf16"]
+    assert script.main(argv) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("search_ms", "dense_ms", "fixed_mask_ms", "fixed_all_ms"):
+        assert isinstance(record[key], float) and record[key] > 0, key
+    assert record["reference_ms"] is None and record["reference_ratio"] is None
+    assert (record["masker"], record["precision"], record["channels_last"], record["compile"]) == (
+        "torch", "bf16", False, None)
+    assert record["variants"] == ["search", "dense", "fixed-mask", "fixed-all"]
