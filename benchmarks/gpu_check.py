@@ -212,15 +212,16 @@ def machine(smoke: bool) -> dict:
 
     import maskforge
 
-    info = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "python": platform.python_version(),
-            "torch": torch.__version__, "cuda": torch.version.cuda, "maskforge": maskforge.__version__,
+    info = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda, "maskforge": maskforge.__version__,
             "cpus": os.cpu_count(), "host_cpu": platform.processor() or platform.machine(),
             "gpus": [] if smoke else [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
     for key, command in (("driver", ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
                          ("commit", ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])):
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=20)
-            info[key] = done.stdout.strip().splitlines()[0] if done.returncode == 0 and done.stdout.strip() else None
+            lines = done.stdout.strip().splitlines() if done.returncode == 0 else []
+            info[key] = lines[0] if lines else None
         except (OSError, subprocess.TimeoutExpired):
             info[key] = None
     return info
@@ -246,7 +247,8 @@ def markdown(results: dict) -> str:
              "## Parts", "", "| part | status | seconds | limit (s) | what |", "|---|---|---:|---:|---|"]
     for part in results["parts"]:
         status = part["status"] + (f" ({part['note']})" if part.get("note") else "")
-        lines.append(f"| {part['name']} | {status} | {part['seconds']:.0f} | {part['limit_s']:.0f} | {part['about']} |")
+        lines.append(f"| {part['name']} | {status} | {part['seconds']:.0f} | {part['limit_s']:.0f} "
+                     f"| {part['about']} |")
     lines += ["", "## Search step (medians, ms per step)", "",
               "| mode | arch | input | batch | precision | masker | search | dense | **search/dense** | reference "
               "| reference/search | peak MB search / dense | peak ratio |",
@@ -260,9 +262,11 @@ def markdown(results: dict) -> str:
                     f"| {mode} | {r['arch']} | {size} | {r['batch']} | {r['precision']} | {r['masker']} | "
                     f"{_fmt(r['search_ms'])} | {_fmt(r['dense_ms'])} | **{_fmt(r['ratio'], 3)}** | "
                     f"{_fmt(r['reference_ms'])} | {_fmt(r['reference_ratio'])} | "
-                    f"{_fmt(r['search_peak_mb'], 0)} / {_fmt(r['dense_peak_mb'], 0)} | {_fmt(r['peak_ratio'], 3)} |")
+                    f"{_fmt(r['search_peak_mb'], 0)} / {_fmt(r['dense_peak_mb'], 0)} | "
+                    f"{_fmt(r['peak_ratio'], 3)} |")
     lines += ["", "## Epoch-like search over image files", "",
-              "| arch | batch | px | loader processes | images/s by epoch | wall s |", "|---|---:|---:|---:|---|---:|"]
+              "| arch | batch | px | loader processes | images/s by epoch | wall s |",
+              "|---|---:|---:|---:|---|---:|"]
     for r in next((p for p in results["parts"] if p["name"] == "epoch-like"), {}).get("records", []):
         by_epoch = ", ".join(f"{v:,.0f}" for v in r["images_per_s_by_epoch"])
         lines.append(f"| {r['arch']} | {r['batch']} | {r['image_size']} | {r['workers']} | {by_epoch} | "

@@ -134,15 +134,23 @@ def time_straight_through(n: int, calls: int) -> dict[str, float]:
         "bwd grad*(w*sign(s))": lambda: g * (w * torch.sign(s)),
         "bwd sign(s).mul_(w).mul_(grad)": lambda: torch.sign(s).mul_(w).mul_(g),
     }
+    return {name: seconds * 1e6 for name, seconds in _rotating_medians(variants, calls, warmup=3).items()}
+
+
+def _rotating_medians(variants: dict, calls: int, warmup: int, between=None) -> dict[str, float]:
+    """Median seconds per call of each variant, called in a rotating order; `between()` runs before
+    each round (e.g. a score update), untimed."""
     samples: dict[str, list[float]] = {name: [] for name in variants}
     names = list(variants)
-    for call in range(calls + 3):
+    for call in range(calls + warmup):
+        if between is not None:
+            between()
         for name in names[call % len(names):] + names[:call % len(names)]:
             started = time.perf_counter()
             variants[name]()
-            if call >= 3:
+            if call >= warmup:
                 samples[name].append(time.perf_counter() - started)
-    return {name: statistics.median(v) * 1e6 for name, v in samples.items()}
+    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def time_global(arch: str, calls: int) -> dict[str, float]:
@@ -166,17 +174,13 @@ def time_global(arch: str, calls: int) -> dict[str, float]:
         "global_torch": lambda: global_topk_masks(scores, 0.5, masker="torch"),
     }
     gen = torch.Generator().manual_seed(5)
-    samples: dict[str, list[float]] = {name: [] for name in variants}
-    names = list(variants)
-    for call in range(calls + 2):
+
+    def drift() -> None:
         for s in scores:
             s.add_(torch.randn(s.shape, generator=gen) * float(s.abs().mean()) * 2e-3)
-        for name in names[call % len(names):] + names[:call % len(names)]:
-            started = time.perf_counter()
-            variants[name]()
-            if call >= 2:
-                samples[name].append(time.perf_counter() - started)
-    return {name: statistics.median(v) * 1e3 for name, v in samples.items()}
+
+    medians = _rotating_medians(variants, calls, warmup=2, between=drift)
+    return {name: seconds * 1e3 for name, seconds in medians.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         row = time_global(arch, max(3, args.calls // 4))
         record = {"arch": arch, **{f"{k}_ms": v for k, v in row.items()}}
         print(json.dumps(record) if args.json else
-              f"{arch} whole model (ms per step): " + "  ".join(f"{k} {v:.1f}" for k, v in row.items()), flush=True)
+              f"{arch} whole model (ms per step): " + "  ".join(f"{k} {v:.1f}" for k, v in row.items()),
+              flush=True)
     return 0
 
 

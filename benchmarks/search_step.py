@@ -50,7 +50,7 @@ from maskforge.layers import MaskedConv2d, MaskedLinear, masked_modules, set_mas
 K = 0.5
 SEED = 0
 VARIANTS = ("search", "dense", "reference")
-BREAKDOWN = ("fixed-mask", "fixed-all")  # --variants ...,fixed-mask,fixed-all: where the search's extra time goes
+BREAKDOWN = ("fixed-mask", "fixed-all")  # --variants ...,fixed-mask,fixed-all: where the extra time goes
 
 
 @dataclass(frozen=True)
@@ -507,7 +507,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--masker", choices=("numpy", "torch"), help="the search's masker (default: by device)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every timed model")
     parser.add_argument("--compile-backend", default="inductor",
-                        help="torch.compile backend with --compile (default inductor; aot_eager needs no compiler)")
+                        help="torch.compile backend with --compile (default inductor; aot_eager needs no "
+                             "compiler)")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory subprocesses")
     parser.add_argument("--epoch-like", action="store_true",
                         help="CUDA only: images/s of a real search over a small JPEG/PNG image folder")
@@ -516,7 +517,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--epoch-workers", type=int, default=8, help="epoch-like: data-loader processes")
     parser.add_argument("--epoch-batch", type=int, default=128, help="epoch-like: batch size")
     parser.add_argument("--epochs", type=int, default=2, help="epoch-like: epochs (the first one warms up)")
-    parser.add_argument("--_memory-child", dest="memory_child", choices=VARIANTS + BREAKDOWN, help=argparse.SUPPRESS)
+    parser.add_argument("--_memory-child", dest="memory_child", choices=VARIANTS + BREAKDOWN,
+                        help=argparse.SUPPRESS)
     parser.add_argument("--_epoch-like-on-cpu", dest="epoch_like_cpu", action="store_true", help=argparse.SUPPRESS)
     return parser
 

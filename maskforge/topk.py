@@ -235,7 +235,8 @@ def global_topk_masks(scores: list[torch.Tensor], k: float, *, masker: str | Non
         raise MaskforgeError("global top-k needs at least one masked layer")
     devices = {s.device for s in scores}
     if len(devices) > 1:
-        raise MaskforgeError(f"global top-k needs every masked layer on one device, found {sorted(map(str, devices))}")
+        raise MaskforgeError("global top-k needs every masked layer on one device, found "
+                             f"{sorted(map(str, devices))}")
     # Each layer's own largest entry is kept outright and leaves the pool (every |score| is >= 0 or NaN):
     # argmax (NumPy's and torch's, CPU and CUDA) breaks ties by the lowest index and ranks NaN highest.
     sizes = [s.numel() for s in scores]
@@ -245,7 +246,8 @@ def global_topk_masks(scores: list[torch.Tensor], k: float, *, masker: str | Non
     if resolve_masker(masker, device) == "numpy" and device.type == "cpu":
         # NumPy end to end: torch's multi-threaded small ops cost more than they save here
         pool = np.concatenate([np.abs(as_numpy(s.detach().reshape(-1).to(dtype))) for s in scores])
-        best = np.cumsum([0] + sizes[:-1]) + [int(np.argmax(part)) for part in np.split(pool, np.cumsum(sizes)[:-1])]
+        parts = np.split(pool, np.cumsum(sizes)[:-1])
+        best = np.cumsum([0] + sizes[:-1]) + [int(np.argmax(part)) for part in parts]
         pool[best] = -1.0
         kept_np = numpy_select(pool, rest, hint) if 0 < rest < pool.size else np.full(pool.size, rest > 0)
         kept_np[best] = True

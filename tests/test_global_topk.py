@@ -46,7 +46,8 @@ def global_oracle(scores: list[torch.Tensor], k: float) -> list[torch.Tensor]:
             keep[position] = True
     rest = [p for p in order if not keep[p]][: total - len(sizes)]
     keep[rest] = True
-    return [torch.from_numpy(part.reshape(tuple(s.shape))) for part, s in zip(np.split(keep, np.cumsum(sizes)[:-1]), scores)]
+    parts = np.split(keep, np.cumsum(sizes)[:-1])
+    return [torch.from_numpy(part.reshape(tuple(s.shape))) for part, s in zip(parts, scores)]
 
 
 def _random_layers(seed: int, shapes, levels: int | None) -> list[torch.Tensor]:
@@ -129,7 +130,8 @@ def _model(seed: int, k: float = 0.3) -> nn.Module:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in masked_modules(model).values():
-            layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen) * (2.0 / layer.weight[0].numel()) ** 0.5)
+            fan_in = layer.weight[0].numel()
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
             layer.scores.copy_(torch.randn(layer.scores.shape, generator=gen) * 0.1)
     return model
 
@@ -165,7 +167,8 @@ def test_model_with_global_topk_trains_and_follows_the_oracle(masker):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
-    assert sum(int(layer.mask().sum()) for layer in layers) == kept_count(sum(l.weight.numel() for l in layers), 0.3)
+    total = sum(layer.weight.numel() for layer in layers)
+    assert sum(int(layer.mask().sum()) for layer in layers) == kept_count(total, 0.3)
 
 
 def test_global_topk_score_gradient_is_the_straight_through_one():
@@ -190,7 +193,8 @@ def test_global_selection_runs_once_per_score_update(monkeypatch):
 
     calls = []
     original = layers_module.global_topk_masks
-    monkeypatch.setattr(layers_module, "global_topk_masks", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    monkeypatch.setattr(layers_module, "global_topk_masks",
+                        lambda *a, **kw: calls.append(1) or original(*a, **kw))
     model = _model(8)
     set_topk(model, "global")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

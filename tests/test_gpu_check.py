@@ -86,10 +86,9 @@ def _alive(pid: int) -> bool:
 def test_a_part_past_its_limit_is_stopped_with_its_children_and_keeps_its_output(tmp_path):
     gpu_check = _load()
     pid_file = tmp_path / "grandchild.pid"
-    child = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; "
-             f"time.sleep(300)']); open({str(pid_file)!r}, 'w').write(str(p.pid))")
-    code = f"{child}; print('{{\"arch\": \"x\", \"ratio\": 1.5}}', flush=True); time.sleep(300)"
-    part = gpu_check.Part("slow-part", [sys.executable, "-c", code], limit_s=3, about="sleeps")
+    # a shell (fast to start, even on a loaded machine) with a child of its own, printing one record
+    script = f"sleep 300 & echo $! > {pid_file}; echo '{{\"arch\": \"x\", \"ratio\": 1.5}}'; sleep 300"
+    part = gpu_check.Part("slow-part", ["sh", "-c", script], limit_s=3, about="sleeps")
     record = gpu_check.run_part(part, tmp_path, deadline=gpu_check.time.monotonic() + 100)
     assert record["status"] == "timeout" and record["returncode"] is None
     assert record["records"] == [{"arch": "x", "ratio": 1.5}]
