@@ -40,26 +40,36 @@ def test_without_cuda_it_stops_at_once_with_one_line(tmp_path, capsys):
     assert not (tmp_path / "check").exists()
 
 
-def _smoke(tmp_path, parts: str) -> dict:
+def _smoke(tmp_path, parts: str, *, in_process: bool = False, capsys=None) -> dict:
+    """Run the smoke check (through the shell script, or in this process to save an interpreter)."""
     out = tmp_path / "smoke"
-    done = _check("--smoke", "--parts", parts, "--out", str(out))
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    argv = ["--smoke", "--parts", parts, "--out", str(out)]
+    if in_process:
+        code, output = _load().main(argv), capsys.readouterr().out
+    else:
+        done = _check(*argv)
+        code, output = done.returncode, done.stdout[-3000:] + done.stderr[-3000:]
+    assert code == 0, output
     results = json.loads((out / "results.json").read_text())
     assert [p["name"] for p in results["parts"]] == parts.split(",")
     assert all(p["status"] == "ok" for p in results["parts"]), results["parts"]
+    assert (out / "summary.md").read_text() in output  # printed at the end, too
     results["_markdown"] = (out / "summary.md").read_text()
     results["_out"] = out
     return results
 
 
-def test_smoke_epoch_like_through_the_shell_script(tmp_path):
-    results = _smoke(tmp_path, "epoch-like")
+def test_smoke_search_step(tmp_path, capsys):
+    results = _smoke(tmp_path, "search-step", in_process=True, capsys=capsys)
     (part,) = results["parts"]
-    (epoch,) = part["records"]
-    assert epoch["mode"] == "epoch-like" and epoch["train_images"] == 20 and epoch["images_per_s_last_epoch"] > 0
-    assert part["command"][-1] == "1" and "--_epoch-like-on-cpu" in part["command"]
-    assert "| fc | 10 | 8 | 0 |" in results["_markdown"]
-    assert (results["_out"] / "epoch-like.log").read_text().strip()
+    (step,) = part["records"]
+    assert step["arch"] == "fc" and step["device"] == "cpu" and step["batch"] == 8
+    assert step["ratio"] == pytest.approx(step["search_ms"] / step["dense_ms"], rel=1e-9)
+    assert step["reference_ratio"] == pytest.approx(step["reference_ms"] / step["search_ms"], rel=1e-9)
+    assert f"| eager | fc | 1×28×28 | 8 | fp32 | numpy | {step['search_ms']:,.2f} |" in results["_markdown"]
+    targets = {t["target"]: t for t in results["targets"]}
+    assert targets["fc search / dense step <= 1.1"]["value"] == step["ratio"]
+    assert (results["_out"] / "search-step.log").read_text().strip()
     assert results["machine"]["gpus"] == [] and results["mode"] == "smoke (CPU)"
 
 
@@ -69,6 +79,9 @@ def test_smoke_runs_every_part(tmp_path):
     parts = {p["name"]: p for p in results["parts"]}
     junit = parts["cuda-tests"]["junit"]
     assert junit["tests"] > 0 and junit["tests"] == junit["skipped"]  # no CUDA here: all skip cleanly
+    (epoch,) = parts["epoch-like"]["records"]
+    assert epoch["mode"] == "epoch-like" and epoch["train_images"] == 20 and epoch["images_per_s_last_epoch"] > 0
+    assert "| fc | 10 | 8 | 0 |" in results["_markdown"]
     (compiled,) = parts["search-step-compile"]["records"]
     assert compiled["compile"] == "aot_eager" and compiled["reference_ms"] is None
     assert "| compiled (aot_eager) | fc |" in results["_markdown"]
