@@ -2,7 +2,7 @@
 
 The oracle is a direct transcription of the rule in `maskforge.topk.global_topk_masks` with NumPy's
 lexsort: each layer's best entry by (-|s|, index) is kept, then the best K - L of all other entries by
-(-|s|, layer, index), NaN largest. It shares no code with the partition/kthvalue maskers under test.
+(-|s|, layer, index), NaN largest. It shares no code with the partition/topk maskers under test.
 """
 
 from __future__ import annotations

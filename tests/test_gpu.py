@@ -58,7 +58,7 @@ def _oracle_masks(values: torch.Tensor, kepts: list[int]) -> dict[int, torch.Ten
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", ["distinct", "ties", "signed_zeros", "nan_inf", "mostly_nan"])
 def test_masker_on_cuda_matches_the_cpu_oracle(masker, dtype, kind):
-    """The torch masker on the GPU (kthvalue, prefix count) and the numpy one (host round trip)."""
+    """The torch masker on the GPU (topk threshold, prefix count) and the numpy one (host round trip)."""
     big = kind in ("ties", "nan_inf") and dtype == torch.float32
     sizes = (1, 7, 1000, 40_000) + ((3_000_000,) if big else ())
     for n in sizes:

@@ -2,7 +2,7 @@
 other in masked layers: same masks, same forward bits, same score-gradient bits, inside torch.compile too.
 
 The oracle (`sort_oracle`, shared with test_layers.py) is NumPy's lexsort by (-value, flat index) in
-float64, NaN first: an ordinary sort, not the partition/kthvalue code under test.
+float64, NaN first: an ordinary sort, not the partition/topk code under test.
 """
 
 from __future__ import annotations
