@@ -73,7 +73,10 @@ def test_masker_on_cuda_matches_the_cpu_oracle(masker, dtype, kind):
 @pytest.mark.parametrize("masker", MASKERS)
 def test_global_topk_on_cuda_matches_the_oracle(masker):
     gen = torch.Generator().manual_seed(3)
-    scores = [torch.randint(-3, 4, shape, generator=gen).float() for shape in [(64, 3, 3, 3), (500, 300), (10,)]]
+    shapes = [(64, 3, 3, 3), (500, 300), (10,)]
+    scores = [torch.randint(-3, 4, shape, generator=gen).float() for shape in shapes]
+    scores[1][7, :4] = float("nan")  # argmax and topk on the GPU must rank NaN highest, ties by index
+    scores[2][3] = scores[2][8] = float("nan")
     for k in (0.0005, 0.3, 0.9):
         masks = global_topk_masks([s.cuda() for s in scores], k, masker=masker)
         for got, want in zip(masks, global_oracle(scores, k)):
