@@ -130,8 +130,8 @@ def run_part(part: Part, out: Path, deadline: float) -> dict:
             code = proc.wait(timeout=limit)
             status = "ok" if code == 0 else "failed"
         except subprocess.TimeoutExpired:
-            _stop(proc)
             code, status = None, "timeout"
+        _stop(proc)  # also whatever the part left running in its session
     text = log_path.read_text(errors="replace")
     record.update(status=status, returncode=code, seconds=round(time.monotonic() - started, 1),
                   records=[json.loads(line) for line in text.splitlines() if _is_json_object(line)],
@@ -140,16 +140,17 @@ def run_part(part: Part, out: Path, deadline: float) -> dict:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+    """SIGTERM, then SIGKILL, to the part's whole process group (its session), if anything is left."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
             return
         try:
-            proc.wait(timeout=grace)
-            return
+            proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             continue
+        time.sleep(0.2)  # let the rest of the group act on the signal before checking again
 
 
 def _is_json_object(line: str) -> bool:
