@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from maskforge import layers
+from maskforge.topk import BAND_MIN_SIZE
 from maskforge.layers import ThresholdHint, topk_mask
 
 # The largest layers (and the small fc ones): fc 784-300-100-10, conv4 at 32x32, resnet18 at 32x32.
@@ -65,18 +65,23 @@ def sort(a: torch.Tensor, kept: int, state: dict) -> torch.Tensor:
     return _fix_ties(flat, values[flat.numel() - kept], kept)
 
 
+def torch_masker(a: torch.Tensor, kept: int, state: dict) -> torch.Tensor:
+    """maskforge's torch masker (the CUDA path): kthvalue and a prefix count, no host sync."""
+    return topk_mask(a, kept, masker="torch")
+
+
 def np_partition(a: torch.Tensor, kept: int, state: dict) -> torch.Tensor:
-    """NumPy introselect over the whole layer (maskforge without a hint)."""
-    return topk_mask(a, kept)
+    """NumPy introselect over the whole layer (maskforge's numpy masker without a hint)."""
+    return topk_mask(a, kept, masker="numpy")
 
 
 def np_partition_band(a: torch.Tensor, kept: int, state: dict) -> torch.Tensor:
     """maskforge's CPU path: the previous threshold's band first, a full partition when it misses."""
-    return topk_mask(a, kept, state.setdefault("hint", ThresholdHint()))
+    return topk_mask(a, kept, state.setdefault("hint", ThresholdHint()), masker="numpy")
 
 
-METHODS = {"kthvalue": kthvalue, "topk": topk, "sort": sort, "np_partition": np_partition,
-           "np_partition_band": np_partition_band}
+METHODS = {"kthvalue": kthvalue, "topk": topk, "sort": sort, "torch_masker": torch_masker,
+           "np_partition": np_partition, "np_partition_band": np_partition_band}
 
 
 def check_exact() -> int:
@@ -129,15 +134,53 @@ def time_straight_through(n: int, calls: int) -> dict[str, float]:
         "bwd grad*(w*sign(s))": lambda: g * (w * torch.sign(s)),
         "bwd sign(s).mul_(w).mul_(grad)": lambda: torch.sign(s).mul_(w).mul_(g),
     }
+    return {name: seconds * 1e6 for name, seconds in _rotating_medians(variants, calls, warmup=3).items()}
+
+
+def _rotating_medians(variants: dict, calls: int, warmup: int, between=None) -> dict[str, float]:
+    """Median seconds per call of each variant, called in a rotating order; `between()` runs before
+    each round (e.g. a score update), untimed."""
     samples: dict[str, list[float]] = {name: [] for name in variants}
     names = list(variants)
-    for call in range(calls + 3):
+    for call in range(calls + warmup):
+        if between is not None:
+            between()
         for name in names[call % len(names):] + names[:call % len(names)]:
             started = time.perf_counter()
             variants[name]()
-            if call >= 3:
+            if call >= warmup:
                 samples[name].append(time.perf_counter() - started)
-    return {name: statistics.median(v) * 1e6 for name, v in samples.items()}
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def time_global(arch: str, calls: int) -> dict[str, float]:
+    """Milliseconds per step to select every mask of `arch` (CIFAR shape): per layer with hints, and the
+    global top-k with each masker; the scores drift between calls as in `time_size`."""
+    from maskforge import archs
+    from maskforge.layers import masked_modules
+    from maskforge.topk import global_topk_masks
+
+    model = archs.create_model(arch, in_channels=3, num_classes=10, image_size=(32, 32), k=0.5, seed=0)
+    scores = [layer.scores.detach() for layer in masked_modules(model).values()]
+    hints = [ThresholdHint() for _ in scores]
+    global_hint = ThresholdHint()
+    if not all(torch.equal(a, b) for a, b in zip(global_topk_masks(scores, 0.5, masker="numpy"),
+                                                 global_topk_masks(scores, 0.5, masker="torch"))):
+        raise SystemExit("the two maskers disagree on the global masks")
+    variants = {
+        "per_layer_numpy": lambda: [topk_mask(s.abs(), max(1, s.numel() // 2), h, masker="numpy")
+                                    for s, h in zip(scores, hints)],
+        "global_numpy": lambda: global_topk_masks(scores, 0.5, masker="numpy", hint=global_hint),
+        "global_torch": lambda: global_topk_masks(scores, 0.5, masker="torch"),
+    }
+    gen = torch.Generator().manual_seed(5)
+
+    def drift() -> None:
+        for s in scores:
+            s.add_(torch.randn(s.shape, generator=gen) * float(s.abs().mean()) * 2e-3)
+
+    medians = _rotating_medians(variants, calls, warmup=2, between=drift)
+    return {name: seconds * 1e3 for name, seconds in medians.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=40, help="timed calls per method and size")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads")
     parser.add_argument("--no-sort", action="store_true", help="skip the (slow) full sort")
+    parser.add_argument("--global-arch", action="append", choices=("fc", "conv4", "resnet18"),
+                        help="also time whole-model selection (per layer vs global top-k) for this arch")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.threads:
@@ -153,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     checked = check_exact()
     methods = [m for m in METHODS if not (args.no_sort and m == "sort")]
     header = {"checked_exact": checked, "threads": torch.get_num_threads(), "load_avg": os.getloadavg()[0],
-              "band_min_size": layers._BAND_MIN_SIZE}
+              "band_min_size": BAND_MIN_SIZE}
     print(json.dumps(header) if args.json else
           f"all methods exact on {checked} oracle checks; threads {header['threads']}, "
           f"load {header['load_avg']:.1f}; microseconds per call (median):")
@@ -167,6 +212,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"{n:>9d} {DEFAULT_SIZES.get(n) or '':16s} " + "  ".join(f"{k} {v:.0f}" for k, v in row.items())
                   + " | " + "  ".join(f"{k} {v:.0f}" for k, v in st.items()), flush=True)
+    for arch in args.global_arch or []:
+        row = time_global(arch, max(3, args.calls // 4))
+        record = {"arch": arch, **{f"{k}_ms": v for k, v in row.items()}}
+        print(json.dumps(record) if args.json else
+              f"{arch} whole model (ms per step): " + "  ".join(f"{k} {v:.1f}" for k, v in row.items()),
+              flush=True)
     return 0
 
 

@@ -18,6 +18,8 @@ imports, via /proc/self/clear_refs; CUDA: `torch.cuda.max_memory_allocated`).
     python benchmarks/search_step.py                          # all CPU workloads, a table
     python benchmarks/search_step.py --arch fc --arch conv4 --json
     python benchmarks/search_step.py --device cuda            # bf16 autocast, channels-last, as `search` does
+    python benchmarks/search_step.py --device cuda --compile --variants search,dense --no-memory
+    python benchmarks/search_step.py --precision bf16 --channels-last --masker torch   # the GPU recipe on the CPU
     python benchmarks/search_step.py --device cuda --epoch-like   # images/s of a real search on JPEG files
 
 Timings on a shared machine are noisy: read `load_before`/`load_after` in the JSON and rerun on a quiet one.
@@ -35,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -43,11 +45,27 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from maskforge import archs
-from maskforge.layers import MaskedConv2d, MaskedLinear, masked_modules
+from maskforge.layers import MaskedConv2d, MaskedLinear, masked_modules, set_masker
 
 K = 0.5
 SEED = 0
 VARIANTS = ("search", "dense", "reference")
+BREAKDOWN = ("fixed-mask", "fixed-all")  # --variants ...,fixed-mask,fixed-all: where the extra time goes
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a step runs; the defaults follow the device as `maskforge search` does (None: follow it)."""
+    precision: str | None = None       # fp32 | bf16 (autocast); default bf16 on CUDA, fp32 on the CPU
+    channels_last: bool | None = None  # default: on CUDA
+    masker: str | None = None          # numpy | torch | None (the layers' default for the device)
+    compile_backend: str | None = None  # torch.compile backend ("inductor"); None: eager
+
+    def resolved(self, device: torch.device) -> "Recipe":
+        cuda = device.type == "cuda"
+        return Recipe(self.precision or ("bf16" if cuda else "fp32"),
+                      cuda if self.channels_last is None else self.channels_last,
+                      self.masker, self.compile_backend)
 
 
 @dataclass(frozen=True)
@@ -145,9 +163,46 @@ def _swap_masked(model: nn.Module, make) -> nn.Module:
     return model
 
 
-def build_variant(workload: Workload, variant: str) -> nn.Module:
+class _FixedProduct(torch.autograd.Function):
+    """Breakdown: the straight-through product without any selection (a fixed weight * mask), and with
+    `gradient` also without the backward's arithmetic (a fixed score gradient)."""
+
+    @staticmethod
+    def forward(ctx, scores, weight, product, gradient):
+        ctx.save_for_backward(scores, weight)
+        ctx.gradient = gradient
+        return product
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.gradient is not None:
+            return ctx.gradient, None, None, None
+        scores, weight = ctx.saved_tensors
+        return torch.sign(scores).mul_(weight).mul_(grad), None, None, None
+
+
+def _fix_selection(model: nn.Module, fixed_gradient: bool) -> nn.Module:
+    for layer in masked_modules(model).values():
+        cache: dict = {}
+
+        def effective_weight(layer=layer, cache=cache):
+            device = layer.weight.device
+            if device not in cache:  # built once per device, on the first step
+                with torch.no_grad():
+                    cache[device] = (layer.weight * layer.mask(),
+                                     torch.zeros_like(layer.scores) if fixed_gradient else None)
+            return _FixedProduct.apply(layer.scores, layer.weight, *cache[device])
+
+        layer.effective_weight = effective_weight
+    return model
+
+
+def build_variant(workload: Workload, variant: str, masker: str | None = None) -> nn.Module:
     model = archs.create_model(workload.arch, in_channels=workload.channels, num_classes=workload.classes,
                                image_size=(workload.size, workload.size), k=K, seed=SEED)
+    set_masker(model, masker)
+    if variant in BREAKDOWN:
+        return _fix_selection(model, fixed_gradient=variant == "fixed-all")
     if variant == "dense":
         return _swap_masked(model, _dense_twin)
     if variant == "reference":
@@ -158,24 +213,27 @@ def build_variant(workload: Workload, variant: str) -> nn.Module:
 
 # --- one training step ------------------------------------------------------------------------------------
 
-def make_step(model: nn.Module, workload: Workload, batch: int, device: torch.device):
+def make_step(model: nn.Module, workload: Workload, batch: int, device: torch.device,
+              recipe: Recipe = Recipe()):
     """A closure running forward + loss + backward + SGD step on a fixed random batch."""
-    cuda = device.type == "cuda"
+    recipe = recipe.resolved(device)
     model.to(device).train()
-    if cuda:
+    if recipe.channels_last:
         model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     # The search's optimizer settings; the step costs the same whatever the learning rate.
     optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4)
+    forward = torch.compile(model, backend=recipe.compile_backend) if recipe.compile_backend else model
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(batch, workload.channels, workload.size, workload.size, generator=gen).to(device)
-    if cuda:
+    if recipe.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, workload.classes, (batch,), generator=gen).to(device)
+    bf16 = recipe.precision == "bf16"
 
     def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            logits = model(x)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = forward(x)
             loss = F.cross_entropy(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -222,11 +280,12 @@ def _rss_mb(field: str) -> float | None:
     return None
 
 
-def measure_memory_child(workload: Workload, variant: str, batch: int, device: torch.device) -> dict:
+def measure_memory_child(workload: Workload, variant: str, batch: int, device: torch.device,
+                         recipe: Recipe) -> dict:
     """Runs in a subprocess: build one variant, run steps, report its peak memory."""
     base_rss = _rss_mb("VmRSS")
-    model = build_variant(workload, variant)
-    step = make_step(model, workload, batch, device)
+    model = build_variant(workload, variant, recipe.masker)
+    step = make_step(model, workload, batch, device, recipe)
     if device.type == "cuda":
         step()
         torch.cuda.synchronize()
@@ -248,15 +307,13 @@ def measure_memory_child(workload: Workload, variant: str, batch: int, device: t
     return {"peak_mb": peak - (base_rss or 0.0), "peak_rss_mb": peak, "base_rss_mb": base_rss, "method": method}
 
 
-def measure_memory(arch: str, batch: int, device: str, threads: int | None, parallel: bool) -> dict:
+def measure_memory(variants: list[str], child_args: list[str], parallel: bool) -> dict:
     """{variant: peak report}, each variant in a fresh process (CPU: run side by side, as RSS is per
-    process; CUDA: one after the other, so that they never share the GPU's memory)."""
+    process; CUDA: one after the other, so that they never share the GPU's memory). `child_args`: this
+    script's arguments that define the workload (arch, device, batch, image size, recipe, threads)."""
 
     def start(variant: str) -> subprocess.Popen:
-        command = [sys.executable, __file__, "--arch", arch, "--device", device, "--batch", str(batch),
-                   "--_memory-child", variant]
-        if threads:
-            command += ["--threads", str(threads)]
+        command = [sys.executable, __file__, *child_args, "--_memory-child", variant]
         return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def finish(proc: subprocess.Popen) -> dict:
@@ -266,18 +323,18 @@ def measure_memory(arch: str, batch: int, device: str, threads: int | None, para
         return json.loads(out.strip().splitlines()[-1])
 
     if parallel:
-        procs = {variant: start(variant) for variant in VARIANTS}
+        procs = {variant: start(variant) for variant in variants}
         return {variant: finish(proc) for variant, proc in procs.items()}
-    return {variant: finish(start(variant)) for variant in VARIANTS}
+    return {variant: finish(start(variant)) for variant in variants}
 
 
 # --- a workload ------------------------------------------------------------------------------------------
 
-def _fit_batch(workload: Workload, models: dict, device: torch.device, batch: int):
+def _fit_batch(workload: Workload, models: dict, device: torch.device, batch: int, recipe: Recipe):
     """On CUDA: halve the batch until one step of every variant fits; returns (batch, steps)."""
     while True:
         try:
-            steps = {name: make_step(model, workload, batch, device) for name, model in models.items()}
+            steps = {name: make_step(model, workload, batch, device, recipe) for name, model in models.items()}
             for step in steps.values():
                 step()
             _sync(device)
@@ -293,35 +350,38 @@ def _fit_batch(workload: Workload, models: dict, device: torch.device, batch: in
             batch //= 2
 
 
-def _check_same_network(models: dict, workload: Workload) -> dict[str, float]:
+def _check_same_network(models: dict, workload: Workload, device: torch.device) -> dict[str, float]:
     """Largest |logit difference| from the search model at initialization, per other variant.
 
     Dense must be exactly the search network. The reference may differ slightly: where several scores
     equal the threshold, its (unstable) sort keeps other tied weights than maskforge's lowest-index rule.
     """
     gen = torch.Generator().manual_seed(2)
-    x = torch.randn(4, workload.channels, workload.size, workload.size, generator=gen)
+    x = torch.randn(4, workload.channels, workload.size, workload.size, generator=gen).to(device)
     outs = {}
     with torch.no_grad():
         for name, model in models.items():
-            model.eval()
-            outs[name] = model(x).float()
+            model.to(device).eval()
+            outs[name] = model(x).float().cpu()
             model.train()
     return {name: float((out - outs["search"]).abs().max()) for name, out in outs.items() if name != "search"}
 
 
 def run_workload(workload: Workload, device: torch.device, *, repeats: int | None, inner: int | None,
                  batch: int | None, memory: bool, threads: int | None, clock: str = "wall",
-                 warmup: int | None = None) -> dict:
+                 warmup: int | None = None, recipe: Recipe = Recipe(),
+                 variants: tuple[str, ...] = VARIANTS, child_args: list[str] | None = None) -> dict:
     cuda = device.type == "cuda"
+    recipe = recipe.resolved(device)
     batch = batch or (workload.batch_cuda if cuda else workload.batch_cpu)
     repeats = repeats or (workload.repeats * 4 if cuda else workload.repeats)
     inner = inner or (max(1, workload.inner // 2) if cuda else workload.inner)
-    models = {name: build_variant(workload, name) for name in VARIANTS}
-    logit_diff = _check_same_network(models, workload) if workload.arch != "wrn50" else {}
+    models = {name: build_variant(workload, name, recipe.masker) for name in variants}
+    logit_diff = (_check_same_network(models, workload, device)
+                  if workload.arch != "wrn50" and "search" in models else {})
     if cuda:
         torch.backends.cudnn.benchmark = True
-    batch, steps = _fit_batch(workload, models, device, batch)
+    batch, steps = _fit_batch(workload, models, device, batch, recipe)
     load_before = os.getloadavg()[0]
     if warmup is None:
         warmup = 2 if workload.inner == 1 else 5
@@ -331,28 +391,37 @@ def run_workload(workload: Workload, device: torch.device, *, repeats: int | Non
     del steps, models
     if cuda:
         torch.cuda.empty_cache()
-    peaks = (measure_memory(workload.arch, batch, device.type, threads, parallel=not cuda) if memory
-             else {name: {} for name in VARIANTS})
-    ms = {name: times[name]["median_s"] * 1e3 for name in VARIANTS}
-    record = {
+    child = [*(child_args or []), "--arch", workload.arch, "--batch", str(batch)]
+    peaks = measure_memory(list(variants), child, parallel=not cuda) if memory else {}
+    ms = {name: times[name]["median_s"] * 1e3 if name in times else None for name in VARIANTS + BREAKDOWN}
+    peak = {name: peaks.get(name, {}).get("peak_mb") for name in VARIANTS}
+
+    def ratio(a, b):
+        return None if a is None or b is None or not b else a / b
+
+    return {
         "arch": workload.arch, "batch": batch, "device": device.type,
-        "input": [workload.channels, workload.size, workload.size],
+        "input": [workload.channels, workload.size, workload.size], "variants": list(variants),
         "search_ms": ms["search"], "dense_ms": ms["dense"], "reference_ms": ms["reference"],
-        "ratio": ms["search"] / ms["dense"], "reference_ratio": ms["reference"] / ms["search"],
-        "reference_vs_dense": ms["reference"] / ms["dense"],
-        "search_min_ms": times["search"]["min_s"] * 1e3, "dense_min_ms": times["dense"]["min_s"] * 1e3,
-        "reference_min_ms": times["reference"]["min_s"] * 1e3,
-        "search_peak_mb": peaks["search"].get("peak_mb"), "dense_peak_mb": peaks["dense"].get("peak_mb"),
-        "reference_peak_mb": peaks["reference"].get("peak_mb"),
-        "memory_method": peaks["search"].get("method"),
-        "repeats": repeats, "inner": inner, "clock": clock, "k": K, "amp": "bf16" if cuda else None,
+        "ratio": ratio(ms["search"], ms["dense"]), "reference_ratio": ratio(ms["reference"], ms["search"]),
+        "reference_vs_dense": ratio(ms["reference"], ms["dense"]),
+        **{f"{name.replace('-', '_')}_ms": ms[name] for name in BREAKDOWN if name in variants},
+        **{f"{name}_min_ms": times[name]["min_s"] * 1e3 if name in times else None for name in VARIANTS},
+        "search_peak_mb": peak["search"], "dense_peak_mb": peak["dense"], "reference_peak_mb": peak["reference"],
+        "peak_ratio": ratio(peak["search"], peak["dense"]),
+        "memory_method": next((p.get("method") for p in peaks.values() if p.get("method")), None),
+        "memory_errors": {name: p["error"] for name, p in peaks.items() if p.get("error")} or None,
+        "repeats": repeats, "inner": inner, "clock": clock, "k": K,
+        "precision": recipe.precision, "amp": "bf16" if recipe.precision == "bf16" else None,
+        "channels_last": recipe.channels_last,
+        "masker": recipe.masker or ("torch" if cuda or recipe.compile_backend else "numpy"),
+        "compile": recipe.compile_backend,
         "init_logit_max_diff": logit_diff.get("dense"), "reference_logit_max_diff": logit_diff.get("reference"),
         "load_before": load_before, "load_after": load_after,
         "threads": torch.get_num_threads(), "torch": torch.__version__, "cpus": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),
         "gpu": torch.cuda.get_device_name(device) if cuda else None,
     }
-    return record
 
 
 # --- epoch-like mode: a real search over image files ------------------------------------------------------
@@ -401,17 +470,17 @@ def _print_table(records: list[dict]) -> None:
               f"{'ref ms':>10s} {'ref/search':>10s} {'search MB':>10s} {'dense MB':>9s} {'ref MB':>8s} {'load':>5s}")
     print(header)
 
-    def mb(value) -> str:
-        return "-" if value is None else f"{value:.0f}"
+    def num(value, digits: int, width: int) -> str:
+        return f"{'-':>{width}s}" if value is None else f"{value:{width}.{digits}f}"
 
     for r in records:
-        print(f"{r['arch']:9s} {r['device']:4s} {r['batch']:5d} {r['search_ms']:10.2f} {r['dense_ms']:10.2f} "
-              f"{r['ratio']:6.3f} {r['reference_ms']:10.2f} {r['reference_ratio']:10.2f} "
-              f"{mb(r['search_peak_mb']):>10s} {mb(r['dense_peak_mb']):>9s} {mb(r['reference_peak_mb']):>8s} "
-              f"{r['load_before']:5.1f}")
+        print(f"{r['arch']:9s} {r['device']:4s} {r['batch']:5d} {num(r['search_ms'], 2, 10)} "
+              f"{num(r['dense_ms'], 2, 10)} {num(r['ratio'], 3, 6)} {num(r['reference_ms'], 2, 10)} "
+              f"{num(r['reference_ratio'], 2, 10)} {num(r['search_peak_mb'], 0, 10)} "
+              f"{num(r['dense_peak_mb'], 0, 9)} {num(r['reference_peak_mb'], 0, 8)} {r['load_before']:5.1f}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", action="append", choices=list(WORKLOADS),
@@ -422,10 +491,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inner", type=int, help="steps per timed sample (default: per workload)")
     parser.add_argument("--warmup", type=int, help="untimed steps per variant first (default: 2, fc 5)")
     parser.add_argument("--batch", type=int, help="override the workload's batch size")
+    parser.add_argument("--image-size", type=int, help="override the workload's image side (px)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall: elapsed time (default); cpu: this process's CPU time (CPU device only: "
                              "with --threads 1 it ignores time lost to other processes on a loaded machine)")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma list of variants to time (default: {','.join(VARIANTS)}; needs dense); "
+                             "add fixed-mask (no selection, no product) and fixed-all (also no backward "
+                             "arithmetic) to see where the search's extra time goes")
+    parser.add_argument("--precision", choices=("fp32", "bf16"),
+                        help="bf16: autocast (default on CUDA); fp32 (default on the CPU)")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="channels_last activations and weights (default: on CUDA)")
+    parser.add_argument("--masker", choices=("numpy", "torch"), help="the search's masker (default: by device)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every timed model")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend with --compile (default inductor; aot_eager needs no "
+                             "compiler)")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory subprocesses")
     parser.add_argument("--epoch-like", action="store_true",
                         help="CUDA only: images/s of a real search over a small JPEG/PNG image folder")
@@ -434,8 +517,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epoch-workers", type=int, default=8, help="epoch-like: data-loader processes")
     parser.add_argument("--epoch-batch", type=int, default=128, help="epoch-like: batch size")
     parser.add_argument("--epochs", type=int, default=2, help="epoch-like: epochs (the first one warms up)")
-    parser.add_argument("--_memory-child", dest="memory_child", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--_memory-child", dest="memory_child", choices=VARIANTS + BREAKDOWN,
+                        help=argparse.SUPPRESS)
     parser.add_argument("--_epoch-like-on-cpu", dest="epoch_like_cpu", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def _recipe_args(args) -> list[str]:
+    """The arguments a memory subprocess needs to rebuild the same workload and recipe."""
+    out = ["--device", args.device]
+    for flag, value in (("--precision", args.precision), ("--masker", args.masker),
+                        ("--image-size", args.image_size), ("--threads", args.threads)):
+        if value is not None:
+            out += [flag, str(value)]
+    if args.channels_last is not None:
+        out.append("--channels-last" if args.channels_last else "--no-channels-last")
+    if args.compile:
+        out += ["--compile", "--compile-backend", args.compile_backend]
+    return out
+
+
+def _run_epoch_like(args) -> int:
+    if args.device != "cuda" and not args.epoch_like_cpu:
+        print("--epoch-like measures a GPU search with data loading: run it with --device cuda "
+              "(skipped on CPU).", file=sys.stderr)
+        return 0
+    for arch in args.arch or ["resnet18"]:
+        record = run_epoch_like(arch, args.device, image_size=args.epoch_image_size,
+                                images=args.epoch_images, batch=args.epoch_batch,
+                                workers=args.epoch_workers, epochs=args.epochs)
+        print(json.dumps(record) if args.json else
+              f"{arch}: {record['images_per_s_last_epoch']:.0f} images/s (last epoch; by epoch "
+              f"{', '.join(f'{v:.0f}' for v in record['images_per_s_by_epoch'])}), "
+              f"batch {record['batch']}, {record['image_size']} px, {record['workers']} workers", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -445,34 +564,31 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.clock == "cpu" and args.device == "cuda":
         parser.error("--clock cpu measures host CPU time: use it with --device cpu")
+    variants = tuple(v for v in VARIANTS + BREAKDOWN if v in args.variants.split(","))
+    if "dense" not in variants or set(args.variants.split(",")) - set(VARIANTS + BREAKDOWN):
+        parser.error(f"--variants: a comma list of {', '.join(VARIANTS + BREAKDOWN)} that includes dense")
     device = torch.device(args.device)
+    recipe = Recipe(args.precision, args.channels_last, args.masker,
+                    args.compile_backend if args.compile else None)
     arch_list = args.arch or list(WORKLOADS)
 
-    if args.memory_child:
-        workload = WORKLOADS[arch_list[0]]
-        print(json.dumps(measure_memory_child(workload, args.memory_child, args.batch, device)))
-        return 0
+    def workload(arch: str) -> Workload:
+        chosen = WORKLOADS[arch]
+        return replace(chosen, size=args.image_size) if args.image_size else chosen
 
-    if args.epoch_like:
-        if args.device != "cuda" and not args.epoch_like_cpu:
-            print("--epoch-like measures a GPU search with data loading: run it with --device cuda "
-                  "(skipped on CPU).", file=sys.stderr)
-            return 0
-        for arch in args.arch or ["resnet18"]:
-            record = run_epoch_like(arch, args.device, image_size=args.epoch_image_size,
-                                    images=args.epoch_images, batch=args.epoch_batch,
-                                    workers=args.epoch_workers, epochs=args.epochs)
-            print(json.dumps(record) if args.json else
-                  f"{arch}: {record['images_per_s_last_epoch']:.0f} images/s (last epoch; by epoch "
-                  f"{', '.join(f'{v:.0f}' for v in record['images_per_s_by_epoch'])}), "
-                  f"batch {record['batch']}, {record['image_size']} px, {record['workers']} workers")
+    if args.memory_child:
+        print(json.dumps(measure_memory_child(workload(arch_list[0]), args.memory_child, args.batch, device,
+                                              recipe)))
         return 0
+    if args.epoch_like:
+        return _run_epoch_like(args)
 
     records = []
     for arch in arch_list:
-        record = run_workload(WORKLOADS[arch], device, repeats=args.repeats, inner=args.inner,
+        record = run_workload(workload(arch), device, repeats=args.repeats, inner=args.inner,
                               batch=args.batch, memory=not args.no_memory, threads=args.threads,
-                              clock=args.clock, warmup=args.warmup)
+                              clock=args.clock, warmup=args.warmup, recipe=recipe, variants=variants,
+                              child_args=_recipe_args(args))
         records.append(record)
         if args.json:
             print(json.dumps(record), flush=True)

@@ -1,155 +1,52 @@
-"""Masked layers: fixed random weights, trainable scores, and the per-layer top-k straight-through mask.
+"""Masked layers: fixed random weights, trainable scores, and the top-k straight-through mask.
 
-The forward pass uses `weight * h(|scores|)` where h keeps the top `kept` scores of the layer. The
-weights are non-persistent buffers (regenerated from the seed, never trained, never checkpointed); the
-scores are the only parameters. Backward treats h as the identity (straight-through estimator), so the
-score gradient is `grad_effective_weight * weight * sign(scores)`, as in the paper's reference code.
+The forward pass uses `weight * h(|scores|)` where h keeps the top `kept` scores of the layer (the
+paper's rule) or, after `set_topk(model, "global")`, the layer's share of one top-k over all masked
+layers. The weights are non-persistent buffers (regenerated from the seed, never trained, never
+checkpointed); the scores are the only parameters. Backward treats h as the identity (straight-through
+estimator), so the score gradient is `grad_effective_weight * weight * sign(scores)`, as in the paper's
+reference code. Which implementation selects the top k (the *masker*: "numpy" or "torch", both exact)
+is a per-layer setting, `set_masker(model, name)`; the selection itself lives in `maskforge.topk`.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import MaskforgeError
+from .topk import (
+    MASKERS,
+    NUMPY_DTYPES,
+    TOPK_RULES,
+    ThresholdHint,
+    check_masker,
+    global_topk_masks,
+    kept_count,
+    numpy_select,
+    topk_mask,
+)
 
-def kept_count(numel: int, k: float) -> int:
-    """How many weights a layer keeps: round(k * n) (half to even, Python's round), at least 1."""
-    return max(1, min(numel, round(k * numel)))
-
-
-class ThresholdHint:
-    """A layer's last top-k threshold, so the next selection only has to look inside a narrow band.
-
-    Pure speed-up state: `topk_mask` verifies every hint and falls back to a full selection when the band
-    misses, so the mask never depends on it. Scores move little per optimizer step, hence so does the
-    threshold; the band's half-width follows the observed moves (4x the last one, decaying by half).
-    """
-
-    __slots__ = ("threshold", "width")
-
-    def __init__(self) -> None:
-        self.threshold: float | None = None
-        self.width = 0.0
-
-    def update(self, value: float, hit: bool) -> None:
-        if not math.isfinite(value):
-            self.threshold = None
-            return
-        moved = abs(value - self.threshold) if self.threshold is not None else abs(value) * 1e-3
-        floor = abs(value) * 2.0 ** -20 + 1e-30
-        self.width = max(4.0 * moved, (0.5 if hit else 2.0) * self.width, floor)
-        self.threshold = value
-
-
-def topk_mask(magnitudes: torch.Tensor, kept: int, hint: ThresholdHint | None = None) -> torch.Tensor:
-    """Boolean mask of the `kept` largest entries of `magnitudes` (any shape), exactly as a full sort.
-
-    Tie rule: among entries equal to the threshold, those with the lowest flat (C-order) index win —
-    the order a stable descending sort by (-value, index) would give. NaN counts as the largest value,
-    as in `torch.sort`.
-
-    CPU: NumPy introselect (`np.partition`, linear time, no index array: several times faster than
-    `torch.kthvalue` or `torch.topk`), then one comparison. With a `hint` (the layer's previous
-    threshold) only the entries inside a narrow band around it are partitioned. CUDA (and under
-    torch.compile): `torch.kthvalue` and a prefix count over the tied entries, without any host sync.
-    """
-    numel = magnitudes.numel()
-    if kept >= numel:
-        return torch.ones_like(magnitudes, dtype=torch.bool)
-    if kept <= 0:
-        return torch.zeros_like(magnitudes, dtype=torch.bool)
-    flat = magnitudes.detach().reshape(-1)
-    if flat.device.type != "cpu" or torch.compiler.is_compiling():
-        # The kept-th largest value is the (numel - kept + 1)-th smallest. (Also what torch.compile
-        # traces on the CPU: NumPy would break its graph.)
-        threshold = torch.kthvalue(flat, numel - kept + 1).values
-        above = flat > threshold
-        at = flat == threshold
-        room = kept - above.sum()
-        return (above | (at & (torch.cumsum(at, 0) <= room))).view(magnitudes.shape)
-    if flat.dtype not in _NUMPY_DTYPES:
-        flat = flat.double()  # bfloat16, integers: float64 holds them exactly, so the order is kept
-    mask = _select_top(flat.numpy(), kept, hint)
-    return torch.from_numpy(mask).view(magnitudes.shape)
-
-
-_NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
-_BAND_MIN_SIZE = 16384  # below this a full partition costs less than the band's extra passes
-
-
-def _select_top(values: np.ndarray, kept: int, hint: ThresholdHint | None) -> np.ndarray:
-    """The exact top-`kept` boolean mask of a flat array (see `topk_mask`)."""
-    if np.isnan(values.max()):  # one cheap pass; a diverged search, never the hot path
-        return _stable_sort_mask(values, kept)
-    use_band = hint is not None and hint.threshold is not None and values.size >= _BAND_MIN_SIZE
-    result = _band_select(values, kept, hint) if use_band else None
-    if result is None:
-        cut = values.size - kept
-        threshold = np.partition(values, cut)[cut]
-        mask = values >= threshold
-        count = int(np.count_nonzero(mask))
-    else:
-        threshold, mask, count = result
-    if count > kept:  # entries equal to the threshold straddle the cut: the lowest indices stay
-        tied = np.flatnonzero(values == threshold)
-        mask[tied[tied.size - (count - kept):]] = False
-    if use_band or (hint is not None and values.size >= _BAND_MIN_SIZE):
-        hint.update(float(threshold), result is not None)
-    return mask
-
-
-def _band_select(values: np.ndarray, kept: int, hint: ThresholdHint):
-    """(threshold, values >= threshold, its count) if the threshold lies in the hint's band, else None."""
-    dtype = values.dtype.type
-    low, high = dtype(hint.threshold - hint.width), dtype(hint.threshold + hint.width)
-    above = values > high
-    n_above = int(np.count_nonzero(above))
-    if n_above >= kept:
-        return None
-    in_band = values >= low
-    np.logical_xor(in_band, above, out=in_band)  # low <= v <= high, as `above` is a subset of `values >= low`
-    band = values[in_band]
-    rank = kept - n_above  # the threshold is the rank-th largest entry of the band
-    if rank > band.size:
-        return None
-    cut = band.size - rank
-    band = np.partition(band, cut)
-    threshold = band[cut]
-    count = n_above + int(np.count_nonzero(band >= threshold))  # entries below `cut` may tie it too
-    return threshold, values >= threshold, count
-
-
-def _stable_sort_mask(values: np.ndarray, kept: int) -> np.ndarray:
-    order = torch.sort(torch.from_numpy(values), descending=True, stable=True).indices[:kept]
-    mask = np.zeros(values.size, dtype=bool)
-    mask[order.numpy()] = True
-    return mask
+__all__ = ["MASKERS", "TOPK_RULES", "GlobalTopK", "MaskedConv2d", "MaskedLinear", "NonAffineBatchNorm2d",
+           "ThresholdHint", "batchnorm_modules", "get_topk", "kept_count", "masked_modules", "set_masker",
+           "set_topk", "topk_mask"]
 
 
 class _StraightThroughMask(torch.autograd.Function):
-    """w * topk(|s|) forward; d/ds = grad * w * sign(s) backward (h treated as identity).
+    """w * mask forward; d/ds = grad * w * sign(s) backward (the top-k h treated as identity).
 
-    On the CPU the product runs in NumPy (torch's float x bool multiply promotes types element by
-    element and is about 3x slower); the backward multiplies in place into one fresh tensor.
+    The mask is selected outside (per layer or globally) and enters as a constant. With `numpy_product`
+    the product runs in NumPy (torch's float x bool multiply promotes element by element and is about
+    3x slower on the CPU); the values are the same bits either way (w * 1 = w, w * 0 = 0 with w's sign).
     """
 
     @staticmethod
-    def forward(ctx, scores: torch.Tensor, weight: torch.Tensor, kept: int,
-                hint: ThresholdHint | None = None) -> torch.Tensor:
+    def forward(ctx, scores: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor,
+                numpy_product: bool = False) -> torch.Tensor:
         ctx.save_for_backward(scores, weight)
-        numel = scores.numel()
-        if (scores.device.type == "cpu" and weight.device.type == "cpu" and 0 < kept < numel
-                and scores.dtype in _NUMPY_DTYPES and weight.dtype in _NUMPY_DTYPES
-                and not torch.compiler.is_compiling()):
-            # the same selection as topk_mask(|s|), minus its per-call torch overhead (small layers)
-            magnitudes = np.abs(scores.detach().numpy()).reshape(-1)
-            mask = _select_top(magnitudes, kept, hint).reshape(tuple(scores.shape))
-            return torch.from_numpy(np.multiply(weight.detach().numpy(), mask))
-        return weight * topk_mask(scores.detach().abs(), kept, hint)
+        return _masked_product(weight, mask, numpy_product)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -158,8 +55,26 @@ class _StraightThroughMask(torch.autograd.Function):
         return torch.sign(scores).mul_(weight).mul_(grad), None, None, None
 
 
+def _masked_product(weight: torch.Tensor, mask: torch.Tensor, numpy_product: bool) -> torch.Tensor:
+    if numpy_product:
+        return torch.from_numpy(np.multiply(weight.detach().numpy(), mask.numpy()))
+    return weight.detach() * mask
+
+
+def _numpy_layer_mask(scores: torch.Tensor, kept: int, hint: ThresholdHint) -> torch.Tensor:
+    """The numpy masker on a layer's scores, minus `topk_mask`'s per-call torch overhead (small layers)."""
+    flat = scores.detach().reshape(-1)
+    if flat.device.type == "cpu" and flat.dtype in NUMPY_DTYPES and 0 < kept < flat.numel():
+        return torch.from_numpy(numpy_select(np.abs(flat.numpy()), kept, hint)).view(scores.shape)
+    return topk_mask(scores.detach().abs(), kept, hint, masker="numpy")
+
+
+# torch.compile cannot trace NumPy's partition: inside a compiled graph the numpy masker runs eagerly.
+_numpy_layer_mask_eager = torch.compiler.disable(_numpy_layer_mask)
+
+
 class _MaskedMixin:
-    """Shared by masked conv and linear: holds the frozen weight buffer, the scores and k."""
+    """Shared by masked conv and linear: holds the frozen weight buffer, the scores, k and the masker."""
 
     weight: torch.Tensor
     scores: nn.Parameter
@@ -172,24 +87,46 @@ class _MaskedMixin:
         self.register_buffer("weight", torch.zeros(shape, device=device), persistent=False)
         self.scores = nn.Parameter(torch.zeros(shape, device=device))
         self.k = float(k)
-        self._mask_cache: tuple[int, torch.Tensor] | None = None
-        self._threshold_hint = ThresholdHint()  # speeds up the next top-k; never changes a mask
+        self.masker: str | None = None  # "numpy", "torch", or None: follow the device (see maskforge.topk)
+        self.global_topk: GlobalTopK | None = None  # set by `set_topk(model, "global")`
+        self._mask_cache: tuple[tuple[int, int], torch.Tensor] | None = None
+        self._threshold_hint = ThresholdHint()  # speeds up the numpy masker; never changes a mask
 
     @property
     def kept(self) -> int:
+        """Weights the per-layer rule keeps (under global top-k, count `mask()` instead)."""
         return kept_count(self.weight.numel(), self.k)
 
     def mask(self) -> torch.Tensor:
-        """The current boolean mask (cached until the scores change)."""
-        version = self.scores._version
-        if self._mask_cache is None or self._mask_cache[0] != version or self._mask_cache[1].device != self.scores.device:
-            self._mask_cache = (version, topk_mask(self.scores.detach().abs(), self.kept, self._threshold_hint))
-        return self._mask_cache[1]
+        """The current boolean mask, from the layer's own top-k or the model's global one; cached until
+        the scores change (in place or by being replaced)."""
+        if self.global_topk is not None:
+            return self.global_topk.mask_of(self)
+        if torch.compiler.is_compiling():  # no Python-side cache inside a compiled graph
+            return self._select()
+        scores = self.scores
+        key = (scores._version, scores.data_ptr())  # in place: _version; `.to()` or `.data =`: the storage
+        cache = self._mask_cache
+        if cache is None or cache[0] != key:
+            cache = self._mask_cache = (key, self._select())
+        return cache[1]
+
+    def _select(self) -> torch.Tensor:
+        scores = self.scores
+        if self.masker == "torch" or (self.masker is None and scores.device.type != "cpu"):
+            return topk_mask(scores.detach().abs(), self.kept, masker="torch")
+        select = _numpy_layer_mask_eager if torch.compiler.is_compiling() else _numpy_layer_mask
+        return select(scores, self.kept, self._threshold_hint)
 
     def effective_weight(self) -> torch.Tensor:
-        if torch.is_grad_enabled() and self.scores.requires_grad:
-            return _StraightThroughMask.apply(self.scores, self.weight, self.kept, self._threshold_hint)
-        return self.weight * self.mask()
+        """weight * mask; with gradients on, the straight-through product that trains the scores."""
+        mask, weight, scores = self.mask(), self.weight, self.scores
+        # the numpy masker's product runs in NumPy too (CPU only; under compile, torch's product traces)
+        numpy_product = (self.masker != "torch" and mask.device.type == "cpu" and weight.device.type == "cpu"
+                         and weight.dtype in NUMPY_DTYPES and not torch.compiler.is_compiling())
+        if scores.requires_grad and torch.is_grad_enabled():
+            return _StraightThroughMask.apply(scores, weight, mask, numpy_product)
+        return _masked_product(weight, mask, numpy_product)
 
     def extra_repr(self) -> str:  # noqa: D401 - nn.Module hook
         return f"{super().extra_repr()}, k={self.k}"
@@ -235,3 +172,97 @@ def masked_modules(model: nn.Module) -> dict[str, _MaskedMixin]:
 def batchnorm_modules(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
     return {name: module for name, module in model.named_modules()
             if isinstance(module, nn.modules.batchnorm._BatchNorm)}
+
+
+# --- choosing the masker and the top-k rule of a whole model ----------------------------------------------
+
+def set_masker(model: nn.Module, name: str | None) -> None:
+    """Select the masker of every masked layer: "numpy", "torch", or None/"auto" (follow the device).
+
+    Both maskers give the same masks, forward values and score gradients (see `maskforge.topk`).
+
+    >>> from maskforge import archs
+    >>> model = archs.create_model("fc", k=0.5)
+    >>> set_masker(model, "torch")
+    """
+    name = check_masker(name)
+    for layer in masked_modules(model).values():
+        layer.masker = name
+        layer._mask_cache = None
+
+
+class GlobalTopK:
+    """One top-k over all masked layers of a model (`topk.global_topk_masks`), shared by those layers.
+
+    The masks are computed once per score update: the first layer that asks after the scores changed
+    triggers one selection for all layers, the others read the result. It uses the masker of the first
+    masked layer and keeps its own threshold hint.
+    """
+
+    def __init__(self, layers: list[_MaskedMixin], k: float) -> None:
+        if not layers:
+            raise MaskforgeError("global top-k needs at least one masked layer")
+        self.layers = list(layers)
+        self.k = float(k)
+        self._position = {layer: i for i, layer in enumerate(self.layers)}
+        self._hint = ThresholdHint()
+        self._cache: tuple[tuple, list[torch.Tensor]] | None = None
+
+    def masks(self) -> list[torch.Tensor]:
+        """The masks of all layers, in layer order."""
+        if torch.compiler.is_compiling():
+            return _global_masks_eager(self)
+        return self._current()
+
+    def mask_of(self, layer: _MaskedMixin) -> torch.Tensor:
+        return self.masks()[self._position[layer]]
+
+    def _current(self) -> list[torch.Tensor]:
+        key = tuple((layer.scores._version, layer.scores.data_ptr()) for layer in self.layers)
+        if self._cache is None or self._cache[0] != key:
+            masks = global_topk_masks([layer.scores for layer in self.layers], self.k,
+                                      masker=self.layers[0].masker, hint=self._hint)
+            self._cache = (key, masks)
+        return self._cache[1]
+
+
+_global_masks_eager = torch.compiler.disable(GlobalTopK._current)
+
+
+def set_topk(model: nn.Module, rule: str, k: float | None = None) -> GlobalTopK | None:
+    """Choose how `model`'s masked layers select their weights: "layer" (the paper's per-layer top-k,
+    the default) or "global" (one threshold over all masked layers; rule in `topk.global_topk_masks`).
+
+    `k` (global only) defaults to the layers' common k. Returns the shared selector for "global".
+
+    >>> from maskforge import archs
+    >>> model = archs.create_model("fc", k=0.3)
+    >>> selector = set_topk(model, "global")
+    >>> sum(int(m.sum()) for m in selector.masks()) == kept_count(266200, 0.3)
+    True
+    """
+    if rule not in TOPK_RULES:
+        raise MaskforgeError(f"unknown top-k rule {rule!r}; choose from: {', '.join(TOPK_RULES)}")
+    layers = list(masked_modules(model).values())
+    if rule == "layer":
+        for layer in layers:
+            layer.global_topk = None
+        return None
+    if k is None:
+        ks = {layer.k for layer in layers}
+        if len(ks) > 1:
+            raise MaskforgeError(f"the masked layers have different k ({sorted(ks)}): give global top-k one k")
+        k = ks.pop() if ks else 0.5
+    if not 0.0 < k <= 1.0:
+        raise MaskforgeError(f"k must be in (0, 1], got {k}")
+    selector = GlobalTopK(layers, k)
+    for layer in layers:
+        layer.k = float(k)
+        layer.global_topk = selector
+    return selector
+
+
+def get_topk(model: nn.Module) -> str:
+    """"global" if `model`'s masked layers share a global top-k selector, else "layer"."""
+    layers = masked_modules(model).values()
+    return "global" if any(layer.global_topk is not None for layer in layers) else "layer"

@@ -83,3 +83,20 @@ def test_deploy_json_lines_cover_every_mode(tmp_path):
     assert baseline["argmax_agreement"] == 1.0 and baseline["speedup_b1"] == 1.0
     # the fp32 storages compute the same network: the same held-out top-1
     assert len({r["top1"] for r in rows if r["precision"] == "fp32"}) == 1
+
+
+def test_search_step_breakdown_variants_and_recipe_flags(capsys):
+    """The breakdown variants (no selection; no backward arithmetic either) and the accelerator-recipe
+    flags on the CPU: every requested variant is timed and the record says which recipe ran."""
+    script = _load_script("search_step")
+    argv = ["--arch", "fc", "--batch", "4", "--repeats", "1", "--inner", "1", "--warmup", "0", "--no-memory",
+            "--json", "--variants", "search,dense,fixed-mask,fixed-all", "--masker", "torch",
+            "--precision", "bf16"]
+    assert script.main(argv) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("search_ms", "dense_ms", "fixed_mask_ms", "fixed_all_ms"):
+        assert isinstance(record[key], float) and record[key] > 0, key
+    assert record["reference_ms"] is None and record["reference_ratio"] is None
+    assert (record["masker"], record["precision"], record["channels_last"], record["compile"]) == (
+        "torch", "bf16", False, None)
+    assert record["variants"] == ["search", "dense", "fixed-mask", "fixed-all"]

@@ -23,13 +23,17 @@ from maskforge.layers import (
 )
 
 
-def sort_oracle(magnitudes: torch.Tensor, kept: int) -> torch.Tensor:
-    """Keep the first `kept` entries of the order sorted by (-|s|, flat index); NaN counts as largest."""
+def sort_order(magnitudes: torch.Tensor) -> np.ndarray:
+    """Flat indices sorted by (-|s|, flat index), NaN first (as the largest): a stable descending sort."""
     flat = magnitudes.reshape(-1).double().numpy()
     nan = np.isnan(flat)
-    order = np.lexsort((np.arange(flat.size), -np.where(nan, 0.0, flat), ~nan))  # last key is primary
-    mask = np.zeros(flat.size, dtype=bool)
-    mask[order[:kept]] = True
+    return np.lexsort((np.arange(flat.size), -np.where(nan, 0.0, flat), ~nan))  # last key is primary
+
+
+def sort_oracle(magnitudes: torch.Tensor, kept: int) -> torch.Tensor:
+    """Keep the first `kept` entries of the order sorted by (-|s|, flat index); NaN counts as largest."""
+    mask = np.zeros(magnitudes.numel(), dtype=bool)
+    mask[sort_order(magnitudes)[:kept]] = True
     return torch.from_numpy(mask.reshape(tuple(magnitudes.shape)))
 
 
@@ -317,7 +321,7 @@ def test_masked_modules_and_batchnorm_modules_listing():
 def test_threshold_hint_never_changes_the_mask():
     """The band-hint fast path (layers of >= _BAND_MIN_SIZE weights) against the sort oracle, over a
     sequence of small score updates like an optimizer's, big jumps (the band misses) and planted ties."""
-    from maskforge.layers import _BAND_MIN_SIZE, ThresholdHint
+    from maskforge.topk import BAND_MIN_SIZE as _BAND_MIN_SIZE, ThresholdHint
 
     generator = torch.Generator().manual_seed(7)
     numel = _BAND_MIN_SIZE * 2 + 13
