@@ -20,8 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..data import InputSpec
-from ..errors import MaskforgeError
-from .onnxio import first_line
+from ..errors import MaskforgeError, first_line
 
 PARITY_RTOL = 1e-4        # fp32: max |ort - torch| <= PARITY_RTOL * max(1, max |torch logits|)
 PARITY_BATCH = 4          # images in the fixed random batch

@@ -17,13 +17,12 @@ import torch.nn as nn
 
 from .. import __version__
 from ..artifact import Artifact
-from ..errors import MaskforgeError
+from ..errors import MaskforgeError, first_line
 from ..fileio import atomic_path
 from ..materialize import as_artifact, materialize, plain_structure
 from .metadata import with_digest
 from .modes import check_output_path, default_export_path
 from .onnx_export import ExportResult
-from .onnxio import first_line
 from .parity import parity_inputs
 
 TORCH_EXPORT_KEY = "maskforge_torch_export"
