@@ -25,13 +25,13 @@ from .metadata import META_PREFIX, OnnxModelInfo, artifact_identity, read_onnx_m
 from .modes import (DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, PRECISIONS, STORAGES, ExportMode, check_output_path,
                     default_export_path, resolve_mode)
 from .onnx_export import ExportResult, export_onnx
-from .parity import PARITY_RTOL, compare_logits, float_parity, ort_session
+from .parity import PARITY_RTOL, compare_logits, float_parity, ort_message, ort_session
 from .torch_export import TORCH_EXPORT_FORMAT, TORCH_EXPORT_KEY, export_torch, load_torch_export
 
 __all__ = [
     "export_onnx", "export_torch", "load_torch_export", "ExportResult", "ExportMode", "resolve_mode",
     "default_export_path", "check_output_path", "STORAGES", "PRECISIONS", "DEFAULT_OPSET", "MIN_OPSET",
     "MAX_OPSET", "DEFAULT_CALIBRATION", "META_PREFIX", "OnnxModelInfo", "read_onnx_metadata", "artifact_identity",
-    "TORCH_EXPORT_KEY", "TORCH_EXPORT_FORMAT", "ort_session", "compare_logits", "float_parity", "PARITY_RTOL",
+    "TORCH_EXPORT_KEY", "TORCH_EXPORT_FORMAT", "ort_session", "ort_message", "compare_logits", "float_parity", "PARITY_RTOL",
     "compact_weights",
 ]
