@@ -15,7 +15,7 @@ from maskforge.errors import MaskforgeError
 from maskforge.evaluation import check_report_path, compare, evaluate, save_confusion_png, write_report
 
 from .app import app
-from .eval_tables import class_table, compare_table, report_table
+from .eval_tables import class_table, compare_table, refused_lines, report_table
 
 
 @app.command("eval")
@@ -84,6 +84,8 @@ def eval_command(
     console = Console()
     if compare_modes:
         console.print(compare_table(report))
+        for line in refused_lines(report):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
         notes = [note for row in report.rows for note in row.report.model.notes]
         note = report.rows[0].report.compute.note
     else:

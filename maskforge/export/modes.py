@@ -30,16 +30,27 @@ EXACT_INT8 = ("signed_constant", "unsigned_constant")   # c_j x {-1, 0, +1} per 
 
 @dataclass(frozen=True)
 class ExportMode:
-    """A checked combination of export choices."""
+    """One export mode: a storage and a precision (and an ONNX opset, None for the default).
+
+    `resolve_mode` checks a mode against an artifact and returns it completed (opset filled in, `lossy`
+    set); `EXPORT_MODES` lists the six storage x precision combinations, the rows of `eval --compare`.
+    """
 
     storage: str
-    precision: str
-    opset: int
+    precision: str = "fp32"
+    opset: int | None = None
     lossy: bool = False        # int8 of weights int8 cannot hold exactly (allowed only when asked)
 
     @property
     def name(self) -> str:
-        return f"{self.storage} {self.precision}"
+        """"regen int8"; the opset is named only when it is not the default."""
+        opset = f" opset {self.opset}" if self.opset not in (None, DEFAULT_OPSET) else ""
+        return f"{self.storage} {self.precision}{opset}"
+
+
+# Every storage x precision, in the order tables list them: the exact (fp32) files first, dense fp32 (the
+# plain file, the baseline of speed ratios) leading.
+EXPORT_MODES = tuple(ExportMode(storage, precision) for precision in PRECISIONS for storage in STORAGES)
 
 
 def resolve_mode(artifact: Artifact, storage: str | None = None, precision: str = "fp32",
