@@ -12,7 +12,8 @@ import typer
 from rich.console import Console
 
 from maskforge.errors import MaskforgeError
-from maskforge.evaluation import check_report_path, compare, evaluate, save_confusion_png, write_report
+from maskforge.evaluation import compare, evaluate, save_confusion_png, write_report
+from maskforge.export import check_output_path
 
 from .app import app
 from .eval_tables import class_table, compare_table, refused_lines, report_table
@@ -58,9 +59,9 @@ def eval_command(
 
       maskforge eval other.onnx --mean 0.1307 --std 0.3081 --reference other.fp32.onnx
     """
-    for path in (json_out, confusion_png):
+    for path, what in ((json_out, "report"), (confusion_png, "figure")):
         if path is not None and str(path) != "-":
-            check_report_path(path)  # fail before the (long) evaluation, not after
+            check_output_path(path, what)  # fail before the (long) evaluation, not after
     options = dict(data=data, split=split, batch_size=batch_size, threads=threads, latency=latency,
                    latency_runs=latency_runs)
     with _progress() as progress:

@@ -2,8 +2,8 @@
 
 One `EvalReport` per evaluated ONNX model; `CompareReport` holds one `EvalReport` per export mode and
 the side-by-side rows. Every number keeps its unit in its name (`_ms`, `_bytes`, `_per_s`); fractions
-are in [0, 1]. JSON is written by `write_report`, atomically, creating the parent folder as `search`
-creates its run folder.
+are in [0, 1]. JSON is written by `write_report`, atomically, creating missing parent folders as `search` creates its
+run folder.
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import MaskforgeError
-from ..export import ExportResult
+from ..export import ExportResult, check_output_path, output_folder
 from ..fileio import atomic_write
 
 REPORT_FORMAT = "maskforge-eval-report"
@@ -221,30 +220,9 @@ class CompareReport:
                 "reports": {row.mode: row.report.to_dict() for row in self.rows}, "refused": dict(self.refused)}
 
 
-def check_report_path(path: str | os.PathLike) -> Path:
-    """Fail early, before a long evaluation, if `path` cannot become a file; missing folders are fine
-    (`write_report` creates them), but only below a folder that exists and is writable."""
-    path = Path(path)
-    if path.is_dir():
-        raise MaskforgeError(f"report path {path} is a folder; give a file name")
-    folder = path.parent if str(path.parent) else Path(".")
-    while not folder.exists():
-        if folder.is_symlink():   # a dangling link: mkdir would fail later
-            break
-        folder = folder.parent
-    if not folder.is_dir():
-        raise MaskforgeError(f"cannot write report {path}: {folder} is not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise MaskforgeError(f"cannot write report {path}: folder {folder} is not writable")
-    return path
-
-
 def write_report(report: EvalReport | CompareReport, path: str | os.PathLike) -> Path:
-    """Write the report as JSON, atomically; missing parent folders are created."""
-    path = check_report_path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise MaskforgeError(f"cannot create folder {folder} for report {path}: {exc.strerror or exc}") from None
-    return atomic_write(path, json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")
+    """Write the report as JSON, atomically; missing parent folders are created (and removed again if the
+    write fails), only below a writable folder."""
+    path = check_output_path(path, "report")
+    with output_folder(path):
+        return atomic_write(path, json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")

@@ -9,6 +9,7 @@ One module per job:
 * `calibration`  the training / held-out images int8 calibrates and is checked on
 * `compact`      weights as packed mask + sign bits, rebuilt by standard operators at session start
 * `regen_graph`  weights regenerated from the seed inside the graph (SplitMix64 in ONNX integer ops)
+* `destination`  the output path: checked up front, missing folders made (and removed on failure)
 * `metadata`     the `maskforge.*` metadata_props that tie a file to its artifact
 * `parity`       the onnxruntime session helper and the output checks shared with `verify`
 * `onnx_export`  `export_onnx`: the steps above, then the check, then the atomic rename
@@ -22,15 +23,16 @@ One module per job:
 from .calibration import DEFAULT_CALIBRATION, matching_splits, searched_data
 from .compact import compact_weights
 from .metadata import META_PREFIX, OnnxModelInfo, artifact_identity, read_onnx_metadata
+from .destination import check_output_path, output_folder
 from .modes import (DEFAULT_OPSET, EXPORT_MODES, MAX_OPSET, MIN_OPSET, PRECISIONS, STORAGES, ExportMode,
-                    check_output_path, default_export_path, resolve_mode)
+                    default_export_path, resolve_mode)
 from .onnx_export import ExportResult, export_onnx
 from .parity import PARITY_RTOL, compare_logits, float_parity, ort_message, ort_session
 from .torch_export import TORCH_EXPORT_FORMAT, TORCH_EXPORT_KEY, export_torch, load_torch_export
 
 __all__ = [
     "export_onnx", "export_torch", "load_torch_export", "ExportResult", "ExportMode", "EXPORT_MODES",
-    "resolve_mode", "default_export_path", "check_output_path", "STORAGES", "PRECISIONS", "DEFAULT_OPSET",
+    "resolve_mode", "default_export_path", "check_output_path", "output_folder", "STORAGES", "PRECISIONS", "DEFAULT_OPSET",
     "MIN_OPSET", "MAX_OPSET", "DEFAULT_CALIBRATION", "matching_splits", "searched_data", "META_PREFIX",
     "OnnxModelInfo", "read_onnx_metadata", "artifact_identity", "TORCH_EXPORT_KEY", "TORCH_EXPORT_FORMAT",
     "ort_session", "ort_message", "compare_logits", "float_parity", "PARITY_RTOL", "compact_weights",

@@ -103,18 +103,3 @@ def default_export_path(artifact_path: str | os.PathLike | None, fmt: str = "onn
         storage = "compact" if compact else "dense"
     parts = [stem] + ([storage] if storage not in (None, "regen") else []) + (["int8"] if precision == "int8" else [])
     return base.with_name(".".join(parts) + ".onnx")
-
-
-def check_output_path(path: str | os.PathLike) -> Path:
-    """Fail early (before any expensive work) if `path` cannot be written as a file."""
-    path = Path(path)
-    if path.is_dir():
-        raise MaskforgeError(f"output {path} is a folder; give a file name")
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.exists():
-        raise MaskforgeError(f"cannot write {path}: folder {folder} does not exist")
-    if not folder.is_dir():
-        raise MaskforgeError(f"cannot write {path}: {folder} is not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise MaskforgeError(f"cannot write {path}: folder {folder} is not writable")
-    return path
