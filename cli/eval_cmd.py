@@ -23,7 +23,8 @@ from .eval_tables import class_table, compare_table, refused_lines, report_table
 def eval_command(
     model: Annotated[Path, typer.Argument(help="An exported .onnx file, or an artifact (exported on the fly).")],
     data: Annotated[Optional[str], typer.Option(help="Data set (default: the one the model was searched on, "
-                                                     "else mnist5k).")] = None,
+                                                     "else mnist5k); with --compare, int8 also calibrates on "
+                                                     "its training split.")] = None,
     split: Annotated[str, typer.Option(help="test (the held-out split) or train.")] = "test",
     batch_size: Annotated[int, typer.Option(help="Images per onnxruntime call; latency is measured at 1 and "
                                                  "at this size.")] = 64,
@@ -37,7 +38,9 @@ def eval_command(
         help="The artifact or float32 ONNX file to compare predictions with: adds argmax agreement and the "
              "top-1 difference (implied when MODEL is an artifact).")] = None,
     compare_modes: Annotated[bool, typer.Option(
-        "--compare", help="MODEL is an artifact: export it in every mode and print one side-by-side table.")]
+        "--compare", help="MODEL is an artifact: export it in all six modes (storage dense/compact/regen x "
+                          "precision fp32/int8) and print them side by side, with speed ratios to dense fp32; "
+                          "modes it cannot be exported in are listed with the reason.")]
     = False,
     latency: Annotated[bool, typer.Option("--latency/--no-latency",
                                           help="Measure latency, session start and peak memory.")] = True,
@@ -55,7 +58,7 @@ def eval_command(
 
       maskforge eval runs/conv4/artifact.onnx --json report.json --confusion-png confusion.png
 
-      maskforge eval runs/conv4/artifact.safetensors --compare      # every export mode, one table
+      maskforge eval runs/conv4/artifact.safetensors --compare      # all six export modes, one table
 
       maskforge eval other.onnx --mean 0.1307 --std 0.3081 --reference other.fp32.onnx
     """

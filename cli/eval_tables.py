@@ -134,8 +134,9 @@ def compare_table(comparison: CompareReport) -> Table:
              ("bits / masked weight", lambda s: _number(s["bits_per_weight"], ".3f")),
              ("session start", lambda s: _ms(s["session_start_ms"])),
              ("peak memory", lambda s: _bytes(s["peak_rss_bytes"]))]
+    requested = first.timing.runs_requested if first.timing else None
     for size in sorted({1, batch}):
-        lines += [(f"batch {size}: p50 / p90 / p99 ms", lambda s, b=size: _percentiles(s, b)),
+        lines += [(f"batch {size}: p50 / p90 / p99 ms", lambda s, b=size: _percentiles(s, b, requested)),
                   (f"batch {size}: images/s{versus}", lambda s, b=size: _throughput(s, b))]
     lines += [("top-1", lambda s: f"{s['top1']:.2%}"), (f"top-{k}", lambda s: f"{s[f'top{k}']:.2%}"),
               ("agreement with float32", lambda s: _number(s["argmax_agreement"], ".2%")),
@@ -157,9 +158,11 @@ def _number(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def _percentiles(summary: dict, batch: int) -> str:
+def _percentiles(summary: dict, batch: int, requested: int | None) -> str:
     values = [summary[f"{name}_ms_b{batch}"] for name in ("p50", "p90", "p99")]
-    return "n/a" if None in values else " / ".join(f"{v:.3g}" for v in values)
+    runs = summary[f"runs_b{batch}"]
+    short = f" ({runs} runs: time budget)" if requested and runs is not None and runs < requested else ""
+    return "n/a" if None in values else " / ".join(f"{v:.3g}" for v in values) + short
 
 
 def _throughput(summary: dict, batch: int) -> str:

@@ -59,7 +59,8 @@ def test_a_model_onnxruntime_cannot_load_is_one_clear_error_and_no_log(tmp_path,
                               [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8), str(broken))
     capfd.readouterr()
-    with pytest.raises(MaskforgeError, match=rf"^onnxruntime cannot load {re.escape(str(broken))}: .*NoSuchOp") as caught:
+    pattern = rf"^onnxruntime cannot load {re.escape(str(broken))}: .*NoSuchOp"
+    with pytest.raises(MaskforgeError, match=pattern) as caught:
         ort_session(broken)
     assert "[ONNXRuntimeError]" not in str(caught.value) and "\n" not in str(caught.value)
     assert capfd.readouterr().err == ""

@@ -43,15 +43,16 @@ def compare(artifact: str | os.PathLike, *, modes: Sequence[ExportMode] = EXPORT
 
     int8 modes calibrate on the training split of the data evaluated on (`data`, default the artifact's
     own). `latency_rounds`: alternating timing blocks per mode and batch size (the rounds of the speed
-    ratios); `session_starts`: session creations per mode, the modes taking turns.
+    ratios); `latency_budget_s`: seconds per mode and batch size after which timing stops early (at least
+    3 calls per block); `session_starts`: session creations per mode, the modes taking turns.
     """
-    settings = Settings.check(split, batch_size, threads, latency, latency_runs, warmup, latency_budget_s, memory,
-                              latency_rounds, session_starts)
+    _check_modes(modes)
+    settings = Settings.check(split, batch_size, threads, latency, latency_runs, warmup,
+                              latency_budget_s * len(modes), memory, latency_rounds, session_starts)
     subject = open_model(artifact)
     if subject.artifact is None:
         raise MaskforgeError(f"{artifact} is an ONNX file; comparing export modes needs the artifact they are "
                              f"exported from")
-    _check_modes(modes)
     splits, source = load_matching_data(subject, data)
     dataset = split_of(splits, split, source)
     torch_model = materialize(subject.artifact, threads=settings.threads)

@@ -191,6 +191,7 @@ class ModeRow:
             stats = timing.at(batch) if timing else None
             for name in ("p50", "p90", "p99"):
                 row[f"{name}_ms_b{batch}"] = getattr(stats, f"{name}_ms") if stats else None
+            row[f"runs_b{batch}"] = stats.runs if stats else None
             row[f"throughput_b{batch}"] = stats.images_per_s if stats else None
             row[f"speedup_b{batch}"] = self.speedup.get(batch)
         row["top1"] = r.accuracy.top1

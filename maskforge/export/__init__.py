@@ -3,10 +3,11 @@
 One module per job:
 
 * `modes`        the choices (storage dense|compact|regen, precision fp32|int8, opset), checked up front,
-                 and the file name of each mode
+                 the file name of each mode, and `EXPORT_MODES` (all six, the rows of `eval --compare`)
 * `trace`        materialized network -> ONNX graph (TorchScript exporter, batch norm folded)
 * `int8`         QDQ quantization with onnxruntime's tooling; weights exactly -1/0/+1 x c_j
-* `calibration`  the training / held-out images int8 calibrates and is checked on
+* `calibration`  the training / held-out images int8 calibrates and is checked on, and the check that
+                 data fit a model (`matching_splits`, which `eval` uses too)
 * `compact`      weights as packed mask + sign bits, rebuilt by standard operators at session start
 * `regen_graph`  weights regenerated from the seed inside the graph (SplitMix64 in ONNX integer ops)
 * `destination`  the output path: checked up front, missing folders made (and removed on failure)
@@ -32,8 +33,9 @@ from .torch_export import TORCH_EXPORT_FORMAT, TORCH_EXPORT_KEY, export_torch, l
 
 __all__ = [
     "export_onnx", "export_torch", "load_torch_export", "ExportResult", "ExportMode", "EXPORT_MODES",
-    "resolve_mode", "default_export_path", "check_output_path", "output_folder", "STORAGES", "PRECISIONS", "DEFAULT_OPSET",
-    "MIN_OPSET", "MAX_OPSET", "DEFAULT_CALIBRATION", "matching_splits", "searched_data", "META_PREFIX",
-    "OnnxModelInfo", "read_onnx_metadata", "artifact_identity", "TORCH_EXPORT_KEY", "TORCH_EXPORT_FORMAT",
-    "ort_session", "ort_message", "compare_logits", "float_parity", "PARITY_RTOL", "compact_weights",
+    "resolve_mode", "default_export_path", "check_output_path", "output_folder", "STORAGES", "PRECISIONS",
+    "DEFAULT_OPSET", "MIN_OPSET", "MAX_OPSET", "DEFAULT_CALIBRATION", "matching_splits", "searched_data",
+    "META_PREFIX", "OnnxModelInfo", "read_onnx_metadata", "artifact_identity", "TORCH_EXPORT_KEY",
+    "TORCH_EXPORT_FORMAT", "ort_session", "ort_message", "compare_logits", "float_parity", "PARITY_RTOL",
+    "compact_weights",
 ]
