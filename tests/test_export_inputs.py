@@ -97,7 +97,7 @@ def test_missing_folders_only_below_a_writable_folder(files, tmp_path, monkeypat
     under_file.write_text("x")
     _one_error_line(CliRunner().invoke(app, ["export", str(files["artifact"]), "--out",
                                              str(under_file / "sub" / "model.onnx")]),
-                    r"^error: cannot write .*model\.onnx: .*notes\.txt is not a folder$")
+                    r"^error: cannot write .*model\.onnx: output path .*notes\.txt exists and is not a folder$")
     locked = tmp_path / "locked"
     locked.mkdir()
     real_access = os.access   # simulated (root may write anywhere): the folder refuses writing
@@ -108,5 +108,5 @@ def test_missing_folders_only_below_a_writable_folder(files, tmp_path, monkeypat
     monkeypatch.setattr(os, "access", access)
     _one_error_line(CliRunner().invoke(app, ["export", str(files["artifact"]), "--out",
                                              str(locked / "new" / "model.onnx")]),
-                    r"^error: cannot write .*model\.onnx: folder .*locked is not writable$")
+                    r"^error: cannot write .*model\.onnx: output folder .*locked is not writable$")
     assert _tree(locked) == []

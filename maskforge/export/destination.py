@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import MaskforgeError
+from ..fileio import ensure_writable_dir
 
 
 def check_output_path(path: str | os.PathLike, what: str = "output") -> Path:
@@ -21,11 +22,10 @@ def check_output_path(path: str | os.PathLike, what: str = "output") -> Path:
     path = Path(path)
     if path.is_dir():
         raise MaskforgeError(f"{what} {path} is a folder; give a file name")
-    folder = _nearest_existing(_parent(path))
-    if not folder.is_dir():
-        raise MaskforgeError(f"cannot write {path}: {folder} is not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise MaskforgeError(f"cannot write {path}: folder {folder} is not writable")
+    try:
+        ensure_writable_dir(_nearest_existing(_parent(path)))   # it exists: nothing is created here
+    except MaskforgeError as exc:
+        raise MaskforgeError(f"cannot write {path}: {exc}") from None
     return path
 
 
