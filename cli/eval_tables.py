@@ -127,7 +127,8 @@ def compare_table(comparison: CompareReport) -> Table:
     table.add_column("")
     summaries = {row.mode: row.summary() for row in comparison.rows}
     refused = {mode: index + 1 for index, mode in enumerate(comparison.refused)}
-    for mode in [*summaries, *refused]:
+    columns = [mode for mode in comparison.modes if mode in summaries or mode in refused] or [*summaries, *refused]
+    for mode in columns:
         table.add_column(mode.replace(" ", "\n", 1), justify="right")
     versus = f" (x {comparison.baseline})" if comparison.baseline else ""
     lines = [("file", lambda s: _bytes(s["onnx_bytes"])),
@@ -143,8 +144,8 @@ def compare_table(comparison: CompareReport) -> Table:
               ("Δ top-1 (points)", lambda s: _number(None if s["top1_difference"] is None
                                                      else 100 * s["top1_difference"], "+.2f"))]
     for label, cell in lines:
-        marks = [f"[red]refused ({number})[/]" if label == "file" else "" for number in refused.values()]
-        table.add_row(label, *[cell(s) for s in summaries.values()], *marks)
+        table.add_row(label, *[cell(summaries[mode]) if mode in summaries else
+                               f"[red]refused ({refused[mode]})[/]" if label == "file" else "" for mode in columns])
     table.caption = (f"agreement and Δ top-1 against {comparison.reference}: top-1 {comparison.reference_top1:.2%}")
     return table
 

@@ -289,6 +289,7 @@ def test_compare_lists_the_modes_an_artifact_cannot_do_as_refused_with_the_reaso
     path = save_artifact(artifact, tmp_path / "normal.safetensors")
     table = compare(path, latency=False, memory=False)
     assert [row.mode for row in table.rows] == ["dense fp32", "compact fp32"]
+    assert table.modes == [mode.name for mode in EXPORT_MODES]   # the table's columns, refused ones in place
     assert list(table.refused) == ["regen fp32", "dense int8", "compact int8", "regen int8"]
     for mode in ("regen fp32", "regen int8"):
         assert re.match(r"storage 'regen' cannot rebuild kaiming_normal weights", table.refused[mode]), table.refused

@@ -83,7 +83,8 @@ def compare(artifact: str | os.PathLike, *, modes: Sequence[ExportMode] = EXPORT
         row.report.model.path = f"{artifact} ({row.mode})"
     first = rows[0].report.agreement
     return CompareReport(artifact=str(artifact), reference=first.reference, reference_top1=first.reference_top1,
-                         rows=rows, refused=refused, baseline=BASELINE.name if baseline is not None else None)
+                         rows=rows, refused=refused, baseline=BASELINE.name if baseline is not None else None,
+                         modes=[mode.name for mode in modes])
 
 
 def _check_modes(modes: Sequence[ExportMode]) -> None:

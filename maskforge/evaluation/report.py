@@ -213,11 +213,12 @@ class CompareReport:
     rows: list[ModeRow]
     refused: dict[str, str] = field(default_factory=dict)   # mode -> why export_onnx refused it
     baseline: str | None = None     # the mode `speedup` is relative to (dense fp32), when it was measured
+    modes: list[str] = field(default_factory=list)   # every mode asked for, measured or refused, in order
 
     def to_dict(self) -> dict:
         return {"format": REPORT_FORMAT + "-compare", "format_version": REPORT_VERSION,
                 "artifact": self.artifact, "reference": self.reference, "reference_top1": self.reference_top1,
-                "baseline": self.baseline, "rows": [row.summary() for row in self.rows],
+                "baseline": self.baseline, "modes": list(self.modes), "rows": [row.summary() for row in self.rows],
                 "reports": {row.mode: row.report.to_dict() for row in self.rows}, "refused": dict(self.refused)}
 
 
