@@ -26,13 +26,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from maskforge import archs
 from maskforge.artifact import build_artifact, load_artifact, save_artifact
 from maskforge.data import InputSpec
-from maskforge.evaluation import time_calls
+from maskforge.evaluation import latency_stats, time_calls
 from maskforge.export import export_onnx, ort_session
 from maskforge.materialize import materialize
 
@@ -76,13 +75,13 @@ def measure(path: Path, folder: Path, label: str, batch_size: int, threads: int,
 
             times = time_calls({"onnxruntime": lambda x_np=x_np: session.run(None, {"input": x_np}),
                                 "torch": eager}, runs=runs, warmup=3, budget_s=budget_s)
-            p50 = {name: float(np.median(values)) * 1000 for name, values in times.items()}
+            p50 = {name: latency_stats(name, batch, blocks).p50_ms for name, blocks in times.items()}
             row[f"batch{batch}"] = {
                 "ort_p50_ms": p50["onnxruntime"], "torch_p50_ms": p50["torch"],
                 "ort_images_per_s": batch * 1000 / p50["onnxruntime"],
                 "torch_images_per_s": batch * 1000 / p50["torch"],
                 "ort_over_torch": p50["torch"] / p50["onnxruntime"],
-                "runs": {name: len(values) for name, values in times.items()},
+                "runs": {name: sum(map(len, blocks)) for name, blocks in times.items()},
             }
     finally:
         torch.set_num_threads(previous)

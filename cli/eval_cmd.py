@@ -12,17 +12,19 @@ import typer
 from rich.console import Console
 
 from maskforge.errors import MaskforgeError
-from maskforge.evaluation import check_report_path, compare, evaluate, save_confusion_png, write_report
+from maskforge.evaluation import compare, evaluate, save_confusion_png, write_report
+from maskforge.export import check_output_path
 
 from .app import app
-from .eval_tables import class_table, compare_table, report_table
+from .eval_tables import class_table, compare_table, refused_lines, report_table
 
 
 @app.command("eval")
 def eval_command(
     model: Annotated[Path, typer.Argument(help="An exported .onnx file, or an artifact (exported on the fly).")],
     data: Annotated[Optional[str], typer.Option(help="Data set (default: the one the model was searched on, "
-                                                     "else mnist5k).")] = None,
+                                                     "else mnist5k); with --compare, int8 also calibrates on "
+                                                     "its training split.")] = None,
     split: Annotated[str, typer.Option(help="test (the held-out split) or train.")] = "test",
     batch_size: Annotated[int, typer.Option(help="Images per onnxruntime call; latency is measured at 1 and "
                                                  "at this size.")] = 64,
@@ -36,7 +38,9 @@ def eval_command(
         help="The artifact or float32 ONNX file to compare predictions with: adds argmax agreement and the "
              "top-1 difference (implied when MODEL is an artifact).")] = None,
     compare_modes: Annotated[bool, typer.Option(
-        "--compare", help="MODEL is an artifact: export it in every mode and print one side-by-side table.")]
+        "--compare", help="MODEL is an artifact: export it in all six modes (storage dense/compact/regen x "
+                          "precision fp32/int8) and print them side by side, with speed ratios to dense fp32; "
+                          "modes it cannot be exported in are listed with the reason.")]
     = False,
     latency: Annotated[bool, typer.Option("--latency/--no-latency",
                                           help="Measure latency, session start and peak memory.")] = True,
@@ -57,13 +61,13 @@ def eval_command(
 
       maskforge eval runs/conv4/artifact.onnx --json report.json --confusion-png confusion.png
 
-      maskforge eval runs/conv4/artifact.safetensors --compare      # every export mode, one table
+      maskforge eval runs/conv4/artifact.safetensors --compare      # all six export modes, one table
 
       maskforge eval other.onnx --mean 0.1307 --std 0.3081 --reference other.fp32.onnx
     """
-    for path in (json_out, confusion_png):
+    for path, what in ((json_out, "report"), (confusion_png, "figure")):
         if path is not None and str(path) != "-":
-            check_report_path(path)  # fail before the (long) evaluation, not after
+            check_output_path(path, what)  # fail before the (long) evaluation, not after
     options = dict(data=data, split=split, batch_size=batch_size, threads=threads, latency=latency,
                    latency_runs=latency_runs)
     with _progress() as progress:
@@ -87,6 +91,8 @@ def eval_command(
     console = Console()
     if compare_modes:
         console.print(compare_table(report))
+        for line in refused_lines(report):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
         notes = [note for row in report.rows for note in row.report.model.notes]
         note = report.rows[0].report.compute.note
     else:

@@ -118,31 +118,57 @@ def _accuracy(value: float | None) -> str:
 
 
 def compare_table(comparison: CompareReport) -> Table:
-    """One row per export mode: size, start, memory, speed at batch 1 and B, accuracy against float32."""
+    """One column per export mode (refused ones too), one row per figure: size, start, memory, latency and
+    throughput at batch 1 and B (with the ratio to dense fp32), accuracy and agreement with float32."""
     first = comparison.rows[0].report
     batch, k = first.batch_size, first.accuracy.k
     table = Table(title=f"maskforge eval --compare: {comparison.artifact} ({first.accuracy.data} / "
                         f"{first.accuracy.split}, {first.accuracy.examples:,} examples, {first.threads} thread(s))")
-    columns = ["mode", "storage", "precision", "file", "bits/weight", "session start", "peak memory",
-               "p50 b1", "images/s b1"] + ([f"p50 b{batch}", f"images/s b{batch}"] if batch != 1 else []) \
-        + ["top-1", f"top-{k}", "agreement", "Δ top-1"]
-    for column in columns:
-        table.add_column(column, justify="left" if column in ("mode", "storage", "precision") else "right")
-    for row in comparison.rows:
-        s = row.summary()
-        cells = [row.mode, s["storage"] or "?", s["precision"] or "?", _bytes(s["onnx_bytes"]),
-                 f"{s['bits_per_weight']:.3f}" if s["bits_per_weight"] else "n/a", _ms(s["session_start_ms"]),
-                 _bytes(s["peak_rss_bytes"]), _ms(s["p50_ms_b1"]), _rate(s["throughput_b1"])]
-        if batch != 1:
-            cells += [_ms(s[f"p50_ms_b{batch}"]), _rate(s[f"throughput_b{batch}"])]
-        cells += [f"{s['top1']:.2%}", f"{s[f'top{k}']:.2%}", f"{s['argmax_agreement']:.2%}",
-                  f"{s['top1_difference'] * 100:+.2f}"]
-        table.add_row(*cells)
-    for mode, why in comparison.refused.items():
-        table.add_row(mode, "[red]refused[/]", why, *[""] * (len(columns) - 3))
-    table.caption = (f"agreement and Δ top-1 (points) against {comparison.reference}: top-1 "
-                     f"{comparison.reference_top1:.2%}")
+    table.add_column("")
+    summaries = {row.mode: row.summary() for row in comparison.rows}
+    refused = {mode: index + 1 for index, mode in enumerate(comparison.refused)}
+    columns = [mode for mode in comparison.modes if mode in summaries or mode in refused] or [*summaries, *refused]
+    for mode in columns:
+        table.add_column(mode.replace(" ", "\n", 1), justify="right")
+    versus = f" (x {comparison.baseline})" if comparison.baseline else ""
+    lines = [("file", lambda s: _bytes(s["onnx_bytes"])),
+             ("bits / masked weight", lambda s: _number(s["bits_per_weight"], ".3f")),
+             ("session start", lambda s: _ms(s["session_start_ms"])),
+             ("peak memory", lambda s: _bytes(s["peak_rss_bytes"]))]
+    requested = first.timing.runs_requested if first.timing else None
+    for size in sorted({1, batch}):
+        lines += [(f"batch {size}: p50 / p90 / p99 ms", lambda s, b=size: _percentiles(s, b, requested)),
+                  (f"batch {size}: images/s{versus}", lambda s, b=size: _throughput(s, b))]
+    lines += [("top-1", lambda s: f"{s['top1']:.2%}"), (f"top-{k}", lambda s: f"{s[f'top{k}']:.2%}"),
+              ("agreement with float32", lambda s: _number(s["argmax_agreement"], ".2%")),
+              ("Δ top-1 (points)", lambda s: _number(None if s["top1_difference"] is None
+                                                     else 100 * s["top1_difference"], "+.2f"))]
+    for label, cell in lines:
+        table.add_row(label, *[cell(summaries[mode]) if mode in summaries else
+                               f"[red]refused ({refused[mode]})[/]" if label == "file" else "" for mode in columns])
+    table.caption = (f"agreement and Δ top-1 against {comparison.reference}: top-1 {comparison.reference_top1:.2%}")
     return table
+
+
+def refused_lines(comparison: CompareReport) -> list[str]:
+    """The footnotes of `compare_table`: why each refused mode was refused (one line each)."""
+    return [f"({index + 1}) {mode}: {why}" for index, (mode, why) in enumerate(comparison.refused.items())]
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _percentiles(summary: dict, batch: int, requested: int | None) -> str:
+    values = [summary[f"{name}_ms_b{batch}"] for name in ("p50", "p90", "p99")]
+    runs = summary[f"runs_b{batch}"]
+    short = f" ({runs} runs: time budget)" if requested and runs is not None and runs < requested else ""
+    return "n/a" if None in values else " / ".join(f"{v:.3g}" for v in values) + short
+
+
+def _throughput(summary: dict, batch: int) -> str:
+    rate, speedup = summary[f"throughput_b{batch}"], summary[f"speedup_b{batch}"]
+    return _rate(rate) + (f" ({speedup:.2f}x)" if speedup is not None else "")
 
 
 def _rate(value: float | None) -> str:

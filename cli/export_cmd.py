@@ -14,6 +14,7 @@ from maskforge.errors import MaskforgeError
 from maskforge.export import DEFAULT_CALIBRATION, DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, export_onnx, export_torch
 
 from .app import app
+from .file_hints import require_artifact
 
 
 @app.command("export")
@@ -43,7 +44,8 @@ def export_command(
              f"later).")] = None,
     out: Annotated[Optional[Path], typer.Option(
         help="Output file (default: next to the artifact: artifact.onnx for regen fp32, "
-             "artifact.<storage>[.int8].onnx otherwise, artifact.torch.safetensors).")] = None,
+             "artifact.<storage>[.int8].onnx otherwise, artifact.torch.safetensors). Missing folders are "
+             "created.")] = None,
     threads: Annotated[Optional[int], typer.Option(help="Threads for regenerating the weights.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
 ) -> None:
@@ -57,6 +59,7 @@ def export_command(
       maskforge export runs/conv4/artifact.safetensors --precision int8   # -> artifact.int8.onnx
       maskforge export runs/conv4/artifact.safetensors --storage dense --out conv4.onnx
     """
+    require_artifact(artifact)
     if fmt == "onnx":
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)

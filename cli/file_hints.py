@@ -18,6 +18,9 @@ TAKEN_BY = {
 
 
 def require_artifact(path: Path) -> None:
-    """Refuse, naming what it is and what takes it, a file that is clearly not an artifact."""
-    require_kind(path, ("artifact",), "a maskforge artifact",
-                 {kind: text.format(path=path) for kind, text in TAKEN_BY.items()})
+    """Refuse, naming what it is and what takes it, a file that is clearly not an artifact (and a run
+    folder, naming the artifact inside it)."""
+    hints = {kind: text.format(path=path) for kind, text in TAKEN_BY.items()}
+    if (Path(path) / "artifact.safetensors").is_file():
+        hints["folder"] = f"give the artifact of that run, {Path(path) / 'artifact.safetensors'}"
+    require_kind(path, ("artifact",), "a maskforge artifact", hints)

@@ -188,8 +188,7 @@ def verify_onnx(onnx_path: str | os.PathLike, artifact_path: str | os.PathLike, 
     except MaskforgeError as exc:
         return report._fail("onnx outputs", str(exc))
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for malformed graphs
-        return report._fail("onnx outputs", f"onnxruntime cannot run the model: {type(exc).__name__}: "
-                                            f"{' '.join(str(exc).split())[:300]}")
+        return report._fail("onnx outputs", f"onnxruntime cannot run the model: {export.ort_message(exc)}")
     report._pass("onnx outputs", detail)
     return report
 

@@ -55,7 +55,7 @@ def test_search_step_cuda_and_epoch_like_skip_cleanly_without_a_gpu(capsys):
     assert "skipped on CPU" in capsys.readouterr().err
 
 
-@pytest.mark.slow   # six exports and their checks: ~10 s on an idle 2-core machine
+@pytest.mark.slow   # six exports and their checks, `eval --compare` of them: ~10 s on an idle 2-core machine
 def test_deploy_json_lines_cover_every_mode(tmp_path):
     """benchmarks/deploy.py on a tiny demo-shaped artifact: one JSON line per mode with the issue's fields."""
     from maskforge.archs import arch_args, create_model
@@ -68,17 +68,19 @@ def test_deploy_json_lines_cover_every_mode(tmp_path):
                               k=0.5, provenance={"data": "mnist5k"})
     path = save_artifact(artifact, tmp_path / "fc.safetensors")
     proc = _run("deploy.py", "--workload", "conv4", "--artifact", f"conv4={path}", "--workdir", str(tmp_path),
-                "--rounds", "1", "--calls-b1", "1", "--calls-b64", "1", "--starts", "1", "--no-memory", "--json")
+                "--rounds", "2", "--runs", "2", "--starts", "1", "--threads", "1", "--json")
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
     assert sorted((r["storage"], r["precision"]) for r in rows) == sorted(
         (s, p) for s in ("dense", "compact", "regen") for p in ("fp32", "int8"))
     for r in rows:
         assert r["workload"] == "conv4"
-        for key in ("bits_per_weight", "session_start_ms", "throughput_b1", "throughput_b64"):
+        for key in ("bits_per_weight", "session_start_ms", "throughput_b1", "throughput_b64", "peak_rss_mb",
+                    "session_start_vs_compact_fp32", "p99_ms_b64"):
             assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, key
         assert 0.0 <= r["top1"] <= 1.0 and 0.0 <= r["argmax_agreement"] <= 1.0
         assert r["bits_per_weight"] == 8 * r["file_bytes"] / artifact.masked_weights
+        assert r["int8_weight_max_error"] == (0.0 if r["precision"] == "int8" else None)
     baseline = next(r for r in rows if (r["storage"], r["precision"]) == ("dense", "fp32"))
     assert baseline["argmax_agreement"] == 1.0 and baseline["speedup_b1"] == 1.0
     # the fp32 storages compute the same network: the same held-out top-1

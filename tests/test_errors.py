@@ -142,7 +142,6 @@ def files(tmp_path_factory) -> Files:
     p["file_as_dir"] = root / "plainfile"
     p["file_as_dir"].write_text("x")
     p["out_under_file"] = p["file_as_dir"] / "run"
-    p["out_missing_dir"] = root / "no" / "such" / "dir" / "model.onnx"
     p["readonly_dir"] = root / "readonly"
     p["readonly_dir"].mkdir()
     p["new_out"] = root / "new_out"
@@ -311,7 +310,8 @@ ROWS = [
     R("export", "unknown format", lambda f: ["export", f.good, "--format", "tflite"], "unknown --format 'tflite'"),
     R("export", "opset out of range", lambda f: ["export", f.good, "--opset", "99", "--out", f.onnx_out],
       "opset must be an integer from"),
-    R("export", "missing output folder", lambda f: ["export", f.good, "--out", f.out_missing_dir], "does not exist"),
+    R("export", "output folder under a file", lambda f: ["export", f.good, "--out", str(Path(f.text) / "m.onnx")],
+      "is not a folder"),
     R("export", "output is a folder", lambda f: ["export", f.good, "--out", f.folder], "is a folder"),
     R("export", "unwritable output folder (simulated)",
       lambda f: ["export", f.good, "--out", str(Path(f.readonly_dir) / "m.onnx")], "not writable",

@@ -12,11 +12,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
 from PIL import Image
 from typer.testing import CliRunner
 
-from eval_helpers import searched_fc
+from eval_helpers import edited_to_fail_while_running, searched_fc
 from maskforge.cli import app
 
 @pytest.fixture(scope="module")
@@ -70,11 +69,16 @@ def test_json_to_stdout_and_the_compare_table(run):
     report = json.loads(result.stdout)
     assert report["model"]["kind"] == "artifact" and report["agreement"]["argmax_agreement"] == 1.0
     assert report["timing"] is None
-    result = CliRunner().invoke(app, ["eval", str(run / "artifact.safetensors"), "--compare", "--latency-runs",
-                                      "2", "--threads", "1"], env={"COLUMNS": "250"})
+    result = CliRunner().invoke(app, ["eval", str(run / "artifact.safetensors"), "--compare", "--no-latency",
+                                      "--threads", "1"], env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.stderr
-    rows = [line for line in result.stdout.splitlines() if re.match(r"^\W*(dense|compact)\W", line)]
-    assert len(rows) == 2 and all("100.00%" in row for row in rows)   # argmax agreement with float32
+    lines = result.stdout.splitlines()
+    header = " ".join(lines[:6])
+    assert all(f"{storage}" in header for storage in ("dense", "compact", "regen"))
+    assert re.search(r"fp32\W+fp32\W+fp32\W+int8\W+int8\W+int8", " ".join(lines[:8])), lines[:8]
+    agreement = next(line for line in lines if "agreement with float32" in line)
+    cells = re.findall(r"\d+\.\d\d%", agreement)
+    assert len(cells) == 6 and cells[:3] == ["100.00%"] * 3, agreement   # fp32 modes: the float32 network
     assert "against PyTorch, the materialized artifact" in " ".join(result.stdout.split())
 
 
@@ -160,17 +164,7 @@ def test_a_model_that_fails_inside_onnxruntime_is_one_line(run, tmp_path, capfd)
         assert native.err == "" and native.out == "", native
     # an edited maskforge export (metadata intact, a Slice cutting the image before the MatMul, open sides so
     # that onnxruntime cannot see it at load): the file's fault, not maskforge's, so exit 2 as well
-    proto = onnx.load(str(run / "model.dense.onnx"))
-    dims = proto.graph.input[0].type.tensor_type.shape.dim
-    dims[2].dim_param, dims[3].dim_param = "height", "width"
-    del proto.graph.value_info[:]
-    flatten = next(node for node in proto.graph.node if node.op_type == "Flatten")
-    cut = helper.make_node("Slice", [flatten.input[0], "cut/start", "cut/end", "cut/axis"], ["cut"])
-    flatten.input[0] = "cut"
-    proto.graph.node.insert(0, cut)
-    proto.graph.initializer.extend(numpy_helper.from_array(np.array([v], dtype=np.int64), f"cut/{name}")
-                                   for name, v in (("start", 0), ("end", 27), ("axis", 2)))
-    onnx.save(proto, str(tmp_path / "edited.onnx"))
+    edited_to_fail_while_running(run / "model.dense.onnx", tmp_path / "edited.onnx")
     _one_error_line(CliRunner().invoke(app, ["eval", str(tmp_path / "edited.onnx"), "--no-latency"]),
                     r"onnxruntime cannot run .*edited.onnx .*\(its graph does not fit its own maskforge metadata: a "
                     r"damaged or edited file\?\)")

@@ -355,19 +355,20 @@ def test_cli_export_default_paths_and_json(tmp_path):
     assert result.exit_code == 0 and re.search(r"bits per masked weight", " ".join(result.stdout.split()))
 
 
-@pytest.mark.parametrize("case", ["missing folder", "under a file", "truncated artifact", "digest fails"])
+@pytest.mark.parametrize("case", ["missing folder, digest fails", "under a file", "truncated artifact",
+                                  "digest fails"])
 def test_cli_export_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, case):
     good = make_artifact(tmp_path, "fc", 1, 8, name="good.safetensors")
     (tmp_path / "plain").write_text("x")
     artifact, out = good, tmp_path / "out.onnx"
-    if case == "missing folder":
-        out = tmp_path / "nope" / "out.onnx"
-    elif case == "under a file":
+    if case.startswith("missing folder"):   # the folder would be created, but the export fails first
+        out = tmp_path / "nope" / "deeper" / "out.onnx"
+    if case == "under a file":
         out = tmp_path / "plain" / "out.onnx"
     elif case == "truncated artifact":
         artifact = tmp_path / "cut.safetensors"
         artifact.write_bytes(good.read_bytes()[:200])
-    else:  # a mask byte flipped: the tensor digest no longer matches
+    elif case.endswith("digest fails"):  # a mask byte flipped: the tensor digest no longer matches
         data = bytearray(good.read_bytes())
         data[-5] ^= 1
         artifact = tmp_path / "flipped.safetensors"

@@ -9,6 +9,7 @@ DequantizeLinear definition); the artifact's file size; onnxruntime's own optimi
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -334,7 +335,7 @@ BAD = [
     ("calibration data of other classes", "three", ["--precision", "int8", "--data", "mnist5k"],
      "calibration data mnist5k has 10 classes, the model predicts 3"),
     ("calibration data not on this machine", "small", ["--precision", "int8"],
-     "the artifact was searched on test, which is not on this machine; give calibration_data"),
+     "the model was searched on test, which is not on this machine; give calibration_data"),
     ("unknown storage", "good", ["--storage", "sparse"], "storage must be one of dense, compact, regen; got 'sparse'"),
     ("unknown precision", "good", ["--precision", "int4"], "precision must be one of fp32, int8; got 'int4'"),
     ("alias contradicts storage", "good", ["--dense", "--storage", "regen"],
@@ -360,19 +361,23 @@ def test_bad_input_is_one_error_line_exit_2_and_no_file(conv2, kaiming, rgb_fold
 def test_unwritable_destination_is_refused_before_calibrating(conv2, tmp_path, monkeypatch):
     """Simulated (the tests may run as root, who can write anywhere): the folder is reported not
     writable, and nothing is loaded, calibrated or written."""
-    import maskforge.export.modes as modes
     import maskforge.export.onnx_export as onnx_export
 
     def no_work(*args, **kwargs):
         raise AssertionError("calibration data loaded before the destination was checked")
 
+    real_access = os.access
+
+    def access(path, mode, *args, **kwargs):
+        return False if Path(path) == tmp_path and mode & os.W_OK else real_access(path, mode, *args, **kwargs)
+
     monkeypatch.setattr(onnx_export, "load_check_images", no_work)
-    monkeypatch.setattr(modes, "os", SimpleNamespace(access=lambda path, mode: False, W_OK=2, X_OK=1))
+    monkeypatch.setattr(os, "access", access)
     result = CliRunner().invoke(app, ["export", str(conv2.path), "--precision", "int8", "--out",
                                       str(tmp_path / "m.onnx")])
     assert result.exit_code == 2
-    assert result.stderr.splitlines() == [f"error: cannot write {tmp_path / 'm.onnx'}: folder {tmp_path} is not "
-                                          f"writable"]
+    assert result.stderr.splitlines() == [f"error: cannot write {tmp_path / 'm.onnx'}: output folder {tmp_path} is "
+                                          f"not writable"]
     assert list(tmp_path.iterdir()) == []
 
 

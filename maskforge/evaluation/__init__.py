@@ -16,17 +16,17 @@ One module per job:
 (0.912, 3.1)
 """
 
-from .compare import EXPORT_MODES, ExportMode, compare
+from .compare import compare
 from .measure import SPLITS, evaluate
 from .figure import save_confusion_png
 from .report import (Accuracy, Agreement, ClassResult, CompareReport, Compute, EvalReport, Latency, ModelSummary,
-                     ModeRow, Size, Timing, check_report_path, write_report)
+                     ModeRow, Size, Timing, write_report)
 from .subject import parse_floats
-from .timing import time_calls
+from .timing import latency_stats, median_ratio, probe_footprint, probe_session_starts, time_calls
 
 __all__ = [
-    "evaluate", "compare", "EXPORT_MODES", "ExportMode", "SPLITS",
+    "evaluate", "compare", "SPLITS",
     "EvalReport", "CompareReport", "ModeRow", "ModelSummary", "Accuracy", "ClassResult", "Agreement", "Latency",
-    "Timing", "Size", "Compute", "write_report", "check_report_path", "save_confusion_png", "parse_floats",
-    "time_calls",
+    "Timing", "Size", "Compute", "write_report", "save_confusion_png", "parse_floats",
+    "time_calls", "latency_stats", "median_ratio", "probe_footprint", "probe_session_starts",
 ]

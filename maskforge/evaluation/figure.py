@@ -13,7 +13,8 @@ import numpy as np
 
 from ..errors import MaskforgeError
 from ..fileio import atomic_path
-from .report import Accuracy, check_report_path
+from ..export import check_output_path, output_folder
+from .report import Accuracy
 
 MAX_ANNOTATED = 30   # above this many classes the counts would not fit in the cells
 
@@ -26,7 +27,7 @@ def save_confusion_png(accuracy: Accuracy, class_names: list[str], path: str | o
         from matplotlib.figure import Figure
     except ImportError:
         raise MaskforgeError("the confusion-matrix figure needs matplotlib (pip install matplotlib)") from None
-    path = check_report_path(path)
+    path = check_output_path(path, "figure")
     counts = np.asarray(accuracy.confusion, dtype=np.int64)
     classes = counts.shape[0]
     totals = counts.sum(axis=1, keepdims=True)
@@ -51,8 +52,6 @@ def save_confusion_png(accuracy: Accuracy, class_names: list[str], path: str | o
                 axes.text(column, row, str(value), ha="center", va="center", fontsize=7,
                           color="white" if shares[row, column] > 0.5 else "black")
     figure.tight_layout()
-    folder = path.parent if str(path.parent) else Path(".")
-    folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
+    with output_folder(path), atomic_path(path) as tmp:
         figure.savefig(tmp, format="png")
     return path

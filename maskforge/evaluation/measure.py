@@ -13,17 +13,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 
-from ..data import DataSplits, iterate_batches, load_data, normalize
+from ..data import DataSplits, iterate_batches, normalize
 from ..errors import MaskforgeError
 from ..export import export_onnx
+from ..export.calibration import matching_splits, searched_data
 from ..materialize import materialize
 from .footprint import compute_section, size_section
 from .report import EvalReport, Latency, ModelSummary, Timing
 from .runners import OnnxRunner, TorchRunner, torch_threads
 from .scoring import Progress, Runner, accuracy_section, agreement_section, score
 from .subject import Subject, open_model, open_onnx, preprocessing_overrides
-from .timing import latency_stats, measure_latency, probe_footprint
+from .timing import SESSION_STARTS, latency_stats, measure_latency, probe_footprints, probe_session_starts
 
 SPLITS = {"test": "heldout", "heldout": "heldout", "val": "heldout", "train": "train"}
 REFERENCE = "reference"   # the runner name of the float32 reference
@@ -41,10 +43,12 @@ class Settings:
     warmup: int
     budget_s: float
     memory: bool
+    rounds: int = 2     # alternating timing blocks per model and batch size
+    starts: int = SESSION_STARTS   # session creations per model
 
     @classmethod
     def check(cls, split: str, batch_size: int, threads: int | None, latency: bool, runs: int, warmup: int,
-              budget_s: float, memory: bool) -> "Settings":
+              budget_s: float, memory: bool, rounds: int = 2, starts: int = SESSION_STARTS) -> "Settings":
         if split not in SPLITS:
             raise MaskforgeError(f"unknown split {split!r}; choose test (the held-out split) or train")
         if isinstance(batch_size, bool) or not (isinstance(batch_size, int) and batch_size >= 1):
@@ -53,8 +57,12 @@ class Settings:
             raise MaskforgeError(f"threads must be at least 1, got {threads}")
         if latency and runs < 1:
             raise MaskforgeError(f"latency runs must be at least 1, got {runs}")
+        if latency and rounds < 1:
+            raise MaskforgeError(f"latency rounds must be at least 1, got {rounds}")
+        if latency and memory and starts < 1:
+            raise MaskforgeError(f"session starts must be at least 1, got {starts}")
         return cls(split, batch_size, threads or os.cpu_count() or 1, latency, runs, max(0, warmup), budget_s,
-                   memory)
+                   memory, rounds, starts)
 
 
 @dataclass
@@ -172,25 +180,40 @@ def _timings(subjects: dict[str, Subject], runners: dict[str, Callable], ref: Re
         timed["pytorch"] = ref.runner
     if progress is not None:
         progress("timing", 0, len(sizes))
-    seconds = measure_latency(timed, batch, sizes, settings.runs, settings.warmup, settings.budget_s)
+    calls = measure_latency(timed, batch, sizes, settings.runs, settings.warmup, settings.budget_s,
+                            settings.rounds, settings.threads)
     out = {}
-    for index, (name, subject) in enumerate(subjects.items()):
-        latency: list[Latency] = [latency_stats("onnxruntime", size, s) for size, s in seconds[name]]
-        if "pytorch" in seconds:
-            latency += [latency_stats("pytorch", size, s) for size, s in seconds["pytorch"]]
-        timing = Timing(threads=settings.threads, runs_requested=settings.runs, latency=latency)
-        if settings.memory:
-            if progress is not None:
-                progress("memory", index, len(subjects))
-            footprint, why = probe_footprint(subject.onnx_path, batch.shape[1:], sizes, settings.threads)
-            if footprint is not None:
-                timing.session_start_ms = footprint["session_start_ms"]
-                timing.peak_rss_bytes = footprint["peak_rss_bytes"]
-                timing.model_rss_bytes = footprint["model_rss_bytes"]
-            else:
-                subject.notes.append(why)
-        out[name] = timing
+    for name in subjects:
+        latency: list[Latency] = [latency_stats("onnxruntime", size, blocks) for size, blocks in calls[name]]
+        if "pytorch" in calls:
+            latency += [latency_stats("pytorch", size, blocks) for size, blocks in calls["pytorch"]]
+        out[name] = Timing(threads=settings.threads, runs_requested=settings.runs, latency=latency)
+    if settings.memory:
+        _footprints(subjects, out, batch.shape[1:], sizes, settings, progress)
     return out
+
+
+def _footprints(subjects: dict[str, Subject], timings: dict[str, Timing], shape: tuple[int, ...], sizes: list[int],
+                settings: Settings, progress: Progress | None) -> None:
+    """Session starts (all models taking turns in one fresh process), then each model's peak memory (a
+    fresh process each: a high-water mark only grows). A probe that fails leaves a note, not an error."""
+    if progress is not None:
+        progress("memory", 0, len(subjects))
+    paths = [subject.onnx_path for subject in subjects.values()]
+    starts, why = probe_session_starts(paths, settings.threads, settings.starts)
+    footprints = probe_footprints(paths, shape, sizes, settings.threads)
+    for (name, subject), (footprint, why_memory) in zip(subjects.items(), footprints):
+        timing = timings[name]
+        if starts is not None:
+            timing.session_start_runs_ms = starts[str(subject.onnx_path)]
+            timing.session_start_ms = float(np.median(timing.session_start_runs_ms))
+        else:
+            subject.notes.append(why)
+        if footprint is not None:
+            timing.peak_rss_bytes = footprint["peak_rss_bytes"]
+            timing.model_rss_bytes = footprint["model_rss_bytes"]
+        else:
+            subject.notes.append(why_memory)
 
 
 def _summary(subject: Subject) -> ModelSummary:
@@ -213,42 +236,13 @@ def _float(value) -> float | None:
 # --- the data --------------------------------------------------------------------------------------------
 
 def load_matching_data(subject: Subject, data: str | None) -> tuple[DataSplits, str]:
-    """The data set to evaluate on, checked against the model's input spec (channels, size, classes)."""
-    spec = subject.spec
-    source = data or _provenance_data(subject) or "mnist5k"
-    splits = load_data(source)
-    if splits.kind == "imagefolder" and (splits.spec.height, splits.spec.width) != (spec.height, spec.width):
-        if spec.height != spec.width:
-            raise MaskforgeError(f"the model takes {spec.height}x{spec.width} images; image folders are resized "
-                                 f"to squares only")
-        splits = load_data(source, image_size=spec.height)
-    got = splits.spec
-    if got.channels != spec.channels:
-        raise MaskforgeError(f"data {source} has {got.channels}-channel images, the model takes {spec.channels}")
-    if (got.height, got.width) != (spec.height, spec.width):
-        raise MaskforgeError(f"data {source} has {got.height}x{got.width} images, the model takes "
-                             f"{spec.height}x{spec.width}")
-    if not subject.classes_known:   # a foreign graph that does not say: the data's classes, checked per batch
-        spec = subject.spec = type(spec)(spec.channels, spec.height, spec.width, spec.mean, spec.std,
-                                          got.class_names)
-    if got.num_classes != spec.num_classes:
-        raise MaskforgeError(f"data {source} has {got.num_classes} classes, the model predicts {spec.num_classes}")
-    if subject.names_known and tuple(got.class_names) != tuple(spec.class_names):
-        raise MaskforgeError(f"data {source} has classes {_names(got.class_names)}, the model was searched on "
-                             f"{_names(spec.class_names)}")
+    """The data set to evaluate on, checked against the model's input spec (channels, size, classes); a
+    model that does not know its class names (or count) takes the data's."""
+    source = data or searched_data(subject.provenance(), "data") or "mnist5k"
+    splits = matching_splits(subject.spec, source, check_names=subject.names_known,
+                             check_classes=subject.classes_known)
     if not subject.names_known:
-        subject.spec = type(spec)(spec.channels, spec.height, spec.width, spec.mean, spec.std, got.class_names)
+        spec = subject.spec
+        subject.spec = type(spec)(spec.channels, spec.height, spec.width, spec.mean, spec.std,
+                                  splits.spec.class_names)
     return splits, source
-
-
-def _names(names: Sequence[str]) -> str:
-    return ", ".join(names[:6]) + (" ..." if len(names) > 6 else "")
-
-
-def _provenance_data(subject: Subject) -> str | None:
-    source = subject.provenance().get("data")
-    if not source:
-        return None
-    if source != "mnist5k" and not Path(source).expanduser().exists():
-        raise MaskforgeError(f"the model was searched on {source}, which is not on this machine; give data")
-    return source

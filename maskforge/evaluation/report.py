@@ -2,8 +2,8 @@
 
 One `EvalReport` per evaluated ONNX model; `CompareReport` holds one `EvalReport` per export mode and
 the side-by-side rows. Every number keeps its unit in its name (`_ms`, `_bytes`, `_per_s`); fractions
-are in [0, 1]. JSON is written by `write_report`, atomically, creating the parent folder as `search`
-creates its run folder.
+are in [0, 1]. JSON is written by `write_report`, atomically, creating missing parent folders as `search` creates its
+run folder.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import MaskforgeError
+from ..export import ExportResult, check_output_path, output_folder
 from ..fileio import atomic_write
 
 REPORT_FORMAT = "maskforge-eval-report"
@@ -99,6 +99,7 @@ class Latency:
     p99_ms: float
     mean_ms: float
     images_per_s: float             # batch / p50
+    block_p50_ms: list[float] = field(default_factory=list)   # p50 of each alternating block (for ratios)
 
 
 @dataclass
@@ -108,7 +109,8 @@ class Timing:
     threads: int
     runs_requested: int
     latency: list[Latency]
-    session_start_ms: float | None = None   # median of 3 session creations in a fresh process
+    session_start_ms: float | None = None   # median of session_start_runs_ms
+    session_start_runs_ms: list[float] = field(default_factory=list)   # session creations in a fresh process
     peak_rss_bytes: int | None = None
     model_rss_bytes: int | None = None
     memory_note: str = MEMORY_NOTE
@@ -171,25 +173,33 @@ class EvalReport:
 class ModeRow:
     """One export mode in the side-by-side table of `compare`."""
 
-    mode: str
+    mode: str                       # ExportMode.name: "regen int8"
     report: EvalReport
+    export: ExportResult | None = None   # what export_onnx wrote and how its own check came out
+    speedup: dict[int, float] = field(default_factory=dict)   # batch -> throughput / the baseline mode's
 
     def summary(self) -> dict:
-        """The flat row (also what benchmarks/deploy.py prints): sizes, start, memory, speed, accuracy."""
+        """The flat row (also what benchmarks/deploy.py prints): size, start, memory, speed, accuracy."""
         r = self.report
         row = {"mode": self.mode, "storage": r.model.storage, "precision": r.model.precision,
                "onnx_bytes": r.size.onnx_bytes, "bits_per_weight": r.size.onnx_bits_per_weight}
         timing = r.timing
         row["session_start_ms"] = timing.session_start_ms if timing else None
         row["peak_rss_bytes"] = timing.peak_rss_bytes if timing else None
+        row["model_rss_bytes"] = timing.model_rss_bytes if timing else None
         for batch in sorted({1, r.batch_size}):
             stats = timing.at(batch) if timing else None
-            row[f"p50_ms_b{batch}"] = stats.p50_ms if stats else None
+            for name in ("p50", "p90", "p99"):
+                row[f"{name}_ms_b{batch}"] = getattr(stats, f"{name}_ms") if stats else None
+            row[f"runs_b{batch}"] = stats.runs if stats else None
             row[f"throughput_b{batch}"] = stats.images_per_s if stats else None
+            row[f"speedup_b{batch}"] = self.speedup.get(batch)
         row["top1"] = r.accuracy.top1
         row[r.accuracy.topk_name] = r.accuracy.topk
         row["argmax_agreement"] = r.agreement.argmax_agreement if r.agreement else None
         row["top1_difference"] = r.agreement.top1_difference if r.agreement else None
+        row["export_seconds"] = self.export.seconds if self.export else None
+        row["int8_weight_max_error"] = self.export.int8_weight_max_error if self.export else None
         return row
 
 
@@ -202,38 +212,19 @@ class CompareReport:
     reference_top1: float
     rows: list[ModeRow]
     refused: dict[str, str] = field(default_factory=dict)   # mode -> why export_onnx refused it
+    baseline: str | None = None     # the mode `speedup` is relative to (dense fp32), when it was measured
+    modes: list[str] = field(default_factory=list)   # every mode asked for, measured or refused, in order
 
     def to_dict(self) -> dict:
         return {"format": REPORT_FORMAT + "-compare", "format_version": REPORT_VERSION,
                 "artifact": self.artifact, "reference": self.reference, "reference_top1": self.reference_top1,
-                "rows": [row.summary() for row in self.rows],
+                "baseline": self.baseline, "modes": list(self.modes), "rows": [row.summary() for row in self.rows],
                 "reports": {row.mode: row.report.to_dict() for row in self.rows}, "refused": dict(self.refused)}
 
 
-def check_report_path(path: str | os.PathLike) -> Path:
-    """Fail early, before a long evaluation, if `path` cannot become a file; missing folders are fine
-    (`write_report` creates them), but only below a folder that exists and is writable."""
-    path = Path(path)
-    if path.is_dir():
-        raise MaskforgeError(f"report path {path} is a folder; give a file name")
-    folder = path.parent if str(path.parent) else Path(".")
-    while not folder.exists():
-        if folder.is_symlink():   # a dangling link: mkdir would fail later
-            break
-        folder = folder.parent
-    if not folder.is_dir():
-        raise MaskforgeError(f"cannot write report {path}: {folder} is not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise MaskforgeError(f"cannot write report {path}: folder {folder} is not writable")
-    return path
-
-
 def write_report(report: EvalReport | CompareReport, path: str | os.PathLike) -> Path:
-    """Write the report as JSON, atomically; missing parent folders are created."""
-    path = check_report_path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise MaskforgeError(f"cannot create folder {folder} for report {path}: {exc.strerror or exc}") from None
-    return atomic_write(path, json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")
+    """Write the report as JSON, atomically; missing parent folders are created (and removed again if the
+    write fails), only below a writable folder."""
+    path = check_output_path(path, "report")
+    with output_folder(path):
+        return atomic_write(path, json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")

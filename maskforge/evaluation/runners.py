@@ -8,14 +8,13 @@ becomes one `MaskforgeError`; for a file this process exported from an artifact 
 from __future__ import annotations
 
 import contextlib
-import re
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from ..errors import MaskforgeError
-from ..export import ort_session
+from ..export import ort_message, ort_session
 from .subject import Subject
 
 
@@ -36,24 +35,18 @@ class OnnxRunner:
         self.input_name = self.session.get_inputs()[0].name
         self.user_input = not subject.exported_here
         self._errors = onnxruntime_errors()
-        import onnxruntime as ort
-
-        # onnxruntime logs a failing kernel on stderr itself; the error we raise says it once, on one line
-        self._run_options = ort.RunOptions()
-        self._run_options.log_severity_level = 4
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         try:
-            return self.session.run(None, {self.input_name: x}, self._run_options)[0]
+            return self.session.run(None, {self.input_name: x})[0]
         except self._errors as exc:
             if not self.user_input:
                 raise
-            message = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", " ".join(str(exc).split()))
             hint = ("the model does not fit the preprocessing given: check size, mean and std"
                     if self.subject.preprocessing != "metadata" else
                     "its graph does not fit its own maskforge metadata: a damaged or edited file?")
             raise MaskforgeError(f"onnxruntime cannot run {self.subject.path} on a float32 batch of shape "
-                                 f"{list(x.shape)}: {message[:300]} ({hint})") from None
+                                 f"{list(x.shape)}: {ort_message(exc)} ({hint})") from None
 
 
 class TorchRunner:

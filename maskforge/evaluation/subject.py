@@ -16,7 +16,7 @@ from typing import Sequence
 
 from ..artifact import Artifact, load_artifact
 from ..data import InputSpec
-from ..errors import MaskforgeError
+from ..errors import MaskforgeError, first_line
 from ..export import META_PREFIX, OnnxModelInfo, read_onnx_metadata
 from ..filekind import file_kind
 from ..verify import check_onnx_external_data
@@ -142,7 +142,7 @@ def load_onnx(path: Path):
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
         raise MaskforgeError(f"{path} is not a readable ONNX model (truncated or not ONNX: "
-                             f"{_first_line(exc)})") from None
+                             f"{first_line(exc)})") from None
     # Before onnxruntime opens it: refuse external-data locations outside the model's folder.
     check_onnx_external_data(proto, path.parent if str(path.parent) else Path("."))
     if not proto.graph.node or not proto.graph.input or not proto.graph.output:
@@ -150,13 +150,8 @@ def load_onnx(path: Path):
     try:
         onnx.checker.check_model(proto)
     except Exception as exc:  # noqa: BLE001 - ValidationError, or protobuf errors on odd files
-        raise MaskforgeError(f"{path} is not a valid ONNX model ({_first_line(exc)})") from None
+        raise MaskforgeError(f"{path} is not a valid ONNX model ({first_line(exc)})") from None
     return proto
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return " ".join(text.splitlines()[0].split()) if text else type(exc).__name__
 
 
 def _spec_from_graph(path: Path, proto, dims: list, overrides: dict) -> InputSpec:

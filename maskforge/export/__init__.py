@@ -3,12 +3,14 @@
 One module per job:
 
 * `modes`        the choices (storage dense|compact|regen, precision fp32|int8, opset), checked up front,
-                 and the file name of each mode
+                 the file name of each mode, and `EXPORT_MODES` (all six, the rows of `eval --compare`)
 * `trace`        materialized network -> ONNX graph (TorchScript exporter, batch norm folded)
 * `int8`         QDQ quantization with onnxruntime's tooling; weights exactly -1/0/+1 x c_j
-* `calibration`  the training / held-out images int8 calibrates and is checked on
+* `calibration`  the training / held-out images int8 calibrates and is checked on, and the check that
+                 data fit a model (`matching_splits`, which `eval` uses too)
 * `compact`      weights as packed mask + sign bits, rebuilt by standard operators at session start
 * `regen_graph`  weights regenerated from the seed inside the graph (SplitMix64 in ONNX integer ops)
+* `destination`  the output path: checked up front, missing folders made (and removed on failure)
 * `metadata`     the `maskforge.*` metadata_props that tie a file to its artifact
 * `parity`       the onnxruntime session helper and the output checks shared with `verify`
 * `onnx_export`  `export_onnx`: the steps above, then the check, then the atomic rename
@@ -19,22 +21,21 @@ One module per job:
 ('regen', 'fp32', True)
 """
 
-from .calibration import DEFAULT_CALIBRATION
+from .calibration import DEFAULT_CALIBRATION, matching_splits, searched_data
 from .compact import compact_weights
 from .metadata import META_PREFIX, OnnxModelInfo, artifact_identity, read_onnx_metadata
-from .modes import (DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, PRECISIONS, STORAGES, ExportMode, check_output_path,
+from .destination import check_output_path, output_folder
+from .modes import (DEFAULT_OPSET, EXPORT_MODES, MAX_OPSET, MIN_OPSET, PRECISIONS, STORAGES, ExportMode,
                     default_export_path, resolve_mode)
 from .onnx_export import ExportResult, export_onnx
-from .onnxio import first_line
-from .parity import PARITY_RTOL, compare_logits, float_parity, ort_session
+from .parity import PARITY_RTOL, compare_logits, float_parity, ort_message, ort_session
 from .torch_export import TORCH_EXPORT_FORMAT, TORCH_EXPORT_KEY, export_torch, load_torch_export
 
-_first_line = first_line   # the old private name, still imported by maskforge.evaluate (merge: use first_line)
-
 __all__ = [
-    "export_onnx", "export_torch", "load_torch_export", "ExportResult", "ExportMode", "resolve_mode",
-    "default_export_path", "check_output_path", "STORAGES", "PRECISIONS", "DEFAULT_OPSET", "MIN_OPSET",
-    "MAX_OPSET", "DEFAULT_CALIBRATION", "META_PREFIX", "OnnxModelInfo", "read_onnx_metadata", "artifact_identity",
-    "TORCH_EXPORT_KEY", "TORCH_EXPORT_FORMAT", "ort_session", "compare_logits", "float_parity", "PARITY_RTOL",
-    "compact_weights", "first_line",
+    "export_onnx", "export_torch", "load_torch_export", "ExportResult", "ExportMode", "EXPORT_MODES",
+    "resolve_mode", "default_export_path", "check_output_path", "output_folder", "STORAGES", "PRECISIONS",
+    "DEFAULT_OPSET", "MIN_OPSET", "MAX_OPSET", "DEFAULT_CALIBRATION", "matching_splits", "searched_data",
+    "META_PREFIX", "OnnxModelInfo", "read_onnx_metadata", "artifact_identity", "TORCH_EXPORT_KEY",
+    "TORCH_EXPORT_FORMAT", "ort_session", "ort_message", "compare_logits", "float_parity", "PARITY_RTOL",
+    "compact_weights",
 ]

@@ -2,7 +2,8 @@
 
 By default they come from the data set the artifact was searched on (its provenance); any source
 `maskforge search` accepts can be given instead. The data must match the network: channels, image
-size (image folders are resized) and classes.
+size (image folders are resized) and classes. `matching_splits` and `searched_data` are that check and
+that default, for every command that feeds a model data (`eval` and `compare` too).
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ def load_check_images(artifact: Artifact, source: str | None, calibration: int,
     calibration = check_calibration_count(calibration)
     if isinstance(heldout, bool) or not isinstance(heldout, int) or heldout < 1:
         raise MaskforgeError(f"check_images must be a positive number of images, got {heldout!r}")
-    source = source or _provenance_source(artifact)
+    source = source or searched_data(artifact.document.get("provenance", {}), "calibration_data")
+    if not source:
+        raise MaskforgeError("the artifact does not name the data it was searched on; give calibration_data")
     splits = matching_splits(artifact.spec, source, "calibration data")
     if len(splits.train) == 0 or len(splits.heldout) == 0:
         raise MaskforgeError(f"calibration data {source} needs training and held-out images; it has "
@@ -57,9 +60,11 @@ def load_check_images(artifact: Artifact, source: str | None, calibration: int,
     return CheckImages(source, calibration_images, _images(splits.heldout, indices, spec), labels)
 
 
-def matching_splits(spec: InputSpec, source: str, what: str = "data", *, check_names: bool = True) -> DataSplits:
+def matching_splits(spec: InputSpec, source: str, what: str = "data", *, check_names: bool = True,
+                    check_classes: bool = True) -> DataSplits:
     """`load_data(source)`, refused with one clear message unless it fits a model of input `spec`
-    (channels, size after resizing image folders, classes and, with `check_names`, class names)."""
+    (channels, size after resizing image folders, classes and, with `check_names`, class names).
+    `check_classes=False`: the model does not say how many classes it predicts (a foreign ONNX graph)."""
     splits = load_data(source)
     if splits.kind == "imagefolder" and (splits.spec.height, splits.spec.width) != (spec.height, spec.width):
         if spec.height != spec.width:
@@ -72,12 +77,23 @@ def matching_splits(spec: InputSpec, source: str, what: str = "data", *, check_n
     if (got.height, got.width) != (spec.height, spec.width):
         raise MaskforgeError(f"{what} {source} has {got.height}x{got.width} images, the model takes "
                              f"{spec.height}x{spec.width}")
-    if got.num_classes != spec.num_classes:
+    if check_classes and got.num_classes != spec.num_classes:
         raise MaskforgeError(f"{what} {source} has {got.num_classes} classes, the model predicts {spec.num_classes}")
-    if check_names and tuple(got.class_names) != tuple(spec.class_names):
+    if check_classes and check_names and tuple(got.class_names) != tuple(spec.class_names):
         raise MaskforgeError(f"{what} {source} has classes {_names(got.class_names)}, the model was searched on "
                              f"{_names(spec.class_names)}")
     return splits
+
+
+def searched_data(provenance: dict, option: str) -> str | None:
+    """The data set a model was searched on, from its provenance (None when not recorded); a folder that
+    is not on this machine is refused, naming the `option` that gives other data."""
+    source = provenance.get("data") if isinstance(provenance, dict) else None
+    if not source:
+        return None
+    if source != "mnist5k" and not Path(source).expanduser().exists():
+        raise MaskforgeError(f"the model was searched on {source}, which is not on this machine; give {option}")
+    return source
 
 
 def calibration_reader(images: np.ndarray, input_name: str):
@@ -93,17 +109,6 @@ def calibration_reader(images: np.ndarray, input_name: str):
             return next(self.batches, None)
 
     return _Reader()
-
-
-def _provenance_source(artifact: Artifact) -> str:
-    provenance = artifact.document.get("provenance", {})
-    source = provenance.get("data") if isinstance(provenance, dict) else None
-    if not source:
-        raise MaskforgeError("the artifact does not name the data it was searched on; give calibration_data")
-    if source != "mnist5k" and not Path(source).expanduser().exists():
-        raise MaskforgeError(f"the artifact was searched on {source}, which is not on this machine; give "
-                             f"calibration_data")
-    return source
 
 
 def _spread(length: int, count: int) -> list[int]:

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import MaskforgeError
+from ..errors import MaskforgeError, first_line
 from .calibration import calibration_reader
-from .onnxio import first_line, per_channel_magnitude, weight_refs
+from .onnxio import per_channel_magnitude, weight_refs
 from .trace import INPUT_NAME
 
 

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from .. import __version__
 from ..artifact import Artifact, artifact_bytes
 from ..data import InputSpec
-from ..errors import MaskforgeError
-from .onnxio import first_line
+from ..errors import MaskforgeError, first_line
 
 META_PREFIX = "maskforge."
 

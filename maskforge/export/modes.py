@@ -30,16 +30,27 @@ EXACT_INT8 = ("signed_constant", "unsigned_constant")   # c_j x {-1, 0, +1} per 
 
 @dataclass(frozen=True)
 class ExportMode:
-    """A checked combination of export choices."""
+    """One export mode: a storage and a precision (and an ONNX opset, None for the default).
+
+    `resolve_mode` checks a mode against an artifact and returns it completed (opset filled in, `lossy`
+    set); `EXPORT_MODES` lists the six storage x precision combinations, the rows of `eval --compare`.
+    """
 
     storage: str
-    precision: str
-    opset: int
+    precision: str = "fp32"
+    opset: int | None = None
     lossy: bool = False        # int8 of weights int8 cannot hold exactly (allowed only when asked)
 
     @property
     def name(self) -> str:
-        return f"{self.storage} {self.precision}"
+        """"regen int8"; the opset is named only when it is not the default."""
+        opset = f" opset {self.opset}" if self.opset not in (None, DEFAULT_OPSET) else ""
+        return f"{self.storage} {self.precision}{opset}"
+
+
+# Every storage x precision, in the order tables list them: the exact (fp32) files first, dense fp32 (the
+# plain file, the baseline of speed ratios) leading.
+EXPORT_MODES = tuple(ExportMode(storage, precision) for precision in PRECISIONS for storage in STORAGES)
 
 
 def resolve_mode(artifact: Artifact, storage: str | None = None, precision: str = "fp32",
@@ -92,18 +103,3 @@ def default_export_path(artifact_path: str | os.PathLike | None, fmt: str = "onn
         storage = "compact" if compact else "dense"
     parts = [stem] + ([storage] if storage not in (None, "regen") else []) + (["int8"] if precision == "int8" else [])
     return base.with_name(".".join(parts) + ".onnx")
-
-
-def check_output_path(path: str | os.PathLike) -> Path:
-    """Fail early (before any expensive work) if `path` cannot be written as a file."""
-    path = Path(path)
-    if path.is_dir():
-        raise MaskforgeError(f"output {path} is a folder; give a file name")
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.exists():
-        raise MaskforgeError(f"cannot write {path}: folder {folder} does not exist")
-    if not folder.is_dir():
-        raise MaskforgeError(f"cannot write {path}: {folder} is not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise MaskforgeError(f"cannot write {path}: folder {folder} is not writable")
-    return path

@@ -25,7 +25,8 @@ from .calibration import (DEFAULT_CALIBRATION, DEFAULT_CHECK_IMAGES, CheckImages
 from .compact import compact_weights
 from .int8 import QuantizeInfo, check_int8_weights, quantize
 from .metadata import set_metadata, with_digest
-from .modes import ExportMode, check_output_path, default_export_path, resolve_mode
+from .destination import check_output_path, output_folder
+from .modes import ExportMode, default_export_path, resolve_mode
 from .onnxio import MAX_IR_VERSION, finalize
 from .parity import (INT8_MAX_TOP1_DROP, INT8_MIN_AGREEMENT, Int8Check, Parity, float_parity, int8_parity,
                      ort_session, run_session)
@@ -107,7 +108,7 @@ def export_onnx(artifact: Artifact | str | os.PathLike, out: str | os.PathLike |
     if quantized is not None:
         result.int8_weight_max_error = quantized.weight_max_error
         result.calibration_data, result.calibration_images = images.source, quantized.calibration_images
-    with atomic_path(out) as tmp:
+    with output_folder(out), atomic_path(out) as tmp:
         tmp.write_bytes(proto.SerializeToString())
         if check and images is not None:
             reference = _reference(fp32, model, artifact, images)

@@ -9,19 +9,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import MaskforgeError
+from ..errors import MaskforgeError, first_line
 
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")   # input 1 of these, when an initializer, is a weight
 MAX_IR_VERSION = 10                        # onnxruntime 1.32 refuses newer IR versions than it knows
 # Shared scalar zeros of each weight type, the "dropped weight" value of the encodings.
 ZERO_NAMES = {np.dtype(np.float32): "maskforge/zero_f32", np.dtype(np.int8): "maskforge/zero_i8",
               np.dtype(np.uint8): "maskforge/zero_u8"}
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message, whitespace collapsed (for one-line errors)."""
-    text = str(exc).strip()
-    return " ".join(text.splitlines()[0].split()) if text else type(exc).__name__
 
 
 def finalize(proto) -> None:

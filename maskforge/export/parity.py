@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,8 +21,7 @@ import torch
 import torch.nn as nn
 
 from ..data import InputSpec
-from ..errors import MaskforgeError
-from .onnxio import first_line
+from ..errors import MaskforgeError, first_line
 
 PARITY_RTOL = 1e-4        # fp32: max |ort - torch| <= PARITY_RTOL * max(1, max |torch logits|)
 PARITY_BATCH = 4          # images in the fixed random batch
@@ -45,7 +45,9 @@ def ort_session(path: str | os.PathLike | bytes, threads: int | None = None, *, 
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: warnings would clutter the command line's output
+    # fatal only: at 3 (errors) a kernel that fails while running prints its own "[E:onnxruntime ...]" line
+    # on stderr before the one-line error maskforge raises for it (`ort_message` quotes it there)
+    options.log_severity_level = 4
     if threads:
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1
@@ -60,7 +62,13 @@ def ort_session(path: str | os.PathLike | bytes, threads: int | None = None, *, 
         return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
         what = "the model" if isinstance(path, bytes) else path
-        raise MaskforgeError(f"onnxruntime cannot load {what}: {first_line(exc)}") from None
+        raise MaskforgeError(f"onnxruntime cannot load {what}: {ort_message(exc)}") from None
+
+
+def ort_message(exc: BaseException, limit: int = 300) -> str:
+    """onnxruntime's exception text for a one-line error: its first line without the "[ONNXRuntimeError] :
+    1 : FAIL :" prefix, at most `limit` characters."""
+    return re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", first_line(exc))[:limit]
 
 
 def run_session(session, x: np.ndarray, batch: int = 256) -> np.ndarray:

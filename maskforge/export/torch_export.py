@@ -17,13 +17,13 @@ import torch.nn as nn
 
 from .. import __version__
 from ..artifact import Artifact
-from ..errors import MaskforgeError
+from ..errors import MaskforgeError, first_line
 from ..fileio import atomic_path
 from ..materialize import as_artifact, materialize, plain_structure
 from .metadata import with_digest
-from .modes import check_output_path, default_export_path
+from .destination import check_output_path, output_folder
+from .modes import default_export_path
 from .onnx_export import ExportResult
-from .onnxio import first_line
 from .parity import parity_inputs
 
 TORCH_EXPORT_KEY = "maskforge_torch_export"
@@ -55,7 +55,7 @@ def export_torch(artifact: Artifact | str | os.PathLike, out: str | os.PathLike 
         "layers": "plain bias-free Conv2d/Linear holding weight*mask; non-affine BatchNorm2d with running stats",
     }
     state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
-    with atomic_path(out) as tmp:
+    with output_folder(out), atomic_path(out) as tmp:
         save_file(state, str(tmp), metadata={TORCH_EXPORT_KEY: json.dumps(document, sort_keys=True)})
         reloaded = load_torch_export(tmp)
         x = parity_inputs(artifact.spec)

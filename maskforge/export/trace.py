@@ -13,8 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..data import InputSpec
-from ..errors import MaskforgeError
-from .onnxio import first_line
+from ..errors import MaskforgeError, first_line
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 TRACE_MAX_OPSET = 20   # the TorchScript exporter's newest opset
