@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MaskforgeError, first_line
+from ..fileio import atomic_write
 from .calibration import calibration_reader
 from .onnxio import per_channel_magnitude, weight_refs
 from .trace import INPUT_NAME
@@ -53,7 +54,7 @@ def quantize(proto_fp32, calibration: np.ndarray, *, lossy: bool):
                "QDQDisableWeightAdjustForInt32Bias": not lossy}
     with tempfile.TemporaryDirectory(prefix="maskforge-int8-") as tmp, _quiet_quantizer():
         source, out = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
-        source.write_bytes(proto_fp32.SerializeToString())   # a path: given a proto, the quantizer edits it
+        atomic_write(source, proto_fp32.SerializeToString())   # a path: given a proto, the quantizer edits it
         try:
             quantize_static(source, out, calibration_reader(calibration, INPUT_NAME),
                             quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=lossy,
