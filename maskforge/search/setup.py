@@ -7,6 +7,7 @@ when resuming. Under torchrun the model is wrapped in DistributedDataParallel ov
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import os
@@ -125,7 +126,8 @@ def _probe_determinism(config: SearchConfig, splits: DataSplits, model: nn.Modul
     probe = accelerator.prepare_model(copy.deepcopy(model))
     set_masker(probe, accelerator.masker)
     probe.train()
-    images, labels = next(iter(iterate_batches(splits.train, min(2, len(splits.train)), shuffle=False)))
+    with contextlib.closing(iterate_batches(splits.train, min(2, len(splits.train)), shuffle=False)) as batches:
+        images, labels = next(batches)
     images, labels = images.to(accelerator.device), labels.to(accelerator.device)
     with accelerator.backend_settings():
         if splits.augment:
