@@ -140,7 +140,7 @@ def test_recipe_conv4_learns_like_fp32_and_its_artifact_verifies_and_exports(tmp
     from maskforge.export import export_onnx
     from maskforge.verify import verify_artifact
 
-    common = dict(arch="conv4", data="mnist5k", max_steps=30, batch_size=64)  # 30 steps: 77 % here
+    common = dict(arch="conv4", data="mnist5k", max_steps=20, batch_size=64)  # 20 steps: 65 % here
     fp32 = _run(tmp_path, "fp32", **common)
     recipe = _run(tmp_path, "recipe", **common, **RECIPE)
     assert recipe.heldout_acc >= 0.6, recipe.metrics  # chance is 0.1
