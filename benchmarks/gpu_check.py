@@ -203,7 +203,8 @@ def machine(smoke: bool) -> dict:
     import maskforge
 
     info = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda, "maskforge": maskforge.__version__,
+            "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "maskforge": maskforge.__version__,
             "cpus": os.cpu_count(), "host_cpu": platform.processor() or platform.machine(),
             "gpus": [] if smoke else [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
     for key, command in (("driver", ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),

@@ -26,7 +26,7 @@ from maskforge import archs
 from maskforge.artifact import load_artifact
 from maskforge.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from maskforge.errors import MaskforgeError
-from maskforge.layers import MaskedConv2d, MaskedLinear, NonAffineBatchNorm2d, kept_count
+from maskforge.layers import MaskedConv2d, MaskedLinear, NonAffineBatchNorm2d, kept_count, masked_modules, set_topk
 from maskforge.search import SearchConfig, resume, search
 from maskforge.search import device as device_module
 from maskforge.search.device import Accelerator
@@ -110,11 +110,8 @@ def test_torch_masker_search_writes_the_numpy_masker_masks_and_statistics(tmp_pa
     assert _tensor_bytes(torch_art) == _tensor_bytes(numpy_art)
     # The search really moved the masks and the statistics away from where they started.
     start = archs.create_model(bn_net, **numpy_art.arch_args, k=0.3, seed=0)
-    if topk == "global":
-        from maskforge.layers import set_topk
-        set_topk(start, "global")
-    start_masks = {f"{name}.weight": layer.mask() for name, layer in start.named_modules()
-                   if isinstance(layer, (MaskedConv2d, MaskedLinear))}
+    set_topk(start, topk)
+    start_masks = {f"{name}.weight": layer.mask() for name, layer in masked_modules(start).items()}
     assert all(not torch.equal(numpy_art.masks[name], mask) for name, mask in start_masks.items())
     assert all(stat.abs().sum() > 0 for name, stat in numpy_art.bn_stats.items() if name.endswith("mean"))
     # The documents differ in the recorded masker (and so in the document digest) only.
