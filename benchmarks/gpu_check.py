@@ -39,9 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BUDGET_S = 470  # under 8 minutes with the start-up and the summary
 SMOKE_BUDGET_S = 600    # a loaded CPU machine; the smoke parts take seconds each when idle
 PARTS = ("cuda-tests", "search-step", "epoch-like", "torchrun", "search-step-compile")
-# Recipe flags of `maskforge search` passed to the torchrun part when the installed version has them.
-RECIPE_FLAGS = {"precision": ("--precision", "bf16"), "channels_last": ("--channels-last",),
-                "masker": ("--masker", "torch")}
+# The accelerator recipe, spelled out for the torchrun search (on CUDA these are also the defaults; the smoke
+# run passes them on the CPU, where they select the same code path).
+RECIPE_FLAGS = ["--precision", "bf16", "--channels-last", "--masker", "torch"]
 
 
 @dataclass
@@ -54,20 +54,6 @@ class Part:
 
 def _search_step(*args: str) -> list[str]:
     return [sys.executable, str(ROOT / "benchmarks" / "search_step.py"), "--json", *args]
-
-
-def recipe_flags(smoke: bool) -> list[str]:
-    """The accelerator-recipe flags `maskforge search` supports here (they arrived with issue 11)."""
-    from maskforge.search import SearchConfig
-
-    fields = getattr(SearchConfig, "__dataclass_fields__", {})
-    flags: list[str] = []
-    for field, flag in RECIPE_FLAGS.items():
-        if field in fields and not smoke:
-            flags += flag
-    if smoke and "masker" in fields:
-        flags += ["--masker", "torch"]  # the GPU's masker, on the CPU
-    return flags
 
 
 def plan(out: Path, *, smoke: bool, gpus: int) -> list[Part]:
@@ -96,7 +82,7 @@ def plan(out: Path, *, smoke: bool, gpus: int) -> list[Part]:
                   "search-step-compile": 80.0}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(gpus),
                 "-m", "maskforge.cli", "search", *run, "--device", device, "-q", "--out",
-                str(out / "torchrun-run"), *recipe_flags(smoke)]
+                str(out / "torchrun-run"), *RECIPE_FLAGS]
     return [
         Part("cuda-tests", tests, limits["cuda-tests"], "pytest -m cuda"),
         Part("search-step", _search_step("--device", device, *sizes, *eager_archs), limits["search-step"],
@@ -120,7 +106,9 @@ def run_part(part: Part, out: Path, deadline: float) -> dict:
     if limit < min(5.0, part.limit_s):
         return {**record, "status": "skipped", "note": "the time budget was spent", "seconds": 0.0}
     log_path = out / record["log"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # cuBLAS is deterministic (tests with deterministic=True) only with a fixed workspace, read when the
+    # process creates its first handle: set before any test runs.
+    env = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8", **os.environ, "PYTHONUNBUFFERED": "1"}
     started = time.monotonic()
     with open(log_path, "w") as log:
         # A session of its own, so a timeout stops the whole tree (torchrun's workers, loader processes).
@@ -215,7 +203,8 @@ def machine(smoke: bool) -> dict:
     import maskforge
 
     info = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda, "maskforge": maskforge.__version__,
+            "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "maskforge": maskforge.__version__,
             "cpus": os.cpu_count(), "host_cpu": platform.processor() or platform.machine(),
             "gpus": [] if smoke else [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
     for key, command in (("driver", ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),

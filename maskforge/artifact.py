@@ -29,10 +29,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import archs, container, layers, regen
+from . import archs, container, regen
 from .errors import MaskforgeError
 from .fileio import atomic_write, read_bytes
-from .layers import batchnorm_modules, kept_count, masked_modules
+from .layers import batchnorm_modules, get_topk, kept_count, masked_modules, set_topk
+from .topk import global_kept_count
 from .schema import FORMAT_NAME, FORMAT_VERSION, METADATA_KEY, ArchArgs, ArtifactDocument, InputSpec, dump
 from .schema import parse_artifact_document
 
@@ -109,20 +110,10 @@ class Artifact:
         """The search-time masked model with the stored masks and BN statistics (weights regenerated)."""
         model = archs.create_model(self.arch, **self.arch_args, k=self.k, seed=self.seed, init=self.init,
                                    scale_fan=self.scale_fan)
-        if self.topk != "layer":
-            use_topk_rule(model, self.topk, self.k)
-        apply_masks(model, self.masks, check_counts=self.topk == "layer")
+        set_topk(model, self.topk, self.k)
+        apply_masks(model, self.masks)
         load_bn_stats(model, self.bn_stats)
         return model.eval()
-
-
-def use_topk_rule(model: nn.Module, rule: str, k: float) -> None:
-    """Switch `model` to another top-k rule ("global"), when this version of maskforge has it."""
-    set_topk = getattr(layers, "set_topk", None)
-    if set_topk is None:
-        raise MaskforgeError(f"topk {rule!r} needs a global top-k masker (maskforge.layers.set_topk), which "
-                             f"this version of maskforge does not have; only the per-layer rule is available")
-    set_topk(model, rule, k)
 
 
 # --- building from a model ---------------------------------------------------------------------------
@@ -157,15 +148,35 @@ def build_artifact(model: nn.Module, *, arch: str, arch_args: dict, spec: InputS
     return Artifact(document, masks, bn_stats)
 
 
-def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor], *, check_counts: bool = True) -> None:
-    """Fix each layer's mask by setting its scores to the mask (1 kept, 0 dropped): top-k then returns it."""
-    with torch.no_grad():
-        for name, layer in masked_modules(model).items():
-            mask = masks[f"{name}.weight"].to(layer.scores.device)
-            if check_counts and int(mask.sum()) != layer.kept:
-                raise MaskforgeError(f"layer {name}: mask keeps {int(mask.sum())} weights, k={layer.k} "
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Fix each layer's mask by setting its scores to the mask (1 kept, 0 dropped): the model's top-k rule
+    then returns exactly these masks, provided their counts follow that rule (checked: per layer, or for
+    global top-k the total and at least one per layer)."""
+    named = masked_modules(model)
+    counts = {name: int(masks[f"{name}.weight"].sum()) for name in named}
+    if get_topk(model) == "global":
+        sizes = [layer.weight.numel() for layer in named.values()]
+        k = next(iter(named.values())).k
+        _check_global_counts(counts, sizes, k, "masks")
+    else:
+        for name, layer in named.items():
+            if counts[name] != layer.kept:
+                raise MaskforgeError(f"layer {name}: mask keeps {counts[name]} weights, k={layer.k} "
                                      f"requires {layer.kept}")
-            layer.scores.copy_(mask.float())
+    with torch.no_grad():
+        for name, layer in named.items():
+            layer.scores.copy_(masks[f"{name}.weight"].to(layer.scores.device).float())
+
+
+def _check_global_counts(counts: dict[str, int], sizes: list[int], k: float, label: str) -> None:
+    """The global rule's counts: every layer keeps at least one, all together global_kept_count(sizes, k)."""
+    starved = next((name for name, count in counts.items() if count < 1), None)
+    if starved is not None:
+        raise MaskforgeError(f"{label}: layer {starved} keeps no weight; global top-k keeps at least one per layer")
+    total, expected = sum(counts.values()), global_kept_count(sizes, k)
+    if total != expected:
+        raise MaskforgeError(f"{label}: the layers keep {total:,} weights in all, global top-k with k={k} over "
+                             f"{sum(sizes):,} weights in {len(sizes)} layers keeps {expected:,}")
 
 
 def load_bn_stats(model: nn.Module, bn_stats: dict[str, torch.Tensor]) -> None:
@@ -313,6 +324,9 @@ def _check_layers(meta: ArtifactDocument, structure: nn.Module, tensors: dict[st
         _require(array is not None, label, f"mask of layer {param} is missing")
         _require(array.dtype == np.uint8 and array.shape == ((count + 7) // 8,), label,
                  f"mask/{param} is {array.dtype} {list(array.shape)}, expected uint8 [{(count + 7) // 8}]")
+    if meta.topk == "global":
+        _check_global_counts({param: meta.layers[param].kept for param in expected},
+                             [math.prod(shape) for shape in expected.values()], meta.k, label)
 
 
 def _check_batchnorm(meta: ArtifactDocument, structure: nn.Module, tensors: dict[str, np.ndarray],

@@ -116,6 +116,41 @@ def test_kept_count_examples():
         assert max(1, _round_half_even(k * n)) == kept == kept_count(n, k), (k, n)
 
 
+def _global_rule(layers: list[list[float]], k: float) -> list[list[int]]:
+    """Section 3.3's global rule, written out: reserve each layer's best, then the rest by
+    (-|score|, layer, index), NaN above every number."""
+    def rank(layer: int, index: int) -> tuple:
+        value = layers[layer][index]
+        return (0, 0.0, layer, index) if math.isnan(value) else (1, -value, layer, index)
+
+    total = sum(map(len, layers))
+    budget = max(len(layers), max(1, _round_half_even(k * total)))
+    reserved = {min(((i, j) for j in range(len(layer))), key=lambda ij: rank(*ij))
+                for i, layer in enumerate(layers)}
+    rest = sorted(((i, j) for i, layer in enumerate(layers) for j in range(len(layer)) if (i, j) not in reserved),
+                  key=lambda ij: rank(*ij))
+    kept = reserved | set(rest[:budget - len(reserved)])
+    return [[int((i, j) in kept) for j in range(len(layer))] for i, layer in enumerate(layers)]
+
+
+def _bracketed(text: str) -> list[list[float]]:
+    return [[float(v) for v in group.split(",")] for group in re.findall(r"\[([^\]]*)\]", text)]
+
+
+def test_global_topk_examples():
+    """The documented global rule (an oracle written from the text), its examples, and maskforge's selector."""
+    from maskforge.topk import MASKERS, global_topk_masks
+
+    rows = re.findall(r"k = ([\d.]+); (.*) -> (.*)", _examples("global")[0])
+    assert len(rows) >= 4
+    for k, scores, masks in rows:
+        k, scores, masks = float(k), _bracketed(scores), [[int(v) for v in m] for m in _bracketed(masks)]
+        assert _global_rule(scores, k) == masks, (k, scores)
+        for masker in MASKERS:
+            got = global_topk_masks([torch.tensor(layer) for layer in scores], k, masker=masker)
+            assert [m.int().tolist() for m in got] == masks, (masker, k, scores)
+
+
 def _number(token: str) -> str:
     """Section 3.5's number rule, written out: integers stay, others are the shortest round-trip digits."""
     if not re.search(r"[.eE]", token):

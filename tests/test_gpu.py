@@ -35,6 +35,10 @@ from test_global_topk import global_oracle
 from test_layers import sort_oracle, sort_order
 from test_maskers import _values
 
+# cuBLAS is deterministic (the deterministic search below) only with a fixed workspace, read when the
+# process creates its first cuBLAS handle: set it at collection, before any test runs.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -215,7 +219,7 @@ def probe(monkeypatch):
 
 
 def test_search_runs_on_the_gpu_in_bf16_channels_last(tmp_path, probe):
-    result = search(_config(tmp_path), progress=False)
+    result = search(_config(tmp_path))
     assert probe["calls"] == 4
     assert probe["devices"] == {"cuda"} and probe["mask_device"] == "cuda"
     assert probe["output_dtype"] == torch.bfloat16
@@ -226,32 +230,51 @@ def test_search_runs_on_the_gpu_in_bf16_channels_last(tmp_path, probe):
 
 
 def test_gpu_accuracy_matches_cpu(tmp_path):
-    gpu = search(_config(tmp_path, "gpu", arch="fc", max_steps=20, batch_size=128), progress=False)
-    cpu = search(_config(tmp_path, "cpu", arch="fc", max_steps=20, batch_size=128, device="cpu"), progress=False)
+    gpu = search(_config(tmp_path, "gpu", arch="fc", max_steps=20, batch_size=128))
+    cpu = search(_config(tmp_path, "cpu", arch="fc", max_steps=20, batch_size=128, device="cpu"))
     assert abs(gpu.heldout_acc - cpu.heldout_acc) <= 0.05  # bf16 vs float32: close, not equal
 
 
-def test_gpu_checkpoint_resumes(tmp_path, monkeypatch):
-    original = search_module.lr_at
+class _Crash(Exception):
+    pass
 
-    def crash(step, *args):
-        if step == 3:
-            raise KeyboardInterrupt
-        return original(step, *args)
 
-    monkeypatch.setattr(search_module, "lr_at", crash)
+def test_gpu_checkpoint_resumes(tmp_path):
+    """Killed after step 3 (through the public on_step callback), resumed from the checkpoint of step 2."""
+    def crash(progress):
+        if progress.step == 3:
+            raise _Crash()
+
     config = _config(tmp_path, checkpoint_every=2)
-    with pytest.raises(KeyboardInterrupt):
-        search(config, progress=False)
-    monkeypatch.setattr(search_module, "lr_at", original)
+    with pytest.raises(_Crash):
+        search(config, on_step=crash)
     assert load_checkpoint(tmp_path / "run" / CHECKPOINT_NAME).position["step"] == 2
-    result = resume(tmp_path / "run", progress=False)
+    result = resume(tmp_path / "run")
     assert result.metrics[-1]["step"] == 4
     load_artifact(result.artifact_path)
 
 
+def test_deterministic_search_on_gpu_repeats_bit_for_bit(tmp_path):
+    """With deterministic (and fp32, eager, one process) two GPU searches write the same masks and
+    batch-norm statistics; a kernel without a deterministic implementation would be a one-line error."""
+    runs = [search(_config(tmp_path, f"det{i}", arch="resnet18", precision="fp32", deterministic=True,
+                           max_steps=3)).artifact for i in range(2)]
+    assert runs[0].masks.keys() == runs[1].masks.keys()
+    assert all(torch.equal(runs[0].masks[name], runs[1].masks[name]) for name in runs[0].masks)
+    assert all(torch.equal(runs[0].bn_stats[name], runs[1].bn_stats[name]) for name in runs[0].bn_stats)
+    assert runs[0].document["provenance"]["deterministic"] is True
+
+
+def test_global_topk_search_on_gpu_writes_a_global_artifact(tmp_path):
+    result = search(_config(tmp_path, topk="global", k=0.3))
+    artifact = load_artifact(result.artifact_path)
+    assert artifact.topk == "global"
+    sizes = [mask.numel() for mask in artifact.masks.values()]
+    assert artifact.kept_weights == max(len(sizes), round(0.3 * sum(sizes)))
+
+
 def test_compile_on_gpu(tmp_path):
-    result = search(_config(tmp_path, compile=True, max_steps=3), progress=False)
+    result = search(_config(tmp_path, compile=True, max_steps=3))
     assert result.metrics[-1]["step"] == 3
     load_artifact(result.artifact_path)
 

@@ -86,6 +86,12 @@ def test_smoke_runs_every_part(tmp_path):
     assert compiled["compile"] == "aot_eager" and compiled["reference_ms"] is None
     assert "| compiled (aot_eager) | fc |" in results["_markdown"]
     assert (results["_out"] / "torchrun-run" / "artifact.safetensors").is_file()
+    # the torchrun search ran the accelerator recipe (on the CPU here), and its artifact says so
+    from maskforge.artifact import load_artifact
+
+    provenance = load_artifact(results["_out"] / "torchrun-run" / "artifact.safetensors").document["provenance"]
+    # fc has no convolution, so channels_last resolves to False
+    assert (provenance["precision"], provenance["channels_last"], provenance["masker"]) == ("bf16", False, "torch")
 
 
 def _alive(pid: int) -> bool:

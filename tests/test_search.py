@@ -240,16 +240,8 @@ def test_bad_config_is_refused_when_built(tmp_path, change, message):
     ({"data": "MISSING"}, "data source {tmp}/no-such-folder does not exist; expected one of: 'mnist5k'"),
     ({"data": "EMPTY"}, "data source {tmp}/empty is not a recognized data folder; expected one of: 'mnist5k'"),
     ({"arch": "resnet9000"}, "unknown architecture 'resnet9000'; choose from: fc, conv2,"),
-    ({"masker": "torch"}, "masker 'torch' needs maskforge.layers.set_masker, which this version of maskforge does "
-                          "not have; leave masker unset"),
-    ({"topk": "global"}, "topk 'global' needs a global top-k masker (maskforge.layers.set_topk), which this "
-                         "version of maskforge does not have"),
 ])
 def test_bad_search_raises_and_writes_nothing(tmp_path, change, message):
-    from maskforge import layers
-
-    if ("masker" in change and hasattr(layers, "set_masker")) or ("topk" in change and hasattr(layers, "set_topk")):
-        pytest.skip("this maskforge has the mechanism (the refusal was only until it merged)")
     change = dict(change)
     if change.get("data") == "MISSING":
         change["data"] = str(tmp_path / "no-such-folder")
@@ -317,5 +309,5 @@ def test_computing_choices_are_applied_and_recorded(tmp_path):
     provenance = result.artifact.document["provenance"]
     assert {key: provenance[key] for key in ("device", "precision", "channels_last", "masker", "compile",
                                              "deterministic")} == \
-        {"device": "cpu", "precision": "bf16", "channels_last": True, "masker": None, "compile": False,
+        {"device": "cpu", "precision": "bf16", "channels_last": True, "masker": "numpy", "compile": False,
          "deterministic": True}

@@ -128,6 +128,4 @@ def provenance(session: Session) -> dict:
             "data": session.splits.name, "data_kind": session.splits.kind, "epochs": config.epochs,
             "steps": session.position.step, "batch_size": config.batch_size, "processes": session.world.world_size,
             "lr": config.lr, "heldout_acc": metrics[-1]["heldout_acc"] if metrics else None,
-            "heldout_examples": len(session.splits.heldout), "device": accelerator.device.type,
-            "precision": accelerator.precision, "channels_last": accelerator.channels_last,
-            "masker": config.masker, "compile": config.compile, "deterministic": config.deterministic}
+            "heldout_examples": len(session.splits.heldout), **accelerator.provenance()}

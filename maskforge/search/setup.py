@@ -7,20 +7,22 @@ when resuming. Under torchrun the model is wrapped in DistributedDataParallel ov
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import inspect
 import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from .. import archs, distributed, layers
-from ..artifact import use_topk_rule
+from .. import archs, distributed
 from ..checkpoint import Checkpoint, restore
-from ..data import DataSplits, load_data, num_batches
+from ..data import DataSplits, augment_batch, iterate_batches, load_data, num_batches
 from ..distributed import World
 from ..errors import MaskforgeError
-from ..layers import batchnorm_modules, masked_modules
+from ..layers import batchnorm_modules, masked_modules, set_masker, set_topk
 from ..schema import SearchConfig
 from .device import Accelerator, resolve_device
 
@@ -66,8 +68,14 @@ class Session:
 
 
 def prepare(config: SearchConfig) -> tuple[DataSplits, nn.Module, dict]:
-    """Load the data and build the seeded model with its top-k rule and masker (nothing is written, nothing
-    moves to a device). Returns (splits, model, arch args)."""
+    """Check the computing choices, load the data and build the seeded model with its top-k rule (nothing
+    is written, nothing moves to a device). Returns (splits, model, arch args).
+
+    Everything that can refuse a search refuses here, before the run folder is touched: the device, bf16
+    or compile where the machine lacks them, and (with `deterministic`) an operation without a
+    deterministic kernel, found by one probing training step on a copy of the model."""
+    device = _current(resolve_device(config.device))
+    Accelerator.check(config, device)
     splits = load_data(config.data, image_size=config.image_size)
     spec = splits.spec
     args = archs.arch_args(spec.channels, spec.num_classes, (spec.height, spec.width))
@@ -75,7 +83,10 @@ def prepare(config: SearchConfig) -> tuple[DataSplits, nn.Module, dict]:
         args["width"] = config.width  # an architecture argument: recorded in the artifact's arch.args
     model = archs.create_model(config.arch, **args, k=config.k, seed=config.seed, init=config.init,
                                scale_fan=config.scale_fan)
-    _choose_masking(model, config)
+    if config.topk != "layer":
+        set_topk(model, config.topk, config.k)
+    if config.deterministic:
+        _probe_determinism(config, splits, model, Accelerator.resolve(config, device, model))
     return splits, model, args
 
 
@@ -84,6 +95,7 @@ def setup(config: SearchConfig, splits: DataSplits, model: nn.Module, arch_args:
     """The session of a fresh search, or of a resumed one at its checkpoint's position."""
     device = distributed.local_device(world, resolve_device(config.device).type)
     accelerator = Accelerator.resolve(config, device, model)
+    set_masker(model, accelerator.masker)
     accelerator.prepare_model(model)
     scores = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(scores, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
@@ -99,15 +111,31 @@ def setup(config: SearchConfig, splits: DataSplits, model: nn.Module, arch_args:
     return session
 
 
-def _choose_masking(model: nn.Module, config: SearchConfig) -> None:
-    if config.topk != "layer":
-        use_topk_rule(model, config.topk, config.k)
-    if config.masker is not None:
-        set_masker = getattr(layers, "set_masker", None)
-        if set_masker is None:
-            raise MaskforgeError(f"masker {config.masker!r} needs maskforge.layers.set_masker, which this version "
-                                 f"of maskforge does not have; leave masker unset")
-        set_masker(model, config.masker)
+def _current(device: torch.device) -> torch.device:
+    """`cuda` as the current CUDA device (under torchrun: this process's), anything else as it is."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _probe_determinism(config: SearchConfig, splits: DataSplits, model: nn.Module,
+                       accelerator: Accelerator) -> None:
+    """One training forward and backward of a copy of `model` on two training images, under the search's
+    deterministic settings: an operation without a deterministic kernel fails here (a MaskforgeError
+    naming it, from `backend_settings`) instead of at the first step, after the run folder was written."""
+    probe = accelerator.prepare_model(copy.deepcopy(model))
+    set_masker(probe, accelerator.masker)
+    probe.train()
+    with contextlib.closing(iterate_batches(splits.train, min(2, len(splits.train)), shuffle=False)) as batches:
+        images, labels = next(batches)
+    images, labels = images.to(accelerator.device), labels.to(accelerator.device)
+    with accelerator.backend_settings():
+        if splits.augment:
+            images = augment_batch(images, torch.Generator(device=images.device).manual_seed(0))
+        with accelerator.autocast():
+            logits = probe(accelerator.inputs(images, splits.spec))
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
+        loss.backward()
 
 
 def _resume_from(session: Session, checkpoint: Checkpoint) -> None:
