@@ -401,8 +401,14 @@ def _validate_document(doc: dict, label: str) -> None:
     _require(arch["name"] in archs.ARCHS, label,
              f"unknown architecture {arch['name']!r} (known: {', '.join(archs.ARCHS)})")
     args = arch["args"]
-    _require(isinstance(args, dict) and set(args) == {"in_channels", "num_classes", "image_size"}, label,
-             "arch.args must have exactly in_channels, num_classes, image_size")
+    # SWEEP-BRANCH MINIMAL EDIT (helper "arch" owns the schema): optional arch.args.width, recorded when != 1.
+    _require(isinstance(args, dict) and {"in_channels", "num_classes", "image_size"} <= set(args)
+             <= {"in_channels", "num_classes", "image_size", "width"}, label,
+             "arch.args must have exactly in_channels, num_classes, image_size (and width when it is not 1)")
+    _require("width" not in args or (_is_number(args["width"]) and 0 < args["width"] <= archs.MAX_WIDTH
+                                     and args["width"] != 1), label,
+             f"arch.args.width must be a number in (0, {archs.MAX_WIDTH:g}] other than 1 (1 is left out), "
+             f"got {args.get('width')!r}")
     _require(is_int(args["in_channels"]) and 1 <= args["in_channels"] <= 64, label,
              f"arch.args.in_channels must be an integer in [1, 64], got {args['in_channels']!r}")
     _require(is_int(args["num_classes"]) and 1 <= args["num_classes"] <= 1_000_000, label,

@@ -80,6 +80,7 @@ class SearchConfig:
     seed: int = 0
     init: str = "signed_constant"    # weight distribution, see regen.DISTRIBUTIONS
     scale_fan: bool = False          # sigma = sqrt(2 / (k * fan_in)) instead of sqrt(2 / fan_in)
+    width: float = 1.0               # SWEEP-BRANCH MINIMAL EDIT: width multiplier of the hidden layers (arch arg)
     device: str = "auto"             # auto | cpu | cuda (under torchrun: cuda:LOCAL_RANK)
     workers: int | None = None       # data-loader processes for image folders; None: min(8, cores / procs)
     image_size: int | None = None    # image folders only: resize to this side
@@ -90,6 +91,7 @@ class SearchConfig:
     def validate(self) -> None:
         _check_types(self)
         archs.get_arch(self.arch)
+        archs.check_width(self.width, self.arch)  # SWEEP-BRANCH MINIMAL EDIT
         if not 0.0 < self.k <= 1.0:
             raise MaskforgeError(f"k must be in (0, 1] (the fraction of weights kept), got {self.k}")
         if self.init not in regen.DISTRIBUTIONS:
@@ -133,7 +135,7 @@ _FIELD_TYPES: dict[str, tuple] = {
     "arch": (str,), "k": (int, float), "data": (str,), "epochs": (int,), "max_steps": (int, type(None)),
     "batch_size": (int,), "lr": (int, float), "momentum": (int, float), "weight_decay": (int, float),
     "label_smoothing": (int, float), "warmup_epochs": (int,), "seed": (int,), "init": (str,),
-    "scale_fan": (bool,), "device": (str,), "workers": (int, type(None)), "image_size": (int, type(None)),
+    "scale_fan": (bool,), "width": (int, float), "device": (str,), "workers": (int, type(None)), "image_size": (int, type(None)),
     "compile": (bool,), "checkpoint_every": (int, type(None)), "out": (str,),
 }
 
@@ -258,7 +260,8 @@ def prepare(config: SearchConfig) -> tuple[DataSplits, nn.Module, dict]:
     config.validate()
     splits = load_data(config.data, image_size=config.image_size)
     spec = splits.spec
-    args = archs.arch_args(spec.channels, spec.num_classes, (spec.height, spec.width))
+    args = archs.arch_args(spec.channels, spec.num_classes, (spec.height, spec.width),
+                           config.width)  # SWEEP-BRANCH MINIMAL EDIT
     model = archs.create_model(config.arch, **args, k=config.k, seed=config.seed, init=config.init,
                                scale_fan=config.scale_fan)
     return splits, model, args

@@ -1,0 +1,40 @@
+"""`maskforge plot`: a run's training curves, or a sweep's accuracy against any grid axis."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from maskforge.plot import plot
+
+from .app import app
+
+
+@app.command("plot")
+def plot_command(
+    folder: Annotated[Path, typer.Argument(help="A search run folder (metrics.jsonl) or a sweep folder "
+                                                "(sweep.json).", metavar="DIR")],
+    x: Annotated[Optional[str], typer.Option(help="Sweeps: the x axis, a grid axis (default k).")] = None,
+    hue: Annotated[Optional[str], typer.Option(help="Sweeps: one line per value of these grid axes "
+                                                    "(comma-separated; default the other axes that vary).")]
+    = None,
+    out: Annotated[Optional[Path], typer.Option(help="File name stem (no suffix) for the PNG and SVG; default "
+                                                     "DIR/curves (runs) or DIR/accuracy_vs_X (sweeps).")]
+    = None,
+) -> None:
+    """Draw figures (PNG + SVG) with matplotlib.
+
+    A run folder: train/held-out loss, train/held-out accuracy and the learning rate per epoch.
+    A sweep folder: held-out accuracy against --x, one line per --hue value, mean ± std over seeds, the
+    dense baseline as the line to beat; runs that did not learn are red crosses outside the mean.
+
+    Examples: maskforge plot runs/conv4
+              maskforge plot runs/fig4 --x width --hue arch
+    """
+    paths = plot(folder, x=x, hue=[h.strip() for h in hue.split(",")] if hue else None, stem=out)
+    if not paths:
+        raise typer.Exit(0)
+    for path in paths:
+        typer.echo(str(path))
