@@ -89,6 +89,7 @@ class DenseResult:
     final_train_loss: float
     seconds: float
     metrics: list[dict] = field(default_factory=list)
+    model: nn.Module | None = field(default=None, repr=False)   # the trained network (eval mode, its device)
 
 
 def dense_model(arch: str, args: dict, seed: int) -> nn.Module:
@@ -159,10 +160,11 @@ def train_dense(config: DenseConfig, *, on_epoch: Callable[[dict], None] | None 
     weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
     result = DenseResult(heldout_acc=metrics[-1]["heldout_acc"] if metrics else math.nan,
                          num_classes=spec.num_classes, weights=weights, steps=run.step, finite=run.finite,
-                         final_train_loss=run.last_loss, seconds=time.perf_counter() - started, metrics=metrics)
+                         final_train_loss=run.last_loss, seconds=time.perf_counter() - started, metrics=metrics,
+                         model=model.eval())
     if out is not None:
-        document = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                    for k, v in asdict(result).items() if k != "metrics"}
+        document = {name: (None if isinstance(value, float) and not math.isfinite(value) else value)
+                    for name, value in vars(result).items() if name not in ("metrics", "model")}
         document["versions"] = {"maskforge": __version__, "torch": torch.__version__.split("+")[0]}
         atomic_write(out / RESULT_NAME, json.dumps(document, indent=2, sort_keys=True) + "\n")
     return result

@@ -101,7 +101,7 @@ def plot_sweep(rows: Sequence[dict], axes: Sequence[str], folder: str | os.PathL
     _draw_not_learned(ax, done, x, positions)
     failed = sum(row["status"] == "failed" for row in rows)
     _finish_axes(ax, rows, axes, x, hue, positions, failed)
-    stem_path = Path(folder) / (stem or f"accuracy_vs_{x}")
+    stem_path = Path(folder) / (stem or f"accuracy_vs_{x}" + (f"_by_{'_'.join(hue)}" if hue else ""))
     paths = _save(fig, stem_path)
     plt.close(fig)
     return paths
