@@ -13,7 +13,7 @@ from rich.table import Table
 
 from maskforge.errors import MaskforgeError
 from maskforge.search import SearchConfig
-from maskforge.sweep import collect_sweep, parse_list, parse_seeds, parse_shard, sweep
+from maskforge.sweeps import collect_sweep, options_from_text, parse_shard, sweep
 
 from .app import app
 
@@ -90,18 +90,12 @@ def sweep_command(
     else:
         if out is None:
             raise MaskforgeError("give the sweep folder with --out DIR (or --collect DIR to gather one)")
-        lists = {"arch": arch, "k": k, "init": init, "scale_fan": scale_fan, "width": width, "topk": topk,
+        texts = {"arch": arch, "k": k, "init": init, "scale_fan": scale_fan, "width": width, "topk": topk,
                  "data": data, "epochs": epochs, "max_steps": max_steps, "batch_size": batch_size, "lr": lr,
                  "momentum": momentum, "weight_decay": weight_decay, "label_smoothing": label_smoothing,
                  "warmup_epochs": warmup_epochs, "device": device, "workers": workers, "image_size": image_size,
                  "checkpoint_every": checkpoint_every, "compile": compile_model}
-        options: dict = {}
-        for name, text in lists.items():
-            if text is not None:
-                values = parse_list(name, text)
-                options[name] = values[0] if len(values) == 1 else values
-        if seeds is not None:
-            options["seed"] = parse_seeds(seeds)
+        options = options_from_text(texts, seeds)
         progress = not quiet and sys.stderr.isatty()
         result = sweep(out, options, dense_baseline=dense_baseline,
                        shard=parse_shard(shard) if shard else (0, 1), progress=progress,

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import MaskforgeError
-from .sweep.grid import DENSE_SHARED
-from .sweep.results import summarize
+from .sweeps.grid import DENSE_SHARED
+from .sweeps.results import summarize
 
 NOT_LEARNED_COLOR = "#d62728"
 _LABELS = {
@@ -57,7 +57,7 @@ def plot(folder: str | os.PathLike, *, x: str | None = None, hue: Sequence[str] 
     """`maskforge plot DIR`: a sweep folder's figure (see `plot_sweep`) or a run folder's curves (`plot_run`)."""
     folder = Path(folder)
     if (folder / "sweep.json").exists():
-        from .sweep import collect_sweep
+        from .sweeps import collect_sweep
 
         return collect_sweep(folder, x=x, hue=hue, stem=stem).figures
     if x is not None or hue:

@@ -1,4 +1,4 @@
-"""Tests for maskforge.sweep and `maskforge sweep`: tiny grids of fc searches (a few steps each) that are
+"""Tests for maskforge.sweeps (maskforge.sweep) and `maskforge sweep`: tiny grids of fc searches (a few steps each) that are
 run, skipped, resumed, sharded, collected, extended or refused; every bad input of issue 12."""
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import maskforge.sweep.runner as runner_module
+import maskforge.sweeps.runner as runner_module
 from maskforge.artifact import load_artifact
 from maskforge.cli import app
 from maskforge.data import load_data, normalize
 from maskforge.errors import MaskforgeError
 from maskforge.search import SearchConfig, search
-from maskforge.sweep.results import point_row
-from maskforge.sweep import COLUMNS, collect_sweep, make_grid, parse_list, parse_seeds, parse_shard, sweep
+from maskforge.sweeps.results import point_row
+from maskforge.sweeps import COLUMNS, collect_sweep, make_grid, parse_list, parse_seeds, parse_shard, sweep
 
 FC_LAYERS = [784 * 300, 300 * 100, 100 * 10]   # LeNet 300-100 on the demo's 1x28x28, 10 classes
 TINY = {"arch": "fc", "epochs": 1, "max_steps": 3, "batch_size": 64, "device": "cpu"}
@@ -156,17 +156,23 @@ def test_shards_then_collect_equal_the_unsharded_sweep(tmp_path):
     assert whole.ok and len(whole.rows) == 8
 
 
-def test_failing_point_does_not_stop_the_sweep(tmp_path, monkeypatch):
-    out = tmp_path / "sweep"
-    options = {**TINY, "k": [0.3, 0.5], "seed": [0]}
+def _fail_some(monkeypatch, when, error: Exception):
+    """Make the sweep's searches raise `error` for the points `when(config)` selects; returns the real search."""
     real_search = runner_module.search
 
     def flaky(config, **kwargs):
-        if config.k == 0.3:
-            raise MaskforgeError("data set exploded")
+        if when(config):
+            raise error
         return real_search(config, **kwargs)
 
     monkeypatch.setattr(runner_module, "search", flaky)
+    return real_search
+
+
+def test_failing_point_does_not_stop_the_sweep(tmp_path, monkeypatch):
+    out = tmp_path / "sweep"
+    options = {**TINY, "k": [0.3, 0.5], "seed": [0]}
+    real_search = _fail_some(monkeypatch, lambda config: config.k == 0.3, MaskforgeError("data set exploded"))
     result = sweep(out, options, figures=False)
     assert result.failed == [_name(0.3, 0)] and result.ran == [_name(0.5, 0)] and not result.ok
     rows = {row["point"]: row for row in _csv(out / "results.csv")}
@@ -282,14 +288,7 @@ def test_cli_bad_input_is_one_error_line(tmp_path, args, message):
 
 
 def test_cli_failing_point_exits_non_zero_after_the_others(tmp_path, monkeypatch):
-    real_search = runner_module.search
-
-    def flaky(config, **kwargs):
-        if config.seed == 0:
-            raise RuntimeError("kaboom")
-        return real_search(config, **kwargs)
-
-    monkeypatch.setattr(runner_module, "search", flaky)
+    _fail_some(monkeypatch, lambda config: config.seed == 0, RuntimeError("kaboom"))
     out = tmp_path / "sweep"
     result = _cli("--out", str(out), "--arch", "fc", "--seeds", "2", "--max-steps", "2", "--epochs", "1",
                   "--no-figure", "-q")

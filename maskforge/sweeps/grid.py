@@ -185,6 +185,19 @@ def _parse_one(name: str, item: str) -> Any:
         raise MaskforgeError(f"{name}: {item!r} is not {'an integer' if base is int else 'a number'}") from None
 
 
+def options_from_text(texts: Mapping[str, str | None], seeds: str | None = None) -> dict:
+    """Sweep options from command-line text: `{option: 'v1,v2' or None}` -> a value or a list per option
+    given (one value of a non-axis option is a fixed option), plus `seed` from `seeds` (see parse_seeds)."""
+    options: dict[str, Any] = {}
+    for name, text in texts.items():
+        if text is not None:
+            values = parse_list(name, text)
+            options[name] = values[0] if len(values) == 1 else values
+    if seeds is not None:
+        options["seed"] = parse_seeds(seeds)
+    return options
+
+
 def parse_seeds(text: str) -> list[int]:
     """'3' -> the seeds 0, 1, 2; '0,5,9' -> those seeds; '7:10' -> 7, 8, 9."""
     text = str(text).strip()
