@@ -37,15 +37,20 @@ class ArchEntry:
     name: str
     builder: Callable[..., nn.Module]
     description: str
-    count: Callable[..., int]          # (in_channels, num_classes, image_size, width) -> masked weights
-    widens: bool = True                # whether `width` may differ from 1
+    count: Callable[..., int] | None = None  # (in_channels, num_classes, image_size, width) -> masked weights
+    widens: bool = False               # whether the builder takes `width` (other than 1)
 
 
 ARCHS: dict[str, ArchEntry] = {}
 
 
-def register_arch(name: str, description: str, count: Callable[..., int], widens: bool = True) -> Callable:
-    """Decorator: add an architecture builder (and its weight counter) to the registry under `name`."""
+def register_arch(name: str, description: str, count: Callable[..., int] | None = None,
+                  widens: bool = False) -> Callable:
+    """Decorator: add an architecture builder to the registry under `name`.
+
+    `count(in_channels, num_classes, image_size, width)` gives its masked weights without building it
+    (without one, counting builds the network on the meta device); `widens`: the builder takes `width`.
+    """
 
     def decorator(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         ARCHS[name] = ArchEntry(name, builder, description, count, widens)
@@ -142,7 +147,7 @@ def _count_fc(in_channels: int, num_classes: int, image_size: tuple[int, int], w
     return _mlp_count([inputs, *(scaled_width(units, width) for units in FC_HIDDEN), num_classes])
 
 
-@register_arch("fc", "LeNet 300-100 MLP (paper section 4.2), sized to the input", _count_fc)
+@register_arch("fc", "LeNet 300-100 MLP (paper section 4.2), sized to the input", _count_fc, widens=True)
 def fc(in_channels: int, num_classes: int, image_size: tuple[int, int], k: float = 0.5,
        width: float = 1.0) -> nn.Module:
     inputs = in_channels * image_size[0] * image_size[1]
@@ -174,7 +179,7 @@ def _convnet_builder(widths: list[int]) -> Callable[..., nn.Module]:
 for _name, _widths in _CONV_WIDTHS.items():
     register_arch(_name, f"the paper's {_name[:4].capitalize()}-{_name[4:]}: {len(_widths) * 2} 3x3 convs "
                          f"({'/'.join(map(str, _widths))} wide) + FC 256-256",
-                  _convnet_counter(_widths))(_convnet_builder(_widths))
+                  _convnet_counter(_widths), widens=True)(_convnet_builder(_widths))
 
 
 # --- torchvision ResNets with every conv/linear masked and every BN non-affine ------------------------
@@ -262,7 +267,7 @@ def _resnet_counter(spec: ResNetSpec) -> Callable[..., int]:
 
 for _name, _spec in RESNETS.items():
     register_arch(_name, f"torchvision {_spec.label}, masked, non-affine BN; CIFAR stem at <= 64 px",
-                  _resnet_counter(_spec), widens=False)(_resnet_builder(_spec))
+                  _resnet_counter(_spec))(_resnet_builder(_spec))
 
 
 # --- building seeded models --------------------------------------------------------------------------
@@ -294,8 +299,9 @@ def build_structure(name: str, args: dict, k: float) -> nn.Module:
     if not 0.0 < k <= 1.0:
         raise MaskforgeError(f"k must be in (0, 1], got {k}")
     in_channels, num_classes, image_size, width = _unpack(name, args)
+    extra = {"width": width} if entry.widens else {}  # check_width refused width != 1 for the others
     try:
-        return entry.builder(in_channels, num_classes, image_size, k=k, width=width)
+        return entry.builder(in_channels, num_classes, image_size, k=k, **extra)
     except (KeyError, TypeError) as exc:
         raise MaskforgeError(f"bad arguments for architecture {name!r}: {args!r} ({exc})") from None
 
@@ -342,8 +348,14 @@ def regenerate_weights(model: nn.Module, seed: int, init: str, *, k: float, scal
 
 
 def count_masked_weights(name: str, args: dict) -> int:
-    """Weights under a mask for `name` with `args`, from the arguments alone (nothing is built)."""
-    return get_arch(name).count(*_unpack(name, args))
+    """Weights under a mask for `name` with `args`, from the arguments alone (nothing is built, unless the
+    architecture was registered without a counter)."""
+    entry = get_arch(name)
+    if entry.count is not None:
+        return entry.count(*_unpack(name, args))
+    with torch.device("meta"):
+        model = build_structure(name, args, 0.5)
+    return sum(layer.weight.numel() for layer in masked_modules(model).values())
 
 
 def list_archs() -> list[dict]:

@@ -410,3 +410,21 @@ def test_list_archs_builds_nothing(monkeypatch):
     monkeypatch.setattr(nn.Module, "__init__", lambda *a, **k: pytest.fail("list_archs built a module"))
     entries = list_archs()
     assert [entry["name"] for entry in entries] == arch_names()
+
+
+def test_an_architecture_registered_without_a_counter_is_counted_by_building_it():
+    from maskforge.archs import count_masked_weights, register_arch
+
+    def tiny(in_channels, num_classes, image_size, k=0.5):
+        return nn.Sequential(MaskedConv2d(in_channels, 5, 3, k=k), nn.Flatten(),
+                             MaskedLinear(5 * (image_size[0] - 2) * (image_size[1] - 2), num_classes, k=k))
+
+    register_arch("tiny-test", "test only")(tiny)
+    try:
+        assert count_masked_weights("tiny-test", arch_args(2, 3, (6, 7))) == 2 * 5 * 9 + 5 * 4 * 5 * 3
+        assert tuple(create_model("tiny-test", in_channels=2, num_classes=3, image_size=(6, 7)).state_dict()[
+            "2.scores"].shape) == (3, 100)
+        with pytest.raises(MaskforgeError, match="architecture tiny-test has fixed widths"):
+            build_structure("tiny-test", arch_args(2, 3, (6, 7), 2.0), 0.5)
+    finally:
+        ARCHS.pop("tiny-test")
