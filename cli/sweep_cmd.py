@@ -32,7 +32,7 @@ def sweep_command(
     arch: Annotated[Optional[str], _opt(f"Architectures ({_LIST}; default {_D.arch}).")] = None,
     k: Annotated[Optional[str], _opt(f"Fractions of weights kept, each in (0, 1] (default {_D.k}).", "--k")] = None,
     seeds: Annotated[Optional[str], typer.Option(
-        help="Seeds: a count (3 = seeds 0,1,2), a list (0,5,9) or a range (7:10 = 7,8,9). Default: 1.",
+        help="Seeds: a count (3 = seeds 0,1,2), a list (0,5,9) or a range (7:10 = 7,8,9). Default: the seed 0.",
         metavar="SEEDS")] = None,
     init: Annotated[Optional[str], _opt(f"Weight distributions (default {_D.init}).")] = None,
     scale_fan: Annotated[Optional[str], _opt("Scaled fan-in sigma = sqrt(2/(k*fan_in)): on, off, or both: "
@@ -74,8 +74,10 @@ def sweep_command(
 
     Each point is an ordinary search run folder DIR/arch=...,k=...,seed=... . Running the same command
     again skips finished points and resumes interrupted ones; a command with more values extends the
-    folder; other fixed options are refused. A failing point does not stop the sweep (exit code 2 at
-    the end). Results: DIR/results.csv, a summary (mean ± std over seeds), DIR/accuracy_vs_<x>.png/.svg.
+    folder; other fixed options are refused. A failing point does not stop the sweep (the command exits
+    non-zero at the end). Results: DIR/results.csv, a summary (mean ± std over seeds), and the figure
+    DIR/accuracy_vs_<x>.png/.svg. Several machines: add --shard I/N to each, then --collect DIR.
+    Details: docs/SWEEP.md.
 
     Example (Figure 3 on the demo data):
     maskforge sweep --out runs/fig3 --arch conv4 --k 0.1,0.3,0.5,0.7,0.9 --seeds 2 --scale-fan on
