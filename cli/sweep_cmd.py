@@ -132,20 +132,23 @@ def _percent(value) -> str:
 
 def _print_summary(console: Console, result) -> None:
     keys = [axis for axis in result.axes if axis != "seed"]
-    table = Table(title=f"sweep {result.out}: final held-out accuracy, mean ± std over the seeds that learned")
-    for column in ["kind", *keys, "done", "held-out acc", "not learned", "failed", "wall"]:
-        table.add_column(column)
+    searches = [group["values"] for group in result.summary if group["kind"] == "search"]
+    varying = [key for key in keys if len({_cell(values.get(key)) for values in searches}) > 1]
+    same = ", ".join(f"{key}={_cell(searches[0][key])}" for key in keys if key not in varying) if searches else ""
+    table = Table(title=f"{result.out}: final held-out accuracy (%), mean ± std over the seeds that learned"
+                        + (f"\n{same}" if same else ""))
+    for column in ["kind", *varying, "done", "held-out %", "not learned", "failed", "wall s"]:
+        table.add_column(column, justify="left" if column in ("kind", *varying) else "right")
     for group in result.summary:
-        values = group["values"]
         accuracy = "n/a" if not group["learned"] else \
-            f"{100 * group['mean']:.2f} ± {100 * group['std']:.2f} % (n={group['learned']})"
-        table.add_row(group["kind"], *[_cell(values.get(key, "")) for key in keys],
+            f"{100 * group['mean']:.2f} ± {100 * group['std']:.2f}"
+        table.add_row(group["kind"], *[_cell(group["values"].get(key, "")) for key in varying],
                       f"{group['done']}/{group['runs']}", accuracy, str(group["not_learned"] or ""),
-                      str(group["failed"] or ""), f"{group['wall_s']:.0f} s")
+                      str(group["failed"] or ""), f"{group['wall_s']:.0f}")
     console.print(table)
     console.print(f"results: {result.out / 'results.csv'}")
     if result.figures:
-        console.print(f"figure: {', '.join(str(path) for path in result.figures)}")
+        console.print("figure: " + "  ".join(str(path) for path in result.figures), soft_wrap=True)
     elif result.figure_note:
         console.print(result.figure_note)
 
