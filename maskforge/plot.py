@@ -43,9 +43,11 @@ def _pyplot():
 def _save(fig, stem: Path) -> list[Path]:
     from .fileio import atomic_path
 
+    if stem.suffix.lower() in (".png", ".svg"):  # a file name given: its stem (not "k0.1" -> "k0")
+        stem = stem.with_suffix("")
     paths = []
     for suffix, extra in ((".png", {"dpi": 150}), (".svg", {})):
-        path = stem.with_suffix(suffix)
+        path = stem.parent / (stem.name + suffix)
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format=suffix[1:], bbox_inches="tight", **extra)
         paths.append(path)

@@ -129,10 +129,10 @@ def test_run_curves(tmp_path):
 
 def test_plot_command(tmp_path):
     _write_run(tmp_path / "run")
-    result = CliRunner().invoke(app, ["plot", str(tmp_path / "run"), "--out", str(tmp_path / "fig")])
+    result = CliRunner().invoke(app, ["plot", str(tmp_path / "run"), "--out", str(tmp_path / "fig-k0.5")])
     assert result.exit_code == 0, result.output
-    assert result.output.split() == [str(tmp_path / "fig.png"), str(tmp_path / "fig.svg")]
-    assert (tmp_path / "fig.png").stat().st_size > 10_000
+    assert result.output.split() == [str(tmp_path / "fig-k0.5.png"), str(tmp_path / "fig-k0.5.svg")]
+    assert (tmp_path / "fig-k0.5.png").stat().st_size > 10_000
     missing = CliRunner().invoke(app, ["plot", str(tmp_path)])
     assert missing.exit_code == 2
     assert missing.output.strip().splitlines() == [
