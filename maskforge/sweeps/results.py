@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from ..artifact import load_artifact
-from ..checkpoint import CHECKPOINT_NAME
 from ..dense import RESULT_NAME
 from ..errors import MaskforgeError
 from ..fileio import atomic_write
-from ..search import ARTIFACT_NAME, METRICS_NAME, SearchConfig
+from ..search import ARTIFACT_NAME, CONFIG_NAME, METRICS_NAME, SearchConfig
 from .grid import DENSE_SHARED, Point
 
 RESULTS_FILE = "results.csv"
@@ -75,7 +74,7 @@ def point_row(point: Point, out: Path) -> dict:
             row.update(status="failed", error=" ".join(str(exc).split()))
     elif status.get("error"):
         row.update(status="failed", error=status["error"])
-    elif (folder / CHECKPOINT_NAME).is_file():
+    elif (folder / CONFIG_NAME).is_file():  # started (written once data and network were ready), not finished
         row["status"] = "interrupted"
     else:
         row["status"] = "pending"

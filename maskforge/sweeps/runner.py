@@ -130,6 +130,7 @@ def _run_point(point: Point, out: Path, progress: bool) -> str:
         status = {"wall_s": wall + time.perf_counter() - started, "attempts": attempts, "error": error}
         write_status(ensure_writable_dir(folder), status)
 
+    note()  # a new attempt: an earlier attempt's error no longer describes the point
     try:
         if point.kind == "dense":
             train_dense(point.config, on_epoch=lambda record: note())
