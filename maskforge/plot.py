@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import MaskforgeError
-from .sweeps.grid import DENSE_SHARED
+from .sweeps.grid import DENSE_SHARED, check_figure_axes
 from .sweeps.results import summarize
 
 NOT_LEARNED_COLOR = "#d62728"
@@ -83,11 +83,7 @@ def plot_sweep(rows: Sequence[dict], axes: Sequence[str], folder: str | os.PathL
     default_x, default_hue = default_axes(rows, axes)
     x = x or default_x
     hue = list(default_hue if hue is None else hue)
-    for name in [x, *hue]:
-        if name not in axes:
-            raise MaskforgeError(f"cannot plot by {name!r}: the sweep's axes are {', '.join(axes)}")
-    if x in hue:
-        raise MaskforgeError(f"{x!r} cannot be both the x axis and a hue")
+    check_figure_axes(axes, x, hue)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.2, 4.6))
     done = [row for row in rows if row["status"] == "done"]

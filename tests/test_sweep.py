@@ -283,6 +283,7 @@ def test_cli_sweep_collect_and_summary(tmp_path):
     (["--shard", "2/2"], "error: shard 2/2: I must be in 0..N-1"),
     (["--seeds", "0"], "error: seeds: the count must be at least 1"),
     (["--hue", "colour", "--collect", "nowhere"], "error: nowhere is not a sweep folder"),
+    (["--x", "colour"], "error: cannot plot by 'colour': the sweep's axes are arch, init, scale_fan, width, k, seed"),
 ])
 def test_cli_bad_input_is_one_error_line(tmp_path, args, message):
     out = tmp_path / "sweep"

@@ -22,7 +22,7 @@ import re
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from ..dense import DenseConfig
 from ..errors import MaskforgeError
@@ -228,6 +228,15 @@ def parse_shard(text: str) -> tuple[int, int]:
     if count < 1 or index >= count:
         raise MaskforgeError(f"shard {index}/{count}: I must be in 0..N-1 (the shards of N are 0/N ... {max(count, 1) - 1}/N)")
     return index, count
+
+
+def check_figure_axes(axes: Sequence[str], x: str | None, hue: Sequence[str] | None) -> None:
+    """A figure's x and hue must be axes of the sweep (checked before a sweep runs, not after)."""
+    for name in ([x] if x else []) + list(hue or []):
+        if name not in axes:
+            raise MaskforgeError(f"cannot plot by {name!r}: the sweep's axes are {', '.join(axes)}")
+    if x and hue and x in hue:
+        raise MaskforgeError(f"{x!r} cannot be both the x axis and a hue")
 
 
 # --- the folder's record of its grids --------------------------------------------------------------------

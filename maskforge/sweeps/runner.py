@@ -23,7 +23,7 @@ from ..dense import train_dense
 from ..errors import MaskforgeError
 from ..fileio import ensure_writable_dir
 from ..search import resume, search
-from .grid import Point, SweepRecord, make_grid, read_record, record_grid
+from .grid import Point, SweepRecord, check_figure_axes, make_grid, read_record, record_grid
 from .results import is_done, point_row, read_status, summarize, write_results, write_status
 
 #: on_point(event, point, info): event "start" (info: index, total) or "end" (info: outcome, seconds, row)
@@ -67,6 +67,7 @@ def sweep(out: str | os.PathLike, options: Mapping[str, Any], *, dense_baseline:
         raise MaskforgeError(f"shard must be (i, n) with 0 <= i < n, got {shard!r}")
     out = Path(out)
     grid = make_grid(options, dense_baseline=dense_baseline)
+    check_figure_axes(list(grid.axes), x, hue)  # before anything runs, not after hours of it
     ensure_writable_dir(out)
     record = record_grid(out, grid)
     points = grid.points(out)
@@ -94,6 +95,7 @@ def collect_sweep(out: str | os.PathLike, *, figures: bool = True, x: str | None
     record = read_record(out)
     if record is None:
         raise MaskforgeError(f"{out} is not a sweep folder (no sweep.json)")
+    check_figure_axes(record.axes, x, hue)
     result = SweepResult(out, list(record.axes), [], [])
     return _finish(out, record, result, [p.name for p in record.points(out)], figures, x, hue, stem)
 
