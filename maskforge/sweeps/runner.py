@@ -78,9 +78,12 @@ def sweep(out: str | os.PathLike, options: Mapping[str, Any], *, dense_baseline:
             on_point("start", point, {"index": position, "total": len(mine)})
         started = time.perf_counter()
         outcome = _run_point(point, out, progress)
-        {"ran": result.ran, "skipped": result.skipped}.get(outcome, result.failed).append(point.name)
-        if outcome == "bug":
-            result.bugs.append(point.name)
+        if outcome in ("failed", "bug"):
+            result.failed.append(point.name)
+            if outcome == "bug":
+                result.bugs.append(point.name)
+        else:
+            (result.ran if outcome == "ran" else result.skipped).append(point.name)
         if on_point:
             on_point("end", point, {"outcome": "failed" if outcome == "bug" else outcome,
                                     "seconds": time.perf_counter() - started, "row": point_row(point, out)})
