@@ -304,3 +304,17 @@ def test_cli_failing_point_exits_non_zero_after_the_others(tmp_path, monkeypatch
     assert (out / _name(0.5, 1) / "artifact.safetensors").is_file()
     last = result.output.strip().splitlines()[-1]
     assert last.startswith("error: 1 of 2 sweep points failed") and "kaboom" in last
+
+
+def test_topk_is_an_axis_where_the_search_has_it():
+    """`--topk` comes with the global top-k masker (another branch): until then it is one clear error."""
+    from dataclasses import fields
+
+    if "topk" in {f.name for f in fields(SearchConfig)}:
+        grid = make_grid({**TINY, "topk": parse_list("topk", ",".join([SearchConfig().topk]))})
+        assert list(grid.axes)[:5] == ["arch", "init", "scale_fan", "width", "topk"]
+    else:
+        with pytest.raises(MaskforgeError, match="^unknown search option 'topk'$"):
+            parse_list("topk", "global")
+        result = _cli("--out", "unused", "--topk", "global")
+        assert result.exit_code == 2 and result.output.strip() == "error: unknown search option 'topk'"
