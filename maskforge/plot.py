@@ -41,8 +41,9 @@ def _pyplot():
 
 
 def _save(fig, stem: Path) -> list[Path]:
-    from .fileio import atomic_path
+    from .fileio import atomic_path, ensure_writable_dir
 
+    ensure_writable_dir(stem.parent)
     if stem.suffix.lower() in (".png", ".svg"):  # a file name given: its stem (not "k0.1" -> "k0")
         stem = stem.with_suffix("")
     paths = []
@@ -94,7 +95,8 @@ def plot_sweep(rows: Sequence[dict], axes: Sequence[str], folder: str | os.PathL
         _draw_series(ax, members, x, positions, colors[index % len(colors)], _hue_label(hue, values))
     dense_hue = [h for h in hue if h in DENSE_SHARED]
     for values, members in _group([row for row in done if row["kind"] == "dense"], dense_hue).items():
-        color = "black" if len(searches) <= 1 else _matching_color(dict(zip(dense_hue, values)), hue, searches, colors)
+        shared = len(searches) <= 1 or not dense_hue  # one baseline for every line: black
+        color = "black" if shared else _matching_color(dict(zip(dense_hue, values)), hue, searches, colors)
         _draw_dense(ax, members, x, positions, color, _hue_label(dense_hue, values))
     _draw_not_learned(ax, done, x, positions)
     failed = sum(row["status"] == "failed" for row in rows)

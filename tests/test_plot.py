@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from pathlib import Path
 
@@ -64,10 +65,26 @@ def test_sweep_figure_draws_series_bands_baselines_and_not_learned_points(tmp_pa
     assert _pixels_near(image, _blend(BLUE, 0.2), 4) > 500            # conv4's mean +- std band
     assert _pixels_near(image, tuple(int(NOT_LEARNED_COLOR[i:i + 2], 16) for i in (1, 3, 5)), 20) > 20  # the cross
     text = svg.read_text()
+    assert _dashed_colors(text) == {"#1f77b4", "#ff7f0e"}  # each arch's dense baseline in its line's color
     for needle in ("held-out accuracy (%)", "weights kept, k (% of each layer)", "arch=conv4", "arch=fc",
                    "did not learn, not in the mean (1 run)", "dense baseline, learned weights (adam lr 0.001, arch=fc)",
                    "Edge-popup on mnist5k", "1 failed run not shown", "mean ± std over 2 seeds"):
         assert needle in text, needle
+
+
+def _dashed_colors(svg_text: str) -> set[str]:
+    """Stroke colors of the dashed lines in a matplotlib SVG (the dense baselines)."""
+    styles = re.findall(r'style="([^"]*stroke-dasharray[^"]*)"', svg_text)
+    return {re.search(r"stroke: (#[0-9a-f]{6})", style).group(1) for style in styles}
+
+
+def test_one_dense_baseline_for_lines_it_does_not_tell_apart_is_black(tmp_path):
+    rows = [_row("search", arch="conv4", k=k, seed=s, init=init, heldout_acc=0.9 + k / 10)
+            for init in ("kaiming_normal", "signed_constant") for k in (0.1, 0.5) for s in (0, 1)]
+    rows += [_row("dense", arch="conv4", seed=s, heldout_acc=0.97) for s in (0, 1)]
+    png, svg = plot_sweep(rows, AXES, tmp_path / "new" / "folder")
+    assert svg.name == "accuracy_vs_k_by_init.svg"
+    assert _dashed_colors(svg.read_text()) == {"#000000"}
 
 
 def test_width_figure_draws_the_dense_baseline_against_width(tmp_path):
