@@ -21,14 +21,14 @@ def plot_command(
                                                     "(comma-separated; default the other axes that vary).")]
     = None,
     out: Annotated[Optional[Path], typer.Option(help="File name stem (no suffix) for the PNG and SVG; default "
-                                                     "DIR/curves (runs) or DIR/accuracy_vs_X (sweeps).")]
+                                                     "DIR/curves (runs) or DIR/accuracy_vs_X[_by_HUE] (sweeps).")]
     = None,
 ) -> None:
     """Draw figures (PNG + SVG) with matplotlib.
 
     A run folder: train/held-out loss, train/held-out accuracy and the learning rate per epoch.
-    A sweep folder: held-out accuracy against --x, one line per --hue value, mean ± std over seeds, the
-    dense baseline as the line to beat; runs that did not learn are red crosses outside the mean.
+    A sweep folder: held-out accuracy against --x, one line per --hue value, mean ± std over seeds,
+    the dense baseline as the line to beat; runs that did not learn are red crosses outside the mean.
 
     Examples: maskforge plot runs/conv4
               maskforge plot runs/fig4 --x width --hue arch
