@@ -84,7 +84,7 @@ def sweep_command(
     --epochs 10 --dense-baseline
     """
     hue_list = [h.strip() for h in hue.split(",")] if hue else None
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=160)  # logs and pipes: no squeezed table
     if collect is not None:
         if out is not None and out.resolve() != collect.resolve():
             raise MaskforgeError(f"--collect {collect} and --out {out} name different folders; give one")
@@ -138,7 +138,7 @@ def _print_summary(console: Console, result) -> None:
     table = Table(title=f"{result.out}: final held-out accuracy (%), mean ± std over the seeds that learned"
                         + (f"\n{same}" if same else ""))
     for column in ["kind", *varying, "done", "held-out %", "not learned", "failed", "wall s"]:
-        table.add_column(column, justify="left" if column in ("kind", *varying) else "right")
+        table.add_column(column, justify="left" if column in ("kind", *varying) else "right", no_wrap=True)
     for group in result.summary:
         accuracy = "n/a" if not group["learned"] else \
             f"{100 * group['mean']:.2f} ± {100 * group['std']:.2f}"

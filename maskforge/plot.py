@@ -90,7 +90,7 @@ def plot_sweep(rows: Sequence[dict], axes: Sequence[str], folder: str | os.PathL
     done = [row for row in rows if row["status"] == "done"]
     positions = _positions([row[x] for row in done if row["kind"] == "search" or x in DENSE_SHARED])
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    searches = _group([row for row in done if row["kind"] == "search"], hue)
+    searches = _group([row for row in done if row["kind"] == "search"], hue, ordered=True)
     for index, (values, members) in enumerate(searches.items()):
         _draw_series(ax, members, x, positions, colors[index % len(colors)], _hue_label(hue, values))
     dense_hue = [h for h in hue if h in DENSE_SHARED]
@@ -119,11 +119,18 @@ def _positions(values: list) -> dict[str, float]:
     return {key: float(i) for i, key in enumerate(sorted(distinct, key=lambda k: str(distinct[k])))}
 
 
-def _group(rows: Sequence[dict], keys: Sequence[str]) -> dict[tuple, list[dict]]:
+def _group(rows: Sequence[dict], keys: Sequence[str], ordered: bool = False) -> dict[tuple, list[dict]]:
+    """Rows by their values of `keys` (with `ordered`, groups sorted by those values: a stable legend)."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault(tuple(row.get(k) for k in keys), []).append(row)
+    if ordered:
+        groups = dict(sorted(groups.items(), key=lambda item: [_sort_key(v) for v in item[0]]))
     return groups
+
+
+def _sort_key(value: Any) -> tuple:
+    return (0, value, "") if isinstance(value, (int, float)) else (1, 0, str(value))
 
 
 def _learned_stats(members: Sequence[dict], x: str | None, positions: dict) -> list[tuple[float, float, float, int]]:
