@@ -56,25 +56,30 @@ def _save(fig, stem: Path) -> list[Path]:
 
 
 def plot(folder: str | os.PathLike, *, x: str | None = None, hue: Sequence[str] | None = None,
-         stem: str | os.PathLike | None = None) -> list[Path]:
-    """`maskforge plot DIR`: a sweep folder's figure (see `plot_sweep`) or a run folder's curves (`plot_run`)."""
+         stem: str | os.PathLike | None = None, where: dict | None = None) -> list[Path]:
+    """`maskforge plot DIR`: a sweep folder's figure (see `plot_sweep`; `where` selects points by their
+    options) or a run folder's curves (`plot_run`)."""
     folder = Path(folder)
     if (folder / "sweep.json").exists():
         from .sweeps import collect_sweep
 
-        return collect_sweep(folder, x=x, hue=hue, stem=stem).figures
-    if x is not None or hue:
-        raise MaskforgeError(f"{folder} is a run folder, not a sweep folder: x and hue apply to sweeps")
+        result = collect_sweep(folder, x=x, hue=hue, stem=stem, where=where)
+        if not result.figures:
+            raise MaskforgeError(f"{folder}: {result.figure_note}")
+        return result.figures
+    if x is not None or hue or where:
+        raise MaskforgeError(f"{folder} is a run folder, not a sweep folder: x, hue and where apply to sweeps")
     return plot_run(folder, stem=stem)
 
 
 # --- a sweep -----------------------------------------------------------------------------------------
 
-def default_axes(rows: Sequence[dict], axes: Sequence[str]) -> tuple[str, list[str]]:
-    """x: k if it varies, else the first varying axis; hue: the other varying axes (seed never)."""
+def default_axes(rows: Sequence[dict], axes: Sequence[str], x: str | None = None) -> tuple[str, list[str]]:
+    """x (unless given): k if it varies, else the first varying axis; hue: the other varying axes (never
+    the seed)."""
     searches = [row for row in rows if row["kind"] == "search"]
     varying = [a for a in axes if a != "seed" and len({_key(row[a]) for row in searches}) > 1]
-    x = "k" if "k" in varying or not varying else varying[0]
+    x = x or ("k" if "k" in varying or not varying else varying[0])
     return x, [a for a in varying if a != x]
 
 
@@ -85,6 +90,8 @@ def plot_sweep(rows: Sequence[dict], axes: Sequence[str], folder: str | os.PathL
     x = x or default_x
     hue = list(default_hue if hue is None else hue)
     check_figure_axes(axes, x, hue)
+    # An axis that varies among the rows but is neither x nor a hue would be averaged in silently: never.
+    hue += [axis for axis in default_axes(rows, axes, x)[1] if axis not in hue]
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.2, 4.6))
     done = [row for row in rows if row["status"] == "done"]
@@ -224,13 +231,15 @@ def _title(rows, axes, x, hue, failed: int) -> str:
     searches = [row for row in rows if row["kind"] == "search"] or list(rows)
     first = searches[0]
     constant = [a for a in axes if a not in (x, "seed", *hue) and len({_key(r[a]) for r in searches}) == 1]
-    seeds = len({_key(r["seed"]) for r in searches})
+    done = [row for row in searches if row["status"] == "done"] or searches
+    per_point = sorted({len(members) for members in _group(done, [*hue, x]).values()})
+    seeds = f"{per_point[0]}" if len(per_point) == 1 else f"{per_point[0]}–{per_point[-1]}"
     recipe = ", ".join(f"{a}={_spell(first[a])}" for a in constant)
     budget = f"{first['epochs']} epoch{'s' * (first['epochs'] != 1)}"
     if first["max_steps"] not in ("", None):
         budget += f" (at most {first['max_steps']} steps)"
     line2 = (f"{recipe}; {budget}, batch {first['batch_size']}, SGD lr {_spell(first['lr'])} cosine; "
-             f"mean ± std over {seeds} seed{'s' * (seeds > 1)}")
+             f"mean ± std over {seeds} seed{'s' * (seeds != '1')}")
     note = f"; {failed} failed run{'s' * (failed > 1)} not shown" if failed else ""
     return f"Edge-popup on {Path(str(first['data'])).name}: held-out accuracy vs {x}{note}\n{line2}"
 

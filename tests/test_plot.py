@@ -78,6 +78,16 @@ def _dashed_colors(svg_text: str) -> set[str]:
     return {re.search(r"stroke: (#[0-9a-f]{6})", style).group(1) for style in styles}
 
 
+def test_an_axis_that_varies_is_never_averaged_in(tmp_path):
+    """hue=arch on rows that also vary in init: init joins the hue, and the title counts seeds per point."""
+    rows = [_row("search", arch="conv4", k=k, seed=s, init=init, heldout_acc=0.9)
+            for init in ("kaiming_normal", "signed_constant") for k in (0.1, 0.5) for s in range(1 + (init > "l"))]
+    png, svg = plot_sweep(rows, AXES, tmp_path, hue=["arch"])
+    text = svg.read_text()
+    assert "arch=conv4, init=kaiming_normal" in text and "arch=conv4, init=signed_constant" in text
+    assert "mean ± std over 1–2 seeds" in text
+
+
 def test_one_dense_baseline_for_lines_it_does_not_tell_apart_is_black(tmp_path):
     rows = [_row("search", arch="conv4", k=k, seed=s, init=init, heldout_acc=0.9 + k / 10)
             for init in ("kaiming_normal", "signed_constant") for k in (0.1, 0.5) for s in (0, 1)]

@@ -318,3 +318,19 @@ def test_topk_is_an_axis_where_the_search_has_it():
             parse_list("topk", "global")
         result = _cli("--out", "unused", "--topk", "global")
         assert result.exit_code == 2 and result.output.strip() == "error: unknown search option 'topk'"
+
+
+def test_where_selects_the_points_a_figure_shows(done_sweep, monkeypatch):
+    import maskforge.plot
+
+    drawn = []
+    monkeypatch.setattr(maskforge.plot, "plot_sweep", lambda rows, *a, **k: drawn.append(rows) or [Path("f.png")])
+    result = collect_sweep(done_sweep, where={"k": [0.5], "seed": [1]})
+    assert [row["point"] for row in drawn[0]] == [_name(0.5, 1), "dense,arch=fc,width=1.0,seed=1"]
+    assert len(result.rows) == 6 and len(_csv(done_sweep / "results.csv")) == 6  # the table keeps every point
+    nothing = collect_sweep(done_sweep, where={"k": [0.9]})
+    assert nothing.figures == [] and nothing.figure_note == "no figure: no finished point matches the selection"
+    bad = cli.invoke(app, ["plot", str(done_sweep), "--where", "colour=red"])
+    assert bad.exit_code == 2 and bad.output.strip() == "error: unknown search option 'colour'"
+    none = cli.invoke(app, ["plot", str(done_sweep), "--where", "k=0.9"])
+    assert none.exit_code == 2 and none.output.strip().endswith("no figure: no finished point matches the selection")

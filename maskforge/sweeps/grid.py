@@ -198,6 +198,17 @@ def options_from_text(texts: Mapping[str, str | None], seeds: str | None = None)
     return options
 
 
+def parse_where(items: Sequence[str]) -> dict[str, list]:
+    """['init=signed_constant', 'k=0.1,0.5'] -> {'init': ['signed_constant'], 'k': [0.1, 0.5]}."""
+    where: dict[str, list] = {}
+    for item in items:
+        name, sep, text = str(item).partition("=")
+        if not sep or not name.strip():
+            raise MaskforgeError(f"where: {item!r} is not OPTION=VALUE[,VALUE...]")
+        where[name.strip()] = parse_list(name.strip(), text)
+    return where
+
+
 def parse_seeds(text: str) -> list[int]:
     """'3' -> the seeds 0, 1, 2; '0,5,9' -> those seeds; '7:10' -> 7, 8, 9."""
     text = str(text).strip()

@@ -23,7 +23,7 @@ from ..dense import train_dense
 from ..errors import MaskforgeError
 from ..fileio import ensure_writable_dir
 from ..search import resume, search
-from .grid import Point, SweepRecord, check_figure_axes, make_grid, read_record, record_grid
+from .grid import DENSE_SHARED, Point, SweepRecord, check_figure_axes, make_grid, read_record, record_grid
 from .results import is_done, point_row, read_status, summarize, write_results, write_status
 
 #: on_point(event, point, info): event "start" (info: index, total) or "end" (info: outcome, seconds, row)
@@ -87,38 +87,55 @@ def sweep(out: str | os.PathLike, options: Mapping[str, Any], *, dense_baseline:
         if on_point:
             on_point("end", point, {"outcome": "failed" if outcome == "bug" else outcome,
                                     "seconds": time.perf_counter() - started, "row": point_row(point, out)})
-    return _finish(out, record, result, [p.name for p in points], figures, x, hue)
+    return _finish(out, record, result, [p.name for p in points], _Figure(figures, x, hue))
 
 
 def collect_sweep(out: str | os.PathLike, *, figures: bool = True, x: str | None = None,
-                  hue: Sequence[str] | None = None, stem: str | os.PathLike | None = None) -> SweepResult:
+                  hue: Sequence[str] | None = None, stem: str | os.PathLike | None = None,
+                  where: Mapping[str, Sequence] | None = None) -> SweepResult:
     """Gather the results of every point in the sweep folder `out` (e.g. after its shards finished):
-    rewrite `out/results.csv`, summarize, and draw the figure of every point. Nothing is run."""
+    rewrite `out/results.csv`, summarize, and draw the figure of every point (or, with `where`
+    ({option: accepted values}), of the points that match). Nothing is run."""
     out = Path(out)
     record = read_record(out)
     if record is None:
         raise MaskforgeError(f"{out} is not a sweep folder (no sweep.json)")
     check_figure_axes(record.axes, x, hue)
     result = SweepResult(out, list(record.axes), [], [])
-    return _finish(out, record, result, [p.name for p in record.points(out)], figures, x, hue, stem)
+    return _finish(out, record, result, [p.name for p in record.points(out)],
+                   _Figure(figures, x, hue, stem, dict(where or {})))
 
 
-def _finish(out: Path, record: SweepRecord, result: SweepResult, plotted: list[str], figures: bool,
-            x: str | None, hue: Sequence[str] | None, stem: str | os.PathLike | None = None) -> SweepResult:
+@dataclass
+class _Figure:
+    """What figure a sweep or a collect draws."""
+
+    draw: bool = True
+    x: str | None = None
+    hue: Sequence[str] | None = None
+    stem: str | os.PathLike | None = None
+    where: dict = field(default_factory=dict)   # option -> accepted values (dense rows: their options only)
+
+    def selects(self, row: dict) -> bool:
+        return all(row[key] in values for key, values in self.where.items()
+                   if row["kind"] == "search" or key in DENSE_SHARED)
+
+
+def _finish(out: Path, record: SweepRecord, result: SweepResult, plotted: list[str], figure: _Figure) -> SweepResult:
     result.rows = [point_row(point, out) for point in record.points(out)]
     write_results(out, result.rows)
     result.summary = summarize(result.rows, result.axes)
-    if figures:
-        rows = [row for row in result.rows if row["point"] in set(plotted)]
+    if figure.draw:
+        rows = [row for row in result.rows if row["point"] in set(plotted) and figure.selects(row)]
         waiting = sum(row["status"] in ("pending", "interrupted") for row in rows)
         if waiting:
             result.figure_note = f"no figure yet: {waiting} point(s) not finished (other shards?)"
-        elif not any(row["status"] == "done" for row in rows):
-            result.figure_note = "no figure: no point finished"
+        elif not any(row["status"] == "done" and row["kind"] == "search" for row in rows):
+            result.figure_note = "no figure: no finished point" + (" matches the selection" if figure.where else "")
         else:
             from ..plot import plot_sweep  # lazy: matplotlib takes a second to import
 
-            result.figures = plot_sweep(rows, result.axes, out, x=x, hue=hue, stem=stem)
+            result.figures = plot_sweep(rows, result.axes, out, x=figure.x, hue=figure.hue, stem=figure.stem)
     return result
 
 
