@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Edge-popup (a subnetwork of random weights) against ordinary dense training, on the same data.
 
-For each architecture (default `conv4` and `fc`) this trains a dense copy the ordinary way — the same
-network with plain `nn.Conv2d`/`nn.Linear` layers (PyTorch's default init, every weight trained, the
-non-affine batch norm of the ResNets kept) — and runs `maskforge.search` (k = 0.5) on the same data with
+For each architecture (default `conv4` and `fc`) this trains a dense copy the ordinary way with the
+library's dense baseline (`maskforge.dense.train_dense`: the same network with plain `nn.Conv2d`/`nn.Linear`
+layers, PyTorch's default init, every weight trained, the non-affine batch norm of the ResNets kept) — and runs `maskforge.search` (k = 0.5) on the same data with
 the same schedule, then prints one comparison line per architecture: held-out accuracy and wall time.
 
 Shared settings (the paper's CIFAR recipe, which `maskforge search` uses): data `mnist5k` (4,000 train /
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -30,12 +29,9 @@ import tempfile
 import time
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-from maskforge import SearchConfig, archs, search
-from maskforge.data import iterate_batches, load_data, normalize, num_batches
-from maskforge.layers import MaskedConv2d, masked_modules
+from maskforge import SearchConfig, search
+from maskforge.dense import DenseConfig, train_dense
 
 DEFAULT_EPOCHS = {"conv4": 10, "fc": 30}
 DATA = "mnist5k"
@@ -45,87 +41,17 @@ ADAM_LR = 1e-3
 K = 0.5
 
 
-def dense_model(arch: str, in_channels: int, num_classes: int, image_size: tuple[int, int], seed: int) -> nn.Module:
-    """`arch` with every masked layer replaced by an ordinary trainable layer of the same shape."""
-    with torch.device("meta"):
-        model = archs.build_structure(arch, archs.arch_args(in_channels, num_classes, image_size), K)
-    for name, layer in list(masked_modules(model).items()):
-        if isinstance(layer, MaskedConv2d):
-            plain: nn.Module = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
-                                         layer.padding, layer.dilation, layer.groups, bias=False)
-        else:
-            plain = nn.Linear(layer.in_features, layer.out_features, bias=False)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, plain)
-    torch.manual_seed(seed)
-    model.to_empty(device="cpu")
-    for module in model.modules():  # PyTorch's default init for the new layers, fresh BN statistics
-        if hasattr(module, "reset_parameters"):
-            module.reset_parameters()
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-    return model
-
-
-def _lr(step: int, total: int, base: float) -> float:
-    return 0.5 * base * (1.0 + math.cos(math.pi * min(1.0, step / max(1, total))))
-
-
-def _accuracy(model: nn.Module, dataset, spec, device: torch.device) -> float:
-    model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for images, labels in iterate_batches(dataset, 256, shuffle=False):
-            logits = model(normalize(images.to(device), spec))
-            correct += int((logits.argmax(1) == labels.to(device)).sum())
-            total += labels.numel()
-    return correct / max(1, total)
-
-
-def train_dense(arch: str, epochs: int, *, optimizer_name: str, seed: int, device: torch.device,
-                max_steps: int | None, label_smoothing: float) -> dict:
-    """Ordinary training of the dense copy; returns accuracy, time and whether the loss stayed finite."""
-    splits = load_data(DATA)
-    spec = splits.spec
-    model = dense_model(arch, spec.channels, spec.num_classes, (spec.height, spec.width), seed).to(device)
-    params = list(model.parameters())
+def dense_run(arch: str, epochs: int, *, optimizer_name: str, seed: int, device: str, max_steps: int | None,
+              label_smoothing: float) -> dict:
+    """The library's dense baseline (maskforge.dense) with this benchmark's recipe: SGD as the search's, or Adam."""
     if optimizer_name == "sgd":
-        optimizer: torch.optim.Optimizer = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM,
-                                                           weight_decay=WEIGHT_DECAY)
-        base_lr = LR
+        recipe = {"optimizer": "sgd", "lr": LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY}
     else:
-        optimizer = torch.optim.Adam(params, lr=ADAM_LR)
-        base_lr = ADAM_LR
-    drop_last = len(splits.train) > BATCH
-    total = num_batches(len(splits.train), BATCH, drop_last=drop_last) * epochs
-    if max_steps is not None:
-        total = min(total, max_steps)
-    started = time.perf_counter()
-    step, finite, last_loss = 0, True, float("nan")
-    for epoch in range(epochs):
-        model.train()
-        for images, labels in iterate_batches(splits.train, BATCH, shuffle=True, seed=seed, epoch=epoch,
-                                              drop_last=drop_last):
-            if step >= total:
-                break
-            for group in optimizer.param_groups:
-                group["lr"] = _lr(step, total, base_lr)
-            loss = F.cross_entropy(model(normalize(images.to(device), spec)), labels.to(device),
-                                   label_smoothing=label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            last_loss = float(loss.detach())
-            if not math.isfinite(last_loss):
-                finite = False
-                break
-        if not finite or step >= total:
-            break
-    train_s = time.perf_counter() - started
-    accuracy = _accuracy(model, splits.heldout, spec, device) if finite else float("nan")
-    return {"heldout_acc": accuracy, "seconds": train_s, "steps": step, "finite": finite,
-            "final_train_loss": last_loss, "optimizer": optimizer_name}
+        recipe = {"optimizer": "adam", "lr": ADAM_LR, "weight_decay": 0.0}
+    result = train_dense(DenseConfig(arch=arch, data=DATA, epochs=epochs, max_steps=max_steps, batch_size=BATCH,
+                                     label_smoothing=label_smoothing, seed=seed, device=device, **recipe))
+    return {"heldout_acc": result.heldout_acc, "seconds": result.seconds, "steps": result.steps,
+            "finite": result.finite, "final_train_loss": result.final_train_loss, "optimizer": optimizer_name}
 
 
 def run_search(arch: str, epochs: int, *, seed: int, device: str, max_steps: int | None,
@@ -143,14 +69,13 @@ def run_search(arch: str, epochs: int, *, seed: int, device: str, max_steps: int
 
 def compare(arch: str, epochs: int, *, seed: int, device: str, max_steps: int | None, dense_optimizer: str,
             label_smoothing: float) -> dict:
-    torch_device = torch.device("cuda" if device == "cuda" else "cpu")
-    dense = train_dense(arch, epochs, optimizer_name=dense_optimizer, seed=seed, device=torch_device,
-                        max_steps=max_steps, label_smoothing=label_smoothing)
+    dense = dense_run(arch, epochs, optimizer_name=dense_optimizer, seed=seed, device=device,
+                      max_steps=max_steps, label_smoothing=label_smoothing)
     note = None
     if not dense["finite"] and dense_optimizer == "sgd":
         note = "dense SGD lr 0.1 diverged (non-finite loss); rerun with Adam lr 1e-3"
-        dense = train_dense(arch, epochs, optimizer_name="adam", seed=seed, device=torch_device,
-                            max_steps=max_steps, label_smoothing=label_smoothing)
+        dense = dense_run(arch, epochs, optimizer_name="adam", seed=seed, device=device,
+                          max_steps=max_steps, label_smoothing=label_smoothing)
     popup = run_search(arch, epochs, seed=seed, device=device, max_steps=max_steps,
                        label_smoothing=label_smoothing)
     return {

@@ -28,6 +28,9 @@ COMMANDS: dict[str, Command] = {
     "eval": Command("maskforge.cli.eval_cmd", "Evaluate a model in onnxruntime: accuracy, agreement with float32, "
                                               "latency, memory and size."),
     "predict": Command("maskforge.cli.predict_cmd", "Classify images: the top-5 classes of each, with softmax probabilities."),
+    "sweep": Command("maskforge.cli.sweep_cmd",
+                     "Run a grid of searches: every combination of the comma lists, each seed, under one folder."),
+    "plot": Command("maskforge.cli.plot_cmd", "Draw figures (PNG + SVG) with matplotlib."),
     "archs": Command("maskforge.cli.archs_cmd", "List the architectures with their masked-weight counts (CIFAR-10 "
                                                 "and ImageNet shapes)."),
 }

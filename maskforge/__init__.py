@@ -1,7 +1,8 @@
 """maskforge: find a subnetwork in a seeded random network (edge-popup) and ship it as seed + mask.
 
 The public API mirrors the CLI, one function per command: `search`/`resume` (maskforge search),
-`inspect_artifact`, `export_onnx`/`export_torch`, `evaluate`, `predict`, `verify_artifact`/`verify_onnx`.
+`inspect_artifact`, `export_onnx`/`export_torch`, `evaluate`, `predict`, `verify_artifact`/`verify_onnx`,
+`sweep`/`collect_sweep` (maskforge sweep), `train_dense` (the dense baseline), `plot` (maskforge plot).
 Names load on first use, so `import maskforge` (and `maskforge --help`) does not import torch.
 
 >>> import maskforge
@@ -28,6 +29,8 @@ _PUBLIC = {
     "export_onnx": "export", "export_torch": "export", "load_torch_export": "export",
     "evaluate": "evaluation", "predict": "predict",
     "verify_artifact": "verify", "verify_onnx": "verify",
+    "sweep": "sweeps", "collect_sweep": "sweeps", "DenseConfig": "dense", "train_dense": "dense",
+    "plot": "plot",
 }
 
 __all__ = ["__version__", "MaskforgeError", *_PUBLIC]

@@ -310,3 +310,122 @@ def test_list_archs_counts_are_independent_counts():
     assert 68_000_000 < entries["wrn50"]["weights_imagenet"] < 69_000_000
     for entry in entries.values():
         assert isinstance(entry["description"], str) and entry["description"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Width multiplier: hidden widths x W (round half to even, at least 1); inputs and classes stay
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _expected_conv_shapes(stage_widths, hidden, in_ch, num_classes, size):
+    """The layer shapes of a Conv-n with the given (already multiplied) widths, written out by hand."""
+    shapes, ch = [], in_ch
+    for w in stage_widths:
+        shapes += [(w, ch, 3, 3), (w, w, 3, 3)]
+        ch = w
+    flat = ch * (size[0] // 2 ** len(stage_widths)) * (size[1] // 2 ** len(stage_widths))
+    return shapes + [(hidden, flat), (hidden, hidden), (num_classes, hidden)]
+
+
+@pytest.mark.parametrize("arch,width,stages,hidden", [
+    ("conv4", 0.5, [32, 64], 128), ("conv4", 2.0, [128, 256], 512), ("conv2", 1.5, [96], 384),
+    ("conv6", 0.25, [16, 32, 64], 64), ("conv8", 0.125, [8, 16, 32, 64], 32),
+])
+def test_conv_width_shapes(arch, width, stages, hidden):
+    with torch.device("meta"):
+        model = build_structure(arch, arch_args(3, 7, (16, 16), width), 0.5)
+    shapes = [tuple(m.weight.shape) for m in masked_modules(model).values()]
+    assert shapes == _expected_conv_shapes(stages, hidden, 3, 7, (16, 16))
+
+
+@pytest.mark.parametrize("width,hidden", [(2.0, (600, 200)), (0.5, (150, 50)),
+                                          # 300 * 0.29 = 86.99999999999999 in binary64: rounds to 87, not 86
+                                          (0.29, (87, 29)), (0.001, (1, 1)), (0.005, (2, 1)),  # 1.5 -> 2, 0.5 -> 0 -> 1
+                                          (1 / 3, (100, 33))])
+def test_fc_width_shapes_and_rounding(width, hidden):
+    model = create_model("fc", in_channels=2, num_classes=5, image_size=(4, 3), width=width, seed=1)
+    shapes = [tuple(m.weight.shape) for m in masked_modules(model).values()]
+    assert shapes == [(hidden[0], 24), (hidden[1], hidden[0]), (5, hidden[1])]
+
+
+def test_width_is_recorded_only_when_not_one():
+    assert arch_args(1, 10, (28, 28)) == {"in_channels": 1, "num_classes": 10, "image_size": [28, 28]}
+    assert arch_args(1, 10, (28, 28), 1) == {"in_channels": 1, "num_classes": 10, "image_size": [28, 28]}
+    assert arch_args(1, 10, (28, 28), 2) == {"in_channels": 1, "num_classes": 10, "image_size": [28, 28],
+                                             "width": 2.0}
+    # the width-1 network is the one built before the width multiplier existed (same names and shapes)
+    plain = create_model("conv2", in_channels=1, num_classes=3, image_size=(8, 8), seed=2)
+    ones = create_model("conv2", in_channels=1, num_classes=3, image_size=(8, 8), seed=2, width=1.0)
+    assert [(n, tuple(p.shape)) for n, p in plain.named_parameters()] == \
+        [("features.0.scores", (64, 1, 3, 3)), ("features.2.scores", (64, 64, 3, 3)),
+         ("classifier.1.scores", (256, 64 * 16)), ("classifier.3.scores", (256, 256)),
+         ("classifier.5.scores", (3, 256))]
+    for a, b in zip(plain.parameters(), ones.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_bad_widths_are_refused():
+    for width in (0, -1.0, float("nan"), float("inf"), True, "2", 65):
+        with pytest.raises(MaskforgeError, match=r"^width must be a number in \(0, 64\]"):
+            arch_args(1, 10, (28, 28), width)
+    for arch in RESNETS:
+        with pytest.raises(MaskforgeError, match=f"architecture {arch} has fixed widths"):
+            build_structure(arch, {"in_channels": 3, "num_classes": 10, "image_size": [32, 32], "width": 2.0}, 0.5)
+    with pytest.raises(MaskforgeError, match=r"^width must be a number"):
+        build_structure("fc", {"in_channels": 3, "num_classes": 10, "image_size": [8, 8], "width": 0}, 0.5)
+
+
+def test_widened_network_forward_backward():
+    model = create_model("conv4", in_channels=1, num_classes=10, image_size=(12, 12), k=0.3, seed=1, width=0.75)
+    _check_forward_backward(model, torch.randn(2, 1, 12, 12), 10)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Weight counts without building (what `maskforge archs` shows) against real builds
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_counts_without_building_equal_a_real_build(arch):
+    from maskforge.archs import count_masked_weights
+
+    # both sides of the 64-px stem switch (3x32x32 and 3x224x224 are checked against torchvision above)
+    cases = [(1, 7, (64, 64)), (2, 1000, (65, 40))]
+    if ARCHS[arch].widens:
+        cases = [(3, 10, (32, 32)), (1, 7, (20, 36)), (2, 1000, (65, 40))]
+        cases += [(3, 10, (32, 32), w) for w in (0.5, 2.0, 0.29)]
+    for in_ch, classes, size, *width in cases:
+        args = arch_args(in_ch, classes, size, *width)
+        with torch.device("meta"):
+            model = build_structure(arch, args, 0.5)
+        built = sum(layer.weight.numel() for layer in masked_modules(model).values())
+        assert count_masked_weights(arch, args) == built, (arch, args)
+
+
+def test_list_archs_builds_nothing(monkeypatch):
+    """`maskforge archs` answers from arithmetic: no torchvision (seconds to import), no network is built."""
+    import sys
+
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")] + ["torchvision"]:
+        monkeypatch.setitem(sys.modules, name, None)  # any import of torchvision now raises ImportError
+    monkeypatch.setattr(nn.Module, "__init__", lambda *a, **k: pytest.fail("list_archs built a module"))
+    entries = list_archs()
+    assert [entry["name"] for entry in entries] == arch_names()
+
+
+def test_an_architecture_registered_without_a_counter_is_counted_by_building_it():
+    from maskforge.archs import count_masked_weights, register_arch
+
+    def tiny(in_channels, num_classes, image_size, k=0.5):
+        return nn.Sequential(MaskedConv2d(in_channels, 5, 3, k=k), nn.Flatten(),
+                             MaskedLinear(5 * (image_size[0] - 2) * (image_size[1] - 2), num_classes, k=k))
+
+    register_arch("tiny-test", "test only")(tiny)
+    try:
+        assert count_masked_weights("tiny-test", arch_args(2, 3, (6, 7))) == 2 * 5 * 9 + 5 * 4 * 5 * 3
+        assert tuple(create_model("tiny-test", in_channels=2, num_classes=3, image_size=(6, 7)).state_dict()[
+            "2.scores"].shape) == (3, 100)
+        with pytest.raises(MaskforgeError, match="architecture tiny-test has fixed widths"):
+            build_structure("tiny-test", arch_args(2, 3, (6, 7), 2.0), 0.5)
+    finally:
+        ARCHS.pop("tiny-test")

@@ -1,0 +1,170 @@
+"""Running a sweep: every point of the grid (or of one shard) one after another, skipping finished points,
+resuming interrupted ones from their checkpoint, and carrying on past a point that fails.
+
+    >>> import maskforge
+    >>> result = maskforge.sweep("runs/fig3", {"arch": "conv4", "k": [0.1, 0.3, 0.5, 0.7, 0.9],
+    ...                                        "seed": [0, 1], "scale_fan": True, "epochs": 10},
+    ...                          dense_baseline=True)                                # doctest: +SKIP
+    >>> result.ok, result.figures                                                    # doctest: +SKIP
+    (True, [PosixPath('runs/fig3/accuracy_vs_k.png'), PosixPath('runs/fig3/accuracy_vs_k.svg')])
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from .. import distributed
+from ..checkpoint import CHECKPOINT_NAME
+from ..dense import train_dense
+from ..errors import MaskforgeError
+from ..fileio import ensure_writable_dir
+from ..search import resume, search
+from .grid import DENSE_SHARED, Point, SweepRecord, check_figure_axes, make_grid, read_record, record_grid
+from .results import is_done, point_row, read_status, summarize, write_results, write_status
+
+#: on_point(event, point, info): event "start" (info: index, total) or "end" (info: outcome, seconds, row)
+PointCallback = Callable[[str, Point, dict], None]
+
+
+@dataclass
+class SweepResult:
+    out: Path
+    axes: list[str]
+    rows: list[dict]                               # every point of the folder, as in results.csv
+    summary: list[dict]                            # mean +- std over seeds (see results.summarize)
+    ran: list[str] = field(default_factory=list)   # points run (or resumed) by this call
+    skipped: list[str] = field(default_factory=list)  # points already finished
+    failed: list[str] = field(default_factory=list)   # points whose run failed in this call
+    bugs: list[str] = field(default_factory=list)     # ... of those, the unexpected failures
+    figures: list[Path] = field(default_factory=list)
+    figure_note: str = ""                          # why no figure was drawn, if none was
+
+    @property
+    def ok(self) -> bool:
+        """True when no point of the folder is failed (pending points of other shards are not failures)."""
+        return not any(row["status"] == "failed" for row in self.rows)
+
+
+def sweep(out: str | os.PathLike, options: Mapping[str, Any], *, dense_baseline: bool = False,
+          shard: tuple[int, int] = (0, 1), progress: bool = False, on_point: PointCallback | None = None,
+          figures: bool = True, x: str | None = None, hue: Sequence[str] | None = None) -> SweepResult:
+    """Run the grid `options` ({search option: value or list}) under `out`; see the module docstring.
+
+    Each point is an ordinary search run folder `out/<axis=value,...>` (dense baselines: `out/dense,...`).
+    `shard=(i, n)` runs only the points whose index in the grid is i modulo n. Afterwards `out/results.csv`
+    lists every point of the folder, and the figure of this grid is drawn once none of its points is pending.
+    """
+    world = distributed.detect()
+    if world.is_distributed:
+        raise MaskforgeError("a sweep runs its points in one process; to use several GPUs or machines, start one "
+                             "process per shard (shard=(i, n)) instead of torchrun")
+    index, count = shard
+    if not (isinstance(index, int) and isinstance(count, int) and 0 <= index < count):
+        raise MaskforgeError(f"shard must be (i, n) with 0 <= i < n, got {shard!r}")
+    out = Path(out)
+    grid = make_grid(options, dense_baseline=dense_baseline)
+    check_figure_axes(list(grid.axes), x, hue)  # before anything runs, not after hours of it
+    ensure_writable_dir(out)
+    record = record_grid(out, grid)
+    points = grid.points(out)
+    result = SweepResult(out, list(grid.axes), [], [])
+    mine = points[index::count]
+    for position, point in enumerate(mine):
+        if on_point:
+            on_point("start", point, {"index": position, "total": len(mine)})
+        started = time.perf_counter()
+        outcome = _run_point(point, out, progress)
+        if outcome in ("failed", "bug"):
+            result.failed.append(point.name)
+            if outcome == "bug":
+                result.bugs.append(point.name)
+        else:
+            (result.ran if outcome == "ran" else result.skipped).append(point.name)
+        if on_point:
+            on_point("end", point, {"outcome": "failed" if outcome == "bug" else outcome,
+                                    "seconds": time.perf_counter() - started, "row": point_row(point, out)})
+    return _finish(out, record, result, [p.name for p in points], _Figure(figures, x, hue))
+
+
+def collect_sweep(out: str | os.PathLike, *, figures: bool = True, x: str | None = None,
+                  hue: Sequence[str] | None = None, stem: str | os.PathLike | None = None,
+                  where: Mapping[str, Sequence] | None = None) -> SweepResult:
+    """Gather the results of every point in the sweep folder `out` (e.g. after its shards finished):
+    rewrite `out/results.csv`, summarize, and draw the figure of every point (or, with `where`
+    ({option: accepted values}), of the points that match). Nothing is run."""
+    out = Path(out)
+    record = read_record(out)
+    if record is None:
+        raise MaskforgeError(f"{out} is not a sweep folder (no sweep.json)")
+    check_figure_axes(record.axes, x, hue)
+    result = SweepResult(out, list(record.axes), [], [])
+    return _finish(out, record, result, [p.name for p in record.points(out)],
+                   _Figure(figures, x, hue, stem, dict(where or {})))
+
+
+@dataclass
+class _Figure:
+    """What figure a sweep or a collect draws."""
+
+    draw: bool = True
+    x: str | None = None
+    hue: Sequence[str] | None = None
+    stem: str | os.PathLike | None = None
+    where: dict = field(default_factory=dict)   # option -> accepted values (dense rows: their options only)
+
+    def selects(self, row: dict) -> bool:
+        return all(row[key] in values for key, values in self.where.items()
+                   if row["kind"] == "search" or key in DENSE_SHARED)
+
+
+def _finish(out: Path, record: SweepRecord, result: SweepResult, plotted: list[str], figure: _Figure) -> SweepResult:
+    result.rows = [point_row(point, out) for point in record.points(out)]
+    write_results(out, result.rows)
+    result.summary = summarize(result.rows, result.axes)
+    if figure.draw:
+        rows = [row for row in result.rows if row["point"] in set(plotted) and figure.selects(row)]
+        waiting = sum(row["status"] in ("pending", "interrupted") for row in rows)
+        if waiting:
+            result.figure_note = f"no figure yet: {waiting} point(s) not finished (other shards?)"
+        elif not any(row["status"] == "done" and row["kind"] == "search" for row in rows):
+            result.figure_note = "no figure: no finished point" + (" matches the selection" if figure.where else "")
+        else:
+            from ..plot import plot_sweep  # lazy: matplotlib takes a second to import
+
+            result.figures = plot_sweep(rows, result.axes, out, x=figure.x, hue=figure.hue, stem=figure.stem)
+    return result
+
+
+def _run_point(point: Point, out: Path, progress: bool) -> str:
+    """'skipped' (finished earlier), 'ran', 'failed' (a MaskforgeError) or 'bug' (anything else)."""
+    folder = out / point.name
+    if is_done(point, folder):
+        return "skipped"
+    previous = read_status(folder)
+    wall, attempts, started = float(previous.get("wall_s", 0.0)), int(previous.get("attempts", 0)) + 1, time.perf_counter()
+
+    def note(error: str | None = None) -> None:
+        # After every epoch, so a killed run loses at most one epoch of its recorded wall time.
+        status = {"wall_s": wall + time.perf_counter() - started, "attempts": attempts, "error": error}
+        write_status(ensure_writable_dir(folder), status)
+
+    note()  # a new attempt: an earlier attempt's error no longer describes the point
+    try:
+        if point.kind == "dense":
+            train_dense(point.config, on_epoch=lambda record: note())
+        elif (folder / CHECKPOINT_NAME).is_file():
+            resume(folder, asdict(point.config), progress=progress, on_epoch=lambda record: note())
+        else:
+            search(point.config, progress=progress, on_epoch=lambda record: note())
+    except MaskforgeError as exc:
+        note(" ".join(str(exc).split()))
+        return "failed"
+    except Exception as exc:  # noqa: BLE001 - one broken point must not stop the sweep
+        note(f"unexpected {type(exc).__name__}: {' '.join(str(exc).split())} (a bug)")
+        return "bug"
+    note()
+    return "ran"
