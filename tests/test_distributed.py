@@ -35,7 +35,7 @@ from maskforge.search import TIMING_FIELDS, SearchConfig, search
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
 
-RUN_FILES = ["artifact.safetensors", "checkpoint.safetensors", "config.json", "metrics.jsonl"]
+RUN_FILES = ["artifact.safetensors", "checkpoint.safetensors", "config.json", "metrics.csv", "metrics.jsonl"]
 
 # Registers two test-only architectures (fc that records its training inputs, and a tiny conv + BN net),
 # makes `search`/`resume` write what each rank returned to SPY_DIR/rank<r>.json, then runs the normal CLI.
@@ -129,7 +129,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     # rank 0 takes while rank 1 steps with an empty batch; two epochs.
     data = str(write_mnist_folder(tmp_path / "data", 1001, 500))
     args = ["--arch", "_spy_fc", "--k", "0.5", "--data", data, "--epochs", "2", "--batch-size", "200",
-            "--device", "cpu", "-q"]
+            "--device", "cpu", "--keep-checkpoint", "-q"]
     out, spies = tmp_path / "ddp", tmp_path / "spies"
     spies.mkdir()
     proc = subprocess.Popen(_torchrun(_launcher(tmp_path), "search", *args, "--out", str(out)), env=_env(spies),

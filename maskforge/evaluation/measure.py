@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 
-from ..data import DataSplits, iterate_batches, load_data, normalize
+from ..data import DataSplits, check_heldout_data, iterate_batches, load_data, normalize
 from ..errors import MaskforgeError
 from ..export import export_onnx
 from ..materialize import materialize
@@ -238,6 +238,7 @@ def load_matching_data(subject: Subject, data: str | None) -> tuple[DataSplits, 
                              f"{_names(spec.class_names)}")
     if not subject.names_known:
         subject.spec = type(spec)(spec.channels, spec.height, spec.width, spec.mean, spec.std, got.class_names)
+    check_heldout_data(subject.provenance(), splits, source)  # warns if not the data the search held out
     return splits, source
 
 
