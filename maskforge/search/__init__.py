@@ -32,6 +32,7 @@ from typing import Any, Callable, Mapping
 from .. import distributed
 from ..artifact import Artifact
 from ..distributed import World
+from ..errors import MaskforgeError
 from ..schema import RESUME_EXTENDABLE, RESUME_OVERRIDABLE, SearchConfig
 from . import notices
 from .device import resolve_device
@@ -121,8 +122,18 @@ def _run(world: World, plan_fn: Callable[[], Plan], on_step: OnStep | None, on_e
             signals.run_dir, signals.resumable = Path(plan.config.out), plan.checkpoint is not None
             return _search(plan, world, signals, on_step if world.is_main else None,
                            on_epoch if world.is_main else None)
+        except RuntimeError as exc:
+            if world.is_distributed and any(text in str(exc) for text in _PEER_LOST):
+                raise MaskforgeError(f"another process of this torchrun job stopped, so this one stops too (torchrun "
+                                     f"restarts the job if --max-restarts allows; it continues from the "
+                                     f"checkpoint): {' '.join(str(exc).split())[:300]}") from None
+            raise
         finally:
             plan.release()
+
+
+#: What gloo says when a peer process died in the middle of a collective.
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer")
 
 
 def _search(plan: Plan, world: World, signals: StopSignals, on_step: OnStep | None,
