@@ -2,7 +2,7 @@
 second refuses with one line naming the first one's process (pid, host, start time); a lock left by a
 dead search is taken over; default folders pass over a folder in use.
 
-The first search runs in a forked child process (a real search, held between two steps), so the lock is
+The first holder is a forked child process that takes the lock exactly as a search does, so the lock is
 seen across processes as it would be from two terminals or two array jobs.
 """
 
@@ -25,24 +25,23 @@ FORK = multiprocessing.get_context("fork")
 COMMON = dict(arch="fc", epochs=1, max_steps=3, batch_size=500, device="cpu", workers=0)
 
 
-def _search_and_wait(out: str, started, release) -> None:
-    """In the child: a search that stops after its first step until `release` is set."""
-    def hold(progress):
-        if progress.step == 1:
-            started.set()
-            release.wait(60)
-
-    search(SearchConfig(**COMMON, out=out), on_step=hold, handle_signals=False)
+def _hold_lock(folder: str, started, release) -> None:
+    """In the child: take the folder's lock as a search does, and keep it until `release` is set. (A forked
+    child must not run torch: the parent's OpenMP pool does not survive a fork.)"""
+    lock = RunLock.acquire(folder)
+    started.set()
+    release.wait(60)
+    lock.release()
 
 
 def test_a_second_search_into_a_busy_folder_is_refused_naming_the_first(tmp_path):
     out = tmp_path / "run"
     started, release = FORK.Event(), FORK.Event()
-    first = FORK.Process(target=_search_and_wait, args=(str(out), started, release))
+    first = FORK.Process(target=_hold_lock, args=(str(out), started, release), daemon=True)
     first.start()
     try:
-        assert started.wait(60), "the first search did not start"
-        files = sorted(p.name for p in out.iterdir())
+        assert started.wait(60), "the first process did not take the lock"
+        (out / "notes.txt").write_text("the first search's folder")
         with pytest.raises(MaskforgeError) as caught:
             search(SearchConfig(**COMMON, out=str(out)))
         message = str(caught.value)
@@ -50,13 +49,17 @@ def test_a_second_search_into_a_busy_folder_is_refused_naming_the_first(tmp_path
                                   f"{socket.gethostname()}, started "), message
         assert re.search(r"started \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", message), message
         assert message.endswith(f"lock file {out / LOCK_NAME}): wait for it to finish, or choose another out folder")
-        assert sorted(p.name for p in out.iterdir()) == files  # the refused search wrote nothing
+        assert sorted(p.name for p in out.iterdir()) == ["notes.txt", LOCK_NAME]  # the refused search wrote nothing
     finally:
         release.set()
         first.join(60)
+        if first.is_alive():
+            first.kill()
     assert first.exitcode == 0
+    # the holder is gone: the next search runs, and its lock goes with it
+    search(SearchConfig(**COMMON, out=str(out)))
     assert sorted(p.name for p in out.iterdir()) == ["artifact.safetensors", "config.json", "metrics.csv",
-                                                     "metrics.jsonl"]  # the lock went with its search
+                                                     "metrics.jsonl", "notes.txt"]
 
 
 def _lock_and_die(folder: str) -> None:
@@ -66,7 +69,7 @@ def _lock_and_die(folder: str) -> None:
 
 def test_a_lock_left_by_a_dead_search_is_taken_over(tmp_path, caplog):
     out = tmp_path / "run"
-    dead = FORK.Process(target=_lock_and_die, args=(str(out),))
+    dead = FORK.Process(target=_lock_and_die, args=(str(out),), daemon=True)
     dead.start()
     dead.join(60)
     assert (out / LOCK_NAME).exists() and f'"pid": {dead.pid}' in (out / LOCK_NAME).read_text()
