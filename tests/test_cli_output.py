@@ -32,8 +32,8 @@ def test_search_json_prints_the_summary(tmp_path):
         "train_loss": metrics[-1]["train_loss"], "file_bytes": (out / "artifact.safetensors").stat().st_size,
         "bits_per_weight": 8 * (out / "artifact.safetensors").stat().st_size / artifact.masked_weights,
         "metrics": str(out / "metrics.jsonl"),
-        "next": [f"maskforge inspect {out / 'artifact.safetensors'}", f"maskforge export {out / 'artifact.safetensors'}",
-                 f"maskforge eval {out / 'artifact.onnx'}"]}
+        "next": [f"maskforge inspect {out / 'artifact.safetensors'}",
+                 f"maskforge export {out / 'artifact.safetensors'}", f"maskforge eval {out / 'artifact.onnx'}"]}
 
 
 def test_plain_progress_writes_a_line_per_epoch_and_a_heartbeat(capsys):

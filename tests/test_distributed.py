@@ -21,6 +21,7 @@ import sys
 import textwrap
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,6 +114,27 @@ def _launcher(tmp_path) -> str:
     return str(path)
 
 
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (torchrun starts its workers in sessions of their own, so
+    killing torchrun's process group leaves them running)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    stack, victims = [pid], []
+    while stack:
+        victims.append(stack.pop())
+        stack.extend(children.get(victims[-1], []))
+    for victim in victims:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def _reports(folder) -> list[dict]:
     return [json.loads((folder / f"rank{rank}.json").read_text()) for rank in (0, 1)]
 
@@ -168,7 +190,7 @@ def ddp_run(tmp_path_factory):
     run = DdpRun(tmp_path_factory.mktemp("ddp"))
     yield run
     if run.proc.poll() is None:
-        os.killpg(run.proc.pid, signal.SIGKILL)  # torchrun and its workers
+        _kill_tree(run.proc.pid)  # torchrun and its workers
         run.proc.wait()
 
 
@@ -227,7 +249,7 @@ def test_elastic_restarts_after_sigterm_on_one_rank_and_a_killed_worker(tmp_path
         _, stderr = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers
+            _kill_tree(proc.pid)  # torchrun and its workers
             proc.wait()
     assert proc.returncode == 0, stderr[-3000:]
     # attempt 0: the same step on both ranks, one after the signal (the agreement is read one poll later)
@@ -275,12 +297,12 @@ def test_torchrun_batchnorm_kill_and_resume_is_exact(tmp_path):
         while time.monotonic() < deadline and victim.poll() is None:
             position = read_position(killed / CHECKPOINT_NAME)
             if position and position["epoch"] == 1 and position["batch_in_epoch"] > 0:
-                os.killpg(victim.pid, signal.SIGKILL)  # torchrun and both workers
+                _kill_tree(victim.pid)  # torchrun and both workers
                 break
             time.sleep(0.02)
     finally:
         if victim.poll() is None:
-            os.killpg(victim.pid, signal.SIGKILL)
+            _kill_tree(victim.pid)
         victim.wait()
     assert not (killed / "artifact.safetensors").exists(), "the run finished before it could be killed"
     # Steps take milliseconds here: the kill lands a few steps after the position seen, wherever that is.

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -26,6 +25,11 @@ import sys
 from pathlib import Path
 
 from ..errors import MaskforgeError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): searches run unlocked, with a warning
+    fcntl = None
 
 LOCK_NAME = "search.lock"
 
@@ -69,6 +73,8 @@ class RunLock:
             except OSError as exc:
                 raise MaskforgeError(f"cannot create the lock file {path}: {exc.strerror or exc}") from None
             try:
+                if fcntl is None:
+                    raise OSError(errno.ENOSYS, "no POSIX locks on this system")
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
                 if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):

@@ -13,7 +13,8 @@ caller ignores, as `nohup` does for SIGINT, stays ignored) and restores the prev
 
 Under torchrun the signal may reach one rank or all of them, at different steps. `StopAgreement.poll`
 is called by every rank after every step: each rank contributes its flag to an all-reduce (MAX) on a
-gloo group of its own, issued asynchronously at one poll and read at the next, so it costs no waiting.
+gloo group of its own, issued asynchronously at one poll and read at the next, so it runs while a step
+computes (its cost is not measured yet).
 Every rank issues the same sequence of these all-reduces and reads the same maxima, so all ranks decide
 to stop at the same step, and the collective checkpoint that follows cannot deadlock.
 """
