@@ -2,26 +2,46 @@
 
 User errors (`MaskforgeError`, bad options) print one `error: ...` line on stderr and exit 2. Anything
 else is a bug: one line with a hint and exit 1, or the full traceback with `--debug` (or the environment
-variable MASKFORGE_DEBUG=1). The debug choice lives in the Typer context, not in a global.
+variable MASKFORGE_DEBUG=1), which may come before or after the command's name. The debug choice lives in
+the Typer context, not in a global. Ctrl-C prints `error: interrupted` and exits 130, SIGTERM
+`error: terminated` and 143, at any moment (a search first saves its checkpoint: cli/search_cmd.py).
+What the library logs is shown as lines on stderr (cli/logs.py).
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 from typing import Annotated
 
 import typer
 from typer.core import TyperCommand, TyperGroup
 
+from maskforge import __version__
 from maskforge.errors import MaskforgeError
 
+from . import logs
 from .commands import COMMANDS
 
 
 class _Bug(Exception):
     """An unexpected failure, already described for the one-line report."""
+
+
+class _Stopped(Exception):
+    """A signal ended the command: (message, exit code)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside a search (which handles it itself): stop like Ctrl-C, exit 143."""
+
+    exit_code = 128 + signal.SIGTERM
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
 
 
 class _Commands(TyperGroup):
@@ -41,10 +61,22 @@ class _Commands(TyperGroup):
             self.add_command(_load(args[0]), args[0])
         return super().resolve_command(ctx, args)
 
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except KeyboardInterrupt as exc:  # while parsing the command line; Typer would exit 130 silently
+            code = getattr(exc, "exit_code", 130)
+            raise _Stopped("terminated" if code == Terminated.exit_code else "interrupted", code) from None
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except (typer.TyperException, typer.Exit, typer.Abort, KeyboardInterrupt, MaskforgeError):
+        except KeyboardInterrupt as exc:  # Typer would turn it into a silent exit 130
+            if (ctx.obj or {}).get("debug"):
+                raise
+            code = getattr(exc, "exit_code", 130)
+            raise _Stopped("terminated" if code == Terminated.exit_code else "interrupted", code) from None
+        except (typer.TyperException, typer.Exit, typer.Abort, MaskforgeError):
             raise
         except Exception as exc:  # noqa: BLE001 - the last line of defence
             if (ctx.obj or {}).get("debug"):
@@ -53,6 +85,11 @@ class _Commands(TyperGroup):
                        f"traceback and report it)") from exc
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        args = _debug_first(list(sys.argv[1:] if args is None else args))
+        previous_term = signal.getsignal(signal.SIGTERM)
+        if previous_term is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _terminate)
+        handler = logs.install()
         try:
             result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except typer.TyperException as exc:  # usage errors: unknown option, bad value...
@@ -61,13 +98,27 @@ class _Commands(TyperGroup):
             _fail(exc.format_message(), 2)
         except typer.Exit as exc:
             sys.exit(exc.exit_code)
-        except (typer.Abort, KeyboardInterrupt):
-            _fail("interrupted", 130)
+        except (typer.Abort, KeyboardInterrupt) as exc:
+            _fail("terminated" if isinstance(exc, Terminated) else "interrupted", getattr(exc, "exit_code", 130))
+        except _Stopped as exc:
+            _fail(*exc.args)
         except MaskforgeError as exc:
             _fail(str(exc), 2)
         except _Bug as exc:
             _fail(str(exc), 1)
+        finally:
+            logs.uninstall(handler)
+            if previous_term is signal.SIG_DFL:
+                signal.signal(signal.SIGTERM, previous_term)
         sys.exit(result if isinstance(result, int) else 0)
+
+
+def _debug_first(args: list[str]) -> list[str]:
+    """`--debug` is an option of `maskforge` itself; accept it after the command's name too (before `--`)."""
+    end = args.index("--") if "--" in args else len(args)
+    if "--debug" not in args[:end]:
+        return args
+    return ["--debug", *(arg for arg in args[:end] if arg != "--debug"), *args[end:]]
 
 
 def _load(name: str):
@@ -95,14 +146,22 @@ app = typer.Typer(
 )
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"maskforge {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _root(ctx: typer.Context,
-          debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for unexpected errors.")]
-          = False) -> None:
+          debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for unexpected errors (also "
+                                                              "accepted after the command's name).")] = False,
+          version: Annotated[bool, typer.Option("--version", help="Show maskforge's version and exit.",
+                                                is_eager=True, callback=_show_version)] = False) -> None:
     """maskforge: search -> artifact (seed + mask) -> export (ONNX) -> eval (onnxruntime)."""
     ctx.obj = {"debug": debug or os.environ.get("MASKFORGE_DEBUG", "") not in ("", "0")}
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point (also `python -m maskforge` and `python -m maskforge.cli`)."""
+    app(prog_name="maskforge")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import json
+import shlex
 import sys
 import typing
 from pathlib import Path
@@ -28,7 +30,10 @@ _EXAMPLES = """Search a subnetwork of a seeded random network with edge-popup an
 Only the scores are trained; the weights stay at their seeded random values. The artifact stores the
 seed, one bit per weight and the batch-norm statistics.
 
-Example: maskforge search --arch conv4 --k 0.5 --epochs 10 --out runs/conv4
+Example: maskforge search --arch conv4 --k 0.5 --epochs 10      (writes runs/conv4-k0.5-s0/)
+
+Ctrl-C or SIGTERM stops at the next step with a checkpoint (exit 130 or 143); the same command, or
+--resume DIR, continues it. Outside a terminal, progress is one line per epoch on stderr.
 
 Several GPUs or nodes: start the same command with torchrun, e.g.
 torchrun --nproc-per-node 8 -m maskforge.cli search --arch wrn50 --data /imagenet --batch-size 256 ...
@@ -69,44 +74,98 @@ CONFIG_OPTIONS = [_option(field.name, _HINTS[field.name]) for field in dataclass
 
 
 def search_command(ctx: typer.Context, resume_dir: Optional[Path] = None, quiet: bool = False,
-                   **options: Any) -> None:
+                   overwrite: bool = False, as_json: bool = False, **options: Any) -> None:
     given = {name: value for name, value in options.items() if value is not None}
-    from maskforge.search import resume, search  # torch loads here, not for --help
+    from maskforge.distributed import detect
+    from maskforge.search import SearchInterrupted, resume, search  # torch loads here, not for --help
 
-    with contextlib.ExitStack() as stack:
-        callbacks = {}
-        if not quiet and sys.stderr.isatty():
-            from .progress import SearchProgress
+    from . import logs
 
-            bar = stack.enter_context(SearchProgress())
-            callbacks = {"on_step": bar.on_step, "on_epoch": bar.on_epoch}
-        if resume_dir is not None:
-            result = resume(resume_dir, given, **callbacks)
-        else:
-            result = search(SearchConfig(**given), **callbacks)
+    if quiet:
+        logs.quiet()
+    try:
+        with contextlib.ExitStack() as stack:
+            callbacks = {}
+            if not quiet:
+                from .progress import LineProgress, SearchProgress
+
+                shown = stack.enter_context(SearchProgress()) if sys.stderr.isatty() else LineProgress()
+                callbacks = {"on_step": shown.on_step, "on_epoch": shown.on_epoch}
+            if resume_dir is not None:
+                result = resume(resume_dir, given, **callbacks)
+            else:
+                result = search(SearchConfig(**given), overwrite=overwrite, **callbacks)
+    except SearchInterrupted as stopped:
+        if detect().is_main:
+            _report_interrupted(stopped, as_json, resume_dir is None)
+        raise typer.Exit(stopped.exit_code) from None
     if result.rank != 0:
         return  # under torchrun only rank 0 reports
-    from rich.console import Console
-
-    console = Console()
-    art = result.artifact
+    summary = _summary(result)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
     last = result.metrics[-1]
-    console.print(f"[bold green]done[/]: {art.arch} k={art.k} seed={art.seed}  held-out accuracy "
-                  f"{last['heldout_acc']:.2%} after {last['epoch']} epoch(s), {last['step']} steps")
-    console.print(f"artifact {result.artifact_path} ({art.file_bytes:,} bytes, "
-                  f"{8 * art.file_bytes / art.masked_weights:.3f} bits per masked weight)")
+    done = typer.style("done", fg="green", bold=True) if sys.stdout.isatty() else "done"
+    typer.echo(f"{done}: {summary['arch']} k={summary['k']} seed={summary['seed']}  held-out accuracy "
+               f"{last['heldout_acc']:.2%} after {last['epoch']} epoch(s), {last['step']} steps")
+    typer.echo(f"artifact {result.artifact_path} ({summary['file_bytes']:,} bytes, "
+               f"{summary['bits_per_weight']:.3f} bits per masked weight)")
+    typer.echo("next:\n" + "".join(f"  {command}\n" for command in summary["next"]).rstrip("\n"))
+
+
+def _summary(result) -> dict:
+    """What `--json` prints: the run, its result and the commands that take it further."""
+    art, last = result.artifact, result.metrics[-1]
+    artifact = str(result.artifact_path)
+    onnx = str(result.artifact_path.with_suffix(".onnx"))
+    return {"run_dir": str(result.run_dir), "artifact": artifact, "arch": art.arch, "k": art.k, "seed": art.seed,
+            "epochs": last["epoch"], "steps": last["step"], "heldout_acc": last["heldout_acc"],
+            "heldout_loss": last["heldout_loss"], "train_loss": last["train_loss"],
+            "file_bytes": art.file_bytes, "bits_per_weight": 8 * art.file_bytes / art.masked_weights,
+            "metrics": str(result.run_dir / "metrics.jsonl"),
+            "next": [f"maskforge inspect {shlex.quote(artifact)}", f"maskforge export {shlex.quote(artifact)}",
+                     f"maskforge eval {shlex.quote(onnx)}"]}
+
+
+def _report_interrupted(stopped, as_json: bool, fresh: bool) -> None:
+    """Where the checkpoint is and the exact command that continues the search (stderr; JSON on stdout)."""
+    command = None
+    if stopped.resumable and stopped.run_dir is not None:
+        from maskforge.distributed import detect
+
+        folder = shlex.quote(str(stopped.run_dir))
+        command = (f"torchrun <the same torchrun options> -m maskforge.cli search --resume {folder}"
+                   if detect().is_distributed else f"maskforge search --resume {folder}")
+    typer.echo(stopped.describe(), err=True)
+    if command:
+        typer.echo(f"continue with: {command}" + (" (or run the same command again)" if fresh else ""), err=True)
+    if as_json:
+        typer.echo(json.dumps({"interrupted": stopped.signal_name, "exit_code": stopped.exit_code,
+                               "run_dir": str(stopped.run_dir) if stopped.run_dir else None,
+                               "checkpoint_step": stopped.checkpoint_step, "total_steps": stopped.total_steps,
+                               "resume": command}, indent=2))
 
 
 _RESUME = inspect.Parameter("resume_dir", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
     Optional[Path], typer.Option(
         "--resume", metavar="DIR",
         help="Continue the search in run folder DIR from its checkpoint, with the arguments recorded in "
-             "DIR/config.json. Only --workers and --checkpoint-every may change; any other option given must "
-             "equal the recorded value. The final artifact is the one the uninterrupted search writes.")])
-_QUIET = inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, default=False,
-                           annotation=Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")])
+             "DIR/config.json. --workers, --checkpoint-every, --keep-checkpoint and --tensorboard may change; "
+             "--epochs and --max-steps may grow (extending the search, a finished one too if it kept its "
+             "checkpoint); any other option given must equal the recorded value. Unless extended, the final "
+             "artifact is the one the uninterrupted search writes.")])
+_QUIET = inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
+    bool, typer.Option("--quiet", "-q", help="No progress and no notices: warnings, errors and the summary only.")])
+_OVERWRITE = inspect.Parameter("overwrite", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
+    bool, typer.Option("--overwrite", help="Replace the search in --out (finished, or unfinished with other "
+                                           "arguments): its files move to OUT/previous-N/ first. Without --out: "
+                                           "start a new numbered folder instead of continuing an unfinished one.")])
+_JSON = inspect.Parameter("as_json", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
+    bool, typer.Option("--json", help="Print the summary (run folder, artifact, accuracy, next commands) as JSON "
+                                      "on stdout.")])
 search_command.__signature__ = inspect.Signature(
     [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
-     *CONFIG_OPTIONS, _RESUME, _QUIET])
+     *CONFIG_OPTIONS, _RESUME, _QUIET, _OVERWRITE, _JSON])
 search_command.__doc__ = _EXAMPLES
 app.command("search")(search_command)

@@ -24,7 +24,7 @@ _PUBLIC = {
     "Artifact": "artifact", "load_artifact": "artifact", "save_artifact": "artifact",
     "inspect_artifact": "artifact",
     "SearchConfig": "schema", "InputSpec": "schema",
-    "SearchResult": "search", "search": "search", "resume": "search",
+    "SearchResult": "search", "search": "search", "resume": "search", "SearchInterrupted": "search",
     "materialize": "materialize",
     "export_onnx": "export", "export_torch": "export", "load_torch_export": "export",
     "evaluate": "evaluation", "predict": "predict",

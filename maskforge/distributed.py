@@ -106,7 +106,8 @@ def process_group(world: World) -> Iterator[None]:
     else:
         backend = "gloo"
     try:
-        dist.init_process_group(backend=backend, rank=world.rank, world_size=world.world_size, timeout=TIMEOUT)
+        dist.init_process_group(backend=backend, rank=world.rank, world_size=world.world_size, timeout=TIMEOUT,
+                                store=_attempt_store(world))
     except (ValueError, RuntimeError) as exc:
         raise MaskforgeError(f"cannot join the torchrun process group ({backend}): "
                              f"{' '.join(str(exc).split())}") from None
@@ -114,6 +115,20 @@ def process_group(world: World) -> Iterator[None]:
         yield
     finally:
         dist.destroy_process_group()
+
+
+def _attempt_store(world: World):
+    """Under torchrun's shared agent store, a store of this elastic attempt's own (None: the default).
+
+    The agent keeps one store across `--max-restarts` restarts, and the process group's keys (gloo's
+    peer addresses among them) would be found by the restarted workers and lead them to dead peers: the
+    restart hangs. Older torch prefixed each attempt itself (`/worker/attempt_N`); we do the same.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store, _, _ = next(dist.rendezvous("env://", world.rank, world.world_size, timeout=TIMEOUT))
+    return dist.PrefixStore(f"maskforge/attempt_{attempt}", store)
 
 
 def run_on_main(fn: Callable[[], Any], world: World, what: str = "") -> Any:

@@ -4,12 +4,19 @@ Every file maskforge writes goes through `atomic_write`: the bytes go to a tempo
 folder (so the final rename never crosses file systems), are flushed and fsynced, and only then renamed
 over the destination. If anything fails on the way the temporary file is removed and the destination is
 left as it was.
+
+A write that fails because the disk is full (ENOSPC), a quota is exceeded (EDQUOT) or the file would pass
+a size limit (EFBIG, e.g. `ulimit -f`) gives one `MaskforgeError` that says so and that the previous file
+is unchanged, also when the writer is a library that reports the OS error in its own exception type
+(safetensors says "... (os error 27)").
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
@@ -63,7 +70,7 @@ def atomic_path(destination: str | os.PathLike) -> Iterator[Path]:
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp", dir=folder)
     except OSError as exc:
-        raise MaskforgeError(f"cannot write {destination}: {exc.strerror or exc}") from None
+        raise MaskforgeError(write_error(destination, exc.errno, exc.strerror or str(exc))) from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -75,10 +82,40 @@ def atomic_path(destination: str | os.PathLike) -> Iterator[Path]:
         _fsync_dir(folder)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise MaskforgeError(f"cannot write {destination}: {exc.strerror or exc}") from None
-    except BaseException:
+        raise MaskforgeError(write_error(destination, exc.errno, exc.strerror or str(exc))) from None
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        code = _reported_errno(exc)
+        if code in _NO_ROOM:
+            raise MaskforgeError(write_error(destination, code, os.strerror(code))) from None
         raise
+
+
+#: errno values that mean "no room for this file": the disk, a quota or a file-size limit
+_NO_ROOM = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_WHY = {errno.ENOSPC: "the disk is full", errno.EFBIG: "the file would exceed the file-size limit (ulimit -f) "
+        "or the file system's largest file", getattr(errno, "EDQUOT", errno.ENOSPC): "the disk quota is exhausted"}
+
+
+def write_error(destination: str | os.PathLike, code: int | None, reason: str) -> str:
+    """The message of a failed write of `destination`: the OS reason, and for a full disk what that means."""
+    message = f"cannot write {destination}: {reason}"
+    if code in _NO_ROOM:
+        message += f" ({_WHY[code]}; the previous {Path(destination).name}, if any, is unchanged)"
+    return message
+
+
+def _reported_errno(exc: BaseException) -> int | None:
+    """The errno of an OS error that a writer library wrapped in its own exception (or its cause)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return exc.errno
+        found = re.search(r"os error (\d+)", str(exc))  # Rust's io::Error, e.g. safetensors
+        if found:
+            return int(found.group(1))
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
 
 
 def atomic_write(destination: str | os.PathLike, data: bytes | str | Callable[[Path], None]) -> Path:

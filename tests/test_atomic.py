@@ -9,6 +9,9 @@
   (docs/TROUBLESHOOTING.md).
 * Simulated full disk (ENOSPC at write, fsync or rename): a clear `MaskforgeError`, the old file intact,
   no temporary file left.
+* A real "no room" error from the kernel: a child process under `RLIMIT_FSIZE` (writes past the limit
+  fail with EFBIG) rewrites an artifact, a checkpoint, metrics and a report, and extends a search through
+  the CLI: each fails with one clear error that names the file, and every previous file is intact.
 * Every writer in the library goes through `maskforge.fileio` (an AST scan of the source).
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import errno
+import json
 import os
 import random
 import signal
@@ -240,3 +244,67 @@ def test_every_library_writer_is_atomic():
         if problems:
             offenders[str(source.relative_to(PACKAGE_DIR.parent))] = problems
     assert not offenders, f"file writes that bypass maskforge.fileio (use atomic_write/atomic_path): {offenders}"
+
+
+# --- a real EFBIG: RLIMIT_FSIZE in a child process ---------------------------------------------------------
+
+_LIMITED = r"""
+import json, resource, sys
+from pathlib import Path
+
+run, limit = Path(sys.argv[1]), int(sys.argv[2])
+from maskforge.artifact import load_artifact, save_artifact
+from maskforge.checkpoint import load_checkpoint, save_checkpoint
+from maskforge.errors import MaskforgeError
+from maskforge.fileio import atomic_write
+from maskforge.search.metricfiles import write_metrics
+
+artifact = load_artifact(run / "artifact.safetensors")
+checkpoint = load_checkpoint(run / "checkpoint.safetensors")
+records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # from here on, no file may grow past `limit`
+results = {}
+for name, write in [("artifact", lambda: save_artifact(artifact, run / "artifact.safetensors")),
+                    ("checkpoint", lambda: save_checkpoint(checkpoint, run / "checkpoint.safetensors")),
+                    ("metrics", lambda: write_metrics(run, records * 100)),
+                    ("report", lambda: atomic_write(run / "report.json", "x" * (limit + 1)))]:
+    try:
+        write()
+        results[name] = "written"
+    except MaskforgeError as exc:
+        results[name] = str(exc)
+print(json.dumps(results), flush=True)
+from maskforge.cli import main
+sys.argv = ["maskforge", "search", "--resume", str(run), "--epochs", "3", "-q"]
+main()
+"""
+
+
+def test_no_room_for_a_file_is_one_clear_error_and_the_previous_file_stays(tmp_path):
+    from maskforge.search import SearchConfig, search
+
+    run = tmp_path / "run"
+    search(SearchConfig(arch="fc", epochs=2, batch_size=500, device="cpu", keep_checkpoint=True, out=str(run)))
+    (run / "report.json").write_text("the previous report")
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    limit = 20_000  # above config.json, below the artifact (35 kB), the checkpoint (2 MB), 200 metrics records
+    assert len(before["artifact.safetensors"]) > limit and len(before["config.json"]) < limit
+    child = subprocess.run([sys.executable, "-c", _LIMITED, str(run), str(limit)], capture_output=True, text=True,
+                           timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    why = f"{os.strerror(errno.EFBIG)} (the file would exceed the file-size limit (ulimit -f) or the file system's " \
+          f"largest file; the previous {{name}}, if any, is unchanged)"
+    results = json.loads(child.stdout.splitlines()[0])
+    for kind, name in [("artifact", "artifact.safetensors"), ("checkpoint", "checkpoint.safetensors"),
+                       ("metrics", "metrics.jsonl"), ("report", "report.json")]:
+        assert results[kind] == f"cannot write {run / name}: " + why.format(name=name), results[kind]
+    # The CLI: the extension ran its epoch, then could not write the checkpoint: one line, exit 2.
+    assert child.returncode == 2, child.stderr
+    assert child.stderr.splitlines() == [f"error: cannot write {run / 'checkpoint.safetensors'}: "
+                                         + why.format(name="checkpoint.safetensors")], child.stderr
+    assert (run / "checkpoint.safetensors").read_bytes() == before["checkpoint.safetensors"]
+    # metrics.jsonl was rewritten whole by the extension's third epoch, before its checkpoint failed
+    assert (run / "metrics.jsonl").read_bytes().startswith(before["metrics.jsonl"])
+    # the extension had moved the finished search's artifact and the report aside, untouched
+    for name in ("artifact.safetensors", "report.json"):
+        assert (run / "previous-1" / name).read_bytes() == before[name], name
+    assert not [p.name for p in run.rglob(".*.tmp")]

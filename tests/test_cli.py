@@ -175,7 +175,7 @@ def test_search_options_are_built_from_the_schema():
     command = typer.main.get_command(app).commands["search"]
     options = {param.name: param for param in command.params}
     fields = {field.name for field in dataclasses.fields(SearchConfig)}
-    assert set(options) == fields | {"resume_dir", "quiet", "ctx"} - {"ctx"}
+    assert set(options) == fields | {"resume_dir", "quiet", "overwrite", "as_json"}
     for name in fields:
         description = SearchConfig.__pydantic_fields__[name].description
         assert options[name].help.startswith(description), name

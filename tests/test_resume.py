@@ -147,13 +147,13 @@ def test_resume_is_exact_with_batchnorm_augmentation_and_momentum(tmp_path, bn_a
     assert len(load_checkpoint(run / CHECKPOINT_NAME).document["metrics"]) == 1
 
     epochs_seen = []
-    result = resume(run, on_epoch=lambda record: epochs_seen.append(record["epoch"]))
+    result = resume(run, {"keep_checkpoint": True}, on_epoch=lambda record: epochs_seen.append(record["epoch"]))
     assert epochs_seen == [2, 3]
     assert (run / "artifact.safetensors").read_bytes() == (tmp_path / "ref" / "artifact.safetensors").read_bytes()
     assert _metrics(run) == _metrics(tmp_path / "ref")
     assert result.metrics[-1]["heldout_acc"] == reference.metrics[-1]["heldout_acc"]
 
-    # Resuming a finished run changes nothing: it rebuilds the same artifact.
+    # Resuming a finished run (that kept its checkpoint) changes nothing: it rebuilds the same artifact.
     before = (run / "artifact.safetensors").read_bytes()
     resume(run)
     assert (run / "artifact.safetensors").read_bytes() == before
@@ -168,7 +168,7 @@ def test_checkpoint_holds_what_the_search_had(tmp_path):
         seen["record"] = record
 
     result = search(SearchConfig(arch="fc", epochs=1, max_steps=2, batch_size=500, device="cpu", workers=0,
-                                 out=str(out)), on_epoch=spy)
+                                 keep_checkpoint=True, out=str(out)), on_epoch=spy)
     ckpt = load_checkpoint(out / CHECKPOINT_NAME)
     assert ckpt.position == {"epoch": 1, "batch_in_epoch": 0, "step": 2, "steps_per_epoch": 8, "total_steps": 2}
     assert ckpt.document["metrics"] == [seen["record"]]
@@ -192,7 +192,8 @@ def test_checkpoint_holds_what_the_search_had(tmp_path):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("finished") / "run"
-    search(SearchConfig(arch="fc", epochs=1, max_steps=2, batch_size=500, device="cpu", workers=0, out=str(out)))
+    search(SearchConfig(arch="fc", epochs=1, max_steps=2, batch_size=500, device="cpu", workers=0,
+                        keep_checkpoint=True, out=str(out)))
     return out
 
 
@@ -223,6 +224,8 @@ def test_resume_of_a_missing_folder(tmp_path):
 def test_resume_without_a_checkpoint(finished_run, tmp_path):
     run = _copy(finished_run, tmp_path)
     (run / CHECKPOINT_NAME).unlink()
+    _fails(["search", "--resume", str(run)], "holds a finished search (artifact.safetensors): nothing to resume", run)
+    (run / "artifact.safetensors").unlink()  # a search that stopped before its first checkpoint
     _fails(["search", "--resume", str(run)], "no checkpoint at", run)
 
 
@@ -289,7 +292,7 @@ def test_resume_with_a_checkpoint_whose_tensors_do_not_fit(finished_run, tmp_pat
 
 @pytest.mark.parametrize("argv,needle", [
     (["--k", "0.3"], ": k 0.3 (recorded: 0.5) conflict with the arguments recorded in"),
-    (["--epochs", "5"], ": epochs 5 (recorded: 1) conflict with"),
+    (["--batch-size", "100"], ": batch_size 100 (recorded: 500) conflict with"),
     (["--arch", "conv2", "--lr", "0.2"], ": arch conv2 (recorded: fc); lr 0.2 (recorded: 0.1) conflict with"),
     (["--out", "somewhere/else"], ": out somewhere/else (the run folder is "),
     (["--compile"], ": compile True (recorded: False) conflict with"),
@@ -306,7 +309,10 @@ def test_resume_accepts_repeated_and_operational_arguments(finished_run, tmp_pat
                                       "--workers", "3", "--checkpoint-every", "5", "--out", str(run), "-q"])
     assert result.exit_code == 0, result.output
     assert (run / "artifact.safetensors").read_bytes() == before
-    assert json.loads((run / "config.json").read_text())["workers"] == 0  # the record is not rewritten
+    # the record holds what the run now uses: the new operational values, the same search
+    recorded = json.loads((finished_run / "config.json").read_text())
+    assert json.loads((run / "config.json").read_text()) == {**recorded, "out": str(run), "workers": 3,
+                                                             "checkpoint_every": 5}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
@@ -339,18 +345,12 @@ def test_resume_with_another_number_of_processes(finished_run, tmp_path):
 
 def test_fresh_search_refuses_to_overwrite_an_unfinished_run(finished_run, tmp_path):
     run = _copy(finished_run, tmp_path)
+    (run / "artifact.safetensors").unlink()
     ckpt = load_checkpoint(run / CHECKPOINT_NAME)
     position = dict(ckpt.position, epoch=0, batch_in_epoch=1, step=1)
     save_checkpoint(Checkpoint(dict(ckpt.document, position=position), ckpt.tensors), run / CHECKPOINT_NAME)
-    _fails(["search", "--arch", "fc", "--out", str(run)], "holds an unfinished search", run)
+    _fails(["search", "--arch", "fc", "--out", str(run)], "holds an unfinished search with other arguments", run)
 
-
-def test_fresh_search_may_overwrite_a_finished_run(finished_run, tmp_path):
-    run = _copy(finished_run, tmp_path)
-    result = CliRunner().invoke(app, ["search", "--arch", "fc", "--epochs", "1", "--max-steps", "1",
-                                      "--batch-size", "500", "--device", "cpu", "--out", str(run), "-q"])
-    assert result.exit_code == 0, result.output
-    assert load_checkpoint(run / CHECKPOINT_NAME).position["step"] == 1
 
 
 def test_load_checkpoint_errors_are_maskforge_errors(tmp_path):

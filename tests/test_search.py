@@ -8,6 +8,7 @@ registered in the public registry); smaller data sets are MNIST folders written 
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import math
@@ -126,12 +127,18 @@ def test_run_folder_contents_and_metrics(tmp_path, small_demo):
     steps, epochs = [], []
     result = search(config, on_step=lambda progress: steps.append(progress.step), on_epoch=epochs.append)
     out = Path(config.out)
-    assert sorted(p.name for p in out.iterdir()) == ["artifact.safetensors", "checkpoint.safetensors",
-                                                      "config.json", "metrics.jsonl"]
+    # the checkpoint is removed when the search finishes (keep_checkpoint keeps it)
+    assert sorted(p.name for p in out.iterdir()) == ["artifact.safetensors", "config.json", "metrics.csv",
+                                                      "metrics.jsonl"]
     assert result.artifact_path == out / "artifact.safetensors"
     assert SearchConfig.from_dict(json.loads((out / "config.json").read_text())) == config
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert records == json.loads(json.dumps(result.metrics)) == json.loads(json.dumps(epochs))
+    # metrics.csv: the same records as a table, every field of a record a column (floats round-trip exactly)
+    with open(out / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [{key: float(value) for key, value in row.items()} for row in rows] == \
+        [{key: float(value) for key, value in record.items()} for record in records]
     assert steps == [1, 2, 3, 4] and [r["step"] for r in records] == [2, 4] and [r["epoch"] for r in records] == [1, 2]
     for record in records:
         assert record["train_loss"] > 0 and np.isfinite(record["train_loss"]) and record["images_per_s"] > 0

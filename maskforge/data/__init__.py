@@ -25,12 +25,13 @@ batch), which is what makes a search reproducible and resumable mid-epoch:
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from ..errors import MaskforgeError
 from ..schema import InputSpec
 from .cifar import find_cifar10
-from .datasets import DataSplits, ImageDataset, InMemoryImages
+from .datasets import DataSplits, ImageDataset, InMemoryImages, heldout_fingerprint, split_warnings
 from .demo import load_mnist5k
 from .imagefolder import IMAGE_EXTENSIONS, ImageFileDataset, load_image_folder
 from .mnist import find_mnist_raw, load_mnist_raw
@@ -38,7 +39,8 @@ from .sampling import derive_seed, iterate_batches, num_batches
 from .transforms import augment_batch, normalize
 
 __all__ = ["load_data", "DataSplits", "ImageDataset", "InMemoryImages", "ImageFileDataset", "InputSpec",
-           "iterate_batches", "num_batches", "derive_seed", "normalize", "augment_batch", "IMAGE_EXTENSIONS"]
+           "iterate_batches", "num_batches", "derive_seed", "normalize", "augment_batch", "IMAGE_EXTENSIONS",
+           "heldout_fingerprint", "split_warnings", "check_heldout_data"]
 
 ACCEPTED_SOURCES = (
     "expected one of: 'mnist5k' (the built-in demo set); a CIFAR-10 folder (cifar-10-batches-py, "
@@ -90,3 +92,19 @@ def _load_folder(path: Path, image_size: int | None) -> DataSplits:
     if (path / "train").is_dir():
         return load_image_folder(path, image_size)
     raise MaskforgeError(f"data source {path} is not a recognized data folder; {ACCEPTED_SOURCES}")
+
+
+def check_heldout_data(provenance: dict, splits: DataSplits, source: str) -> bool:
+    """Whether `splits` holds the held-out data a model was searched with (its provenance's
+    `heldout_digest`); if it does not, log a warning that says so (and True where nothing is recorded)."""
+    recorded = provenance.get("heldout_digest")
+    if not recorded:
+        return True
+    found = heldout_fingerprint(splits)
+    if found == recorded:
+        return True
+    logging.getLogger(__name__).warning(
+        "the held-out data of %s differ from those the model was searched with (%s; held-out digest %s..., "
+        "now %s...): its accuracy here is not comparable with the search's", source,
+        provenance.get("data", "unknown data"), recorded[:12], found[:12])
+    return False

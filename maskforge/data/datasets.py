@@ -6,8 +6,11 @@ batch-level transforms (`maskforge.data.transforms`) that run after the cheap ui
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -74,6 +77,58 @@ class DataSplits:
     heldout: ImageDataset
     spec: InputSpec
     augment: bool  # True for natural images (cifar10, imagefolder): crop+flip would hurt digits
+    notes: list[str] = field(default_factory=list)  # what the loader chose and why (e.g. the image size)
+
+
+def heldout_fingerprint(splits: DataSplits) -> str:
+    """SHA-256 (hex) that identifies the held-out split: its class names and, per example in order, its
+    label and either its pixels (in-memory sets: the demo set, CIFAR-10, MNIST) or its file's path
+    relative to the split's folder (image folders: moving the folder keeps the fingerprint).
+
+    >>> from maskforge.data import load_data
+    >>> len(heldout_fingerprint(load_data("mnist5k")))
+    64
+    """
+    dataset = splits.heldout
+    digest = hashlib.sha256(b"maskforge/heldout/v1\x00")
+    digest.update(json.dumps(list(splits.spec.class_names)).encode("utf-8") + b"\x00")
+    files = getattr(dataset, "files", None)
+    if isinstance(dataset, InMemoryImages):
+        digest.update(f"pixels {list(dataset.images.shape)}\x00".encode("ascii"))
+        digest.update(dataset.images.contiguous().numpy().tobytes())
+        digest.update(dataset.labels.numpy().astype("<i8").tobytes())
+    elif files is not None:
+        root = getattr(dataset, "root", None)
+        for path, label in zip(files, dataset.labels.tolist()):
+            name = os.path.relpath(path, root) if root is not None else str(path)
+            digest.update(f"{Path(name).as_posix()}\t{label}\n".encode("utf-8"))
+    else:  # another ImageDataset: its labels and size only
+        digest.update(f"examples {len(dataset)}\x00".encode("ascii") + dataset.labels.numpy().astype("<i8").tobytes())
+    return digest.hexdigest()
+
+
+def split_warnings(splits: DataSplits) -> list[str]:
+    """What may make the held-out accuracy mislead: classes that one split has and the other lacks."""
+    names = splits.spec.class_names
+    count = len(names)
+    train = np.bincount(splits.train.labels.numpy(), minlength=count)
+    heldout = np.bincount(splits.heldout.labels.numpy(), minlength=count)
+    warnings = []
+    unmeasured = [names[c] for c in range(count) if train[c] and not heldout[c]]
+    if unmeasured:
+        warnings.append(f"the held-out split of {splits.name} has no images of class(es) {_listed(unmeasured)} "
+                        f"that training has: their accuracy is not measured")
+    unlearnable = [names[c] for c in range(count) if heldout[c] and not train[c]]
+    if unlearnable:
+        share = sum(int(heldout[names.index(n)]) for n in unlearnable) / max(1, int(heldout.sum()))
+        warnings.append(f"the held-out split of {splits.name} has class(es) {_listed(unlearnable)} that never occur "
+                        f"in training ({share:.0%} of its images): the search cannot learn them")
+    return warnings
+
+
+def _listed(names: Sequence[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def in_memory_splits(

@@ -37,7 +37,8 @@ class ImageFileDataset(ImageDataset):
     the file.
     """
 
-    def __init__(self, files: Sequence[Path], labels: Sequence[int], channels: int, size: int) -> None:
+    def __init__(self, files: Sequence[Path], labels: Sequence[int], channels: int, size: int,
+                 root: Path | None = None) -> None:
         if len(files) != len(labels):
             raise ValueError(f"{len(files)} files but {len(labels)} labels")
         if channels not in (1, 3):
@@ -48,6 +49,7 @@ class ImageFileDataset(ImageDataset):
         self.labels = torch.as_tensor(list(labels), dtype=torch.int64)
         self.channels = channels
         self.size = size
+        self.root = root  # the split's folder (the files' paths relative to it identify the split)
 
     @property
     def item_shape(self) -> tuple[int, int, int]:
@@ -84,12 +86,16 @@ def load_image_folder(root: Path, image_size: int | None) -> DataSplits:
         raise MaskforgeError(f"held-out folder {heldout_dir} contains no images ({_EXTENSIONS_TEXT})")
 
     channels = _sniff_channels(train_files)
-    size = image_size if image_size is not None else _default_size(train_files[0])
-    train = ImageFileDataset(train_files, train_labels, channels, size)
-    heldout = ImageFileDataset(heldout_files, heldout_labels, channels, size)
+    if image_size is not None:
+        size, why = image_size, "as image_size asks"
+    else:
+        size, why = _default_size(train_files[0])
+    train = ImageFileDataset(train_files, train_labels, channels, size, root / "train")
+    heldout = ImageFileDataset(heldout_files, heldout_labels, channels, size, heldout_dir)
     mean, std = mean_std(_sample_histograms(train))
     spec = InputSpec(channels, size, size, mean, std, tuple(class_names))
-    return DataSplits(str(root), "imagefolder", train, heldout, spec, augment=True)
+    note = f"image folder {root}: images are decoded at {size}x{size} {'gray' if channels == 1 else 'RGB'}, {why}"
+    return DataSplits(str(root), "imagefolder", train, heldout, spec, augment=True, notes=[note])
 
 
 def _class_folders(split_dir: Path) -> list[str]:
@@ -132,11 +138,17 @@ def _sniff_channels(files: Sequence[Path]) -> int:
     return 1
 
 
-def _default_size(first: Path) -> int:
-    """Small images (max side <= 64) keep their size; anything larger is decoded at 224 (ImageNet style)."""
+def _default_size(first: Path) -> tuple[int, str]:
+    """Small images (max side <= 64) keep their size; anything larger is decoded at 224 (ImageNet style).
+    Returns (side, why)."""
     with _open_image(first) as image:
-        side = max(image.size)
-    return side if side <= 64 else 224
+        width, height = image.size
+    side = max(width, height)
+    if side <= 64:
+        return side, (f"the size of its first training image {first.name} ({width}x{height}; images of at most "
+                      f"64 px keep their size); set image_size to choose another")
+    return 224, (f"ImageNet style, because its first training image {first.name} is {width}x{height}, larger than "
+                 f"64 px; set image_size to choose another")
 
 
 def _sample_histograms(dataset: ImageFileDataset) -> np.ndarray:

@@ -9,6 +9,7 @@ epoch skips the batches already done without loading them.
 from __future__ import annotations
 
 import hashlib
+import signal
 import traceback
 from typing import Iterator
 
@@ -93,6 +94,7 @@ def iterate_batches(
         num_workers=workers,
         pin_memory=pin_memory,
         persistent_workers=False,
+        worker_init_fn=_leave_signals_to_the_main_process if workers else None,
     )
     batches_iter = iter(loader)
     try:
@@ -112,6 +114,13 @@ def iterate_batches(
         # their shutdown stalls for seconds at some unrelated later moment.
         del batches_iter
     raise MaskforgeError(message)
+
+
+def _leave_signals_to_the_main_process(worker_id: int) -> None:
+    """Ctrl-C and SIGTERM reach every process of the job (terminal, Slurm); the search stops on them at its
+    next step, which needs its loader's workers: they ignore both and end when the main process stops them."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _worker_error_message(exc: MaskforgeError) -> str:

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..data import DataSplits, iterate_batches, normalize
+from ..data import DataSplits, check_heldout_data, iterate_batches, normalize
 from ..errors import MaskforgeError
 from ..export import export_onnx
 from ..export.calibration import matching_splits, searched_data
@@ -245,4 +245,5 @@ def load_matching_data(subject: Subject, data: str | None) -> tuple[DataSplits, 
         spec = subject.spec
         subject.spec = type(spec)(spec.channels, spec.height, spec.width, spec.mean, spec.std,
                                   splits.spec.class_names)
+    check_heldout_data(subject.provenance(), splits, source)  # warns if not the data the search held out
     return splits, source

@@ -95,7 +95,7 @@ PROVENANCE_FIELDS: dict[str, str] = {
     "maskforge_version": "text", "torch_version": "text", "data": "text", "data_kind": "text",
     "epochs": "count", "steps": "count", "batch_size": "count", "processes": "count", "heldout_examples": "count",
     "lr": "amount", "heldout_acc": "fraction", "device": "text", "precision": "text", "channels_last": "flag",
-    "masker": "text", "compile": "flag", "deterministic": "flag",
+    "masker": "text", "compile": "flag", "deterministic": "flag", "heldout_digest": "text",
 }
 _KIND_TEXT = {"text": "a string", "count": "a non-negative integer", "amount": "a non-negative number",
               "fraction": "a number in [0, 1]", "flag": "true or false"}

@@ -20,7 +20,10 @@ from .artifact import MAX_SEED, Distribution, TopkRule
 from .base import Field, Flag, Integer, Number, Text, parse, record
 
 #: Options that a resumed search may change: they do not change what the search computes.
-RESUME_OVERRIDABLE = ("workers", "checkpoint_every")
+RESUME_OVERRIDABLE = ("workers", "checkpoint_every", "keep_checkpoint", "tensorboard")
+#: Options that a resumed search may raise to extend the search (the cosine schedule then follows the new
+#: length from the step reached: docs/SCALE.md, "Extending a search").
+RESUME_EXTENDABLE = ("epochs", "max_steps")
 
 
 @record(frozen=True, label="search config")
@@ -75,8 +78,14 @@ class SearchConfig:
     checkpoint_every: Optional[Integer] = Field(None, ge=1, description="Also write DIR/checkpoint.safetensors "
                                                 "every N optimizer steps (it is always written at the end of "
                                                 "every epoch).")
-    out: Text = Field("runs/search", description="Run folder for artifact.safetensors, metrics.jsonl, "
-                                                 "config.json, checkpoint.safetensors.")
+    out: Optional[Text] = Field(None, description="Run folder (default: runs/<arch>-k<k>-s<seed>, numbered "
+                                "-2, -3, ... when taken). A folder holding a finished search is refused unless "
+                                "--overwrite; an unfinished search there with the same arguments is continued.")
+    keep_checkpoint: Flag = Field(False, description="Keep checkpoint.safetensors when the search finishes "
+                                  "(it is removed by default); a kept checkpoint lets --resume DIR --epochs N "
+                                  "extend the finished search.")
+    tensorboard: Flag = Field(False, description="Also write TensorBoard event files to <out>/tensorboard "
+                              "(needs the tensorboard package: pip install 'maskforge[tensorboard]').")
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> "SearchConfig":

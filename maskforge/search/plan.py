@@ -1,33 +1,60 @@
-"""Planning a search: rank 0 reads and validates the run folder, every rank gets the verdict.
+"""Planning a search: rank 0 chooses and locks the run folder, reads what it holds, and decides; every
+rank gets the verdict.
 
-`plan_fresh(config)` refuses to overwrite an interrupted search; `plan_resume(run, overrides, world)`
-reads `config.json` and the checkpoint and checks that they belong together and to this launch.
+`plan_fresh(config, world, overwrite)` (a `search`):
+
+* no `out`: the first of `runs/<arch>-k<k>-s<seed>`, `...-2`, ... that is free (empty, or holding only
+  the records of a search that never checkpointed), or that holds an unfinished search with the same
+  arguments (continued); finished searches and folders locked by a running search are passed over, and
+  nothing is ever moved. With `overwrite`, unfinished searches are passed over too.
+* an `out`: refused while another search holds its lock; an unfinished search with the same arguments
+  is continued from its checkpoint (so a torchrun elastic restart, which reruns the same command line,
+  carries on); a finished one, or an unfinished one with other arguments, is refused unless `overwrite`,
+  which moves the folder's files to `out/previous-N/` once the new search has loaded its data.
+
+`plan_resume(run, overrides, world)` (a `resume`) reads `config.json` and the checkpoint and checks that
+they belong together and to this launch; `epochs`/`max_steps` may grow (extending the search).
 `agree(plan_fn, world)` runs either on rank 0 only, so that a bad folder gives every rank the same
-one-line error instead of a hang.
+one-line error instead of a hang. The plan of rank 0 holds the folder's lock until the search ends.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from .. import distributed
-from ..checkpoint import CHECKPOINT_NAME, Checkpoint, check_compatible, load_checkpoint, read_position
+from ..checkpoint import CHECKPOINT_NAME, Checkpoint, check_compatible, load_checkpoint
 from ..distributed import World
 from ..errors import MaskforgeError
-from ..schema import RESUME_OVERRIDABLE, SearchConfig
+from ..schema import RESUME_EXTENDABLE, RESUME_OVERRIDABLE, SearchConfig
 from .device import resolve_device
-from .runfolder import CONFIG_NAME, identity, read_run_config
+from .folders import ARTIFACT_NAME, CONFIG_NAME, KEPT_ON_EXTEND, default_folders, read_state
+from .lock import RunLock, RunLocked
+from .metricfiles import check_tensorboard
+from .runfolder import identity, read_run_config
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class Plan:
-    """What to run: the config, and the checkpoint to continue from (None: a fresh search)."""
+    """What to run: the config, the checkpoint to continue from (None: a fresh search), and on rank 0 the
+    folder's lock and what to do with the folder's files before the search starts."""
 
     config: SearchConfig
     checkpoint: Checkpoint | None = None
+    lock: RunLock | None = None
+    retire: tuple[str, ...] | None = None  # move every entry but these to previous-N/ (None: move nothing)
+    clear_records: bool = False            # remove the records of a search that never checkpointed
+    story: str = ""                        # what was decided, for the start line
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
 
 def check_world(config: SearchConfig, world: World) -> None:
@@ -38,32 +65,108 @@ def check_world(config: SearchConfig, world: World) -> None:
                              f"number of processes ({world.world_size}), e.g. {up}")
 
 
-def plan_fresh(config: SearchConfig) -> Plan:
+def normalized(config: SearchConfig) -> SearchConfig:
+    """The config with `data` as an absolute path (so that it means the same from any folder)."""
+    return config.replace(data=absolute_data(config.data))
+
+
+def absolute_data(data: str) -> str:
+    return data if data == "mnist5k" else os.path.abspath(os.path.expanduser(data))
+
+
+def plan_fresh(config: SearchConfig, world: World | None = None, overwrite: bool = False) -> Plan:
+    world = world or World()
+    config = normalized(config)
     resolve_device(config.device)
-    position = read_position(Path(config.out) / CHECKPOINT_NAME)
-    if position is not None and position["step"] < position["total_steps"]:
-        # Starting over would overwrite an interrupted search that could still be continued.
-        raise MaskforgeError(f"{config.out} holds an unfinished search (checkpoint at step {position['step']} of "
-                             f"{position['total_steps']}): resume it, or choose another out folder (or delete "
-                             f"this one) to start a new search")
-    return Plan(config)
+    check_tensorboard(config)
+    if config.out is None:
+        return _plan_default(config, world, overwrite)
+    folder = Path(config.out)
+    lock = RunLock.acquire(folder)
+    return _holding(lock, lambda: _decide(config, folder, lock, world, overwrite, default=False))
 
 
-def plan_resume(run: Path, overrides: dict, world: World) -> Plan:
+def _plan_default(config: SearchConfig, world: World, overwrite: bool) -> Plan:
+    for folder in default_folders(config):
+        try:
+            lock = RunLock.acquire(folder)
+        except RunLocked:
+            continue  # a search is running there
+        plan = _holding(lock, lambda: _decide(config.replace(out=str(folder)), folder, lock, world, overwrite,
+                                              default=True))
+        if plan is not None:
+            return plan
+        lock.release()
+    raise MaskforgeError(f"no free run folder among {next(default_folders(config))}-N; choose an out folder")
+
+
+def _holding(lock: RunLock, decide: Callable[[], Plan | None]) -> Plan | None:
+    """`decide()` while holding `lock`; on an error the lock is released (and the folder left as it was)."""
+    try:
+        return decide()
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _decide(config: SearchConfig, folder: Path, lock: RunLock, world: World, overwrite: bool, *,
+            default: bool) -> Plan | None:
+    """The plan for `folder` given what it holds; None where a default folder is to be passed over."""
+    state = read_state(folder)
+    if state.kind == "empty":
+        return Plan(config, lock=lock)
+    if state.kind == "started":
+        return Plan(config, lock=lock, clear_records=True)
+    differing = state.differing(config)
+    if state.kind == "unfinished" and not differing and not overwrite:
+        given = {key: getattr(config, key) for key in RESUME_OVERRIDABLE}
+        try:
+            plan = plan_resume(folder, given, world, lock=lock)
+        except MaskforgeError as exc:
+            if not default:
+                raise
+            log.info("passing over %s: %s", folder, exc)
+            return None
+        plan.story = f"continuing the unfinished search in {folder} (same arguments) from its checkpoint"
+        return plan
+    if default:
+        return None
+    if overwrite:
+        return Plan(config, lock=lock, retire=(), story=f"replacing the {state.kind} search in {folder} (overwrite)")
+    if state.kind == "finished":
+        raise MaskforgeError(f"{folder} holds a finished search ({ARTIFACT_NAME}); choose another out folder, "
+                             f"leave out to get a new numbered one, or overwrite it (its files move to "
+                             f"{folder}/previous-N)")
+    raise MaskforgeError(f"{folder} holds an unfinished search with other arguments ({'; '.join(differing)}): "
+                         f"resume it, overwrite it (its files move to {folder}/previous-N), or choose another "
+                         f"out folder")
+
+
+def plan_resume(run: Path, overrides: dict, world: World, lock: RunLock | None = None) -> Plan:
     if not run.is_dir():
         raise MaskforgeError(f"cannot resume {run}: no such run folder")
-    values = _resumed_values(run, read_run_config(run).to_dict(), overrides)
+    if not os.access(run, os.W_OK | os.X_OK):
+        raise MaskforgeError(f"run folder {run} is not writable")
+    lock = lock or RunLock.acquire(run, create=False)
+    return _holding(lock, lambda: _plan_resume(run, overrides, world, lock))
+
+
+def _plan_resume(run: Path, overrides: dict, world: World, lock: RunLock) -> Plan:
+    recorded = read_run_config(run).to_dict()
+    values = _resumed_values(run, dict(recorded), overrides)
     config = SearchConfig.from_dict(values, f"resume of {run}")
     resolve_device(config.device)
     check_world(config, world)
-    if not os.access(run, os.W_OK | os.X_OK):
-        raise MaskforgeError(f"run folder {run} is not writable")
+    check_tensorboard(config)
     path = run / CHECKPOINT_NAME
+    state = read_state(run)
+    if state.kind == "finished" and not path.exists():
+        raise MaskforgeError(_finished_without_checkpoint(run, values, recorded))
     checkpoint = load_checkpoint(path)
     check_compatible(checkpoint, identity(config), f"checkpoint {path}")
-    recorded = checkpoint.meta.config.to_dict()
-    differing = sorted(key for key in recorded
-                       if key not in RESUME_OVERRIDABLE + ("out",) and recorded[key] != values[key])
+    written = checkpoint.meta.config.to_dict()
+    differing = sorted(key for key in written if key not in RESUME_OVERRIDABLE + RESUME_EXTENDABLE + ("out",)
+                       and written[key] != values[key])
     if differing:
         raise MaskforgeError(f"checkpoint {path} was written by a search with other arguments than "
                              f"{run / CONFIG_NAME} records (differing: {', '.join(differing)})")
@@ -71,12 +174,38 @@ def plan_resume(run: Path, overrides: dict, world: World) -> Plan:
     if written_by != world.world_size:
         raise MaskforgeError(f"checkpoint {path} was written by {written_by} process(es); resume it with "
                              f"{written_by} (now {world.world_size}) so the batch order continues exactly")
-    return Plan(config, checkpoint)
+    position = checkpoint.position
+    total = total_steps(config, position["steps_per_epoch"])
+    if total < position["step"]:
+        raise MaskforgeError(f"resume of {run}: epochs {config.epochs} and max_steps {config.max_steps} make "
+                             f"{total} steps, but the checkpoint is at step {position['step']}; a search can "
+                             f"be extended, not shortened")
+    extended = total != position["total_steps"]
+    retire = KEPT_ON_EXTEND if extended and state.kind == "finished" else None
+    story = (f"extending the search in {run} from {position['total_steps']} to {total} steps" if extended else
+             f"resuming the search in {run}")
+    return Plan(config, checkpoint, lock, retire=retire, story=story)
+
+
+def total_steps(config: SearchConfig, steps_per_epoch: int) -> int:
+    """Optimizer steps of a search: every epoch's, up to `max_steps`."""
+    total = steps_per_epoch * config.epochs
+    return total if config.max_steps is None else min(total, config.max_steps)
+
+
+def _finished_without_checkpoint(run: Path, values: dict, recorded: dict) -> str:
+    longer = [f"{key} {values[key]}" for key in RESUME_EXTENDABLE if values[key] != recorded[key]]
+    if longer:
+        return (f"cannot extend the finished search in {run} to {', '.join(longer)}: its checkpoint was removed "
+                f"when it finished (keep_checkpoint keeps it), and the artifact holds the masks but not the "
+                f"scores and momentum a search continues from; start a new search with these arguments instead")
+    return (f"{run} holds a finished search ({ARTIFACT_NAME}): nothing to resume (its checkpoint was removed "
+            f"when it finished; keep_checkpoint keeps it for extending a search)")
 
 
 def _resumed_values(run: Path, values: dict, overrides: dict) -> dict:
-    """The recorded arguments with the operational overrides applied; any other override must repeat the
-    recorded value."""
+    """The recorded arguments with the operational overrides (and longer epochs/max_steps) applied; any
+    other override must repeat the recorded value."""
     conflicts = []
     for key, value in overrides.items():
         if key not in values:
@@ -84,8 +213,10 @@ def _resumed_values(run: Path, values: dict, overrides: dict) -> dict:
         if key == "out":
             if Path(value).resolve() != run.resolve():
                 conflicts.append(f"out {value} (the run folder is {run})")
-        elif key in RESUME_OVERRIDABLE:
+        elif key in RESUME_OVERRIDABLE + RESUME_EXTENDABLE:
             values[key] = value
+        elif key == "data" and absolute_data(value) == values[key]:
+            continue
         elif value != values[key]:
             conflicts.append(f"{key} {value} (recorded: {values[key]})")
     if conflicts:
@@ -105,7 +236,12 @@ def agree(plan_fn: Callable[[], Plan], world: World) -> Plan:
         ckpt = plan.checkpoint
         return (plan.config.to_dict(), ckpt.document if ckpt else None, sorted(ckpt.tensors) if ckpt else None)
 
-    config, document, names = distributed.run_on_main(plan_on_main, world, " while preparing the search")
+    try:
+        config, document, names = distributed.run_on_main(plan_on_main, world, " while preparing the search")
+    except BaseException:
+        for plan in plans:
+            plan.release()
+        raise
     if plans:  # rank 0 (or a single process) keeps its own plan, tensors included
         return plans[0]
     # Other ranks know the checkpoint's document and tensor names; the tensors come by broadcast.
