@@ -212,7 +212,8 @@ def test_compiled_recipe_trains_and_keeps_exact_masks(tmp_path, small_data, tiny
         return real_compile(model, *args, **kwargs)
 
     monkeypatch.setattr(torch, "compile", spy)
-    result = _run(tmp_path, "compiled", arch=tiny_net, data=small_data, max_steps=3, compile=True, **RECIPE)
+    result = _run(tmp_path, "compiled", arch=tiny_net, data=small_data, max_steps=3, compile=True,
+                  keep_checkpoint=True, **RECIPE)
     assert compiled == ["inductor"]
     provenance = result.artifact.document["provenance"]
     assert (provenance["compile"], provenance["masker"], provenance["precision"]) == (True, "torch", "bf16")

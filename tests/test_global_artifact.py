@@ -39,7 +39,7 @@ def _cli(*argv: str):
 def searched(tmp_path_factory):
     run = tmp_path_factory.mktemp("global") / "run"
     _cli("search", "--arch", "fc", "--k", str(K), "--topk", "global", "--max-steps", "12", "--epochs", "1",
-         "--batch-size", "128", "--device", "cpu", "--out", str(run), "-q")
+         "--batch-size", "128", "--device", "cpu", "--out", str(run), "--keep-checkpoint", "-q")
     return run
 
 
