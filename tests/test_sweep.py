@@ -28,7 +28,7 @@ cli = CliRunner()
 
 def _name(k: float, seed: int, arch: str = "fc") -> str:
     """The documented folder name of a point (docs/SWEEP.md)."""
-    return f"arch={arch},init=signed_constant,scale_fan=false,width=1.0,k={k},seed={seed}"
+    return f"arch={arch},init=signed_constant,scale_fan=false,width=1.0,topk=layer,k={k},seed={seed}"
 
 
 def _csv(path: Path) -> list[dict]:
@@ -193,7 +193,7 @@ def test_extending_a_sweep_adds_points_and_other_fixed_options_are_refused(tmp_p
     recorded = (out / "sweep.json").read_bytes()
     with pytest.raises(MaskforgeError, match=r"other fixed options: max_steps 3 \(this grid: 4\)"):
         sweep(out, {**TINY, "max_steps": 4, "k": [0.5], "seed": [0]}, figures=False)
-    with pytest.raises(MaskforgeError, match="this grid varies arch, init, scale_fan, width, lr, k, seed"):
+    with pytest.raises(MaskforgeError, match="this grid varies arch, init, scale_fan, width, topk, lr, k, seed"):
         sweep(out, {**TINY, "lr": [0.1, 0.05], "k": [0.5], "seed": [0]}, figures=False)
     assert (out / "sweep.json").read_bytes() == recorded  # nothing recorded, nothing finished lost
     assert {row["status"] for row in collect_sweep(out, figures=False).rows} == {"done"}
@@ -237,13 +237,18 @@ def test_seeds_and_shards():
 
 
 @pytest.mark.parametrize("options,message", [
-    ({"k": [0.5, 1.5]}, "grid point arch=fc,init=signed_constant,scale_fan=false,width=1.0,k=1.5,seed=0: k must be in (0, 1]"),
-    ({"k": [0.0]}, "k must be in (0, 1]"),
-    ({"width": [0, 1]}, "width must be a number in (0, 64]"),
+    ({"k": [0.5, 1.5]}, "grid point arch=fc,init=signed_constant,scale_fan=false,width=1.0,topk=layer,k=1.5,seed=0: "
+                        "search config: k must be <= 1, got 1.5"),
+    ({"k": [0.0]}, "search config: k must be > 0, got 0.0"),
+    ({"width": [0, 1]}, "search config: width must be > 0, got 0.0"),
+    ({"width": [65]}, "search config: width must be <= 64, got 65.0"),
     ({"arch": ["fc", "resnet18"], "width": [2]}, "architecture resnet18 has fixed widths"),
+    ({"arch": ["vgg"]}, "grid point arch=vgg,init=signed_constant,scale_fan=false,width=1.0,topk=layer,k=0.5,seed=0: "
+                        "unknown architecture 'vgg'"),
+    ({"topk": ["layer", "row"]}, "search config: topk must be one of 'layer' or 'global', got 'row'"),
     ({"k": []}, "k: the list of values is empty"),
     ({"out": "x"}, "unknown sweep option(s) ['out']"),
-    ({"k": ["0.5"]}, "k must be a float, got '0.5'"),
+    ({"k": ["0.5"]}, "search config: k must be a number, got '0.5'"),
 ])
 def test_bad_grids_are_refused_before_anything_runs(tmp_path, options, message):
     with pytest.raises(MaskforgeError) as info:
@@ -278,12 +283,13 @@ def test_cli_sweep_collect_and_summary(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--k", "0.1,,0.3"], "error: k: malformed list '0.1,,0.3'"),
-    (["--k", "1.5"], "k must be in (0, 1]"),
-    (["--width", "0"], "width must be a number in (0, 64]"),
+    (["--k", "1.5"], "search config: k must be <= 1, got 1.5"),
+    (["--width", "0"], "search config: width must be > 0, got 0.0"),
+    (["--topk", "global,row"], "search config: topk must be one of 'layer' or 'global', got 'row'"),
     (["--shard", "2/2"], "error: shard 2/2: I must be in 0..N-1"),
     (["--seeds", "0"], "error: seeds: the count must be at least 1"),
     (["--hue", "colour", "--collect", "nowhere"], "error: nowhere is not a sweep folder"),
-    (["--x", "colour"], "error: cannot plot by 'colour': the sweep's axes are arch, init, scale_fan, width, k, seed"),
+    (["--x", "colour"], "error: cannot plot by 'colour': the sweep's axes are arch, init, scale_fan, width, topk, k, seed"),
 ])
 def test_cli_bad_input_is_one_error_line(tmp_path, args, message):
     out = tmp_path / "sweep"
@@ -321,10 +327,12 @@ def test_topk_is_an_axis_where_the_search_has_it():
 
 
 def test_where_selects_the_points_a_figure_shows(done_sweep, monkeypatch):
-    import maskforge.plot
+    import sys
+
+    import maskforge.plot  # noqa: F401  (the package attribute is the function `plot`; the module is in sys.modules)
 
     drawn = []
-    monkeypatch.setattr(maskforge.plot, "plot_sweep", lambda rows, *a, **k: drawn.append(rows) or [Path("f.png")])
+    monkeypatch.setattr(sys.modules["maskforge.plot"], "plot_sweep", lambda rows, *a, **k: drawn.append(rows) or [Path("f.png")])
     result = collect_sweep(done_sweep, where={"k": [0.5], "seed": [1]})
     assert [row["point"] for row in drawn[0]] == [_name(0.5, 1), "dense,arch=fc,width=1.0,seed=1"]
     assert len(result.rows) == 6 and len(_csv(done_sweep / "results.csv")) == 6  # the table keeps every point

@@ -36,7 +36,9 @@ from .train import StepProgress, end_epoch, lr_at, start_epoch, train_one_epoch
 
 __all__ = ["search", "resume", "SearchConfig", "SearchResult", "StepProgress", "read_run_config", "prepare",
            "lr_at", "resolve_device", "RESUME_OVERRIDABLE", "TIMING_FIELDS", "ARTIFACT_NAME", "METRICS_NAME",
-           "CONFIG_NAME", "CHECKPOINT_NAME"]
+           "CONFIG_NAME", "CHECKPOINT_NAME",
+           # the steps, for other training loops over the same data and schedule (maskforge.dense)
+           "Session", "setup", "start_epoch", "train_one_epoch", "end_epoch", "write_metrics"]
 
 OnStep = Callable[[StepProgress], None]
 OnEpoch = Callable[[dict], None]
