@@ -93,9 +93,11 @@ def test_a_point_is_the_search_with_the_same_arguments(done_sweep, tmp_path):
 
 
 def test_rerun_skips_finished_points(done_sweep, monkeypatch):
+    (done_sweep / _name(0.3, 0) / "checkpoint.safetensors").unlink()  # a finished run may have removed its checkpoint
     before = {p: p.stat().st_mtime_ns for p in done_sweep.glob("*/artifact.safetensors")}
     rows_before = _csv(done_sweep / "results.csv")
     monkeypatch.setattr(runner_module, "search", lambda *a, **k: pytest.fail("a finished point ran again"))
+    monkeypatch.setattr(runner_module, "resume", lambda *a, **k: pytest.fail("a finished point was resumed"))
     monkeypatch.setattr(runner_module, "train_dense", lambda *a, **k: pytest.fail("a finished baseline ran again"))
     result = sweep(done_sweep, {**TINY, "k": [0.3, 0.5], "seed": [0, 1]}, dense_baseline=True, figures=False)
     assert result.ran == [] and len(result.skipped) == 6
@@ -123,6 +125,31 @@ def test_interrupted_point_resumes_and_ends_as_the_uninterrupted_run(tmp_path, m
     uninterrupted = search(SearchConfig(**{**options, "k": 0.5, "seed": 0}, out=str(tmp_path / "whole")),
                            progress=False)
     assert (out / _name(0.5, 0) / "artifact.safetensors").read_bytes() == uninterrupted.artifact_path.read_bytes()
+
+
+def test_interrupted_point_without_checkpoint_starts_over(tmp_path, monkeypatch):
+    """Killed before its first checkpoint (config.json and metrics, no checkpoint): nothing to resume, so the
+    point runs again from the start and ends as the uninterrupted search."""
+    out = tmp_path / "sweep"
+    options = {**TINY, "max_steps": None, "epochs": 2, "batch_size": 1000, "k": [0.5], "seed": [0]}
+    point = make_grid(options).search_points(out)[0]
+
+    def interrupt(record):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        search(point.config, progress=False, on_epoch=interrupt)
+    folder = out / point.name
+    (folder / "checkpoint.safetensors").unlink()
+    assert (folder / "config.json").is_file() and (folder / "metrics.jsonl").is_file()
+    assert point_row(point, out)["status"] == "interrupted"
+    monkeypatch.setattr(runner_module, "resume", lambda *a, **k: pytest.fail("resumed without a checkpoint"))
+    result = sweep(out, options, figures=False)
+    assert result.ran == [point.name] and result.ok
+    uninterrupted = search(SearchConfig(**{**options, "k": 0.5, "seed": 0}, out=str(tmp_path / "whole")),
+                           progress=False)
+    assert (folder / "artifact.safetensors").read_bytes() == uninterrupted.artifact_path.read_bytes()
+    assert (folder / "metrics.jsonl").read_text().count("\n") == 2
 
 
 def test_a_stopped_sweep_finishes_without_redoing_points(tmp_path):
@@ -299,6 +326,24 @@ def test_cli_bad_input_is_one_error_line(tmp_path, args, message):
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
     assert not out.exists()
+
+
+def test_cli_sweep_options_are_the_search_options():
+    """Every search option (but --out and --seed) is a sweep option taking a comma list, with the search's help
+    (tests/test_cli.py checks that `maskforge sweep --help` imports no torch)."""
+    from dataclasses import fields
+
+    output = cli.invoke(app, ["sweep", "--help"], env={"COLUMNS": "300"}).output
+    listed = {line.split()[1]: " ".join(line.split()[2:-1]) for line in output.splitlines() if line.startswith("│ --")}
+    for field in fields(SearchConfig):
+        if field.name not in ("out", "seed"):
+            description = SearchConfig.__pydantic_fields__[field.name].description
+            assert listed["--" + field.name.replace("_", "-")].startswith(f"LIST {description[:30]}"), field.name
+    assert "--seed" not in listed and listed["--seeds"].startswith("SEEDS Seeds: a count")
+    assert listed["--topk"] == ("LIST Top-k rule: layer (k in every layer, the paper's) or global (one threshold over "
+                                "all layers, each keeps at least 1). [a comma list; default layer]")
+    assert listed["--scale-fan"].endswith("[on or off (also true/false, yes/no, 1/0); both: on,off; default false]")
+    assert listed["--width"].endswith("(default: the architecture's, 1). [a comma list]")
 
 
 def test_cli_failing_point_exits_non_zero_after_the_others(tmp_path, monkeypatch):
