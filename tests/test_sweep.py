@@ -357,18 +357,24 @@ def test_cli_failing_point_exits_non_zero_after_the_others(tmp_path, monkeypatch
     assert last.startswith("error: 1 of 2 sweep points failed") and "kaboom" in last
 
 
-def test_topk_is_an_axis_where_the_search_has_it():
-    """`--topk` comes with the global top-k masker (another branch): until then it is one clear error."""
-    from dataclasses import fields
-
-    if "topk" in {f.name for f in fields(SearchConfig)}:
-        grid = make_grid({**TINY, "topk": parse_list("topk", ",".join([SearchConfig().topk]))})
-        assert list(grid.axes)[:5] == ["arch", "init", "scale_fan", "width", "topk"]
-    else:
-        with pytest.raises(MaskforgeError, match="^unknown search option 'topk'$"):
-            parse_list("topk", "global")
-        result = _cli("--out", "unused", "--topk", "global")
-        assert result.exit_code == 2 and result.output.strip() == "error: unknown search option 'topk'"
+def test_topk_and_width_are_axes_end_to_end(tmp_path):
+    """`--topk layer,global --width 0.5,1`: four points, each an ordinary search whose artifact records its
+    rule and width; the kept counts follow docs/FORMAT.md 3.3 (per layer, or one K over all layers)."""
+    out = tmp_path / "sweep"
+    result = _cli("--out", str(out), "--arch", "fc", "--topk", "layer,global", "--width", "0.5,1", "--k", "0.3",
+                  "--max-steps", "2", "--epochs", "1", "--device", "cpu", "--no-figure", "-q")
+    assert result.exit_code == 0, result.output
+    rows = {(row["width"], row["topk"]): row for row in _csv(out / "results.csv")}
+    assert set(rows) == {("0.5", "layer"), ("0.5", "global"), ("1.0", "layer"), ("1.0", "global")}
+    layers = {"0.5": [784 * 150, 150 * 50, 50 * 10], "1.0": FC_LAYERS}
+    for (width, topk), row in rows.items():
+        artifact = load_artifact(out / row["point"] / "artifact.safetensors")
+        assert artifact.topk == topk and artifact.arch_args.get("width", 1.0) == float(width)
+        sizes = layers[width]
+        assert int(row["masked_weights"]) == artifact.masked_weights == sum(sizes)
+        kept = [max(1, round(0.3 * n)) for n in sizes] if topk == "layer" else None
+        total = sum(kept) if kept else max(len(sizes), max(1, round(0.3 * sum(sizes))))
+        assert int(row["kept_weights"]) == artifact.kept_weights == total, (width, topk)
 
 
 def test_where_selects_the_points_a_figure_shows(done_sweep, monkeypatch):
