@@ -224,6 +224,12 @@ def test_extending_a_sweep_adds_points_and_other_fixed_options_are_refused(tmp_p
         sweep(out, {**TINY, "lr": [0.1, 0.05], "k": [0.5], "seed": [0]}, figures=False)
     assert (out / "sweep.json").read_bytes() == recorded  # nothing recorded, nothing finished lost
     assert {row["status"] for row in collect_sweep(out, figures=False).rows} == {"done"}
+    older = json.loads(recorded)
+    (out / "sweep.json").write_text(json.dumps({**older, "version": 1}))
+    with pytest.raises(MaskforgeError) as info:
+        collect_sweep(out, figures=False)
+    assert str(info.value) == (f"{out / 'sweep.json'}: written by an older maskforge (sweep format 1, whose folder "
+                               f"names do not say topk); run the sweep again in a new folder")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ of the paper's figures — arch, init, scale_fan, width, topk, k, seed — are a
 counts as a list of one), so a point's folder name always says them and stays the same when a later run
 of the sweep adds values:
 
-    arch=conv4,init=signed_constant,scale_fan=true,width=1.0,k=0.5,seed=0
+    arch=conv4,init=signed_constant,scale_fan=true,width=1.0,topk=layer,k=0.5,seed=0
 
 The folder records every grid run in it (`sweep.json`). A new run with the same fixed options and the
 same axes EXTENDS the folder (its points are added; finished ones are skipped); one with different fixed
@@ -23,17 +23,17 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
-from ..archs import check_width, get_arch
+from ..registry import check_width, get_arch
 from ..dense import RECIPE, DenseConfig
 from ..errors import MaskforgeError
 from ..fileio import atomic_write
 from ..schema import RESUME_OVERRIDABLE, SearchConfig
 
 SWEEP_FILE = "sweep.json"
-SWEEP_FORMAT, SWEEP_VERSION = "maskforge-sweep", 1
-#: Always axes, in folder-name order (those SearchConfig has); any other listed option goes before k.
-NAMED_AXES = tuple(name for name in ("arch", "init", "scale_fan", "width", "topk", "k", "seed")
-                   if name in {f.name for f in fields(SearchConfig)})
+#: Version 2: topk became a named axis (version-1 folder names do not say it).
+SWEEP_FORMAT, SWEEP_VERSION = "maskforge-sweep", 2
+#: Always axes, in folder-name order; any other listed option goes before k.
+NAMED_AXES = ("arch", "init", "scale_fan", "width", "topk", "k", "seed")
 #: Axis values that stand for a default (None: "the architecture's"), spelled out so a folder name says it.
 AXIS_DEFAULTS = {"width": 1.0}
 #: Options a re-run may change without changing any result (they are not part of the grid's identity).
@@ -288,6 +288,9 @@ def read_record(out: Path) -> SweepRecord | None:
         return None
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
+        if document.get("format") == SWEEP_FORMAT and document.get("version") == 1:
+            raise MaskforgeError("written by an older maskforge (sweep format 1, whose folder names do not say "
+                                 "topk); run the sweep again in a new folder")
         if document.get("format") != SWEEP_FORMAT or document.get("version") != SWEEP_VERSION:
             raise ValueError(f"not a {SWEEP_FORMAT} v{SWEEP_VERSION} document")
         fixed, axes = dict(document["fixed"]), list(document["axes"])
