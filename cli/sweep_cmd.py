@@ -61,11 +61,12 @@ def sweep_command(
         if out is None:
             raise MaskforgeError("give the sweep folder with --out DIR (or --collect DIR to gather one)")
         options = options_from_text(texts, seeds)
-        progress = not quiet and sys.stderr.isatty()
-        result = sweep(out, options, dense_baseline=dense_baseline,
-                       shard=parse_shard(shard) if shard else (0, 1), progress=progress,
-                       on_point=lambda event, point, info: _report(console, event, point, info),
-                       figures=figure, x=x, hue=hue_list)
+        bars = _Bars(console, enabled=not quiet and sys.stderr.isatty())
+        try:
+            result = sweep(out, options, dense_baseline=dense_baseline, shard=parse_shard(shard) if shard else (0, 1),
+                           on_step=bars.on_step, on_point=bars.on_point, figures=figure, x=x, hue=hue_list)
+        finally:
+            bars.close()  # a Ctrl-C leaves the terminal as it was
     _print_summary(console, result)
     failed = [row for row in result.rows if row["status"] == "failed"]
     if failed:
@@ -119,6 +120,30 @@ sweep_command.__doc__ = """Run a grid of searches: every combination of the comm
     --epochs 10 --dense-baseline
     """
 app.command("sweep")(sweep_command)
+
+
+class _Bars:
+    """The sweep's report of each point, with a progress bar while it runs (in terminals only)."""
+
+    def __init__(self, console: Console, enabled: bool) -> None:
+        self.console, self.enabled, self.bar = console, enabled, None
+
+    def on_point(self, event: str, point, info: dict) -> None:
+        self.close()
+        _report(self.console, event, point, info)
+        if event == "start" and self.enabled:
+            from .progress import SearchProgress
+
+            self.bar = SearchProgress().__enter__()
+
+    def on_step(self, step) -> None:
+        if self.bar is not None:
+            self.bar.on_step(step)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
 
 
 def _report(console: Console, event: str, point, info: dict) -> None:

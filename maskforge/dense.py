@@ -40,7 +40,7 @@ from .errors import MaskforgeError
 from .fileio import atomic_write, ensure_writable_dir
 from .layers import MaskedConv2d, masked_modules
 from .schema import SearchConfig
-from .search import CONFIG_NAME, end_epoch, setup, start_epoch, train_one_epoch, write_metrics
+from .search import CONFIG_NAME, StepProgress, end_epoch, setup, start_epoch, train_one_epoch, write_metrics
 
 RESULT_NAME = "dense.json"
 OPTIMIZERS = ("adam", "sgd")
@@ -132,8 +132,10 @@ def dense_model(arch: str, args: dict, seed: int) -> nn.Module:
     return model
 
 
-def train_dense(config: DenseConfig, *, on_epoch: Callable[[dict], None] | None = None) -> DenseResult:
+def train_dense(config: DenseConfig, *, on_step: Callable[[StepProgress], None] | None = None,
+                on_epoch: Callable[[dict], None] | None = None) -> DenseResult:
     """Train the dense baseline; with `config.out`, write config.json, metrics.jsonl and dense.json there.
+    `on_step` and `on_epoch` are called as by `maskforge.search.search`.
 
     >>> from maskforge.dense import DenseConfig, train_dense
     >>> result = train_dense(DenseConfig(arch="fc", epochs=1))        # doctest: +SKIP
@@ -156,8 +158,9 @@ def train_dense(config: DenseConfig, *, on_epoch: Callable[[dict], None] | None 
     with session.accelerator.backend_settings():
         while not session.finished and finite:
             totals = start_epoch(session)
-            for _ in train_one_epoch(session, totals):
-                pass
+            for progress in train_one_epoch(session, totals):
+                if on_step:
+                    on_step(progress)
             record = end_epoch(session, totals)
             finite = math.isfinite(record["train_loss"])
             if not finite:  # diverged: stop; the result says so

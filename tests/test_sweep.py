@@ -165,8 +165,10 @@ def test_a_stopped_sweep_finishes_without_redoing_points(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         sweep(out, options, on_point=stop_at_third, figures=False)
-    result = sweep(out, options, figures=False)
+    steps = []
+    result = sweep(out, options, figures=False, on_step=lambda step: steps.append((step.step, step.total_steps)))
     assert result.skipped == started[:2] and result.ran == [_name(0.5, 0), _name(0.5, 1)]
+    assert steps == [(1, 3), (2, 3), (3, 3)] * 2  # each point run reports its steps
 
 
 def test_shards_then_collect_equal_the_unsharded_sweep(tmp_path):
