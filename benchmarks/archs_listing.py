@@ -8,8 +8,9 @@ In one process, interleaved and repeated (`--repeats`):
 * `counted` — what it does now: `archs.count_masked_weights` (arithmetic, nothing built).
 
 Both give the same numbers (checked here, and by tests/test_archs.py). Then, in fresh processes
-(`--starts` of each, interleaved): `python -c "import torch"`, `maskforge archs`, and `maskforge --help`, so
-the command's own cost above importing torch is visible. Wall clock and CPU time (user + system of the child).
+(`--starts` of each, interleaved): `python -c "import torch"`, `python -c "import maskforge.archs"` (the
+builders: what `maskforge archs` imported before the torch-free registry), `maskforge archs`, and
+`maskforge --help`. Wall clock and CPU time (user + system of the child).
 
     python benchmarks/archs_listing.py                # a table
     python benchmarks/archs_listing.py --json
@@ -79,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         counted_s.append(counted)
         ratios.append(built / counted)
     executable = shutil.which("maskforge") or "maskforge"
-    commands = {"import torch": [sys.executable, "-c", "import torch"], "maskforge archs": [executable, "archs"],
-                "maskforge --help": [executable, "--help"]}
+    commands = {"import torch": [sys.executable, "-c", "import torch"],
+                "import maskforge.archs": [sys.executable, "-c", "import maskforge.archs"],
+                "maskforge archs": [executable, "archs"], "maskforge --help": [executable, "--help"]}
     starts: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
     for _ in range(args.starts):
         for name, command in commands.items():
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"list_archs counts: built on meta {record['built_ms']:.0f} ms, counted {record['counted_ms']:.2f} ms, "
           f"median ratio {record['median_ratio_built_over_counted']:.0f}x")
     for name in commands:
-        print(f"{name:18s} wall {record[name + ' wall_s']:.2f} s  cpu {record[name + ' cpu_s']:.2f} s (medians of "
+        print(f"{name:24s} wall {record[name + ' wall_s']:.2f} s  cpu {record[name + ' cpu_s']:.2f} s (medians of "
               f"{args.starts})")
     print(f"load average {record['load_avg']:.1f}")
     return 0

@@ -7,7 +7,7 @@ layers, PyTorch's default init, every weight trained, the non-affine batch norm 
 the same schedule, then prints one comparison line per architecture: held-out accuracy and wall time.
 
 Shared settings (the paper's CIFAR recipe, which `maskforge search` uses): data `mnist5k` (4,000 train /
-1,000 held-out), batch 128 (last partial batch dropped), SGD lr 0.1, momentum 0.9, weight decay 1e-4,
+1,000 held-out), batch 128 (every training image each epoch: 32 steps, the last of 32 images), SGD lr 0.1, momentum 0.9, weight decay 1e-4,
 cosine decay per step, label smoothing as the search's default (`SearchConfig().label_smoothing`, 0.1;
 `--label-smoothing 0` for the paper's CIFAR recipe) for both runs, no augmentation for digits; epochs:
 conv4 10, fc 30. If dense SGD at lr 0.1

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from maskforge.archs import list_archs
+from maskforge.registry import list_archs  # torch-free: the command starts fast
 
 from .app import app
 

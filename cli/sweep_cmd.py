@@ -1,88 +1,56 @@
-"""`maskforge sweep`: a grid of searches (comma lists) under one folder, with results.csv and a figure."""
+"""`maskforge sweep`: a grid of searches (comma lists) under one folder, with results.csv and a figure.
+
+Every search option of `maskforge.schema.SearchConfig` (but `out` and `seed`, which `--out` and `--seeds`
+replace) is an option here too, built from the same field: its name, and its description as the help.
+Each takes a comma list; a list of several values is a grid axis.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 import sys
+import typing
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from maskforge.errors import MaskforgeError
-from maskforge.search import SearchConfig
-from maskforge.sweeps import collect_sweep, options_from_text, parse_shard, sweep
+from maskforge.schema import SearchConfig
 
 from .app import app
 
-_LIST = "comma list"
-_D = SearchConfig()
+_NOT_OPTIONS = ("out", "seed")  # --out is the sweep folder; --seeds replaces --seed
+_BOOLEAN_HELP = "on or off (also true/false, yes/no, 1/0); both: on,off"
+_HINTS = typing.get_type_hints(SearchConfig)
 
 
-def _opt(help_text: str, *flags: str, **extra):
-    return typer.Option(*flags, help=help_text, metavar="LIST", **extra)
+def _list_option(name: str) -> inspect.Parameter:
+    """`--name LIST` for the SearchConfig field `name`: its description, how to list values, its default."""
+    info = SearchConfig.__pydantic_fields__[name]
+    default = info.default
+    values = _BOOLEAN_HELP if bool in (_HINTS[name], *typing.get_args(_HINTS[name])) else "a comma list"
+    shown = "" if default is None else f"; default {str(default).lower() if isinstance(default, bool) else default}"
+    option = typer.Option("--" + name.replace("_", "-"), metavar="LIST", show_default=False,
+                          help=f"{info.description} \\[{values}{shown}]")
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                             annotation=Annotated[Optional[str], option])
 
 
-@app.command("sweep")
+SEARCH_OPTIONS = [_list_option(f.name) for f in dataclasses.fields(SearchConfig) if f.name not in _NOT_OPTIONS]
+
+
 def sweep_command(
-    out: Annotated[Optional[Path], typer.Option(help="Sweep folder: one run folder per point, sweep.json, "
-                                                     "results.csv, the figure.")] = None,
-    arch: Annotated[Optional[str], _opt(f"Architectures ({_LIST}; default {_D.arch}).")] = None,
-    k: Annotated[Optional[str], _opt(f"Fractions of weights kept, each in (0, 1] (default {_D.k}).", "--k")] = None,
-    seeds: Annotated[Optional[str], typer.Option(
-        help="Seeds: a count (3 = seeds 0,1,2), a list (0,5,9) or a range (7:10 = 7,8,9). Default: the seed 0.",
-        metavar="SEEDS")] = None,
-    init: Annotated[Optional[str], _opt(f"Weight distributions (default {_D.init}).")] = None,
-    scale_fan: Annotated[Optional[str], _opt("Scaled fan-in sigma = sqrt(2/(k*fan_in)): on, off, or both: "
-                                             "on,off (default off).", "--scale-fan")] = None,
-    width: Annotated[Optional[str], _opt("Width multipliers of the conv/fc hidden layers (default 1).")] = None,
-    topk: Annotated[Optional[str], _opt("Top-k rules, e.g. per_layer,global (when this maskforge has them).")]
-    = None,
-    data: Annotated[Optional[str], _opt(f"Data (default {_D.data}); see `maskforge search --help`.")] = None,
-    epochs: Annotated[Optional[str], _opt(f"Epochs (default {_D.epochs}).")] = None,
-    max_steps: Annotated[Optional[str], _opt("Stop every run after this many steps (smoke runs).")] = None,
-    batch_size: Annotated[Optional[str], _opt(f"Global batch sizes (default {_D.batch_size}).")] = None,
-    lr: Annotated[Optional[str], _opt(f"Peak learning rates of the scores (default {_D.lr}).")] = None,
-    momentum: Annotated[Optional[str], _opt(f"SGD momentum (default {_D.momentum}).")] = None,
-    weight_decay: Annotated[Optional[str], _opt(f"Weight decay (default {_D.weight_decay}).")] = None,
-    label_smoothing: Annotated[Optional[str], _opt(f"Label smoothing (default {_D.label_smoothing}).")] = None,
-    warmup_epochs: Annotated[Optional[str], _opt("Warm-up epochs (default 0).")] = None,
-    device: Annotated[Optional[str], _opt("auto, cpu or cuda (default auto).")] = None,
-    workers: Annotated[Optional[str], _opt("Data-loader processes for image folders.")] = None,
-    image_size: Annotated[Optional[str], _opt("Image folders: resize to this side.")] = None,
-    checkpoint_every: Annotated[Optional[str], _opt("Also checkpoint every N steps.")] = None,
-    compile_model: Annotated[Optional[str], _opt("torch.compile each run: true or false.", "--compile")] = None,
-    dense_baseline: Annotated[bool, typer.Option(
-        "--dense-baseline", help="Also train each architecture (and width) densely, every weight learned, once "
-                                 "per seed (Adam lr 1e-3, cosine; docs/SWEEP.md): the line to beat.")] = False,
-    shard: Annotated[Optional[str], typer.Option(
-        help="I/N: run only the points whose index is I modulo N (0 <= I < N), e.g. one Slurm array task "
-             "each. Then `maskforge sweep --collect DIR`.", metavar="I/N")] = None,
-    collect: Annotated[Optional[Path], typer.Option(
-        help="Run nothing: gather every point of sweep folder DIR into DIR/results.csv, print the summary "
-             "and draw the figure.", metavar="DIR")] = None,
-    x: Annotated[Optional[str], typer.Option(help="Figure x axis: a grid axis (default k, or the first one "
-                                                  "that varies).")] = None,
-    hue: Annotated[Optional[str], typer.Option(help="Figure lines: grid axes, comma-separated (default: the "
-                                                    "other axes that vary).")] = None,
-    figure: Annotated[bool, typer.Option("--figure/--no-figure", help="Draw the figure (PNG + SVG).")] = True,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No per-run progress bars.")] = False,
+    out: Optional[Path] = None, seeds: Optional[str] = None, dense_baseline: bool = False,
+    shard: Optional[str] = None, collect: Optional[Path] = None, x: Optional[str] = None,
+    hue: Optional[str] = None, figure: bool = True, quiet: bool = False, **texts: Optional[str],
 ) -> None:
-    """Run a grid of searches: every combination of the comma lists, each seed, under one folder.
+    from maskforge.sweeps import collect_sweep, options_from_text, parse_shard, sweep  # torch loads here
 
-    Each point is an ordinary search run folder DIR/arch=...,k=...,seed=... . Running the same command
-    again skips finished points and resumes interrupted ones; a command with more values extends the
-    folder; other fixed options are refused. A failing point does not stop the sweep (the command exits
-    non-zero at the end). Results: DIR/results.csv, a summary (mean ± std over seeds), and the figure
-    DIR/accuracy_vs_<x>.png/.svg. Several machines: add --shard I/N to each, then --collect DIR.
-    Details: docs/SWEEP.md.
-
-    Example (Figure 3 on the demo data):
-    maskforge sweep --out runs/fig3 --arch conv4 --k 0.1,0.3,0.5,0.7,0.9 --seeds 2 --scale-fan on
-    --epochs 10 --dense-baseline
-    """
     hue_list = [h.strip() for h in hue.split(",")] if hue else None
     console = Console() if sys.stdout.isatty() else Console(width=160)  # logs and pipes: no squeezed table
     if collect is not None:
@@ -92,17 +60,13 @@ def sweep_command(
     else:
         if out is None:
             raise MaskforgeError("give the sweep folder with --out DIR (or --collect DIR to gather one)")
-        texts = {"arch": arch, "k": k, "init": init, "scale_fan": scale_fan, "width": width, "topk": topk,
-                 "data": data, "epochs": epochs, "max_steps": max_steps, "batch_size": batch_size, "lr": lr,
-                 "momentum": momentum, "weight_decay": weight_decay, "label_smoothing": label_smoothing,
-                 "warmup_epochs": warmup_epochs, "device": device, "workers": workers, "image_size": image_size,
-                 "checkpoint_every": checkpoint_every, "compile": compile_model}
         options = options_from_text(texts, seeds)
-        progress = not quiet and sys.stderr.isatty()
-        result = sweep(out, options, dense_baseline=dense_baseline,
-                       shard=parse_shard(shard) if shard else (0, 1), progress=progress,
-                       on_point=lambda event, point, info: _report(console, event, point, info),
-                       figures=figure, x=x, hue=hue_list)
+        bars = _Bars(console, enabled=not quiet and sys.stderr.isatty())
+        try:
+            result = sweep(out, options, dense_baseline=dense_baseline, shard=parse_shard(shard) if shard else (0, 1),
+                           on_step=bars.on_step, on_point=bars.on_point, figures=figure, x=x, hue=hue_list)
+        finally:
+            bars.close()  # a Ctrl-C leaves the terminal as it was
     _print_summary(console, result)
     failed = [row for row in result.rows if row["status"] == "failed"]
     if failed:
@@ -110,6 +74,76 @@ def sweep_command(
         typer.echo(f"error: {len(failed)} of {len(result.rows)} sweep points failed (first: {failed[0]['point']}: "
                    f"{failed[0]['error']}); see {result.out / 'results.csv'}", err=True)
         raise typer.Exit(1 if bug else 2)
+
+
+def _own(name: str, annotation: Any, option) -> inspect.Parameter:
+    default = False if annotation is bool else None
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                             annotation=Annotated[annotation, option])
+
+
+_OWN = [
+    _own("out", Optional[Path], typer.Option(help="Sweep folder: one run folder per point, sweep.json, results.csv, "
+                                                  "the figure.", metavar="DIR")),
+    _own("seeds", Optional[str], typer.Option(
+        help="Seeds: a count (3 = seeds 0,1,2), a list (0,5,9) or a range (7:10 = 7,8,9). Default: the seed 0.",
+        metavar="SEEDS")),
+    _own("dense_baseline", bool, typer.Option(
+        "--dense-baseline", help="Also train each architecture (and width) densely, every weight learned, once per "
+                                 "seed (Adam lr 1e-3, cosine; docs/SWEEP.md): the line to beat.")),
+    _own("shard", Optional[str], typer.Option(
+        help="I/N: run only the points whose index is I modulo N (0 <= I < N), e.g. one Slurm array task each. "
+             "Then `maskforge sweep --collect DIR`.", metavar="I/N")),
+    _own("collect", Optional[Path], typer.Option(
+        help="Run nothing: gather every point of sweep folder DIR into DIR/results.csv, print the summary and "
+             "draw the figure.", metavar="DIR")),
+    _own("x", Optional[str], typer.Option(help="Figure x axis: a grid axis (default k, or the first one that "
+                                               "varies).")),
+    _own("hue", Optional[str], typer.Option(help="Figure lines: grid axes, comma-separated (default: the other "
+                                                 "axes that vary).")),
+    inspect.Parameter("figure", inspect.Parameter.KEYWORD_ONLY, default=True, annotation=Annotated[
+        bool, typer.Option("--figure/--no-figure", help="Draw the figure (PNG + SVG).")]),
+    _own("quiet", bool, typer.Option("--quiet", "-q", help="No per-run progress bars.")),
+]
+sweep_command.__signature__ = inspect.Signature([*_OWN, *SEARCH_OPTIONS])
+sweep_command.__doc__ = """Run a grid of searches: every combination of the comma lists, each seed, under one folder.
+
+    Each point is an ordinary search run folder DIR/arch=...,k=...,seed=... . Running the same command
+    again skips finished points and resumes interrupted ones; a command with more values extends the
+    folder; other fixed options are refused. A failing point does not stop the sweep (the command exits
+    non-zero at the end). Results: DIR/results.csv, a summary (mean ± std over seeds), and the figure
+    DIR/accuracy_vs_<x>.png/.svg. Several machines: add --shard I/N to each, then --collect DIR.
+    Every option of `maskforge search` takes a comma list here. Details: docs/SWEEP.md.
+
+    Example (Figure 3 on the demo data):
+    maskforge sweep --out runs/fig3 --arch conv4 --k 0.1,0.3,0.5,0.7,0.9 --seeds 2 --scale-fan on
+    --epochs 10 --dense-baseline
+    """
+app.command("sweep")(sweep_command)
+
+
+class _Bars:
+    """The sweep's report of each point, with a progress bar while it runs (in terminals only)."""
+
+    def __init__(self, console: Console, enabled: bool) -> None:
+        self.console, self.enabled, self.bar = console, enabled, None
+
+    def on_point(self, event: str, point, info: dict) -> None:
+        self.close()
+        _report(self.console, event, point, info)
+        if event == "start" and self.enabled:
+            from .progress import SearchProgress
+
+            self.bar = SearchProgress().__enter__()
+
+    def on_step(self, step) -> None:
+        if self.bar is not None:
+            self.bar.on_step(step)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
 
 
 def _report(console: Console, event: str, point, info: dict) -> None:

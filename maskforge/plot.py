@@ -292,8 +292,10 @@ def _run_title(run: Path, metrics: list[dict]) -> str:
     except (OSError, ValueError):
         return f"{run.name}: {len(metrics)} epochs"
     kind = "dense training" if (run / "dense.json").exists() or "optimizer" in config else "edge-popup"
-    what = [f"{config.get('arch')}"] + [f"{key}={_spell(config[key])}" for key in ("k", "init", "scale_fan", "width")
-                                         if key in config and not (key == "width" and config[key] == 1)]
+    defaults = {"width": (None, 1), "topk": (None, "layer")}  # said only when not the default
+    what = [f"{config.get('arch')}"] + [f"{key}={_spell(config[key])}"
+                                         for key in ("k", "init", "scale_fan", "width", "topk")
+                                         if key in config and config[key] not in defaults.get(key, ())]
     return (f"{kind}, {' '.join(what)} on {Path(str(config.get('data'))).name}: {len(metrics)} epochs, "
             f"batch {config.get('batch_size')}, lr {_spell(config.get('lr'))}, seed {config.get('seed')}; "
             f"final held-out accuracy {100 * metrics[-1]['heldout_acc']:.2f} %")

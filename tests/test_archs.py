@@ -429,3 +429,19 @@ def test_an_architecture_registered_without_a_counter_is_counted_by_building_it(
             build_structure("tiny-test", arch_args(2, 3, (6, 7), 2.0), 0.5)
     finally:
         ARCHS.pop("tiny-test")
+
+
+def test_archs_command_imports_no_torch():
+    """`maskforge archs` answers from the torch-free registry: torch (1.5 s to import) and numpy are never
+    loaded (python -X importtime lists every module a process imports), and it prints the library's listing."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "maskforge.cli", "archs", "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "maskforge.registry" in imported and "typer" in imported  # the listing is complete
+    assert not imported & {"torch", "numpy", "torchvision", "maskforge.archs"}
+    assert [json.loads(line) for line in done.stdout.splitlines()] == list_archs()

@@ -67,9 +67,9 @@ def test_no_arguments_shows_help():
         assert f" {name} " in result.output and command.summary in result.output, name
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["search", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["search", "--help"], ["sweep", "--help"], ["archs"]])
 def test_help_starts_without_torch(argv):
-    """`maskforge --help` (and `maskforge search --help`) import neither torch nor torchvision."""
+    """`maskforge --help` (and `search --help`, `sweep --help`, `archs`) import neither torch nor torchvision."""
     code = ("import sys\nfrom maskforge.cli import main\nsys.argv = ['maskforge', *sys.argv[1:]]\n"
             "try:\n    main()\nexcept SystemExit as exc:\n    assert exc.code == 0, exc.code\n"
             "print(sorted(m for m in ('torch', 'torchvision', 'onnx', 'onnxruntime') if m in sys.modules))")

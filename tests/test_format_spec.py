@@ -251,19 +251,24 @@ def _resnet_blocks(name: str, channels: int, small: bool):
             inplanes = planes * expansion
 
 
-def expected_structure(name: str, c: int, k: int, h: int, w: int) -> tuple[dict, dict]:
-    """({parameter: shape}, {batch norm: channels}) of architecture `name`, from section 2 alone."""
+def expected_structure(name: str, c: int, k: int, h: int, w: int, multiplier: float = 1.0) -> tuple[dict, dict]:
+    """({parameter: shape}, {batch norm: channels}) of architecture `name`, from section 2 alone
+    (`multiplier`: the width W of section 2.5, for fc and the Conv-n)."""
+    def units(u: int) -> int:
+        return max(1, _round_half_even(u * multiplier))
+
     if name == "fc":
-        return {"1.weight": [300, c * h * w], "3.weight": [100, 300], "5.weight": [k, 100]}, {}
+        return {"1.weight": [units(300), c * h * w], "3.weight": [units(100), units(300)],
+                "5.weight": [k, units(100)]}, {}
     if name in CONVNETS:
-        params, previous = {}, c
-        for j, width in enumerate(CONVNETS[name]):
+        params, previous, hidden = {}, c, units(256)
+        for j, width in enumerate(units(u) for u in CONVNETS[name]):
             params[f"features.{5 * j}.weight"] = [width, previous, 3, 3]
             params[f"features.{5 * j + 2}.weight"] = [width, width, 3, 3]
             previous = width
         stages = len(CONVNETS[name])
-        params.update({"classifier.1.weight": [256, previous * (h >> stages) * (w >> stages)],
-                       "classifier.3.weight": [256, 256], "classifier.5.weight": [k, 256]})
+        params.update({"classifier.1.weight": [hidden, previous * (h >> stages) * (w >> stages)],
+                       "classifier.3.weight": [hidden, hidden], "classifier.5.weight": [k, hidden]})
         return params, {}
     small = max(h, w) <= 64
     params, norms = {"conv1.weight": [64, c, 3, 3] if small else [64, c, 7, 7]}, {"bn1": 64}
@@ -303,6 +308,23 @@ def test_architecture_structure_follows_the_definition(name):
         for module in batchnorm_modules(model).values():
             assert not module.affine and module.eps == 1e-5
         assert all(getattr(m, "bias", None) is None for m in masked_modules(model).values())
+
+
+def test_width_examples():
+    """Section 2.5: each example's shapes follow the width rule, and maskforge builds exactly those."""
+    lines = _examples("width")[0].strip().splitlines()
+    assert len(lines) >= 4
+    for line in lines:
+        head, shapes = line.split(": ", 1)
+        name, multiplier, channels, size, classes = (part.split(" = ")[-1] for part in head.split(", "))
+        h, w = (int(side) for side in size.split("x"))
+        stated = {param: json.loads(shape) for param, shape in re.findall(r"(\S+) (\[[\d, ]+\])", shapes)}
+        params, _ = expected_structure(name, int(channels), int(classes), h, w, float(multiplier))
+        assert stated == params, line
+        with torch.device("meta"):
+            model = archs.build_structure(name, archs.arch_args(int(channels), int(classes), (h, w),
+                                                                float(multiplier)), 0.5)
+        assert {n + ".weight": list(m.weight.shape) for n, m in masked_modules(model).items()} == stated, line
 
 
 def _bn(x, stats, name):

@@ -154,6 +154,15 @@ def test_run_curves(tmp_path):
         assert needle in text, needle
 
 
+def test_run_curves_title_says_the_options_that_are_not_defaults(tmp_path):
+    _write_run(tmp_path / "run", epochs=2)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    (tmp_path / "run" / "config.json").write_text(json.dumps({**config, "width": None, "topk": "global"}))
+    text = plot_run(tmp_path / "run")[1].read_text()
+    # no "width=None" between scale_fan and topk: an unset width is the architecture's, 1
+    assert "edge-popup, conv4 k=0.3 init=signed_constant scale_fan=true topk=global on mnist5k" in text
+
+
 def test_plot_command(tmp_path):
     _write_run(tmp_path / "run")
     result = CliRunner().invoke(app, ["plot", str(tmp_path / "run"), "--out", str(tmp_path / "fig-k0.5")])

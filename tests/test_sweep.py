@@ -28,7 +28,7 @@ cli = CliRunner()
 
 def _name(k: float, seed: int, arch: str = "fc") -> str:
     """The documented folder name of a point (docs/SWEEP.md)."""
-    return f"arch={arch},init=signed_constant,scale_fan=false,width=1.0,k={k},seed={seed}"
+    return f"arch={arch},init=signed_constant,scale_fan=false,width=1.0,topk=layer,k={k},seed={seed}"
 
 
 def _csv(path: Path) -> list[dict]:
@@ -93,9 +93,12 @@ def test_a_point_is_the_search_with_the_same_arguments(done_sweep, tmp_path):
 
 
 def test_rerun_skips_finished_points(done_sweep, monkeypatch):
+    # A finished search removes its checkpoint: only the artifact says the point is done.
+    assert not list(done_sweep.glob("*/checkpoint.safetensors"))
     before = {p: p.stat().st_mtime_ns for p in done_sweep.glob("*/artifact.safetensors")}
     rows_before = _csv(done_sweep / "results.csv")
     monkeypatch.setattr(runner_module, "search", lambda *a, **k: pytest.fail("a finished point ran again"))
+    monkeypatch.setattr(runner_module, "resume", lambda *a, **k: pytest.fail("a finished point was resumed"))
     monkeypatch.setattr(runner_module, "train_dense", lambda *a, **k: pytest.fail("a finished baseline ran again"))
     result = sweep(done_sweep, {**TINY, "k": [0.3, 0.5], "seed": [0, 1]}, dense_baseline=True, figures=False)
     assert result.ran == [] and len(result.skipped) == 6
@@ -125,6 +128,31 @@ def test_interrupted_point_resumes_and_ends_as_the_uninterrupted_run(tmp_path, m
     assert (out / _name(0.5, 0) / "artifact.safetensors").read_bytes() == uninterrupted.artifact_path.read_bytes()
 
 
+def test_interrupted_point_without_checkpoint_starts_over(tmp_path, monkeypatch):
+    """Killed before its first checkpoint (config.json and metrics, no checkpoint): nothing to resume, so the
+    point runs again from the start and ends as the uninterrupted search."""
+    out = tmp_path / "sweep"
+    options = {**TINY, "max_steps": None, "epochs": 2, "batch_size": 1000, "k": [0.5], "seed": [0]}
+    point = make_grid(options).search_points(out)[0]
+
+    def interrupt(record):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        search(point.config, progress=False, on_epoch=interrupt)
+    folder = out / point.name
+    (folder / "checkpoint.safetensors").unlink()
+    assert (folder / "config.json").is_file() and (folder / "metrics.jsonl").is_file()
+    assert point_row(point, out)["status"] == "interrupted"
+    monkeypatch.setattr(runner_module, "resume", lambda *a, **k: pytest.fail("resumed without a checkpoint"))
+    result = sweep(out, options, figures=False)
+    assert result.ran == [point.name] and result.ok
+    uninterrupted = search(SearchConfig(**{**options, "k": 0.5, "seed": 0}, out=str(tmp_path / "whole")),
+                           progress=False)
+    assert (folder / "artifact.safetensors").read_bytes() == uninterrupted.artifact_path.read_bytes()
+    assert (folder / "metrics.jsonl").read_text().count("\n") == 2
+
+
 def test_a_stopped_sweep_finishes_without_redoing_points(tmp_path):
     out = tmp_path / "sweep"
     options = {**TINY, "k": [0.3, 0.5], "seed": [0, 1]}
@@ -138,8 +166,10 @@ def test_a_stopped_sweep_finishes_without_redoing_points(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         sweep(out, options, on_point=stop_at_third, figures=False)
-    result = sweep(out, options, figures=False)
+    steps = []
+    result = sweep(out, options, figures=False, on_step=lambda step: steps.append((step.step, step.total_steps)))
     assert result.skipped == started[:2] and result.ran == [_name(0.5, 0), _name(0.5, 1)]
+    assert steps == [(1, 3), (2, 3), (3, 3)] * 2  # each point run reports its steps
 
 
 def test_shards_then_collect_equal_the_unsharded_sweep(tmp_path):
@@ -193,10 +223,16 @@ def test_extending_a_sweep_adds_points_and_other_fixed_options_are_refused(tmp_p
     recorded = (out / "sweep.json").read_bytes()
     with pytest.raises(MaskforgeError, match=r"other fixed options: max_steps 3 \(this grid: 4\)"):
         sweep(out, {**TINY, "max_steps": 4, "k": [0.5], "seed": [0]}, figures=False)
-    with pytest.raises(MaskforgeError, match="this grid varies arch, init, scale_fan, width, lr, k, seed"):
+    with pytest.raises(MaskforgeError, match="this grid varies arch, init, scale_fan, width, topk, lr, k, seed"):
         sweep(out, {**TINY, "lr": [0.1, 0.05], "k": [0.5], "seed": [0]}, figures=False)
     assert (out / "sweep.json").read_bytes() == recorded  # nothing recorded, nothing finished lost
     assert {row["status"] for row in collect_sweep(out, figures=False).rows} == {"done"}
+    older = json.loads(recorded)
+    (out / "sweep.json").write_text(json.dumps({**older, "version": 1}))
+    with pytest.raises(MaskforgeError) as info:
+        collect_sweep(out, figures=False)
+    assert str(info.value) == (f"{out / 'sweep.json'}: written by an older maskforge (sweep format 1, whose folder "
+                               f"names do not say topk); run the sweep again in a new folder")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -237,13 +273,18 @@ def test_seeds_and_shards():
 
 
 @pytest.mark.parametrize("options,message", [
-    ({"k": [0.5, 1.5]}, "grid point arch=fc,init=signed_constant,scale_fan=false,width=1.0,k=1.5,seed=0: k must be in (0, 1]"),
-    ({"k": [0.0]}, "k must be in (0, 1]"),
-    ({"width": [0, 1]}, "width must be a number in (0, 64]"),
+    ({"k": [0.5, 1.5]}, "grid point arch=fc,init=signed_constant,scale_fan=false,width=1.0,topk=layer,k=1.5,seed=0: "
+                        "search config: k must be <= 1, got 1.5"),
+    ({"k": [0.0]}, "search config: k must be > 0, got 0.0"),
+    ({"width": [0, 1]}, "search config: width must be > 0, got 0.0"),
+    ({"width": [65]}, "search config: width must be <= 64, got 65.0"),
     ({"arch": ["fc", "resnet18"], "width": [2]}, "architecture resnet18 has fixed widths"),
+    ({"arch": ["vgg"]}, "grid point arch=vgg,init=signed_constant,scale_fan=false,width=1.0,topk=layer,k=0.5,seed=0: "
+                        "unknown architecture 'vgg'"),
+    ({"topk": ["layer", "row"]}, "search config: topk must be one of 'layer' or 'global', got 'row'"),
     ({"k": []}, "k: the list of values is empty"),
     ({"out": "x"}, "unknown sweep option(s) ['out']"),
-    ({"k": ["0.5"]}, "k must be a float, got '0.5'"),
+    ({"k": ["0.5"]}, "search config: k must be a number, got '0.5'"),
 ])
 def test_bad_grids_are_refused_before_anything_runs(tmp_path, options, message):
     with pytest.raises(MaskforgeError) as info:
@@ -278,12 +319,13 @@ def test_cli_sweep_collect_and_summary(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--k", "0.1,,0.3"], "error: k: malformed list '0.1,,0.3'"),
-    (["--k", "1.5"], "k must be in (0, 1]"),
-    (["--width", "0"], "width must be a number in (0, 64]"),
+    (["--k", "1.5"], "search config: k must be <= 1, got 1.5"),
+    (["--width", "0"], "search config: width must be > 0, got 0.0"),
+    (["--topk", "global,row"], "search config: topk must be one of 'layer' or 'global', got 'row'"),
     (["--shard", "2/2"], "error: shard 2/2: I must be in 0..N-1"),
     (["--seeds", "0"], "error: seeds: the count must be at least 1"),
     (["--hue", "colour", "--collect", "nowhere"], "error: nowhere is not a sweep folder"),
-    (["--x", "colour"], "error: cannot plot by 'colour': the sweep's axes are arch, init, scale_fan, width, k, seed"),
+    (["--x", "colour"], "error: cannot plot by 'colour': the sweep's axes are arch, init, scale_fan, width, topk, k, seed"),
 ])
 def test_cli_bad_input_is_one_error_line(tmp_path, args, message):
     out = tmp_path / "sweep"
@@ -293,6 +335,24 @@ def test_cli_bad_input_is_one_error_line(tmp_path, args, message):
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
     assert not out.exists()
+
+
+def test_cli_sweep_options_are_the_search_options():
+    """Every search option (but --out and --seed) is a sweep option taking a comma list, with the search's help
+    (tests/test_cli.py checks that `maskforge sweep --help` imports no torch)."""
+    from dataclasses import fields
+
+    output = cli.invoke(app, ["sweep", "--help"], env={"COLUMNS": "300"}).output
+    listed = {line.split()[1]: " ".join(line.split()[2:-1]) for line in output.splitlines() if line.startswith("│ --")}
+    for field in fields(SearchConfig):
+        if field.name not in ("out", "seed"):
+            description = SearchConfig.__pydantic_fields__[field.name].description
+            assert listed["--" + field.name.replace("_", "-")].startswith(f"LIST {description[:30]}"), field.name
+    assert "--seed" not in listed and listed["--seeds"].startswith("SEEDS Seeds: a count")
+    assert listed["--topk"] == ("LIST Top-k rule: layer (k in every layer, the paper's) or global (one threshold over "
+                                "all layers, each keeps at least 1). [a comma list; default layer]")
+    assert listed["--scale-fan"].endswith("[on or off (also true/false, yes/no, 1/0); both: on,off; default false]")
+    assert listed["--width"].endswith("(default: the architecture's, 1). [a comma list]")
 
 
 def test_cli_failing_point_exits_non_zero_after_the_others(tmp_path, monkeypatch):
@@ -306,25 +366,33 @@ def test_cli_failing_point_exits_non_zero_after_the_others(tmp_path, monkeypatch
     assert last.startswith("error: 1 of 2 sweep points failed") and "kaboom" in last
 
 
-def test_topk_is_an_axis_where_the_search_has_it():
-    """`--topk` comes with the global top-k masker (another branch): until then it is one clear error."""
-    from dataclasses import fields
-
-    if "topk" in {f.name for f in fields(SearchConfig)}:
-        grid = make_grid({**TINY, "topk": parse_list("topk", ",".join([SearchConfig().topk]))})
-        assert list(grid.axes)[:5] == ["arch", "init", "scale_fan", "width", "topk"]
-    else:
-        with pytest.raises(MaskforgeError, match="^unknown search option 'topk'$"):
-            parse_list("topk", "global")
-        result = _cli("--out", "unused", "--topk", "global")
-        assert result.exit_code == 2 and result.output.strip() == "error: unknown search option 'topk'"
+def test_topk_and_width_are_axes_end_to_end(tmp_path):
+    """`--topk layer,global --width 0.5,1`: four points, each an ordinary search whose artifact records its
+    rule and width; the kept counts follow docs/FORMAT.md 3.3 (per layer, or one K over all layers)."""
+    out = tmp_path / "sweep"
+    result = _cli("--out", str(out), "--arch", "fc", "--topk", "layer,global", "--width", "0.5,1", "--k", "0.3",
+                  "--max-steps", "2", "--epochs", "1", "--device", "cpu", "--no-figure", "-q")
+    assert result.exit_code == 0, result.output
+    rows = {(row["width"], row["topk"]): row for row in _csv(out / "results.csv")}
+    assert set(rows) == {("0.5", "layer"), ("0.5", "global"), ("1.0", "layer"), ("1.0", "global")}
+    layers = {"0.5": [784 * 150, 150 * 50, 50 * 10], "1.0": FC_LAYERS}
+    for (width, topk), row in rows.items():
+        artifact = load_artifact(out / row["point"] / "artifact.safetensors")
+        assert artifact.topk == topk and artifact.arch_args.get("width", 1.0) == float(width)
+        sizes = layers[width]
+        assert int(row["masked_weights"]) == artifact.masked_weights == sum(sizes)
+        kept = [max(1, round(0.3 * n)) for n in sizes] if topk == "layer" else None
+        total = sum(kept) if kept else max(len(sizes), max(1, round(0.3 * sum(sizes))))
+        assert int(row["kept_weights"]) == artifact.kept_weights == total, (width, topk)
 
 
 def test_where_selects_the_points_a_figure_shows(done_sweep, monkeypatch):
-    import maskforge.plot
+    import sys
+
+    import maskforge.plot  # noqa: F401  (the package attribute is the function `plot`; the module is in sys.modules)
 
     drawn = []
-    monkeypatch.setattr(maskforge.plot, "plot_sweep", lambda rows, *a, **k: drawn.append(rows) or [Path("f.png")])
+    monkeypatch.setattr(sys.modules["maskforge.plot"], "plot_sweep", lambda rows, *a, **k: drawn.append(rows) or [Path("f.png")])
     result = collect_sweep(done_sweep, where={"k": [0.5], "seed": [1]})
     assert [row["point"] for row in drawn[0]] == [_name(0.5, 1), "dense,arch=fc,width=1.0,seed=1"]
     assert len(result.rows) == 6 and len(_csv(done_sweep / "results.csv")) == 6  # the table keeps every point

@@ -46,9 +46,31 @@ def test_widened_artifact_exports_to_onnx(widened, tmp_path):
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_width_in_a_search_config_is_checked():
-    with pytest.raises(MaskforgeError, match="width must be a number in"):
-        SearchConfig(arch="fc", width=0).validate()
-    with pytest.raises(MaskforgeError, match="architecture resnet18 has fixed widths"):
-        SearchConfig(arch="resnet18", width=2.0).validate()
-    assert json.loads(json.dumps(vars(SearchConfig())))["width"] == 1.0
+def test_width_in_a_search_config_is_checked(tmp_path):
+    for width, message in ((0, "search config: width must be > 0, got 0"),
+                           (64.5, "search config: width must be <= 64, got 64.5")):
+        with pytest.raises(MaskforgeError) as info:
+            SearchConfig(arch="fc", width=width)
+        assert str(info.value) == message
+    assert SearchConfig().width is None  # not chosen: the architecture's width (1)
+    out = tmp_path / "resnet"
+    with pytest.raises(MaskforgeError, match="^width 2: architecture resnet18 has fixed widths"):
+        search(SearchConfig(arch="resnet18", width=2.0, epochs=1, max_steps=1, device="cpu", out=str(out)))
+    assert not out.exists()  # refused before the run folder was written
+
+
+def test_search_command_has_width_and_topk_options():
+    from typer.testing import CliRunner
+
+    from maskforge.cli import app
+
+    output = CliRunner().invoke(app, ["search", "--help"], env={"COLUMNS": "300"}).output
+    lines = {line.split()[1]: " ".join(line.split()[2:-1]) for line in output.splitlines()
+             if line.startswith("│ --")}
+    assert lines["--width"] == ("<float> Width multiplier W of the conv and fc networks: each hidden layer gets "
+                                "max(1, round(W x its units)); the ResNets take only 1 (default: the architecture's, 1).")
+    assert lines["--topk"] == ("<str> Top-k rule: layer (k in every layer, the paper's) or global (one threshold over "
+                               "all layers, each keeps at least 1). [default: layer]")
+    result = CliRunner().invoke(app, ["search", "--width", "0", "--out", "unused"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == ["error: search config: width must be > 0, got 0.0"]

@@ -56,8 +56,9 @@ class SearchConfig:
     init: Distribution = Field("signed_constant", description="Weight distribution: signed_constant, "
                                                               "kaiming_normal or unsigned_constant.")
     scale_fan: Flag = Field(False, description="Use sigma = sqrt(2/(k*fan_in)) (the subnetwork's fan-in).")
-    width: Optional[Number] = Field(None, gt=0, le=64, description="Width multiplier of the architecture "
-                                                                   "(default: the architecture's, 1).")
+    width: Optional[Number] = Field(None, gt=0, le=64, description="Width multiplier W of the conv and fc "
+                                    "networks: each hidden layer gets max(1, round(W x its units)); the ResNets "
+                                    "take only 1 (default: the architecture's, 1).")
     topk: TopkRule = Field("layer", description="Top-k rule: layer (k in every layer, the paper's) or global "
                                                 "(one threshold over all layers, each keeps at least 1).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto (CUDA when present), cpu or "

@@ -37,7 +37,7 @@ from ..schema import RESUME_EXTENDABLE, RESUME_OVERRIDABLE, SearchConfig
 from . import notices
 from .device import resolve_device
 from .folders import METRICS_CSV_NAME, TENSORBOARD_DIR
-from .metricfiles import TensorBoardLog
+from .metricfiles import TensorBoardLog, write_metrics
 from .plan import Plan, agree, check_world, plan_fresh, plan_resume
 from .runfolder import (ARTIFACT_NAME, CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, TIMING_FIELDS, finalize_artifact,
                         open_run_folder, read_run_config, record_metrics, save_checkpoint)
@@ -48,7 +48,9 @@ from .train import StepProgress, end_epoch, lr_at, start_epoch, train_one_epoch
 __all__ = ["search", "resume", "SearchConfig", "SearchResult", "SearchInterrupted", "StepProgress",
            "read_run_config", "prepare", "lr_at", "resolve_device", "RESUME_OVERRIDABLE", "RESUME_EXTENDABLE",
            "TIMING_FIELDS", "ARTIFACT_NAME", "METRICS_NAME", "METRICS_CSV_NAME", "CONFIG_NAME", "CHECKPOINT_NAME",
-           "TENSORBOARD_DIR"]
+           "TENSORBOARD_DIR",
+           # the steps, for other training loops over the same data and schedule (maskforge.dense)
+           "Session", "setup", "start_epoch", "train_one_epoch", "end_epoch", "write_metrics"]
 
 OnStep = Callable[[StepProgress], None]
 OnEpoch = Callable[[dict], None]

@@ -6,7 +6,7 @@ of the paper's figures — arch, init, scale_fan, width, topk, k, seed — are a
 counts as a list of one), so a point's folder name always says them and stays the same when a later run
 of the sweep adds values:
 
-    arch=conv4,init=signed_constant,scale_fan=true,width=1.0,k=0.5,seed=0
+    arch=conv4,init=signed_constant,scale_fan=true,width=1.0,topk=layer,k=0.5,seed=0
 
 The folder records every grid run in it (`sweep.json`). A new run with the same fixed options and the
 same axes EXTENDS the folder (its points are added; finished ones are skipped); one with different fixed
@@ -17,28 +17,30 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import re
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
-from ..dense import DenseConfig
+from ..registry import check_width, get_arch
+from ..dense import RECIPE, DenseConfig
 from ..errors import MaskforgeError
 from ..fileio import atomic_write
-from ..search import RESUME_OVERRIDABLE, SearchConfig
+from ..schema import RESUME_OVERRIDABLE, SearchConfig
 
 SWEEP_FILE = "sweep.json"
-SWEEP_FORMAT, SWEEP_VERSION = "maskforge-sweep", 1
-#: Always axes, in folder-name order (those SearchConfig has); any other listed option goes before k.
-NAMED_AXES = tuple(name for name in ("arch", "init", "scale_fan", "width", "topk", "k", "seed")
-                   if name in {f.name for f in fields(SearchConfig)})
+#: Version 2: topk became a named axis (version-1 folder names do not say it).
+SWEEP_FORMAT, SWEEP_VERSION = "maskforge-sweep", 2
+#: Always axes, in folder-name order; any other listed option goes before k.
+NAMED_AXES = ("arch", "init", "scale_fan", "width", "topk", "k", "seed")
+#: Axis values that stand for a default (None: "the architecture's"), spelled out so a folder name says it.
+AXIS_DEFAULTS = {"width": 1.0}
 #: Options a re-run may change without changing any result (they are not part of the grid's identity).
 RUN_ONLY = tuple(RESUME_OVERRIDABLE)
 #: The search options a dense baseline shares (the others are the edge-popup recipe's).
 DENSE_SHARED = tuple(f.name for f in fields(DenseConfig)
-                     if f.name in {g.name for g in fields(SearchConfig)} - {"lr", "momentum", "weight_decay", "out"})
+                     if f.name in {g.name for g in fields(SearchConfig)} and f.name not in RECIPE)
 _TYPES = typing.get_type_hints(SearchConfig)
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 _SAFE = re.compile(r"[^A-Za-z0-9._+-]")
@@ -65,7 +67,7 @@ class Grid:
         for combo in itertools.product(*self.axes.values()):
             values = dict(zip(self.axes, combo))
             name = point_name(values)
-            config = SearchConfig(**{**self.fixed, **values, "out": str(out / name)})
+            config = _point_config(name, {**self.fixed, **values, "out": str(out / name)})
             points.append(Point(name, "search", values, config))
         return points
 
@@ -105,12 +107,12 @@ def _spell(value: Any) -> str:
 
 def make_grid(options: Mapping[str, Any], *, dense_baseline: bool = False) -> Grid:
     """A validated Grid from `{option: value or list}` (every point's SearchConfig is checked now)."""
-    known = {f.name for f in fields(SearchConfig)} - {"out"}
+    known = set(_TYPES) - {"out"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise MaskforgeError(f"unknown sweep option(s) {unknown}; the options are the search's: "
                              f"{', '.join(sorted(known))}")
-    defaults = asdict(SearchConfig())
+    defaults = {**SearchConfig().to_dict(), **AXIS_DEFAULTS}
     axes: dict[str, list] = {}
     fixed: dict[str, Any] = {}
     for name in sorted(known):
@@ -122,16 +124,23 @@ def make_grid(options: Mapping[str, Any], *, dense_baseline: bool = False) -> Gr
     order = [n for n in NAMED_AXES if n not in ("k", "seed")] + sorted(set(axes) - set(NAMED_AXES)) + ["k", "seed"]
     grid = Grid({name: axes[name] for name in order if name in axes}, fixed, dense_baseline)
     names = set()
-    for point in grid.points(Path(".")):
-        try:
-            point.config.validate()
-        except MaskforgeError as exc:
-            raise MaskforgeError(f"grid point {point.name}: {exc}") from None
+    for point in grid.points(Path(".")):  # builds (so validates) every point's config
         if point.name in names:
             raise MaskforgeError(f"two grid points share the folder name {point.name}; use values that differ "
                                  f"in letters, digits or . _ + -")
         names.add(point.name)
     return grid
+
+
+def _point_config(name: str, values: dict) -> SearchConfig:
+    """A point's SearchConfig, validated by the schema and the architecture registry; errors name the point."""
+    try:
+        config = SearchConfig(**values)
+        get_arch(config.arch)
+        check_width(1.0 if config.width is None else config.width, config.arch)
+    except MaskforgeError as exc:
+        raise MaskforgeError(f"grid point {name}: {exc}") from None
+    return config
 
 
 def _check_values(name: str, values: list) -> list:
@@ -144,20 +153,25 @@ def _check_values(name: str, values: list) -> list:
     return coerced
 
 
+def _kind(name: str) -> tuple[type, bool]:
+    """The Python type of a SearchConfig field (str for a choice) and whether it may be None."""
+    hint, optional = _TYPES[name], False
+    if type(None) in typing.get_args(hint):
+        hint, optional = next(arg for arg in typing.get_args(hint) if arg is not type(None)), True
+    return (str if typing.get_origin(hint) is Literal else hint), optional
+
+
 def _coerce(name: str, value: Any) -> Any:
-    """`value` as the SearchConfig field's type (1 -> 1.0 for floats); a clear error when it is not one."""
-    kind = _TYPES[name]
-    optional = type(None) in typing.get_args(kind)
-    base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
-    if value is None and optional:
-        return None
+    """`value` spelled as the field's type, so that 1 and 1.0 name the same point (k=1.0); whether it is a
+    valid value is the schema's to say, when the point's config is built."""
+    base, _ = _kind(name)
+    if value is None and name in AXIS_DEFAULTS:
+        return AXIS_DEFAULTS[name]
     if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not math.isfinite(value):
-            raise MaskforgeError(f"{name} must be a finite number, got {value!r}")
         return float(value)
-    if isinstance(value, base) and (base is bool or not isinstance(value, bool)):
-        return value
-    raise MaskforgeError(f"{name} must be {'an integer' if base is int else 'a ' + base.__name__}, got {value!r}")
+    if base is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def parse_list(name: str, text: str) -> list:
@@ -171,9 +185,8 @@ def parse_list(name: str, text: str) -> list:
 
 
 def _parse_one(name: str, item: str) -> Any:
-    kind = _TYPES[name]
-    base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
-    if item.lower() == "none" and type(None) in typing.get_args(kind):
+    base, optional = _kind(name)
+    if item.lower() == "none" and optional:
         return None
     if base is bool:
         if item.lower() in _TRUE + _FALSE:
@@ -275,6 +288,9 @@ def read_record(out: Path) -> SweepRecord | None:
         return None
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
+        if document.get("format") == SWEEP_FORMAT and document.get("version") == 1:
+            raise MaskforgeError("written by an older maskforge (sweep format 1, whose folder names do not say "
+                                 "topk); run the sweep again in a new folder")
         if document.get("format") != SWEEP_FORMAT or document.get("version") != SWEEP_VERSION:
             raise ValueError(f"not a {SWEEP_FORMAT} v{SWEEP_VERSION} document")
         fixed, axes = dict(document["fixed"]), list(document["axes"])
@@ -307,7 +323,7 @@ def _check_comparable(out: Path, record: SweepRecord, grid: Grid) -> None:
     if list(grid.axes) != record.axes:
         raise MaskforgeError(f"sweep folder {out} varies {', '.join(record.axes)}; this grid varies "
                              f"{', '.join(grid.axes)}: choose another output folder")
-    defaults = asdict(SearchConfig())
+    defaults = SearchConfig().to_dict()
     differing = [f"{name} {record.fixed.get(name, defaults.get(name))!r} (this grid: {grid.fixed.get(name)!r})"
                  for name in sorted(set(record.fixed) | set(grid.fixed))
                  if name not in RUN_ONLY and record.fixed.get(name, defaults.get(name)) != grid.fixed.get(name)]

@@ -28,6 +28,8 @@ from .results import is_done, point_row, read_status, summarize, write_results, 
 
 #: on_point(event, point, info): event "start" (info: index, total) or "end" (info: outcome, seconds, row)
 PointCallback = Callable[[str, Point, dict], None]
+#: on_step(StepProgress): after every optimizer step of the point being run (maskforge.search.StepProgress)
+StepCallback = Callable[[Any], None]
 
 
 @dataclass
@@ -50,7 +52,7 @@ class SweepResult:
 
 
 def sweep(out: str | os.PathLike, options: Mapping[str, Any], *, dense_baseline: bool = False,
-          shard: tuple[int, int] = (0, 1), progress: bool = False, on_point: PointCallback | None = None,
+          shard: tuple[int, int] = (0, 1), on_step: StepCallback | None = None, on_point: PointCallback | None = None,
           figures: bool = True, x: str | None = None, hue: Sequence[str] | None = None) -> SweepResult:
     """Run the grid `options` ({search option: value or list}) under `out`; see the module docstring.
 
@@ -77,7 +79,7 @@ def sweep(out: str | os.PathLike, options: Mapping[str, Any], *, dense_baseline:
         if on_point:
             on_point("start", point, {"index": position, "total": len(mine)})
         started = time.perf_counter()
-        outcome = _run_point(point, out, progress)
+        outcome = _run_point(point, out, on_step)
         if outcome in ("failed", "bug"):
             result.failed.append(point.name)
             if outcome == "bug":
@@ -139,7 +141,7 @@ def _finish(out: Path, record: SweepRecord, result: SweepResult, plotted: list[s
     return result
 
 
-def _run_point(point: Point, out: Path, progress: bool) -> str:
+def _run_point(point: Point, out: Path, on_step: StepCallback | None) -> str:
     """'skipped' (finished earlier), 'ran', 'failed' (a MaskforgeError) or 'bug' (anything else)."""
     folder = out / point.name
     if is_done(point, folder):
@@ -155,11 +157,11 @@ def _run_point(point: Point, out: Path, progress: bool) -> str:
     note()  # a new attempt: an earlier attempt's error no longer describes the point
     try:
         if point.kind == "dense":
-            train_dense(point.config, on_epoch=lambda record: note())
-        elif (folder / CHECKPOINT_NAME).is_file():
-            resume(folder, asdict(point.config), progress=progress, on_epoch=lambda record: note())
-        else:
-            search(point.config, progress=progress, on_epoch=lambda record: note())
+            train_dense(point.config, on_step=on_step, on_epoch=lambda record: note())
+        elif (folder / CHECKPOINT_NAME).is_file():  # interrupted: continue (the arguments must be the recorded ones)
+            resume(folder, asdict(point.config), on_step=on_step, on_epoch=lambda record: note())
+        else:  # new, or killed before its first checkpoint: nothing to continue, start (over)
+            search(point.config, on_step=on_step, on_epoch=lambda record: note())
     except MaskforgeError as exc:
         note(" ".join(str(exc).split()))
         return "failed"
