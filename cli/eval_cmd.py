@@ -72,11 +72,7 @@ def eval_command(
                    latency_runs=latency_runs)
     with _progress() as progress:
         if compare_modes:
-            for name, value in (("--mean", mean), ("--std", std), ("--size", size), ("--reference", reference),
-                                ("--confusion-png", confusion_png)):
-                if value is not None:
-                    raise MaskforgeError(f"{name} does not apply with --compare (it evaluates the artifact's own "
-                                         f"exports)")
+            _refuse_with_compare(mean=mean, std=std, size=size, reference=reference, confusion_png=confusion_png)
             report = compare(model, progress=progress, **options)
         else:
             report = evaluate(model, mean=mean, std=std, size=size, reference=reference, progress=progress,
@@ -88,6 +84,17 @@ def eval_command(
             typer.echo(json.dumps(report.to_dict(), indent=2))
             return
         write_report(report, json_out)
+    _print_report(report, compare_modes)
+
+
+def _refuse_with_compare(**options) -> None:
+    for name, value in options.items():
+        if value is not None:
+            raise MaskforgeError(f"--{name.replace('_', '-')} does not apply with --compare (it evaluates the "
+                                 f"artifact's own exports)")
+
+
+def _print_report(report, compare_modes: bool) -> None:
     console = Console()
     if compare_modes:
         console.print(compare_table(report))
