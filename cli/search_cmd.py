@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 import typer
 
+from maskforge.errors import MaskforgeError
 from maskforge.schema import SearchConfig
 
 from .app import app
@@ -92,6 +93,10 @@ def search_command(ctx: typer.Context, resume_dir: Optional[Path] = None, quiet:
                 shown = stack.enter_context(SearchProgress()) if sys.stderr.isatty() else LineProgress()
                 callbacks = {"on_step": shown.on_step, "on_epoch": shown.on_epoch}
             if resume_dir is not None:
+                if overwrite:
+                    raise MaskforgeError("--overwrite does not apply with --resume (which continues the search "
+                                         "in DIR); to start DIR over, leave --resume out: the same options with "
+                                         "--out DIR --overwrite")
                 result = resume(resume_dir, given, **callbacks)
             else:
                 result = search(SearchConfig(**given), overwrite=overwrite, **callbacks)
@@ -118,7 +123,10 @@ def _summary(result) -> dict:
     """What `--json` prints: the run, its result and the commands that take it further."""
     art, last = result.artifact, result.metrics[-1]
     artifact = str(result.artifact_path)
-    onnx = str(result.artifact_path.with_suffix(".onnx"))
+    from maskforge.export.modes import default_export_path, resolve_mode
+
+    # The file a plain `export` writes: regen where the distribution allows it, else compact (kaiming_normal).
+    onnx = str(default_export_path(result.artifact_path, storage=resolve_mode(art).storage))
     return {"run_dir": str(result.run_dir), "artifact": artifact, "arch": art.arch, "k": art.k, "seed": art.seed,
             "epochs": last["epoch"], "steps": last["step"], "heldout_acc": last["heldout_acc"],
             "heldout_loss": last["heldout_loss"], "train_loss": last["train_loss"],

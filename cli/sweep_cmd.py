@@ -65,6 +65,10 @@ def sweep_command(
         try:
             result = sweep(out, options, dense_baseline=dense_baseline, shard=parse_shard(shard) if shard else (0, 1),
                            on_step=bars.on_step, on_point=bars.on_point, figures=figure, x=x, hue=hue_list)
+        except KeyboardInterrupt as stopped:  # Ctrl-C, or SIGTERM through the search (SearchInterrupted)
+            bars.close()
+            _report_stopped(stopped)
+            raise  # the app prints `error: interrupted` / `terminated` and exits 130 / 143
         finally:
             bars.close()  # a Ctrl-C leaves the terminal as it was
     _print_summary(console, result)
@@ -74,6 +78,16 @@ def sweep_command(
         typer.echo(f"error: {len(failed)} of {len(result.rows)} sweep points failed (first: {failed[0]['point']}: "
                    f"{failed[0]['error']}); see {result.out / 'results.csv'}", err=True)
         raise typer.Exit(1 if bug else 2)
+
+
+def _report_stopped(stopped: KeyboardInterrupt) -> None:
+    """What the stop left and how to go on (stderr): nothing finished is lost, the same command continues."""
+    describe = getattr(stopped, "describe", None)  # a search's SearchInterrupted says where its checkpoint is
+    if describe is not None:
+        typer.echo(describe(), err=True)
+    typer.echo("sweep stopped; run the same command again to continue: finished points are skipped, an "
+               "interrupted search continues from its checkpoint, an interrupted dense baseline starts over",
+               err=True)
 
 
 def _own(name: str, annotation: Any, option) -> inspect.Parameter:

@@ -68,7 +68,7 @@ def plot(folder: str | os.PathLike, *, x: str | None = None, hue: Sequence[str] 
             raise MaskforgeError(f"{folder}: {result.figure_note}")
         return result.figures
     if x is not None or hue or where:
-        raise MaskforgeError(f"{folder} is a run folder, not a sweep folder: x, hue and where apply to sweeps")
+        raise MaskforgeError(f"{folder} is a run folder, not a sweep folder: --x, --hue and --where apply to sweeps")
     return plot_run(folder, stem=stem)
 
 

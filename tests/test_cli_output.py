@@ -10,6 +10,7 @@ import importlib.metadata
 import json
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 from typer.testing import CliRunner
@@ -34,6 +35,22 @@ def test_search_json_prints_the_summary(tmp_path):
         "metrics": str(out / "metrics.jsonl"),
         "next": [f"maskforge inspect {out / 'artifact.safetensors'}",
                  f"maskforge export {out / 'artifact.safetensors'}", f"maskforge eval {out / 'artifact.onnx'}"]}
+
+
+def test_the_suggested_commands_work_for_every_distribution(tmp_path):
+    """The export that `next` suggests writes the very file the suggested eval reads (kaiming_normal cannot
+    be regenerated in ONNX, so its default export is compact, under another name)."""
+    runner = CliRunner()
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["search", "--arch", "fc", "--init", "kaiming_normal", "--epochs", "1", "--max-steps",
+                                 "2", "--batch-size", "64", "--device", "cpu", "--out", str(out), "--json", "-q"])
+    assert result.exit_code == 0, result.output
+    inspect_command, export_command, eval_command = json.loads(result.stdout)["next"]
+    result = runner.invoke(app, export_command.split()[1:])
+    assert result.exit_code == 0, result.output
+    evaluated = Path(eval_command.split()[-1])
+    assert evaluated.is_file() and evaluated.suffix == ".onnx"
+    assert evaluated.name != "artifact.onnx"  # the regen file's name: kaiming_normal exports compact
 
 
 def test_plain_progress_writes_a_line_per_epoch_and_a_heartbeat(capsys):

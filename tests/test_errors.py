@@ -272,6 +272,8 @@ ROWS = [
       r"cannot write .*: No space left on device", _full_disk),
     R("search", "resume: no such run folder", lambda f: ["search", "--resume", f.missing], "no such run folder"),
     R("search", "resume: not a run folder", lambda f: ["search", "--resume", f.folder], "not a search run folder"),
+    R("search", "resume with overwrite", lambda f: ["search", "--resume", f.folder, "--overwrite"],
+      "--overwrite does not apply with --resume"),
     # inspect
     R("inspect", "missing file", lambda f: ["inspect", f.missing], "does not exist"),
     R("inspect", "a folder", lambda f: ["inspect", f.folder], "is a folder"),

@@ -213,7 +213,7 @@ def test_onnx_without_metadata_takes_its_size_from_the_graph(run):
     del proto.metadata_props[:]
     bare = run / "bare.onnx"
     onnx.save(proto, str(bare))
-    with pytest.raises(MaskforgeError, match=r"no maskforge metadata.*give mean, std \("):
+    with pytest.raises(MaskforgeError, match=r"no maskforge metadata.*give --mean, --std \(Python: mean, std="):
         evaluate(bare, latency=False)
     spec = load_artifact(run / "artifact.safetensors").spec
     report = evaluate(bare, mean=",".join(map(str, spec.mean)), std=list(spec.std), latency=False)

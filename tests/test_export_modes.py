@@ -335,11 +335,11 @@ BAD = [
     ("calibration data of other classes", "three", ["--precision", "int8", "--data", "mnist5k"],
      "calibration data mnist5k has 10 classes, the model predicts 3"),
     ("calibration data not on this machine", "small", ["--precision", "int8"],
-     "the model was searched on test, which is not on this machine; give calibration_data"),
+     "the model was searched on test, which is not on this machine; give --data"),
     ("unknown storage", "good", ["--storage", "sparse"], "storage must be one of dense, compact, regen; got 'sparse'"),
     ("unknown precision", "good", ["--precision", "int4"], "precision must be one of fp32, int8; got 'int4'"),
     ("alias contradicts storage", "good", ["--dense", "--storage", "regen"],
-     "compact=False means storage 'dense', which contradicts storage 'regen'"),
+     "--dense (compact=False) means storage 'dense', which contradicts --storage regen"),
     ("torch with a storage", "good", ["--format", "torch", "--storage", "regen"], "apply to --format onnx only"),
 ]
 

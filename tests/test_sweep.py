@@ -172,6 +172,40 @@ def test_a_stopped_sweep_finishes_without_redoing_points(tmp_path):
     assert steps == [(1, 3), (2, 3), (3, 3)] * 2  # each point run reports its steps
 
 
+def test_sigterm_during_a_sweep_says_how_to_continue_and_the_same_command_does(tmp_path, monkeypatch):
+    """SIGTERM (what Slurm sends) during the second point: that search checkpoints, the command says where
+    and how to go on and exits 143; the same command again skips the first point and resumes the second."""
+    import os
+    import signal
+
+    real_search, calls = runner_module.search, []
+
+    def search_then_sigterm(config, **kwargs):
+        calls.append(config.out)
+        on_step = kwargs.pop("on_step", None)
+
+        def step(progress):
+            if on_step:
+                on_step(progress)
+            if len(calls) == 2 and progress.step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real_search(config, on_step=step, **kwargs)
+
+    monkeypatch.setattr(runner_module, "search", search_then_sigterm)
+    command = ["sweep", "--out", str(tmp_path / "sweep"), "--arch", "fc", "--k", "0.3,0.5", "--epochs", "1",
+               "--max-steps", "3", "--batch-size", "64", "--device", "cpu", "--quiet", "--no-figure"]
+    stopped = cli.invoke(app, command)
+    assert stopped.exit_code == 143, stopped.output
+    second = tmp_path / "sweep" / _name(0.5, 0)
+    assert f"at step 2 of 3: checkpoint saved in {second}" in stopped.stderr
+    assert "run the same command again to continue" in stopped.stderr
+    assert (second / "checkpoint.safetensors").is_file()
+    monkeypatch.setattr(runner_module, "search", lambda *a, **k: pytest.fail("a point started over"))
+    again = cli.invoke(app, command)
+    assert again.exit_code == 0, again.output
+    assert "finished earlier: skipped" in again.stdout and (second / "artifact.safetensors").is_file()
+
+
 def test_shards_then_collect_equal_the_unsharded_sweep(tmp_path):
     options = {**TINY, "k": [0.3, 0.5, 0.7], "seed": [0, 1]}
     whole = sweep(tmp_path / "whole", options, dense_baseline=True, figures=False)

@@ -238,7 +238,7 @@ def _float(value) -> float | None:
 def load_matching_data(subject: Subject, data: str | None) -> tuple[DataSplits, str]:
     """The data set to evaluate on, checked against the model's input spec (channels, size, classes); a
     model that does not know its class names (or count) takes the data's."""
-    source = data or searched_data(subject.provenance(), "data") or "mnist5k"
+    source = data or searched_data(subject.provenance(), "--data (Python: data=...)") or "mnist5k"
     splits = matching_splits(subject.spec, source, check_names=subject.names_known,
                              check_classes=subject.classes_known)
     if not subject.names_known:

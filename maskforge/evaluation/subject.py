@@ -162,7 +162,8 @@ def _spec_from_graph(path: Path, proto, dims: list, overrides: dict) -> InputSpe
                                         ("size", size)) if value is None]
     if missing:
         raise MaskforgeError(f"{path} has no maskforge metadata, so its preprocessing is unknown; give "
-                             f"{', '.join(missing)} (e.g. mean 0.1307, std 0.3081, size 28)")
+                             f"{', '.join('--' + name for name in missing)} (Python: {', '.join(missing)}=...), e.g. "
+                             f"--mean 0.1307 --std 0.3081 --size 28")
     channels = dims[1] if isinstance(dims[1], int) and dims[1] > 0 else len(overrides["mean"])
     classes = _output_classes(proto) or 1   # unknown: the data's classes are adopted (load_matching_data)
     try:

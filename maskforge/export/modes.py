@@ -59,8 +59,8 @@ def resolve_mode(artifact: Artifact, storage: str | None = None, precision: str 
     if compact is not None:
         alias = "compact" if compact else "dense"
         if storage is not None and storage != alias:
-            raise MaskforgeError(f"compact={compact} means storage {alias!r}, which contradicts storage {storage!r}; "
-                                 f"give one of them")
+            raise MaskforgeError(f"--{alias} (compact={compact}) means storage {alias!r}, which contradicts --storage "
+                                 f"{storage} (storage={storage!r}); give one of them")
         storage = alias
     if storage is not None and storage not in STORAGES:
         raise MaskforgeError(f"storage must be one of {', '.join(STORAGES)}; got {storage!r}")
@@ -81,7 +81,7 @@ def resolve_mode(artifact: Artifact, storage: str | None = None, precision: str 
     lossy = precision == "int8" and artifact.init not in EXACT_INT8
     if lossy and not allow_lossy:
         raise MaskforgeError(f"precision 'int8' of {artifact.init} weights is lossy (they are not c x {{-1, 0, +1}} "
-                             f"per output channel); set allow_lossy to export anyway (7-bit weights, checked "
+                             f"per output channel); pass --allow-lossy (allow_lossy=True) to export anyway (7-bit weights, checked "
                              f"against fp32 top-1 on held-out data), or use precision 'fp32'")
     return ExportMode(storage, precision, opset, lossy)
 

@@ -67,7 +67,7 @@ def regen_weights(proto, artifact: Artifact, opset: int) -> EncodeStats:
 
 def refusal(distribution: str) -> str:
     return (f"storage 'regen' cannot rebuild {distribution} weights exactly with ONNX operators (it can "
-            f"signed_constant and unsigned_constant); use storage 'compact' or 'dense'")
+            f"signed_constant and unsigned_constant); use --storage compact or dense")
 
 
 class _LayerFinder:
@@ -95,7 +95,7 @@ class _LayerFinder:
             self.unused.remove(param)
             return param, positive
         raise MaskforgeError(f"traced weight {name} {list(weight.shape)} matches no layer of the artifact (mask "
-                             f"and signs); this is a maskforge bug, use storage 'compact'")
+                             f"and signs); this is a maskforge bug, use --storage compact")
 
     def _signs(self, param: str, shape: tuple) -> np.ndarray:
         a = self.artifact
@@ -109,13 +109,13 @@ def _weight_call(name: str, param: str, weight: np.ndarray, positive: np.ndarray
     magnitude = per_channel_magnitude(weight, mask)
     if magnitude is None or (positive is None and not np.all(weight[mask] > 0)):
         raise MaskforgeError(f"weight {name} (layer {param}) is not one magnitude per output channel; "
-                             f"this is a maskforge bug, use storage 'compact'")
+                             f"this is a maskforge bug, use --storage compact")
     zero = np.zeros((), weight.dtype)
     signed = magnitude if positive is None else np.where(positive, magnitude, -magnitude)
     rebuilt = np.where(mask, signed, zero).astype(weight.dtype)
     if rebuilt.tobytes() != np.ascontiguousarray(weight).tobytes():   # bit for bit, +0.0 included
         raise MaskforgeError(f"regenerated weight {name} (layer {param}) differs from the traced one; this is a "
-                             f"maskforge bug, use storage 'compact'")
+                             f"maskforge bug, use --storage compact")
     sub = Subgraph(f"{name}/maskforge")
     kind = MASKED if positive is None else SIGNED
     inputs = [sub.init("mask_packed", packed_bits(mask)), sub.init("shape", np.array(weight.shape, np.int64)),

@@ -63,7 +63,7 @@ def sweep(out: str | os.PathLike, options: Mapping[str, Any], *, dense_baseline:
     world = distributed.detect()
     if world.is_distributed:
         raise MaskforgeError("a sweep runs its points in one process; to use several GPUs or machines, start one "
-                             "process per shard (shard=(i, n)) instead of torchrun")
+                             "process per shard (--shard I/N; Python: shard=(i, n)) instead of torchrun")
     index, count = shard
     if not (isinstance(index, int) and isinstance(count, int) and 0 <= index < count):
         raise MaskforgeError(f"shard must be (i, n) with 0 <= i < n, got {shard!r}")
