@@ -51,6 +51,11 @@ def sweep_command(
 ) -> None:
     from maskforge.sweeps import collect_sweep, options_from_text, parse_shard, sweep  # torch loads here
 
+    from . import logs
+
+    if quiet:
+        logs.quiet()  # each point's start line and estimate too; warnings stay
+
     hue_list = [h.strip() for h in hue.split(",")] if hue else None
     console = Console() if sys.stdout.isatty() else Console(width=160)  # logs and pipes: no squeezed table
     if collect is not None:
@@ -117,7 +122,8 @@ _OWN = [
                                                  "axes that vary).")),
     inspect.Parameter("figure", inspect.Parameter.KEYWORD_ONLY, default=True, annotation=Annotated[
         bool, typer.Option("--figure/--no-figure", help="Draw the figure (PNG + SVG).")]),
-    _own("quiet", bool, typer.Option("--quiet", "-q", help="No per-run progress bars.")),
+    _own("quiet", bool, typer.Option("--quiet", "-q", help="No per-run progress bars, start lines or time "
+                                                        "estimates (warnings and each point's result stay).")),
 ]
 sweep_command.__signature__ = inspect.Signature([*_OWN, *SEARCH_OPTIONS])
 sweep_command.__doc__ = """Run a grid of searches: every combination of the comma lists, each seed, under one folder.

@@ -199,6 +199,7 @@ def test_sigterm_during_a_sweep_says_how_to_continue_and_the_same_command_does(t
     second = tmp_path / "sweep" / _name(0.5, 0)
     assert f"at step 2 of 3: checkpoint saved in {second}" in stopped.stderr
     assert "run the same command again to continue" in stopped.stderr
+    assert not [line for line in stopped.stderr.splitlines() if line.startswith("search fc")]  # --quiet: no start lines
     assert (second / "checkpoint.safetensors").is_file()
     monkeypatch.setattr(runner_module, "search", lambda *a, **k: pytest.fail("a point started over"))
     again = cli.invoke(app, command)
