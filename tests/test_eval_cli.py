@@ -128,7 +128,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(run, tmp_path, case):
     result = CliRunner().invoke(app, ["eval", str(model), "--latency-runs", "1", *extra])
     expected = {"truncated onnx": "not a readable ONNX model|not a valid ONNX model",
                 "png named .onnx": r"photo.onnx is a PNG image; give the artifact or an ONNX export",
-                "no metadata": "give std", "rgb images": "3-channel images, the model takes 1",
+                "no metadata": "give --std", "rgb images": "3-channel images, the model takes 1",
                 "other class names": "has classes a, b", "json under a file": "is not a folder",
                 "wrong size": r"model.onnx takes 1x28x28 images \(its ONNX input 'input' is \[batch, 1, 28, 28\]\), "
                               r"but the preprocessing gives 1x32x32",
