@@ -66,16 +66,17 @@ def sweep_command(
         if out is None:
             raise MaskforgeError("give the sweep folder with --out DIR (or --collect DIR to gather one)")
         options = options_from_text(texts, seeds)
-        bars = _Bars(console, enabled=not quiet and sys.stderr.isatty())
+        progress = _PointProgress(console, None if quiet else "bar" if sys.stderr.isatty() else "lines")
         try:
             result = sweep(out, options, dense_baseline=dense_baseline, shard=parse_shard(shard) if shard else (0, 1),
-                           on_step=bars.on_step, on_point=bars.on_point, figures=figure, x=x, hue=hue_list)
+                           on_step=progress.on_step, on_epoch=progress.on_epoch, on_point=progress.on_point,
+                           figures=figure, x=x, hue=hue_list)
         except KeyboardInterrupt as stopped:  # Ctrl-C, or SIGTERM through the search (SearchInterrupted)
-            bars.close()
+            progress.close()
             _report_stopped(stopped)
             raise  # the app prints `error: interrupted` / `terminated` and exits 130 / 143
         finally:
-            bars.close()  # a Ctrl-C leaves the terminal as it was
+            progress.close()  # a Ctrl-C leaves the terminal as it was
     _print_summary(console, result)
     failed = [row for row in result.rows if row["status"] == "failed"]
     if failed:
@@ -122,8 +123,9 @@ _OWN = [
                                                  "axes that vary).")),
     inspect.Parameter("figure", inspect.Parameter.KEYWORD_ONLY, default=True, annotation=Annotated[
         bool, typer.Option("--figure/--no-figure", help="Draw the figure (PNG + SVG).")]),
-    _own("quiet", bool, typer.Option("--quiet", "-q", help="No per-run progress bars, start lines or time "
-                                                        "estimates (warnings and each point's result stay).")),
+    _own("quiet", bool, typer.Option("--quiet", "-q", help="No progress while a point runs (bar or epoch "
+                                                        "lines), start lines or time estimates (warnings and "
+                                                        "each point's result stay).")),
 ]
 sweep_command.__signature__ = inspect.Signature([*_OWN, *SEARCH_OPTIONS])
 sweep_command.__doc__ = """Run a grid of searches: every combination of the comma lists, each seed, under one folder.
@@ -142,28 +144,34 @@ sweep_command.__doc__ = """Run a grid of searches: every combination of the comm
 app.command("sweep")(sweep_command)
 
 
-class _Bars:
-    """The sweep's report of each point, with a progress bar while it runs (in terminals only)."""
+class _PointProgress:
+    """The sweep's report of each point and its progress while it runs, as `search` shows it: a bar in a
+    terminal ("bar"), plain lines elsewhere ("lines": one per epoch, a heartbeat in long epochs, so a log
+    file is never silent for a whole point), or nothing (None, --quiet)."""
 
-    def __init__(self, console: Console, enabled: bool) -> None:
-        self.console, self.enabled, self.bar = console, enabled, None
+    def __init__(self, console: Console, mode: str | None) -> None:
+        self.console, self.mode, self.bar = console, mode, None
 
     def on_point(self, event: str, point, info: dict) -> None:
         self.close()
         _report(self.console, event, point, info)
-        if event == "start" and self.enabled:
-            from .progress import SearchProgress
+        if event == "start" and self.mode is not None:
+            from .progress import LineProgress, SearchProgress
 
-            self.bar = SearchProgress().__enter__()
+            self.bar = SearchProgress().__enter__() if self.mode == "bar" else LineProgress()
 
     def on_step(self, step) -> None:
         if self.bar is not None:
             self.bar.on_step(step)
 
-    def close(self) -> None:
+    def on_epoch(self, record: dict) -> None:
         if self.bar is not None:
+            self.bar.on_epoch(record)
+
+    def close(self) -> None:
+        if hasattr(self.bar, "__exit__"):  # the terminal bar; plain lines hold nothing open
             self.bar.__exit__(None, None, None)
-            self.bar = None
+        self.bar = None
 
 
 def _report(console: Console, event: str, point, info: dict) -> None:

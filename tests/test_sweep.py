@@ -352,6 +352,20 @@ def test_cli_sweep_collect_and_summary(tmp_path):
     assert collected.exit_code == 0 and _without_timing(_csv(out / "results.csv")) == _without_timing(rows)
 
 
+def test_cli_sweep_in_a_log_file_shows_each_points_epochs(tmp_path):
+    """Outside a terminal (nohup, Slurm, CI) a sweep prints each point's epochs as `search` does, so a log is
+    never silent for a whole point; --quiet keeps only the points' results."""
+    common = ["--arch", "fc", "--k", "0.3,0.5", "--epochs", "2", "--batch-size", "1000",
+              "--device", "cpu", "--no-figure", "--dense-baseline"]
+    result = _cli("--out", str(tmp_path / "loud"), *common)
+    assert result.exit_code == 0, result.output
+    epoch_lines = [line for line in result.stderr.splitlines() if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in epoch_lines] == ["epoch 1/2", "epoch 2/2"] * 3  # 2 searches + dense
+    quiet = _cli("--out", str(tmp_path / "quiet"), *common, "--quiet")
+    assert quiet.exit_code == 0 and not [line for line in quiet.stderr.splitlines() if line.startswith("epoch ")]
+    assert quiet.stdout.count("done in") == 3
+
+
 @pytest.mark.parametrize("args,message", [
     (["--k", "0.1,,0.3"], "error: k: malformed list '0.1,,0.3'"),
     (["--k", "1.5"], "search config: k must be <= 1, got 1.5"),

@@ -30,6 +30,8 @@ from .results import is_done, point_row, read_status, summarize, write_results, 
 PointCallback = Callable[[str, Point, dict], None]
 #: on_step(StepProgress): after every optimizer step of the point being run (maskforge.search.StepProgress)
 StepCallback = Callable[[Any], None]
+#: on_epoch(record): after every epoch of the point being run (the record metrics.jsonl gets)
+EpochCallback = Callable[[dict], None]
 
 
 @dataclass
@@ -53,7 +55,7 @@ class SweepResult:
 
 def sweep(out: str | os.PathLike, options: Mapping[str, Any], *, dense_baseline: bool = False,
           shard: tuple[int, int] = (0, 1), on_step: StepCallback | None = None, on_point: PointCallback | None = None,
-          figures: bool = True, x: str | None = None, hue: Sequence[str] | None = None) -> SweepResult:
+          on_epoch: EpochCallback | None = None, figures: bool = True, x: str | None = None, hue: Sequence[str] | None = None) -> SweepResult:
     """Run the grid `options` ({search option: value or list}) under `out`; see the module docstring.
 
     Each point is an ordinary search run folder `out/<axis=value,...>` (dense baselines: `out/dense,...`).
@@ -79,7 +81,7 @@ def sweep(out: str | os.PathLike, options: Mapping[str, Any], *, dense_baseline:
         if on_point:
             on_point("start", point, {"index": position, "total": len(mine)})
         started = time.perf_counter()
-        outcome = _run_point(point, out, on_step)
+        outcome = _run_point(point, out, on_step, on_epoch)
         if outcome in ("failed", "bug"):
             result.failed.append(point.name)
             if outcome == "bug":
@@ -141,7 +143,7 @@ def _finish(out: Path, record: SweepRecord, result: SweepResult, plotted: list[s
     return result
 
 
-def _run_point(point: Point, out: Path, on_step: StepCallback | None) -> str:
+def _run_point(point: Point, out: Path, on_step: StepCallback | None, on_epoch: EpochCallback | None) -> str:
     """'skipped' (finished earlier), 'ran', 'failed' (a MaskforgeError) or 'bug' (anything else)."""
     folder = out / point.name
     if is_done(point, folder):
@@ -154,14 +156,19 @@ def _run_point(point: Point, out: Path, on_step: StepCallback | None) -> str:
         status = {"wall_s": wall + time.perf_counter() - started, "attempts": attempts, "error": error}
         write_status(ensure_writable_dir(folder), status)
 
+    def epoch_done(record: dict) -> None:
+        note()
+        if on_epoch:
+            on_epoch(record)
+
     note()  # a new attempt: an earlier attempt's error no longer describes the point
     try:
         if point.kind == "dense":
-            train_dense(point.config, on_step=on_step, on_epoch=lambda record: note())
+            train_dense(point.config, on_step=on_step, on_epoch=epoch_done)
         elif (folder / CHECKPOINT_NAME).is_file():  # interrupted: continue (the arguments must be the recorded ones)
-            resume(folder, asdict(point.config), on_step=on_step, on_epoch=lambda record: note())
+            resume(folder, asdict(point.config), on_step=on_step, on_epoch=epoch_done)
         else:  # new, or killed before its first checkpoint: nothing to continue, start (over)
-            search(point.config, on_step=on_step, on_epoch=lambda record: note())
+            search(point.config, on_step=on_step, on_epoch=epoch_done)
     except MaskforgeError as exc:
         note(" ".join(str(exc).split()))
         return "failed"
