@@ -25,8 +25,8 @@ def export_command(
              "weight), compact (packed mask and sign bits: ~1 + k bits), or dense (plain tensors). "
              "Default: regen, or compact where regen cannot apply (kaiming_normal, opset < 18).")] = None,
     precision: Annotated[str, typer.Option(
-        help="fp32 (exact) or int8 (QDQ: exact weights, activations calibrated on training images; about "
-             "twice as fast in onnxruntime).")] = "fp32",
+        help="fp32 (exact) or int8 (QDQ: exact weights, activations calibrated on training images; 2.7-4x "
+             "the fp32 throughput in onnxruntime on a 2-core CPU, BENCHMARKS.md).")] = "fp32",
     calibration: Annotated[int, typer.Option(
         help="int8: training images to calibrate the activation ranges on.")] = DEFAULT_CALIBRATION,
     data: Annotated[Optional[str], typer.Option(

@@ -168,7 +168,8 @@ _QUIET = inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, default=Fals
 _OVERWRITE = inspect.Parameter("overwrite", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
     bool, typer.Option("--overwrite", help="Replace the search in --out (finished, or unfinished with other "
                                            "arguments): its files move to OUT/previous-N/ first. Without --out: "
-                                           "start a new numbered folder instead of continuing an unfinished one.")])
+                                           "start a new numbered folder instead of continuing an unfinished one. "
+                                           "Not with --resume.")])
 _JSON = inspect.Parameter("as_json", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
     bool, typer.Option("--json", help="Print the summary (run folder, artifact, accuracy, next commands) as JSON "
                                       "on stdout.")])

@@ -3,7 +3,7 @@
 * storage: `dense` (float32 or int8 initializers), `compact` (packed mask + sign bits, ~1 + k bits per
   weight), `regen` (mask bits + one stream key per layer: the graph regenerates the weights, ~1 bit).
 * precision: `fp32` (exact: the artifact's network) or `int8` (QDQ; exact weights, calibrated
-  activations, about twice as fast on onnxruntime's CPU kernels).
+  activations, 2.7-4x the fp32 throughput on onnxruntime's CPU kernels: BENCHMARKS.md §7).
 
 The default (storage None) is `regen` where the artifact's distribution and the opset allow it, else
 `compact`: the smallest exact file, and onnxruntime folds it into the dense graph at session start, so
