@@ -82,7 +82,7 @@ def plan(out: Path, *, smoke: bool, gpus: int) -> list[Part]:
                   "search-step-compile": 80.0}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(gpus),
                 "-m", "maskforge.cli", "search", *run, "--device", device, "-q", "--out",
-                str(out / "torchrun-run"), *RECIPE_FLAGS]
+                str(out / "torchrun-run"), "--overwrite", *RECIPE_FLAGS]  # a rerun into the same --out
     return [
         Part("cuda-tests", tests, limits["cuda-tests"], "pytest -m cuda"),
         Part("search-step", _search_step("--device", device, *sizes, *eager_archs), limits["search-step"],

@@ -61,6 +61,12 @@ def sweep_command(
     if collect is not None:
         if out is not None and out.resolve() != collect.resolve():
             raise MaskforgeError(f"--collect {collect} and --out {out} name different folders; give one")
+        given = [f"--{name.replace('_', '-')}" for name, value in texts.items() if value is not None]
+        given += [name for name, value in (("--seeds", seeds), ("--shard", shard)) if value is not None]
+        given += ["--dense-baseline"] if dense_baseline else []
+        if given:
+            raise MaskforgeError(f"--collect runs nothing, so {', '.join(given)} do(es) not apply: it gathers "
+                                 f"the points already in {collect}")
         result = collect_sweep(collect, figures=figure, x=x, hue=hue_list)
     else:
         if out is None:
@@ -80,7 +86,9 @@ def sweep_command(
     _print_summary(console, result)
     failed = [row for row in result.rows if row["status"] == "failed"]
     if failed:
-        bug = any(str(row["error"]).startswith("unexpected") for row in failed)
+        from maskforge.sweeps.results import is_bug
+
+        bug = any(is_bug(row) for row in failed)
         typer.echo(f"error: {len(failed)} of {len(result.rows)} sweep points failed (first: {failed[0]['point']}: "
                    f"{failed[0]['error']}); see {result.out / 'results.csv'}", err=True)
         raise typer.Exit(1 if bug else 2)

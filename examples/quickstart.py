@@ -56,7 +56,9 @@ def main() -> None:
         latency = timing.at(batch)
         print(f"eval: int8 in onnxruntime, batch {batch}: p50 {latency.p50_ms:.2f} ms, "
               f"{latency.images_per_s:,.0f} images/s")
-    print(f"eval: session start {timing.session_start_ms:.1f} ms, peak memory {timing.peak_rss_bytes / 2**20:.0f} MiB")
+    start = "n/a" if timing.session_start_ms is None else f"{timing.session_start_ms:.1f} ms"
+    memory = "n/a" if timing.peak_rss_bytes is None else f"{timing.peak_rss_bytes / 2**20:.0f} MiB"
+    print(f"eval: session start {start}, peak memory {memory}")  # n/a: the probe failed (its note says why)
     size, compute = report.size, report.compute
     print(f"eval: sizes: artifact {size.artifact_bytes:,} B, int8 ONNX {size.onnx_bytes:,} B "
           f"({size.onnx_bits_per_weight:.2f} bits per weight), float32 weights {size.dense_float32_bytes:,} B")

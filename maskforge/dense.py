@@ -66,6 +66,12 @@ class DenseConfig:
     momentum: float = 0.9          # sgd only
     weight_decay: float = 0.0
     device: str = "auto"
+    # The search's device choices (None/False: the search's defaults for the device), so a sweep's dense
+    # baseline computes as its searches do.
+    precision: str | None = None
+    channels_last: bool | None = None
+    compile: bool = False
+    deterministic: bool = False
     workers: int | None = None
     out: str | None = None         # run folder; None: nothing is written
 
@@ -147,11 +153,12 @@ def train_dense(config: DenseConfig, *, on_step: Callable[[StepProgress], None] 
     spec = splits.spec
     args = archs.arch_args(spec.channels, spec.num_classes, (spec.height, spec.width), config.width)
     model = dense_model(config.arch, args, config.seed)
+    session = setup(twin, splits, model, args, None, World())  # SGD with the twin's lr, momentum, decay
     out = Path(config.out) if config.out else None
-    if out is not None:  # only once the data loaded and the network built: a bad argument leaves nothing
+    if out is not None:  # only once the data, the network and the device choices are settled: a bad
+        # argument, or a choice this machine cannot honour, leaves nothing behind
         atomic_write(ensure_writable_dir(out) / CONFIG_NAME,
                      json.dumps(asdict(config), indent=2, sort_keys=True) + "\n")
-    session = setup(twin, splits, model, args, None, World())  # SGD with the twin's lr, momentum, decay
     if config.optimizer == "adam":
         session.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     started, finite = time.perf_counter(), True

@@ -259,6 +259,7 @@ def set_topk(model: nn.Module, rule: str, k: float | None = None) -> GlobalTopK 
     for layer in layers:
         layer.k = float(k)
         layer.global_topk = selector
+        layer._mask_cache = None  # a mask cached under the old rule or k no longer holds
     return selector
 
 

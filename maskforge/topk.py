@@ -245,7 +245,8 @@ def global_topk_masks(scores: list[torch.Tensor], k: float, *, masker: str | Non
     device = scores[0].device
     if resolve_masker(masker, device) == "numpy" and device.type == "cpu":
         # NumPy end to end: torch's multi-threaded small ops cost more than they save here
-        pool = np.concatenate([np.abs(as_numpy(s.detach().reshape(-1).to(dtype))) for s in scores])
+        pool = np.concatenate([as_numpy(s.detach().reshape(-1).to(dtype)) for s in scores])  # one copy
+        np.abs(pool, out=pool)
         parts = np.split(pool, np.cumsum(sizes)[:-1])
         best = np.cumsum([0] + sizes[:-1]) + [int(np.argmax(part)) for part in parts]
         pool[best] = -1.0
@@ -254,8 +255,10 @@ def global_topk_masks(scores: list[torch.Tensor], k: float, *, masker: str | Non
         kept = torch.from_numpy(kept_np)
     else:
         pool = torch.cat([s.detach().reshape(-1).to(dtype).abs() for s in scores])
-        offsets = torch.tensor(np.cumsum([0] + sizes[:-1]).tolist(), device=device)
-        best = torch.stack([torch.argmax(part) for part in pool.split(sizes)]) + offsets
+        # Offsets as Python ints: a tensor built from host data each step would be a copy that waits for
+        # the GPU stream (a sync per step).
+        starts = np.cumsum([0] + sizes[:-1]).tolist()
+        best = torch.stack([torch.argmax(part) + start for part, start in zip(pool.split(sizes), starts)])
         pool[best] = -1.0
         kept = topk_mask(pool, rest, hint, masker=masker)
         kept[best] = True

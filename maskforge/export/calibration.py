@@ -49,7 +49,8 @@ def load_check_images(artifact: Artifact, source: str | None, calibration: int,
     provenance = artifact.document.get("provenance", {})
     source = source or searched_data(provenance, "--data (Python: calibration_data=...)")
     if not source:
-        raise MaskforgeError("the artifact does not name the data it was searched on; give --data (Python: calibration_data=...)")
+        raise MaskforgeError("the artifact does not name the data it was searched on; give --data (Python: "
+                             "calibration_data=...)")
     splits = matching_splits(artifact.spec, source, "calibration data")
     if len(splits.train) == 0 or len(splits.heldout) == 0:
         raise MaskforgeError(f"calibration data {source} needs training and held-out images; it has "
@@ -57,7 +58,7 @@ def load_check_images(artifact: Artifact, source: str | None, calibration: int,
     spec = artifact.spec
     calibration_images = _images(splits.train, _spread(len(splits.train), calibration), spec)
     indices = list(range(min(heldout, len(splits.heldout))))
-    labels = np.array([int(splits.heldout[i][1]) for i in indices], dtype=np.int64)
+    labels = splits.heldout.labels[torch.as_tensor(indices)].numpy().astype(np.int64)  # no image decoded
     return CheckImages(source, calibration_images, _images(splits.heldout, indices, spec), labels)
 
 

@@ -53,6 +53,15 @@ def write_status(folder: Path, status: dict) -> None:
     atomic_write(folder / STATUS_FILE, json.dumps(status, indent=2, sort_keys=True) + "\n")
 
 
+#: How a point's recorded error starts when the failure was not a MaskforgeError (a maskforge bug).
+BUG_PREFIX = "unexpected "
+
+
+def is_bug(row: dict) -> bool:
+    """Whether a failed row's error was a maskforge bug rather than a problem the user can fix."""
+    return str(row.get("error") or "").startswith(BUG_PREFIX)
+
+
 def is_done(point: Point, folder: Path) -> bool:
     """A search is done once its artifact exists (written last); a dense baseline once dense.json does."""
     return (folder / (ARTIFACT_NAME if point.kind == "search" else RESULT_NAME)).is_file()

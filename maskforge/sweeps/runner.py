@@ -24,7 +24,7 @@ from ..errors import MaskforgeError
 from ..fileio import ensure_writable_dir
 from ..search import resume, search
 from .grid import DENSE_SHARED, Point, SweepRecord, check_figure_axes, make_grid, read_record, record_grid
-from .results import is_done, point_row, read_status, summarize, write_results, write_status
+from .results import BUG_PREFIX, is_done, point_row, read_status, summarize, write_results, write_status
 
 #: on_point(event, point, info): event "start" (info: index, total) or "end" (info: outcome, seconds, row)
 PointCallback = Callable[[str, Point, dict], None]
@@ -43,7 +43,6 @@ class SweepResult:
     ran: list[str] = field(default_factory=list)   # points run (or resumed) by this call
     skipped: list[str] = field(default_factory=list)  # points already finished
     failed: list[str] = field(default_factory=list)   # points whose run failed in this call
-    bugs: list[str] = field(default_factory=list)     # ... of those, the unexpected failures
     figures: list[Path] = field(default_factory=list)
     figure_note: str = ""                          # why no figure was drawn, if none was
 
@@ -84,8 +83,6 @@ def sweep(out: str | os.PathLike, options: Mapping[str, Any], *, dense_baseline:
         outcome = _run_point(point, out, on_step, on_epoch)
         if outcome in ("failed", "bug"):
             result.failed.append(point.name)
-            if outcome == "bug":
-                result.bugs.append(point.name)
         else:
             (result.ran if outcome == "ran" else result.skipped).append(point.name)
         if on_point:
@@ -173,7 +170,7 @@ def _run_point(point: Point, out: Path, on_step: StepCallback | None, on_epoch: 
         note(" ".join(str(exc).split()))
         return "failed"
     except Exception as exc:  # noqa: BLE001 - one broken point must not stop the sweep
-        note(f"unexpected {type(exc).__name__}: {' '.join(str(exc).split())} (a bug)")
+        note(f"{BUG_PREFIX}{type(exc).__name__}: {' '.join(str(exc).split())} (a bug)")
         return "bug"
     note()
     return "ran"
