@@ -84,19 +84,19 @@ def search_command(ctx: typer.Context, resume_dir: Optional[Path] = None, quiet:
 
     if quiet:
         logs.quiet()
+    if resume_dir is not None and overwrite:
+        raise MaskforgeError("--overwrite does not apply with --resume (which continues the search in DIR); to "
+                             "start DIR over, leave --resume out: the same options with --out DIR --overwrite")
     try:
         with contextlib.ExitStack() as stack:
             callbacks = {}
-            if not quiet:
+            if not quiet and detect().is_main:  # the library reports progress on rank 0 only: an empty
+                # bar on another rank would still redraw (and erase) the shared terminal's line
                 from .progress import LineProgress, SearchProgress
 
                 shown = stack.enter_context(SearchProgress()) if sys.stderr.isatty() else LineProgress()
                 callbacks = {"on_step": shown.on_step, "on_epoch": shown.on_epoch}
             if resume_dir is not None:
-                if overwrite:
-                    raise MaskforgeError("--overwrite does not apply with --resume (which continues the search "
-                                         "in DIR); to start DIR over, leave --resume out: the same options with "
-                                         "--out DIR --overwrite")
                 result = resume(resume_dir, given, **callbacks)
             else:
                 result = search(SearchConfig(**given), overwrite=overwrite, **callbacks)

@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import re
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,22 @@ def test_a_default_folder_in_use_is_passed_over(tmp_path, monkeypatch):
     finally:
         lock.release()
     assert result.run_dir == Path("runs/fc-k0.5-s0-2")
+
+
+def test_an_interrupt_while_taking_the_lock_leaves_no_open_lock_behind(tmp_path, monkeypatch):
+    """Ctrl-C (or an OS error) between locking the file and writing the holder record: the descriptor is
+    closed, so the lock goes with it, and the next attempt in this process takes it."""
+    lock_module = sys.modules[RunLock.__module__]
+
+    def interrupted(fd, path):
+        raise KeyboardInterrupt
+
+    folder = tmp_path / "run"
+    open_fds = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(lock_module, "_same_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        RunLock.acquire(folder)
+    assert len(os.listdir("/proc/self/fd")) == open_fds  # the lock file's descriptor was closed
+    monkeypatch.undo()
+    lock = RunLock.acquire(folder)
+    lock.release()

@@ -15,6 +15,7 @@ Under torchrun only rank 0 holds the lock (maskforge.search.plan takes it for th
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import json
@@ -73,34 +74,44 @@ class RunLock:
             except OSError as exc:
                 raise MaskforgeError(f"cannot create the lock file {path}: {exc.strerror or exc}") from None
             try:
-                if fcntl is None:
-                    raise OSError(errno.ENOSYS, "no POSIX locks on this system")
-                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                    log.warning("cannot lock %s (%s): this file system does not support locks; make sure no "
-                                "other search writes into %s", path, exc.strerror, path.parent)
-                    _write_record(fd, _holder_record())
-                    lock = _HELD[key] = cls(path, fd, created)
-                    return lock
-                record = _read_record(fd)
-                os.close(fd)
-                if exc.errno in (errno.EACCES, errno.EAGAIN):
-                    raise RunLocked(_locked_message(path, _describe(record), "another search")) from None
-                raise MaskforgeError(f"cannot lock {path}: {exc.strerror or exc}") from None
-            # A holder that released its lock unlinked the file first: if our file is no longer the one at
-            # `path`, a third process may lock the new file; start over on the new one.
-            if not _same_file(fd, path):
-                os.close(fd)
-                continue
-            previous = _read_record(fd)
-            if previous:
-                log.info("took over %s, left by a search that is no longer running (%s)", path,
-                         _describe(previous))
-            _write_record(fd, _holder_record())
-            lock = _HELD[key] = cls(path, fd, created)
-            return lock
+                lock = cls._lock_open_file(path, fd, key, created)
+            except BaseException:  # refused, an OS error, or a signal: the descriptor (and lock) go with it
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                raise
+            if lock is not None:
+                return lock
         raise MaskforgeError(f"cannot lock {path}: it keeps being replaced by other processes")
+
+    @classmethod
+    def _lock_open_file(cls, path: Path, fd: int, key: Path, created: list[Path]) -> "RunLock | None":
+        """Lock the open lock file `fd`; None when it is no longer the file at `path` (the caller retries)."""
+        try:
+            if fcntl is None:
+                raise OSError(errno.ENOSYS, "no POSIX locks on this system")
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                log.warning("cannot lock %s (%s): this file system does not support locks; make sure no "
+                            "other search writes into %s", path, exc.strerror, path.parent)
+                _write_record(fd, _holder_record())
+                lock = _HELD[key] = cls(path, fd, created)
+                return lock
+            record = _read_record(fd)
+            if exc.errno in (errno.EACCES, errno.EAGAIN):
+                raise RunLocked(_locked_message(path, _describe(record), "another search")) from None
+            raise MaskforgeError(f"cannot lock {path}: {exc.strerror or exc}") from None
+        # A holder that released its lock unlinked the file first: if our file is no longer the one at
+        # `path`, a third process may lock the new file; start over on the new one.
+        if not _same_file(fd, path):
+            os.close(fd)
+            return None
+        previous = _read_record(fd)
+        if previous:
+            log.info("took over %s, left by a search that is no longer running (%s)", path, _describe(previous))
+        _write_record(fd, _holder_record())
+        lock = _HELD[key] = cls(path, fd, created)
+        return lock
 
     def release(self) -> None:
         """Remove the lock file and unlock (in that order: see `_take`); idempotent."""
@@ -156,9 +167,11 @@ def _holder_record() -> dict:
 
 
 def _write_record(fd: int, record: dict) -> None:
+    """Best effort: the holder record only names the holder in messages; a full disk must not fail the lock."""
     data = (json.dumps(record, sort_keys=True) + "\n").encode("utf-8")
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, data, 0)
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0)
 
 
 def _read_record(fd: int) -> dict:
