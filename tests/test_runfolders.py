@@ -195,3 +195,16 @@ def test_tensorboard_events_hold_the_metrics(tmp_path):
         scalars = events.Scalars(tag)
         assert [s.step for s in scalars] == [m["step"] for m in result.metrics]
         assert [s.value for s in scalars] == pytest.approx([m[field] for m in result.metrics], rel=1e-6)  # float32
+
+
+def test_a_search_that_max_steps_ended_inside_an_epoch_is_not_extended(tmp_path):
+    """Its checkpoint counts the cut epoch as done: an extension would skip the rest of that epoch (with
+    epochs 1, train nothing at all and still call it extended). Refused, and the folder left as it was."""
+    run = tmp_path / "cut"
+    search(SearchConfig(**{**COMMON, "epochs": 1}, max_steps=2, keep_checkpoint=True, out=str(run)))
+    before = _files(run)
+    for longer in ({"max_steps": 6}, {"max_steps": 6, "epochs": 2}):
+        with pytest.raises(MaskforgeError, match=f"cannot extend the search in {run}: max_steps 2 ended it inside "
+                                                 f"epoch 1, and a search is extended only from the end of an epoch"):
+            resume(run, longer)
+        assert _files(run) == before

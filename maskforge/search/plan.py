@@ -181,6 +181,13 @@ def _plan_resume(run: Path, overrides: dict, world: World, lock: RunLock) -> Pla
                              f"{total} steps, but the checkpoint is at step {position['step']}; a search can "
                              f"be extended, not shortened")
     extended = total != position["total_steps"]
+    cut_epoch = position["epoch"] * position["steps_per_epoch"] > position["step"]
+    if extended and cut_epoch:
+        # max_steps ended the search inside an epoch, and its checkpoint already counts that epoch as done:
+        # continuing would skip the rest of it (or, with no epoch left, train nothing).
+        raise MaskforgeError(f"cannot extend the search in {run}: max_steps {position['total_steps']} ended it "
+                             f"inside epoch {position['epoch']}, and a search is extended only from the end of "
+                             f"an epoch; start a new search with these arguments instead")
     retire = KEPT_ON_EXTEND if extended and state.kind == "finished" else None
     story = (f"extending the search in {run} from {position['total_steps']} to {total} steps" if extended else
              f"resuming the search in {run}")
