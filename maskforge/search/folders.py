@@ -85,15 +85,20 @@ def read_state(folder: Path) -> FolderState:
     return FolderState("empty")
 
 
-def _recorded_config(folder: Path) -> dict | None:
-    path = folder / CONFIG_NAME
+def read_run_config(run_dir: str | os.PathLike) -> SearchConfig:
+    """The `SearchConfig` recorded in `run_dir/config.json` (fields newer than the record take defaults)."""
+    path = Path(run_dir) / CONFIG_NAME
     try:
         values = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        return None
+        raise MaskforgeError(f"{path} is missing: {run_dir} is not a search run folder") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise MaskforgeError(f"cannot read {path}: {exc}") from None
-    return SearchConfig.from_dict(values, str(path)).to_dict()
+    return SearchConfig.from_dict(values, str(path))
+
+
+def _recorded_config(folder: Path) -> dict | None:
+    return read_run_config(folder).to_dict() if (folder / CONFIG_NAME).exists() else None
 
 
 def retire(folder: Path, keep: tuple[str, ...] = ()) -> Path | None:

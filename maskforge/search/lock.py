@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from ..errors import MaskforgeError
+from ..fileio import ensure_writable_dir
 
 try:
     import fcntl
@@ -127,21 +128,18 @@ class RunLock:
 
 
 def _make_folders(folder: Path) -> list[Path]:
-    """Create `folder` and missing parents; return the ones created (deepest last)."""
-    if folder.exists() and not folder.is_dir():
-        raise MaskforgeError(f"output path {folder} exists and is not a folder")
+    """Create `folder` and missing parents (`ensure_writable_dir`'s checks); return the ones created
+    (deepest last), so that a refused lock can remove them again."""
     missing = []
     for candidate in (folder, *folder.parents):
         if candidate.exists():
             break
         missing.append(candidate)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
+        ensure_writable_dir(folder)
+    except MaskforgeError:
         _remove_empty(list(reversed(missing)))
-        raise MaskforgeError(f"cannot create output folder {folder}: {exc.strerror or exc}") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise MaskforgeError(f"output folder {folder} is not writable")
+        raise
     return list(reversed(missing))
 
 

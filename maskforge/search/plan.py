@@ -36,6 +36,7 @@ from .folders import ARTIFACT_NAME, CONFIG_NAME, KEPT_ON_EXTEND, default_folders
 from .lock import RunLock, RunLocked
 from .metricfiles import check_tensorboard
 from .runfolder import identity, read_run_config
+from .setup import total_steps
 
 log = logging.getLogger(__name__)
 
@@ -192,12 +193,6 @@ def _plan_resume(run: Path, overrides: dict, world: World, lock: RunLock) -> Pla
     story = (f"extending the search in {run} from {position['total_steps']} to {total} steps" if extended else
              f"resuming the search in {run}")
     return Plan(config, checkpoint, lock, retire=retire, story=story)
-
-
-def total_steps(config: SearchConfig, steps_per_epoch: int) -> int:
-    """Optimizer steps of a search: every epoch's, up to `max_steps`."""
-    total = steps_per_epoch * config.epochs
-    return total if config.max_steps is None else min(total, config.max_steps)
 
 
 def _finished_without_checkpoint(run: Path, values: dict, recorded: dict) -> str:

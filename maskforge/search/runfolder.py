@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -30,7 +29,8 @@ from ..errors import MaskforgeError
 from ..fileio import atomic_write
 from ..layers import masked_modules
 from ..schema import SearchConfig
-from .folders import ARTIFACT_NAME, CONFIG_NAME, METRICS_CSV_NAME, METRICS_NAME, clear_records, retire
+from .folders import (ARTIFACT_NAME, CONFIG_NAME, METRICS_CSV_NAME, METRICS_NAME, clear_records, read_run_config,
+                      retire)
 from .metricfiles import write_metrics
 from .setup import Session
 
@@ -40,18 +40,6 @@ TIMING_FIELDS = ("images_per_s", "epoch_seconds")
 __all__ = ["ARTIFACT_NAME", "METRICS_NAME", "METRICS_CSV_NAME", "CONFIG_NAME", "CHECKPOINT_NAME", "TIMING_FIELDS",
            "read_run_config", "open_run_folder", "record_metrics", "save_checkpoint", "finalize_artifact",
            "identity"]
-
-
-def read_run_config(run_dir: str | os.PathLike) -> SearchConfig:
-    """The `SearchConfig` recorded in `run_dir/config.json` (fields newer than the record take defaults)."""
-    path = Path(run_dir) / CONFIG_NAME
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MaskforgeError(f"{path} is missing: {run_dir} is not a search run folder") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise MaskforgeError(f"cannot read {path}: {exc}") from None
-    return SearchConfig.from_dict(values, str(path))
 
 
 def open_run_folder(config: SearchConfig, world: World, *, retire_except: tuple[str, ...] | None = None,

@@ -100,15 +100,19 @@ def setup(config: SearchConfig, splits: DataSplits, model: nn.Module, arch_args:
     scores = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(scores, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     steps_per_epoch = num_batches(len(splits.train), config.batch_size)  # the last batch may be short
-    total_steps = steps_per_epoch * config.epochs
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
     session = Session(config, world, accelerator, splits, model, model, optimizer, arch_args, steps_per_epoch,
-                      total_steps, config.warmup_epochs * steps_per_epoch, _workers(config, world))
+                      total_steps(config, steps_per_epoch), config.warmup_epochs * steps_per_epoch,
+                      _workers(config, world))
     if checkpoint is not None:
         _resume_from(session, checkpoint)
     session.train_model = _wrap(model, config, world, device)
     return session
+
+
+def total_steps(config: SearchConfig, steps_per_epoch: int) -> int:
+    """Optimizer steps of a search: every epoch's, up to `max_steps` (the plan's checks use it too)."""
+    total = steps_per_epoch * config.epochs
+    return total if config.max_steps is None else min(total, config.max_steps)
 
 
 def _current(device: torch.device) -> torch.device:
