@@ -25,7 +25,6 @@ from ..checkpoint import CHECKPOINT_NAME, capture
 from ..checkpoint import save_checkpoint as write_checkpoint
 from ..data import heldout_fingerprint
 from ..distributed import World
-from ..errors import MaskforgeError
 from ..fileio import atomic_write
 from ..layers import masked_modules
 from ..schema import SearchConfig
