@@ -98,7 +98,6 @@ def test_rerun_skips_finished_points(done_sweep, monkeypatch):
     before = {p: p.stat().st_mtime_ns for p in done_sweep.glob("*/artifact.safetensors")}
     rows_before = _csv(done_sweep / "results.csv")
     monkeypatch.setattr(runner_module, "search", lambda *a, **k: pytest.fail("a finished point ran again"))
-    monkeypatch.setattr(runner_module, "resume", lambda *a, **k: pytest.fail("a finished point was resumed"))
     monkeypatch.setattr(runner_module, "train_dense", lambda *a, **k: pytest.fail("a finished baseline ran again"))
     result = sweep(done_sweep, {**TINY, "k": [0.3, 0.5], "seed": [0, 1]}, dense_baseline=True, figures=False)
     assert result.ran == [] and len(result.skipped) == 6
@@ -117,12 +116,9 @@ def test_interrupted_point_resumes_and_ends_as_the_uninterrupted_run(tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         search(point.config, progress=False, on_epoch=interrupt)
     assert point_row(point, out)["status"] == "interrupted"
-    resumed = []
-    real_resume = runner_module.resume
-    monkeypatch.setattr(runner_module, "resume", lambda *a, **k: resumed.append(a[0]) or real_resume(*a, **k))
-    monkeypatch.setattr(runner_module, "search", lambda *a, **k: pytest.fail("the interrupted point restarted"))
-    result = sweep(out, options, figures=False)
-    assert resumed == [out / _name(0.5, 0)] and result.ok
+    steps = []
+    result = sweep(out, options, figures=False, on_step=lambda progress: steps.append(progress.step))
+    assert steps == [5, 6, 7, 8] and result.ok  # the second epoch only: continued from the first's checkpoint
     uninterrupted = search(SearchConfig(**{**options, "k": 0.5, "seed": 0}, out=str(tmp_path / "whole")),
                            progress=False)
     assert (out / _name(0.5, 0) / "artifact.safetensors").read_bytes() == uninterrupted.artifact_path.read_bytes()
@@ -144,8 +140,9 @@ def test_interrupted_point_without_checkpoint_starts_over(tmp_path, monkeypatch)
     (folder / "checkpoint.safetensors").unlink()
     assert (folder / "config.json").is_file() and (folder / "metrics.jsonl").is_file()
     assert point_row(point, out)["status"] == "interrupted"
-    monkeypatch.setattr(runner_module, "resume", lambda *a, **k: pytest.fail("resumed without a checkpoint"))
-    result = sweep(out, options, figures=False)
+    steps = []
+    result = sweep(out, options, figures=False, on_step=lambda progress: steps.append(progress.step))
+    assert steps == list(range(1, 9))  # nothing to continue from: both epochs, from the first step
     assert result.ran == [point.name] and result.ok
     uninterrupted = search(SearchConfig(**{**options, "k": 0.5, "seed": 0}, out=str(tmp_path / "whole")),
                            progress=False)
@@ -201,8 +198,20 @@ def test_sigterm_during_a_sweep_says_how_to_continue_and_the_same_command_does(t
     assert "run the same command again to continue" in stopped.stderr
     assert not [line for line in stopped.stderr.splitlines() if line.startswith("search fc")]  # --quiet: no start lines
     assert (second / "checkpoint.safetensors").is_file()
-    monkeypatch.setattr(runner_module, "search", lambda *a, **k: pytest.fail("a point started over"))
+    steps = []
+
+    def recording(config, **kwargs):
+        on_step = kwargs.pop("on_step", None)
+
+        def step(progress):
+            steps.append(progress.step)
+            if on_step:
+                on_step(progress)
+        return real_search(config, on_step=step, **kwargs)
+
+    monkeypatch.setattr(runner_module, "search", recording)
     again = cli.invoke(app, command)
+    assert steps == [3]  # the first point skipped, the second continued from its step-2 checkpoint
     assert again.exit_code == 0, again.output
     assert "finished earlier: skipped" in again.stdout and (second / "artifact.safetensors").is_file()
 

@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from .. import distributed
-from ..checkpoint import CHECKPOINT_NAME
 from ..dense import train_dense
 from ..errors import MaskforgeError
 from ..fileio import ensure_writable_dir
-from ..search import resume, search
+from ..search import search
 from .grid import DENSE_SHARED, Point, SweepRecord, check_figure_axes, make_grid, read_record, record_grid
 from .results import BUG_PREFIX, is_done, point_row, read_status, summarize, write_results, write_status
 
@@ -162,9 +161,7 @@ def _run_point(point: Point, out: Path, on_step: StepCallback | None, on_epoch: 
     try:
         if point.kind == "dense":
             train_dense(point.config, on_step=on_step, on_epoch=epoch_done)
-        elif (folder / CHECKPOINT_NAME).is_file():  # interrupted: continue (the arguments must be the recorded ones)
-            resume(folder, asdict(point.config), on_step=on_step, on_epoch=epoch_done)
-        else:  # new, or killed before its first checkpoint: nothing to continue, start (over)
+        else:  # search decides (search/plan.py): new, continued from a checkpoint, or started over
             search(point.config, on_step=on_step, on_epoch=epoch_done)
     except MaskforgeError as exc:
         note(" ".join(str(exc).split()))
