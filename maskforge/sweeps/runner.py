@@ -53,7 +53,8 @@ class SweepResult:
 
 def sweep(out: str | os.PathLike, options: Mapping[str, Any], *, dense_baseline: bool = False,
           shard: tuple[int, int] = (0, 1), on_step: StepCallback | None = None, on_point: PointCallback | None = None,
-          on_epoch: EpochCallback | None = None, figures: bool = True, x: str | None = None, hue: Sequence[str] | None = None) -> SweepResult:
+          on_epoch: EpochCallback | None = None, figures: bool = True, x: str | None = None,
+          hue: Sequence[str] | None = None) -> SweepResult:
     """Run the grid `options` ({search option: value or list}) under `out`; see the module docstring.
 
     Each point is an ordinary search run folder `out/<axis=value,...>` (dense baselines: `out/dense,...`).
@@ -75,6 +76,7 @@ def sweep(out: str | os.PathLike, options: Mapping[str, Any], *, dense_baseline:
     points = grid.points(out)
     result = SweepResult(out, list(grid.axes), [], [])
     mine = points[index::count]
+    rows: dict[str, dict] = {}
     for position, point in enumerate(mine):
         if on_point:
             on_point("start", point, {"index": position, "total": len(mine)})
@@ -84,10 +86,11 @@ def sweep(out: str | os.PathLike, options: Mapping[str, Any], *, dense_baseline:
             result.failed.append(point.name)
         else:
             (result.ran if outcome == "ran" else result.skipped).append(point.name)
+        rows[point.name] = point_row(point, out)  # once per point: reading a row loads and checks the artifact
         if on_point:
             on_point("end", point, {"outcome": "failed" if outcome == "bug" else outcome,
-                                    "seconds": time.perf_counter() - started, "row": point_row(point, out)})
-    return _finish(out, record, result, [p.name for p in points], _Figure(figures, x, hue))
+                                    "seconds": time.perf_counter() - started, "row": rows[point.name]})
+    return _finish(out, record, result, [p.name for p in points], _Figure(figures, x, hue), rows)
 
 
 def collect_sweep(out: str | os.PathLike, *, figures: bool = True, x: str | None = None,
@@ -121,12 +124,16 @@ class _Figure:
                    if row["kind"] == "search" or key in DENSE_SHARED)
 
 
-def _finish(out: Path, record: SweepRecord, result: SweepResult, plotted: list[str], figure: _Figure) -> SweepResult:
-    result.rows = [point_row(point, out) for point in record.points(out)]
+def _finish(out: Path, record: SweepRecord, result: SweepResult, plotted: list[str], figure: _Figure,
+            known: Mapping[str, dict] | None = None) -> SweepResult:
+    """results.csv, the summary and the figure; `known` holds rows this call has already read."""
+    known = known or {}
+    result.rows = [known.get(point.name) or point_row(point, out) for point in record.points(out)]
     write_results(out, result.rows)
     result.summary = summarize(result.rows, result.axes)
     if figure.draw:
-        rows = [row for row in result.rows if row["point"] in set(plotted) and figure.selects(row)]
+        plotted_names = set(plotted)
+        rows = [row for row in result.rows if row["point"] in plotted_names and figure.selects(row)]
         waiting = sum(row["status"] in ("pending", "interrupted") for row in rows)
         if waiting:
             result.figure_note = f"no figure yet: {waiting} point(s) not finished (other shards?)"
@@ -145,7 +152,8 @@ def _run_point(point: Point, out: Path, on_step: StepCallback | None, on_epoch: 
     if is_done(point, folder):
         return "skipped"
     previous = read_status(folder)
-    wall, attempts, started = float(previous.get("wall_s", 0.0)), int(previous.get("attempts", 0)) + 1, time.perf_counter()
+    wall, attempts = float(previous.get("wall_s", 0.0)), int(previous.get("attempts", 0)) + 1
+    started = time.perf_counter()
 
     def note(error: str | None = None) -> None:
         # After every epoch, so a killed run loses at most one epoch of its recorded wall time.
