@@ -17,7 +17,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import MaskforgeError
-from .sweeps.grid import DENSE_SHARED, check_figure_axes
+from .dense import RESULT_NAME
+from .search.folders import CONFIG_NAME, METRICS_NAME
+from .search.metricfiles import read_metrics
+from .sweeps.grid import DENSE_SHARED, SWEEP_FILE, check_figure_axes
 from .sweeps.results import summarize
 
 NOT_LEARNED_COLOR = "#d62728"
@@ -60,7 +63,7 @@ def plot(folder: str | os.PathLike, *, x: str | None = None, hue: Sequence[str] 
     """`maskforge plot DIR`: a sweep folder's figure (see `plot_sweep`; `where` selects points by their
     options) or a run folder's curves (`plot_run`)."""
     folder = Path(folder)
-    if (folder / "sweep.json").exists():
+    if (folder / SWEEP_FILE).exists():
         from .sweeps import collect_sweep
 
         result = collect_sweep(folder, x=x, hue=hue, stem=stem, where=where)
@@ -253,14 +256,11 @@ def plot_run(run_dir: str | os.PathLike, *, stem: str | os.PathLike | None = Non
     [PosixPath('runs/conv4/curves.png'), PosixPath('runs/conv4/curves.svg')]
     """
     run = Path(run_dir)
-    metrics_path = run / "metrics.jsonl"
-    try:
-        metrics = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except FileNotFoundError:
+    metrics_path = run / METRICS_NAME
+    if not metrics_path.exists():
         raise MaskforgeError(f"{metrics_path} does not exist: {run} is not a run folder, or no epoch has "
-                             f"finished yet") from None
-    except (OSError, ValueError) as exc:
-        raise MaskforgeError(f"cannot read {metrics_path}: {exc}") from None
+                             f"finished yet")
+    metrics = read_metrics(run)
     if not metrics:
         raise MaskforgeError(f"{metrics_path} is empty: no epoch has finished yet")
     plt = _pyplot()
@@ -288,10 +288,10 @@ def plot_run(run_dir: str | os.PathLike, *, stem: str | os.PathLike | None = Non
 
 def _run_title(run: Path, metrics: list[dict]) -> str:
     try:
-        config = json.loads((run / "config.json").read_text(encoding="utf-8"))
+        config = json.loads((run / CONFIG_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return f"{run.name}: {len(metrics)} epochs"
-    kind = "dense training" if (run / "dense.json").exists() or "optimizer" in config else "edge-popup"
+    kind = "dense training" if (run / RESULT_NAME).exists() or "optimizer" in config else "edge-popup"
     defaults = {"width": (None, 1), "topk": (None, "layer")}  # said only when not the default
     what = [f"{config.get('arch')}"] + [f"{key}={_spell(config[key])}"
                                          for key in ("k", "init", "scale_fan", "width", "topk")

@@ -42,6 +42,17 @@ def write_metrics(out: str | os.PathLike, metrics: list[dict]) -> None:
     atomic_write(Path(out) / METRICS_CSV_NAME, table.getvalue())
 
 
+def read_metrics(out: str | os.PathLike) -> list[dict]:
+    """The per-epoch records of run folder `out` (`metrics.jsonl`); [] when no epoch has finished."""
+    path = Path(out) / METRICS_NAME
+    try:
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as exc:
+        raise MaskforgeError(f"cannot read {path}: {exc}") from None
+
+
 def check_tensorboard(config: SearchConfig) -> None:
     """Refuse `tensorboard` early (before any file is written) when the package is missing."""
     if config.tensorboard:

@@ -23,7 +23,8 @@ from ..artifact import load_artifact
 from ..dense import RESULT_NAME
 from ..errors import MaskforgeError
 from ..fileio import atomic_write
-from ..search import ARTIFACT_NAME, CONFIG_NAME, METRICS_NAME, SearchConfig
+from ..search import ARTIFACT_NAME, CONFIG_NAME, SearchConfig
+from ..search.metricfiles import read_metrics
 from .grid import DENSE_SHARED, Point
 
 RESULTS_FILE = "results.csv"
@@ -102,7 +103,7 @@ def _arguments(point: Point) -> dict:
 
 
 def _finished(point: Point, folder: Path) -> dict:
-    metrics = _read_metrics(folder / METRICS_NAME)
+    metrics = read_metrics(folder)
     if point.kind == "search":
         artifact = load_artifact(folder / ARTIFACT_NAME)
         sizes = {"artifact_bytes": artifact.file_bytes, "masked_weights": artifact.masked_weights,
@@ -128,15 +129,6 @@ def _finished(point: Point, folder: Path) -> dict:
 def _accuracy(record: dict) -> float:
     value = record.get("heldout_acc")
     return float(value) if isinstance(value, (int, float)) else math.nan
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    try:
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except FileNotFoundError:
-        return []
-    except (OSError, ValueError) as exc:
-        raise MaskforgeError(f"cannot read {path}: {exc}") from None
 
 
 # --- results.csv -----------------------------------------------------------------------------------------
