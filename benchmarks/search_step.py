@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from maskforge import archs
 from maskforge.layers import MaskedConv2d, MaskedLinear, masked_modules, set_masker
+from maskforge.search.device import bf16_supported, uses_conv
 
 K = 0.5
 SEED = 0
@@ -61,10 +62,12 @@ class Recipe:
     masker: str | None = None          # numpy | torch | None (the layers' default for the device)
     compile_backend: str | None = None  # torch.compile backend ("inductor"); None: eager
 
-    def resolved(self, device: torch.device) -> "Recipe":
+    def resolved(self, device: torch.device, model: nn.Module) -> "Recipe":
+        """The defaults `maskforge search` takes (search/device.py: bf16 where the GPU has it, channels_last
+        for conv nets on CUDA)."""
         cuda = device.type == "cuda"
-        return Recipe(self.precision or ("bf16" if cuda else "fp32"),
-                      cuda if self.channels_last is None else self.channels_last,
+        return Recipe(self.precision or ("bf16" if cuda and bf16_supported(device) else "fp32"),
+                      (cuda if self.channels_last is None else self.channels_last) and uses_conv(model),
                       self.masker, self.compile_backend)
 
 
@@ -216,7 +219,7 @@ def build_variant(workload: Workload, variant: str, masker: str | None = None) -
 def make_step(model: nn.Module, workload: Workload, batch: int, device: torch.device,
               recipe: Recipe = Recipe()):
     """A closure running forward + loss + backward + SGD step on a fixed random batch."""
-    recipe = recipe.resolved(device)
+    recipe = recipe.resolved(device, model)
     model.to(device).train()
     if recipe.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -372,11 +375,11 @@ def run_workload(workload: Workload, device: torch.device, *, repeats: int | Non
                  warmup: int | None = None, recipe: Recipe = Recipe(),
                  variants: tuple[str, ...] = VARIANTS, child_args: list[str] | None = None) -> dict:
     cuda = device.type == "cuda"
-    recipe = recipe.resolved(device)
     batch = batch or (workload.batch_cuda if cuda else workload.batch_cpu)
     repeats = repeats or (workload.repeats * 4 if cuda else workload.repeats)
     inner = inner or (max(1, workload.inner // 2) if cuda else workload.inner)
     models = {name: build_variant(workload, name, recipe.masker) for name in variants}
+    recipe = recipe.resolved(device, next(iter(models.values())))
     logit_diff = (_check_same_network(models, workload, device)
                   if workload.arch != "wrn50" and "search" in models else {})
     if cuda:
