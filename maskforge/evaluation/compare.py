@@ -23,6 +23,7 @@ from typing import Sequence
 
 from ..errors import MaskforgeError
 from ..export import EXPORT_MODES, ExportMode, export_onnx
+from ..export.calibration import DEFAULT_CALIBRATION, load_check_images
 from ..materialize import materialize
 from .measure import Reference, Settings, load_matching_data, measure, split_of
 from .report import CompareReport, EvalReport, ModeRow
@@ -58,15 +59,19 @@ def compare(artifact: str | os.PathLike, *, modes: Sequence[ExportMode] = EXPORT
     torch_model = materialize(subject.artifact, threads=settings.threads)
     refused: dict[str, str] = {}
     exports = {}
+    check_images = None  # the int8 modes' calibration and check images, loaded (and referenced) once
     with tempfile.TemporaryDirectory(prefix="maskforge-compare-") as workdir:
         subjects = {}
         for index, mode in enumerate(modes):
             if progress is not None:
                 progress("exporting", index, len(modes))
             try:
+                if mode.precision == "int8" and check_images is None:
+                    check_images = load_check_images(subject.artifact, source, DEFAULT_CALIBRATION)
                 exports[mode.name] = export_onnx(subject.artifact, Path(workdir) / f"{index}.onnx",
                                                  storage=mode.storage, precision=mode.precision, opset=mode.opset,
-                                                 model=torch_model, calibration_data=source)
+                                                 model=torch_model, calibration_data=source,
+                                                 prepared_images=check_images)
             except MaskforgeError as exc:
                 refused[mode.name] = str(exc)
                 continue

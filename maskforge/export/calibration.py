@@ -8,7 +8,7 @@ that default, for every command that feeds a model data (`eval` and `compare` to
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -32,6 +32,9 @@ class CheckImages:
     calibration: np.ndarray
     heldout: np.ndarray
     labels: np.ndarray
+    # The fp32 network's logits on `heldout`, per opset, once computed: exports of one artifact that
+    # share these images (eval --compare's int8 modes) compute them once.
+    reference_logits: dict = field(default_factory=dict)
 
 
 def check_calibration_count(calibration) -> int:

@@ -71,8 +71,8 @@ def export_onnx(artifact: Artifact | str | os.PathLike, out: str | os.PathLike |
                 calibration_data: str | None = None, allow_lossy: bool = False, opset: int | None = None,
                 check: bool = True, threads: int | None = None, model: nn.Module | None = None,
                 compact: bool | None = None, check_images: int = DEFAULT_CHECK_IMAGES,
-                max_top1_drop: float = INT8_MAX_TOP1_DROP, min_agreement: float = INT8_MIN_AGREEMENT
-                ) -> ExportResult:
+                max_top1_drop: float = INT8_MAX_TOP1_DROP, min_agreement: float = INT8_MIN_AGREEMENT,
+                prepared_images: CheckImages | None = None) -> ExportResult:
     """Write the artifact's network as an ONNX file and check it in onnxruntime before keeping it.
 
     `storage` is "dense", "compact" or "regen" (default: regen where possible, else compact; `compact=
@@ -80,7 +80,9 @@ def export_onnx(artifact: Artifact | str | os.PathLike, out: str | os.PathLike |
     training images of `calibration_data` (any `maskforge search` data source; default: the artifact's
     own data) and is checked on (up to `check_images` of) its held-out split: at most `max_top1_drop`
     points below fp32 and the fp32 class for at least `min_agreement` of the images. `model` may pass
-    an already materialized network. Every failure raises `MaskforgeError` and leaves nothing behind.
+    an already materialized network, `prepared_images` the `load_check_images` of an earlier int8 export
+    of the same artifact (loaded, decoded and referenced once for several exports, as `eval --compare`
+    does). Every failure raises `MaskforgeError` and leaves nothing behind.
 
     >>> result = export_onnx("runs/demo/artifact.safetensors", precision="int8")   # doctest: +SKIP
     >>> result.path.name, result.bits_per_weight < 1.2                             # doctest: +SKIP
@@ -96,7 +98,7 @@ def export_onnx(artifact: Artifact | str | os.PathLike, out: str | os.PathLike |
     check_output_path(out)
     images = None
     if mode.precision == "int8":
-        images = load_check_images(artifact, calibration_data, calibration, check_images)
+        images = prepared_images or load_check_images(artifact, calibration_data, calibration, check_images)
     if mode.lossy:
         warnings.warn(f"int8 of {artifact.init} weights is lossy: the file approximates the artifact's network "
                       f"(checked against fp32 top-1 on held-out data)", UserWarning, stacklevel=2)
@@ -111,7 +113,7 @@ def export_onnx(artifact: Artifact | str | os.PathLike, out: str | os.PathLike |
     with output_folder(out), atomic_path(out) as tmp:
         tmp.write_bytes(proto.SerializeToString())
         if check and images is not None:
-            reference = _reference(fp32, model, artifact, images)
+            reference = _reference(fp32, model, artifact, images, mode.opset)
             _record_int8(result, int8_parity(tmp, images.heldout, images.labels, reference,
                                              max_top1_drop=max_top1_drop, min_agreement=min_agreement))
         elif check:
@@ -144,13 +146,17 @@ def _build(artifact: Artifact, model: nn.Module, mode: ExportMode, images: Check
     return proto, quantized, fp32
 
 
-def _reference(fp32, model: nn.Module, artifact: Artifact, images: CheckImages) -> np.ndarray:
+def _reference(fp32, model: nn.Module, artifact: Artifact, images: CheckImages, opset: int) -> np.ndarray:
     """The fp32 network's logits for the held-out images (what int8 is compared with), from the fp32
-    graph in onnxruntime (several times faster than PyTorch eager), itself checked against PyTorch."""
-    fp32.ir_version = min(fp32.ir_version, MAX_IR_VERSION)
-    data = fp32.SerializeToString()
-    float_parity(data, model, artifact.spec).raise_for_failure()
-    return run_session(ort_session(data), images.heldout)
+    graph in onnxruntime (several times faster than PyTorch eager), itself checked against PyTorch; kept
+    in `images` for the next export that shares them."""
+    if opset not in images.reference_logits:
+        fp32.ir_version = min(fp32.ir_version, MAX_IR_VERSION)
+        data = fp32.SerializeToString()
+        session = ort_session(data)
+        float_parity(session, model, artifact.spec).raise_for_failure()
+        images.reference_logits[opset] = run_session(session, images.heldout)
+    return images.reference_logits[opset]
 
 
 def _record_float(result: ExportResult, parity: Parity) -> None:

@@ -114,12 +114,14 @@ def compare_logits(got: np.ndarray, expected: np.ndarray, rtol: float = PARITY_R
     return Parity(diff, tolerance)
 
 
-def float_parity(path: str | os.PathLike | bytes, model: nn.Module, spec: InputSpec) -> Parity:
-    """Run an fp32 ONNX file (default session options) and the PyTorch model on the fixed batch."""
+def float_parity(path: str | os.PathLike | bytes | "onnxruntime.InferenceSession", model: nn.Module,
+                 spec: InputSpec) -> Parity:
+    """Run an fp32 ONNX file (default session options; or an open session of one) and the PyTorch model
+    on the fixed batch."""
     x = parity_inputs(spec)
     with torch.no_grad():
         expected = model(x).float().numpy()
-    session = ort_session(path)
+    session = path if hasattr(path, "get_inputs") else ort_session(path)
     if len(session.get_inputs()) != 1:
         return Parity(float("inf"), 0.0, f"the ONNX model has {len(session.get_inputs())} inputs, expected 1")
     return compare_logits(run_session(session, x.numpy()), expected)
