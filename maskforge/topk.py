@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from .errors import MaskforgeError
+from .schema.artifact import TOPK_RULES  # noqa: F401 - the one list of rules (the schema's), re-exported
 
 MASKERS = ("numpy", "torch")
-TOPK_RULES = ("layer", "global")
 
 
 def kept_count(numel: int, k: float) -> int:

@@ -244,11 +244,12 @@ def _check_int8_outputs(onnx_path: Path, artifact: Artifact, opset: int | None) 
     from onnx import numpy_helper
 
     from .export.int8 import folded_weights
+    from .export.modes import EXACT_INT8
     from .export.parity import kernel_check, parity_inputs
     from .export.trace import trace_to_onnx
     from .materialize import materialize
 
-    exact = artifact.init in ("signed_constant", "unsigned_constant")
+    exact = artifact.init in EXACT_INT8
     traced = trace_to_onnx(materialize(artifact), artifact.spec, opset or 13)
     reference = [numpy_helper.to_array(t) for t in traced.graph.initializer]
     weights = folded_weights(onnx_path)

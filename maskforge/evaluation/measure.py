@@ -17,7 +17,7 @@ import numpy as np
 
 from ..data import DataSplits, check_heldout_data, iterate_batches, normalize
 from ..errors import MaskforgeError
-from ..export import export_onnx
+from ..export import META_PREFIX, export_onnx
 from ..export.calibration import matching_splits, searched_data
 from ..materialize import materialize
 from .footprint import compute_section, size_section
@@ -220,8 +220,8 @@ def _summary(subject: Subject) -> ModelSummary:
     spec = subject.spec
     info = subject.info
     return ModelSummary(path=str(subject.path), kind=subject.kind, storage=subject.storage,
-                        precision=subject.precision, arch=info.metadata.get("maskforge.arch"),
-                        k=_float(info.metadata.get("maskforge.k")),
+                        precision=subject.precision, arch=info.metadata.get(f"{META_PREFIX}arch"),
+                        k=_float(info.metadata.get(f"{META_PREFIX}k")),
                         input_shape=[spec.channels, spec.height, spec.width], class_names=list(spec.class_names),
                         preprocessing=subject.preprocessing, notes=list(subject.notes))
 

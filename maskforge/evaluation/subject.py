@@ -18,12 +18,11 @@ from ..artifact import Artifact, load_artifact
 from ..data import InputSpec
 from ..errors import MaskforgeError, first_line
 from ..export import META_PREFIX, OnnxModelInfo, read_onnx_metadata
+from ..export.modes import PRECISIONS, STORAGES
+from ..export.onnxio import WEIGHT_OPS
 from ..filekind import file_kind
 from ..verify import check_onnx_external_data
 
-KNOWN_STORAGE = ("dense", "compact", "regen")
-KNOWN_PRECISION = ("fp32", "int8")
-WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
 _QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
                   "MatMulInteger", "DynamicQuantizeLinear"}
 _FLOAT = 1   # onnx.TensorProto.FLOAT
@@ -249,9 +248,9 @@ def export_mode(info: OnnxModelInfo, proto) -> tuple[str | None, str | None, lis
     if info.has_maskforge_metadata:
         storage = info.metadata.get(META_PREFIX + "storage") or info.layout
         precision = info.metadata.get(META_PREFIX + "precision") or "fp32"   # before int8 existed: fp32
-        if storage not in KNOWN_STORAGE:
+        if storage not in STORAGES:
             notes.append(f"storage {storage!r} is unknown to this maskforge (a newer export?)")
-        if precision not in KNOWN_PRECISION:
+        if precision not in PRECISIONS:
             notes.append(f"precision {precision!r} is unknown to this maskforge (a newer export?)")
         return storage, precision, notes
     ops = {node.op_type for node in proto.graph.node}
