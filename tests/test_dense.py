@@ -70,3 +70,11 @@ def test_bad_dense_configs(tmp_path):
     with pytest.raises(MaskforgeError, match="unknown architecture"):
         train_dense(DenseConfig(arch="vgg", out=str(tmp_path / "x")))
     assert not (tmp_path / "x").exists()
+
+
+def test_the_dense_twin_computes_as_its_search_does():
+    """A sweep's device choices reach its dense baseline (they were dropped: a --precision fp32 GPU sweep
+    trained its baseline in bf16)."""
+    search = SearchConfig(arch="conv2", precision="fp32", channels_last=False, compile=True, deterministic=True)
+    twin = DenseConfig.like(search).search_config()
+    assert (twin.precision, twin.channels_last, twin.compile, twin.deterministic) == ("fp32", False, True, True)
