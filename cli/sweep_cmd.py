@@ -65,7 +65,8 @@ def sweep_command(
         given += [name for name, value in (("--seeds", seeds), ("--shard", shard)) if value is not None]
         given += ["--dense-baseline"] if dense_baseline else []
         if given:
-            raise MaskforgeError(f"--collect runs nothing, so {', '.join(given)} do(es) not apply: it gathers "
+            verb = "does" if len(given) == 1 else "do"
+            raise MaskforgeError(f"--collect runs nothing, so {', '.join(given)} {verb} not apply: it gathers "
                                  f"the points already in {collect}")
         result = collect_sweep(collect, figures=figure, x=x, hue=hue_list)
     else:

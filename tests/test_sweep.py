@@ -383,7 +383,7 @@ def test_cli_sweep_in_a_log_file_shows_each_points_epochs(tmp_path):
     (["--shard", "2/2"], "error: shard 2/2: I must be in 0..N-1"),
     (["--seeds", "0"], "error: seeds: the count must be at least 1"),
     (["--hue", "colour", "--collect", "nowhere"], "error: nowhere is not a sweep folder"),
-    (["--collect", "nowhere", "--k", "0.1", "--seeds", "3"], "error: --collect runs nothing, so --k, --seeds do(es) not apply"),
+    (["--collect", "nowhere", "--k", "0.1", "--seeds", "3"], "error: --collect runs nothing, so --k, --seeds do not apply"),
     (["--x", "colour"], "error: cannot plot by 'colour': the sweep's axes are arch, init, scale_fan, width, topk, k, seed"),
 ])
 def test_cli_bad_input_is_one_error_line(tmp_path, args, message):
