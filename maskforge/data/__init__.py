@@ -8,11 +8,13 @@ Sources accepted by `load_data(source)` (one module each):
 
 1. ``"mnist5k"`` (default; demo.py): the 5,000-image MNIST sample vendored with maskforge; row ``i`` is
    held out iff ``i % 5 == 4``: 4,000 train / 1,000 held-out images, 100 held-out per digit.
-2. A CIFAR-10 folder (cifar.py): ``cifar-10-batches-py`` (python pickles, read with a restricted
+2. ``"fashion-mnist"`` (named.py finds it; mnist.py reads it): Fashion-MNIST's IDX files where Debian's
+   ``dataset-fashion-mnist`` installs them or under ``$MASKFORGE_DATA``; held-out = the 10,000 test images.
+3. A CIFAR-10 folder (cifar.py): ``cifar-10-batches-py`` (python pickles, read with a restricted
    unpickler) or ``cifar-10-batches-bin`` (binary records), or a folder containing one of them.
-3. An MNIST / Fashion-MNIST folder in torchvision's layout (mnist.py): ``ROOT/MNIST/raw/*-ubyte[.gz]``;
-   ROOT, ``ROOT/MNIST`` or the ``raw`` folder itself. Held-out = t10k.
-4. An image folder (imagefolder.py): ``ROOT/train/<class>/*.png|jpg|...`` plus ``ROOT/val/`` (or
+4. An MNIST / Fashion-MNIST folder in torchvision's layout (mnist.py): ``ROOT/MNIST/raw/*-ubyte[.gz]``;
+   ROOT, ``ROOT/MNIST`` or the ``raw`` folder itself, or a folder holding the IDX files. Held-out = t10k.
+5. An image folder (imagefolder.py): ``ROOT/train/<class>/*.png|jpg|...`` plus ``ROOT/val/`` (or
    ``ROOT/test/``).
 
 Batching (sampling.py, `iterate_batches`) is a pure function of (seed, epoch, rank, world size, start
@@ -35,17 +37,20 @@ from .datasets import DataSplits, ImageDataset, InMemoryImages, heldout_fingerpr
 from .demo import load_mnist5k
 from .imagefolder import IMAGE_EXTENSIONS, ImageFileDataset, load_image_folder
 from .mnist import find_mnist_raw, load_mnist_raw
+from .named import FASHION_MNIST, NAMED_SOURCES, fashion_mnist_folder, is_named
 from .sampling import derive_seed, iterate_batches, num_batches
 from .transforms import augment_batch, normalize
 
 __all__ = ["load_data", "DataSplits", "ImageDataset", "InMemoryImages", "ImageFileDataset", "InputSpec",
            "iterate_batches", "num_batches", "derive_seed", "normalize", "augment_batch", "IMAGE_EXTENSIONS",
-           "heldout_fingerprint", "split_warnings", "check_heldout_data"]
+           "heldout_fingerprint", "split_warnings", "check_heldout_data", "NAMED_SOURCES", "is_named"]
 
 ACCEPTED_SOURCES = (
-    "expected one of: 'mnist5k' (the built-in demo set); a CIFAR-10 folder (cifar-10-batches-py, "
+    "expected one of: 'mnist5k' (the built-in demo set); 'fashion-mnist' (Debian's dataset-fashion-mnist "
+    "or $MASKFORGE_DATA); a CIFAR-10 folder (cifar-10-batches-py, "
     "cifar-10-batches-bin, or a folder containing one of them); an MNIST/Fashion-MNIST folder in "
-    "torchvision's layout (ROOT/MNIST/raw/*-ubyte[.gz], ROOT/MNIST or the raw folder itself); "
+    "torchvision's layout (ROOT/MNIST/raw/*-ubyte[.gz], ROOT/MNIST, the raw folder or a folder of the IDX "
+    "files); "
     "an image folder ROOT/train/<class>/*.png|jpg|... with ROOT/val/ or ROOT/test/"
 )
 
@@ -53,8 +58,8 @@ ACCEPTED_SOURCES = (
 def load_data(source: str = "mnist5k", *, image_size: int | None = None) -> DataSplits:
     """Load a data source (see the module docstring for the accepted forms) into train/held-out splits.
 
-    `image_size` sets the side of image-folder images; for the fixed-size sources (mnist5k, MNIST,
-    CIFAR-10) it must be left out or equal the native size.
+    `image_size` sets the side of image-folder images; for the fixed-size sources (mnist5k,
+    fashion-mnist, MNIST, CIFAR-10) it must be left out or equal the native size.
 
     >>> splits = load_data("mnist5k")
     >>> len(splits.train), len(splits.heldout), splits.spec.num_classes
@@ -65,6 +70,8 @@ def load_data(source: str = "mnist5k", *, image_size: int | None = None) -> Data
         raise MaskforgeError(f"image size must be a positive integer, got {image_size!r}")
     if str(source) == "mnist5k":
         splits = load_mnist5k()
+    elif str(source) == FASHION_MNIST:
+        splits = load_mnist_raw(fashion_mnist_folder(), name=FASHION_MNIST, fashion=True)
     else:
         splits = _load_folder(Path(source).expanduser(), image_size)
         splits.name = str(source)

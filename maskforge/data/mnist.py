@@ -7,6 +7,7 @@ checks the header with `assert`, and does not check the size (a truncated file f
 from __future__ import annotations
 
 import gzip
+import hashlib
 import math
 import struct
 from pathlib import Path
@@ -22,6 +23,9 @@ FASHION_CLASSES = (
 )
 
 _MNIST_TRAIN_IMAGES = "train-images-idx3-ubyte"
+# SHA-256 of Fashion-MNIST's 10,000 test labels (the bytes after the IDX header): the files say nothing of
+# what they hold, and a folder's name is no proof, so the content decides which class names apply.
+_FASHION_TEST_LABELS_SHA256 = "3d0e6c6ea990b53b6f8f500a41cac93881d981b315f84578b7d915342ade01e9"
 
 
 def find_mnist_raw(path: Path) -> Path | None:
@@ -73,9 +77,19 @@ def _mnist_split(folder: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
     return images[:, None], check_labels(labels, len(labels), 10, folder / f"{prefix}-labels-idx1-ubyte")
 
 
-def load_mnist_raw(raw: Path) -> DataSplits:
-    fashion = raw.resolve().parent.name == "FashionMNIST"
-    return in_memory_splits(
-        str(raw), "mnist", _mnist_split(raw, "train"), _mnist_split(raw, "t10k"),
-        FASHION_CLASSES if fashion else DIGITS, augment=False,
-    )
+def load_mnist_raw(raw: Path, name: str | None = None, fashion: bool | None = None) -> DataSplits:
+    """The IDX files in `raw` as splits (held-out = t10k). `fashion` None: Fashion-MNIST's class names when
+    the test labels are Fashion-MNIST's or a folder on the path says so (``FashionMNIST``,
+    ``fashion-mnist``, ...), the digits otherwise."""
+    train, heldout = _mnist_split(raw, "train"), _mnist_split(raw, "t10k")
+    if fashion is None:
+        fashion = _looks_fashion(raw, heldout[1])
+    return in_memory_splits(name or str(raw), "mnist", train, heldout, FASHION_CLASSES if fashion else DIGITS,
+                            augment=False)
+
+
+def _looks_fashion(raw: Path, test_labels: np.ndarray) -> bool:
+    if hashlib.sha256(test_labels.astype(np.uint8).tobytes()).hexdigest() == _FASHION_TEST_LABELS_SHA256:
+        return True
+    folders = (raw.resolve(), *raw.resolve().parents)[:3]
+    return any("fashion" in folder.name.lower() for folder in folders)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..artifact import Artifact
-from ..data import DataSplits, InputSpec, load_data, normalize
+from ..data import DataSplits, InputSpec, is_named, load_data, normalize
 from ..errors import MaskforgeError
 
 DEFAULT_CALIBRATION = 256    # training images whose activation ranges set the int8 scales
@@ -96,7 +96,9 @@ def searched_data(provenance: dict, option: str) -> str | None:
     source = provenance.get("data") if isinstance(provenance, dict) else None
     if not source:
         return None
-    if source != "mnist5k" and not Path(source).expanduser().exists():
+    if is_named(source):
+        return source  # loading it says where to get it when this machine lacks it
+    if not Path(source).expanduser().exists():
         raise MaskforgeError(f"the model was searched on {source}, which is not on this machine; give {option}")
     return source
 

@@ -36,8 +36,9 @@ class SearchConfig:
 
     arch: Text = Field("conv4", description="Architecture to search (see `maskforge archs`).")
     k: Number = Field(0.5, gt=0, le=1, description="Fraction of weights KEPT in every layer, in (0, 1].")
-    data: Text = Field("mnist5k", description="mnist5k (built-in demo), or a CIFAR-10 / MNIST raw / image "
-                                              "folder (train/ + val/ class subfolders).")
+    data: Text = Field("mnist5k", description="mnist5k (built-in demo), fashion-mnist (Debian's "
+                                              "dataset-fashion-mnist or $MASKFORGE_DATA), or a CIFAR-10 / "
+                                              "MNIST IDX / image folder (train/ + val/ class subfolders).")
     epochs: Integer = Field(10, ge=1, description="Passes over the training split.")
     max_steps: Optional[Integer] = Field(None, ge=1, description="Stop after this many optimizer steps "
                                                                  "(smoke runs).")

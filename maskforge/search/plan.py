@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import distributed
+from ..data.named import is_named
 from ..checkpoint import CHECKPOINT_NAME, Checkpoint, check_compatible, load_checkpoint
 from ..distributed import World
 from ..errors import MaskforgeError
@@ -67,12 +68,13 @@ def check_world(config: SearchConfig, world: World) -> None:
 
 
 def normalized(config: SearchConfig) -> SearchConfig:
-    """The config with `data` as an absolute path (so that it means the same from any folder)."""
+    """The config with `data` as an absolute path (so that it means the same from any folder); a named
+    source (`mnist5k`, `fashion-mnist`) keeps its name, which means the same on every machine."""
     return config.replace(data=absolute_data(config.data))
 
 
 def absolute_data(data: str) -> str:
-    return data if data == "mnist5k" else os.path.abspath(os.path.expanduser(data))
+    return data if is_named(data) else os.path.abspath(os.path.expanduser(data))
 
 
 def plan_fresh(config: SearchConfig, world: World | None = None, overwrite: bool = False) -> Plan:
