@@ -608,7 +608,8 @@ def test_image_folder_structure_errors(tmp_path):
 def test_bad_sources_are_clear_errors(tmp_path):
     from maskforge.data import ACCEPTED_SOURCES
 
-    assert ACCEPTED_SOURCES.startswith("expected one of: 'mnist5k' (the built-in demo set); a CIFAR-10 folder")
+    assert ACCEPTED_SOURCES.startswith("expected one of: 'mnist5k' (the built-in demo set); 'fashion-mnist' "
+                                       "(Debian's dataset-fashion-mnist or $MASKFORGE_DATA); a CIFAR-10 folder")
     assert _message(load_data, str(tmp_path / "nowhere")) == \
         f"data source {tmp_path / 'nowhere'} does not exist; {ACCEPTED_SOURCES}"
     a_file = tmp_path / "file.txt"
