@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
 from maskforge.errors import MaskforgeError
 from maskforge.export import DEFAULT_CALIBRATION, DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, export_onnx, export_torch
 
 from .app import app
+from .console import console
 from .file_hints import require_artifact
 
 
@@ -77,7 +77,7 @@ def export_command(
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return
-    Console().print(f"[bold green]wrote[/] {result.path}: {_describe(result)}")
+    console().print(f"[bold green]wrote[/] {result.path}: {_describe(result)}")
 
 
 def _describe(result) -> str:
