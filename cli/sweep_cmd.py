@@ -209,8 +209,12 @@ def _print_summary(console: Console, result) -> None:
     searches = [group["values"] for group in result.summary if group["kind"] == "search"]
     varying = [key for key in keys if len({_cell(values.get(key)) for values in searches}) > 1]
     same = ", ".join(f"{key}={_cell(searches[0][key])}" for key in keys if key not in varying) if searches else ""
-    table = Table(title=f"{result.out}: final held-out accuracy (%), mean ± std over the seeds that learned"
-                        + (f"\n{same}" if same else ""))
+    # The heading is printed above the table, not as its title: a title wraps at the table's width.
+    console.print(f"{result.out}: final held-out accuracy (%), mean ± std over the seeds that learned",
+                  markup=False, highlight=False)
+    if same:
+        console.print(same, markup=False, highlight=False)
+    table = Table()
     for column in ["kind", *varying, "done", "held-out %", "not learned", "failed", "wall s"]:
         table.add_column(column, justify="left" if column in ("kind", *varying) else "right", no_wrap=True)
     for group in result.summary:

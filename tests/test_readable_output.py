@@ -103,7 +103,9 @@ def test_a_sweep_of_one_seed_says_n_1_not_a_zero_spread(tmp_path, monkeypatch):
     printed = console()
     with printed.capture() as captured:
         _print_summary(printed, result)
-    rows = {line.split("│")[2].strip(): line for line in captured.get().splitlines() if line.startswith("│ search")}
+    lines = captured.get().splitlines()
+    assert lines[0] == f"{tmp_path}: final held-out accuracy (%), mean ± std over the seeds that learned"  # one line
+    rows = {line.split("│")[2].strip(): line for line in lines if line.startswith("│ search")}
     assert "84.70 (n=1)" in rows["0.5"] and "±" not in rows["0.5"], rows
     assert "85.00 ± 1.00" in rows["0.3"], rows
 
