@@ -25,8 +25,9 @@ def export_command(
              "weight), compact (packed mask and sign bits: ~1 + k bits), or dense (plain tensors). "
              "Default: regen, or compact where regen cannot apply (kaiming_normal, opset < 18).")] = None,
     precision: Annotated[str, typer.Option(
-        help="fp32 (exact) or int8 (QDQ: exact weights, activations calibrated on training images; 2.7-4x "
-             "the fp32 throughput in onnxruntime on a 2-core CPU, BENCHMARKS.md).")] = "fp32",
+        help="fp32 (exact) or int8 (QDQ: exact weights, activations calibrated on training images; in "
+             "onnxruntime 2.7-4x the fp32 throughput on a 2-core CPU with VNNI, 1.6-1.9x with AVX2 alone: "
+             "README.md, Results).")] = "fp32",
     calibration: Annotated[int, typer.Option(
         help="int8: training images to calibrate the activation ranges on.")] = DEFAULT_CALIBRATION,
     data: Annotated[Optional[str], typer.Option(
