@@ -435,7 +435,7 @@ def test_debug_lets_the_exception_through(files: Files, monkeypatch):
 # the real executable: real stderr, real exit codes
 # ---------------------------------------------------------------------------------------------------------
 
-_INJECT = ("import sys, maskforge.cli.inspect_cmd as m\n"
+_INJECT = ("import sys, maskforge.artifact as m\n"
            "def boom(*a, **k):\n    raise RuntimeError('injected failure')\n"
            "m.inspect_artifact = boom\n"
            "from maskforge.cli import main\n"
