@@ -169,8 +169,6 @@ def _load(name: str):
     """Import a command's module (it registers the command on `app`) and build its click command."""
     importlib.import_module(COMMANDS[name].module)
     info = next(info for info in app.registered_commands if info.name == name)
-    if info.cls in (None, TyperCommand):  # not a class of its own: ours, for the help page
-        info.cls = _Command
     return typer.main.get_command_from_info(info, pretty_exceptions_short=app.pretty_exceptions_short,
                                             rich_markup_mode=app.rich_markup_mode)
 
@@ -181,7 +179,15 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-app = typer.Typer(
+class _App(typer.Typer):
+    """The Typer app whose commands are `_Command`s (help pages that read well anywhere), however they are
+    built: loaded when run (`_load`), or already imported when Typer builds the group."""
+
+    def command(self, *args, cls=None, **kwargs):
+        return super().command(*args, cls=cls or _Command, **kwargs)
+
+
+app = _App(
     cls=_Commands,
     name="maskforge",
     help="Find a subnetwork in a seeded random network (edge-popup) and ship it as seed + bit mask.",
