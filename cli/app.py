@@ -11,6 +11,7 @@ What the library logs is shown as lines on stderr (cli/logs.py).
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import signal
 import sys
@@ -24,6 +25,7 @@ from maskforge.errors import MaskforgeError
 
 from . import logs
 from .commands import COMMANDS
+from .console import help_width
 
 
 class _Bug(Exception):
@@ -44,8 +46,47 @@ def _terminate(signum, frame) -> None:
     raise Terminated()
 
 
+def _format_help(command, ctx, formatter, draw) -> None:
+    """Typer's help page, drawn to read well in a file too: flags show no `<bool>` placeholder (they take
+    no value), paragraphs flow to the page's width, and off a terminal the page is `HELP_WIDTH` wide
+    (cli/console.py), not 80."""
+    for param in command.get_params(ctx):
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    command.help = reflow(command.help or "")
+    with help_width():
+        draw(ctx, formatter)
+
+
+def reflow(text: str) -> str:
+    """Join the lines of each paragraph of a docstring (Typer's rich help keeps every line break, so a
+    docstring's lines would end in the middle of the page). An indented line (an example command) keeps
+    its own line."""
+    paragraphs = []
+    for paragraph in inspect.cleandoc(text).split("\n\n"):
+        lines = paragraph.split("\n")
+        joined = [lines[0]]
+        for line in lines[1:]:
+            if line.startswith(" ") or joined[-1].startswith(" ") or paragraph.startswith("\b"):
+                joined.append(line)
+            else:
+                joined[-1] += " " + line.strip()
+        paragraphs.append("\n".join(joined))
+    return "\n\n".join(paragraphs)
+
+
+class _Command(TyperCommand):
+    """A command whose help page reads well anywhere (`_format_help`)."""
+
+    def format_help(self, ctx, formatter) -> None:
+        _format_help(self, ctx, formatter, super().format_help)
+
+
 class _Commands(TyperGroup):
     """Loads a command's module when the command is run, and ends every failure in one `error:` line."""
+
+    def format_help(self, ctx, formatter) -> None:
+        _format_help(self, ctx, formatter, super().format_help)
 
     def list_commands(self, ctx) -> list[str]:
         return [*COMMANDS, *(name for name in super().list_commands(ctx) if name not in COMMANDS)]
@@ -76,7 +117,7 @@ class _Commands(TyperGroup):
                 raise
             code = getattr(exc, "exit_code", 130)
             raise _Stopped("terminated" if code == Terminated.exit_code else "interrupted", code) from None
-        except (typer.TyperException, typer.Exit, typer.Abort, MaskforgeError):
+        except (typer.TyperException, typer.Exit, typer.Abort, MaskforgeError, BrokenPipeError):
             raise
         except Exception as exc:  # noqa: BLE001 - the last line of defence
             if (ctx.obj or {}).get("debug"):
@@ -106,6 +147,9 @@ class _Commands(TyperGroup):
             _fail(str(exc), 2)
         except _Bug as exc:
             _fail(str(exc), 1)
+        except BrokenPipeError:  # `maskforge ... | head` closed the pipe: stop quietly, as a shell tool does
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+            sys.exit(128 + signal.SIGPIPE)
         finally:
             logs.uninstall(handler)
             if previous_term is signal.SIG_DFL:
@@ -135,7 +179,15 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-app = typer.Typer(
+class _App(typer.Typer):
+    """The Typer app whose commands are `_Command`s (help pages that read well anywhere), however they are
+    built: loaded when run (`_load`), or already imported when Typer builds the group."""
+
+    def command(self, *args, cls=None, **kwargs):
+        return super().command(*args, cls=cls or _Command, **kwargs)
+
+
+app = _App(
     cls=_Commands,
     name="maskforge",
     help="Find a subnetwork in a seeded random network (edge-popup) and ship it as seed + bit mask.",

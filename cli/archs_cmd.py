@@ -6,12 +6,12 @@ import json
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from maskforge.registry import list_archs  # torch-free: the command starts fast
 
 from .app import app
+from .console import console
 
 
 @app.command("archs")
@@ -30,4 +30,4 @@ def archs_command(
     for entry in entries:
         table.add_row(entry["name"], f"{entry['weights_cifar10']:,}", f"{entry['weights_imagenet']:,}",
                       entry["description"])
-    Console().print(table)
+    console().print(table)

@@ -9,14 +9,11 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
 from maskforge.errors import MaskforgeError
-from maskforge.evaluation import compare, evaluate, save_confusion_png, write_report
-from maskforge.export import check_output_path
 
 from .app import app
-from .eval_tables import class_table, compare_table, refused_lines, report_table
+from .console import console as output_console
 
 
 @app.command("eval")
@@ -65,6 +62,11 @@ def eval_command(
 
       maskforge eval other.onnx --mean 0.1307 --std 0.3081 --reference other.fp32.onnx
     """
+    if compare_modes:
+        _refuse_with_compare(mean=mean, std=std, size=size, reference=reference, confusion_png=confusion_png)
+    from maskforge.evaluation import compare, evaluate, save_confusion_png, write_report  # torch loads here
+    from maskforge.export import check_output_path
+
     for path, what in ((json_out, "report"), (confusion_png, "figure")):
         if path is not None and str(path) != "-":
             check_output_path(path, what)  # fail before the (long) evaluation, not after
@@ -72,7 +74,6 @@ def eval_command(
                    latency_runs=latency_runs)
     with _progress() as progress:
         if compare_modes:
-            _refuse_with_compare(mean=mean, std=std, size=size, reference=reference, confusion_png=confusion_png)
             report = compare(model, progress=progress, **options)
         else:
             report = evaluate(model, mean=mean, std=std, size=size, reference=reference, progress=progress,
@@ -95,7 +96,9 @@ def _refuse_with_compare(**options) -> None:
 
 
 def _print_report(report, compare_modes: bool) -> None:
-    console = Console()
+    from .eval_tables import class_table, compare_table, refused_lines, report_table
+
+    console = output_console()
     if compare_modes:
         console.print(compare_table(report))
         for line in refused_lines(report):
@@ -116,7 +119,7 @@ def _progress():
     if not sys.stderr.isatty():
         yield None
         return
-    console = Console(stderr=True)
+    console = output_console(stderr=True)
     with console.status("evaluating...", spinner="dots") as status:
         def progress(stage: str, done: int, total: int) -> None:
             text = {"exporting": f"exporting mode {done + 1} of {total}",

@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
 from maskforge.errors import MaskforgeError
 from maskforge.export import DEFAULT_CALIBRATION, DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, export_onnx, export_torch
 
 from .app import app
+from .console import console
 from .file_hints import require_artifact
 
 
@@ -25,8 +25,9 @@ def export_command(
              "weight), compact (packed mask and sign bits: ~1 + k bits), or dense (plain tensors). "
              "Default: regen, or compact where regen cannot apply (kaiming_normal, opset < 18).")] = None,
     precision: Annotated[str, typer.Option(
-        help="fp32 (exact) or int8 (QDQ: exact weights, activations calibrated on training images; 2.7-4x "
-             "the fp32 throughput in onnxruntime on a 2-core CPU, BENCHMARKS.md).")] = "fp32",
+        help="fp32 (exact) or int8 (QDQ: exact weights, activations calibrated on training images; in "
+             "onnxruntime 2.7-4x the fp32 throughput on a 2-core CPU with VNNI, 1.6-1.9x with AVX2 alone: "
+             "README.md, Results).")] = "fp32",
     calibration: Annotated[int, typer.Option(
         help="int8: training images to calibrate the activation ranges on.")] = DEFAULT_CALIBRATION,
     data: Annotated[Optional[str], typer.Option(
@@ -77,7 +78,7 @@ def export_command(
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return
-    Console().print(f"[bold green]wrote[/] {result.path}: {_describe(result)}")
+    console().print(f"[bold green]wrote[/] {result.path}: {_describe(result)}")
 
 
 def _describe(result) -> str:

@@ -7,12 +7,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from maskforge.artifact import inspect_artifact
-
 from .app import app
+from .console import console as output_console
 from .file_hints import require_artifact
 
 
@@ -26,11 +24,13 @@ def inspect_command(
     Example: maskforge inspect runs/conv4/artifact.safetensors --json
     """
     require_artifact(file)
+    from maskforge.artifact import inspect_artifact  # torch loads here, after the arguments are checked
+
     summary = inspect_artifact(file)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
-    console = Console()
+    console = output_console()
     spec = summary["input"]
     overview = Table(show_header=False, title=str(file))
     rows = [

@@ -7,12 +7,10 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from maskforge.predict import predict
-
 from .app import app
+from .console import console
 
 
 @app.command("predict")
@@ -33,6 +31,8 @@ def predict_command(
 
     Example: maskforge predict runs/conv4/artifact.onnx digit7.png digit3.png --json
     """
+    from maskforge.predict import predict  # torch loads here, after the arguments are checked
+
     predictions = predict(model, images, top=top, threads=threads, mean=mean, std=std, size=size)
     if as_json:
         typer.echo(json.dumps({"model": str(model), "predictions": [p.to_dict() for p in predictions]}, indent=2))
@@ -45,4 +45,4 @@ def predict_command(
         for score in prediction.top:
             table.add_row(prediction.image if score.rank == 1 else "", str(score.rank), score.name,
                           f"{score.probability:.2%}", f"{score.logit:.3f}", end_section=score is prediction.top[-1])
-    Console().print(table)
+    console().print(table)

@@ -3,8 +3,9 @@ plain lines anywhere else (a log file, nohup, Slurm, CI).
 
 The library only reports; drawing (and how often) is decided here. Reading the running loss waits for
 the device, so the bar redraws at most every `REDRAW_SECONDS` and the plain output writes a line per
-epoch plus, in long epochs, a line every `HEARTBEAT_SECONDS`. Both show an ETA from the steps done in
-this run. While the bar is on screen, the library's log lines print above it (cli/logs.py).
+epoch plus, in long epochs, a line every `HEARTBEAT_SECONDS`. Both show the search's own estimate of
+the time left (`StepProgress.eta_s`, the figure the "estimated time" line gave), never one of their own.
+While the bar is on screen, the library's log lines print above it (cli/logs.py).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 import time
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
+from rich.text import Text
 
 from maskforge.search.notices import format_duration as duration
 
@@ -23,44 +25,56 @@ HEARTBEAT_SECONDS = 60.0
 
 
 class _Clock:
-    """Steps and time since this run's first step: the ETA of the remaining steps."""
+    """The totals and the search's latest estimate of the time left, as of the last step."""
 
     def __init__(self) -> None:
         self.total_steps = 0
         self.epochs = 0
-        self._first: tuple[int, float] | None = None
+        self._eta: tuple[float, float] | None = None   # (seconds left, when it was given)
 
     def step(self, progress) -> None:
         self.total_steps, self.epochs = progress.total_steps, progress.epochs
-        if self._first is None:
-            self._first = (progress.step - 1, time.monotonic())
+        eta = getattr(progress, "eta_s", None)
+        if eta is not None:
+            self._eta = (eta, time.monotonic())
 
-    def eta(self, step: int) -> str:
-        if self._first is None or step <= self._first[0]:
+    def eta(self) -> str:
+        """`3 min 20 s`, counting down from the last estimate; `?` until two steps are timed."""
+        if self._eta is None:
             return "?"
-        per_step = (time.monotonic() - self._first[1]) / (step - self._first[0])
-        return duration(per_step * max(0, self.total_steps - step))
+        seconds, given = self._eta
+        return duration(max(0.0, seconds - (time.monotonic() - given)))
 
 
 def epoch_line(record: dict, clock: _Clock) -> str:
     return (f"epoch {record['epoch']}/{clock.epochs or '?'}: train loss {record['train_loss']:.4f}, acc "
             f"{record['train_acc']:.1%}; held-out loss {record['heldout_loss']:.4f}, acc {record['heldout_acc']:.2%}; "
-            f"{record['images_per_s']:,.0f} img/s; step {record['step']:,}/{clock.total_steps:,}, "
-            f"ETA {clock.eta(record['step'])}")
+            f"{record['images_per_s']:,.0f} img/s; step {record['step']:,}/{clock.total_steps:,}"
+            + ("" if record["step"] >= clock.total_steps else f", ETA {clock.eta()}"))
+
+
+class _EtaColumn(ProgressColumn):
+    """The bar's `ETA ...`: the search's estimate, counting down between steps."""
+
+    def __init__(self, clock: _Clock) -> None:
+        super().__init__()
+        self._clock = clock
+
+    def render(self, task) -> Text:
+        return Text(f"ETA {self._clock.eta()}")
 
 
 class SearchProgress:
     """`with SearchProgress() as bar: search(config, on_step=bar.on_step, on_epoch=bar.on_epoch)`."""
 
     def __init__(self) -> None:
+        self._clock = _Clock()
         self._progress = Progress(
             TextColumn("[bold]search[/] epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(),
             MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.1%}  "
-                                             "{task.fields[images_per_s]:.0f} img/s"),
-            TimeRemainingColumn())
+                                             "{task.fields[images_per_s]:.0f} img/s"), _EtaColumn(self._clock))
         self._task = None
         self._drawn = 0.0
-        self._clock = _Clock()
         self._handler = logs.current()
 
     def __enter__(self) -> "SearchProgress":
@@ -106,7 +120,7 @@ class LineProgress:
         self._last = now
         typer.echo(f"step {step.step:,}/{step.total_steps:,} (epoch {step.epoch}/{step.epochs}): loss "
                    f"{step.train_loss:.4f}, acc {step.train_acc:.1%}, {step.images_per_s:,.0f} img/s, ETA "
-                   f"{self._clock.eta(step.step)}", err=True)
+                   f"{self._clock.eta()}", err=True)
 
     def on_epoch(self, record: dict) -> None:
         self._last = time.monotonic()

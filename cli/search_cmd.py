@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import typer
+from rich.markup import escape
 
 from maskforge.errors import MaskforgeError
 from maskforge.schema import SearchConfig
@@ -31,14 +32,16 @@ _EXAMPLES = """Search a subnetwork of a seeded random network with edge-popup an
 Only the scores are trained; the weights stay at their seeded random values. The artifact stores the
 seed, one bit per weight and the batch-norm statistics.
 
-Example: maskforge search --arch conv4 --k 0.5 --epochs 10      (writes runs/conv4-k0.5-s0/)
+Example (writes runs/conv4-k0.5-s0/):
+
+  maskforge search --arch conv4 --k 0.5 --epochs 10
 
 Ctrl-C or SIGTERM stops at the next step with a checkpoint (exit 130 or 143); the same command, or
 --resume DIR, continues it. Outside a terminal, progress is one line per epoch on stderr.
 
-Several GPUs or nodes: start the same command with torchrun, e.g.
-torchrun --nproc-per-node 8 -m maskforge.cli search --arch wrn50 --data /imagenet --batch-size 256 ...
-(see docs/SCALE.md).
+Several GPUs or nodes: start the same command with torchrun (see docs/SCALE.md), e.g.
+
+  torchrun --nproc-per-node 8 -m maskforge.cli search --arch wrn50 --data /imagenet --batch-size 256 ...
 """
 
 
@@ -63,11 +66,38 @@ def _option(name: str, hint: Any) -> inspect.Parameter:
     decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
     default = info.default
     shown = str(default).lower() if kind is bool else str(default)
-    # A None default is explained by the description; "\[" keeps rich from reading "[default" as markup.
-    help_text = info.description if default is None else f"{info.description} \\[default: {shown}]"
-    option = typer.Option(*decls, help=help_text, show_default=False)
+    # The help is rich markup: escape() keeps "[tensorboard]" in the description, "\[" the "[default".
+    description = escape(info.description)
+    help_text = description if default is None else f"{description} \\[default: {shown}]"
+    numeric = {"parser": _number(name, kind), "metavar": f"<{kind.__name__}>"} if kind in (int, float) else {}
+    option = typer.Option(*decls, help=help_text, show_default=False, **numeric)
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
                              annotation=Annotated[Optional[kind], option])
+
+
+def _number(name: str, kind: type):
+    """The parser of a numeric option, with the hints a first-time user needs: one search takes one value
+    (lists are for `maskforge sweep`), and k is a fraction."""
+    flag = "--" + name.replace("_", "-")
+
+    def parse(text: str):
+        if isinstance(text, kind):
+            return text
+        if "," in str(text):
+            raise typer.BadParameter(f"{text!r} is a list, but one search takes one value; `maskforge sweep "
+                                     f"{flag} {text}` runs one search per value")
+        try:
+            value = kind(text)
+        except ValueError:
+            raise typer.BadParameter(f"{text!r} is not a valid {'integer' if kind is int else 'number'}") from None
+        if name == "k" and not 0 < value <= 1:
+            meant = f"; did you mean --k {value / 100:g}?" if 10 <= value <= 100 else ""  # a percentage
+            raise typer.BadParameter(f"k is the fraction of weights kept, in (0, 1] (--k 0.3 keeps 30 % of every "
+                                     f"layer){meant}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 _HINTS = typing.get_type_hints(SearchConfig, include_extras=True)
@@ -77,6 +107,10 @@ CONFIG_OPTIONS = [_option(field.name, _HINTS[field.name]) for field in dataclass
 def search_command(ctx: typer.Context, resume_dir: Optional[Path] = None, quiet: bool = False,
                    overwrite: bool = False, as_json: bool = False, **options: Any) -> None:
     given = {name: value for name, value in options.items() if value is not None}
+    if resume_dir is not None and overwrite:
+        raise MaskforgeError("--overwrite does not apply with --resume (which continues the search in DIR); to "
+                             "start DIR over, leave --resume out: the same options with --out DIR --overwrite")
+    config = _config(given) if resume_dir is None else None  # a bad value is refused before torch loads
     from maskforge.distributed import detect
     from maskforge.search import SearchInterrupted, resume, search  # torch loads here, not for --help
 
@@ -84,9 +118,6 @@ def search_command(ctx: typer.Context, resume_dir: Optional[Path] = None, quiet:
 
     if quiet:
         logs.quiet()
-    if resume_dir is not None and overwrite:
-        raise MaskforgeError("--overwrite does not apply with --resume (which continues the search in DIR); to "
-                             "start DIR over, leave --resume out: the same options with --out DIR --overwrite")
     try:
         with contextlib.ExitStack() as stack:
             callbacks = {}
@@ -99,7 +130,7 @@ def search_command(ctx: typer.Context, resume_dir: Optional[Path] = None, quiet:
             if resume_dir is not None:
                 result = resume(resume_dir, given, **callbacks)
             else:
-                result = search(SearchConfig(**given), overwrite=overwrite, **callbacks)
+                result = search(config, overwrite=overwrite, **callbacks)
     except SearchInterrupted as stopped:
         if detect().is_main:
             _report_interrupted(stopped, as_json, resume_dir is None)
@@ -111,12 +142,28 @@ def search_command(ctx: typer.Context, resume_dir: Optional[Path] = None, quiet:
         typer.echo(json.dumps(summary, indent=2))
         return
     last = result.metrics[-1]
-    done = typer.style("done", fg="green", bold=True) if sys.stdout.isatty() else "done"
+    word = "already done" if result.already_done else "done"
+    done = typer.style(word, fg="green", bold=True) if sys.stdout.isatty() else word
     typer.echo(f"{done}: {summary['arch']} k={summary['k']} seed={summary['seed']}  held-out accuracy "
                f"{last['heldout_acc']:.2%} after {last['epoch']} epoch(s), {last['step']} steps")
     typer.echo(f"artifact {result.artifact_path} ({summary['file_bytes']:,} bytes, "
                f"{summary['bits_per_weight']:.3f} bits per masked weight)")
+    if result.already_done:
+        typer.echo(f"nothing ran: {result.run_dir} holds this search (the same arguments), finished; --overwrite "
+                   f"runs it again")
     typer.echo("next:\n" + "".join(f"  {command}\n" for command in summary["next"]).rstrip("\n"))
+
+
+def _config(given: dict) -> SearchConfig:
+    """The search's config; a refused value is named by the flag the user typed (`--batch-size`), not by
+    the config field (`batch_size`)."""
+    try:
+        return SearchConfig(**given)
+    except MaskforgeError as exc:
+        message = str(exc)
+        for name in given:
+            message = message.replace(f"search config: {name} ", f"--{name.replace('_', '-')} ", 1)
+        raise MaskforgeError(message) from None
 
 
 def _summary(result) -> dict:
@@ -131,7 +178,7 @@ def _summary(result) -> dict:
             "epochs": last["epoch"], "steps": last["step"], "heldout_acc": last["heldout_acc"],
             "heldout_loss": last["heldout_loss"], "train_loss": last["train_loss"],
             "file_bytes": art.file_bytes, "bits_per_weight": 8 * art.file_bytes / art.masked_weights,
-            "metrics": str(result.run_dir / "metrics.jsonl"),
+            "metrics": str(result.run_dir / "metrics.jsonl"), "already_done": result.already_done,
             "next": [f"maskforge inspect {shlex.quote(artifact)}", f"maskforge export {shlex.quote(artifact)}",
                      f"maskforge eval {shlex.quote(onnx)}"]}
 

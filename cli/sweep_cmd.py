@@ -17,12 +17,14 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from maskforge.errors import MaskforgeError
 from maskforge.schema import SearchConfig
 
 from .app import app
+from .console import console as output_console
 
 _NOT_OPTIONS = ("out", "seed")  # --out is the sweep folder; --seeds replaces --seed
 _BOOLEAN_HELP = "on or off (also true/false, yes/no, 1/0); both: on,off"
@@ -36,7 +38,7 @@ def _list_option(name: str) -> inspect.Parameter:
     values = _BOOLEAN_HELP if bool in (_HINTS[name], *typing.get_args(_HINTS[name])) else "a comma list"
     shown = "" if default is None else f"; default {str(default).lower() if isinstance(default, bool) else default}"
     option = typer.Option("--" + name.replace("_", "-"), metavar="LIST", show_default=False,
-                          help=f"{info.description} \\[{values}{shown}]")
+                          help=f"{escape(info.description)} \\[{values}{shown}]")
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
                              annotation=Annotated[Optional[str], option])
 
@@ -57,7 +59,7 @@ def sweep_command(
         logs.quiet()  # each point's start line and estimate too; warnings stay
 
     hue_list = [h.strip() for h in hue.split(",")] if hue else None
-    console = Console() if sys.stdout.isatty() else Console(width=160)  # logs and pipes: no squeezed table
+    console = output_console()  # logs and pipes: no squeezed table (cli/console.py)
     if collect is not None:
         if out is not None and out.resolve() != collect.resolve():
             raise MaskforgeError(f"--collect {collect} and --out {out} name different folders; give one")
@@ -147,8 +149,9 @@ sweep_command.__doc__ = """Run a grid of searches: every combination of the comm
     Every option of `maskforge search` takes a comma list here. Details: docs/SWEEP.md.
 
     Example (Figure 3 on the demo data):
-    maskforge sweep --out runs/fig3 --arch conv4 --k 0.1,0.3,0.5,0.7,0.9 --seeds 2 --scale-fan on
-    --epochs 10 --dense-baseline
+
+      maskforge sweep --out runs/fig3 --arch conv4 --k 0.1,0.3,0.5,0.7,0.9 --seeds 2 --scale-fan on
+        --epochs 10 --dense-baseline
     """
 app.command("sweep")(sweep_command)
 
@@ -206,13 +209,16 @@ def _print_summary(console: Console, result) -> None:
     searches = [group["values"] for group in result.summary if group["kind"] == "search"]
     varying = [key for key in keys if len({_cell(values.get(key)) for values in searches}) > 1]
     same = ", ".join(f"{key}={_cell(searches[0][key])}" for key in keys if key not in varying) if searches else ""
-    table = Table(title=f"{result.out}: final held-out accuracy (%), mean ± std over the seeds that learned"
-                        + (f"\n{same}" if same else ""))
+    # The heading is printed above the table, not as its title: a title wraps at the table's width.
+    console.print(f"{result.out}: final held-out accuracy (%), mean ± std over the seeds that learned",
+                  markup=False, highlight=False)
+    if same:
+        console.print(same, markup=False, highlight=False)
+    table = Table()
     for column in ["kind", *varying, "done", "held-out %", "not learned", "failed", "wall s"]:
         table.add_column(column, justify="left" if column in ("kind", *varying) else "right", no_wrap=True)
     for group in result.summary:
-        accuracy = "n/a" if not group["learned"] else \
-            f"{100 * group['mean']:.2f} ± {100 * group['std']:.2f}"
+        accuracy = _mean_std(group)
         table.add_row(group["kind"], *[_cell(group["values"].get(key, "")) for key in varying],
                       f"{group['done']}/{group['runs']}", accuracy, str(group["not_learned"] or ""),
                       str(group["failed"] or ""), f"{group['wall_s']:.0f}")
@@ -222,6 +228,15 @@ def _print_summary(console: Console, result) -> None:
         console.print("figure: " + "  ".join(str(path) for path in result.figures), soft_wrap=True)
     elif result.figure_note:
         console.print(result.figure_note)
+
+
+def _mean_std(group: dict) -> str:
+    """`97.10 ± 0.35` over the seeds that learned; one seed has no spread to show: `97.10 (n=1)`."""
+    if not group["learned"]:
+        return "n/a"
+    if group["learned"] == 1:
+        return f"{100 * group['mean']:.2f} (n=1)"
+    return f"{100 * group['mean']:.2f} ± {100 * group['std']:.2f}"
 
 
 def _cell(value) -> str:

@@ -9,7 +9,6 @@ from typing import Annotated, Optional
 import typer
 
 from maskforge.errors import MaskforgeError
-from maskforge.verify import verify_artifact, verify_onnx
 
 from .app import app
 
@@ -39,6 +38,8 @@ def verify_command(
     if not is_onnx and artifact is not None:
         raise MaskforgeError("--artifact is for checking an .onnx file against its artifact; "
                              f"{file} is not an .onnx file")
+    from maskforge.verify import verify_artifact, verify_onnx  # torch loads here, after the arguments are checked
+
     report = verify_onnx(file, artifact) if is_onnx else verify_artifact(file)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))

@@ -41,6 +41,7 @@ from .fileio import atomic_write, ensure_writable_dir
 from .layers import MaskedConv2d, masked_modules
 from .schema import SearchConfig
 from .search import CONFIG_NAME, StepProgress, end_epoch, setup, start_epoch, train_one_epoch, write_metrics
+from .search.notices import CostWatch
 
 RESULT_NAME = "dense.json"
 OPTIMIZERS = ("adam", "sgd")
@@ -162,10 +163,12 @@ def train_dense(config: DenseConfig, *, on_step: Callable[[StepProgress], None] 
     if config.optimizer == "adam":
         session.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     started, finite = time.perf_counter(), True
+    clock = CostWatch(session, warned=True, announce=False)  # the search's estimate of the time left, for on_step
     with session.accelerator.backend_settings():
         while not session.finished and finite:
             totals = start_epoch(session)
             for progress in train_one_epoch(session, totals):
+                progress.eta_s = clock.after_step()
                 if on_step:
                     on_step(progress)
             record = end_epoch(session, totals)

@@ -57,8 +57,25 @@ def arch_names() -> list[str]:
 
 def get_arch(name: str) -> ArchEntry:
     if name not in ARCHS:
-        raise MaskforgeError(f"unknown architecture {name!r}; choose from: {', '.join(ARCHS)}")
+        guess = closest_arch(name)
+        hint = f" (did you mean {guess!r}?)" if guess else ""
+        raise MaskforgeError(f"unknown architecture {name!r}{hint}; choose from: {', '.join(ARCHS)}")
     return ARCHS[name]
+
+
+def closest_arch(name: str) -> str | None:
+    """The registered name `name` was probably meant as: the same letters and digits in any case and
+    punctuation (`WRN-50` -> `wrn50`), else the one nearest by spelling; None when nothing is close or
+    two are equally close (`conv5`)."""
+    from difflib import SequenceMatcher
+
+    def bare(text: str) -> str:
+        return "".join(ch for ch in text.lower() if ch.isalnum())
+
+    scores = sorted(((SequenceMatcher(None, bare(name), bare(known)).ratio(), known) for known in ARCHS), reverse=True)
+    if not scores or scores[0][0] < 0.75 or (len(scores) > 1 and scores[1][0] == scores[0][0] < 1):
+        return None
+    return scores[0][1]
 
 
 def scaled_width(units: int, width: float) -> int:

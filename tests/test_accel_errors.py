@@ -140,7 +140,7 @@ def test_resuming_where_the_option_cannot_be_honoured_changes_no_file(request, i
 def test_an_unknown_masker_is_refused(tmp_path, interrupted):
     out = tmp_path / "new"
     _refused(["search", "--masker", "fastest", "--out", str(out)],
-             "search config: masker must be one of 'numpy' or 'torch', got 'fastest'")
+             "--masker must be one of 'numpy' or 'torch', got 'fastest'")
     assert not out.exists()
     before = _files(interrupted)
     _refused(["search", "--resume", str(interrupted), "--masker", "fastest", "-q"],

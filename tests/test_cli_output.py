@@ -21,8 +21,9 @@ from maskforge.cli import app
 
 def test_search_json_prints_the_summary(tmp_path):
     out = tmp_path / "run"
-    result = CliRunner().invoke(app, ["search", "--arch", "fc", "--epochs", "1", "--max-steps", "2", "--batch-size",
-                                      "64", "--device", "cpu", "--out", str(out), "--json", "-q"])
+    command = ["search", "--arch", "fc", "--epochs", "1", "--max-steps", "2", "--batch-size", "64", "--device", "cpu",
+               "--out", str(out), "--json", "-q"]
+    result = CliRunner().invoke(app, command)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)  # stdout holds the JSON document and nothing else
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -32,9 +33,18 @@ def test_search_json_prints_the_summary(tmp_path):
         "epochs": 1, "steps": 2, "heldout_acc": metrics[-1]["heldout_acc"], "heldout_loss": metrics[-1]["heldout_loss"],
         "train_loss": metrics[-1]["train_loss"], "file_bytes": (out / "artifact.safetensors").stat().st_size,
         "bits_per_weight": 8 * (out / "artifact.safetensors").stat().st_size / artifact.masked_weights,
-        "metrics": str(out / "metrics.jsonl"),
+        "metrics": str(out / "metrics.jsonl"), "already_done": False,
         "next": [f"maskforge inspect {out / 'artifact.safetensors'}",
                  f"maskforge export {out / 'artifact.safetensors'}", f"maskforge eval {out / 'artifact.onnx'}"]}
+    # The same command again (the README's set-up line run twice): already done, exit 0, nothing touched.
+    files = {path: path.stat().st_mtime_ns for path in out.rglob("*")}
+    again = CliRunner().invoke(app, command)
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout) == {**summary, "already_done": True}
+    assert {path: path.stat().st_mtime_ns for path in out.rglob("*")} == files
+    plain = CliRunner().invoke(app, command[:-2])
+    assert plain.exit_code == 0 and plain.stdout.startswith("already done: fc k=0.5 seed=0  held-out accuracy ")
+    assert f"nothing ran: {out} holds this search (the same arguments), finished" in plain.stdout
 
 
 def test_the_suggested_commands_work_for_every_distribution(tmp_path):

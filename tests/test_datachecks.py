@@ -123,7 +123,7 @@ def test_a_large_network_on_the_cpu_is_said_once_with_what_to_do(tmp_path, caplo
         search(SearchConfig(**COMMON, out=str(tmp_path / "large")))
     assert _messages(caplog, logging.WARNING) == [
         "fc has 0.3 M weights and runs on the CPU, where a search of it is slow (hours per epoch on large data): use "
-        "a GPU (device cuda), bound the search with max_steps, or search a smaller arch (see `maskforge archs`)"]
+        "a GPU (--device cuda), bound the search with --max-steps, or search a smaller --arch (see `maskforge archs`)"]
     caplog.clear()
     # not large, but long: said once, after the estimate of the first steps
     monkeypatch.setattr(notices, "LARGE_ON_CPU", 10 ** 9)
@@ -131,12 +131,12 @@ def test_a_large_network_on_the_cpu_is_said_once_with_what_to_do(tmp_path, caplo
     with caplog.at_level(logging.INFO, logger="maskforge"):
         search(SearchConfig(**{**COMMON, "max_steps": None, "batch_size": 500}, out=str(tmp_path / "long")))
     [estimate] = [m for m in _messages(caplog, logging.INFO) if m.startswith("estimated time")]
-    # 8 steps; the first is not timed, the next 5 are: estimated after step 6, for the 2 that remain
-    assert re.fullmatch(r"estimated time: about \d+ s for the remaining 2 steps \(\S+ s per step on cpu, held-out "
+    # 8 steps; the first is not timed, the next 2 are: estimated after step 3, for the 5 that remain
+    assert re.fullmatch(r"estimated time: about \d+ s for the remaining 5 steps \(\S+ s per step on cpu, held-out "
                         r"evaluations included\)", estimate), estimate
     [warning] = _messages(caplog, logging.WARNING)
     assert warning.startswith("this search would take about ") and warning.endswith(
-        " on the CPU: use a GPU (device cuda), bound the search with max_steps, or search a smaller arch (see "
+        " on the CPU: use a GPU (--device cuda), bound the search with --max-steps, or search a smaller --arch (see "
         "`maskforge archs`)")
 
 

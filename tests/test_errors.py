@@ -236,20 +236,20 @@ ROWS = [
     # archs
     R("archs", "unknown option", lambda f: ["archs", "--bogus"], "No such option: --bogus"),
     # search: options out of range (checked before any data is loaded)
-    R("search", "k = 0", lambda f: ["search", "--k", "0"], r"^error: search config: k must be > 0, got 0\.0$"),
-    R("search", "k > 1", lambda f: ["search", "--k", "1.5"], r"^error: search config: k must be <= 1, got 1\.5$"),
+    R("search", "k = 0", lambda f: ["search", "--k", "0"], r"^error: Invalid value for '--k': k is the fraction of weights kept, in \(0, 1\]"),
+    R("search", "k > 1", lambda f: ["search", "--k", "1.5"], r"^error: Invalid value for '--k': k is the fraction of weights kept, in \(0, 1\]"),
     R("search", "k not a number", lambda f: ["search", "--k", "half"], "Invalid value for '--k'"),
     R("search", "unknown architecture", lambda f: ["search", "--arch", "resnet9000"], "unknown architecture"),
-    R("search", "epochs 0", lambda f: ["search", "--epochs", "0"], r"search config: epochs must be >= 1, got 0$"),
+    R("search", "epochs 0", lambda f: ["search", "--epochs", "0"], r"error: --epochs must be >= 1, got 0$"),
     R("search", "batch size 0", lambda f: ["search", "--batch-size", "0"],
-      r"search config: batch_size must be >= 1, got 0$"),
-    R("search", "negative lr", lambda f: ["search", "--lr", "-0.1"], r"search config: lr must be > 0, got -0\.1$"),
-    R("search", "negative seed", lambda f: ["search", "--seed", "-1"], r"search config: seed must be >= 0, got -1$"),
+      r"error: --batch-size must be >= 1, got 0$"),
+    R("search", "negative lr", lambda f: ["search", "--lr", "-0.1"], r"error: --lr must be > 0, got -0\.1$"),
+    R("search", "negative seed", lambda f: ["search", "--seed", "-1"], r"error: --seed must be >= 0, got -1$"),
     R("search", "unknown init", lambda f: ["search", "--init", "xavier"],
-      r"search config: init must be one of 'signed_constant', 'unsigned_constant' or 'kaiming_normal', "
+      r"error: --init must be one of 'signed_constant', 'unsigned_constant' or 'kaiming_normal', "
       r"got 'xavier'$"),
     R("search", "unknown device", lambda f: ["search", "--device", "tpu"],
-      r"search config: device must be one of 'auto', 'cpu' or 'cuda', got 'tpu'$"),
+      r"error: --device must be one of 'auto', 'cpu' or 'cuda', got 'tpu'$"),
     # search: data
     R("search", "missing data folder", lambda f: ["search", "--data", f.missing], "does not exist"),
     R("search", "data is a file", lambda f: ["search", "--data", f.text], "is not a folder"),
@@ -416,7 +416,7 @@ def _boom(*args, **kwargs):
 
 
 def test_unexpected_error_exits_1_with_a_hint(files: Files, monkeypatch):
-    monkeypatch.setattr("maskforge.cli.inspect_cmd.inspect_artifact", _boom)
+    monkeypatch.setattr("maskforge.artifact.inspect_artifact", _boom)  # imported when the command runs
     result = CliRunner().invoke(app, ["inspect", files.good])
     lines = result.stderr.splitlines()
     assert result.exit_code == 1
@@ -425,7 +425,7 @@ def test_unexpected_error_exits_1_with_a_hint(files: Files, monkeypatch):
 
 
 def test_debug_lets_the_exception_through(files: Files, monkeypatch):
-    monkeypatch.setattr("maskforge.cli.inspect_cmd.inspect_artifact", _boom)
+    monkeypatch.setattr("maskforge.artifact.inspect_artifact", _boom)  # imported when the command runs
     result = CliRunner().invoke(app, ["--debug", "inspect", files.good])
     assert result.exit_code == 1
     assert isinstance(result.exception, RuntimeError)  # the runner caught what would print a traceback
@@ -435,7 +435,7 @@ def test_debug_lets_the_exception_through(files: Files, monkeypatch):
 # the real executable: real stderr, real exit codes
 # ---------------------------------------------------------------------------------------------------------
 
-_INJECT = ("import sys, maskforge.cli.inspect_cmd as m\n"
+_INJECT = ("import sys, maskforge.artifact as m\n"
            "def boom(*a, **k):\n    raise RuntimeError('injected failure')\n"
            "m.inspect_artifact = boom\n"
            "from maskforge.cli import main\n"

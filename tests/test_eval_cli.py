@@ -70,7 +70,7 @@ def test_json_to_stdout_and_the_compare_table(run):
     assert report["model"]["kind"] == "artifact" and report["agreement"]["argmax_agreement"] == 1.0
     assert report["timing"] is None
     result = CliRunner().invoke(app, ["eval", str(run / "artifact.safetensors"), "--compare", "--no-latency",
-                                      "--threads", "1"], env={"COLUMNS": "250"})
+                                      "--threads", "1"], env={"COLUMNS": None})  # as in a file: no width
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.splitlines()
     header = " ".join(lines[:6])
@@ -79,6 +79,10 @@ def test_json_to_stdout_and_the_compare_table(run):
     agreement = next(line for line in lines if "agreement with float32" in line)
     cells = re.findall(r"\d+\.\d\d%", agreement)
     assert len(cells) == 6 and cells[:3] == ["100.00%"] * 3, agreement   # fp32 modes: the float32 network
+    rows = [line for line in lines if line.startswith("│")]  # one line per row: nothing wrapped (issue 17)
+    assert len(rows) == 12 and all(row.split("│")[1].strip() for row in rows), rows  # no continuation lines
+    assert [row.split("│")[1].strip() for row in rows][-4:] == ["top-1", "top-5", "agreement with float32",
+                                                                "Δ top-1 (points)"], rows
     assert "against PyTorch, the materialized artifact" in " ".join(result.stdout.split())
 
 

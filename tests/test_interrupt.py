@@ -99,6 +99,8 @@ def test_sigterm_checkpoints_at_the_next_step_and_the_same_command_continues(tmp
     lines = stopped.stderr.splitlines()
     assert lines[-2:] == [f"interrupted by SIGTERM at step 11 of 24: checkpoint saved in {out}",
                           f"continue with: maskforge search --resume {out} (or run the same command again)"], lines
+    # answered at once, during step 11, with the time that step has left (steps are timed from the third on)
+    assert re.fullmatch(r"SIGTERM: stopping after this step \(about \d+ s\) to save a checkpoint", lines[-3]), lines
     assert "Traceback" not in stopped.stderr and stopped.stdout == ""
     assert load_checkpoint(out / CHECKPOINT_NAME).position["step"] == 11  # the step the signal came in
 
@@ -110,13 +112,13 @@ def test_sigterm_checkpoints_at_the_next_step_and_the_same_command_continues(tmp
                              f"search {ARCH} k=0.5 seed 0 on mnist5k (4,000 train / 1,000 held-out images, 1x28x28, "
                              f"10 classes) -> {out}; device cpu, 1 process(es); 24 steps (3 epoch(s) of 8, batch "
                              f"500), from step 11"), log
-    # then, in the order they happen: the estimate after the first steps (5 after the first of this run, so
-    # after the line of epoch 2), and one line per epoch
-    estimate = r"estimated time: about \d+ (s|min \d\d s) for the remaining 7 steps \(\S+ s per step on cpu, " \
+    # then, in the order they happen: the estimate as soon as two steps are timed (the first of this run,
+    # step 12, is not: so after step 14), and one line per epoch (the ETA is that estimate, counting down)
+    estimate = r"estimated time: about \d+ (s|min \d\d s) for the remaining 10 steps \(\S+ s per step on cpu, " \
                r"held-out evaluations included\)"
     epoch = (r"epoch {}/3: train loss \d\.\d{{4}}, acc \d+\.\d%; held-out loss \d\.\d{{4}}, acc \d+\.\d\d%; "
-             r"[\d,]+ img/s; step {}/24, ETA \d+ (s|min \d\d s)")
-    patterns = [epoch.format(2, 16), estimate, epoch.format(3, 24)]
+             r"[\d,]+ img/s; step {}/24")
+    patterns = [estimate, epoch.format(2, 16) + r", ETA \d+ (s|min \d\d s)", epoch.format(3, 24)]
     assert len(log) == 4 and all(re.fullmatch(pattern, line) for pattern, line in zip(patterns, log[1:])), log
     artifact = out / "artifact.safetensors"
     assert continued.stdout.splitlines()[1:] == [
@@ -146,6 +148,18 @@ def test_ctrl_c_checkpoints_and_prints_the_resume_command(tmp_path, signal_arch)
         f"interrupted by SIGINT at step 6 of 24: checkpoint saved in {out}",
         f"continue with: maskforge search --resume {out} (or run the same command again)"]
     assert load_checkpoint(out / CHECKPOINT_NAME).position["step"] == 6
+
+
+def test_a_first_ctrl_c_is_answered_at_once(tmp_path, signal_arch):
+    """Issue 17: while the step the signal waits for still runs, the user reads what happens and how long it
+    takes; then the checkpoint line."""
+    signal_arch(6, signal.SIGINT)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["search", *ARGS, "--out", str(out)])
+    assert result.exit_code == 130, result.output
+    lines = result.stderr.splitlines()
+    assert re.fullmatch(r"stopping after this step \(about \d+ s\); press Ctrl-C again to stop now", lines[-3]), lines
+    assert lines[-2] == f"interrupted by SIGINT at step 6 of 24: checkpoint saved in {out}"
 
 
 def test_json_reports_the_interruption(tmp_path, signal_arch):

@@ -246,7 +246,7 @@ def test_bad_config_is_refused_when_built(tmp_path, change, message):
 @pytest.mark.parametrize("change,message", [
     ({"data": "MISSING"}, "data source {tmp}/no-such-folder does not exist; expected one of: 'mnist5k'"),
     ({"data": "EMPTY"}, "data source {tmp}/empty is not a recognized data folder; expected one of: 'mnist5k'"),
-    ({"arch": "resnet9000"}, "unknown architecture 'resnet9000'; choose from: fc, conv2,"),
+    ({"arch": "resnet9000"}, "unknown architecture 'resnet9000' (did you mean 'resnet50'?); choose from: fc, conv2,"),
 ])
 def test_bad_search_raises_and_writes_nothing(tmp_path, change, message):
     change = dict(change)

@@ -73,4 +73,4 @@ def test_search_command_has_width_and_topk_options():
                                "all layers, each keeps at least 1). [default: layer]")
     result = CliRunner().invoke(app, ["search", "--width", "0", "--out", "unused"])
     assert result.exit_code == 2
-    assert result.output.strip().splitlines() == ["error: search config: width must be > 0, got 0.0"]
+    assert result.output.strip().splitlines() == ["error: --width must be > 0, got 0.0"]

@@ -30,14 +30,14 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .. import distributed
-from ..artifact import Artifact
+from ..artifact import Artifact, load_artifact
 from ..distributed import World
 from ..errors import MaskforgeError
 from ..schema import RESUME_EXTENDABLE, RESUME_OVERRIDABLE, SearchConfig
 from . import notices
 from .device import resolve_device
 from .folders import METRICS_CSV_NAME, TENSORBOARD_DIR
-from .metricfiles import TensorBoardLog, write_metrics
+from .metricfiles import TensorBoardLog, read_metrics, write_metrics
 from .plan import Plan, agree, check_world, plan_fresh, plan_resume
 from .runfolder import (ARTIFACT_NAME, CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, TIMING_FIELDS, finalize_artifact,
                         open_run_folder, read_run_config, record_metrics, save_checkpoint)
@@ -63,6 +63,7 @@ class SearchResult:
     metrics: list[dict] = field(default_factory=list)
     rank: int = 0                     # under torchrun: this process's rank (only rank 0 wrote the files)
     mask_digest: str = ""             # SHA-256 of this rank's masks (layer names + packed mask bytes)
+    already_done: bool = False        # the out folder held this very search, finished: nothing ran
 
     @property
     def heldout_acc(self) -> float:
@@ -80,8 +81,10 @@ def search(config: SearchConfig, *, on_step: OnStep | None = None, on_epoch: OnE
     every file). Under torchrun, every process calls this; rank 0 writes the files.
 
     A folder holding an unfinished search with the same arguments is continued from its checkpoint (what a
-    torchrun elastic restart needs); a finished one is refused unless `overwrite`, which moves its files
-    to `previous-N/` inside it. Another search running in the folder is refused (it holds the lock).
+    torchrun elastic restart needs); one holding the same search finished is already done: nothing runs
+    and the result is the folder's (`already_done`). A finished search with other arguments is refused
+    unless `overwrite`, which moves its files to `previous-N/` inside it. Another search running in the
+    folder is refused (it holds the lock).
 
     `on_step(StepProgress)` after every optimizer step and `on_epoch(record)` after every epoch are called
     on rank 0. With `handle_signals` (main thread only), SIGINT and SIGTERM stop the search at the next
@@ -121,6 +124,8 @@ def _run(world: World, plan_fn: Callable[[], Plan], on_step: OnStep | None, on_e
     with distributed.process_group(world), StopSignals(handle_signals) as signals:
         plan = agree(plan_fn, world)
         try:
+            if plan.done:
+                return _already_done(plan, world)
             signals.run_dir, signals.resumable = Path(plan.config.out), plan.checkpoint is not None
             return _search(plan, world, signals, on_step if world.is_main else None,
                            on_epoch if world.is_main else None)
@@ -132,6 +137,12 @@ def _run(world: World, plan_fn: Callable[[], Plan], on_step: OnStep | None, on_e
             raise
         finally:
             plan.release()
+
+
+def _already_done(plan: Plan, world: World) -> SearchResult:
+    """The result of the finished search that `plan.config.out` holds (the same arguments: nothing to run)."""
+    path = Path(plan.config.out) / ARTIFACT_NAME
+    return SearchResult(load_artifact(path), path, read_metrics(plan.config.out), world.rank, already_done=True)
 
 
 #: What gloo says when a peer process died in the middle of a collective.
@@ -154,8 +165,11 @@ def _search(plan: Plan, world: World, signals: StopSignals, on_step: OnStep | No
         tensorboard = TensorBoardLog(config.out) if config.tensorboard and world.is_main else None
         if tensorboard is not None:
             stack.callback(tensorboard.close)
+        cost = notices.CostWatch(session, warned)
+        if world.is_main:  # a first signal is answered at once, while the step it waits for runs
+            signals.on_first = lambda signum: notices.stopping(signum, cost.step_left())
         signals.training()
-        _epochs(session, signals, tensorboard, on_step, on_epoch, notices.CostWatch(session, warned))
+        _epochs(session, signals, tensorboard, on_step, on_epoch, cost)
         signals.finishing()
         artifact, path, digest = finalize_artifact(session)
     return SearchResult(artifact, path, session.metrics, world.rank, digest)
@@ -171,7 +185,7 @@ def _epochs(session: Session, signals: StopSignals, tensorboard: TensorBoardLog 
         with contextlib.closing(train_one_epoch(session, totals)) as steps:
             for progress in steps:
                 if session.world.is_main:
-                    cost.after_step()
+                    progress.eta_s = cost.after_step()
                 if on_step is not None:
                     on_step(progress)
                 signum = stop.poll()

@@ -5,13 +5,15 @@ image size an image folder is decoded at and why, the estimated time after the f
 records what may be a mistake (a split whose classes the other lacks, layers where k keeps almost
 nothing, a large network on the CPU). The CLI renders them as lines on stderr (`warning: ...` for
 warnings); a notebook sees the warnings through Python's default handler, and INFO once it configures
-logging. Messages name config fields (`max_steps`), not command-line flags.
+logging. Messages name the command-line flags the user typed (`--max-steps`, the config field `max_steps`),
+as the config's field descriptions do.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import signal
 import time
 
 import torch
@@ -30,11 +32,10 @@ HANDFUL = 5
 LARGE_ON_CPU = 5_000_000
 #: An estimate above this on the CPU earns the warning too.
 LONG_ON_CPU_SECONDS = 3600.0
-#: The estimate follows this many steps after the first (which includes one-off costs), or this many seconds.
-ESTIMATE_STEPS = 5
-ESTIMATE_SECONDS = 30.0
+#: The estimate is given once this many steps after the first (which pays one-off costs) are timed.
+ESTIMATE_STEPS = 2
 #: What to do about a slow CPU search.
-CPU_ADVICE = ("use a GPU (device cuda), bound the search with max_steps, or search a smaller arch "
+CPU_ADVICE = ("use a GPU (--device cuda), bound the search with --max-steps, or search a smaller --arch "
               "(see `maskforge archs`)")
 
 
@@ -79,47 +80,87 @@ def announce(session: Session, story: str) -> None:
 
 
 class CostWatch:
-    """After the first few steps, log the estimated time of the rest of the search (and warn, once, about a
-    long search on the CPU unless `model_notices` did)."""
+    """The one estimate of the time a search has left: logged once as soon as two steps are timed, and
+    given to every progress display with each step (`StepProgress.eta_s`), so the start, the bar and the
+    log lines all tell the same figure. (It also warns, once, about a long search on the CPU unless
+    `model_notices` did.)
 
-    def __init__(self, session: Session, warned: bool) -> None:
+    The first step of a run is not timed (it pays the one-off costs: allocation, autotuning, compilation).
+    After it, the estimate is the mean time of the steps timed so far times the steps left, plus the
+    held-out evaluations still due: each costs what the last one did once one has run (with its
+    checkpoint), and before that about a third of a training step per image (a forward pass). On CUDA
+    the clock waits for the device at the first step and when the estimate is first logged; later steps
+    are timed without a sync (the host runs at most a bounded queue ahead of the device).
+    """
+
+    def __init__(self, session: Session, warned: bool, announce: bool = True) -> None:
         self.session = session
         self.warned = warned
         self.first_step = session.position.step + 1
-        self.started: float | None = None
-        self.done = session.total_steps - session.position.step <= ESTIMATE_STEPS + 1  # too short to bother
+        self.announced = not announce or session.total_steps - session.position.step <= ESTIMATE_STEPS + 1
+        self.per_step: float | None = None        # mean seconds of a timed step
+        self.evaluation: float | None = None      # seconds of the last held-out evaluation (and checkpoint)
+        self._last: float | None = None           # when the last step ended
+        self._epoch = session.position.epoch
+        self._timed_steps = 0
+        self._timed_seconds = 0.0
 
-    def after_step(self) -> None:
-        if self.done:
-            return
-        step = self.session.position.step
-        if step == self.first_step:
-            self.started = self._now()
-            return
-        if step - self.first_step < ESTIMATE_STEPS and time.perf_counter() - self.started < ESTIMATE_SECONDS:
-            return
-        self.done = True
-        per_step = (self._now() - self.started) / (step - self.first_step)
-        seconds = self.estimate(per_step)
-        log.info("estimated time: about %s for the remaining %s steps (%.3g s per step on %s, held-out "
-                 "evaluations included)", format_duration(seconds), f"{self.session.total_steps - step:,}",
-                 per_step, self.session.accelerator.device.type)
-        if self.session.accelerator.device.type == "cpu" and seconds > LONG_ON_CPU_SECONDS and not self.warned:
-            log.warning("this search would take about %s on the CPU: %s", format_duration(seconds), CPU_ADVICE)
+    def after_step(self) -> float | None:
+        """Record the step just taken; the seconds the search has left (None until two steps are timed)."""
+        session = self.session
+        step, epoch = session.position.step, session.position.epoch
+        synced = step == self.first_step or (self._timed_steps + 1 == ESTIMATE_STEPS and not self.announced)
+        now = self._now(synced)
+        if self._last is not None:
+            elapsed = now - self._last
+            if epoch != self._epoch:  # an evaluation (and a checkpoint) ran since the last step
+                if self.per_step is not None:
+                    self.evaluation = max(0.0, elapsed - self.per_step)
+            else:
+                self._timed_steps += 1
+                self._timed_seconds += elapsed
+                self.per_step = self._timed_seconds / self._timed_steps
+        self._last, self._epoch = now, epoch
+        if self._timed_steps < ESTIMATE_STEPS:
+            return None
+        seconds = self.estimate(self.per_step)
+        if not self.announced:
+            self.announced = True
+            log.info("estimated time: about %s for the remaining %s steps (%.3g s per step on %s, held-out "
+                     "evaluations included)", format_duration(seconds), f"{session.total_steps - step:,}",
+                     self.per_step, session.accelerator.device.type)
+            if session.accelerator.device.type == "cpu" and seconds > LONG_ON_CPU_SECONDS and not self.warned:
+                log.warning("this search would take about %s on the CPU: %s", format_duration(seconds), CPU_ADVICE)
+        return seconds
+
+    def step_left(self) -> float | None:
+        """Seconds until the step now running ends (None before a step was timed): what a Ctrl-C waits."""
+        if self.per_step is None or self._last is None:
+            return None
+        return max(0.0, self.per_step - (time.perf_counter() - self._last))
 
     def estimate(self, per_step: float) -> float:
-        """Seconds for the remaining steps, plus the held-out evaluations still due (a forward pass, about a
-        third of a training step per image)."""
+        """Seconds for the remaining steps and the held-out evaluations still due."""
         session = self.session
         remaining = session.total_steps - session.position.step
         evaluations = math.ceil(session.total_steps / session.steps_per_epoch) - session.position.epoch
-        per_image = per_step / session.config.batch_size
-        return remaining * per_step + evaluations * len(session.splits.heldout) * per_image / 3
+        each = self.evaluation if self.evaluation is not None else \
+            len(session.splits.heldout) * per_step / session.config.batch_size / 3
+        return remaining * per_step + evaluations * each
 
-    def _now(self) -> float:
-        if self.session.accelerator.device.type == "cuda":
-            torch.cuda.synchronize(self.session.accelerator.device)  # twice per search: the steps are async
+    def _now(self, synced: bool) -> float:
+        if synced and self.session.accelerator.device.type == "cuda":
+            torch.cuda.synchronize(self.session.accelerator.device)  # rarely: the steps are asynchronous
         return time.perf_counter()
+
+
+def stopping(signum: int, step_left: float | None) -> None:
+    """Answer a first Ctrl-C or SIGTERM at once, while the step it waits for is still running."""
+    about = f" (about {format_duration(math.ceil(step_left))})" if step_left is not None else ""
+    if signum == signal.SIGINT:
+        log.info("stopping after this step%s; press Ctrl-C again to stop now", about)
+    else:
+        log.info("%s: stopping after this step%s to save a checkpoint", signal.Signals(signum).name, about)
 
 
 def format_duration(seconds: float) -> str:

@@ -9,8 +9,10 @@ rank gets the verdict.
   nothing is ever moved. With `overwrite`, unfinished searches are passed over too.
 * an `out`: refused while another search holds its lock; an unfinished search with the same arguments
   is continued from its checkpoint (so a torchrun elastic restart, which reruns the same command line,
-  carries on); a finished one, or an unfinished one with other arguments, is refused unless `overwrite`,
-  which moves the folder's files to `out/previous-N/` once the new search has loaded its data.
+  carries on); a finished search with the same arguments is already done (`Plan.done`: nothing runs, the
+  result is the folder's, so rerunning a command is harmless); a finished one with other arguments, or an
+  unfinished one with other arguments, is refused unless `overwrite`, which moves the folder's files to
+  `out/previous-N/` once the new search has loaded its data.
 
 `plan_resume(run, overrides, world)` (a `resume`) reads `config.json` and the checkpoint and checks that
 they belong together and to this launch; `epochs`/`max_steps` may grow (extending the search).
@@ -53,6 +55,7 @@ class Plan:
     retire: tuple[str, ...] | None = None  # move every entry but these to previous-N/ (None: move nothing)
     clear_records: bool = False            # remove the records of a search that never checkpointed
     story: str = ""                        # what was decided, for the start line
+    done: bool = False                     # the folder holds this very search, finished: nothing to run
 
     def release(self) -> None:
         if self.lock is not None:
@@ -134,15 +137,18 @@ def _decide(config: SearchConfig, folder: Path, lock: RunLock, world: World, ove
         return plan
     if default:
         return None
+    if state.kind == "finished" and not differing and not overwrite:
+        return Plan(config, lock=lock, done=True)
     if overwrite:
         return Plan(config, lock=lock, retire=(), story=f"replacing the {state.kind} search in {folder} (overwrite)")
     if state.kind == "finished":
-        raise MaskforgeError(f"{folder} holds a finished search ({ARTIFACT_NAME}); choose another out folder, "
-                             f"leave out to get a new numbered one, or overwrite it (its files move to "
+        raise MaskforgeError(f"{folder} holds a finished search ({ARTIFACT_NAME}) with other arguments "
+                             f"({'; '.join(differing)}): choose another folder with --out, leave --out out to "
+                             f"get a new numbered one, or add --overwrite to replace it (its files move to "
                              f"{folder}/previous-N)")
     raise MaskforgeError(f"{folder} holds an unfinished search with other arguments ({'; '.join(differing)}): "
-                         f"resume it, overwrite it (its files move to {folder}/previous-N), or choose another "
-                         f"out folder")
+                         f"continue it with --resume {folder}, add --overwrite to replace it (its files move to "
+                         f"{folder}/previous-N), or choose another folder with --out")
 
 
 def plan_resume(run: Path, overrides: dict, world: World, lock: RunLock | None = None) -> Plan:

@@ -7,8 +7,9 @@ caller ignores, as `nohup` does for SIGINT, stays ignored) and restores the prev
 
 * during start-up (before the first step: planning, loading data) a signal raises `SearchInterrupted` at
   once: there is nothing to save yet;
-* while training, the first signal only sets a flag; a second Ctrl-C raises KeyboardInterrupt at once
-  (the last checkpoint written stays as it was: every write is atomic);
+* while training, the first signal sets a flag and is answered at once (`on_first`: the search logs
+  "stopping after this step (about N s); press Ctrl-C again to stop now"); a second Ctrl-C raises
+  KeyboardInterrupt at once (the last checkpoint written stays as it was: every write is atomic);
 * while finishing (the artifact is being written) the search completes.
 
 Under torchrun the signal may reach one rank or all of them, at different steps. `StopAgreement.poll`
@@ -24,6 +25,7 @@ from __future__ import annotations
 import signal
 import threading
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -63,6 +65,7 @@ class StopSignals:
         self.stage = "startup"          # "startup" | "training" | "finishing"
         self.run_dir: Path | None = None
         self.resumable = False          # start-up of a resume: the folder's checkpoint is still there
+        self.on_first: Callable[[int], None] | None = None   # told of the first signal while training
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> "StopSignals":
@@ -90,6 +93,11 @@ class StopSignals:
             raise SearchInterrupted(signum, self.run_dir, resumable=self.resumable)
         if self.received and signum == signal.SIGINT and self.stage == "training":
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
+        if not self.received and self.stage == "training" and self.on_first is not None:
+            try:
+                self.on_first(signum)
+            except Exception:  # noqa: BLE001 - e.g. stderr was mid-write when the signal came: the stop
+                pass           # itself must not fail for a notice
         self.received = self.received or signum
 
 

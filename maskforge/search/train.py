@@ -40,7 +40,8 @@ class StepProgress:
 
     `train_loss`, `train_acc` and `images_per_s` cover the current epoch so far on this process (all
     processes for images_per_s); reading them waits for the device, so a display should read them only
-    as often as it redraws.
+    as often as it redraws. `eta_s` is the search's one estimate of the seconds left (None until two
+    steps are timed: maskforge.search.notices.CostWatch).
     """
 
     step: int
@@ -52,6 +53,7 @@ class StepProgress:
     _started: float
     _seen_here: int
     _world_size: int
+    eta_s: float | None = None
 
     @property
     def train_loss(self) -> float:
