@@ -17,6 +17,7 @@ from maskforge.export import check_output_path
 
 from .app import app
 from .eval_tables import class_table, compare_table, refused_lines, report_table
+from .shown import cell
 
 
 @app.command("eval")
@@ -107,7 +108,7 @@ def _print_report(report, compare_modes: bool) -> None:
         console.print(class_table(report))
         notes, note = report.model.notes, report.compute.note
     for line in [*dict.fromkeys(notes), note]:
-        console.print(f"[dim]{line}[/]")
+        console.print(cell(line), style="dim")  # notes quote file names and metadata: no markup
 
 
 @contextlib.contextmanager

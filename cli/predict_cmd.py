@@ -13,6 +13,7 @@ from rich.table import Table
 from maskforge.predict import predict
 
 from .app import app
+from .shown import cell
 
 
 @app.command("predict")
@@ -37,12 +38,12 @@ def predict_command(
     if as_json:
         typer.echo(json.dumps({"model": str(model), "predictions": [p.to_dict() for p in predictions]}, indent=2))
         return
-    table = Table(title=f"maskforge predict: {model}")
+    table = Table(title=cell(f"maskforge predict: {model}"))
     for column, justify in (("image", "left"), ("rank", "right"), ("class", "left"), ("probability", "right"),
                             ("logit", "right")):
         table.add_column(column, justify=justify)
     for prediction in predictions:
         for score in prediction.top:
-            table.add_row(prediction.image if score.rank == 1 else "", str(score.rank), score.name,
+            table.add_row(cell(prediction.image) if score.rank == 1 else "", str(score.rank), cell(score.name),
                           f"{score.probability:.2%}", f"{score.logit:.3f}", end_section=score is prediction.top[-1])
     Console().print(table)

@@ -1,0 +1,184 @@
+"""Hostile inputs and faults (issue 17, section 3): each case failed before its fix.
+
+Every case is a file an attacker (or an accident) can hand to maskforge; the contract is the one of every
+user error: one `error:` line on stderr, exit 2, nothing printed that the file chose (terminal escapes,
+megabytes of text), and no hang.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from eval_helpers import searched_fc
+from maskforge.artifact import load_artifact, save_artifact
+from maskforge.cli import app
+from maskforge.errors import MaskforgeError
+
+ESC = "\x1b"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    return searched_fc(tmp_path_factory.mktemp("hostile"), steps=3)
+
+
+def _cli(*args: str):
+    return CliRunner().invoke(app, [str(arg) for arg in args])
+
+
+def _one_error_line(result, code: int = 2) -> str:
+    assert result.exit_code == code, (result.exit_code, result.stdout[-2000:], result.stderr[-2000:])
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[:2000]
+    return lines[0]
+
+
+def _header_and_body(path: Path) -> tuple[dict, bytes]:
+    data = path.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + size]), data[8 + size:]
+
+
+def _assemble(header: bytes, body: bytes) -> bytes:
+    return len(header).to_bytes(8, "little") + header + body
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3.3 terminal escapes from a correctly sealed artifact
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def escaping(run, tmp_path_factory) -> Path:
+    """A correctly sealed artifact whose class names and provenance hold terminal escapes and markup."""
+    artifact = load_artifact(run / "artifact.safetensors")
+    names = list(artifact.document["input"]["class_names"])
+    names[0] = f"zero{ESC}[2J{ESC}]0;owned\x07"
+    names[1] = "[bold red]one[/]"
+    artifact.document["input"]["class_names"] = names
+    artifact.document["provenance"]["data"] = f"mnist{ESC}[31mred"
+    path = save_artifact(artifact, tmp_path_factory.mktemp("esc") / "artifact.safetensors")
+    load_artifact(path)  # valid: the seal and the schema accept it
+    return path
+
+
+def test_inspect_shows_escapes_as_text_and_json_keeps_them(escaping):
+    result = _cli("inspect", escaping)
+    assert result.exit_code == 0, result.stderr
+    assert ESC not in result.stdout and "\x07" not in result.stdout
+    assert "\\x1b[2J" in result.stdout and "[bold red]one[/]" in result.stdout
+    assert "mnist\\x1b[31mred" in result.stdout
+    exact = json.loads(_cli("inspect", escaping, "--json").stdout)
+    assert exact["input"]["class_names"][0] == f"zero{ESC}[2J{ESC}]0;owned\x07"
+
+
+def test_predict_shows_escapes_as_text(escaping, run, tmp_path):
+    from PIL import Image
+
+    Image.fromarray(np.zeros((28, 28), dtype=np.uint8), "L").save(tmp_path / "x.png")
+    result = _cli("predict", escaping, tmp_path / "x.png", "--top", "10")
+    assert result.exit_code == 0, result.stderr
+    assert ESC not in result.stdout and "\\x1b[2J" in result.stdout and "[bold red]one[/]" in result.stdout
+    exact = json.loads(_cli("predict", escaping, tmp_path / "x.png", "--top", "10", "--json").stdout)
+    assert f"zero{ESC}[2J{ESC}]0;owned\x07" in {s["name"] for s in exact["predictions"][0]["top"]}
+
+
+def test_error_lines_show_escapes_as_text(run, tmp_path):
+    """A message that quotes a file (here a key of the header) never carries the file's escapes."""
+    header, body = _header_and_body(run / "artifact.safetensors")
+    header["__metadata__"][f"x{ESC}[2J"] = "1"
+    path = tmp_path / "a.safetensors"
+    path.write_bytes(_assemble(json.dumps(header).encode(), body))
+    line = _one_error_line(_cli("inspect", path))
+    assert ESC not in line and "x\\x1b[2J" in line
+
+
+def test_printable_escapes_controls_and_bidi_and_cuts():
+    from maskforge.textguard import printable, quote
+
+    assert printable(f"a{ESC}b\x9bc\u202ed\te\n") == "a\\x1bb\\x9bc\\u202ed\\x09e\\x0a"
+    assert printable("é 猫 ok") == "é 猫 ok"
+    assert printable("x" * 10, limit=4) == "xxxx…"
+    assert quote("y" * 1000) == repr("y" * 200) + "…"
+    assert quote(f"{ESC}") == "'\\x1b'"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3.4 bounded error text
+# ---------------------------------------------------------------------------------------------------------
+
+HUGE = "A" * 2_000_000
+
+
+def _huge_cases(run: Path) -> dict[str, bytes]:
+    header, body = _header_and_body(run / "artifact.safetensors")
+    document = json.loads(header["__metadata__"]["maskforge"])
+
+    def with_document(change) -> bytes:
+        changed = json.loads(json.dumps(document))
+        change(changed)
+        h = dict(header, __metadata__={"maskforge": json.dumps(changed)})
+        return _assemble(json.dumps(h).encode(), body)
+
+    def with_header(change) -> bytes:
+        h = json.loads(json.dumps(header))
+        change(h)
+        return _assemble(json.dumps(h).encode(), body)
+
+    name = next(k for k in header if k != "__metadata__")
+    return {
+        "unknown field": with_document(lambda d: d.__setitem__(HUGE, 1)),
+        "format": with_document(lambda d: d.__setitem__("format", HUGE)),
+        "arch name": with_document(lambda d: d["arch"].__setitem__("name", HUGE)),
+        "metadata key": with_header(lambda h: h["__metadata__"].__setitem__(HUGE, "x")),
+        "dtype": with_header(lambda h: h[name].__setitem__("dtype", HUGE)),
+        "tensor name": with_header(lambda h: h.__setitem__(HUGE, dict(h[name]))),
+        "duplicate key": _assemble(b'{"' + HUGE.encode() + b'":1,"' + HUGE.encode() + b'":2}', body),
+    }
+
+
+def test_error_messages_quote_at_most_a_few_hundred_characters_of_a_file(run, tmp_path):
+    for case, data in _huge_cases(run).items():
+        path = tmp_path / f"{case.replace(' ', '_')}.safetensors"
+        path.write_bytes(data)
+        with pytest.raises(MaskforgeError) as caught:
+            load_artifact(path)
+        assert len(str(caught.value)) < 1000, (case, str(caught.value)[:300])
+    line = _one_error_line(_cli("inspect", tmp_path / "unknown_field.safetensors"))
+    assert len(line) < 1000 and "…" in line
+
+
+def test_the_cli_caps_any_error_line():
+    """The last line of defence: whatever a message holds, the error line stays short."""
+    from maskforge.textguard import MESSAGE_LIMIT
+
+    result = _cli("inspect", "x" * 5000 + ".safetensors")
+    line = _one_error_line(result)
+    assert len(line) <= len("error: ") + MESSAGE_LIMIT + 1 and line.endswith("…")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3.5 deeply nested JSON in a header
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_deeply_nested_header_is_one_error_line_everywhere(run, tmp_path):
+    header, body = _header_and_body(run / "artifact.safetensors")
+    raw = json.dumps(header).encode()
+    depth = 1_000_000
+    nested = tmp_path / "nested.safetensors"
+    nested.write_bytes(_assemble(b'{"x":' + b"[" * depth + b"]" * depth + b"," + raw[1:], body))
+    image = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.fromarray(np.zeros((28, 28), dtype=np.uint8), "L").save(image)
+    for command in (["inspect", nested], ["verify", nested], ["export", nested, "--out", tmp_path / "m.onnx"],
+                    ["eval", nested], ["predict", nested, image]):
+        line = _one_error_line(_cli(*command))
+        assert "nested.safetensors" in line and "bug" not in line, (command, line)
