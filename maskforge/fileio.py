@@ -30,11 +30,31 @@ def read_bytes(path: str | os.PathLike, what: str = "file") -> bytes:
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        raise MaskforgeError(f"{what} {path} does not exist") from None
+        raise MaskforgeError(f"{what} {path} {missing_reason(path)}") from None
     except IsADirectoryError:
         raise MaskforgeError(f"{path} is a folder, not an {what} file") from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise MaskforgeError(f"{what} {path} {missing_reason(path)}") from None
         raise MaskforgeError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def missing_reason(path: str | os.PathLike) -> str:
+    """Why `path` cannot be opened although it may be listed: "does not exist", or, for a symbolic link
+    whose target cannot be reached, "is a symbolic link that loops" / "is a broken symbolic link (to X)"."""
+    path = Path(path)
+    try:
+        os.stat(path)
+        return "exists"  # not missing after all (a race); callers only ask after a failure
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a symbolic link that loops (it leads back to itself)"
+        if not os.path.islink(path):
+            return "does not exist"
+    try:
+        return f"is a broken symbolic link (to {os.readlink(path)}, which does not exist)"
+    except OSError:
+        return "does not exist"
 
 
 def ensure_writable_dir(folder: str | os.PathLike) -> Path:

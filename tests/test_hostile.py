@@ -182,3 +182,79 @@ def test_deeply_nested_header_is_one_error_line_everywhere(run, tmp_path):
                     ["eval", nested], ["predict", nested, image]):
         line = _one_error_line(_cli(*command))
         assert "nested.safetensors" in line and "bug" not in line, (command, line)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3.1 symlink loops and duplicates in image folders
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    from helpers import write_image_folder
+
+    return write_image_folder(tmp_path / "data", train_per_class=4, val_per_class=2)
+
+
+def test_a_symlink_back_up_the_tree_is_refused_not_repeated(folder):
+    """One `..` link used to repeat the training set 41 times (until the OS's 40-link limit), silently."""
+    from maskforge.data import load_data
+
+    (folder / "train" / "dark" / "up").symlink_to("..", target_is_directory=True)
+    with pytest.raises(MaskforgeError, match=r"symbolic link loop: .*train/dark/up leads back to .*train"):
+        load_data(str(folder))
+
+
+def test_two_links_up_the_tree_do_not_hang(folder):
+    """Two `..` links made the listing exponential (a search hung for ever, holding its lock)."""
+    import subprocess
+    import sys
+
+    for name in ("up1", "up2"):
+        (folder / "train" / "dark" / name).symlink_to("..", target_is_directory=True)
+    code = f"from maskforge.data import load_data; load_data({str(folder)!r})"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "symbolic link loop" in done.stderr.splitlines()[-1], done.stderr[-500:]
+
+
+def test_a_class_reached_twice_is_refused_as_a_duplicate(folder):
+    from maskforge.data import load_data
+
+    (folder / "train" / "light" / "more").symlink_to(folder / "train" / "dark", target_is_directory=True)
+    with pytest.raises(MaskforgeError, match=r"train/light/more and .*train/dark are the same folder"):
+        load_data(str(folder))
+    (folder / "train" / "light" / "more").unlink()
+    (folder / "train" / "light" / "again.png").symlink_to(folder / "train" / "dark" / "0.png")
+    with pytest.raises(MaskforgeError, match=r"train/light/again.png and .*train/dark/0.png are the same file"):
+        load_data(str(folder))
+
+
+def test_plain_symlinks_still_work_in_the_same_order_as_torchvision(folder, tmp_path):
+    """A class folder that is a link to storage elsewhere is fine; the order is torchvision's."""
+    from torchvision.datasets.folder import make_dataset
+
+    from maskforge.data import load_data
+
+    shared = tmp_path / "shared"
+    (folder / "train" / "dark").rename(shared)
+    (folder / "train" / "dark").symlink_to(shared, target_is_directory=True)
+    (shared / "sub" / "deeper").mkdir(parents=True)
+    for name in ("sub/b.png", "sub/deeper/a.png", "z.PNG"):
+        (shared / name).write_bytes((shared / "0.png").read_bytes())
+    (shared / ".hidden").mkdir()
+    (shared / ".hidden" / "x.png").write_bytes(b"skipped")
+    (shared / "notes.txt").write_text("skipped")
+    splits = load_data(str(folder))
+    expected = [Path(p) for p, _ in make_dataset(
+        str(folder / "train"), {"dark": 0, "light": 1},
+        is_valid_file=lambda p: p.lower().endswith(".png") and "/." not in p)]
+    assert splits.train.files == expected and len(expected) == 4 + 3 + 4
+
+
+def test_a_self_looping_symlink_is_not_reported_as_missing(tmp_path):
+    from maskforge.data import load_data
+
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    with pytest.raises(MaskforgeError, match=r"loop is a symbolic link that loops"):
+        load_data(str(loop))

@@ -29,6 +29,7 @@ import logging
 from pathlib import Path
 
 from ..errors import MaskforgeError
+from ..fileio import missing_reason
 from ..schema import InputSpec
 from .cifar import find_cifar10
 from .datasets import DataSplits, ImageDataset, InMemoryImages, heldout_fingerprint, split_warnings
@@ -79,7 +80,7 @@ def load_data(source: str = "mnist5k", *, image_size: int | None = None) -> Data
 def _load_folder(path: Path, image_size: int | None) -> DataSplits:
     """Recognize which kind of folder `path` is and load it."""
     if not path.exists():
-        raise MaskforgeError(f"data source {path} does not exist; {ACCEPTED_SOURCES}")
+        raise MaskforgeError(f"data source {path} {missing_reason(path)}; {ACCEPTED_SOURCES}")
     if not path.is_dir():
         raise MaskforgeError(f"data source {path} is not a folder; {ACCEPTED_SOURCES}")
     cifar = find_cifar10(path)
