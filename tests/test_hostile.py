@@ -258,3 +258,70 @@ def test_a_self_looping_symlink_is_not_reported_as_missing(tmp_path):
     loop.symlink_to(loop)
     with pytest.raises(MaskforgeError, match=r"loop is a symbolic link that loops"):
         load_data(str(loop))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3.6 metrics.jsonl records validated; 3.9 the line number, a duplicate key in config.json
+# ---------------------------------------------------------------------------------------------------------
+
+TINY = {"arch": "fc", "epochs": 1, "max_steps": 2, "batch_size": 64, "device": "cpu"}
+
+
+def _records(run: Path) -> list[str]:
+    return (run / "metrics.jsonl").read_text().splitlines()
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("{}", r"metrics.jsonl line 2: metrics record: field \w+ is missing"),
+    ("[1, 2]", r"metrics.jsonl line 2: metrics record: .*must be an object"),
+    ("epoch-two", r"metrics.jsonl line 2: metrics record: epoch must be an integer, got 'two'"),
+    ("truncated", r"metrics.jsonl line 2: .*is not valid JSON"),
+])
+def test_damaged_metrics_records_are_refused_with_their_line(run, tmp_path, damage, message):
+    import shutil
+
+    from maskforge.plot import plot_run
+    from maskforge.search.metricfiles import read_metrics
+
+    copy = Path(shutil.copytree(run, tmp_path / "run"))
+    good = _records(run)[0]
+    bad = {"epoch-two": good.replace('"epoch": 1', '"epoch": "two"'), "truncated": good[:30]}.get(damage, damage)
+    assert bad != good
+    (copy / "metrics.jsonl").write_text(good + "\n" + bad + "\n")
+    with pytest.raises(MaskforgeError, match=message):
+        read_metrics(copy)
+    line = _one_error_line(_cli("plot", copy))
+    assert re.search(message, line), line
+    assert not (copy / "curves.png").exists()
+    assert plot_run  # the library refuses the same way (through read_metrics)
+
+
+def test_a_damaged_point_is_reported_by_collect_and_run_again_by_the_sweep(tmp_path):
+    from maskforge.sweeps import collect_sweep, sweep
+
+    out = tmp_path / "grid"
+    first = sweep(out, {**TINY, "k": [0.3, 0.5]}, figures=False)
+    assert first.ok and len(first.ran) == 2
+    damaged = out / first.ran[0]
+    (damaged / "metrics.jsonl").write_text("{}\n")
+    collected = collect_sweep(out, figures=False)
+    row = next(r for r in collected.rows if r["point"] == first.ran[0])
+    assert row["status"] == "failed" and "metrics.jsonl line 1" in row["error"], row
+    result = _cli("sweep", "--collect", out)
+    assert result.exit_code != 0 and "bug" not in result.output + result.stderr
+    again = sweep(out, {**TINY, "k": [0.3, 0.5]}, figures=False)
+    assert again.ran == [first.ran[0]] and again.skipped == [first.ran[1]] and again.ok, again
+    assert list(damaged.glob("previous-*/metrics.jsonl"))  # the damaged files were kept aside, not deleted
+    assert len(_records(damaged)) == 1 and json.loads(_records(damaged)[0])["epoch"] == 1
+
+
+def test_a_duplicate_key_in_config_json_is_refused(run, tmp_path):
+    import shutil
+
+    from maskforge.search.folders import read_run_config
+
+    copy = Path(shutil.copytree(run, tmp_path / "run"))
+    text = (copy / "config.json").read_text()
+    (copy / "config.json").write_text(text.replace('"k": 0.5', '"k": 0.5, "k": 0.9'))
+    with pytest.raises(MaskforgeError, match=r"config.json: the search config has the key 'k' twice"):
+        read_run_config(copy)
