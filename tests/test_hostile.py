@@ -325,3 +325,85 @@ def test_a_duplicate_key_in_config_json_is_refused(run, tmp_path):
     (copy / "config.json").write_text(text.replace('"k": 0.5', '"k": 0.5, "k": 0.9'))
     with pytest.raises(MaskforgeError, match=r"config.json: the search config has the key 'k' twice"):
         read_run_config(copy)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3.8 one bad image does not abort predict or eval; predict takes a folder
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _png(path: Path, value: int) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((28, 28), value, dtype=np.uint8), "L").save(path)
+    return path
+
+
+def test_predict_reports_bad_images_classifies_the_rest_and_exits_2(run, tmp_path):
+    from maskforge.predict import predict
+
+    good = [_png(tmp_path / "a.png", 30), _png(tmp_path / "c.png", 200)]
+    bad = tmp_path / "b.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    images = [good[0], bad, good[1]]
+    alone = {p.image: p.top for p in predict(run / "model.onnx", good)}
+    result = _cli("predict", run / "model.onnx", *images, "--json")
+    assert result.exit_code == 2, result.stderr
+    document = json.loads(result.stdout)
+    assert [p["image"] for p in document["predictions"]] == [str(good[0]), str(good[1])]
+    for p in document["predictions"]:
+        assert [s["index"] for s in p["top"]] == [s.index for s in alone[p["image"]]]
+    assert document["failed"] == [{"image": str(bad), "error": document["failed"][0]["error"]}]
+    assert "cannot decode image" in document["failed"][0]["error"]
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith(f"warning: cannot decode image {bad}")
+    assert lines[-1] == "error: 1 of 3 images could not be decoded (see the warnings above); the other 2 are " \
+                        "classified"
+    table = _cli("predict", run / "model.onnx", *images)
+    assert table.exit_code == 2 and "maskforge predict" in table.stdout and "b.jpg" not in table.stdout
+    assert table.stderr.splitlines()[-1] == lines[-1]
+    with pytest.raises(MaskforgeError, match="cannot decode image"):
+        predict(run / "model.onnx", images)  # the library raises unless asked to skip
+    skipped = predict(run / "model.onnx", images, skip_bad=True)
+    assert [p.error is not None for p in skipped] == [False, True, False]
+
+
+def test_predict_takes_a_folder_recursively_in_sorted_order(run, tmp_path):
+    folder = tmp_path / "imgs"
+    files = [_png(folder / name, value) for name, value in
+             (("b.png", 10), ("a/z.png", 90), ("a/b/y.png", 250), ("c.PNG", 128))]
+    (folder / "notes.txt").write_text("not an image")
+    _png(folder / ".hidden" / "x.png", 1)
+    result = _cli("predict", run / "model.onnx", folder, "--json")
+    assert result.exit_code == 0, result.stderr
+    listed = [p["image"] for p in json.loads(result.stdout)["predictions"]]
+    # the order of an image folder (torchvision's): folder by folder in sorted path order, names sorted within
+    assert listed == [str(folder / "b.png"), str(folder / "c.PNG"), str(folder / "a/z.png"),
+                      str(folder / "a/b/y.png")]
+    assert sorted(listed) == sorted(map(str, files))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "contains no images" in _one_error_line(_cli("predict", run / "model.onnx", empty))
+
+
+def test_eval_counts_the_readable_images_and_exits_2_naming_the_bad_ones(tmp_path):
+    from helpers import write_image_folder
+
+    from maskforge.search import SearchConfig, search
+
+    root = write_image_folder(tmp_path / "data", train_per_class=8, val_per_class=4)
+    out = tmp_path / "run"
+    search(SearchConfig(arch="fc", k=0.5, epochs=1, max_steps=2, batch_size=8, data=str(root), out=str(out)),
+           progress=False)
+    bad = root / "val" / "dark" / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    result = _cli("eval", out / "artifact.safetensors", "--data", root, "--json", "-", "--no-latency")
+    assert result.exit_code == 2, result.stderr
+    report = json.loads(result.stdout)
+    assert report["accuracy"]["examples"] == 8
+    assert report["accuracy"]["unreadable"] == [{"image": str(bad), "error": report["accuracy"]["unreadable"][0]
+                                                 ["error"]}]
+    assert result.stderr.splitlines()[-1] == ("error: 1 of 9 test images could not be decoded (see the warnings "
+                                              "above); the accuracy counts the other 8")
+    assert any(line.startswith(f"warning: cannot decode image {bad}") for line in result.stderr.splitlines())

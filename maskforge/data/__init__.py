@@ -34,14 +34,14 @@ from ..schema import InputSpec
 from .cifar import find_cifar10
 from .datasets import DataSplits, ImageDataset, InMemoryImages, heldout_fingerprint, split_warnings
 from .demo import load_mnist5k
-from .imagefolder import IMAGE_EXTENSIONS, ImageFileDataset, load_image_folder
+from .imagefolder import IMAGE_EXTENSIONS, ImageFileDataset, list_image_files, load_image_folder
 from .mnist import find_mnist_raw, load_mnist_raw
 from .sampling import derive_seed, iterate_batches, num_batches
 from .transforms import augment_batch, normalize
 
 __all__ = ["load_data", "DataSplits", "ImageDataset", "InMemoryImages", "ImageFileDataset", "InputSpec",
            "iterate_batches", "num_batches", "derive_seed", "normalize", "augment_batch", "IMAGE_EXTENSIONS",
-           "heldout_fingerprint", "split_warnings", "check_heldout_data"]
+           "heldout_fingerprint", "split_warnings", "check_heldout_data", "list_image_files"]
 
 ACCEPTED_SOURCES = (
     "expected one of: 'mnist5k' (the built-in demo set); a CIFAR-10 folder (cifar-10-batches-py, "

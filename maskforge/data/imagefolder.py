@@ -50,6 +50,10 @@ class ImageFileDataset(ImageDataset):
         self.channels = channels
         self.size = size
         self.root = root  # the split's folder (the files' paths relative to it identify the split)
+        # With skip_bad, an image that cannot be decoded is returned as zeros with label -1 (for the caller to
+        # drop) and its error recorded here, by index: `eval` counts the others and names these.
+        self.skip_bad = False
+        self.unreadable: dict[int, str] = {}
 
     @property
     def item_shape(self) -> tuple[int, int, int]:
@@ -59,7 +63,13 @@ class ImageFileDataset(ImageDataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return _decode_image(self.files[index], self.channels, self.size), int(self.labels[index])
+        try:
+            return _decode_image(self.files[index], self.channels, self.size), int(self.labels[index])
+        except MaskforgeError as exc:
+            if not self.skip_bad:
+                raise
+            self.unreadable[index] = str(exc)
+            return torch.zeros(self.item_shape, dtype=torch.uint8), -1
 
 
 _SAMPLE_FOR_CHANNELS = 32
