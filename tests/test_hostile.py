@@ -407,3 +407,53 @@ def test_eval_counts_the_readable_images_and_exits_2_naming_the_bad_ones(tmp_pat
     assert result.stderr.splitlines()[-1] == ("error: 1 of 9 test images could not be decoded (see the warnings "
                                               "above); the accuracy counts the other 8")
     assert any(line.startswith(f"warning: cannot decode image {bad}") for line in result.stderr.splitlines())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3.9 the int8 full-disk message; stale temporaries of a killed write
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_int8_export_with_a_full_temporary_folder_names_the_users_file(run, tmp_path, monkeypatch):
+    import errno
+    import os
+    import tempfile
+
+    from maskforge.export import export_onnx
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    real = Path.write_bytes
+
+    def full(self, data):
+        if scratch in Path(self).resolve().parents:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    out = tmp_path / "m.int8.onnx"
+    with pytest.raises(MaskforgeError) as caught:
+        export_onnx(run / "artifact.safetensors", out, precision="int8", calibration=16, check_images=32)
+    message = str(caught.value)
+    assert message.startswith(f"cannot write {out}: ") and "fp32.onnx" not in message, message
+    assert "the disk is full" in message and "TMPDIR" in message and str(scratch) in message, message
+    assert not out.exists()
+
+
+def test_a_killed_writers_temporary_is_removed_by_the_next_write_of_that_file(tmp_path):
+    import fcntl
+
+    from maskforge.fileio import atomic_write
+
+    stale = tmp_path / ".model.onnx.k1ll3d_x.tmp"          # what a SIGKILLed export leaves
+    stale.write_bytes(b"half a model")
+    other = tmp_path / ".other.onnx.k1ll3d_x.tmp"           # another file's: not ours to remove
+    other.write_bytes(b"half another model")
+    live = tmp_path / ".model.onnx.w0rk1ng_.tmp"            # a writer still running holds its lock
+    live.write_bytes(b"being written")
+    with open(live, "rb") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        atomic_write(tmp_path / "model.onnx", b"new")
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "model.onnx"])
+    assert (tmp_path / "model.onnx").read_bytes() == b"new"

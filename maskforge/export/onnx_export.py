@@ -18,12 +18,13 @@ import numpy as np
 import torch.nn as nn
 
 from ..artifact import Artifact
+from ..errors import MaskforgeError
 from ..fileio import atomic_path
 from ..materialize import as_artifact, materialize
 from .calibration import (DEFAULT_CALIBRATION, DEFAULT_CHECK_IMAGES, CheckImages, check_calibration_count,
                           load_check_images)
 from .compact import compact_weights
-from .int8 import QuantizeInfo, check_int8_weights, quantize
+from .int8 import QuantizeInfo, ScratchFull, check_int8_weights, quantize
 from .metadata import set_metadata, with_digest
 from .destination import check_output_path, output_folder
 from .modes import ExportMode, default_export_path, resolve_mode
@@ -104,7 +105,10 @@ def export_onnx(artifact: Artifact | str | os.PathLike, out: str | os.PathLike |
                       f"(checked against fp32 top-1 on held-out data)", UserWarning, stacklevel=2)
     if model is None:
         model = materialize(artifact, threads=threads)
-    proto, quantized, fp32 = _build(artifact, model, mode, images)
+    try:
+        proto, quantized, fp32 = _build(artifact, model, mode, images)
+    except ScratchFull as exc:
+        raise MaskforgeError(f"cannot write {out}: {exc}; the previous {out.name}, if any, is unchanged") from None
     result = ExportResult(out, "onnx", mode.storage, 0, artifact.masked_weights, artifact.kept_weights, 0.0, None,
                           mode.opset, 0.0, mode.storage, mode.precision, lossy=mode.lossy)
     if quantized is not None:
