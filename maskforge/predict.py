@@ -27,6 +27,7 @@ from .evaluation.runners import OnnxRunner, TorchRunner, torch_threads
 from .evaluation.scoring import top_k
 from .evaluation.subject import open_model
 from .materialize import materialize
+from .memory import check_network_fits
 
 TOP = 5
 
@@ -100,8 +101,13 @@ def predict(model: str | os.PathLike, images: Sequence[str | os.PathLike], *, to
         raise MaskforgeError(f"the model takes {spec.channels}x{spec.height}x{spec.width} inputs; images are "
                              f"decoded to square 1- or 3-channel inputs only (as image folders are)")
     threads = threads or os.cpu_count() or 1
-    runner = (TorchRunner(materialize(subject.artifact, threads=threads)) if subject.artifact is not None
-              else OnnxRunner(subject, threads))
+    if subject.artifact is not None:
+        network = materialize(subject.artifact, threads=threads)
+        check_network_fits(network, spec, min(batch_size, len(files)), f"predicting with {model}",
+                           "give fewer images at once (Python: batch_size=1)")
+        runner = TorchRunner(network)
+    else:
+        runner = OnnxRunner(subject, threads)
     dataset = ImageFileDataset(files, [0] * len(files), spec.channels, spec.height)
     names = list(spec.class_names) if subject.classes_known else None   # else: the output's width, by index
     out: list[Prediction | None] = [None] * len(files)

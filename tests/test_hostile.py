@@ -205,6 +205,7 @@ def test_a_symlink_back_up_the_tree_is_refused_not_repeated(folder):
         load_data(str(folder))
 
 
+@pytest.mark.slow  # a fresh interpreter (about 15 s on 2 busy cores): before the fix it hung, so not in-process
 def test_two_links_up_the_tree_do_not_hang(folder):
     """Two `..` links made the listing exponential (a search hung for ever, holding its lock)."""
     import subprocess
@@ -457,3 +458,131 @@ def test_a_killed_writers_temporary_is_removed_by_the_next_write_of_that_file(tm
         atomic_write(tmp_path / "model.onnx", b"new")
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "model.onnx"])
     assert (tmp_path / "model.onnx").read_bytes() == b"new"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3.2 a memory bound before building
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_forward_peak_counts_what_is_alive_at_once():
+    """Oracle: the bytes of each layer's output, by hand, and which of them are alive together."""
+    import torch
+    from torch import nn
+
+    from maskforge.memory import forward_peak_bytes
+
+    conv_out = 2 * 8 * 16 * 16 * 4
+    plain = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16 * 16, 10))
+    assert forward_peak_bytes(plain, (2, 1, 16, 16)) == 2 * conv_out       # conv output + ReLU output
+    inplace = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(inplace=True), nn.Flatten())
+    assert forward_peak_bytes(inplace, (2, 1, 16, 16)) == conv_out          # in place: one buffer
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            y = self.a(x)
+            z = self.b(torch.relu(y))
+            return z + y                       # y is still alive: y, relu(y), z, then y and the sum
+
+    assert forward_peak_bytes(Residual(), (2, 8, 16, 16)) == 3 * conv_out
+    weights = plain[0].weight.detach().clone()
+    assert torch.equal(plain[0].weight, weights) and plain[0].weight.device.type == "cpu"  # untouched
+
+
+def test_forward_peak_of_an_unrunnable_model_is_unknown_not_an_error():
+    from torch import nn
+
+    from maskforge.memory import forward_peak_bytes
+
+    class Host(nn.Module):
+        def forward(self, x):
+            return x.tolist()                  # needs real data: no meta run
+
+    assert forward_peak_bytes(Host(), (1, 3)) is None
+
+
+@pytest.fixture(scope="module")
+def huge(tmp_path_factory) -> Path:
+    """A valid, small artifact whose network cannot run here: ResNet-18 at 4096x4096 (1 GiB per image for
+    its first convolution's output alone)."""
+    from maskforge.archs import arch_args, create_model
+    from maskforge.artifact import build_artifact
+    from maskforge.data import InputSpec
+
+    args = arch_args(3, 10, (4096, 4096))
+    spec = InputSpec(3, 4096, 4096, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), tuple("abcdefghij"))
+    artifact = build_artifact(create_model("resnet18", **args, k=0.5, seed=0), arch="resnet18", arch_args=args,
+                              spec=spec, seed=0, init="signed_constant", scale_fan=False, k=0.5)
+    return save_artifact(artifact, tmp_path_factory.mktemp("huge") / "artifact.safetensors")
+
+
+def _rgb_folder(root: Path, classes: str) -> Path:
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for name in classes:
+            (root / split / name).mkdir(parents=True)
+            Image.fromarray(np.full((8, 8, 3), 40 + 20 * classes.index(name), dtype=np.uint8)).save(
+                root / split / name / "0.png")
+    return root
+
+
+_LIMITED = """
+import os, resource, sys
+import onnx, onnxruntime, torch                      # mapped before the limit is set
+import maskforge.export, maskforge.predict, maskforge.evaluation
+from maskforge.cli import main
+used = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize:"))
+resource.setrlimit(resource.RLIMIT_AS, (used + 1536 * 2 ** 20, resource.RLIM_INFINITY))
+sys.argv = ["maskforge", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.slow  # fresh interpreters under `ulimit -v`: before the fix each died of a failed allocation
+@pytest.mark.parametrize("command", ["export", "predict", "eval"])
+def test_a_network_too_large_for_memory_is_refused_before_it_runs(huge, tmp_path, command):
+    import os
+    import subprocess
+    import sys
+
+    image = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(image)
+    argv = {"export": ["export", huge, "--out", tmp_path / "m.onnx"],
+            "predict": ["predict", huge, image],
+            "eval": ["eval", huge, "--data", _rgb_folder(tmp_path / "data", "abcdefghij"), "--no-latency"]}[command]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", _LIMITED, *map(str, argv)], capture_output=True, text=True,
+                          timeout=300, env=env)
+    lines = done.stderr.splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
+    assert re.search(r"needs about \d+\.\d GiB of memory for the activations of \d+ 3x4096x4096 input", lines[0]), \
+        lines[0]
+    assert "available" in lines[0] and not (tmp_path / "m.onnx").exists()
+
+
+def test_the_memory_check_refuses_in_process_and_lets_a_fitting_network_through(run, monkeypatch, tmp_path):
+    """The same refusal without a subprocess, on the demo MLP, with the available memory set by hand below
+    its needs (its largest layer outputs 300 floats per image)."""
+    import maskforge.memory as memory
+    from maskforge.export import export_onnx
+    from maskforge.predict import predict
+
+    artifact, image = run / "artifact.safetensors", _png(tmp_path / "x.png", 7)
+    monkeypatch.setattr(memory, "available_bytes", lambda: 1000)
+    with pytest.raises(MaskforgeError, match=r"needs about [\d.]+ KiB of memory for the activations of 4 1x28x28 "
+                                             r"inputs .*more than the 1000 bytes available; use a machine"):
+        export_onnx(artifact, tmp_path / "m.onnx")
+    with pytest.raises(MaskforgeError, match=r"of 1 1x28x28 input \(.*available; use a machine"):
+        predict(artifact, [image])
+    with pytest.raises(MaskforgeError, match=r"of 2 1x28x28 inputs .*give fewer images at once"):
+        predict(artifact, [image, image])
+    assert not (tmp_path / "m.onnx").exists()
+    monkeypatch.setattr(memory, "available_bytes", lambda: 64 * 2 ** 20)
+    assert predict(artifact, [image, image]) and export_onnx(artifact, tmp_path / "m.onnx").path.exists()

@@ -21,6 +21,7 @@ from ..errors import MaskforgeError
 from ..export import META_PREFIX, export_onnx
 from ..export.calibration import matching_splits, searched_data
 from ..materialize import materialize
+from ..memory import check_network_fits
 from .footprint import compute_section, size_section
 from .report import EvalReport, Latency, ModelSummary, Timing
 from .runners import OnnxRunner, TorchRunner, torch_threads
@@ -102,6 +103,8 @@ def evaluate(model: str | os.PathLike, *, data: str | None = None, split: str = 
         evaluated, ref = subject, None
         if subject.artifact is not None:
             torch_model = materialize(subject.artifact, threads=settings.threads)
+            check_network_fits(torch_model, subject.spec, settings.batch_size, f"evaluating {model}",
+                               "give a smaller --batch-size")
             exported = export_onnx(subject.artifact, Path(workdir) / "model.onnx", model=torch_model)
             evaluated = open_onnx(exported.path, preprocessing_overrides(mean, std, size))
             evaluated.exported_here = True
