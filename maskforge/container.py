@@ -162,7 +162,8 @@ def check_tensor_digests(document: dict, tensors: Mapping[str, np.ndarray], labe
                              f"(missing {quote(missing)}, extra {quote(extra)})")
     for name in sorted(tensors):
         if tensor_digest(tensors[name]) != recorded[name]:
-            raise MaskforgeError(f"{label}: tensor {printable(name, limit=QUOTE_LIMIT)} does not match its digest (corrupted)")
+            shown = printable(name, limit=QUOTE_LIMIT)
+            raise MaskforgeError(f"{label}: tensor {shown} does not match its digest (corrupted)")
 
 
 def read(data: bytes, *, key: str, label: str, kind: str, allow_nan: bool = False) -> Container:

@@ -1,8 +1,8 @@
 """Image folders: ``ROOT/train/<class>/*.png|jpg|...`` plus ``ROOT/val/`` (or ``ROOT/test/``).
 
 Files are listed in torchvision's `make_dataset` order (sorted, recursive, symlinks followed; hidden files
-and folders skipped; symbolic link loops and files reached twice refused: `_Walk`) and decoded with PIL on access, with decompression-bomb protection; resizing uses
-torchvision's `resize` + `center_crop`.
+and folders skipped; symbolic link loops and files reached twice refused: `_Walk`) and decoded with PIL
+on access, with decompression-bomb protection; resizing uses torchvision's `resize` + `center_crop`.
 """
 
 from __future__ import annotations

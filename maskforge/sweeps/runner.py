@@ -24,7 +24,8 @@ from ..errors import MaskforgeError
 from ..fileio import ensure_writable_dir
 from ..search import search
 from .grid import DENSE_SHARED, Point, SweepRecord, check_figure_axes, make_grid, read_record, record_grid
-from .results import BUG_PREFIX, finished_damage, is_done, point_row, read_status, summarize, write_results, write_status
+from .results import (BUG_PREFIX, finished_damage, is_done, point_row, read_status, summarize, write_results,
+                      write_status)
 
 log = logging.getLogger(__name__)
 
