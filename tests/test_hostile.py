@@ -252,13 +252,21 @@ def test_plain_symlinks_still_work_in_the_same_order_as_torchvision(folder, tmp_
     assert splits.train.files == expected and len(expected) == 4 + 3 + 4
 
 
-def test_a_self_looping_symlink_is_not_reported_as_missing(tmp_path):
+def test_a_self_looping_symlink_is_not_reported_as_missing(run, tmp_path):
     from maskforge.data import load_data
 
     loop = tmp_path / "loop"
     loop.symlink_to(loop)
     with pytest.raises(MaskforgeError, match=r"loop is a symbolic link that loops"):
         load_data(str(loop))
+    for command in (["predict", run / "model.onnx", loop], ["predict", loop, run / "model.onnx"],
+                    ["eval", loop], ["inspect", loop]):
+        line = _one_error_line(_cli(*command))
+        assert "symbolic link that loops" in line or "Too many levels of symbolic links" in line, (command, line)
+    dangling = tmp_path / "dangling.png"
+    dangling.symlink_to(tmp_path / "gone.png")
+    line = _one_error_line(_cli("predict", run / "model.onnx", dangling))
+    assert f"is a broken symbolic link (to {tmp_path / 'gone.png'}, which does not exist)" in line, line
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -586,3 +594,19 @@ def test_the_memory_check_refuses_in_process_and_lets_a_fitting_network_through(
     assert not (tmp_path / "m.onnx").exists()
     monkeypatch.setattr(memory, "available_bytes", lambda: 64 * 2 ** 20)
     assert predict(artifact, [image, image]) and export_onnx(artifact, tmp_path / "m.onnx").path.exists()
+
+
+def test_deeply_nested_onnx_metadata_is_one_error_line(run, tmp_path):
+    """The ONNX metadata maskforge reads (preprocessing, class names) goes through the same strict reader."""
+    import onnx
+
+    proto = onnx.load(str(run / "model.onnx"))
+    for prop in proto.metadata_props:
+        if prop.key == "maskforge.preprocessing":
+            prop.value = "[" * 1_000_000 + "]" * 1_000_000
+    path = tmp_path / "nested.onnx"
+    onnx.save(proto, str(path))
+    image = _png(tmp_path / "x.png", 3)
+    for command in (["predict", path, image], ["eval", path, "--no-latency"]):
+        line = _one_error_line(_cli(*command))
+        assert "metadata is corrupt" in line and "bug" not in line, (command, line)
