@@ -22,6 +22,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from maskforge import __version__
 from maskforge.errors import MaskforgeError
+from maskforge.textguard import MESSAGE_LIMIT, printable
 
 from . import logs
 from .commands import COMMANDS
@@ -119,11 +120,17 @@ class _Commands(TyperGroup):
             raise _Stopped("terminated" if code == Terminated.exit_code else "interrupted", code) from None
         except (typer.TyperException, typer.Exit, typer.Abort, MaskforgeError, BrokenPipeError):
             raise
+        except OSError as exc:
+            if (ctx.obj or {}).get("debug"):
+                raise
+            if exc.filename is None:
+                raise _Bug(_bug_text(exc)) from exc
+            # a path the user gave that the OS refuses (a name too long, a symlink loop, no permission)
+            raise MaskforgeError(f"cannot use {exc.filename}: {exc.strerror or exc}") from None
         except Exception as exc:  # noqa: BLE001 - the last line of defence
             if (ctx.obj or {}).get("debug"):
                 raise
-            raise _Bug(f"unexpected {type(exc).__name__}: {exc} (this is a bug; rerun with --debug for the "
-                       f"traceback and report it)") from exc
+            raise _Bug(_bug_text(exc)) from exc
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         args = _debug_first(list(sys.argv[1:] if args is None else args))
@@ -157,6 +164,10 @@ class _Commands(TyperGroup):
         sys.exit(result if isinstance(result, int) else 0)
 
 
+def _bug_text(exc: BaseException) -> str:
+    return f"unexpected {type(exc).__name__}: {exc} (this is a bug; rerun with --debug for the traceback and report it)"
+
+
 def _debug_first(args: list[str]) -> list[str]:
     """`--debug` is an option of `maskforge` itself; accept it after the command's name too (before `--`)."""
     end = args.index("--") if "--" in args else len(args)
@@ -174,7 +185,8 @@ def _load(name: str):
 
 
 def _fail(message: str, code: int) -> None:
-    first_line = " ".join(str(message).split())
+    # Messages may quote files: control characters are shown as escapes, and the line is bounded.
+    first_line = printable(" ".join(str(message).split()), limit=MESSAGE_LIMIT)
     typer.echo(f"error: {first_line}", err=True)
     sys.exit(code)
 

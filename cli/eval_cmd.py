@@ -14,6 +14,7 @@ from maskforge.errors import MaskforgeError
 
 from .app import app
 from .console import console as output_console
+from .shown import cell
 
 
 @app.command("eval")
@@ -80,12 +81,17 @@ def eval_command(
                               **options)
     if confusion_png is not None:
         save_confusion_png(report.accuracy, report.model.class_names, confusion_png)
-    if json_out is not None:
-        if str(json_out) == "-":
-            typer.echo(json.dumps(report.to_dict(), indent=2))
-            return
-        write_report(report, json_out)
-    _print_report(report, compare_modes)
+    if json_out is not None and str(json_out) == "-":
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        if json_out is not None:
+            write_report(report, json_out)
+        _print_report(report, compare_modes)
+    accuracy = report.rows[0].report.accuracy if compare_modes else report.accuracy
+    if accuracy.unreadable:  # each was a warning line; the report counts the others
+        total = accuracy.examples + len(accuracy.unreadable)
+        raise MaskforgeError(f"{len(accuracy.unreadable)} of {total} {accuracy.split} images could not be decoded "
+                             f"(see the warnings above); the accuracy counts the other {accuracy.examples}")
 
 
 def _refuse_with_compare(**options) -> None:
@@ -110,7 +116,7 @@ def _print_report(report, compare_modes: bool) -> None:
         console.print(class_table(report))
         notes, note = report.model.notes, report.compute.note
     for line in [*dict.fromkeys(notes), note]:
-        console.print(f"[dim]{line}[/]")
+        console.print(cell(line), style="dim")  # notes quote file names and metadata: no markup
 
 
 @contextlib.contextmanager

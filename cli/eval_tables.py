@@ -9,6 +9,8 @@ from rich.table import Table
 
 from maskforge.evaluation import CompareReport, EvalReport
 
+from .shown import cell
+
 FULL_MATRIX_UP_TO = 20   # classes; above this, only the worst classes are listed
 WORST_SHOWN = 10
 
@@ -28,14 +30,14 @@ def _ms(value: float | None) -> str:
 
 def report_table(report: EvalReport) -> Table:
     """The report as one table (sections: model, accuracy, latency, memory, size, compute)."""
-    table = Table(title=f"maskforge eval: {report.model.path}", show_header=True)
+    table = Table(title=cell(f"maskforge eval: {report.model.path}"), show_header=True)
     for column, justify in (("what", "left"), ("value", "right"), ("notes", "left")):
         table.add_column(column, justify=justify)
     model, acc = report.model, report.accuracy
     mode = f"storage {model.storage or 'unknown'}, precision {model.precision or 'unknown'}"
-    table.add_row("[bold]model[/]", model.arch or "", f"{model.kind}; {mode}; input "
+    table.add_row("[bold]model[/]", cell(model.arch or ""), f"{model.kind}; {mode}; input "
                   f"{'x'.join(map(str, model.input_shape))}, {len(model.class_names)} classes")
-    table.add_row("[bold]accuracy[/]", "", f"{acc.data} / {acc.split}, {acc.examples:,} examples")
+    table.add_row("[bold]accuracy[/]", "", cell(f"{acc.data} / {acc.split}, {acc.examples:,} examples"))
     table.add_row("top-1 (onnxruntime)", f"{acc.top1:.2%}", f"{acc.correct:,} correct")
     table.add_row(f"top-{acc.k} (onnxruntime)", f"{acc.topk:.2%}", f"{acc.correct_topk:,} correct"
                   + (f" (top-{acc.k}: the model has {acc.k} classes)" if acc.k < 5 else ""))
@@ -95,13 +97,13 @@ def class_table(report: EvalReport) -> Table:
         table = Table(title="per-class accuracy and confusion matrix (rows: true class, columns: predicted)")
         table.add_column("class")
         for name in names:
-            table.add_column(name, justify="right")
+            table.add_column(cell(name), justify="right")
         table.add_column("examples", justify="right")
         table.add_column("accuracy", justify="right")
         for index, result in enumerate(acc.per_class):
             cells = [f"[bold]{count}[/]" if column == index else (str(count) if count else "[dim]·[/]")
                      for column, count in enumerate(acc.confusion[index])]
-            table.add_row(result.name, *cells, f"{result.examples:,}", _accuracy(result.accuracy))
+            table.add_row(cell(result.name), *cells, f"{result.examples:,}", _accuracy(result.accuracy))
         return table
     table = Table(title=f"the {WORST_SHOWN} least accurate of {len(names)} classes (all of them: --json, "
                         f"--confusion-png)")
@@ -109,7 +111,8 @@ def class_table(report: EvalReport) -> Table:
         table.add_column(column, justify="left" if column in ("class", "most often predicted instead") else "right")
     present = [r for r in acc.per_class if r.accuracy is not None]
     for result in sorted(present, key=lambda r: (r.accuracy, r.name))[:WORST_SHOWN]:
-        table.add_row(result.name, f"{result.examples:,}", _accuracy(result.accuracy), result.confused_with or "")
+        table.add_row(cell(result.name), f"{result.examples:,}", _accuracy(result.accuracy),
+                      cell(result.confused_with or ""))
     return table
 
 

@@ -8,13 +8,16 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.text import Text
 
 from maskforge.errors import MaskforgeError
 from maskforge.export import DEFAULT_CALIBRATION, DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, export_onnx, export_torch
+from maskforge.textguard import printable
 
 from .app import app
 from .console import console
 from .file_hints import require_artifact
+from .shown import cell
 
 
 @app.command("export")
@@ -68,7 +71,7 @@ def export_command(
                                  calibration_data=data, allow_lossy=allow_lossy, opset=opset, compact=compact,
                                  threads=threads)
         for warning in caught:
-            typer.echo(f"warning: {warning.message}", err=True)
+            typer.echo(f"warning: {printable(warning.message)}", err=True)
     elif fmt == "torch":
         if storage is not None or precision != "fp32" or compact is not None:
             raise MaskforgeError("--storage, --precision and --compact/--dense apply to --format onnx only")
@@ -78,7 +81,8 @@ def export_command(
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return
-    console().print(f"[bold green]wrote[/] {result.path}: {_describe(result)}")
+    # the path is the user's and may hold "[...]": never read as markup
+    console().print(Text.assemble(("wrote", "bold green"), " ", cell(f"{result.path}: {_describe(result)}")))
 
 
 def _describe(result) -> str:

@@ -12,6 +12,7 @@ from rich.table import Table
 from .app import app
 from .console import console as output_console
 from .file_hints import require_artifact
+from .shown import cell
 
 
 @app.command("inspect")
@@ -32,7 +33,7 @@ def inspect_command(
         return
     console = output_console()
     spec = summary["input"]
-    overview = Table(show_header=False, title=str(file))
+    overview = Table(show_header=False, title=cell(file))
     rows = [
         ("architecture", f"{summary['arch']} {summary['arch_args']}"),
         ("k (kept fraction)", f"{summary['k']}" + (" (one global threshold)" if summary["topk"] == "global" else "")),
@@ -47,13 +48,13 @@ def inspect_command(
         ("digest", summary["digest"]),
     ]
     for key, value in rows:
-        overview.add_row(key, value)
+        overview.add_row(key, cell(value))  # values quote the file: escapes and markup shown as text
     console.print(overview)
     layers = Table(title="layers")
     for column in ("layer", "shape", "kept", "density"):
         layers.add_column(column, justify="left" if column in ("layer", "shape") else "right")
     for layer in summary["layers"]:
-        layers.add_row(layer["name"], "x".join(map(str, layer["shape"])), f"{layer['kept']:,}",
+        layers.add_row(cell(layer["name"]), "x".join(map(str, layer["shape"])), f"{layer['kept']:,}",
                        f"{layer['density']:.3f}")
     console.print(layers)
 

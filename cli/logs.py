@@ -14,6 +14,8 @@ from typing import Callable
 
 import typer
 
+from maskforge.textguard import MESSAGE_LIMIT, printable
+
 LOGGER = "maskforge"
 
 
@@ -26,7 +28,8 @@ class LineHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            text = " ".join(record.getMessage().split())  # one line, whatever the message holds
+            # one line, whatever the message holds (it may quote a file: escapes shown as text, bounded)
+            text = printable(" ".join(record.getMessage().split()), limit=MESSAGE_LIMIT)
         except Exception:  # noqa: BLE001 - a malformed record must not break the command
             self.handleError(record)
             return

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from maskforge.errors import MaskforgeError
+from maskforge.textguard import printable
 
 from .app import app
 
@@ -46,7 +47,7 @@ def verify_command(
     elif report.ok:
         typer.echo(f"OK {file}" + (f" (exported from {artifact})" if artifact is not None else ""))
         for check in report.checks:
-            typer.echo(f"  {check.name}: {check.detail}")
+            typer.echo(f"  {check.name}: {printable(check.detail)}")  # details may quote the file
         if report.digest:
             typer.echo(f"  artifact digest: {report.digest}")
     report.raise_for_failure()

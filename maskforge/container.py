@@ -33,6 +33,8 @@ from safetensors.numpy import save_file as _safetensors_save_file
 
 from .errors import MaskforgeError
 from .fileio import atomic_path
+from .textguard import QUOTE_LIMIT, printable, quote
+from .jsonread import strict_json  # noqa: F401 - re-exported: the container's header reader
 
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 
@@ -110,29 +112,6 @@ def write_file(path, document: Mapping, tensors: Mapping[str, np.ndarray | torch
     return sealed
 
 
-def strict_json(text: str | bytes, label: str, what: str, *, allow_nan: bool = False):
-    """json.loads that refuses duplicate keys, absurd nesting and (unless allowed) NaN/Infinity."""
-
-    def no_duplicates(pairs: list[tuple[str, object]]) -> dict:
-        result = {}
-        for name, value in pairs:
-            if name in result:
-                raise MaskforgeError(f"{label}: {what} has the key {name!r} twice")
-            result[name] = value
-        return result
-
-    def no_constant(name: str):
-        raise MaskforgeError(f"{label}: {what} contains {name}, which is not valid JSON")
-
-    try:
-        return json.loads(text, object_pairs_hook=no_duplicates,
-                          **({} if allow_nan else {"parse_constant": no_constant}))
-    except MaskforgeError:
-        raise
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise MaskforgeError(f"{label}: {what} is not valid JSON ({type(exc).__name__})") from None
-
-
 def read_document(data: bytes, *, key: str, label: str, kind: str, allow_nan: bool = False) -> dict:
     """The JSON document of a container, from its header alone (no tensor is read or checked)."""
     if len(data) < 8:
@@ -148,7 +127,7 @@ def read_document(data: bytes, *, key: str, label: str, kind: str, allow_nan: bo
     if not isinstance(metadata, dict) or key not in metadata:
         raise MaskforgeError(f"{label} is a safetensors file but not a {kind} (no '{key}' metadata)")
     if set(metadata) != {key}:
-        raise MaskforgeError(f"{label}: unexpected safetensors metadata key(s) {sorted(set(metadata) - {key})} "
+        raise MaskforgeError(f"{label}: unexpected safetensors metadata key(s) {quote(sorted(set(metadata) - {key}))} "
                              f"(a {kind} has only '{key}')")
     if not isinstance(metadata[key], str):
         raise MaskforgeError(f"{label}: the {key} metadata is not a JSON string")
@@ -165,7 +144,7 @@ def load_tensors(data: bytes, label: str) -> dict[str, np.ndarray]:
     except (SafetensorError, ValueError, TypeError) as exc:
         reason = " ".join(str(exc).split()).removeprefix("Error while deserializing: ")
         hint = "truncated, or trailing data" if "not fully covered" in reason else "damaged"
-        raise MaskforgeError(f"{label} is {hint} (safetensors: {reason})") from None
+        raise MaskforgeError(f"{label} is {hint} (safetensors: {printable(reason, limit=QUOTE_LIMIT)})") from None
 
 
 def check_document_digest(document: dict, label: str, *, allow_nan: bool = False) -> None:
@@ -179,10 +158,12 @@ def check_tensor_digests(document: dict, tensors: Mapping[str, np.ndarray], labe
     recorded = recorded if isinstance(recorded, dict) else {}
     if set(recorded) != set(tensors):
         missing, extra = sorted(set(recorded) - set(tensors)), sorted(set(tensors) - set(recorded))
-        raise MaskforgeError(f"{label}: tensor set differs from the metadata (missing {missing}, extra {extra})")
+        raise MaskforgeError(f"{label}: tensor set differs from the metadata "
+                             f"(missing {quote(missing)}, extra {quote(extra)})")
     for name in sorted(tensors):
         if tensor_digest(tensors[name]) != recorded[name]:
-            raise MaskforgeError(f"{label}: tensor {name} does not match its digest (corrupted)")
+            shown = printable(name, limit=QUOTE_LIMIT)
+            raise MaskforgeError(f"{label}: tensor {shown} does not match its digest (corrupted)")
 
 
 def read(data: bytes, *, key: str, label: str, kind: str, allow_nan: bool = False) -> Container:

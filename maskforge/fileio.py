@@ -23,6 +23,11 @@ from typing import Callable, Iterator
 
 from .errors import MaskforgeError
 
+try:
+    import fcntl
+except ImportError:  # Windows: stale temporaries are not cleaned up
+    fcntl = None  # type: ignore[assignment]
+
 
 def read_bytes(path: str | os.PathLike, what: str = "file") -> bytes:
     """The content of `path`, or a MaskforgeError that says why it cannot be read (`what` names it)."""
@@ -30,11 +35,31 @@ def read_bytes(path: str | os.PathLike, what: str = "file") -> bytes:
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        raise MaskforgeError(f"{what} {path} does not exist") from None
+        raise MaskforgeError(f"{what} {path} {missing_reason(path)}") from None
     except IsADirectoryError:
         raise MaskforgeError(f"{path} is a folder, not an {what} file") from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise MaskforgeError(f"{what} {path} {missing_reason(path)}") from None
         raise MaskforgeError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def missing_reason(path: str | os.PathLike) -> str:
+    """Why `path` cannot be opened although it may be listed: "does not exist", or, for a symbolic link
+    whose target cannot be reached, "is a symbolic link that loops" / "is a broken symbolic link (to X)"."""
+    path = Path(path)
+    try:
+        os.stat(path)
+        return "exists"  # not missing after all (a race); callers only ask after a failure
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a symbolic link that loops (it leads back to itself)"
+        if not os.path.islink(path):
+            return "does not exist"
+    try:
+        return f"is a broken symbolic link (to {os.readlink(path)}, which does not exist)"
+    except OSError:
+        return "does not exist"
 
 
 def ensure_writable_dir(folder: str | os.PathLike) -> Path:
@@ -67,11 +92,12 @@ def atomic_path(destination: str | os.PathLike) -> Iterator[Path]:
     folder = destination.parent if str(destination.parent) else Path(".")
     if not folder.is_dir():
         raise MaskforgeError(f"output folder {folder} does not exist")
+    _remove_stale_temporaries(destination, folder)
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp", dir=folder)
+        fd, tmp_name = tempfile.mkstemp(prefix=_temporary_prefix(destination), suffix=".tmp", dir=folder)
     except OSError as exc:
         raise MaskforgeError(write_error(destination, exc.errno, exc.strerror or str(exc))) from None
-    os.close(fd)
+    _hold(fd)  # the lock says "a writer is alive": a later write removes only temporaries nobody holds
     tmp = Path(tmp_name)
     try:
         yield tmp
@@ -85,27 +111,69 @@ def atomic_path(destination: str | os.PathLike) -> Iterator[Path]:
         raise MaskforgeError(write_error(destination, exc.errno, exc.strerror or str(exc))) from None
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        code = _reported_errno(exc)
-        if code in _NO_ROOM:
+        code = reported_errno(exc)
+        if code in NO_ROOM:
             raise MaskforgeError(write_error(destination, code, os.strerror(code))) from None
         raise
+    finally:
+        os.close(fd)
+
+
+def _temporary_prefix(destination: Path) -> str:
+    return f".{destination.name}."
+
+
+def _hold(fd: int) -> None:
+    """Lock the temporary file for the writer's lifetime (released when its descriptor closes, or by the
+    kernel when the process dies: SIGKILL included)."""
+    if fcntl is not None:
+        with contextlib.suppress(OSError):  # a file system without locks: no cleanup, nothing worse
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _remove_stale_temporaries(destination: Path, folder: Path) -> None:
+    """Remove the temporaries of earlier writes of `destination` whose writer is gone (killed: SIGKILL,
+    power loss), i.e. `.NAME.<8 characters>.tmp` files that no live writer holds locked. Those of other
+    files, and of a writer still at work, are left alone."""
+    if fcntl is None:
+        return
+    pattern = re.compile(re.escape(_temporary_prefix(destination)) + r"[a-z0-9_]{8}\.tmp")
+    try:
+        names = [entry.name for entry in os.scandir(folder) if pattern.fullmatch(entry.name)]
+    except OSError:
+        return
+    for name in names:
+        path = folder / name
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # held: a writer is still at work
+        else:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        finally:
+            os.close(fd)
 
 
 #: errno values that mean "no room for this file": the disk, a quota or a file-size limit
-_NO_ROOM = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
-_WHY = {errno.ENOSPC: "the disk is full", errno.EFBIG: "the file would exceed the file-size limit (ulimit -f) "
+NO_ROOM = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+NO_ROOM_WHY = {errno.ENOSPC: "the disk is full", errno.EFBIG: "the file would exceed the file-size limit (ulimit -f) "
         "or the file system's largest file", getattr(errno, "EDQUOT", errno.ENOSPC): "the disk quota is exhausted"}
 
 
 def write_error(destination: str | os.PathLike, code: int | None, reason: str) -> str:
     """The message of a failed write of `destination`: the OS reason, and for a full disk what that means."""
     message = f"cannot write {destination}: {reason}"
-    if code in _NO_ROOM:
-        message += f" ({_WHY[code]}; the previous {Path(destination).name}, if any, is unchanged)"
+    if code in NO_ROOM:
+        message += f" ({NO_ROOM_WHY[code]}; the previous {Path(destination).name}, if any, is unchanged)"
     return message
 
 
-def _reported_errno(exc: BaseException) -> int | None:
+def reported_errno(exc: BaseException) -> int | None:
     """The errno of an OS error that a writer library wrapped in its own exception (or its cause)."""
     seen = 0
     while exc is not None and seen < 8:

@@ -10,12 +10,12 @@ magic numbers, and for ONNX the protobuf message without its external data.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import MaskforgeError
+from .jsonread import strict_json
 
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 _IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF8", "GIF"), (b"BM", "BMP"),
@@ -35,10 +35,13 @@ class FileKind:
 def file_kind(path: str | os.PathLike) -> FileKind:
     """Recognize `path` from its first bytes (never raises for a readable path; `unknown` otherwise)."""
     path = Path(path)
-    if not path.exists():
-        return FileKind("missing", "missing")
-    if path.is_dir():
-        return FileKind("folder", "a folder")
+    try:
+        if not path.exists():
+            return FileKind("missing", "missing")
+        if path.is_dir():
+            return FileKind("folder", "a folder")
+    except OSError:  # a name too long, a symlink loop: the caller's loader says which
+        return FileKind("unknown", "an unreadable path")
     try:
         with open(path, "rb") as handle:
             head = handle.read(16)
@@ -67,8 +70,10 @@ def _safetensors_metadata(handle, head: bytes) -> dict | None:
         return None
     handle.seek(8)
     try:
-        header = json.loads(handle.read(length))
-    except (ValueError, UnicodeDecodeError):
+        # the one strict reader (duplicate keys, absurd nesting): a header it refuses is left to the
+        # command's own loader, which says what is wrong with it
+        header = strict_json(handle.read(length), str(handle.name), "the safetensors header")
+    except MaskforgeError:
         return None
     if not isinstance(header, dict):
         return None

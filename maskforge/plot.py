@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import MaskforgeError
+from .jsonread import strict_json
 from .dense import RESULT_NAME
 from .search.folders import CONFIG_NAME, METRICS_NAME
 from .search.metricfiles import read_metrics
@@ -288,8 +289,10 @@ def plot_run(run_dir: str | os.PathLike, *, stem: str | os.PathLike | None = Non
 
 def _run_title(run: Path, metrics: list[dict]) -> str:
     try:
-        config = json.loads((run / CONFIG_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        config = strict_json((run / CONFIG_NAME).read_bytes(), str(run / CONFIG_NAME), "the run config")
+    except (OSError, MaskforgeError):
+        config = None
+    if not isinstance(config, dict):  # the title is a courtesy: a damaged config.json only shortens it
         return f"{run.name}: {len(metrics)} epochs"
     kind = "dense training" if (run / RESULT_NAME).exists() or "optimizer" in config else "edge-popup"
     defaults = {"width": (None, 1), "topk": (None, "layer")}  # said only when not the default

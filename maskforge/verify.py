@@ -305,7 +305,7 @@ def check_onnx_external_data(model: str | os.PathLike, base_dir: str | os.PathLi
     assert isinstance(proto, onnx.ModelProto), "expected an onnx.ModelProto or a path"
     root = base.resolve()
     files: list[Path] = []
-    for tensor in _all_tensors(proto.graph):
+    for tensor in _model_tensors(proto):
         if tensor.data_location != onnx.TensorProto.EXTERNAL and not tensor.external_data:
             continue
         entries = {entry.key: entry.value for entry in tensor.external_data}
@@ -327,13 +327,26 @@ def check_onnx_external_data(model: str | os.PathLike, base_dir: str | os.PathLi
     return files
 
 
+def _model_tensors(proto):
+    """Every TensorProto of a model: its graph's and those of its model-local functions (`proto.functions`,
+    whose nodes may hold Constant tensors with external data like any graph's)."""
+    yield from _all_tensors(proto.graph)
+    for function in proto.functions:
+        yield from _node_tensors(function.node)
+
+
 def _all_tensors(graph):
     """Every TensorProto of a graph: initializers, sparse initializers, attribute tensors, subgraphs."""
     yield from graph.initializer
     for sparse in graph.sparse_initializer:
         yield sparse.values
         yield sparse.indices
-    for node in graph.node:
+    yield from _node_tensors(graph.node)
+
+
+def _node_tensors(nodes):
+    """The tensors in the attributes of `nodes`, subgraphs included."""
+    for node in nodes:
         for attribute in node.attribute:
             if attribute.HasField("t"):
                 yield attribute.t

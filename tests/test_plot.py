@@ -135,7 +135,8 @@ def _write_run(folder: Path, epochs: int = 4) -> None:
                                                     "scale_fan": True, "width": 1.0, "data": "mnist5k",
                                                     "batch_size": 128, "lr": 0.1, "seed": 2}))
     lines = [{"epoch": e, "step": 31 * e, "lr": 0.1 * (1 - e / epochs), "train_loss": 2.0 / e, "train_acc": 0.2 * e,
-              "heldout_loss": 2.2 / e, "heldout_acc": 0.2 * e + 0.01} for e in range(1, epochs + 1)]
+              "heldout_loss": 2.2 / e, "heldout_acc": 0.2 * e + 0.01, "images_per_s": 1000.0, "epoch_seconds": 4.0}
+             for e in range(1, epochs + 1)]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 

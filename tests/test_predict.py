@@ -95,7 +95,7 @@ def test_bad_input_is_one_line_exit_2(run, tmp_path, case):
     else:
         extra = ["--top", "0"]
     result = CliRunner().invoke(app, ["predict", str(run / "model.onnx"), image, *extra])
-    expected = {"missing image": r"image .*nope.png does not exist", "a folder": "is a folder",
+    expected = {"missing image": r"image .*nope.png does not exist", "a folder": r"folder .* contains no images",
                 "corrupt image": r"cannot decode image .*cut.png", "top 0": "top must be a positive integer"}[case]
     lines = result.stderr.splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr

@@ -6,7 +6,8 @@
 * A hostile pickle given where an artifact or a checkpoint is expected is refused with a clear error
   and its payload never runs. (The hostile CIFAR pickle is tested in tests/test_data.py.)
 * ONNX external data: locations that are absolute, contain `..`, or resolve (through symlinks) outside
-  the model's folder are refused by `check_onnx_external_data`, also inside subgraphs.
+  the model's folder are refused by `check_onnx_external_data`, also inside subgraphs and model-local
+  functions.
 """
 
 from __future__ import annotations
@@ -309,3 +310,26 @@ def test_eval_refuses_traversal_with_a_clear_error(layout):
     result = CliRunner().invoke(app, ["eval", str(_onnx_with_external(layout, "../secret.bin"))])
     assert result.exit_code == 2, result.stderr
     assert result.stderr.startswith("error: ") and "climbs out of the model's folder" in result.stderr
+
+
+def test_external_data_in_a_model_local_function_is_checked_too(layout):
+    """A Constant inside a model-local function (proto.functions) is a tensor like any other (issue 17, 3.7)."""
+    import onnx
+    from onnx import helper
+
+    plain = onnx.load(str(_onnx_with_external(layout, "../secret.bin")), load_external_data=False)
+    weight = onnx.TensorProto()
+    weight.CopyFrom(plain.graph.initializer[0])
+    const = helper.make_node("Constant", [], ["W"], value=weight)
+    matmul = helper.make_node("MatMul", ["X", "W"], ["Y"])
+    function = helper.make_function("local", "hidden", ["X"], ["Y"], [const, matmul],
+                                    [helper.make_opsetid("", 17)])
+    x = helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, [1, 2])
+    graph = helper.make_graph([helper.make_node("hidden", ["X"], ["Y"], domain="local")], "g", [x], [y])
+    model = helper.make_model(graph, functions=[function],
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)])
+    path = layout / "function.onnx"
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(MaskforgeError, match="climbs out"):
+        check_onnx_external_data(path)

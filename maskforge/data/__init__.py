@@ -31,11 +31,12 @@ import logging
 from pathlib import Path
 
 from ..errors import MaskforgeError
+from ..fileio import missing_reason
 from ..schema import InputSpec
 from .cifar import find_cifar10
 from .datasets import DataSplits, ImageDataset, InMemoryImages, heldout_fingerprint, split_warnings
 from .demo import load_mnist5k
-from .imagefolder import IMAGE_EXTENSIONS, ImageFileDataset, load_image_folder
+from .imagefolder import IMAGE_EXTENSIONS, ImageFileDataset, list_image_files, load_image_folder
 from .mnist import find_mnist_raw, load_mnist_raw
 from .named import FASHION_MNIST, NAMED_SOURCES, fashion_mnist_folder, is_named
 from .sampling import derive_seed, iterate_batches, num_batches
@@ -43,7 +44,8 @@ from .transforms import augment_batch, normalize
 
 __all__ = ["load_data", "DataSplits", "ImageDataset", "InMemoryImages", "ImageFileDataset", "InputSpec",
            "iterate_batches", "num_batches", "derive_seed", "normalize", "augment_batch", "IMAGE_EXTENSIONS",
-           "heldout_fingerprint", "split_warnings", "check_heldout_data", "NAMED_SOURCES", "is_named"]
+           "heldout_fingerprint", "split_warnings", "check_heldout_data", "NAMED_SOURCES", "is_named",
+           "list_image_files"]
 
 ACCEPTED_SOURCES = (
     "expected one of: 'mnist5k' (the built-in demo set); 'fashion-mnist' (Debian's dataset-fashion-mnist "
@@ -86,7 +88,7 @@ def load_data(source: str = "mnist5k", *, image_size: int | None = None) -> Data
 def _load_folder(path: Path, image_size: int | None) -> DataSplits:
     """Recognize which kind of folder `path` is and load it."""
     if not path.exists():
-        raise MaskforgeError(f"data source {path} does not exist; {ACCEPTED_SOURCES}")
+        raise MaskforgeError(f"data source {path} {missing_reason(path)}; {ACCEPTED_SOURCES}")
     if not path.is_dir():
         raise MaskforgeError(f"data source {path} is not a folder; {ACCEPTED_SOURCES}")
     cifar = find_cifar10(path)

@@ -1,12 +1,13 @@
 """Image folders: ``ROOT/train/<class>/*.png|jpg|...`` plus ``ROOT/val/`` (or ``ROOT/test/``).
 
-Files are listed with torchvision's `make_dataset` (sorted, recursive, symlinks followed; hidden files
-and folders skipped) and decoded with PIL on access, with decompression-bomb protection; resizing uses
-torchvision's `resize` + `center_crop`.
+Files are listed in torchvision's `make_dataset` order (sorted, recursive, symlinks followed; hidden files
+and folders skipped; symbolic link loops and files reached twice refused: `_Walk`) and decoded with PIL
+on access, with decompression-bomb protection; resizing uses torchvision's `resize` + `center_crop`.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -15,7 +16,6 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as F
 from PIL import Image
-from torchvision.datasets.folder import make_dataset
 
 from ..errors import MaskforgeError
 from ..schema import InputSpec
@@ -50,6 +50,10 @@ class ImageFileDataset(ImageDataset):
         self.channels = channels
         self.size = size
         self.root = root  # the split's folder (the files' paths relative to it identify the split)
+        # With skip_bad, an image that cannot be decoded is returned as zeros with label -1 (for the caller to
+        # drop) and its error recorded here, by index: `eval` counts the others and names these.
+        self.skip_bad = False
+        self.unreadable: dict[int, str] = {}
 
     @property
     def item_shape(self) -> tuple[int, int, int]:
@@ -59,7 +63,13 @@ class ImageFileDataset(ImageDataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return _decode_image(self.files[index], self.channels, self.size), int(self.labels[index])
+        try:
+            return _decode_image(self.files[index], self.channels, self.size), int(self.labels[index])
+        except MaskforgeError as exc:
+            if not self.skip_bad:
+                raise
+            self.unreadable[index] = str(exc)
+            return torch.zeros(self.item_shape, dtype=torch.uint8), -1
 
 
 _SAMPLE_FOR_CHANNELS = 32
@@ -107,19 +117,81 @@ def _list_images(
     split_dir: Path, class_names: Sequence[str], *, require_every_class: bool
 ) -> tuple[list[Path], list[int]]:
     """All image files under split_dir/<class>/ (recursively), sorted so the order is the same everywhere."""
+    walk = _Walk()
+    files: list[Path] = []
+    labels: list[int] = []
+    for label, name in enumerate(class_names):
+        if (split_dir / name).is_dir():
+            found = walk.images(split_dir / name)
+            files += found
+            labels += [label] * len(found)
+        if require_every_class and label not in labels[-1:]:
+            raise MaskforgeError(f"class folder {split_dir / name} contains no images ({_EXTENSIONS_TEXT})")
+    return files, labels
 
-    def is_image(path: str) -> bool:
-        hidden = any(part.startswith(".") for part in Path(path).relative_to(split_dir).parts)
-        return path.lower().endswith(IMAGE_EXTENSIONS) and not hidden
 
-    present = {name: label for label, name in enumerate(class_names) if (split_dir / name).is_dir()}
-    samples = make_dataset(str(split_dir), present, is_valid_file=is_image, allow_empty=True) if present else []
-    if require_every_class:
-        found = {label for _, label in samples}
-        empty = next((name for label, name in enumerate(class_names) if label not in found), None)
-        if empty is not None:
-            raise MaskforgeError(f"class folder {split_dir / empty} contains no images ({_EXTENSIONS_TEXT})")
-    return [Path(path) for path, _ in samples], [label for _, label in samples]
+def list_image_files(folder: Path) -> list[Path]:
+    """The image files under `folder` (recursively, symbolic links followed, hidden names skipped), in
+    torchvision's `make_dataset` order; a symbolic link loop or a file reached twice is refused."""
+    return _Walk().images(Path(folder))
+
+
+class _Walk:
+    """Lists image files as torchvision's `make_dataset` does (folders in sorted path order, files sorted
+    by name within each), following symbolic links, but refusing what `os.walk(followlinks=True)` does
+    not see: a link back up the tree (one `..` link repeats the tree until the OS gives up, 40 levels
+    deep; two of them make the walk exponential, which looks like a hang), and a folder or file reached
+    twice (its images would count twice, or under two classes). Identity is the resolved path. One
+    `_Walk` spans the class folders of a split, so a file linked into two classes is caught too."""
+
+    def __init__(self) -> None:
+        self._folders: dict[str, str] = {}   # resolved folder -> the path it was first reached by
+        self._files: dict[str, str] = {}     # resolved image file -> the path it was first reached by
+
+    def images(self, top: Path) -> list[Path]:
+        found: list[tuple[str, list[str]]] = []
+        self._visit(str(top), os.path.realpath(top), (), found)
+        return [Path(os.path.join(folder, name)) for folder, names in sorted(found) for name in sorted(names)]
+
+    def _visit(self, folder: str, real: str, ancestors: tuple[str, ...], found: list) -> None:
+        if ancestors and (real in ancestors or _inside(ancestors[-1], real)):
+            # a link to a folder that holds this one: walking it comes back here, again and again
+            raise MaskforgeError(f"symbolic link loop: {folder} leads back to {real}, which contains it; remove "
+                                 f"the link (image folders are walked through links, and this one never ends)")
+        if real in self._folders:
+            raise MaskforgeError(f"{folder} and {self._folders[real]} are the same folder (through a symbolic "
+                                 f"link): its images would count twice; remove one")
+        self._folders[real] = folder
+        try:
+            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+        except OSError as exc:
+            raise MaskforgeError(f"cannot list the image folder {folder}: {exc.strerror or exc}") from None
+        names = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue  # hidden files and folders (.DS_Store, .ipynb_checkpoints) are not images
+            if _is_dir(entry):
+                self._visit(entry.path, os.path.realpath(entry.path), (*ancestors, real), found)
+            elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                # a plain file's resolved path is its folder's plus its name; only links need resolving
+                resolved = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(real, entry.name)
+                if resolved in self._files:
+                    raise MaskforgeError(f"{entry.path} and {self._files[resolved]} are the same file (through a "
+                                         f"symbolic link): it would count twice; remove one")
+                self._files[resolved] = entry.path
+                names.append(entry.name)
+        found.append((folder, names))
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows links, as os.walk(followlinks=True) does
+    except OSError:
+        return False  # a link that loops on itself: listed as a file, refused when decoded
 
 
 def _evenly_spaced(n: int, k: int) -> list[int]:

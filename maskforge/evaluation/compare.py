@@ -25,6 +25,7 @@ from ..errors import MaskforgeError
 from ..export import EXPORT_MODES, ExportMode, export_onnx
 from ..export.calibration import DEFAULT_CALIBRATION, load_check_images
 from ..materialize import materialize
+from ..memory import check_network_fits
 from .measure import Reference, Settings, load_matching_data, measure, split_of
 from .report import CompareReport, EvalReport, ModeRow
 from .runners import TorchRunner
@@ -57,6 +58,8 @@ def compare(artifact: str | os.PathLike, *, modes: Sequence[ExportMode] = EXPORT
     splits, source = load_matching_data(subject, data)
     dataset = split_of(splits, split, source)
     torch_model = materialize(subject.artifact, threads=settings.threads)
+    check_network_fits(torch_model, subject.spec, settings.batch_size, f"evaluating {artifact}",
+                       "give a smaller --batch-size")
     refused: dict[str, str] = {}
     exports = {}
     check_images = None  # the int8 modes' calibration and check images, loaded (and referenced) once

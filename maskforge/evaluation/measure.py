@@ -7,6 +7,7 @@ evaluated alone, or against `reference` (the artifact or the float32 ONNX file) 
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -15,11 +16,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..data import DataSplits, check_heldout_data, iterate_batches, normalize
+from ..data import DataSplits, ImageFileDataset, check_heldout_data, iterate_batches, normalize
 from ..errors import MaskforgeError
 from ..export import META_PREFIX, export_onnx
 from ..export.calibration import matching_splits, searched_data
 from ..materialize import materialize
+from ..memory import check_network_fits
 from .footprint import compute_section, size_section
 from .report import EvalReport, Latency, ModelSummary, Timing
 from .runners import OnnxRunner, TorchRunner, torch_threads
@@ -29,6 +31,7 @@ from .timing import SESSION_STARTS, latency_stats, measure_latency, probe_footpr
 
 SPLITS = {"test": "heldout", "heldout": "heldout", "val": "heldout", "train": "train"}
 REFERENCE = "reference"   # the runner name of the float32 reference
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -100,6 +103,8 @@ def evaluate(model: str | os.PathLike, *, data: str | None = None, split: str = 
         evaluated, ref = subject, None
         if subject.artifact is not None:
             torch_model = materialize(subject.artifact, threads=settings.threads)
+            check_network_fits(torch_model, subject.spec, settings.batch_size, f"evaluating {model}",
+                               "give a smaller --batch-size")
             exported = export_onnx(subject.artifact, Path(workdir) / "model.onnx", model=torch_model)
             evaluated = open_onnx(exported.path, preprocessing_overrides(mean, std, size))
             evaluated.exported_here = True
@@ -151,10 +156,18 @@ def measure(subjects: dict[str, Subject], ref: Reference | None, dataset, source
     runners: dict[str, Callable] = {name: OnnxRunner(subject, settings.threads) for name, subject in subjects.items()}
     if ref is not None:
         runners[REFERENCE] = ref.runner
-    with torch_threads(settings.threads):
-        scores = score(runners, dataset, spec, settings.batch_size, reference=REFERENCE if ref else None,
-                       progress=progress)
-        timings = _timings(subjects, runners, ref, dataset, settings, progress) if settings.latency else {}
+    tolerant = isinstance(dataset, ImageFileDataset)
+    if tolerant:  # a corrupt file in an image folder costs its own example, not the evaluation
+        dataset.skip_bad, dataset.unreadable = True, {}
+    try:
+        with torch_threads(settings.threads):
+            scores = score(runners, dataset, spec, settings.batch_size, reference=REFERENCE if ref else None,
+                           progress=progress)
+            unreadable = _unreadable(dataset) if tolerant else []
+            timings = _timings(subjects, runners, ref, dataset, settings, progress) if settings.latency else {}
+    finally:
+        if tolerant:
+            dataset.skip_bad = False
     provenance = (artifact or next(iter(subjects.values()))).provenance()
     heldout_acc = provenance.get("heldout_acc") if SPLITS[settings.split] == "heldout" \
         and provenance.get("data") == source else None
@@ -162,10 +175,20 @@ def measure(subjects: dict[str, Subject], ref: Reference | None, dataset, source
     for name, subject in subjects.items():
         reports[name] = EvalReport(
             model=_summary(subject), batch_size=settings.batch_size, threads=settings.threads,
-            accuracy=accuracy_section(scores[name], spec, source, settings.split, heldout_acc),
+            accuracy=accuracy_section(scores[name], spec, source, settings.split, heldout_acc, unreadable),
             agreement=agreement_section(scores[name], scores[REFERENCE], ref.description) if ref else None,
             timing=timings.get(name), size=size_section(subject, artifact), compute=compute_section(subject, artifact))
     return reports
+
+
+def _unreadable(dataset: ImageFileDataset) -> list[dict]:
+    """The images `score` left out, each logged as a warning; refused when that leaves nothing to count."""
+    bad = [{"image": str(dataset.files[index]), "error": error} for index, error in sorted(dataset.unreadable.items())]
+    if len(bad) == len(dataset):
+        raise MaskforgeError(f"none of the {len(dataset)} images could be decoded; the first: {bad[0]['error']}")
+    for entry in bad:
+        log.warning("%s (left out of the accuracy)", entry["error"])
+    return bad
 
 
 def _timings(subjects: dict[str, Subject], runners: dict[str, Callable], ref: Reference | None, dataset,

@@ -69,6 +69,8 @@ class Accuracy:
     per_class: list[ClassResult]
     confusion: list[list[int]]      # confusion[true][predicted] = examples
     search_heldout_acc: float | None = None   # what the search recorded on this split (provenance)
+    #: images of the split that could not be decoded, left out of every count: [{"image", "error"}]
+    unreadable: list[dict] = field(default_factory=list)
 
     @property
     def topk_name(self) -> str:

@@ -59,6 +59,12 @@ def score(runners: dict[str, Runner], dataset, spec: InputSpec, batch_size: int,
     order = sorted(runners, key=lambda name: name != reference)   # the reference first
     total, done = len(dataset), 0
     for images, labels in iterate_batches(dataset, batch_size, shuffle=False):
+        done += len(labels)
+        readable = labels >= 0  # -1: an image the data set could not decode (ImageFileDataset.skip_bad)
+        if not bool(readable.all()):
+            images, labels = images[readable], labels[readable]
+            if len(labels) == 0:
+                continue
         x = normalize(images, spec).numpy()
         y = labels.numpy()
         reference_logits = None
@@ -73,7 +79,6 @@ def score(runners: dict[str, Runner], dataset, spec: InputSpec, batch_size: int,
             elif reference_logits is not None:
                 diff = float(np.abs(logits.astype(np.float64) - reference_logits).max())
                 scores[name].max_abs_diff = max(scores[name].max_abs_diff, diff)
-        done += len(y)
         if progress is not None:
             progress("scoring", done, total)
     return scores
@@ -88,12 +93,13 @@ def _update(scores: Scores, logits: np.ndarray, y: np.ndarray, classes: int) -> 
 
 
 def accuracy_section(scores: Scores, spec: InputSpec, data: str, split: str,
-                     search_heldout_acc: float | None = None) -> Accuracy:
+                     search_heldout_acc: float | None = None, unreadable: list[dict] | None = None) -> Accuracy:
     examples = scores.examples
     return Accuracy(data=data, split=split, examples=examples, correct=scores.correct,
                     top1=scores.correct / examples, k=scores.k, correct_topk=scores.correct_topk,
                     topk=scores.correct_topk / examples, per_class=per_class(scores.confusion, spec.class_names),
-                    confusion=scores.confusion.tolist(), search_heldout_acc=search_heldout_acc)
+                    confusion=scores.confusion.tolist(), search_heldout_acc=search_heldout_acc,
+                    unreadable=list(unreadable or []))
 
 
 def per_class(confusion: np.ndarray, names) -> list[ClassResult]:

@@ -17,6 +17,7 @@ from typing import Sequence
 from ..artifact import Artifact, load_artifact
 from ..data import InputSpec
 from ..errors import MaskforgeError, first_line
+from ..fileio import missing_reason
 from ..export import META_PREFIX, OnnxModelInfo, read_onnx_metadata
 from ..export.modes import PRECISIONS, STORAGES
 from ..export.onnxio import WEIGHT_OPS
@@ -62,7 +63,7 @@ def open_model(path: str | os.PathLike, *, mean: Sequence[float] | str | None = 
     overrides = preprocessing_overrides(mean, std, size)
     kind = file_kind(path)
     if kind.kind == "missing":
-        raise MaskforgeError(f"model {path} does not exist")
+        raise MaskforgeError(f"model {path} {missing_reason(path)}")
     if kind.kind == "folder":
         raise MaskforgeError(f"model {path} is a folder; give an .onnx file or an artifact")
     if kind.kind in ("torch_export", "checkpoint", "image"):

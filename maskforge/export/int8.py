@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MaskforgeError, first_line
-from ..fileio import atomic_write
+from ..fileio import NO_ROOM, NO_ROOM_WHY, atomic_write, reported_errno
 from .calibration import calibration_reader
 from .onnxio import per_channel_magnitude, weight_refs
 from .trace import INPUT_NAME
@@ -54,17 +54,26 @@ def quantize(proto_fp32, calibration: np.ndarray, *, lossy: bool):
                "QDQDisableWeightAdjustForInt32Bias": not lossy}
     with tempfile.TemporaryDirectory(prefix="maskforge-int8-") as tmp, _quiet_quantizer():
         source, out = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
-        atomic_write(source, proto_fp32.SerializeToString())   # a path: given a proto, the quantizer edits it
         try:
+            atomic_write(source, proto_fp32.SerializeToString())   # a path: given a proto, the quantizer edits it
             quantize_static(source, out, calibration_reader(calibration, INPUT_NAME),
                             quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=lossy,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method=CalibrationMethod.MinMax, extra_options=options)
-        except MaskforgeError:
-            raise
+            return onnx.load(str(out))
         except Exception as exc:  # noqa: BLE001 - the quantizer raises ValueError/RuntimeError and others
+            code = reported_errno(exc)  # also through atomic_write's MaskforgeError (its context is the OSError)
+            if code in NO_ROOM:  # its working copies are internal: say where the room is missing, not their names
+                raise ScratchFull(f"no room for the int8 quantizer's working files in the temporary folder "
+                                  f"{Path(tmp).parent} ({NO_ROOM_WHY[code]}); set TMPDIR to a folder with room "
+                                  f"(a few times the model's size)") from None
+            if isinstance(exc, MaskforgeError):
+                raise
             raise MaskforgeError(f"onnxruntime's quantizer failed: {first_line(exc)}") from None
-        return onnx.load(str(out))
+
+
+class ScratchFull(MaskforgeError):
+    """The temporary folder has no room for the quantizer's working files (the caller names its output)."""
 
 
 def exact_scales(proto) -> dict[str, list[dict]]:

@@ -13,6 +13,7 @@ from .. import __version__
 from ..artifact import Artifact, artifact_bytes
 from ..data import InputSpec
 from ..errors import MaskforgeError, first_line
+from ..jsonread import strict_json
 
 META_PREFIX = "maskforge."
 
@@ -99,8 +100,8 @@ class OnnxModelInfo:
 
     def get_json(self, key: str, default=None):
         try:
-            return json.loads(self.metadata[META_PREFIX + key])
-        except (KeyError, ValueError):
+            return strict_json(self.metadata[META_PREFIX + key], "ONNX metadata", key)
+        except (KeyError, MaskforgeError):
             return default
 
 
@@ -113,8 +114,9 @@ def read_onnx_metadata(proto_or_map) -> OnnxModelInfo:
     if META_PREFIX + "preprocessing" not in metadata:
         return OnnxModelInfo(None, None, metadata)
     try:
-        pre = json.loads(metadata[META_PREFIX + "preprocessing"])
-        names = json.loads(metadata.get(META_PREFIX + "class_names", "null"))
+        # the one strict reader: a duplicate key or absurd nesting is "corrupt", not a RecursionError
+        pre = strict_json(metadata[META_PREFIX + "preprocessing"], "preprocessing", "the JSON")
+        names = strict_json(metadata.get(META_PREFIX + "class_names", "null"), "class_names", "the JSON")
         spec = InputSpec(pre["channels"], pre["height"], pre["width"], pre["mean"], pre["std"], names)
     except (ValueError, KeyError, TypeError, MaskforgeError) as exc:
         raise MaskforgeError(f"the model's maskforge metadata is corrupt ({first_line(exc)})") from None

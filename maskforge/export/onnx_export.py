@@ -18,18 +18,20 @@ import numpy as np
 import torch.nn as nn
 
 from ..artifact import Artifact
+from ..errors import MaskforgeError
 from ..fileio import atomic_path
 from ..materialize import as_artifact, materialize
+from ..memory import check_network_fits
 from .calibration import (DEFAULT_CALIBRATION, DEFAULT_CHECK_IMAGES, CheckImages, check_calibration_count,
                           load_check_images)
 from .compact import compact_weights
-from .int8 import QuantizeInfo, check_int8_weights, quantize
+from .int8 import QuantizeInfo, ScratchFull, check_int8_weights, quantize
 from .metadata import set_metadata, with_digest
 from .destination import check_output_path, output_folder
 from .modes import ExportMode, default_export_path, resolve_mode
 from .onnxio import MAX_IR_VERSION, finalize
-from .parity import (INT8_MAX_TOP1_DROP, INT8_MIN_AGREEMENT, Int8Check, Parity, float_parity, int8_parity,
-                     ort_session, run_session)
+from .parity import (INT8_MAX_TOP1_DROP, INT8_MIN_AGREEMENT, PARITY_BATCH, Int8Check, Parity, float_parity,
+                     int8_parity, ort_session, run_session)
 from .regen_graph import regen_weights
 from .trace import trace_to_onnx
 
@@ -96,15 +98,21 @@ def export_onnx(artifact: Artifact | str | os.PathLike, out: str | os.PathLike |
     out = Path(out) if out is not None else default_export_path(artifact.path, storage=mode.storage,
                                                                  precision=mode.precision)
     check_output_path(out)
+    if model is None:
+        model = materialize(artifact, threads=threads)
+    # before anything runs the network (tracing, the parity checks: up to 256 images at once for int8)
+    check_network_fits(model, artifact.spec, PARITY_BATCH if mode.precision == "fp32" else min(256, check_images),
+                       f"exporting {artifact.path or 'the artifact'}")
     images = None
     if mode.precision == "int8":
         images = prepared_images or load_check_images(artifact, calibration_data, calibration, check_images)
     if mode.lossy:
         warnings.warn(f"int8 of {artifact.init} weights is lossy: the file approximates the artifact's network "
                       f"(checked against fp32 top-1 on held-out data)", UserWarning, stacklevel=2)
-    if model is None:
-        model = materialize(artifact, threads=threads)
-    proto, quantized, fp32 = _build(artifact, model, mode, images)
+    try:
+        proto, quantized, fp32 = _build(artifact, model, mode, images)
+    except ScratchFull as exc:
+        raise MaskforgeError(f"cannot write {out}: {exc}; the previous {out.name}, if any, is unchanged") from None
     result = ExportResult(out, "onnx", mode.storage, 0, artifact.masked_weights, artifact.kept_weights, 0.0, None,
                           mode.opset, 0.0, mode.storage, mode.precision, lossy=mode.lossy)
     if quantized is not None:

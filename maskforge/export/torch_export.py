@@ -18,6 +18,7 @@ import torch.nn as nn
 from .. import __version__
 from ..artifact import Artifact
 from ..errors import MaskforgeError, first_line
+from ..jsonread import strict_json
 from ..fileio import atomic_path
 from ..materialize import as_artifact, materialize, plain_structure
 from .metadata import with_digest
@@ -90,12 +91,12 @@ def load_torch_export(path: str | os.PathLike) -> nn.Module:
     if TORCH_EXPORT_KEY not in metadata:
         raise MaskforgeError(f"{path} is not a maskforge torch export (no '{TORCH_EXPORT_KEY}' metadata)")
     try:
-        document = json.loads(metadata[TORCH_EXPORT_KEY])
+        document = strict_json(metadata[TORCH_EXPORT_KEY], "metadata", "the JSON")
         arch, args, k = document["arch"]["name"], document["arch"]["args"], document["k"]
         if not (isinstance(arch, str) and isinstance(args, dict) and isinstance(k, (int, float))
                 and not isinstance(k, bool) and 0.0 < k <= 1.0):
             raise TypeError("bad arch, args or k")
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, MaskforgeError) as exc:
         raise MaskforgeError(f"{path}: damaged maskforge torch-export metadata ({first_line(exc)})") from None
     model = plain_structure(arch, args, float(k))
     model.to_empty(device="cpu")

@@ -31,6 +31,7 @@ from pydantic import BeforeValidator, ConfigDict, Field, Strict, TypeAdapter, Va
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from ..errors import MaskforgeError
+from ..textguard import QUOTE_LIMIT, printable, quote
 
 __all__ = ["to_integer", "Integer", "Number", "Measurement", "Text", "Flag", "Hex64", "Field", "record", "parse",
            "dump", "json_schema", "describe", "check_format"]
@@ -137,7 +138,7 @@ def check_format(raw: Any, name: str, version: int, label: str, kind: str) -> No
     if not isinstance(raw, dict):
         raise MaskforgeError(f"{label}: the maskforge metadata is not a JSON object")
     if raw.get("format") != name:
-        raise MaskforgeError(f"{label}: format is {raw.get('format')!r}, not {name!r}")
+        raise MaskforgeError(f"{label}: format is {quote(raw.get('format'))}, not {name!r}")
     try:
         found = to_integer(raw.get("format_version"))
     except ValueError:
@@ -193,6 +194,7 @@ def describe(exc: ValidationError, label: str) -> str:
     """One line for the first error: `label: <field> <problem>, got <value>`."""
     error = exc.errors(include_url=False)[0]
     where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"]).lstrip(".")
+    where = printable(where, limit=QUOTE_LIMIT)  # field names come from the file: a key may be 99 MB of escapes
     kind, ctx = error["type"], error.get("ctx") or {}
     if kind == "missing":
         return f"{label}: field {where} is missing"
@@ -208,6 +210,5 @@ def describe(exc: ValidationError, label: str) -> str:
         return f"{label}: {problem}"
     if isinstance(error["input"], (dict, list, tuple)):  # the message names what is wrong inside it
         return f"{label}: {where} {problem}"
-    shown = repr(error["input"])
-    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    shown = quote(error["input"], limit=80)
     return f"{label}: {where} {problem}, got {shown}"

@@ -17,7 +17,6 @@ and no artifact: a search that stopped before its first checkpoint, nothing to c
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -27,6 +26,7 @@ from typing import Iterator
 
 from ..checkpoint import CHECKPOINT_NAME, read_position
 from ..errors import MaskforgeError
+from ..jsonread import strict_json
 from ..schema import RESUME_OVERRIDABLE, SearchConfig
 from .lock import LOCK_NAME
 
@@ -89,11 +89,12 @@ def read_run_config(run_dir: str | os.PathLike) -> SearchConfig:
     """The `SearchConfig` recorded in `run_dir/config.json` (fields newer than the record take defaults)."""
     path = Path(run_dir) / CONFIG_NAME
     try:
-        values = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_bytes()
     except FileNotFoundError:
         raise MaskforgeError(f"{path} is missing: {run_dir} is not a search run folder") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise MaskforgeError(f"cannot read {path}: {exc}") from None
+    except OSError as exc:
+        raise MaskforgeError(f"cannot read {path}: {exc.strerror or exc}") from None
+    values = strict_json(text, str(path), "the search config")  # a duplicate key is refused, as in artifacts
     return SearchConfig.from_dict(values, str(path))
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from ..errors import MaskforgeError
 from ..fileio import atomic_write
-from ..schema import SearchConfig
+from ..jsonread import strict_json
+from ..schema import EpochRecord, SearchConfig, parse
 from .folders import METRICS_CSV_NAME, METRICS_NAME, TENSORBOARD_DIR
 
 #: Columns of metrics.csv, in order (the fields of an epoch record, maskforge.schema.EpochRecord).
@@ -43,14 +44,27 @@ def write_metrics(out: str | os.PathLike, metrics: list[dict]) -> None:
 
 
 def read_metrics(out: str | os.PathLike) -> list[dict]:
-    """The per-epoch records of run folder `out` (`metrics.jsonl`); [] when no epoch has finished."""
+    """The per-epoch records of run folder `out` (`metrics.jsonl`); [] when no epoch has finished.
+
+    Every line must be an epoch record (`maskforge.schema.EpochRecord`, NaN allowed where a search
+    diverged); a damaged one is a `MaskforgeError` naming the file's line (`metrics.jsonl line 2: ...`)."""
     path = Path(out) / METRICS_NAME
     try:
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return []
     except (OSError, ValueError) as exc:
-        raise MaskforgeError(f"cannot read {path}: {exc}") from None
+        raise MaskforgeError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            where = f"{path} line {number}"
+            record = strict_json(line, where, "the metrics record", allow_nan=True)
+            if not isinstance(record, dict):
+                raise MaskforgeError(f"{where}: metrics record: must be an object, got {type(record).__name__}")
+            parse(EpochRecord, record, f"{where}: metrics record")
+            records.append(record)
+    return records
 
 
 def check_tensorboard(config: SearchConfig) -> None:

@@ -27,7 +27,9 @@ from ..registry import check_width, get_arch
 from ..dense import RECIPE, DenseConfig
 from ..errors import MaskforgeError
 from ..fileio import atomic_write
+from ..jsonread import strict_json
 from ..schema import RESUME_OVERRIDABLE, SearchConfig
+from ..textguard import QUOTE_LIMIT, printable
 
 SWEEP_FILE = "sweep.json"
 #: Version 2: topk became a named axis (version-1 folder names do not say it).
@@ -287,7 +289,7 @@ def read_record(out: Path) -> SweepRecord | None:
     if not path.exists():
         return None
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
+        document = strict_json(path.read_bytes(), str(path), "the sweep record")
         if document.get("format") == SWEEP_FORMAT and document.get("version") == 1:
             raise MaskforgeError("written by an older maskforge (sweep format 1, whose folder names do not say "
                                  "topk); run the sweep again in a new folder")
@@ -297,9 +299,10 @@ def read_record(out: Path) -> SweepRecord | None:
         grids = [make_grid({**fixed, **{a: list(v) for a, v in g["axes"].items()}},
                            dense_baseline=bool(g["dense_baseline"])) for g in document["grids"]]
     except MaskforgeError as exc:
-        raise MaskforgeError(f"{path}: {exc}") from None
+        message = str(exc)
+        raise MaskforgeError(message if message.startswith(str(path)) else f"{path}: {message}") from None
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise MaskforgeError(f"cannot read {path}: {exc}") from None
+        raise MaskforgeError(f"cannot read {path}: {printable(exc, limit=QUOTE_LIMIT)}") from None
     return SweepRecord(fixed, axes, grids)
 
 

@@ -23,8 +23,10 @@ from ..artifact import load_artifact
 from ..dense import RESULT_NAME
 from ..errors import MaskforgeError
 from ..fileio import atomic_write
+from ..jsonread import strict_json
 from ..search import ARTIFACT_NAME, CONFIG_NAME, SearchConfig
 from ..search.metricfiles import read_metrics
+from ..textguard import quote
 from .grid import DENSE_SHARED, Point
 
 RESULTS_FILE = "results.csv"
@@ -44,10 +46,12 @@ def learned_threshold(num_classes: int) -> float:
 
 
 def read_status(folder: Path) -> dict:
+    """The point's `point.json`; {} when missing or unreadable (it only carries wall time and attempts)."""
     try:
-        return json.loads((folder / STATUS_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        status = strict_json((folder / STATUS_FILE).read_bytes(), str(folder / STATUS_FILE), "the point status")
+    except (OSError, MaskforgeError):
         return {}
+    return status if isinstance(status, dict) else {}
 
 
 def write_status(folder: Path, status: dict) -> None:
@@ -66,6 +70,16 @@ def is_bug(row: dict) -> bool:
 def is_done(point: Point, folder: Path) -> bool:
     """A search is done once its artifact exists (written last); a dense baseline once dense.json does."""
     return (folder / (ARTIFACT_NAME if point.kind == "search" else RESULT_NAME)).is_file()
+
+
+def finished_damage(point: Point, folder: Path) -> str | None:
+    """Why the records of a finished point cannot be read (a damaged artifact, metrics.jsonl or dense.json),
+    or None when they can."""
+    try:
+        _finished(point, folder)
+    except MaskforgeError as exc:
+        return " ".join(str(exc).split())
+    return None
 
 
 def point_row(point: Point, out: Path) -> dict:
@@ -111,11 +125,11 @@ def _finished(point: Point, folder: Path) -> dict:
         classes = artifact.spec.num_classes
     else:
         try:
-            result = json.loads((folder / RESULT_NAME).read_text(encoding="utf-8"))
+            result = strict_json((folder / RESULT_NAME).read_bytes(), str(folder / RESULT_NAME), "the result")
             sizes = {"masked_weights": int(result["weights"]), "kept_weights": int(result["weights"])}
             classes = int(result["num_classes"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise MaskforgeError(f"cannot read {folder / RESULT_NAME}: {exc}") from None
+            raise MaskforgeError(f"cannot read {folder / RESULT_NAME}: {quote(exc)}") from None
     final = _accuracy(metrics[-1]) if metrics else math.nan
     accuracies = [_accuracy(m) for m in metrics]
     finite = [(acc, index) for index, acc in enumerate(accuracies) if math.isfinite(acc)]

@@ -11,6 +11,7 @@ resuming interrupted ones from their checkpoint, and carrying on past a point th
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -23,7 +24,10 @@ from ..errors import MaskforgeError
 from ..fileio import ensure_writable_dir
 from ..search import search
 from .grid import DENSE_SHARED, Point, SweepRecord, check_figure_axes, make_grid, read_record, record_grid
-from .results import BUG_PREFIX, is_done, point_row, read_status, summarize, write_results, write_status
+from .results import (BUG_PREFIX, finished_damage, is_done, point_row, read_status, summarize, write_results,
+                      write_status)
+
+log = logging.getLogger(__name__)
 
 #: on_point(event, point, info): event "start" (info: index, total) or "end" (info: outcome, seconds, row)
 PointCallback = Callable[[str, Point, dict], None]
@@ -149,8 +153,15 @@ def _finish(out: Path, record: SweepRecord, result: SweepResult, plotted: list[s
 def _run_point(point: Point, out: Path, on_step: StepCallback | None, on_epoch: EpochCallback | None) -> str:
     """'skipped' (finished earlier), 'ran', 'failed' (a MaskforgeError) or 'bug' (anything else)."""
     folder = out / point.name
+    overwrite = False
     if is_done(point, folder):
-        return "skipped"
+        damage = finished_damage(point, folder)
+        if damage is None:
+            return "skipped"
+        # finished, but its records cannot be read: a failed point, which running the sweep again retries
+        log.warning("point %s is finished but damaged (%s); running it again (its files move to %s)",
+                    point.name, damage, folder / "previous-N")
+        overwrite = True
     previous = read_status(folder)
     wall, attempts = float(previous.get("wall_s", 0.0)), int(previous.get("attempts", 0)) + 1
     started = time.perf_counter()
@@ -170,7 +181,7 @@ def _run_point(point: Point, out: Path, on_step: StepCallback | None, on_epoch: 
         if point.kind == "dense":
             train_dense(point.config, on_step=on_step, on_epoch=epoch_done)
         else:  # search decides (search/plan.py): new, continued from a checkpoint, or started over
-            search(point.config, on_step=on_step, on_epoch=epoch_done)
+            search(point.config, on_step=on_step, on_epoch=epoch_done, overwrite=overwrite)
     except MaskforgeError as exc:
         note(" ".join(str(exc).split()))
         return "failed"
