@@ -18,7 +18,8 @@ costs nothing and is never kept. `convert` then applies the conversion rules, th
   product(shape[1:]), as for the built-ins;
 * every bias of those layers is fixed to 0 (the layer is bias-free, as the paper's networks are);
 * batch, layer and group norms (their subclasses too, e.g. torchvision's LayerNorm2d) lose their affine
-  scale and shift (fixed to 1 and 0); batch norms keep running statistics, which the artifact stores;
+  scale and shift (fixed to 1 and 0); batch norms keep running statistics, which the artifact stores, and
+  update them with PyTorch's default momentum 0.1 (torchvision's 0.01 barely moves in a short search);
 * other parameters follow `FIXED_RULES` (ViT's class token 0, its position embedding regenerated from the
   seed, ConvNeXt's layer scale 1); any other parameter or buffer refuses the model in one line naming it;
 * dropout and stochastic depth are off (replaced by identities): the search evaluates the network it
@@ -365,6 +366,10 @@ def _strip_affine(norm: nn.Module, name: str) -> None:
                              f"outputs would depend on the batch)")
     if isinstance(norm, nn.modules.instancenorm._InstanceNorm) and norm.track_running_stats:
         raise MaskforgeError(f"module {name}: an instance norm with running statistics is not supported")
+    if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.momentum is not None:
+        # PyTorch's default: torchvision's 0.01 (MobileNetV3, EfficientNet) leaves the running statistics
+        # far from the data after a short search; a cumulative average (None) is kept as the builder chose
+        norm.momentum = 0.1
     for attr in ("weight", "bias"):
         if attr in norm._parameters:
             norm.register_parameter(attr, None)
