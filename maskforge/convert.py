@@ -48,6 +48,7 @@ import json
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -63,7 +64,7 @@ from .layers import (MASKED_TYPES, MaskedConv1d, MaskedConv2d, MaskedConv3d, Mas
 
 __all__ = ["TRUST_ENV", "FIXED_RULES", "is_reference", "builder_reference", "trust", "resolve", "source_model",
            "structure_entries", "structure_digest", "first_difference", "library_of", "convert", "build",
-           "fill_fixed", "plain_layers", "torchvision_builders"]
+           "fill_fixed", "plain_layers", "torchvision_builders", "zoo"]
 
 TRUST_ENV = "MASKFORGE_TRUST_CODE"
 
@@ -207,6 +208,10 @@ def source_model(reference: str, args: dict) -> nn.Module:
                              f"builder's own width arguments in --arch-args)")
     kwargs = dict(args.get("builder_args") or {})
     torchvision = reference.startswith("torchvision:")
+    if torchvision and reference.split(":", 1)[1] in ("googlenet", "inception_v3"):
+        # their auxiliary classifiers make the training forward return a tuple; init_weights: no warning
+        kwargs.setdefault("aux_logits", False)
+        kwargs.setdefault("init_weights", False)
     for key, value in (("num_classes", num_classes), ("in_channels", in_channels), ("image_size", list(image_size))):
         if key not in kwargs and (torchvision and key == "num_classes" or not torchvision and _accepts(builder, key)):
             kwargs[key] = value
@@ -264,18 +269,21 @@ def _check_output(model: nn.Module, reference: str, in_channels: int, num_classe
                   image_size: tuple[int, int]) -> None:
     """One forward pass on the meta device: the network must map the data's images to its classes."""
     was_training = model.training
-    model.eval()
     try:
-        out = model(torch.empty(2, in_channels, *image_size, device="meta"))
-    except Exception as exc:  # noqa: BLE001 - any failure of the user's forward
-        raise MaskforgeError(f"architecture {reference} cannot take {in_channels}x{image_size[0]}x{image_size[1]} "
-                             f"images: {type(exc).__name__}: {first_line(exc)}") from None
+        for training in (False, True):  # the search trains, the exports evaluate: both must give logits
+            model.train(training)
+            try:
+                out = model(torch.empty(2, in_channels, *image_size, device="meta"))
+            except Exception as exc:  # noqa: BLE001 - any failure of the user's forward
+                raise MaskforgeError(f"architecture {reference} cannot take {in_channels}x{image_size[0]}x"
+                                     f"{image_size[1]} images: {type(exc).__name__}: {first_line(exc)}") from None
+            if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+                shape = list(out.shape) if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
+                raise MaskforgeError(f"architecture {reference} gives {shape} for a batch of 2 images in "
+                                     f"{'training' if training else 'evaluation'} mode, expected a tensor "
+                                     f"[2, {num_classes}] (one logit per class of the data)")
     finally:
         model.train(was_training)
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
-        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise MaskforgeError(f"architecture {reference} gives {shape} for a batch of 2 images, expected "
-                             f"[2, {num_classes}] (one logit per class of the data)")
 
 
 # --- structure --------------------------------------------------------------------------------------------
@@ -528,7 +536,23 @@ def count_weights(model: nn.Module) -> int:
 def describe_reference(reference: str, args: dict) -> tuple[int, str]:
     """(masked weights, '') of a reference at `args`, or (0, why it cannot convert) — for `archs --all`."""
     try:
-        return count_weights(convert(source_model(reference, args), 0.5, reference)), ""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # builders' deprecation notices: the listing is about conversion
+            return count_weights(convert(source_model(reference, args), 0.5, reference)), ""
     except MaskforgeError as exc:
-        return 0, str(exc)
+        return 0, str(exc).removeprefix(f"architecture {reference}: ").removeprefix(f"architecture {reference} ")
+    except Exception as exc:  # noqa: BLE001 - a builder failing in a way source_model does not wrap
+        return 0, f"{type(exc).__name__}: {first_line(exc)}"
+
+
+def zoo(in_channels: int = 3, num_classes: int = 1000, image_size: tuple[int, int] = (224, 224)) -> list[dict]:
+    """torchvision's classification builders at this input: `{name, weights, why}` each (`why` empty when
+    the model converts; `weights` None when it does not). Builds each on the meta device (seconds)."""
+    args = {"in_channels": int(in_channels), "num_classes": int(num_classes),
+            "image_size": [int(image_size[0]), int(image_size[1])]}
+    rows = []
+    for name in torchvision_builders():
+        weights, why = describe_reference(f"torchvision:{name}", args)
+        rows.append({"name": f"torchvision:{name}", "weights": weights if not why else None, "why": why})
+    return rows
 
