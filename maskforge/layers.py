@@ -188,8 +188,9 @@ MASKED_TYPES = (MaskedConv1d, MaskedConv2d, MaskedConv3d, MaskedLinear)
 
 
 def layer_weight(layer: nn.Module) -> torch.Tensor:
-    """The weight a layer computes with: a masked layer's effective weight, a plain layer's own."""
-    return layer.effective_weight() if isinstance(layer, _MaskedMixin) else layer.weight
+    """The weight a layer computes with: a masked layer's (or any layer's) `effective_weight()`, else its own."""
+    effective = getattr(layer, "effective_weight", None)
+    return effective() if effective is not None else layer.weight
 
 
 class ProjectedAttention(nn.Module):
