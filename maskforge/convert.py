@@ -216,7 +216,9 @@ def source_model(reference: str, args: dict) -> nn.Module:
         if key not in kwargs and (torchvision and key == "num_classes" or not torchvision and _accepts(builder, key)):
             kwargs[key] = value
     try:
-        with _parameters_on_meta():
+        # the builder's own arithmetic runs on the CPU even under a meta default device (RegNet computes its
+        # widths with tensors); its parameters go to the meta device as they are registered
+        with torch.device("cpu"), _parameters_on_meta():
             model = builder(**kwargs)
     except MaskforgeError:
         raise
