@@ -276,7 +276,7 @@ def time_interleaved(steps: dict, device: torch.device, repeats: int, inner: int
                 steps[name]()
             _sync(device)
             samples[name].append((clock() - started) / inner)
-    return {name: {"median_s": statistics.median(v), "min_s": min(v), "samples": len(v)}
+    return {name: {"median_s": statistics.median(v), "min_s": min(v), "samples": len(v), "values": v}
             for name, v in samples.items()}
 
 
@@ -416,6 +416,10 @@ def run_workload(workload: Workload, device: torch.device, *, repeats: int | Non
         "input": [workload.channels, workload.size, workload.size], "variants": list(variants),
         "search_ms": ms["search"], "dense_ms": ms["dense"], "reference_ms": ms["reference"],
         "ratio": ratio(ms["search"], ms["dense"]), "reference_ratio": ratio(ms["reference"], ms["search"]),
+        # the median over repetitions of (search / dense) within one repetition: the two samples of a pair
+        # ran back to back, so a load change on a shared machine cancels out better than in medians' ratio
+        "paired_ratio": (statistics.median(a / b for a, b in zip(times["search"]["values"], times["dense"]["values"]))
+                         if "search" in times and "dense" in times else None),
         "reference_vs_dense": ratio(ms["reference"], ms["dense"]),
         **{f"{name.replace('-', '_')}_ms": ms[name] for name in BREAKDOWN if name in variants},
         **{f"{name}_min_ms": times[name]["min_s"] * 1e3 if name in times else None for name in VARIANTS},
@@ -479,7 +483,8 @@ def run_epoch_like(arch: str, device: str, *, image_size: int, images: int, batc
 
 def _print_table(records: list[dict]) -> None:
     header = (f"{'arch':9s} {'dev':4s} {'batch':>5s} {'search ms':>10s} {'dense ms':>10s} {'ratio':>6s} "
-              f"{'ref ms':>10s} {'ref/search':>10s} {'search MB':>10s} {'dense MB':>9s} {'ref MB':>8s} {'load':>5s}")
+              f"{'paired':>6s} {'ref ms':>10s} {'ref/search':>10s} {'search MB':>10s} {'dense MB':>9s} {'ref MB':>8s} "
+              f"{'load':>5s}")
     print(header)
 
     def num(value, digits: int, width: int) -> str:
@@ -487,7 +492,8 @@ def _print_table(records: list[dict]) -> None:
 
     for r in records:
         print(f"{r['arch']:9s} {r['device']:4s} {r['batch']:5d} {num(r['search_ms'], 2, 10)} "
-              f"{num(r['dense_ms'], 2, 10)} {num(r['ratio'], 3, 6)} {num(r['reference_ms'], 2, 10)} "
+              f"{num(r['dense_ms'], 2, 10)} {num(r['ratio'], 3, 6)} {num(r.get('paired_ratio'), 3, 6)} "
+              f"{num(r['reference_ms'], 2, 10)} "
               f"{num(r['reference_ratio'], 2, 10)} {num(r['search_peak_mb'], 0, 10)} "
               f"{num(r['dense_peak_mb'], 0, 9)} {num(r['reference_peak_mb'], 0, 8)} {r['load_before']:5.1f}")
 
