@@ -305,3 +305,28 @@ def test_zoo_listing_counts_or_says_why(monkeypatch):
     assert rows["torchvision:swin_t"]["weights"] is None
     assert "relative_position_bias_table" in rows["torchvision:swin_t"]["why"]
     assert rows["torchvision:alexnet"]["why"].startswith("cannot take 3x32x32 images")
+
+
+def test_global_topk_and_a_sweep_grid_take_builder_references(tmp_path):
+    from maskforge.layers import set_topk
+    from maskforge.sweeps.grid import make_grid, options_from_text
+
+    model = archs.create_model("torchvision:VisionTransformer", in_channels=1, num_classes=10, image_size=(28, 28),
+                               k=0.3, seed=2, builder_args=VIT_ARGS)
+    selector = set_topk(model, "global")
+    perturb_like_search(model, 4, score_noise=0.1, bn_mean_scale=0.1, bn_var_floor=0.5)
+    artifact = build_artifact(model.eval(), arch="torchvision:VisionTransformer",
+                              arch_args=_args("torchvision:VisionTransformer", VIT_ARGS, 1, 28),
+                              spec=load_data("mnist5k").spec, seed=2, init="signed_constant", scale_fan=False, k=0.3,
+                              topk="global")
+    loaded = artifact_from_bytes(artifact_bytes(artifact))
+    assert loaded.topk == "global"
+    for (name, layer), mask in zip(masked_modules(model).items(), selector.masks()):
+        assert torch.equal(loaded.masks[f"{name}.weight"], mask)
+    options = options_from_text({"arch": "torchvision:VisionTransformer", "arch_args": json.dumps(VIT_ARGS),
+                                 "k": "0.3,0.5"})
+    grid = make_grid(options, dense_baseline=True)
+    points = grid.points(tmp_path)
+    assert [p.kind for p in points] == ["search", "search", "dense"]
+    assert all(p.config.arch_args == json.dumps(VIT_ARGS) for p in points)
+    assert all("/" not in p.name and ":" not in p.name for p in points)
