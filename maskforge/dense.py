@@ -172,7 +172,8 @@ def train_dense(config: DenseConfig, *, on_step: Callable[[StepProgress], None] 
             if on_epoch:
                 on_epoch(record)
     metrics = session.metrics
-    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)))
+    weights = sum(m.weight.numel() for m in model.modules()
+                  if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)))
     result = DenseResult(heldout_acc=metrics[-1]["heldout_acc"] if metrics else math.nan,
                          num_classes=spec.num_classes, weights=weights, steps=session.position.step, finite=finite,
                          final_train_loss=metrics[-1]["train_loss"] if metrics else math.nan,
