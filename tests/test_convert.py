@@ -73,13 +73,11 @@ def _args(reference, builder_args, channels, side, classes=10):
 
 def _expected_masked_weights(source: nn.Module) -> int:
     """From the builder's own model: every conv/linear weight, and attention's packed projections."""
-    total = 0
-    for name, module in source.named_modules():
-        if isinstance(module, nn.MultiheadAttention):
-            total += module.in_proj_weight.numel() + module.out_proj.weight.numel()
-        elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and not name.endswith("attention.out_proj"):
-            total += module.weight.numel()
-    return total
+    attention = [m for m in source.modules() if isinstance(m, nn.MultiheadAttention)]
+    inside = {id(m.out_proj) for m in attention}
+    total = sum(m.in_proj_weight.numel() + m.out_proj.weight.numel() for m in attention)
+    return total + sum(m.weight.numel() for m in source.modules()
+                       if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and id(m) not in inside)
 
 
 @pytest.mark.parametrize("reference,builder_args,channels,side", ZOO, ids=[z[0].split(":")[1] for z in ZOO])
