@@ -328,3 +328,26 @@ def test_global_topk_and_a_sweep_grid_take_builder_references(tmp_path):
     assert [p.kind for p in points] == ["search", "search", "dense"]
     assert all(p.config.arch_args == json.dumps(VIT_ARGS) for p in points)
     assert all("/" not in p.name and ":" not in p.name for p in points)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_projected_attention_computes_what_multihead_attention_does(batch_first):
+    torch.manual_seed(0)
+    reference = nn.MultiheadAttention(16, 4, batch_first=batch_first)
+    with torch.no_grad():
+        reference.in_proj_bias.zero_()
+        reference.out_proj.bias.zero_()
+    with torch.device("meta"):
+        holder = nn.Sequential(nn.MultiheadAttention(16, 4, batch_first=batch_first))
+    convert.convert(holder, 0.5)
+    weights = {"0.in_proj": reference.in_proj_weight, "0.out_proj": reference.out_proj.weight}
+    convert.plain_layers(holder, weight_of=lambda name, layer: weights[name].detach().clone())
+    attention = holder[0]
+    assert isinstance(attention, ProjectedAttention)
+    x = torch.randn((2, 5, 16) if batch_first else (5, 2, 16))
+    y = torch.randn_like(x)
+    for query, key, value in ((x, x, x), (x, y, y)):
+        expected, expected_weights = reference(query, key, value)
+        got, got_weights = attention(query, key, value)
+        torch.testing.assert_close(got, expected)
+        torch.testing.assert_close(got_weights, expected_weights)
