@@ -95,12 +95,12 @@ def test_user_module_searches_resumes_ships_and_refuses_an_edit(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     (tmp_path / "mynet.py").write_text(USER)
     out = tmp_path / "run"
-    config = SearchConfig(arch="mynet.py:build", arch_args='{"width": 16}', k=0.5, max_steps=300, epochs=20,
-                          device="cpu", out=str(out), keep_checkpoint=True)
+    config = SearchConfig(arch="mynet.py:build", arch_args='{"width": 16}', k=0.5, epochs=10, device="cpu",
+                          out=str(out), keep_checkpoint=True)
     result = _search_and_ship(tmp_path, config, 0.6)
     # a finished search extended by resume: the same builder, rebuilt from config.json and the checkpoint
-    extended = resume(out, {"max_steps": 330}, progress=False)
-    assert extended.metrics[-1]["step"] == 330
+    extended = resume(out, {"epochs": 11}, progress=False)
+    assert [record["step"] for record in extended.metrics][-2:] == [320, 352]
     artifact = load_artifact(result.artifact_path)
     assert artifact.meta.arch.library == "user code mynet.py"
     (tmp_path / "mynet.py").write_text(USER.replace("nn.Conv2d(width, 2 * width, 1)", "nn.Conv2d(width, 2 * width, 3)"))
