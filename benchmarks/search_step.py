@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from maskforge import archs
+from maskforge import archs, convert
 from maskforge.layers import MaskedConv2d, MaskedLinear, masked_modules, set_masker
 from maskforge.search.device import bf16_supported, uses_conv
 
@@ -81,6 +81,12 @@ class Workload:
     batch_cuda: int
     repeats: int  # default samples on CPU (CUDA steps are cheap: 4x as many)
     inner: int    # steps per timed sample on CPU (fc steps take about a millisecond)
+    builder_args: dict | None = None   # a builder reference's keyword arguments (maskforge.convert)
+    key: str | None = None             # the --arch name of a builder reference's workload
+
+    @property
+    def name(self) -> str:
+        return self.key or self.arch
 
 
 WORKLOADS = {
@@ -88,6 +94,12 @@ WORKLOADS = {
     "fc": Workload("fc", 1, 28, 10, 128, 128, repeats=30, inner=20),
     "resnet18": Workload("resnet18", 3, 32, 10, 128, 128, repeats=6, inner=1),
     "wrn50": Workload("wrn50", 3, 224, 1000, 8, 256, repeats=3, inner=1),
+    # any-model conversion (maskforge.convert): depthwise convs + squeeze-excitation, and attention
+    "mobilenet_v3_small": Workload("torchvision:mobilenet_v3_small", 3, 32, 10, 128, 128, repeats=10, inner=1,
+                                   key="mobilenet_v3_small"),
+    "vit_small": Workload("torchvision:VisionTransformer", 3, 32, 10, 128, 128, repeats=10, inner=2,
+                          builder_args={"image_size": 32, "patch_size": 4, "num_layers": 2, "num_heads": 4,
+                                        "hidden_dim": 64, "mlp_dim": 128}, key="vit_small"),
 }
 
 
@@ -125,6 +137,8 @@ class _ReferenceMixin:
         # as in the reference: w = weight * GetSubnet(|scores|); autograd's abs gives the sign(s) factor
         return self.weight_fixed * GetSubnet.apply(self.scores.abs(), self.kept)
 
+    effective_weight = subnet_weight  # what a converted attention (layers.ProjectedAttention) asks for
+
 
 class ReferenceConv2d(_ReferenceMixin, nn.Module):
     def __init__(self, layer: MaskedConv2d) -> None:
@@ -146,17 +160,11 @@ class ReferenceLinear(_ReferenceMixin, nn.Module):
         return F.linear(x, self.subnet_weight())
 
 
-def _dense_twin(layer) -> nn.Module:
-    """A plain trainable layer holding the masked layer's current effective weight (so outputs match)."""
+def _dense_twin(name: str, layer) -> torch.Tensor:
+    """The weight of the plain trainable layer that replaces a masked one: its current effective weight
+    (so the outputs match)."""
     with torch.no_grad():
-        weight = (layer.weight * layer.mask()).clone()
-    if isinstance(layer, MaskedConv2d):
-        plain: nn.Module = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
-                                     layer.padding, layer.dilation, layer.groups, bias=False, device="meta")
-    else:
-        plain = nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta")
-    plain.weight = nn.Parameter(weight)
-    return plain
+        return (layer.weight * layer.mask()).clone()
 
 
 def _swap_masked(model: nn.Module, make) -> nn.Module:
@@ -202,12 +210,13 @@ def _fix_selection(model: nn.Module, fixed_gradient: bool) -> nn.Module:
 
 def build_variant(workload: Workload, variant: str, masker: str | None = None) -> nn.Module:
     model = archs.create_model(workload.arch, in_channels=workload.channels, num_classes=workload.classes,
-                               image_size=(workload.size, workload.size), k=K, seed=SEED)
+                               image_size=(workload.size, workload.size), k=K, seed=SEED,
+                               builder_args=workload.builder_args)
     set_masker(model, masker)
     if variant in BREAKDOWN:
         return _fix_selection(model, fixed_gradient=variant == "fixed-all")
     if variant == "dense":
-        return _swap_masked(model, _dense_twin)
+        return convert.plain_layers(model, weight_of=_dense_twin)
     if variant == "reference":
         return _swap_masked(model, lambda layer: ReferenceConv2d(layer) if isinstance(layer, MaskedConv2d)
                             else ReferenceLinear(layer))
@@ -267,7 +276,7 @@ def time_interleaved(steps: dict, device: torch.device, repeats: int, inner: int
                 steps[name]()
             _sync(device)
             samples[name].append((clock() - started) / inner)
-    return {name: {"median_s": statistics.median(v), "min_s": min(v), "samples": len(v)}
+    return {name: {"median_s": statistics.median(v), "min_s": min(v), "samples": len(v), "values": v}
             for name, v in samples.items()}
 
 
@@ -394,7 +403,7 @@ def run_workload(workload: Workload, device: torch.device, *, repeats: int | Non
     del steps, models
     if cuda:
         torch.cuda.empty_cache()
-    child = [*(child_args or []), "--arch", workload.arch, "--batch", str(batch)]
+    child = [*(child_args or []), "--arch", workload.name, "--batch", str(batch)]
     peaks = measure_memory(list(variants), child, parallel=not cuda) if memory else {}
     ms = {name: times[name]["median_s"] * 1e3 if name in times else None for name in VARIANTS + BREAKDOWN}
     peak = {name: peaks.get(name, {}).get("peak_mb") for name in VARIANTS}
@@ -403,10 +412,14 @@ def run_workload(workload: Workload, device: torch.device, *, repeats: int | Non
         return None if a is None or b is None or not b else a / b
 
     return {
-        "arch": workload.arch, "batch": batch, "device": device.type,
+        "arch": workload.name, "batch": batch, "device": device.type,
         "input": [workload.channels, workload.size, workload.size], "variants": list(variants),
         "search_ms": ms["search"], "dense_ms": ms["dense"], "reference_ms": ms["reference"],
         "ratio": ratio(ms["search"], ms["dense"]), "reference_ratio": ratio(ms["reference"], ms["search"]),
+        # the median over repetitions of (search / dense) within one repetition: the two samples of a pair
+        # ran back to back, so a load change on a shared machine cancels out better than in medians' ratio
+        "paired_ratio": (statistics.median(a / b for a, b in zip(times["search"]["values"], times["dense"]["values"]))
+                         if "search" in times and "dense" in times else None),
         "reference_vs_dense": ratio(ms["reference"], ms["dense"]),
         **{f"{name.replace('-', '_')}_ms": ms[name] for name in BREAKDOWN if name in variants},
         **{f"{name}_min_ms": times[name]["min_s"] * 1e3 if name in times else None for name in VARIANTS},
@@ -470,7 +483,8 @@ def run_epoch_like(arch: str, device: str, *, image_size: int, images: int, batc
 
 def _print_table(records: list[dict]) -> None:
     header = (f"{'arch':9s} {'dev':4s} {'batch':>5s} {'search ms':>10s} {'dense ms':>10s} {'ratio':>6s} "
-              f"{'ref ms':>10s} {'ref/search':>10s} {'search MB':>10s} {'dense MB':>9s} {'ref MB':>8s} {'load':>5s}")
+              f"{'paired':>6s} {'ref ms':>10s} {'ref/search':>10s} {'search MB':>10s} {'dense MB':>9s} {'ref MB':>8s} "
+              f"{'load':>5s}")
     print(header)
 
     def num(value, digits: int, width: int) -> str:
@@ -478,7 +492,8 @@ def _print_table(records: list[dict]) -> None:
 
     for r in records:
         print(f"{r['arch']:9s} {r['device']:4s} {r['batch']:5d} {num(r['search_ms'], 2, 10)} "
-              f"{num(r['dense_ms'], 2, 10)} {num(r['ratio'], 3, 6)} {num(r['reference_ms'], 2, 10)} "
+              f"{num(r['dense_ms'], 2, 10)} {num(r['ratio'], 3, 6)} {num(r.get('paired_ratio'), 3, 6)} "
+              f"{num(r['reference_ms'], 2, 10)} "
               f"{num(r['reference_ratio'], 2, 10)} {num(r['search_peak_mb'], 0, 10)} "
               f"{num(r['dense_peak_mb'], 0, 9)} {num(r['reference_peak_mb'], 0, 8)} {r['load_before']:5.1f}")
 

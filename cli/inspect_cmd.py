@@ -36,6 +36,10 @@ def inspect_command(
     overview = Table(show_header=False, title=cell(file))
     rows = [
         ("architecture", f"{summary['arch']} {summary['arch_args']}"),
+        *([("depends on", f"{summary['depends_on']}; built with {summary['library']}; structure sha256 "
+                          f"{summary['structure_digest'][:16]}...")] if "depends_on" in summary else []),
+        *([("fixed tensors", ", ".join(f"{name} = {value}" for name, value in summary["fixed_tensors"].items()))]
+          if summary.get("fixed_tensors") else []),
         ("k (kept fraction)", f"{summary['k']}" + (" (one global threshold)" if summary["topk"] == "global" else "")),
         ("seed / init", f"{summary['seed']} / {summary['init']}{' (scaled fan-in)' if summary['scale_fan'] else ''}"),
         ("input", f"{spec['channels']}x{spec['height']}x{spec['width']}, mean {spec['mean']}, std {spec['std']}"),

@@ -21,6 +21,7 @@ from .errors import MaskforgeError  # noqa: E402  (light: no torch)
 #: public name -> the module that defines it
 _PUBLIC = {
     "ARCHS": "archs", "arch_names": "registry", "list_archs": "registry", "create_model": "archs",
+    "builder_reference": "convert",
     "Artifact": "artifact", "load_artifact": "artifact", "save_artifact": "artifact",
     "inspect_artifact": "artifact",
     "SearchConfig": "schema", "InputSpec": "schema",

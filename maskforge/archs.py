@@ -19,9 +19,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import regen
+from . import convert, regen
 from .errors import MaskforgeError
-from .layers import MaskedConv2d, MaskedLinear, NonAffineBatchNorm2d, masked_modules
+from .layers import MaskedConv2d, MaskedLinear, masked_modules
 from .registry import (ARCHS, CONV_FC_HIDDEN, CONV_WIDTHS, FC_HIDDEN, MAX_WIDTH, RESNETS, SMALL_IMAGE_MAX_SIDE,
                        ArchEntry, ResNetSpec, add_entry, arch_args, arch_names, check_width, count_masked_weights,
                        get_arch, list_archs, pooled_size, scaled_width, unpack_args)
@@ -126,23 +126,6 @@ for _name, _widths in CONV_WIDTHS.items():
 
 # --- torchvision ResNets with every conv/linear masked and every BN non-affine ------------------------
 
-def _swap_layers(model: nn.Module, k: float) -> nn.Module:
-    """Replace (in place) each Conv2d/Linear with its masked twin and each BatchNorm2d with a non-affine one."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Conv2d):
-            new: nn.Module = MaskedConv2d(module.in_channels, module.out_channels, module.kernel_size,
-                                          module.stride, module.padding, module.dilation, module.groups, k=k)
-        elif isinstance(module, nn.Linear):
-            new = MaskedLinear(module.in_features, module.out_features, k=k)
-        elif isinstance(module, nn.BatchNorm2d):
-            new = NonAffineBatchNorm2d(module.num_features)
-        else:
-            continue
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-    return model
-
-
 def _resnet_builder(spec: ResNetSpec) -> Callable[..., nn.Module]:
     def build(in_channels: int, num_classes: int, image_size: tuple[int, int], k: float = 0.5,
               width: float = 1.0) -> nn.Module:
@@ -158,7 +141,7 @@ def _resnet_builder(spec: ResNetSpec) -> Callable[..., nn.Module]:
                 model.maxpool = nn.Identity()
             else:
                 model.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
-        return _swap_layers(model, k)
+        return convert.finish(convert.convert(model, k, spec.label))
 
     return build
 
@@ -170,10 +153,19 @@ for _name, _spec in RESNETS.items():
 # --- building seeded models --------------------------------------------------------------------------
 
 def build_structure(name: str, args: dict, k: float) -> nn.Module:
-    """The network with all-zero weights and scores (use `create_model` for a seeded one)."""
-    entry = get_arch(name)
+    """The network with all-zero weights and scores (use `create_model` for a seeded one).
+
+    `name` is a registered architecture or a builder reference (`torchvision:NAME`, `module:callable`,
+    `file.py:callable`; maskforge.convert), whose keyword arguments are `args["builder_args"]`.
+    """
     if not 0.0 < k <= 1.0:
         raise MaskforgeError(f"k must be in (0, 1], got {k}")
+    if convert.is_reference(name):
+        return convert.build(name, args, k)
+    entry = get_arch(name)
+    if args.get("builder_args"):
+        raise MaskforgeError(f"architecture {name} takes no builder arguments (--arch-args is for builder "
+                             f"references such as torchvision:NAME)")
     in_channels, num_classes, image_size, width = unpack_args(name, args)
     extra = {"width": width} if entry.widens else {}  # check_width refused width != 1 for the others
     try:
@@ -185,8 +177,11 @@ def build_structure(name: str, args: dict, k: float) -> nn.Module:
 def create_model(name: str, *, in_channels: int = 1, num_classes: int = 10,
                  image_size: tuple[int, int] | list[int] = (28, 28), k: float = 0.5, seed: int = 0,
                  init: str = "signed_constant", scale_fan: bool = False, width: float | None = None,
-                 **kwargs) -> nn.Module:
+                 builder_args: dict | None = None, **kwargs) -> nn.Module:
     """Build architecture `name` with weights and scores regenerated from `seed`.
+
+    `name` may be a builder reference (`torchvision:mobilenet_v3_small`, `mynet.py:build`) with its keyword
+    arguments in `builder_args`; its fixed tensors (maskforge.convert.FIXED_RULES) come from `seed` too.
 
     `None` keyword arguments are dropped, so CLI defaults never override architecture defaults.
 
@@ -202,8 +197,9 @@ def create_model(name: str, *, in_channels: int = 1, num_classes: int = 10,
         raise MaskforgeError(f"unexpected architecture options: {', '.join(sorted(kwargs))}")
     if init not in regen.DISTRIBUTIONS:
         raise MaskforgeError(f"unknown weight distribution {init!r}; choose from {', '.join(regen.DISTRIBUTIONS)}")
-    args = arch_args(in_channels, num_classes, image_size, 1.0 if width is None else width)
+    args = arch_args(in_channels, num_classes, image_size, 1.0 if width is None else width, builder_args)
     model = build_structure(name, args, k)
+    convert.fill_fixed(model, seed)
     layers = masked_modules(model)
     weights = regenerate_weights(model, seed, init, k=k, scale_fan=scale_fan)
     with torch.no_grad():

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import archs, container, regen
+from . import archs, container, convert, regen
 from .errors import MaskforgeError
 from .fileio import atomic_write, read_bytes
 from .layers import batchnorm_modules, get_topk, kept_count, masked_modules, set_topk
@@ -129,7 +129,7 @@ def build_artifact(model: nn.Module, *, arch: str, arch_args: dict, spec: InputS
     document = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "arch": {"name": arch, "args": dump(ArchArgs(**arch_args))},
+        "arch": {"name": arch, "args": dump(ArchArgs(**arch_args)), **_builder_record(arch, arch_args)},
         "input": spec.to_dict(),
         "seed": int(seed),
         "init": {"distribution": init, "scale_fan": bool(scale_fan)},
@@ -146,6 +146,15 @@ def build_artifact(model: nn.Module, *, arch: str, arch_args: dict, spec: InputS
         document["topk"] = topk
     document = container.seal(document, stored_tensors(masks, bn_stats))
     return Artifact(document, masks, bn_stats)
+
+
+def _builder_record(arch: str, arch_args: dict) -> dict:
+    """A builder reference's library and structure (FORMAT.md section 2.6); nothing for a registered name."""
+    if not convert.is_reference(arch):
+        return {}
+    entries = convert.structure_entries(convert.source_model(arch, arch_args))
+    return {"library": convert.library_of(arch), "structure": entries,
+            "structure_digest": convert.structure_digest(entries)}
 
 
 def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
@@ -258,8 +267,10 @@ def artifact_from_bytes(data: bytes, label: str = "artifact", *,
     container.check_tensor_digests(document, tensors, label)
     passed("tensor digests", f"{len(tensors)} stored tensors match their sha256")
     structure = check_structure(meta, tensors, label)
+    rebuilt = (f"; its code ({meta.arch.library} at search time) rebuilds the recorded structure "
+               f"(sha256 {meta.arch.structure_digest[:16]}...)" if meta.arch.structure is not None else "")
     passed("structure", f"{len(meta.layers)} masked layers and {len(meta.bn)} batch norms match "
-                        f"{meta.arch.name} {meta.arch.args.to_dict()}")
+                        f"{meta.arch.name} {meta.arch.args.to_dict()}{rebuilt}")
     masks = {}
     for param, info in meta.layers.items():
         try:
@@ -289,10 +300,19 @@ def check_structure(meta: ArtifactDocument, tensors: dict[str, np.ndarray], labe
     Returns the architecture built on the meta device (no memory), for listing layers in network order.
     """
     name, args = meta.arch.name, meta.arch.args.to_dict()
-    _require(name in archs.ARCHS, label, f"unknown architecture {name!r} (known: {', '.join(archs.ARCHS)})")
+    reference = convert.is_reference(name)
+    _require(reference or name in archs.ARCHS, label,
+             f"unknown architecture {name!r} (known: {', '.join(archs.ARCHS)}, or a builder reference)")
+    _require(not reference or meta.arch.structure is not None, label,
+             f"architecture {name} is a builder reference, but arch.structure is missing")
+    _require(reference or (meta.arch.structure is None and meta.arch.library is None), label,
+             f"arch.structure and arch.library belong to builder references, not to {name}")
     try:
         with torch.device("meta"):
-            structure = archs.build_structure(name, args, meta.k)
+            if reference:
+                structure = _check_builder(meta, label)
+            else:
+                structure = archs.build_structure(name, args, meta.k)
     except MaskforgeError as exc:
         raise MaskforgeError(f"{label}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - validated arguments that a builder still refuses
@@ -305,6 +325,18 @@ def check_structure(meta: ArtifactDocument, tensors: dict[str, np.ndarray], labe
     unexpected = sorted(set(tensors) - expected)
     _require(not unexpected, label, f"unexpected tensors in file: {unexpected[:3]}")
     return structure
+
+
+def _check_builder(meta: ArtifactDocument, label: str) -> nn.Module:
+    """A builder reference's model, refused when its structure differs from the recorded one."""
+    name, args = meta.arch.name, meta.arch.args.to_dict()
+    source = convert.source_model(name, args)
+    current = convert.structure_entries(source)
+    if current != meta.arch.structure:
+        raise MaskforgeError(f"architecture {name} no longer builds the searched network "
+                             f"({convert.first_difference(meta.arch.structure, current)}); rebuild it as it was "
+                             f"at search time ({meta.arch.library})")
+    return convert.convert(source, meta.k, name)
 
 
 def _check_layers(meta: ArtifactDocument, structure: nn.Module, tensors: dict[str, np.ndarray],
@@ -358,6 +390,19 @@ def check_weight_digests(artifact: Artifact, digests: dict[str, str]) -> None:
                              f"different network than the one searched")
 
 
+def _builder_summary(artifact: Artifact) -> dict:
+    """What a builder reference's artifact depends on (inspect); nothing for a registered architecture."""
+    arch = artifact.meta.arch
+    if arch.structure is None:
+        return {}
+    user_code = not artifact.arch.startswith("torchvision:")
+    return {"library": arch.library, "structure_digest": arch.structure_digest, "user_code": user_code,
+            "depends_on": (f"user code {artifact.arch.split(':')[0]} (not stored in the artifact: loading needs "
+                           f"it, unchanged in structure)" if user_code else
+                           f"{arch.library.split()[0]} (any version that builds the same structure)"),
+            "fixed_tensors": convert.fixed_tensors(artifact.structure)}
+
+
 def inspect_artifact(path: str | os.PathLike) -> dict:
     """A JSON-able summary of an artifact: what `maskforge inspect` shows.
 
@@ -372,7 +417,8 @@ def inspect_artifact(path: str | os.PathLike) -> dict:
     return {
         "path": str(artifact.path), "file_bytes": artifact.file_bytes,
         "format": doc["format"], "format_version": artifact.meta.format_version,
-        "arch": artifact.arch, "arch_args": artifact.arch_args, "k": artifact.k, "seed": artifact.seed,
+        "arch": artifact.arch, "arch_args": artifact.arch_args, **_builder_summary(artifact),
+        "k": artifact.k, "seed": artifact.seed,
         "init": artifact.init, "scale_fan": artifact.scale_fan, "topk": artifact.topk,
         "generator": doc["generator"], "input": artifact.spec.to_dict(), "masked_weights": masked,
         "kept_weights": artifact.kept_weights, "density": artifact.kept_weights / masked, "bn_values": bn_values,

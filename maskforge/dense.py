@@ -33,12 +33,11 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from . import __version__, archs
+from . import __version__, archs, convert
 from .data import derive_seed, load_data
 from .distributed import World
 from .errors import MaskforgeError
 from .fileio import atomic_write, ensure_writable_dir
-from .layers import MaskedConv2d, masked_modules
 from .schema import SearchConfig
 from .search import CONFIG_NAME, StepProgress, end_epoch, setup, start_epoch, train_one_epoch, write_metrics
 from .search.notices import CostWatch
@@ -54,6 +53,7 @@ class DenseConfig:
     """Every argument of a dense-baseline run (the fields it shares with SearchConfig mean the same)."""
 
     arch: str = "conv4"
+    arch_args: str | None = None   # a builder reference's keyword arguments (JSON object), as SearchConfig
     width: float = 1.0
     data: str = "mnist5k"
     image_size: int | None = None
@@ -119,15 +119,7 @@ def dense_model(arch: str, args: dict, seed: int) -> nn.Module:
     """`arch` with every masked layer replaced by an ordinary trainable layer of the same shape,
     initialized by PyTorch's defaults from a generator seeded by `seed` (CPU tensors)."""
     with torch.device("meta"):
-        model = archs.build_structure(arch, args, 0.5)
-    for name, layer in list(masked_modules(model).items()):
-        if isinstance(layer, MaskedConv2d):
-            plain: nn.Module = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
-                                         layer.padding, layer.dilation, layer.groups, bias=False)
-        else:
-            plain = nn.Linear(layer.in_features, layer.out_features, bias=False)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, plain)
+        model = convert.plain_layers(archs.build_structure(arch, args, 0.5))
     model.to_empty(device="cpu")
     with torch.random.fork_rng(devices=[]):  # the default init draws from the global generator
         torch.manual_seed(derive_seed("maskforge/dense-init/v1", seed))
@@ -136,6 +128,7 @@ def dense_model(arch: str, args: dict, seed: int) -> nn.Module:
                 module.reset_parameters()
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.reset_running_stats()
+    convert.fill_fixed(model, seed)  # the fixed tensors of a converted model (FORMAT.md 2.6) stay fixed
     return model
 
 
@@ -152,7 +145,9 @@ def train_dense(config: DenseConfig, *, on_step: Callable[[StepProgress], None] 
     twin = config.search_config()
     splits = load_data(twin.data, image_size=twin.image_size)
     spec = splits.spec
-    args = archs.arch_args(spec.channels, spec.num_classes, (spec.height, spec.width), config.width)
+    convert.trust(config.arch)
+    args = archs.arch_args(spec.channels, spec.num_classes, (spec.height, spec.width), config.width,
+                           twin.builder_args())
     model = dense_model(config.arch, args, config.seed)
     session = setup(twin, splits, model, args, None, World())  # SGD with the twin's lr, momentum, decay
     out = Path(config.out) if config.out else None
@@ -180,7 +175,8 @@ def train_dense(config: DenseConfig, *, on_step: Callable[[StepProgress], None] 
             if on_epoch:
                 on_epoch(record)
     metrics = session.metrics
-    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    weights = sum(m.weight.numel() for m in model.modules()
+                  if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)))
     result = DenseResult(heldout_acc=metrics[-1]["heldout_acc"] if metrics else math.nan,
                          num_classes=spec.num_classes, weights=weights, steps=session.position.step, finite=finite,
                          final_train_loss=metrics[-1]["train_loss"] if metrics else math.nan,

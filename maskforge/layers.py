@@ -29,7 +29,8 @@ from .topk import (
     topk_mask,
 )
 
-__all__ = ["MASKERS", "TOPK_RULES", "GlobalTopK", "MaskedConv2d", "MaskedLinear", "NonAffineBatchNorm2d",
+__all__ = ["MASKERS", "TOPK_RULES", "GlobalTopK", "MaskedConv1d", "MaskedConv2d", "MaskedConv3d", "MaskedLinear",
+           "MASKED_TYPES", "NonAffineBatchNorm2d", "ProjectedAttention", "layer_weight",
            "ThresholdHint", "batchnorm_modules", "get_topk", "kept_count", "masked_modules", "set_masker",
            "set_topk", "topk_mask"]
 
@@ -132,17 +133,44 @@ class _MaskedMixin:
         return f"{super().extra_repr()}, k={self.k}"
 
 
-class MaskedConv2d(_MaskedMixin, nn.Conv2d):
-    """A bias-free Conv2d whose weight is fixed and masked by the top-k of its scores."""
+class _MaskedConv(_MaskedMixin):
+    """Shared by the masked convolutions: bias-free, the weight fixed and masked by the top-k of the scores."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
-                 dilation=1, groups: int = 1, *, k: float = 0.5, device=None) -> None:
-        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride=stride, padding=padding,
-                           dilation=dilation, groups=groups, bias=False, device=device)
+    def _init_conv(self, base: type, in_channels: int, out_channels: int, kernel_size, stride, padding, dilation,
+                   groups: int, k: float, padding_mode: str, device) -> None:
+        base.__init__(self, in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                      dilation=dilation, groups=groups, bias=False, padding_mode=padding_mode, device=device)
         self._init_masking(k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.effective_weight(), None)
+
+
+class MaskedConv1d(_MaskedConv, nn.Conv1d):
+    """A bias-free Conv1d whose weight is fixed and masked by the top-k of its scores."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, *, k: float = 0.5, padding_mode: str = "zeros", device=None) -> None:
+        self._init_conv(nn.Conv1d, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, k,
+                        padding_mode, device)
+
+
+class MaskedConv2d(_MaskedConv, nn.Conv2d):
+    """A bias-free Conv2d whose weight is fixed and masked by the top-k of its scores."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, *, k: float = 0.5, padding_mode: str = "zeros", device=None) -> None:
+        self._init_conv(nn.Conv2d, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, k,
+                        padding_mode, device)
+
+
+class MaskedConv3d(_MaskedConv, nn.Conv3d):
+    """A bias-free Conv3d whose weight is fixed and masked by the top-k of its scores."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, *, k: float = 0.5, padding_mode: str = "zeros", device=None) -> None:
+        self._init_conv(nn.Conv3d, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, k,
+                        padding_mode, device)
 
 
 class MaskedLinear(_MaskedMixin, nn.Linear):
@@ -156,7 +184,53 @@ class MaskedLinear(_MaskedMixin, nn.Linear):
         return F.linear(x, self.effective_weight())
 
 
-MASKED_TYPES = (MaskedConv2d, MaskedLinear)
+MASKED_TYPES = (MaskedConv1d, MaskedConv2d, MaskedConv3d, MaskedLinear)
+
+
+def layer_weight(layer: nn.Module) -> torch.Tensor:
+    """The weight a layer computes with: a masked layer's (or any layer's) `effective_weight()`, else its own."""
+    effective = getattr(layer, "effective_weight", None)
+    return effective() if effective is not None else layer.weight
+
+
+class ProjectedAttention(nn.Module):
+    """`nn.MultiheadAttention` (same arguments and outputs) with its packed input projection held by a
+    Linear child `in_proj` (embed_dim -> 3 * embed_dim) and its output projection by `out_proj`, both
+    bias-free, so that the generic layer rules mask them (MaskedLinear) or bake them (plain Linear).
+
+    Only the self-contained form is supported: key and value of the query's size, no bias_k/bias_v
+    (maskforge.convert refuses the others in one line).
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, *, dropout: float = 0.0, add_zero_attn: bool = False,
+                 batch_first: bool = False, k: float = 0.5, device=None) -> None:
+        super().__init__()
+        self.embed_dim, self.num_heads = embed_dim, num_heads
+        self.dropout, self.add_zero_attn, self.batch_first = float(dropout), add_zero_attn, batch_first
+        self.in_proj = MaskedLinear(embed_dim, 3 * embed_dim, k=k, device=device)
+        self.out_proj = MaskedLinear(embed_dim, embed_dim, k=k, device=device)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_padding_mask=None,
+                need_weights: bool = True, attn_mask=None, average_attn_weights: bool = True,
+                is_causal: bool = False):
+        if self.batch_first:  # as nn.MultiheadAttention: keep q is k is v, so the projection is one matmul
+            if key is value:
+                if query is key:
+                    query = key = value = query.transpose(1, 0)
+                else:
+                    query, key = (x.transpose(1, 0) for x in (query, key))
+                    value = key
+            else:
+                query, key, value = (x.transpose(1, 0) for x in (query, key, value))
+        out, weights = F.multi_head_attention_forward(
+            query, key, value, self.embed_dim, self.num_heads, layer_weight(self.in_proj), None, None, None,
+            self.add_zero_attn, self.dropout, layer_weight(self.out_proj), None, training=self.training,
+            key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
+            average_attn_weights=average_attn_weights, is_causal=is_causal)
+        return (out.transpose(1, 0) if self.batch_first else out), weights
+
+    def extra_repr(self) -> str:  # noqa: D401 - nn.Module hook
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}"
 
 
 def NonAffineBatchNorm2d(num_features: int, device=None) -> nn.BatchNorm2d:

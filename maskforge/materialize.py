@@ -18,10 +18,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import archs, regen
+from . import archs, convert, regen
 from .artifact import Artifact, check_weight_digests, load_artifact
-from .errors import MaskforgeError
-from .layers import MaskedConv2d, MaskedLinear, batchnorm_modules, masked_modules
+from .layers import batchnorm_modules
 
 
 def as_artifact(artifact_or_path: Artifact | str | os.PathLike) -> Artifact:
@@ -48,21 +47,9 @@ def masked_weights(artifact: Artifact | str | os.PathLike, *, threads: int | Non
 
 
 def plain_structure(arch: str, arch_args: dict, k: float) -> nn.Module:
-    """The architecture with plain bias-free Conv2d/Linear layers, on the meta device (no memory)."""
+    """The architecture with plain bias-free layers in place of the masked ones, on the meta device."""
     with torch.device("meta"):
-        model = archs.build_structure(arch, arch_args, k)
-        for name, layer in list(masked_modules(model).items()):
-            if isinstance(layer, MaskedConv2d):
-                plain: nn.Module = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
-                                             layer.stride, layer.padding, layer.dilation, layer.groups,
-                                             bias=False, padding_mode=layer.padding_mode)
-            elif isinstance(layer, MaskedLinear):
-                plain = nn.Linear(layer.in_features, layer.out_features, bias=False)
-            else:  # pragma: no cover - MASKED_TYPES has exactly these two
-                raise MaskforgeError(f"cannot materialize layer {name} of type {type(layer).__name__}")
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, plain)
-    return model
+        return convert.plain_layers(archs.build_structure(arch, arch_args, k))
 
 
 def materialize(artifact_or_path: Artifact | str | os.PathLike, *, threads: int | None = None) -> nn.Module:
@@ -79,6 +66,7 @@ def materialize(artifact_or_path: Artifact | str | os.PathLike, *, threads: int 
     weights = masked_weights(artifact, threads=threads)
     model = plain_structure(artifact.arch, artifact.arch_args, artifact.k)
     model.to_empty(device="cpu")
+    convert.fill_fixed(model, artifact.seed)
     with torch.no_grad():
         modules = dict(model.named_modules())
         for param, (weight, mask) in weights.items():

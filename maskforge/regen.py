@@ -104,6 +104,13 @@ def uniform(seed: int, name: str, shape: Sequence[int], bound: float) -> np.ndar
     return ((unit * 2.0 - 1.0) * bound).astype(np.float32).reshape(tuple(shape))
 
 
+def normal(seed: int, name: str, shape: Sequence[int], std: float) -> np.ndarray:
+    """float32 N(0, std^2) values from the stream of `name`: kaiming_normal's rule with sigma = std (a
+    converted model's regenerated embeddings, docs/FORMAT.md section 2.6)."""
+    shape = tuple(int(s) for s in shape)
+    return _kaiming_normal(seed, name, int(math.prod(shape)), float(std)).reshape(shape)
+
+
 # _BYTE_BITS[b, j] is bit j (least significant first) of byte value b.
 _BYTE_BITS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little").astype(bool)
 

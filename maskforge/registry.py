@@ -20,6 +20,7 @@ so width-1 artifacts are unchanged.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -27,6 +28,8 @@ from typing import Any, Callable
 from .errors import MaskforgeError
 
 SMALL_IMAGE_MAX_SIDE = 64  # at or below this, ResNets use the CIFAR stem (3x3 conv, stride 1, no max-pool)
+MAX_BUILDER_ARGS_BYTES = 10_000   # an artifact is untrusted input: a builder's arguments stay small
+REFUSED_BUILDER_ARGS = ("weights", "weights_backbone", "progress")  # pretrained weights are not seed + mask
 MAX_WIDTH = 64.0           # the largest width multiplier accepted (a bound for untrusted artifacts)
 
 #: (in_channels, num_classes, image_size, width) -> masked weights
@@ -56,6 +59,10 @@ def arch_names() -> list[str]:
 
 
 def get_arch(name: str) -> ArchEntry:
+    """The registered architecture `name`, or an entry for a builder reference (`torchvision:NAME`,
+    `module:callable`, `file.py:callable`: maskforge.convert), which builds to count its weights."""
+    if ":" in name and name not in ARCHS:
+        return ArchEntry(name, "builder reference (maskforge.convert)", _reference_counter(name))
     if name not in ARCHS:
         guess = closest_arch(name)
         hint = f" (did you mean {guess!r}?)" if guess else ""
@@ -78,6 +85,45 @@ def closest_arch(name: str) -> str | None:
     return scores[0][1]
 
 
+def _reference_counter(name: str) -> Counter:
+    def count(in_channels: int, num_classes: int, image_size: tuple[int, int], width: float = 1.0,
+              builder_args: dict | None = None) -> int:
+        from . import convert  # torch: only builder references need it
+
+        args = arch_args(in_channels, num_classes, image_size, width, builder_args)
+        return convert.count_weights(convert.convert(convert.source_model(name, args), 0.5, name))
+
+    return count
+
+
+def check_builder_args(values: Any, label: str = "arch args") -> dict:
+    """The builder's keyword arguments: a small JSON object without pretrained weights."""
+    if not isinstance(values, dict):
+        raise MaskforgeError(f"{label} must be a JSON object of the builder's keyword arguments, got {values!r}")
+    try:
+        text = json.dumps(values, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise MaskforgeError(f"{label} must hold JSON values only ({exc})") from None
+    if len(text) > MAX_BUILDER_ARGS_BYTES:
+        raise MaskforgeError(f"{label} is {len(text):,} bytes of JSON, more than {MAX_BUILDER_ARGS_BYTES:,}")
+    refused = [key for key in REFUSED_BUILDER_ARGS if key in values]
+    if refused:
+        raise MaskforgeError(f"{label}: {refused[0]} is not accepted: the weights are regenerated from the seed, "
+                             f"never loaded")
+    return json.loads(text)
+
+
+def parse_builder_args(text: str | None, label: str = "--arch-args") -> dict:
+    """`--arch-args` text (a JSON object) as a dict ({} for None)."""
+    if text is None or text == "":
+        return {}
+    try:
+        values = json.loads(text)
+    except ValueError as exc:
+        raise MaskforgeError(f"{label} is not JSON ({exc}): give an object such as "
+                             f"'{{\"num_layers\": 2}}'") from None
+    return check_builder_args(values, label)
+
 def scaled_width(units: int, width: float) -> int:
     """The paper's `units` times the width multiplier: max(1, round half to even of units * width)."""
     return max(1, round(units * float(width)))
@@ -96,15 +142,18 @@ def check_width(width, arch: str | None = None) -> float:
 
 
 def arch_args(in_channels: int, num_classes: int, image_size: tuple[int, int] | list[int],
-              width: float = 1.0) -> dict:
+              width: float = 1.0, builder_args: dict | None = None) -> dict:
     """The JSON-able arguments recorded in an artifact; with the arch name they rebuild the structure.
 
-    `width` is recorded only when it is not 1, so width-1 artifacts keep their original bytes.
+    `width` is recorded only when it is not 1 and `builder_args` (a builder reference's keyword
+    arguments) only when given, so the built-ins' artifacts keep their original bytes.
     """
     args = {"in_channels": int(in_channels), "num_classes": int(num_classes),
             "image_size": [int(image_size[0]), int(image_size[1])]}
     if check_width(width) != 1.0:
         args["width"] = float(width)
+    if builder_args:
+        args["builder_args"] = dict(builder_args)
     return args
 
 
@@ -118,7 +167,10 @@ def unpack_args(name: str, args: dict) -> tuple[int, int, tuple[int, int], float
 
 
 def count_masked_weights(name: str, args: dict) -> int:
-    """Weights under a mask for `name` with `args`, from the arguments alone."""
+    """Weights under a mask for `name` with `args`, from the arguments alone (a builder reference: built on
+    the meta device)."""
+    if ":" in name and name not in ARCHS:
+        return get_arch(name).count(*unpack_args(name, args), builder_args=args.get("builder_args"))
     return get_arch(name).count(*unpack_args(name, args))
 
 

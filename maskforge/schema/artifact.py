@@ -8,7 +8,7 @@ architecture (layer shapes, kept counts, batch-norm names) is checked by `maskfo
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import AfterValidator, Strict, model_validator
 
@@ -27,6 +27,15 @@ TopkRule = Literal[TOPK_RULES]
 Side = Annotated[Integer, Field(ge=1, le=8192)]
 
 
+def _builder_args(values: dict) -> dict:
+    from ..registry import check_builder_args
+
+    try:
+        return check_builder_args(values, "builder_args")
+    except Exception as exc:  # MaskforgeError: pydantic reports ValueErrors with the field's location
+        raise ValueError(str(exc).removeprefix("builder_args: ").removeprefix("builder_args ")) from None
+
+
 @record(frozen=True, label="arch.args")
 class ArchArgs:
     """What an architecture is built from, besides its name and k."""
@@ -36,6 +45,9 @@ class ArchArgs:
     image_size: Annotated[tuple[Side, Side], Field(description="[height, width] in pixels")]
     width: Number = Field(1.0, gt=0, le=64, description="the paper's width multiplier; absent means 1 "
                                                         "(and is not written at 1)")
+    builder_args: Optional[Annotated[dict[Text, Any], AfterValidator(_builder_args)]] = Field(
+        None, description="a builder reference's JSON keyword arguments (--arch-args); absent for the "
+                          "registered architectures")
 
     def to_dict(self) -> dict:
         """The keyword arguments of `archs.create_model` (no `width` at 1, as the document stores them)."""
@@ -43,13 +55,35 @@ class ArchArgs:
                 "image_size": list(self.image_size)}
         if self.width != 1.0:
             args["width"] = self.width
+        if self.builder_args:
+            args["builder_args"] = dict(self.builder_args)
         return args
 
 
 @record(frozen=True, label="arch")
 class ArchSpec:
-    name: Annotated[Text, Field(description="a registered architecture (`maskforge archs`)")]
+    name: Annotated[Text, Field(description="a registered architecture (`maskforge archs`) or a builder "
+                                            "reference (torchvision:NAME, module:callable, file.py:callable)")]
     args: ArchArgs
+    library: Optional[Text] = Field(None, description="builder references: the code the network comes from and "
+                                                      "its version at search time ('torchvision 0.20.1')")
+    structure: Optional[list[Text]] = Field(None, description="builder references: the built model's parameters "
+                                            "and buffers, one 'name param|buffer shape ModuleClass' each, in "
+                                            "module order (FORMAT.md section 2.6)")
+    structure_digest: Optional[Hex64] = Field(None, description="SHA-256 of the structure lines joined by "
+                                                                "newlines")
+
+    @model_validator(mode="after")
+    def _structure(self) -> "ArchSpec":
+        if (self.structure is None) != (self.structure_digest is None):
+            raise ValueError("structure and structure_digest go together")
+        if self.structure is not None:
+            import hashlib
+
+            digest = hashlib.sha256("\n".join(self.structure).encode("utf-8")).hexdigest()
+            if digest != self.structure_digest:
+                raise ValueError("structure_digest is not the SHA-256 of the structure lines")
+        return self
 
 
 @record(frozen=True, label="init")

@@ -34,7 +34,11 @@ class SearchConfig:
     0.3
     """
 
-    arch: Text = Field("conv4", description="Architecture to search (see `maskforge archs`).")
+    arch: Text = Field("conv4", description="Architecture to search (see `maskforge archs`), or a builder: "
+                       "torchvision:NAME (`maskforge archs --all`), package.module:callable or file.py:callable "
+                       "(README, 'Bring your own model').")
+    arch_args: Optional[Text] = Field(None, description="The builder's keyword arguments as a JSON object, e.g. "
+                                      "'{\"num_layers\": 2}' (builder references only).")
     k: Number = Field(0.5, gt=0, le=1, description="Fraction of weights KEPT in every layer, in (0, 1].")
     data: Text = Field("mnist5k", description="mnist5k (built-in demo), fashion-mnist (Debian's "
                                               "dataset-fashion-mnist or $MASKFORGE_DATA), or a CIFAR-10 / "
@@ -88,6 +92,26 @@ class SearchConfig:
                                   "extend the finished search.")
     tensorboard: Flag = Field(False, description="Also write TensorBoard event files to <out>/tensorboard "
                               "(needs the tensorboard package: pip install 'maskforge[tensorboard]').")
+
+    @model_validator(mode="after")
+    def _builder_args(self) -> "SearchConfig":
+        if self.arch_args is not None:
+            from ..registry import parse_builder_args
+
+            try:
+                parse_builder_args(self.arch_args, "arch_args")
+            except Exception as exc:  # MaskforgeError: reported with the field's name
+                raise ValueError(str(exc)) from None
+            if ":" not in self.arch:
+                raise ValueError(f"arch_args applies to builder references (torchvision:NAME, module:callable, "
+                                 f"file.py:callable), not to the registered architecture {self.arch}")
+        return self
+
+    def builder_args(self) -> dict | None:
+        """`arch_args` as a dict (None when not given)."""
+        from ..registry import parse_builder_args
+
+        return parse_builder_args(self.arch_args) or None if self.arch_args is not None else None
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> "SearchConfig":

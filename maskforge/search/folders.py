@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,8 +63,11 @@ class FolderState:
 
 
 def default_folders(config: SearchConfig, root: str | os.PathLike = "runs") -> Iterator[Path]:
-    """`runs/<arch>-k<k>-s<seed>` (with `-w<width>` for a width other than 1), then `-2`, `-3`, ..."""
-    name = f"{config.arch}-k{config.k:g}-s{config.seed}"
+    """`runs/<arch>-k<k>-s<seed>` (with `-w<width>` for a width other than 1), then `-2`, `-3`, ...
+
+    A builder reference's characters other than letters, digits, `_`, `.` and `-` become `-`
+    (`torchvision:vit_b_16` -> `torchvision-vit_b_16`), so the folder is one path component."""
+    name = f"{re.sub(r'[^A-Za-z0-9_.-]', '-', config.arch)}-k{config.k:g}-s{config.seed}"
     if config.width not in (None, 1):
         name += f"-w{config.width:g}"
     yield Path(root) / name

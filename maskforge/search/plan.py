@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import distributed
+from ..convert import trust
 from ..data.named import is_named
 from ..checkpoint import CHECKPOINT_NAME, Checkpoint, check_compatible, load_checkpoint
 from ..distributed import World
@@ -83,6 +84,7 @@ def absolute_data(data: str) -> str:
 def plan_fresh(config: SearchConfig, world: World | None = None, overwrite: bool = False) -> Plan:
     world = world or World()
     config = normalized(config)
+    trust(config.arch)  # the user named this builder: its code may run here
     resolve_device(config.device)
     check_tensorboard(config)
     if config.out is None:
@@ -164,6 +166,7 @@ def _plan_resume(run: Path, overrides: dict, world: World, lock: RunLock) -> Pla
     recorded = read_run_config(run).to_dict()
     values = _resumed_values(run, dict(recorded), overrides)
     config = SearchConfig.from_dict(values, f"resume of {run}")
+    trust(config.arch)  # the user resumes this search: its builder's code may run here
     resolve_device(config.device)
     check_world(config, world)
     check_tensorboard(config)

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import archs, distributed
+from .. import archs, convert, distributed
 from ..checkpoint import Checkpoint, restore
 from ..data import DataSplits, augment_batch, iterate_batches, load_data, num_batches
 from ..distributed import World
@@ -78,7 +78,9 @@ def prepare(config: SearchConfig) -> tuple[DataSplits, nn.Module, dict]:
     Accelerator.check(config, device)
     splits = load_data(config.data, image_size=config.image_size)
     spec = splits.spec
-    args = archs.arch_args(spec.channels, spec.num_classes, (spec.height, spec.width))
+    convert.trust(config.arch)  # the user named this builder: its code may run in this process
+    args = archs.arch_args(spec.channels, spec.num_classes, (spec.height, spec.width),
+                           builder_args=config.builder_args())
     if config.width is not None and config.width != 1:
         args["width"] = config.width  # an architecture argument: recorded in the artifact's arch.args
     model = archs.create_model(config.arch, **args, k=config.k, seed=config.seed, init=config.init,

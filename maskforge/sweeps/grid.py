@@ -180,7 +180,8 @@ def parse_list(name: str, text: str) -> list:
     """A comma list from the command line as values of the search option `name` (e.g. '0.1,0.3')."""
     if name not in _TYPES or name == "out":
         raise MaskforgeError(f"unknown search option {name!r}")
-    items = [item.strip() for item in str(text).split(",")]
+    # a builder's JSON arguments hold commas of their own: one value, never a list
+    items = [str(text).strip()] if name == "arch_args" else [item.strip() for item in str(text).split(",")]
     if not text.strip() or any(not item for item in items):
         raise MaskforgeError(f"{name}: malformed list {text!r} (values separated by commas, none empty)")
     return _check_values(name, [_parse_one(name, item) for item in items])
