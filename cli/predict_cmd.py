@@ -39,7 +39,7 @@ def predict_command(
 
     Example: maskforge predict runs/conv4/artifact.onnx digit7.png digit3.png --json
     """
-    from maskforge.predict import predict  # torch loads here, after the arguments are checked
+    from maskforge.prediction import predict  # torch loads here, after the arguments are checked
 
     results = predict(model, images, top=top, threads=threads, mean=mean, std=std, size=size, skip_bad=True)
     predictions = [p for p in results if p.error is None]

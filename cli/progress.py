@@ -16,7 +16,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
 from rich.text import Text
 
-from maskforge.search.notices import format_duration as duration
+from maskforge.searches.notices import format_duration as duration
 
 from . import logs
 

@@ -112,7 +112,7 @@ def search_command(ctx: typer.Context, resume_dir: Optional[Path] = None, quiet:
                              "start DIR over, leave --resume out: the same options with --out DIR --overwrite")
     config = _config(given) if resume_dir is None else None  # a bad value is refused before torch loads
     from maskforge.distributed import detect
-    from maskforge.search import SearchInterrupted, resume, search  # torch loads here, not for --help
+    from maskforge.searches import SearchInterrupted, resume, search  # torch loads here, not for --help
 
     from . import logs
 

@@ -39,8 +39,8 @@ from .distributed import World
 from .errors import MaskforgeError
 from .fileio import atomic_write, ensure_writable_dir
 from .schema import SearchConfig
-from .search import CONFIG_NAME, StepProgress, end_epoch, setup, start_epoch, train_one_epoch, write_metrics
-from .search.notices import CostWatch
+from .searches import CONFIG_NAME, StepProgress, end_epoch, setup, start_epoch, train_one_epoch, write_metrics
+from .searches.notices import CostWatch
 
 RESULT_NAME = "dense.json"
 OPTIMIZERS = ("adam", "sgd")
@@ -135,7 +135,7 @@ def dense_model(arch: str, args: dict, seed: int) -> nn.Module:
 def train_dense(config: DenseConfig, *, on_step: Callable[[StepProgress], None] | None = None,
                 on_epoch: Callable[[dict], None] | None = None) -> DenseResult:
     """Train the dense baseline; with `config.out`, write config.json, metrics.jsonl and dense.json there.
-    `on_step` and `on_epoch` are called as by `maskforge.search.search`.
+    `on_step` and `on_epoch` are called as by `maskforge.searches.search`.
 
     >>> from maskforge.dense import DenseConfig, train_dense
     >>> result = train_dense(DenseConfig(arch="fc", epochs=1))        # doctest: +SKIP

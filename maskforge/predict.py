@@ -26,7 +26,7 @@ from .fileio import missing_reason
 from .evaluation.runners import OnnxRunner, TorchRunner, torch_threads
 from .evaluation.scoring import top_k
 from .evaluation.subject import open_model
-from .materialize import materialize
+from .materialization import materialize
 from .memory import check_network_fits
 
 TOP = 5

@@ -186,9 +186,9 @@ def test_search_options_are_built_from_the_schema():
 
 
 def test_search_passes_only_the_options_given(monkeypatch, tmp_path):
-    import maskforge.search as library  # the module (the package attribute is the function)
+    import maskforge.searches as library  # the module (the package attribute is the function)
 
-    module = sys.modules["maskforge.search"]
+    module = sys.modules["maskforge.searches"]
     seen = []
 
     def fake_search(config, **kwargs):

@@ -23,7 +23,7 @@ from maskforge.artifact import artifact_bytes, artifact_from_bytes, build_artifa
 from maskforge.data import load_data
 from maskforge.errors import MaskforgeError
 from maskforge.layers import ProjectedAttention, masked_modules
-from maskforge.materialize import materialize
+from maskforge.materialization import materialize
 from maskforge.schema import SearchConfig
 
 VIT_ARGS = {"image_size": 28, "patch_size": 4, "num_layers": 2, "num_heads": 4, "hidden_dim": 64, "mlp_dim": 128}
@@ -277,7 +277,7 @@ def test_search_config_arch_args_are_checked():
 
 
 def test_a_builder_callable_searches_in_process(tmp_path):
-    from maskforge.search import search
+    from maskforge.searches import search
 
     def tiny(num_classes):
         return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),

@@ -19,7 +19,7 @@ from helpers import demo_rows
 from maskforge import convert
 from maskforge.export import export_onnx
 from maskforge.schema import SearchConfig
-from maskforge.search import resume, search
+from maskforge.searches import resume, search
 from maskforge.verify import verify_artifact, verify_onnx
 
 pytestmark = pytest.mark.slow

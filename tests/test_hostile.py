@@ -289,8 +289,8 @@ def _records(run: Path) -> list[str]:
 def test_damaged_metrics_records_are_refused_with_their_line(run, tmp_path, damage, message):
     import shutil
 
-    from maskforge.plot import plot_run
-    from maskforge.search.metricfiles import read_metrics
+    from maskforge.plotting import plot_run
+    from maskforge.searches.metricfiles import read_metrics
 
     copy = Path(shutil.copytree(run, tmp_path / "run"))
     good = _records(run)[0]
@@ -327,7 +327,7 @@ def test_a_damaged_point_is_reported_by_collect_and_run_again_by_the_sweep(tmp_p
 def test_a_duplicate_key_in_config_json_is_refused(run, tmp_path):
     import shutil
 
-    from maskforge.search.folders import read_run_config
+    from maskforge.searches.folders import read_run_config
 
     copy = Path(shutil.copytree(run, tmp_path / "run"))
     text = (copy / "config.json").read_text()
@@ -350,7 +350,7 @@ def _png(path: Path, value: int) -> Path:
 
 
 def test_predict_reports_bad_images_classifies_the_rest_and_exits_2(run, tmp_path):
-    from maskforge.predict import predict
+    from maskforge.prediction import predict
 
     good = [_png(tmp_path / "a.png", 30), _png(tmp_path / "c.png", 200)]
     bad = tmp_path / "b.jpg"
@@ -399,7 +399,7 @@ def test_predict_takes_a_folder_recursively_in_sorted_order(run, tmp_path):
 def test_eval_counts_the_readable_images_and_exits_2_naming_the_bad_ones(tmp_path):
     from helpers import write_image_folder
 
-    from maskforge.search import SearchConfig, search
+    from maskforge.searches import SearchConfig, search
 
     root = write_image_folder(tmp_path / "data", train_per_class=8, val_per_class=4)
     out = tmp_path / "run"
@@ -580,7 +580,7 @@ def test_the_memory_check_refuses_in_process_and_lets_a_fitting_network_through(
     its needs (its largest layer outputs 300 floats per image)."""
     import maskforge.memory as memory
     from maskforge.export import export_onnx
-    from maskforge.predict import predict
+    from maskforge.prediction import predict
 
     artifact, image = run / "artifact.safetensors", _png(tmp_path / "x.png", 7)
     monkeypatch.setattr(memory, "available_bytes", lambda: 1000)

@@ -152,7 +152,7 @@ def test_no_guess_when_nothing_is_close_or_two_are_equally_close():
 
 
 def test_the_large_network_warning_names_flags(tmp_path):
-    from maskforge.search import notices
+    from maskforge.searches import notices
 
     assert "--device cuda" in notices.CPU_ADVICE and "--max-steps" in notices.CPU_ADVICE
     assert "max_steps" not in notices.CPU_ADVICE
@@ -211,7 +211,7 @@ def _take_step(session, clock, seconds: float, epoch_end_seconds: float = 0.0) -
 
 
 def test_the_estimate_comes_after_two_timed_steps_and_counts_the_real_evaluations(monkeypatch, caplog):
-    from maskforge.search import notices
+    from maskforge.searches import notices
 
     clock = _FakeClock()
     monkeypatch.setattr(notices.time, "perf_counter", clock)
@@ -236,7 +236,7 @@ def test_the_estimate_comes_after_two_timed_steps_and_counts_the_real_evaluation
 
 
 def test_a_resumed_search_times_from_its_own_second_step(monkeypatch):
-    from maskforge.search import notices
+    from maskforge.searches import notices
 
     clock = _FakeClock()
     monkeypatch.setattr(notices.time, "perf_counter", clock)
@@ -256,7 +256,7 @@ def test_a_resumed_search_times_from_its_own_second_step(monkeypatch):
 
 def test_every_display_shows_the_search_s_own_estimate(tmp_path, caplog):
     """The eta_s each step carries is the figure the "estimated time" line gave (the same estimator)."""
-    from maskforge.search import SearchConfig, notices, search
+    from maskforge.searches import SearchConfig, notices, search
 
     steps = []
     with caplog.at_level(logging.INFO, logger="maskforge"):
@@ -283,7 +283,7 @@ def test_plain_progress_lines_show_that_estimate(capsys):
 def test_the_stop_notice_names_what_happens_and_how_long(caplog):
     import signal
 
-    from maskforge.search import notices
+    from maskforge.searches import notices
 
     with caplog.at_level(logging.INFO, logger="maskforge"):
         notices.stopping(signal.SIGINT, 12.2)
@@ -296,7 +296,7 @@ def test_the_stop_notice_names_what_happens_and_how_long(caplog):
 def test_the_stop_handler_answers_the_first_signal_once(monkeypatch):
     import signal
 
-    from maskforge.search.stop import StopSignals
+    from maskforge.searches.stop import StopSignals
 
     heard = []
     with StopSignals() as signals:

@@ -20,7 +20,7 @@ from ..data import DataSplits, ImageFileDataset, check_heldout_data, iterate_bat
 from ..errors import MaskforgeError
 from ..export import META_PREFIX, export_onnx
 from ..export.calibration import matching_splits, searched_data
-from ..materialize import materialize
+from ..materialization import materialize
 from ..memory import check_network_fits
 from .footprint import compute_section, size_section
 from .report import EvalReport, Latency, ModelSummary, Timing

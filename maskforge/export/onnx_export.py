@@ -20,7 +20,7 @@ import torch.nn as nn
 from ..artifact import Artifact
 from ..errors import MaskforgeError
 from ..fileio import atomic_path
-from ..materialize import as_artifact, materialize
+from ..materialization import as_artifact, materialize
 from ..memory import check_network_fits
 from .calibration import (DEFAULT_CALIBRATION, DEFAULT_CHECK_IMAGES, CheckImages, check_calibration_count,
                           load_check_images)

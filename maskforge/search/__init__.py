@@ -88,7 +88,7 @@ def search(config: SearchConfig, *, on_step: OnStep | None = None, on_epoch: OnE
 
     `on_step(StepProgress)` after every optimizer step and `on_epoch(record)` after every epoch are called
     on rank 0. With `handle_signals` (main thread only), SIGINT and SIGTERM stop the search at the next
-    step with a checkpoint and raise `SearchInterrupted` (maskforge.search.stop). (`progress` is accepted
+    step with a checkpoint and raise `SearchInterrupted` (maskforge.searches.stop). (`progress` is accepted
     for older callers and ignored: displays are the caller's.)
 
     >>> from maskforge import SearchConfig, search

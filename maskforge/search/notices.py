@@ -24,7 +24,7 @@ from ..layers import masked_modules
 from ..schema import SearchConfig
 from .setup import Session
 
-log = logging.getLogger("maskforge.search")
+log = logging.getLogger("maskforge.searches")
 
 #: Fewer kept weights than this in a layer is "almost nothing".
 HANDFUL = 5

@@ -41,7 +41,7 @@ class StepProgress:
     `train_loss`, `train_acc` and `images_per_s` cover the current epoch so far on this process (all
     processes for images_per_s); reading them waits for the device, so a display should read them only
     as often as it redraws. `eta_s` is the search's one estimate of the seconds left (None until two
-    steps are timed: maskforge.search.notices.CostWatch).
+    steps are timed: maskforge.searches.notices.CostWatch).
     """
 
     step: int

@@ -24,8 +24,8 @@ from ..dense import RESULT_NAME
 from ..errors import MaskforgeError
 from ..fileio import atomic_write
 from ..jsonread import strict_json
-from ..search import ARTIFACT_NAME, CONFIG_NAME, SearchConfig
-from ..search.metricfiles import read_metrics
+from ..searches import ARTIFACT_NAME, CONFIG_NAME, SearchConfig
+from ..searches.metricfiles import read_metrics
 from ..textguard import quote
 from .grid import DENSE_SHARED, Point
 
