@@ -36,7 +36,7 @@ from maskforge import archs
 from maskforge.artifact import build_artifact, load_artifact, save_artifact
 from maskforge.data import InputSpec
 from maskforge.export import export_onnx
-from maskforge.materialize import materialize
+from maskforge.materialization import materialize
 
 WORKLOADS = {
     # arch: (channels, size, classes, k)

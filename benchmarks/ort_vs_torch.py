@@ -33,7 +33,7 @@ from maskforge.artifact import build_artifact, load_artifact, save_artifact
 from maskforge.data import InputSpec
 from maskforge.evaluation import latency_stats, time_calls
 from maskforge.export import export_onnx, ort_session
-from maskforge.materialize import materialize
+from maskforge.materialization import materialize
 
 WORKLOADS = {
     # name: (arch, channels, size, classes, k)

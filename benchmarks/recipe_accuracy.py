@@ -32,7 +32,7 @@ VARIANTS = {
 
 
 def run_variant(name: str, args: argparse.Namespace, out: Path) -> dict:
-    from maskforge.search import SearchConfig, search
+    from maskforge.searches import SearchConfig, search
 
     config = SearchConfig(arch=args.arch, data=args.data, k=args.k, epochs=args.epochs, batch_size=args.batch_size,
                           seed=args.seed, device="cpu", workers=0, out=str(out / name), **VARIANTS[name])

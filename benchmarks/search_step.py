@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from maskforge import archs
 from maskforge.layers import MaskedConv2d, MaskedLinear, masked_modules, set_masker
-from maskforge.search.device import bf16_supported, uses_conv
+from maskforge.searches.device import bf16_supported, uses_conv
 
 K = 0.5
 SEED = 0
@@ -63,7 +63,7 @@ class Recipe:
     compile_backend: str | None = None  # torch.compile backend ("inductor"); None: eager
 
     def resolved(self, device: torch.device, model: nn.Module) -> "Recipe":
-        """The defaults `maskforge search` takes (search/device.py: bf16 where the GPU has it, channels_last
+        """The defaults `maskforge search` takes (searches/device.py: bf16 where the GPU has it, channels_last
         for conv nets on CUDA)."""
         cuda = device.type == "cuda"
         return Recipe(self.precision or ("bf16" if cuda and bf16_supported(device) else "fp32"),

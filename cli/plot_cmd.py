@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from maskforge.plot import plot
+from maskforge.plotting import plot
 from maskforge.sweeps import parse_where
 
 from .app import app

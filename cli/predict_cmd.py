@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from maskforge.predict import predict
+from maskforge.prediction import predict
 
 from .app import app
 

@@ -14,7 +14,7 @@ import time
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from maskforge.search.notices import format_duration as duration
+from maskforge.searches.notices import format_duration as duration
 
 from . import logs
 

@@ -78,7 +78,7 @@ def search_command(ctx: typer.Context, resume_dir: Optional[Path] = None, quiet:
                    overwrite: bool = False, as_json: bool = False, **options: Any) -> None:
     given = {name: value for name, value in options.items() if value is not None}
     from maskforge.distributed import detect
-    from maskforge.search import SearchInterrupted, resume, search  # torch loads here, not for --help
+    from maskforge.searches import SearchInterrupted, resume, search  # torch loads here, not for --help
 
     from . import logs
 

@@ -5,7 +5,7 @@ The paper compares each random subnetwork with the same network trained normally
 plain `nn.Conv2d`/`nn.Linear` of the same shape (bias-free, as in the search; the ResNets keep their
 non-affine batch norm), initializes it with PyTorch's defaults from the seed and trains every weight.
 
-It trains with the search's own steps (maskforge.search: `setup`, `start_epoch`, `train_one_epoch`,
+It trains with the search's own steps (maskforge.searches: `setup`, `start_epoch`, `train_one_epoch`,
 `end_epoch`), so data, batch order, augmentation, schedule, device choices and the held-out evaluation
 are the search's, one piece of code for both: every training image every epoch (the last batch may be
 short), the batch order and augmentation from the same seed, the warm-up + cosine schedule per step, the
@@ -40,7 +40,7 @@ from .errors import MaskforgeError
 from .fileio import atomic_write, ensure_writable_dir
 from .layers import MaskedConv2d, masked_modules
 from .schema import SearchConfig
-from .search import CONFIG_NAME, StepProgress, end_epoch, setup, start_epoch, train_one_epoch, write_metrics
+from .searches import CONFIG_NAME, StepProgress, end_epoch, setup, start_epoch, train_one_epoch, write_metrics
 
 RESULT_NAME = "dense.json"
 OPTIMIZERS = ("adam", "sgd")
@@ -141,7 +141,7 @@ def dense_model(arch: str, args: dict, seed: int) -> nn.Module:
 def train_dense(config: DenseConfig, *, on_step: Callable[[StepProgress], None] | None = None,
                 on_epoch: Callable[[dict], None] | None = None) -> DenseResult:
     """Train the dense baseline; with `config.out`, write config.json, metrics.jsonl and dense.json there.
-    `on_step` and `on_epoch` are called as by `maskforge.search.search`.
+    `on_step` and `on_epoch` are called as by `maskforge.searches.search`.
 
     >>> from maskforge.dense import DenseConfig, train_dense
     >>> result = train_dense(DenseConfig(arch="fc", epochs=1))        # doctest: +SKIP

@@ -224,7 +224,7 @@ def _check_onnx_metadata(proto, artifact: Artifact, report: VerifyReport):
 
 def _check_float_outputs(onnx_path: Path, artifact: Artifact, rtol: float) -> str:
     from .export.parity import PARITY_BATCH, compare_logits, ort_session, parity_inputs, run_session
-    from .materialize import materialize
+    from .materialization import materialize
 
     x = parity_inputs(artifact.spec)
     with torch.no_grad():
@@ -247,7 +247,7 @@ def _check_int8_outputs(onnx_path: Path, artifact: Artifact, opset: int | None) 
     from .export.modes import EXACT_INT8
     from .export.parity import kernel_check, parity_inputs
     from .export.trace import trace_to_onnx
-    from .materialize import materialize
+    from .materialization import materialize
 
     exact = artifact.init in EXACT_INT8
     traced = trace_to_onnx(materialize(artifact), artifact.spec, opset or 13)

@@ -9,7 +9,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from maskforge.export import export_onnx
-from maskforge.search import SearchConfig, search
+from maskforge.searches import SearchConfig, search
 
 
 def searched_fc(out: Path, steps: int = 10) -> Path:

@@ -21,8 +21,8 @@ from helpers import write_image_folder
 from maskforge import archs
 from maskforge.cli import app
 from maskforge.layers import MaskedLinear
-from maskforge.search import SearchConfig, search
-from maskforge.search import device as device_module
+from maskforge.searches import SearchConfig, search
+from maskforge.searches import device as device_module
 
 EXECUTABLE = Path(sys.executable).parent / "maskforge"
 NO_CXX = "/nonexistent/bin/g++"

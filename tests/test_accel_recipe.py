@@ -27,9 +27,9 @@ from maskforge.artifact import load_artifact
 from maskforge.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from maskforge.errors import MaskforgeError
 from maskforge.layers import MaskedConv2d, MaskedLinear, NonAffineBatchNorm2d, kept_count, masked_modules, set_topk
-from maskforge.search import SearchConfig, resume, search
-from maskforge.search import device as device_module
-from maskforge.search.device import Accelerator
+from maskforge.searches import SearchConfig, resume, search
+from maskforge.searches import device as device_module
+from maskforge.searches.device import Accelerator
 from maskforge.topk import MASKERS
 
 RECIPE = dict(precision="bf16", channels_last=True, masker="torch")

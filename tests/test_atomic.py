@@ -257,7 +257,7 @@ from maskforge.artifact import load_artifact, save_artifact
 from maskforge.checkpoint import load_checkpoint, save_checkpoint
 from maskforge.errors import MaskforgeError
 from maskforge.fileio import atomic_write
-from maskforge.search.metricfiles import write_metrics
+from maskforge.searches.metricfiles import write_metrics
 
 artifact = load_artifact(run / "artifact.safetensors")
 checkpoint = load_checkpoint(run / "checkpoint.safetensors")
@@ -281,7 +281,7 @@ main()
 
 
 def test_no_room_for_a_file_is_one_clear_error_and_the_previous_file_stays(tmp_path):
-    from maskforge.search import SearchConfig, search
+    from maskforge.searches import SearchConfig, search
 
     run = tmp_path / "run"
     search(SearchConfig(arch="fc", epochs=2, batch_size=500, device="cpu", keep_checkpoint=True, out=str(run)))

@@ -24,7 +24,7 @@ import pytest
 from helpers import demo_rows, write_image_folder, write_mnist_folder
 from maskforge.evaluation.measure import load_matching_data
 from maskforge.evaluation.subject import open_model
-from maskforge.search import SearchConfig, notices, search
+from maskforge.searches import SearchConfig, notices, search
 
 COMMON = dict(arch="fc", epochs=1, max_steps=2, batch_size=64, device="cpu", workers=0)
 

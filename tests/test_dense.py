@@ -14,7 +14,7 @@ from maskforge.data import load_data, normalize
 from maskforge.dense import DenseConfig, dense_model, train_dense
 from maskforge.errors import MaskforgeError
 from maskforge.layers import masked_modules
-from maskforge.search import SearchConfig
+from maskforge.searches import SearchConfig
 
 
 @pytest.mark.parametrize("arch,args", [("conv4", arch_args(3, 5, (16, 12), 0.5)), ("resnet18", arch_args(3, 4, (16, 16)))])

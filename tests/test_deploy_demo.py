@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from maskforge import load_artifact
 from maskforge.cli import app
 from maskforge.data import load_data, normalize
-from maskforge.materialize import materialize
+from maskforge.materialization import materialize
 
 pytestmark = pytest.mark.slow
 

@@ -31,7 +31,7 @@ from maskforge.artifact import load_artifact, pack_mask
 from maskforge.checkpoint import CHECKPOINT_NAME, load_checkpoint, read_position
 from maskforge.distributed import World, detect
 from maskforge.errors import MaskforgeError
-from maskforge.search import TIMING_FIELDS, SearchConfig, search
+from maskforge.searches import TIMING_FIELDS, SearchConfig, search
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -71,7 +71,7 @@ _LAUNCHER = textwrap.dedent('''
                              nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(),
                              MaskedLinear(8 * (image_size[0] // 2) * (image_size[1] // 2), num_classes, k=k))
 
-    library = importlib.import_module("maskforge.search")
+    library = importlib.import_module("maskforge.searches")
 
     def reporting(function):
         def run(*args, **kwargs):

@@ -31,7 +31,7 @@ from maskforge.errors import MaskforgeError
 from maskforge.export import (default_export_path, export_onnx, export_torch, load_torch_export,
                               read_onnx_metadata)
 from maskforge.layers import MASKED_TYPES
-from maskforge.materialize import materialize
+from maskforge.materialization import materialize
 
 # ---------------------------------------------------------------------------------------------------------
 # helpers

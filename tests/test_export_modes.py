@@ -30,7 +30,7 @@ from maskforge.cli import app
 from maskforge.data import load_data
 from maskforge.errors import MaskforgeError
 from maskforge.export import default_export_path, export_onnx, read_onnx_metadata
-from maskforge.materialize import materialize
+from maskforge.materialization import materialize
 from maskforge.verify import verify_onnx
 
 MODES = [(storage, precision) for precision in ("fp32", "int8") for storage in ("dense", "compact", "regen")]

@@ -31,7 +31,7 @@ from maskforge.artifact import artifact_bytes, build_artifact
 from maskforge.container import canonical_json, document_digest
 from maskforge.layers import MaskedConv2d, MaskedLinear, NonAffineBatchNorm2d, batchnorm_modules, kept_count
 from maskforge.layers import masked_modules
-from maskforge.materialize import plain_structure
+from maskforge.materialization import plain_structure
 from maskforge.schema import PROVENANCE_FIELDS, ArtifactDocument, InputSpec
 
 FORMAT = (Path(__file__).resolve().parents[1] / "docs" / "FORMAT.md").read_text(encoding="utf-8")

@@ -42,8 +42,8 @@ from maskforge.container import canonical_json
 from maskforge.data import InputSpec
 from maskforge.errors import MaskforgeError
 from maskforge.layers import MaskedConv2d, MaskedLinear, NonAffineBatchNorm2d, batchnorm_modules, masked_modules
-from maskforge.materialize import materialize
-from maskforge.search import SearchConfig, search
+from maskforge.materialization import materialize
+from maskforge.searches import SearchConfig, search
 
 SEED = 20240229
 TINY_ARCH = "fuzz_tiny_bn"

@@ -29,7 +29,7 @@ from maskforge.layers import (
     set_topk,
     topk_mask,
 )
-from maskforge.search import SearchConfig, resume, search
+from maskforge.searches import SearchConfig, resume, search
 from maskforge.topk import MASKERS, global_topk_masks
 from test_global_topk import global_oracle
 from test_layers import sort_oracle, sort_order
@@ -42,7 +42,7 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-search_module = importlib.import_module("maskforge.search")
+search_module = importlib.import_module("maskforge.searches")
 
 
 # --- the maskers on the device ---------------------------------------------------------------------------

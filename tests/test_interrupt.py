@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 from maskforge import archs
 from maskforge.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from maskforge.cli import app
-from maskforge.search import SearchConfig, search
+from maskforge.searches import SearchConfig, search
 
 ARCH = "_signal_fc"
 # fc on the demo set at a global batch of 500: 8 steps per epoch; 3 epochs.
@@ -171,7 +171,7 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path, monkeypatch):
     def interrupted_load(*args, **kwargs):
         signal.raise_signal(signal.SIGINT)
 
-    monkeypatch.setattr(sys.modules["maskforge.search.setup"], "load_data", interrupted_load)
+    monkeypatch.setattr(sys.modules["maskforge.searches.setup"], "load_data", interrupted_load)
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["search", "--arch", "fc", "--out", str(out)])
     assert result.exit_code == 130

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from maskforge.artifact import artifact_bytes, build_artifact, load_artifact
-from maskforge.materialize import materialize
+from maskforge.materialization import materialize
 from maskforge.verify import verify_artifact
 
 DATA = Path(__file__).parent / "data"
@@ -56,7 +56,7 @@ def test_the_writer_still_writes_the_legacy_bytes(name):
 
 
 def test_legacy_run_config_is_still_a_valid_search_config(tmp_path):
-    from maskforge.search import read_run_config
+    from maskforge.searches import read_run_config
 
     recorded = json.loads((DATA / "v1-config-main-e63ec35.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(recorded))

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from maskforge.errors import MaskforgeError
-from maskforge.search import SearchConfig, search
-from maskforge.search.lock import LOCK_NAME, RunLock
+from maskforge.searches import SearchConfig, search
+from maskforge.searches.lock import LOCK_NAME, RunLock
 
 FORK = multiprocessing.get_context("fork")
 COMMON = dict(arch="fc", epochs=1, max_steps=3, batch_size=500, device="cpu", workers=0)

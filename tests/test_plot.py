@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from maskforge.cli import app
 from maskforge.errors import MaskforgeError
-from maskforge.plot import NOT_LEARNED_COLOR, plot_run, plot_sweep
+from maskforge.plotting import NOT_LEARNED_COLOR, plot_run, plot_sweep
 from maskforge.sweeps import COLUMNS, summarize
 
 AXES = ["arch", "init", "scale_fan", "width", "k", "seed"]

@@ -21,7 +21,7 @@ from maskforge.artifact import load_artifact
 from maskforge.cli import app
 from maskforge.data import load_data
 from maskforge.errors import MaskforgeError
-from maskforge.predict import predict
+from maskforge.prediction import predict
 
 PICKED = [0, 1, 2, 3, 10, 999]   # held-out rows
 

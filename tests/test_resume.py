@@ -28,7 +28,7 @@ from maskforge.checkpoint import (CHECKPOINT_NAME, Checkpoint, load_checkpoint, 
 from maskforge.cli import app
 from maskforge.errors import MaskforgeError
 from maskforge.layers import MaskedConv2d, MaskedLinear, NonAffineBatchNorm2d
-from maskforge.search import TIMING_FIELDS, SearchConfig, resume, search
+from maskforge.searches import TIMING_FIELDS, SearchConfig, resume, search
 
 
 # fc on the demo set with a global batch of 500: 8 steps per epoch, 16 in all, a few seconds per run.

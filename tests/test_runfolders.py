@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from maskforge.cli import app
 from maskforge.errors import MaskforgeError
-from maskforge.search import TIMING_FIELDS, SearchConfig, resume, search
+from maskforge.searches import TIMING_FIELDS, SearchConfig, resume, search
 
 # fc on the demo set, global batch 500: 8 steps per epoch, a fraction of a second per epoch.
 COMMON = dict(arch="fc", epochs=2, batch_size=500, device="cpu", workers=0)

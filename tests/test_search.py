@@ -25,7 +25,7 @@ from maskforge import regen
 from maskforge.artifact import load_artifact, pack_mask
 from maskforge.errors import MaskforgeError
 from maskforge.layers import batchnorm_modules, masked_modules
-from maskforge.search import TIMING_FIELDS, SearchConfig, search
+from maskforge.searches import TIMING_FIELDS, SearchConfig, search
 
 
 def _normalize(images: np.ndarray | torch.Tensor, spec) -> torch.Tensor:

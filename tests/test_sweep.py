@@ -17,7 +17,7 @@ from maskforge.artifact import load_artifact
 from maskforge.cli import app
 from maskforge.data import load_data, normalize
 from maskforge.errors import MaskforgeError
-from maskforge.search import SearchConfig, search
+from maskforge.searches import SearchConfig, search
 from maskforge.sweeps.results import point_row
 from maskforge.sweeps import COLUMNS, collect_sweep, make_grid, parse_list, parse_seeds, parse_shard, sweep
 
@@ -446,12 +446,10 @@ def test_topk_and_width_are_axes_end_to_end(tmp_path):
 
 
 def test_where_selects_the_points_a_figure_shows(done_sweep, monkeypatch):
-    import sys
-
-    import maskforge.plot  # noqa: F401  (the package attribute is the function `plot`; the module is in sys.modules)
+    import maskforge.plotting
 
     drawn = []
-    monkeypatch.setattr(sys.modules["maskforge.plot"], "plot_sweep", lambda rows, *a, **k: drawn.append(rows) or [Path("f.png")])
+    monkeypatch.setattr(maskforge.plotting, "plot_sweep", lambda rows, *a, **k: drawn.append(rows) or [Path("f.png")])
     result = collect_sweep(done_sweep, where={"k": [0.5], "seed": [1]})
     assert [row["point"] for row in drawn[0]] == [_name(0.5, 1), "dense,arch=fc,width=1.0,seed=1"]
     assert len(result.rows) == 6 and len(_csv(done_sweep / "results.csv")) == 6  # the table keeps every point

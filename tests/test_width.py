@@ -13,8 +13,8 @@ import torch
 from maskforge.artifact import load_artifact
 from maskforge.errors import MaskforgeError
 from maskforge.export import export_onnx
-from maskforge.materialize import materialize
-from maskforge.search import SearchConfig, search
+from maskforge.materialization import materialize
+from maskforge.searches import SearchConfig, search
 from maskforge.verify import verify_artifact
 
 

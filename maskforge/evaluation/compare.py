@@ -24,7 +24,7 @@ from typing import Sequence
 from ..errors import MaskforgeError
 from ..export import EXPORT_MODES, ExportMode, export_onnx
 from ..export.calibration import DEFAULT_CALIBRATION, load_check_images
-from ..materialize import materialize
+from ..materialization import materialize
 from .measure import Reference, Settings, load_matching_data, measure, split_of
 from .report import CompareReport, EvalReport, ModeRow
 from .runners import TorchRunner

@@ -19,7 +19,7 @@ from ..data import DataSplits, check_heldout_data, iterate_batches, normalize
 from ..errors import MaskforgeError
 from ..export import META_PREFIX, export_onnx
 from ..export.calibration import matching_splits, searched_data
-from ..materialize import materialize
+from ..materialization import materialize
 from .footprint import compute_section, size_section
 from .report import EvalReport, Latency, ModelSummary, Timing
 from .runners import OnnxRunner, TorchRunner, torch_threads

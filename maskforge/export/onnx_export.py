@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from ..artifact import Artifact
 from ..fileio import atomic_path
-from ..materialize import as_artifact, materialize
+from ..materialization import as_artifact, materialize
 from .calibration import (DEFAULT_CALIBRATION, DEFAULT_CHECK_IMAGES, CheckImages, check_calibration_count,
                           load_check_images)
 from .compact import compact_weights

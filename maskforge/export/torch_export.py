@@ -19,7 +19,7 @@ from .. import __version__
 from ..artifact import Artifact
 from ..errors import MaskforgeError, first_line
 from ..fileio import atomic_path
-from ..materialize import as_artifact, materialize, plain_structure
+from ..materialization import as_artifact, materialize, plain_structure
 from .metadata import with_digest
 from .destination import check_output_path, output_folder
 from .modes import default_export_path

@@ -23,8 +23,8 @@ from ..artifact import load_artifact
 from ..dense import RESULT_NAME
 from ..errors import MaskforgeError
 from ..fileio import atomic_write
-from ..search import ARTIFACT_NAME, CONFIG_NAME, SearchConfig
-from ..search.metricfiles import read_metrics
+from ..searches import ARTIFACT_NAME, CONFIG_NAME, SearchConfig
+from ..searches.metricfiles import read_metrics
 from .grid import DENSE_SHARED, Point
 
 RESULTS_FILE = "results.csv"

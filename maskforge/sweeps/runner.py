@@ -21,13 +21,13 @@ from .. import distributed
 from ..dense import train_dense
 from ..errors import MaskforgeError
 from ..fileio import ensure_writable_dir
-from ..search import search
+from ..searches import search
 from .grid import DENSE_SHARED, Point, SweepRecord, check_figure_axes, make_grid, read_record, record_grid
 from .results import BUG_PREFIX, is_done, point_row, read_status, summarize, write_results, write_status
 
 #: on_point(event, point, info): event "start" (info: index, total) or "end" (info: outcome, seconds, row)
 PointCallback = Callable[[str, Point, dict], None]
-#: on_step(StepProgress): after every optimizer step of the point being run (maskforge.search.StepProgress)
+#: on_step(StepProgress): after every optimizer step of the point being run (maskforge.searches.StepProgress)
 StepCallback = Callable[[Any], None]
 #: on_epoch(record): after every epoch of the point being run (the record metrics.jsonl gets)
 EpochCallback = Callable[[dict], None]
@@ -140,7 +140,7 @@ def _finish(out: Path, record: SweepRecord, result: SweepResult, plotted: list[s
         elif not any(row["status"] == "done" and row["kind"] == "search" for row in rows):
             result.figure_note = "no figure: no finished point" + (" matches the selection" if figure.where else "")
         else:
-            from ..plot import plot_sweep  # lazy: matplotlib takes a second to import
+            from ..plotting import plot_sweep  # lazy: matplotlib takes a second to import
 
             result.figures = plot_sweep(rows, result.axes, out, x=figure.x, hue=figure.hue, stem=figure.stem)
     return result
@@ -169,7 +169,7 @@ def _run_point(point: Point, out: Path, on_step: StepCallback | None, on_epoch: 
     try:
         if point.kind == "dense":
             train_dense(point.config, on_step=on_step, on_epoch=epoch_done)
-        else:  # search decides (search/plan.py): new, continued from a checkpoint, or started over
+        else:  # search decides (searches/plan.py): new, continued from a checkpoint, or started over
             search(point.config, on_step=on_step, on_epoch=epoch_done)
     except MaskforgeError as exc:
         note(" ".join(str(exc).split()))

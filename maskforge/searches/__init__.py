@@ -18,7 +18,7 @@ seed, the batch order from (seed, epoch), augmentation from (seed, epoch, batch,
 same arguments give a byte-identical artifact, and a search resumed from its checkpoint gives the
 artifact the uninterrupted search would have given, byte for byte (docs/SCALE.md, docs/DETERMINISM.md).
 The library draws nothing on a terminal: progress leaves through the `on_step` and `on_epoch` callbacks,
-notices and warnings through the `maskforge.search` logger.
+notices and warnings through the `maskforge.searches` logger.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def search(config: SearchConfig, *, on_step: OnStep | None = None, on_epoch: OnE
 
     `on_step(StepProgress)` after every optimizer step and `on_epoch(record)` after every epoch are called
     on rank 0. With `handle_signals` (main thread only), SIGINT and SIGTERM stop the search at the next
-    step with a checkpoint and raise `SearchInterrupted` (maskforge.search.stop). (`progress` is accepted
+    step with a checkpoint and raise `SearchInterrupted` (maskforge.searches.stop). (`progress` is accepted
     for older callers and ignored: displays are the caller's.)
 
     >>> from maskforge import SearchConfig, search

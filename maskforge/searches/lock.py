@@ -10,7 +10,7 @@ anyone: the next search takes it over and rewrites the holder record (it says so
 to a process and is not inherited by `fork`, so data-loader workers that outlive a killed search for a
 moment do not hold it either: torchrun's elastic restart finds the folder free. POSIX locks work on NFS.
 
-Under torchrun only rank 0 holds the lock (maskforge.search.plan takes it for the whole world).
+Under torchrun only rank 0 holds the lock (maskforge.searches.plan takes it for the whole world).
 """
 
 from __future__ import annotations

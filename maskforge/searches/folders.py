@@ -7,7 +7,7 @@ A run folder holds (README.md, "What a search does", lists them for users):
 * `checkpoint.safetensors`: while the search runs (removed when it finishes unless `keep_checkpoint`);
 * `artifact.safetensors`: written when the search finishes: its presence marks a finished search;
 * `tensorboard/`: event files, with `tensorboard`;
-* `search.lock`: while a search runs in the folder (maskforge.search.lock);
+* `search.lock`: while a search runs in the folder (maskforge.searches.lock);
 * `previous-N/`: what the folder held before its finished search was replaced (`overwrite`) or extended.
 
 States (`read_state`): *empty* (none of the run's files), *started* (config or metrics, but no checkpoint

@@ -24,7 +24,7 @@ from .errors import MaskforgeError
 from .evaluation.runners import OnnxRunner, TorchRunner, torch_threads
 from .evaluation.scoring import top_k
 from .evaluation.subject import open_model
-from .materialize import materialize
+from .materialization import materialize
 
 TOP = 5
 

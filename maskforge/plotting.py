@@ -18,8 +18,8 @@ from typing import Any, Sequence
 
 from .errors import MaskforgeError
 from .dense import RESULT_NAME
-from .search.folders import CONFIG_NAME, METRICS_NAME
-from .search.metricfiles import read_metrics
+from .searches.folders import CONFIG_NAME, METRICS_NAME
+from .searches.metricfiles import read_metrics
 from .sweeps.grid import DENSE_SHARED, SWEEP_FILE, check_figure_axes
 from .sweeps.results import summarize
 
