@@ -39,10 +39,11 @@ from .distributed import World
 from .errors import MaskforgeError
 from .fileio import atomic_write, ensure_writable_dir
 from .layers import MaskedConv2d, masked_modules
+from .runfiles import DENSE_RESULT_NAME
 from .schema import SearchConfig
 from .searches import CONFIG_NAME, StepProgress, end_epoch, setup, start_epoch, train_one_epoch, write_metrics
 
-RESULT_NAME = "dense.json"
+RESULT_NAME = DENSE_RESULT_NAME
 OPTIMIZERS = ("adam", "sgd")
 #: DenseConfig fields that are the dense recipe's own, not the search's (a twin search leaves them out).
 RECIPE = ("optimizer", "lr", "momentum", "weight_decay", "out")

@@ -257,7 +257,7 @@ from maskforge.artifact import load_artifact, save_artifact
 from maskforge.checkpoint import load_checkpoint, save_checkpoint
 from maskforge.errors import MaskforgeError
 from maskforge.fileio import atomic_write
-from maskforge.searches.metricfiles import write_metrics
+from maskforge.metricfiles import write_metrics
 
 artifact = load_artifact(run / "artifact.safetensors")
 checkpoint = load_checkpoint(run / "checkpoint.safetensors")

@@ -446,10 +446,10 @@ def test_topk_and_width_are_axes_end_to_end(tmp_path):
 
 
 def test_where_selects_the_points_a_figure_shows(done_sweep, monkeypatch):
-    import maskforge.plotting
+    import maskforge.sweeps.runner
 
     drawn = []
-    monkeypatch.setattr(maskforge.plotting, "plot_sweep", lambda rows, *a, **k: drawn.append(rows) or [Path("f.png")])
+    monkeypatch.setattr(maskforge.sweeps.runner, "plot_sweep", lambda rows, *a, **k: drawn.append(rows) or [Path("f.png")])
     result = collect_sweep(done_sweep, where={"k": [0.5], "seed": [1]})
     assert [row["point"] for row in drawn[0]] == [_name(0.5, 1), "dense,arch=fc,width=1.0,seed=1"]
     assert len(result.rows) == 6 and len(_csv(done_sweep / "results.csv")) == 6  # the table keeps every point

@@ -11,7 +11,7 @@ DIR`. A search reads as its steps, one module each:
 
 Around them: the run folder's lock (lock.py) held by rank 0 for the whole search; SIGINT/SIGTERM handled
 by stop.py (checkpoint, then `SearchInterrupted`); what the user is told (notices.py, through `logging`);
-metrics as JSON lines, CSV and TensorBoard (metricfiles.py); folder names and states (folders.py).
+metrics as JSON lines, CSV and TensorBoard (../metricfiles.py); folder names and states (folders.py).
 
 Everything that decides the result is a pure function of the config: weights and scores come from the
 seed, the batch order from (seed, epoch), augmentation from (seed, epoch, batch, rank). So on CPU the
@@ -37,7 +37,7 @@ from ..schema import RESUME_EXTENDABLE, RESUME_OVERRIDABLE, SearchConfig
 from . import notices
 from .device import resolve_device
 from .folders import METRICS_CSV_NAME, TENSORBOARD_DIR
-from .metricfiles import TensorBoardLog, write_metrics
+from ..metricfiles import TensorBoardLog, write_metrics
 from .plan import Plan, agree, check_world, plan_fresh, plan_resume
 from .runfolder import (ARTIFACT_NAME, CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, TIMING_FIELDS, finalize_artifact,
                         open_run_folder, read_run_config, record_metrics, save_checkpoint)

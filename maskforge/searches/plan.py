@@ -34,7 +34,7 @@ from ..schema import RESUME_EXTENDABLE, RESUME_OVERRIDABLE, SearchConfig
 from .device import resolve_device
 from .folders import ARTIFACT_NAME, CONFIG_NAME, KEPT_ON_EXTEND, default_folders, read_state
 from .lock import RunLock, RunLocked
-from .metricfiles import check_tensorboard
+from ..metricfiles import check_tensorboard
 from .runfolder import identity, read_run_config
 from .setup import total_steps
 

@@ -27,9 +27,9 @@ from ..registry import check_width, get_arch
 from ..dense import RECIPE, DenseConfig
 from ..errors import MaskforgeError
 from ..fileio import atomic_write
+from ..runfiles import SWEEP_FILE
 from ..schema import RESUME_OVERRIDABLE, SearchConfig
 
-SWEEP_FILE = "sweep.json"
 #: Version 2: topk became a named axis (version-1 folder names do not say it).
 SWEEP_FORMAT, SWEEP_VERSION = "maskforge-sweep", 2
 #: Always axes, in folder-name order; any other listed option goes before k.

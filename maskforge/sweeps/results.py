@@ -23,12 +23,11 @@ from ..artifact import load_artifact
 from ..dense import RESULT_NAME
 from ..errors import MaskforgeError
 from ..fileio import atomic_write
+from ..runfiles import RESULTS_FILE, STATUS_FILE
 from ..searches import ARTIFACT_NAME, CONFIG_NAME, SearchConfig
-from ..searches.metricfiles import read_metrics
+from ..metricfiles import read_metrics
 from .grid import DENSE_SHARED, Point
 
-RESULTS_FILE = "results.csv"
-STATUS_FILE = "point.json"       # per point: wall time over every attempt, attempts, last error
 #: Columns that measure time: the only ones that differ between two runs of the same grid.
 TIMING_COLUMNS = ("wall_s",)
 _OPTIONS = [f.name for f in fields(SearchConfig) if f.name != "out"]

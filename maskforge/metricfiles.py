@@ -17,10 +17,10 @@ import logging
 import os
 from pathlib import Path
 
-from ..errors import MaskforgeError
-from ..fileio import atomic_write
-from ..schema import SearchConfig
-from .folders import METRICS_CSV_NAME, METRICS_NAME, TENSORBOARD_DIR
+from .errors import MaskforgeError
+from .fileio import atomic_write
+from .schema import SearchConfig
+from .runfiles import METRICS_CSV_NAME, METRICS_NAME, TENSORBOARD_DIR
 
 #: Columns of metrics.csv, in order (the fields of an epoch record, maskforge.schema.EpochRecord).
 CSV_COLUMNS = ("epoch", "step", "lr", "train_loss", "train_acc", "heldout_loss", "heldout_acc", "images_per_s",
