@@ -107,6 +107,7 @@ def searched_artifact(name: str, workdir: Path, size: int, given: dict[str, Path
 def measure(name: str, artifact_path: Path, data: str | None, args) -> list[dict]:
     """One JSON row per export mode of the workload's artifact (refused modes: a row saying why)."""
     from maskforge import load_artifact
+    from maskforge.sizes import bits_per_weight
     from maskforge.evaluation import compare, median_ratio
 
     artifact = load_artifact(artifact_path)
@@ -122,7 +123,7 @@ def measure(name: str, artifact_path: Path, data: str | None, args) -> list[dict
     common = {"workload": name, "arch": artifact.arch, "k": artifact.k,
               "input": f"{artifact.spec.channels}x{artifact.spec.height}x{artifact.spec.width}",
               "artifact_bytes": artifact.file_bytes,
-              "artifact_bits_per_weight": 8 * artifact.file_bytes / artifact.masked_weights,
+              "artifact_bits_per_weight": bits_per_weight(artifact.file_bytes, artifact.masked_weights),
               "threads": args.threads, "load_avg": os.getloadavg()[0], "machine": platform.machine(),
               "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
     rows = []

@@ -29,7 +29,7 @@ from . import archs, container
 from .errors import MaskforgeError
 from .layers import batchnorm_modules, masked_modules
 from .schema import CheckpointDocument, Position, dump, parse, parse_checkpoint_document
-from .runfiles import CHECKPOINT_NAME  # re-exported: the name belongs to the run folder
+from .runfiles import CHECKPOINT_NAME  # noqa: F401  (re-exported; the name belongs to the run folder)
 from .schema.checkpoint import FORMAT_NAME, FORMAT_VERSION, METADATA_KEY, Identity
 
 KIND = "maskforge checkpoint"

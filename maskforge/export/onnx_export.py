@@ -27,6 +27,7 @@ from .int8 import QuantizeInfo, check_int8_weights, quantize
 from .metadata import set_metadata, with_digest
 from .destination import check_output_path, output_folder
 from .modes import ExportMode, default_export_path, resolve_mode
+from ..sizes import bits_per_weight
 from .onnxio import MAX_IR_VERSION, finalize
 from .parity import (INT8_MAX_TOP1_DROP, INT8_MIN_AGREEMENT, Int8Check, Parity, float_parity, int8_parity,
                      ort_session, run_session)
@@ -121,7 +122,7 @@ def export_onnx(artifact: Artifact | str | os.PathLike, out: str | os.PathLike |
         set_metadata(proto, artifact, mode.storage, mode.precision, _check_metadata(result))
         data = proto.SerializeToString()
         tmp.write_bytes(data)
-    result.file_bytes, result.bits_per_weight = len(data), 8.0 * len(data) / artifact.masked_weights
+    result.file_bytes, result.bits_per_weight = len(data), bits_per_weight(len(data), artifact.masked_weights)
     result.seconds = time.perf_counter() - started
     return result
 

@@ -21,6 +21,7 @@ from ..errors import MaskforgeError, first_line
 from ..fileio import atomic_path
 from ..materialization import as_artifact, materialize, plain_structure
 from .metadata import with_digest
+from ..sizes import bits_per_weight
 from .destination import check_output_path, output_folder
 from .modes import default_export_path
 from .onnx_export import ExportResult
@@ -66,7 +67,7 @@ def export_torch(artifact: Artifact | str | os.PathLike, out: str | os.PathLike 
                                  f"{diff:.3g}); nothing was written")
     size = out.stat().st_size
     return ExportResult(out, "torch", "state_dict", size, artifact.masked_weights, artifact.kept_weights,
-                        8.0 * size / artifact.masked_weights, diff, None, time.perf_counter() - started,
+                        bits_per_weight(size, artifact.masked_weights), diff, None, time.perf_counter() - started,
                         parity_tolerance=0.0)
 
 

@@ -24,6 +24,7 @@ from ..dense import RESULT_NAME
 from ..errors import MaskforgeError
 from ..fileio import atomic_write
 from ..runfiles import RESULTS_FILE, STATUS_FILE
+from ..spelling import spell
 from ..searches import ARTIFACT_NAME, CONFIG_NAME, SearchConfig
 from ..metricfiles import read_metrics
 from .grid import DENSE_SHARED, Point
@@ -138,18 +139,8 @@ def write_results(out: Path, rows: Sequence[dict]) -> Path:
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({key: _cell(row.get(key, "")) for key in COLUMNS})
+        writer.writerow({key: spell(row.get(key, ""), exact=True) for key in COLUMNS})
     return atomic_write(out / RESULTS_FILE, buffer.getvalue())
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "none"
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan"
-    return str(value)
 
 
 def read_results(path: Path) -> list[dict]:
