@@ -170,7 +170,6 @@ def test_peak_memory_counts_what_onnxruntime_allocates(tmp_path):
     big, why_big = probe_footprint(model(4096), (1, 1, 4096), [1], threads=1)
     assert why_small is None and why_big is None
     assert big["model_rss_bytes"] - small["model_rss_bytes"] >= 64 * 2**20
-    assert big["peak_rss_bytes"] - big["baseline_rss_bytes"] == big["model_rss_bytes"]
 
 
 def test_three_classes_report_a_top3_not_a_top5(tmp_path):
