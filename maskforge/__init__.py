@@ -14,7 +14,7 @@ import importlib
 import sys
 import types
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .errors import MaskforgeError  # noqa: E402  (light: no torch)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import MaskforgeError
-from ..export import EXPORT_MODES, ExportMode, export_onnx
+from ..export import EXPORT_MODES, ExportMode, Int8Options, export_onnx
 from ..export.calibration import DEFAULT_CALIBRATION, load_check_images
 from ..materialization import materialize
 from .measure import Reference, Settings, load_matching_data, measure, split_of
@@ -70,8 +70,8 @@ def compare(artifact: str | os.PathLike, *, modes: Sequence[ExportMode] = EXPORT
                     check_images = load_check_images(subject.artifact, source, DEFAULT_CALIBRATION)
                 exports[mode.name] = export_onnx(subject.artifact, Path(workdir) / f"{index}.onnx",
                                                  storage=mode.storage, precision=mode.precision, opset=mode.opset,
-                                                 model=torch_model, calibration_data=source,
-                                                 prepared_images=check_images)
+                                                 model=torch_model,
+                                                 int8=Int8Options(data=source, prepared=check_images))
             except MaskforgeError as exc:
                 refused[mode.name] = str(exc)
                 continue

@@ -74,7 +74,7 @@ class SearchResult:
 
 
 def search(config: SearchConfig, *, on_step: OnStep | None = None, on_epoch: OnEpoch | None = None,
-           progress: bool | None = None, overwrite: bool = False, handle_signals: bool = True) -> SearchResult:
+           overwrite: bool = False, handle_signals: bool = True) -> SearchResult:
     """Run edge-popup and write the run folder (`config.out`, default `runs/<arch>-k<k>-s<seed>`, numbered
     when taken): `artifact.safetensors`, `config.json`, `metrics.jsonl`, `metrics.csv` (README.md lists
     every file). Under torchrun, every process calls this; rank 0 writes the files.
@@ -85,8 +85,7 @@ def search(config: SearchConfig, *, on_step: OnStep | None = None, on_epoch: OnE
 
     `on_step(StepProgress)` after every optimizer step and `on_epoch(record)` after every epoch are called
     on rank 0. With `handle_signals` (main thread only), SIGINT and SIGTERM stop the search at the next
-    step with a checkpoint and raise `SearchInterrupted` (maskforge.searches.stop). (`progress` is accepted
-    for older callers and ignored: displays are the caller's.)
+    step with a checkpoint and raise `SearchInterrupted` (maskforge.searches.stop).
 
     >>> from maskforge import SearchConfig, search
     >>> result = search(SearchConfig(arch="fc", k=0.5, epochs=1, out="runs/fc"))   # doctest: +SKIP
@@ -99,7 +98,7 @@ def search(config: SearchConfig, *, on_step: OnStep | None = None, on_epoch: OnE
 
 
 def resume(run_dir: str | os.PathLike, overrides: Mapping[str, Any] | None = None, *, on_step: OnStep | None = None,
-           on_epoch: OnEpoch | None = None, progress: bool | None = None, handle_signals: bool = True
+           on_epoch: OnEpoch | None = None, handle_signals: bool = True
            ) -> SearchResult:
     """Continue the search in `run_dir` from its checkpoint, with the arguments recorded in its config.json.
 
