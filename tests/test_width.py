@@ -3,7 +3,6 @@ materializes and exports like any other (issue 12: width is an architecture argu
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import onnxruntime

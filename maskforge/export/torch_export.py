@@ -67,8 +67,8 @@ def export_torch(artifact: Artifact | str | os.PathLike, out: str | os.PathLike 
                                  f"{diff:.3g}); nothing was written")
     size = out.stat().st_size
     return ExportResult(path=out, format="torch", file_bytes=size, masked_weights=artifact.masked_weights,
-                        kept_weights=artifact.kept_weights, bits_per_weight=bits_per_weight(size, artifact.masked_weights),
-                        seconds=time.perf_counter() - started, max_abs_diff=diff, parity_tolerance=0.0)
+                        kept_weights=artifact.kept_weights,
+                        bits_per_weight=bits_per_weight(size, artifact.masked_weights), seconds=time.perf_counter() - started, max_abs_diff=diff, parity_tolerance=0.0)
 
 
 def load_torch_export(path: str | os.PathLike) -> nn.Module:

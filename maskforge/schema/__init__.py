@@ -17,7 +17,7 @@ from .checkpoint import CheckpointDocument, EpochRecord, Position, parse_checkpo
 from .config import RESUME_EXTENDABLE, RESUME_OVERRIDABLE, SearchConfig, field_kind
 from .spec import InputSpec
 
-__all__ = ["SearchConfig", "field_kind", "RESUME_OVERRIDABLE", "RESUME_EXTENDABLE", "InputSpec", "ArchArgs", "ArtifactDocument",
-           "parse_artifact_document", "FORMAT_NAME", "FORMAT_VERSION", "METADATA_KEY", "PROVENANCE_FIELDS",
+__all__ = ["SearchConfig", "field_kind", "RESUME_OVERRIDABLE", "RESUME_EXTENDABLE", "InputSpec", "ArchArgs",
+           "ArtifactDocument", "parse_artifact_document", "FORMAT_NAME", "FORMAT_VERSION", "METADATA_KEY", "PROVENANCE_FIELDS",
            "TOPK_RULES", "CheckpointDocument", "EpochRecord", "Position", "parse_checkpoint_document", "parse",
            "dump", "json_schema"]

@@ -93,8 +93,9 @@ def _plan_default(config: SearchConfig, world: World, overwrite: bool) -> Plan:
             lock = RunLock.acquire(folder)
         except RunLocked:
             continue  # a search is running there
-        plan = _holding(lock, lambda: _decide(config.replace(out=str(folder)), folder, lock, world, overwrite,
-                                              default=True))
+        # the lambda runs inside _holding, within this iteration: the loop variables are the current ones
+        plan = _holding(lock, lambda: _decide(config.replace(out=str(folder)), folder, lock, world,  # noqa: B023
+                                              overwrite, default=True))
         if plan is not None:
             return plan
         lock.release()
