@@ -113,3 +113,14 @@ def test_the_library_never_imports_the_command_line():
                  for name, targets in _graph().items()
                  if not name.startswith("maskforge.cli") and name != "maskforge.__main__"}
     assert {name: found for name, found in offenders.items() if found} == {}
+
+
+def test_no_module_shares_a_public_name():
+    """`import maskforge.X` sets the package attribute X to the module: a module named like a public
+    function (`search`, `plot`, ...) would replace the function after any import of the module."""
+    import maskforge
+
+    modules = set(_graph())
+    clashes = sorted(name for name in maskforge._PUBLIC if f"maskforge.{name}" in modules)
+    assert clashes == []
+    assert {"search", "materialize", "predict", "plot"} <= set(maskforge._PUBLIC)  # the names that clashed
