@@ -60,7 +60,7 @@ def run_search(arch: str, epochs: int, *, seed: int, device: str, max_steps: int
         started = time.perf_counter()
         result = search(SearchConfig(arch=arch, k=K, data=DATA, epochs=epochs, max_steps=max_steps, seed=seed,
                                      batch_size=BATCH, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
-                                     label_smoothing=label_smoothing, device=device, out=out), progress=False)
+                                     label_smoothing=label_smoothing, device=device, out=out))
         seconds = time.perf_counter() - started
     steps = result.metrics[-1]["step"] if result.metrics else 0
     return {"heldout_acc": result.heldout_acc, "seconds": seconds, "steps": steps,

@@ -107,7 +107,8 @@ def searched_artifact(name: str, workdir: Path, size: int, given: dict[str, Path
 def measure(name: str, artifact_path: Path, data: str | None, args) -> list[dict]:
     """One JSON row per export mode of the workload's artifact (refused modes: a row saying why)."""
     from maskforge import load_artifact
-    from maskforge.evaluation import compare, median_ratio
+    from maskforge.sizes import bits_per_weight
+    from maskforge.evaluation import LatencyOptions, compare, median_ratio
 
     artifact = load_artifact(artifact_path)
 
@@ -115,14 +116,14 @@ def measure(name: str, artifact_path: Path, data: str | None, args) -> list[dict
         if stage != "scoring":
             print(f"[deploy] {name}: {stage} {done + 1}/{total}", file=sys.stderr, flush=True)
 
-    table = compare(artifact_path, data=data, batch_size=64, threads=args.threads, latency_runs=args.runs,
-                    latency_rounds=args.rounds, latency_budget_s=args.budget, memory=args.memory,
-                    session_starts=args.starts, progress=progress)
+    table = compare(artifact_path, data=data, batch_size=64, threads=args.threads,
+                    latency=LatencyOptions(runs=args.runs, rounds=args.rounds, budget_s=args.budget),
+                    memory=args.memory, session_starts=args.starts, progress=progress)
     compact = next((row.report.timing for row in table.rows if row.mode == "compact fp32"), None)
     common = {"workload": name, "arch": artifact.arch, "k": artifact.k,
               "input": f"{artifact.spec.channels}x{artifact.spec.height}x{artifact.spec.width}",
               "artifact_bytes": artifact.file_bytes,
-              "artifact_bits_per_weight": 8 * artifact.file_bytes / artifact.masked_weights,
+              "artifact_bits_per_weight": bits_per_weight(artifact.file_bytes, artifact.masked_weights),
               "threads": args.threads, "load_avg": os.getloadavg()[0], "machine": platform.machine(),
               "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
     rows = []

@@ -470,7 +470,7 @@ def run_epoch_like(arch: str, device: str, *, image_size: int, images: int, batc
         started = time.perf_counter()
         result = search(SearchConfig(arch=arch, k=K, data=str(root), epochs=epochs, batch_size=batch,
                                      device=device, workers=workers, image_size=image_size,
-                                     out=str(Path(tmp) / "run")), progress=False)
+                                     out=str(Path(tmp) / "run")))
         wall = time.perf_counter() - started
     last = result.metrics[-1]
     return {"mode": "epoch-like", "arch": arch, "device": device, "batch": batch, "image_size": image_size,

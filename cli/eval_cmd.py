@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -65,20 +66,22 @@ def eval_command(
     """
     if compare_modes:
         _refuse_with_compare(mean=mean, std=std, size=size, reference=reference, confusion_png=confusion_png)
-    from maskforge.evaluation import compare, evaluate, save_confusion_png, write_report  # torch loads here
+    from maskforge.evaluation import (COMPARE_LATENCY, LatencyOptions, compare, evaluate,  # torch loads here
+                                      save_confusion_png, write_report)
     from maskforge.export import check_output_path
 
     for path, what in ((json_out, "report"), (confusion_png, "figure")):
         if path is not None and str(path) != "-":
             check_output_path(path, what)  # fail before the (long) evaluation, not after
-    options = dict(data=data, split=split, batch_size=batch_size, threads=threads, latency=latency,
-                   latency_runs=latency_runs)
+    options = dict(data=data, split=split, batch_size=batch_size, threads=threads)
+    timing = COMPARE_LATENCY if compare_modes else LatencyOptions()
+    timing = dataclasses.replace(timing, runs=latency_runs) if latency else None
     with _progress() as progress:
         if compare_modes:
-            report = compare(model, progress=progress, **options)
+            report = compare(model, latency=timing, progress=progress, **options)
         else:
-            report = evaluate(model, mean=mean, std=std, size=size, reference=reference, progress=progress,
-                              **options)
+            report = evaluate(model, mean=mean, std=std, size=size, reference=reference, latency=timing,
+                              progress=progress, **options)
     if confusion_png is not None:
         save_confusion_png(report.accuracy, report.model.class_names, confusion_png)
     if json_out is not None and str(json_out) == "-":

@@ -8,6 +8,7 @@ from __future__ import annotations
 from rich.table import Table
 
 from maskforge.evaluation import CompareReport, EvalReport
+from maskforge.sizes import bits_per_weight
 
 from .shown import cell
 
@@ -78,7 +79,7 @@ def _size_rows(table: Table, report: EvalReport) -> None:
             ("dense float32 equivalent", size.dense_float32_bytes, None))
     for name, value, bits in rows:
         if value:
-            bits = bits if bits is not None else (8 * value / size.masked_weights if size.masked_weights else None)
+            bits = bits if bits is not None else (bits_per_weight(value, size.masked_weights) if size.masked_weights else None)
             table.add_row(name, f"{value:,} B", f"{bits:.3f} bits per masked weight" if bits is not None else "")
     table.add_row("[bold]compute[/]", "", "")
     if compute.params_total is not None:

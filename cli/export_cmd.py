@@ -11,7 +11,8 @@ import typer
 from rich.text import Text
 
 from maskforge.errors import MaskforgeError
-from maskforge.export import DEFAULT_CALIBRATION, DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, export_onnx, export_torch
+from maskforge.export import (DEFAULT_CALIBRATION, DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, Int8Options, export_onnx,
+                              export_torch)
 from maskforge.textguard import printable
 
 from .app import app
@@ -41,8 +42,6 @@ def export_command(
                               "against fp32 top-1 on held-out data).")] = False,
     fmt: Annotated[str, typer.Option("--format", help="onnx (for onnxruntime and other runtimes) or torch "
                                                       "(a .safetensors state dict for PyTorch).")] = "onnx",
-    compact: Annotated[Optional[bool], typer.Option(
-        "--compact/--dense", help="Old spelling of --storage compact / --storage dense.")] = None,
     opset: Annotated[Optional[int], typer.Option(
         help=f"ONNX opset version ({MIN_OPSET} to {MAX_OPSET}; default {DEFAULT_OPSET}; regen needs 18 or "
              f"later).")] = None,
@@ -67,14 +66,14 @@ def export_command(
     if fmt == "onnx":
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
-            result = export_onnx(artifact, out, storage=storage, precision=precision, calibration=calibration,
-                                 calibration_data=data, allow_lossy=allow_lossy, opset=opset, compact=compact,
+            result = export_onnx(artifact, out, storage=storage, precision=precision, opset=opset,
+                                 allow_lossy=allow_lossy, int8=Int8Options(calibration=calibration, data=data),
                                  threads=threads)
         for warning in caught:
             typer.echo(f"warning: {printable(warning.message)}", err=True)
     elif fmt == "torch":
-        if storage is not None or precision != "fp32" or compact is not None:
-            raise MaskforgeError("--storage, --precision and --compact/--dense apply to --format onnx only")
+        if storage is not None or precision != "fp32":
+            raise MaskforgeError("--storage and --precision apply to --format onnx only")
         result = export_torch(artifact, out, threads=threads)
     else:
         raise MaskforgeError(f"unknown --format {fmt!r}; choose onnx or torch")

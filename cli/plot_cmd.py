@@ -36,7 +36,7 @@ def plot_command(
               maskforge plot runs/fig3 --x width --where k=0.5
               maskforge plot runs/fig3 --x k --hue init,scale_fan --where width=1
     """
-    from maskforge.plotting import plot  # torch loads here, after the arguments are checked
+    from maskforge.plotting import plot  # matplotlib loads here, after the arguments are checked
     from maskforge.sweeps import parse_where
 
     paths = plot(folder, x=x, hue=[h.strip() for h in hue.split(",")] if hue else None, stem=out,

@@ -15,15 +15,15 @@ import inspect
 import json
 import shlex
 import sys
-import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.markup import escape
 
 from maskforge.errors import MaskforgeError
-from maskforge.schema import SearchConfig
+from maskforge.runfiles import METRICS_NAME
+from maskforge.schema import SearchConfig, field_kind
 
 from .app import app
 
@@ -45,23 +45,9 @@ Several GPUs or nodes: start the same command with torchrun (see docs/SCALE.md),
 """
 
 
-def _python_type(hint: Any) -> type:
-    """The command-line type of a schema field: int, float, str or bool (Literal choices are strings)."""
-    while True:
-        origin = typing.get_origin(hint)
-        if origin is Annotated:
-            hint = typing.get_args(hint)[0]
-        elif origin is Union:  # Optional[X]
-            hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
-        elif origin is Literal:
-            return type(typing.get_args(hint)[0])
-        else:
-            return hint
-
-
-def _option(name: str, hint: Any) -> inspect.Parameter:
+def _option(name: str) -> inspect.Parameter:
     info = SearchConfig.__pydantic_fields__[name]
-    kind = _python_type(hint)
+    kind, _ = field_kind(name)
     flag = "--" + name.replace("_", "-")
     decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
     default = info.default
@@ -100,8 +86,7 @@ def _number(name: str, kind: type):
     return parse
 
 
-_HINTS = typing.get_type_hints(SearchConfig, include_extras=True)
-CONFIG_OPTIONS = [_option(field.name, _HINTS[field.name]) for field in dataclasses.fields(SearchConfig)]
+CONFIG_OPTIONS = [_option(field.name) for field in dataclasses.fields(SearchConfig)]
 
 
 def search_command(ctx: typer.Context, resume_dir: Optional[Path] = None, quiet: bool = False,
@@ -171,14 +156,15 @@ def _summary(result) -> dict:
     art, last = result.artifact, result.metrics[-1]
     artifact = str(result.artifact_path)
     from maskforge.export.modes import default_export_path, resolve_mode
+    from maskforge.sizes import bits_per_weight
 
     # The file a plain `export` writes: regen where the distribution allows it, else compact (kaiming_normal).
     onnx = str(default_export_path(result.artifact_path, storage=resolve_mode(art).storage))
     return {"run_dir": str(result.run_dir), "artifact": artifact, "arch": art.arch, "k": art.k, "seed": art.seed,
             "epochs": last["epoch"], "steps": last["step"], "heldout_acc": last["heldout_acc"],
             "heldout_loss": last["heldout_loss"], "train_loss": last["train_loss"],
-            "file_bytes": art.file_bytes, "bits_per_weight": 8 * art.file_bytes / art.masked_weights,
-            "metrics": str(result.run_dir / "metrics.jsonl"), "already_done": result.already_done,
+            "file_bytes": art.file_bytes, "bits_per_weight": bits_per_weight(art.file_bytes, art.masked_weights),
+            "metrics": str(result.run_dir / METRICS_NAME), "already_done": result.already_done,
             "next": [f"maskforge inspect {shlex.quote(artifact)}", f"maskforge export {shlex.quote(artifact)}",
                      f"maskforge eval {shlex.quote(onnx)}"]}
 

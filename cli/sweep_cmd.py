@@ -11,7 +11,6 @@ import dataclasses
 import inspect
 import math
 import sys
-import typing
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -21,21 +20,22 @@ from rich.markup import escape
 from rich.table import Table
 
 from maskforge.errors import MaskforgeError
-from maskforge.schema import SearchConfig
+from maskforge.runfiles import RESULTS_FILE
+from maskforge.schema import SearchConfig, field_kind
+from maskforge.spelling import spell
 
 from .app import app
 from .console import console as output_console
 
 _NOT_OPTIONS = ("out", "seed")  # --out is the sweep folder; --seeds replaces --seed
 _BOOLEAN_HELP = "on or off (also true/false, yes/no, 1/0); both: on,off"
-_HINTS = typing.get_type_hints(SearchConfig)
 
 
 def _list_option(name: str) -> inspect.Parameter:
     """`--name LIST` for the SearchConfig field `name`: its description, how to list values, its default."""
     info = SearchConfig.__pydantic_fields__[name]
     default = info.default
-    values = _BOOLEAN_HELP if bool in (_HINTS[name], *typing.get_args(_HINTS[name])) else "a comma list"
+    values = _BOOLEAN_HELP if field_kind(name)[0] is bool else "a comma list"
     shown = "" if default is None else f"; default {str(default).lower() if isinstance(default, bool) else default}"
     option = typer.Option("--" + name.replace("_", "-"), metavar="LIST", show_default=False,
                           help=f"{escape(info.description)} \\[{values}{shown}]")
@@ -93,7 +93,7 @@ def sweep_command(
 
         bug = any(is_bug(row) for row in failed)
         typer.echo(f"error: {len(failed)} of {len(result.rows)} sweep points failed (first: {failed[0]['point']}: "
-                   f"{failed[0]['error']}); see {result.out / 'results.csv'}", err=True)
+                   f"{failed[0]['error']}); see {result.out / RESULTS_FILE}", err=True)
         raise typer.Exit(1 if bug else 2)
 
 
@@ -207,8 +207,8 @@ def _percent(value) -> str:
 def _print_summary(console: Console, result) -> None:
     keys = [axis for axis in result.axes if axis != "seed"]
     searches = [group["values"] for group in result.summary if group["kind"] == "search"]
-    varying = [key for key in keys if len({_cell(values.get(key)) for values in searches}) > 1]
-    same = ", ".join(f"{key}={_cell(searches[0][key])}" for key in keys if key not in varying) if searches else ""
+    varying = [key for key in keys if len({spell(values.get(key)) for values in searches}) > 1]
+    same = ", ".join(f"{key}={spell(searches[0][key])}" for key in keys if key not in varying) if searches else ""
     # The heading is printed above the table, not as its title: a title wraps at the table's width.
     console.print(f"{result.out}: final held-out accuracy (%), mean ± std over the seeds that learned",
                   markup=False, highlight=False)
@@ -219,11 +219,11 @@ def _print_summary(console: Console, result) -> None:
         table.add_column(column, justify="left" if column in ("kind", *varying) else "right", no_wrap=True)
     for group in result.summary:
         accuracy = _mean_std(group)
-        table.add_row(group["kind"], *[_cell(group["values"].get(key, "")) for key in varying],
+        table.add_row(group["kind"], *[spell(group["values"].get(key, "")) for key in varying],
                       f"{group['done']}/{group['runs']}", accuracy, str(group["not_learned"] or ""),
                       str(group["failed"] or ""), f"{group['wall_s']:.0f}")
     console.print(table)
-    console.print(f"results: {result.out / 'results.csv'}")
+    console.print(f"results: {result.out / RESULTS_FILE}")
     if result.figures:
         console.print("figure: " + "  ".join(str(path) for path in result.figures), soft_wrap=True)
     elif result.figure_note:
@@ -238,8 +238,3 @@ def _mean_std(group: dict) -> str:
         return f"{100 * group['mean']:.2f} (n=1)"
     return f"{100 * group['mean']:.2f} ± {100 * group['std']:.2f}"
 
-
-def _cell(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return f"{value:g}" if isinstance(value, float) else str(value)

@@ -14,7 +14,7 @@ import importlib
 import sys
 import types
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .errors import MaskforgeError  # noqa: E402  (light: no torch)
 
@@ -25,22 +25,21 @@ _PUBLIC = {
     "Artifact": "artifact", "load_artifact": "artifact", "save_artifact": "artifact",
     "inspect_artifact": "artifact",
     "SearchConfig": "schema", "InputSpec": "schema",
-    "SearchResult": "search", "search": "search", "resume": "search", "SearchInterrupted": "search",
-    "materialize": "materialize",
+    "SearchResult": "searches", "search": "searches", "resume": "searches", "SearchInterrupted": "searches",
+    "materialize": "materialization",
     "export_onnx": "export", "export_torch": "export", "load_torch_export": "export",
-    "evaluate": "evaluation", "predict": "predict",
+    "evaluate": "evaluation", "predict": "prediction",
     "verify_artifact": "verify", "verify_onnx": "verify",
     "sweep": "sweeps", "collect_sweep": "sweeps", "DenseConfig": "dense", "train_dense": "dense",
-    "plot": "plot",
+    "plot": "plotting",
 }
 
 __all__ = ["__version__", "MaskforgeError", *_PUBLIC]
 
 
 class _Package(types.ModuleType):
-    """Loads public names on first use. Where a function shares its module's name (`search`, `materialize`,
-    `evaluate`), the function wins: importing the module (which sets the package attribute to the
-    module) leaves `maskforge.search` the function, as an eager import of both would."""
+    """Loads public names on first use. No module shares a public function's name (`search` lives in
+    `searches/`, `materialize` in `materialization.py`, ...), so importing a module never hides a function."""
 
     def __getattr__(self, name: str):
         if name not in _PUBLIC:
@@ -48,11 +47,6 @@ class _Package(types.ModuleType):
         value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
         super().__setattr__(name, value)
         return value
-
-    def __setattr__(self, name: str, value) -> None:
-        if isinstance(value, types.ModuleType) and _PUBLIC.get(name) == name:
-            value = getattr(value, name)
-        super().__setattr__(name, value)
 
     def __dir__(self) -> list[str]:
         return sorted({*super().__dir__(), *_PUBLIC})

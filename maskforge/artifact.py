@@ -33,6 +33,7 @@ from . import archs, container, convert, regen
 from .errors import MaskforgeError
 from .fileio import atomic_write, read_bytes
 from .layers import batchnorm_modules, get_topk, kept_count, masked_modules, set_topk
+from .sizes import bits_per_weight
 from .topk import global_kept_count
 from .schema import FORMAT_NAME, FORMAT_VERSION, METADATA_KEY, ArchArgs, ArtifactDocument, InputSpec, dump
 from .schema import parse_artifact_document
@@ -422,7 +423,7 @@ def inspect_artifact(path: str | os.PathLike) -> dict:
         "init": artifact.init, "scale_fan": artifact.scale_fan, "topk": artifact.topk,
         "generator": doc["generator"], "input": artifact.spec.to_dict(), "masked_weights": masked,
         "kept_weights": artifact.kept_weights, "density": artifact.kept_weights / masked, "bn_values": bn_values,
-        "bits_per_weight": 8.0 * artifact.file_bytes / masked,
+        "bits_per_weight": bits_per_weight(artifact.file_bytes, masked),
         "dense_float32_bytes": 4 * (masked + bn_values),
         # in network order (the JSON document keeps them sorted by name)
         "layers": [{"name": f"{name}.weight", **dump(artifact.meta.layers[f"{name}.weight"])}

@@ -29,9 +29,9 @@ from . import archs, container
 from .errors import MaskforgeError
 from .layers import batchnorm_modules, masked_modules
 from .schema import CheckpointDocument, Position, dump, parse, parse_checkpoint_document
+from .runfiles import CHECKPOINT_NAME  # noqa: F401  (re-exported; the name belongs to the run folder)
 from .schema.checkpoint import FORMAT_NAME, FORMAT_VERSION, METADATA_KEY, Identity
 
-CHECKPOINT_NAME = "checkpoint.safetensors"
 KIND = "maskforge checkpoint"
 BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 RNG_STATE = "rng/torch_cpu"

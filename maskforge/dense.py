@@ -5,7 +5,7 @@ The paper compares each random subnetwork with the same network trained normally
 plain `nn.Conv2d`/`nn.Linear` of the same shape (bias-free, as in the search; the ResNets keep their
 non-affine batch norm), initializes it with PyTorch's defaults from the seed and trains every weight.
 
-It trains with the search's own steps (maskforge.search: `setup`, `start_epoch`, `train_one_epoch`,
+It trains with the search's own steps (maskforge.searches: `setup`, `start_epoch`, `train_one_epoch`,
 `end_epoch`), so data, batch order, augmentation, schedule, device choices and the held-out evaluation
 are the search's, one piece of code for both: every training image every epoch (the last batch may be
 short), the batch order and augmentation from the same seed, the warm-up + cosine schedule per step, the
@@ -38,11 +38,12 @@ from .data import derive_seed, load_data
 from .distributed import World
 from .errors import MaskforgeError
 from .fileio import atomic_write, ensure_writable_dir
+from .runfiles import DENSE_RESULT_NAME
 from .schema import SearchConfig
 from .searches import CONFIG_NAME, StepProgress, end_epoch, setup, start_epoch, train_one_epoch, write_metrics
 from .searches.notices import CostWatch
 
-RESULT_NAME = "dense.json"
+RESULT_NAME = DENSE_RESULT_NAME
 OPTIMIZERS = ("adam", "sgd")
 #: DenseConfig fields that are the dense recipe's own, not the search's (a twin search leaves them out).
 RECIPE = ("optimizer", "lr", "momentum", "weight_decay", "out")

@@ -103,7 +103,7 @@ def _onnx_kind(path: Path) -> FileKind | None:
     metadata = {prop.key: prop.value for prop in proto.metadata_props}
     if "maskforge.preprocessing" not in metadata:
         return FileKind("onnx", "an ONNX model (without maskforge metadata)")
-    storage = metadata.get("maskforge.storage") or metadata.get("maskforge.onnx_format") or "unknown"
+    storage = metadata.get("maskforge.storage") or "unknown"
     precision = metadata.get("maskforge.precision") or "fp32"
     return FileKind("onnx", f"an ONNX model (a maskforge export: storage {storage}, precision {precision})")
 

@@ -27,9 +27,10 @@ GENERATOR_ID = "maskforge-splitmix64"
 GENERATOR_VERSION = 1
 DISTRIBUTIONS = ("signed_constant", "unsigned_constant", "kaiming_normal")
 
-_GAMMA = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
+#: SplitMix64's increment and multipliers (docs/FORMAT.md section 1); the ONNX graph (export/regen_graph.py)
+#: computes the same stream from these.
+SPLITMIX64_GAMMA, SPLITMIX64_MIX1, SPLITMIX64_MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+_GAMMA, _MIX1, _MIX2 = (np.uint64(c) for c in (SPLITMIX64_GAMMA, SPLITMIX64_MIX1, SPLITMIX64_MIX2))
 _KEY_DOMAIN = b"maskforge/regen/v1"
 
 

@@ -160,6 +160,7 @@ def verify_onnx(onnx_path: str | os.PathLike, artifact_path: str | os.PathLike, 
     exports: within one quantization step), and the integer kernels agree with the graph run in float.
     """
     from . import export
+    from .export.onnxio import default_opset
 
     onnx_path = Path(onnx_path)
     source, artifact = _verify_artifact(Path(artifact_path), None)
@@ -174,7 +175,7 @@ def verify_onnx(onnx_path: str | os.PathLike, artifact_path: str | os.PathLike, 
         proto = _parse_onnx(data, onnx_path)
     except MaskforgeError as exc:
         return report._fail("onnx file", str(exc))
-    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    opset = default_opset(proto)
     report._pass("onnx file", f"{len(data):,} bytes, opset {opset}"
                               + (f", {len(external)} external data file(s) inside its folder" if external else ""))
     info = _check_onnx_metadata(proto, artifact, report)
@@ -244,13 +245,13 @@ def _check_int8_outputs(onnx_path: Path, artifact: Artifact, opset: int | None) 
     from onnx import numpy_helper
 
     from .export.int8 import folded_weights
-    from .export.modes import EXACT_INT8
+    from .export.modes import EXACT_INT8, MIN_OPSET
     from .export.parity import kernel_check, parity_inputs
     from .export.trace import trace_to_onnx
     from .materialization import materialize
 
     exact = artifact.init in EXACT_INT8
-    traced = trace_to_onnx(materialize(artifact), artifact.spec, opset or 13)
+    traced = trace_to_onnx(materialize(artifact), artifact.spec, opset or MIN_OPSET)
     reference = [numpy_helper.to_array(t) for t in traced.graph.initializer]
     weights = folded_weights(onnx_path)
     if not weights:

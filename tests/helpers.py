@@ -103,3 +103,29 @@ def spy_arch(base: str):
         yield spy
     finally:
         archs.ARCHS.pop(spy.name, None)
+
+
+# --- shared oracles ------------------------------------------------------------------------------------
+
+def one_error_line(result, pattern: str | None = None, *, stdout_empty: bool = False) -> str:
+    """The CLI's error contract (DESIGN.md): exit code 2, no traceback, exactly one stderr line starting
+    `error: ` (matching the regular expression `pattern`, searched), and with `stdout_empty` nothing on
+    stdout. Returns the line."""
+    import re
+
+    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr, result.exception)
+    assert "Traceback" not in result.output, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    if stdout_empty:
+        assert result.stdout == "", result.stdout
+    if pattern is not None:
+        assert re.search(pattern, lines[0]), lines[0]
+    return lines[0]
+
+
+def without_timings(metrics: list[dict]) -> list[dict]:
+    """Epoch records without their wall-clock fields, the part that a deterministic search repeats."""
+    from maskforge.searches import TIMING_FIELDS
+
+    return [{k: v for k, v in record.items() if k not in TIMING_FIELDS} for record in metrics]

@@ -198,8 +198,8 @@ def test_resnet18_equals_torchvision_with_masked_weights(size, resnet18_small):
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         dense.fc.bias.zero_()
-        for (name, ours), theirs in zip(batchnorm_modules(model).items(),
-                                        [m for m in dense.modules() if isinstance(m, nn.BatchNorm2d)]):
+        for ours, theirs in zip(batchnorm_modules(model).values(),
+                                [m for m in dense.modules() if isinstance(m, nn.BatchNorm2d)]):
             theirs.weight.fill_(1.0)
             theirs.bias.zero_()
             theirs.num_batches_tracked.zero_()

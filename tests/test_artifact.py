@@ -163,8 +163,8 @@ def test_round_trip(resnet):
         mask = loaded.masks[f"{name}.weight"]
         assert mask.dtype == torch.bool and mask.shape == layer.weight.shape
         oracle = torch.zeros(layer.weight.numel(), dtype=torch.bool)
-        order = sorted(range(layer.weight.numel()),
-                       key=lambda i, s=layer.scores.detach().abs().reshape(-1).tolist(): (-s[i], i))
+        scores = layer.scores.detach().abs().reshape(-1).tolist()
+        order = sorted(range(layer.weight.numel()), key=lambda i, s=scores: (-s[i], i))
         oracle[order[:kept_count(layer.weight.numel(), 0.3)]] = True
         assert torch.equal(mask.reshape(-1), oracle), name
         if layer.weight.numel() > 50_000:

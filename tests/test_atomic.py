@@ -1,9 +1,10 @@
 """Atomic writes: a writer killed at any moment leaves the old file or the new one, never a torn one.
 
-* Kill test: a child process rewrites a multi-megabyte file with `atomic_write` in a loop (two
-  alternating contents); the parent SIGKILLs it at random moments and then checks that the destination
-  is byte-exactly the initial content or one of the two new ones. A control writer that writes in place
-  (no temporary file) is killed the same way and does leave torn files: the check can see tearing.
+* Kill test: a child process rewrites a file with `atomic_write` and stops at a chosen moment (halfway
+  through writing the temporary file, just before the rename, just after it), says so and waits; the
+  parent SIGKILLs it there and checks that the destination is byte-exactly the old content (before the
+  rename) or the new one (after). A control writer that writes in place (no temporary file), killed
+  halfway the same way, leaves a torn file: the check can see tearing. The moments are hooks, not timing.
 * What a killed writer can leave behind: its temporary file `.<name>.<random>.tmp` in the same folder
   (nothing can delete it after SIGKILL). It is never read by maskforge; delete stale ones at will
   (docs/TROUBLESHOOTING.md).
@@ -21,11 +22,9 @@ import ast
 import errno
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -37,87 +36,83 @@ from maskforge.fileio import atomic_path, atomic_write
 
 PACKAGE_DIR = Path(maskforge.__file__).parent
 CLI_DIR = PACKAGE_DIR.parent / "cli"
-SIZE = 4 * 1024 * 1024
 
 # The child imports maskforge.fileio without maskforge/__init__ (which would import torch: seconds per
-# process); fileio depends on nothing but the standard library and maskforge.errors.
+# process); fileio depends on nothing but the standard library and maskforge.errors. It writes the new
+# content and stops at `moment`: it prints "stopped" and sleeps until the parent kills it.
 _CHILD = r"""
-import os, sys, types
+import os, sys, time, types
 package = types.ModuleType("maskforge")
 package.__path__ = [sys.argv[1]]
 sys.modules["maskforge"] = package
 from maskforge.fileio import atomic_write
 
-mode, dest, size = sys.argv[2], sys.argv[3], int(sys.argv[4])
-contents = [bytes([1 + i]) * 97 + bytes(range(256)) * (size // 256) for i in range(2)]
-sys.stdout.write("ready\n")
-sys.stdout.flush()
-i = 0
-while True:
-    data = contents[i % 2]
-    if mode == "atomic":
-        atomic_write(dest, data)
-    else:  # the control: rewrite in place, 64 KiB at a time
-        with open(dest, "wb") as handle:
-            for start in range(0, len(data), 65536):
-                handle.write(data[start:start + 65536])
-                handle.flush()
-    i += 1
+mode, moment, dest, size = sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+data = bytes(range(256)) * (size // 256)
+
+
+def stop():
+    sys.stdout.write("stopped\n")
+    sys.stdout.flush()
+    time.sleep(3600)
+
+
+def write_half_then_stop(path):
+    with open(path, "wb") as handle:
+        handle.write(data[: size // 2])
+        handle.flush()
+        os.fsync(handle.fileno())
+        stop()
+
+
+if mode == "inplace":            # the control: no temporary file
+    write_half_then_stop(dest)
+elif moment == "writing":        # halfway through the temporary file
+    atomic_write(dest, write_half_then_stop)
+else:
+    if moment == "renaming":     # the temporary file complete and fsynced, not yet renamed
+        os.replace = lambda *args: stop()
+    atomic_write(dest, data)
+    stop()                       # "renamed": atomic_write has returned
 """
+SIZE = 1024 * 1024
+OLD = b"old content\n" * 1000
+NEW = bytes(range(256)) * (SIZE // 256)
 
 
-def _contents(size: int) -> list[bytes]:
-    """What the child writes (same expression as in _CHILD)."""
-    return [bytes([1 + i]) * 97 + bytes(range(256)) * (size // 256) for i in range(2)]
+def _killed_at(folder: Path, mode: str, moment: str) -> tuple[bytes, list[Path]]:
+    """The destination's bytes and the temporary files left after a writer is killed at `moment`."""
+    dest = folder / f"{mode}-{moment}.bin"
+    dest.write_bytes(OLD)  # the parent's own setup write, not under test
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(PACKAGE_DIR), mode, moment, str(dest), str(SIZE)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert child.stdout.readline().strip() == b"stopped", child.stderr.read().decode()
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=60)
+        child.stdout.close()
+        child.stderr.close()
+    assert child.returncode == -signal.SIGKILL, child.returncode
+    return dest.read_bytes(), sorted(folder.glob(f".{dest.name}.*.tmp"))
 
 
-def _kill_rounds(folder: Path, mode: str, rounds: int, rng: random.Random) -> dict[str, int]:
-    dest = folder / f"{mode}.bin"
-    initial = b"old content\n" * 1000
-    new_a, new_b = _contents(SIZE)
-    results = {"kills": 0, "old": 0, "new": 0, "torn": 0, "temp_left": 0}
-    for _ in range(rounds):
-        dest.write_bytes(initial)  # the parent's own setup write, not under test
-        child = subprocess.Popen([sys.executable, "-c", _CHILD, str(PACKAGE_DIR), mode, str(dest), str(SIZE)],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            assert child.stdout.readline().strip() == b"ready", child.stderr.read().decode()
-            time.sleep(rng.uniform(0.0, 0.25))
-        finally:
-            child.send_signal(signal.SIGKILL)
-            child.wait(timeout=30)
-            child.stdout.close()
-            child.stderr.close()
-        assert child.returncode == -signal.SIGKILL, child.returncode
-        results["kills"] += 1
-        final = dest.read_bytes()
-        if final == initial:
-            results["old"] += 1
-        elif final in (new_a, new_b):
-            results["new"] += 1
-        else:
-            results["torn"] += 1
-        litter = list(folder.glob(f".{dest.name}.*.tmp"))
-        results["temp_left"] += len(litter)
-        for path in litter:  # what a user may do with stale temporary files: delete them
-            path.unlink()
-    return results
+@pytest.mark.parametrize("moment, expected, temporaries", [
+    ("writing", OLD, 1),      # killed while writing the temporary file: the old file, intact
+    ("renaming", OLD, 1),     # killed with the new content complete but not renamed: still the old file
+    ("renamed", NEW, 0),      # killed after the rename: the new file, whole
+])
+def test_killed_writer_leaves_old_or_new_never_torn(tmp_path, moment, expected, temporaries):
+    final, litter = _killed_at(tmp_path, "atomic", moment)
+    assert final == expected
+    # what a killed writer leaves: its temporary file (never read by maskforge; delete it at will)
+    assert len(litter) == temporaries
 
 
-def test_killed_writer_leaves_old_or_new_never_torn(tmp_path, capsys):
-    rng = random.Random(1234)
-    atomic = _kill_rounds(tmp_path, "atomic", 16, rng)
-    control = _kill_rounds(tmp_path, "inplace", 6, rng)
-    with capsys.disabled():
-        print(f"\n[atomic] atomic_write killed {atomic['kills']} times: old file {atomic['old']}, new file "
-              f"{atomic['new']}, torn {atomic['torn']}, temporary files left by the killed writer "
-              f"{atomic['temp_left']}")
-        print(f"[atomic] control (in-place writes) killed {control['kills']} times: old {control['old']}, "
-              f"new {control['new']}, torn {control['torn']}")
-    assert atomic["torn"] == 0
-    assert atomic["old"] + atomic["new"] == atomic["kills"]
-    # the oracle can see tearing: in-place writes killed at random moments leave partial files
-    assert control["torn"] > 0
+def test_the_kill_test_can_see_a_torn_file(tmp_path):
+    """The control: an in-place writer killed halfway leaves neither the old content nor the new."""
+    final, _ = _killed_at(tmp_path, "inplace", "writing")
+    assert final not in (OLD, NEW) and final == NEW[: SIZE // 2]
 
 
 def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
@@ -257,7 +252,7 @@ from maskforge.artifact import load_artifact, save_artifact
 from maskforge.checkpoint import load_checkpoint, save_checkpoint
 from maskforge.errors import MaskforgeError
 from maskforge.fileio import atomic_write
-from maskforge.searches.metricfiles import write_metrics
+from maskforge.metricfiles import write_metrics
 
 artifact = load_artifact(run / "artifact.safetensors")
 checkpoint = load_checkpoint(run / "checkpoint.safetensors")

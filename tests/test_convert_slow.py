@@ -51,7 +51,7 @@ def _digits_folder(root, count=2000, side=32):
 
 
 def _search_and_ship(tmp_path, config: SearchConfig, min_acc: float):
-    result = search(config, progress=False)
+    result = search(config)
     assert result.heldout_acc >= min_acc, result.metrics[-1]
     artifact = result.artifact_path
     assert verify_artifact(artifact).ok
@@ -99,7 +99,7 @@ def test_user_module_searches_resumes_ships_and_refuses_an_edit(tmp_path, monkey
                           out=str(out), keep_checkpoint=True)
     result = _search_and_ship(tmp_path, config, 0.6)
     # a finished search extended by resume: the same builder, rebuilt from config.json and the checkpoint
-    extended = resume(out, {"epochs": 11}, progress=False)
+    extended = resume(out, {"epochs": 11})
     assert [record["step"] for record in extended.metrics][-2:] == [320, 352]
     artifact = load_artifact(result.artifact_path)
     assert artifact.meta.arch.library == "user code mynet.py"

@@ -489,8 +489,8 @@ def test_verify_ok_lists_every_check(files: Files):
 @pytest.fixture(scope="module")
 def exported(files: Files):
     export = pytest.importorskip("maskforge.export")
-    dense = export.export_onnx(files.good, files.root / "good.dense.onnx", compact=False).path
-    compact = export.export_onnx(files.good, files.root / "good.onnx", compact=True).path
+    dense = export.export_onnx(files.good, files.root / "good.dense.onnx", storage="dense").path
+    compact = export.export_onnx(files.good, files.root / "good.onnx", storage="compact").path
     return dense, compact
 
 

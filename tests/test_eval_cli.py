@@ -16,6 +16,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from eval_helpers import edited_to_fail_while_running, searched_fc
+from helpers import one_error_line
 from maskforge.cli import app
 
 @pytest.fixture(scope="module")
@@ -32,14 +33,6 @@ def _folder(root: Path, classes: list[str], mode: str, size: int = 28) -> Path:
             pixels = np.zeros((size, size, 3) if mode == "RGB" else (size, size), dtype=np.uint8)
             Image.fromarray(pixels, mode).save(root / split / name / "0.png")
     return root
-
-
-def _one_error_line(result, pattern: str) -> str:
-    lines = result.stderr.splitlines()
-    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
-    assert re.search(pattern, lines[0]), lines[0]
-    return lines[0]
 
 
 def test_report_json_and_png_go_into_new_folders(run, tmp_path):
@@ -87,7 +80,7 @@ def test_json_to_stdout_and_the_compare_table(run):
 
 
 def test_inspect_of_an_onnx_file_says_what_it_is_and_what_takes_it(run):
-    line = _one_error_line(CliRunner().invoke(app, ["inspect", str(run / "model.onnx")]),
+    line = one_error_line(CliRunner().invoke(app, ["inspect", str(run / "model.onnx")]),
                            r"is an ONNX model \(a maskforge export: storage compact, precision fp32\), not a "
                            r"maskforge artifact: `maskforge eval .*model.onnx` evaluates it")
     assert "maskforge predict" in line and "maskforge verify" in line
@@ -140,7 +133,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(run, tmp_path, case):
                 "compare an onnx": "comparing export modes needs the artifact",
                 "compare with --size": "--size does not apply with --compare",
                 "zero latency runs": "latency runs must be at least 1"}[case]
-    _one_error_line(result, expected)
+    one_error_line(result, expected)
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
 
@@ -163,13 +156,13 @@ def test_a_model_that_fails_inside_onnxruntime_is_one_line(run, tmp_path, capfd)
     data = _folder(tmp_path / "d", [str(i) for i in range(10)], "L")
     capfd.readouterr()
     for command in (["eval", str(model), "--data", str(data)], ["predict", str(model), str(image)]):
-        _one_error_line(CliRunner().invoke(app, [*command, *options]), pattern)
+        one_error_line(CliRunner().invoke(app, [*command, *options]), pattern)
         native = capfd.readouterr()
         assert native.err == "" and native.out == "", native
     # an edited maskforge export (metadata intact, a Slice cutting the image before the MatMul, open sides so
     # that onnxruntime cannot see it at load): the file's fault, not maskforge's, so exit 2 as well
     edited_to_fail_while_running(run / "model.dense.onnx", tmp_path / "edited.onnx")
-    _one_error_line(CliRunner().invoke(app, ["eval", str(tmp_path / "edited.onnx"), "--no-latency"]),
+    one_error_line(CliRunner().invoke(app, ["eval", str(tmp_path / "edited.onnx"), "--no-latency"]),
                     r"onnxruntime cannot run .*edited.onnx .*\(its graph does not fit its own maskforge metadata: a "
                     r"damaged or edited file\?\)")
     assert capfd.readouterr().err == ""

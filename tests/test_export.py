@@ -121,8 +121,8 @@ def exported(folder):
             artifact = load_artifact(make_artifact(folder, arch, channels, size, init=init))
             model = materialize(artifact)
             stem = folder / f"{arch}-{channels}x{size}-{init}"
-            compact = export_onnx(artifact, stem.with_suffix(".onnx"), compact=True, model=model)
-            dense = export_onnx(artifact, stem.with_suffix(".dense.onnx"), compact=False, model=model)
+            compact = export_onnx(artifact, stem.with_suffix(".onnx"), storage="compact", model=model)
+            dense = export_onnx(artifact, stem.with_suffix(".dense.onnx"), storage="dense", model=model)
             cache[key] = SimpleNamespace(artifact=artifact, model=model, compact=compact, dense=dense)
         return cache[key]
 
@@ -237,14 +237,14 @@ def test_metadata_is_written_and_read_back(exported):
     assert json.loads(meta["maskforge.arch_args"]) == artifact.arch_args
     assert float(meta["maskforge.k"]) == artifact.k and int(meta["maskforge.seed"]) == artifact.seed
     assert meta["maskforge.artifact_digest"] == artifact.digest
-    assert meta["maskforge.onnx_format"] == meta["maskforge.storage"] == "compact"
+    assert meta["maskforge.storage"] == "compact" and "maskforge.onnx_format" not in meta  # 0.1's key: gone
     assert meta["maskforge.precision"] == "fp32"
     assert json.loads(meta["maskforge.class_names"]) == list(artifact.spec.class_names)
     pre = json.loads(meta["maskforge.preprocessing"])
     assert (pre["channels"], pre["height"], pre["width"]) == (1, 8, 8)
     assert pre["mean"] == list(artifact.spec.mean) and pre["std"] == list(artifact.spec.std)
     info = read_onnx_metadata(proto)
-    assert info.spec == artifact.spec and info.layout == "compact"
+    assert info.spec == artifact.spec and info.storage == "compact"
     # onnxruntime exposes the same map to users of other languages
     session = ort.InferenceSession(str(result.path))
     assert session.get_modelmeta().custom_metadata_map["maskforge.artifact_digest"] == artifact.digest
@@ -343,14 +343,14 @@ def test_torch_export_round_trip(exported, tmp_path):
 def test_cli_export_default_paths_and_json(tmp_path):
     path = make_artifact(tmp_path, "fc", 1, 8, name="artifact.safetensors")
     runner = CliRunner()
-    for argv, expected in [([], "artifact.onnx"), (["--dense"], "artifact.dense.onnx"),
+    for argv, expected in [([], "artifact.onnx"), (["--storage", "dense"], "artifact.dense.onnx"),
                            (["--format", "torch"], "artifact.torch.safetensors")]:
         result = runner.invoke(app, ["export", str(path), "--json", *argv])
         assert result.exit_code == 0, result.stderr
         report = json.loads(result.stdout)
         assert Path(report["path"]) == tmp_path / expected and (tmp_path / expected).exists()
         assert report["file_bytes"] == (tmp_path / expected).stat().st_size
-    assert default_export_path(path, "onnx", compact=False) == tmp_path / "artifact.dense.onnx"
+    assert default_export_path(path, "onnx", storage="dense") == tmp_path / "artifact.dense.onnx"
     result = runner.invoke(app, ["export", str(path), "--out", str(tmp_path / "x.onnx")])
     assert result.exit_code == 0 and re.search(r"bits per masked weight", " ".join(result.stdout.split()))
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import one_error_line
 from PIL import Image
 from safetensors.numpy import save_file
 from typer.testing import CliRunner
@@ -38,11 +39,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 
 def _one_error_line(result, pattern: str) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.stderr, result.exception)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert re.match(pattern, lines[0]), lines[0]
-    return lines[0]
+    return one_error_line(result, "^(?:" + pattern + ")")  # the patterns here match from the line's start
 
 
 def _tree(folder: Path) -> list[str]:

@@ -8,6 +8,7 @@ DequantizeLinear definition); the artifact's file size; onnxruntime's own optimi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -29,12 +30,12 @@ from maskforge.artifact import build_artifact, load_artifact, save_artifact
 from maskforge.cli import app
 from maskforge.data import load_data
 from maskforge.errors import MaskforgeError
-from maskforge.export import default_export_path, export_onnx, read_onnx_metadata
+from maskforge.export import Int8Options, default_export_path, export_onnx, read_onnx_metadata
 from maskforge.materialization import materialize
 from maskforge.verify import verify_onnx
 
 MODES = [(storage, precision) for precision in ("fp32", "int8") for storage in ("dense", "compact", "regen")]
-FAST_INT8 = {"calibration": 32, "check_images": 200}   # the checks' data: enough to run, quick
+FAST_INT8 = Int8Options(calibration=32, check_images=200)   # the checks' data: enough to run, quick
 
 
 def demo_artifact(folder: Path, arch: str, *, k: float = 0.5, init: str = "signed_constant", seed: int = 0,
@@ -67,7 +68,7 @@ def conv2(folder) -> SimpleNamespace:
     artifact = load_artifact(path)
     model = materialize(artifact)
     results = {mode: export_onnx(artifact, folder / f"conv2.{mode[0]}.{mode[1]}.onnx", storage=mode[0],
-                                 precision=mode[1], model=model, **FAST_INT8) for mode in MODES}
+                                 precision=mode[1], model=model, int8=FAST_INT8) for mode in MODES}
     return SimpleNamespace(path=path, artifact=artifact, model=model, results=results)
 
 
@@ -147,8 +148,6 @@ def test_default_mode_is_regen_fp32_and_names_are_distinct(folder, conv2):
         "conv2-signed_constant.compact.int8.onnx"
     result = export_onnx(conv2.artifact, folder / "default.onnx", model=conv2.model)
     assert (result.storage, result.precision, result.opset) == ("regen", "fp32", 18)
-    # compact=True/False still work, as aliases of storage
-    assert export_onnx(conv2.artifact, folder / "alias.onnx", compact=True, model=conv2.model).storage == "compact"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -286,12 +285,12 @@ def test_verify_catches_an_int8_weight_that_is_not_the_artifacts(conv2, tmp_path
     assert "does not dequantize to any weight of the artifact's network exactly" in report.failure.detail
 
 
-def test_old_files_read_as_fp32_with_their_format(conv2):
+def test_files_without_a_precision_read_as_fp32(conv2):
     old = {"maskforge.preprocessing": json.dumps({"channels": 1, "height": 28, "width": 28, "mean": [0.1],
                                                   "std": [0.3]}),
-           "maskforge.class_names": json.dumps(list("0123456789")), "maskforge.onnx_format": "compact"}
+           "maskforge.class_names": json.dumps(list("0123456789")), "maskforge.storage": "compact"}
     info = read_onnx_metadata(old)
-    assert (info.storage, info.layout, info.precision) == ("compact", "compact", "fp32")
+    assert (info.storage, info.precision) == ("compact", "fp32")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -338,8 +337,6 @@ BAD = [
      "the model was searched on test, which is not on this machine; give --data"),
     ("unknown storage", "good", ["--storage", "sparse"], "storage must be one of dense, compact, regen; got 'sparse'"),
     ("unknown precision", "good", ["--precision", "int4"], "precision must be one of fp32, int8; got 'int4'"),
-    ("alias contradicts storage", "good", ["--dense", "--storage", "regen"],
-     "--dense (compact=False) means storage 'dense', which contradicts --storage regen"),
     ("torch with a storage", "good", ["--format", "torch", "--storage", "regen"], "apply to --format onnx only"),
 ]
 
@@ -383,7 +380,7 @@ def test_unwritable_destination_is_refused_before_calibrating(conv2, tmp_path, m
 
 def test_lossy_int8_needs_the_opt_in_and_warns(kaiming, tmp_path):
     with pytest.warns(UserWarning, match="int8 of kaiming_normal weights is lossy"):
-        result = export_onnx(kaiming, tmp_path / "lossy.onnx", precision="int8", allow_lossy=True, **FAST_INT8)
+        result = export_onnx(kaiming, tmp_path / "lossy.onnx", precision="int8", allow_lossy=True, int8=FAST_INT8)
     assert result.lossy and result.int8_weight_max_error > 0
     assert result.top1 is not None and result.argmax_agreement >= 0.95
     proto = onnx.load(str(result.path))
@@ -393,7 +390,7 @@ def test_lossy_int8_needs_the_opt_in_and_warns(kaiming, tmp_path):
 def test_failed_int8_accuracy_check_leaves_no_file(conv2, tmp_path):
     with pytest.raises(MaskforgeError, match="int8 predicts the fp32 network's class for only"):
         export_onnx(conv2.artifact, tmp_path / "strict.onnx", precision="int8", model=conv2.model,
-                    min_agreement=1.01, **FAST_INT8)
+                    int8=dataclasses.replace(FAST_INT8, min_agreement=1.01))
     assert list(tmp_path.iterdir()) == []
 
 

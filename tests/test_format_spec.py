@@ -20,7 +20,6 @@ import re
 import struct
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn

@@ -73,7 +73,7 @@ def tiny_arch():
 def fc_artifact(tmp_path_factory) -> bytes:
     out = tmp_path_factory.mktemp("fuzz_fc")
     result = search(SearchConfig(arch="fc", k=0.5, epochs=1, max_steps=2, batch_size=64, device="cpu",
-                                 workers=0, out=str(out)), progress=False)
+                                 workers=0, out=str(out)))
     return result.artifact_path.read_bytes()
 
 

@@ -289,8 +289,8 @@ def _records(run: Path) -> list[str]:
 def test_damaged_metrics_records_are_refused_with_their_line(run, tmp_path, damage, message):
     import shutil
 
-    from maskforge.plotting import plot_run
-    from maskforge.searches.metricfiles import read_metrics
+    from maskforge.figures import plot_run
+    from maskforge.metricfiles import read_metrics
 
     copy = Path(shutil.copytree(run, tmp_path / "run"))
     good = _records(run)[0]
@@ -428,7 +428,7 @@ def test_int8_export_with_a_full_temporary_folder_names_the_users_file(run, tmp_
     import os
     import tempfile
 
-    from maskforge.export import export_onnx
+    from maskforge.export import Int8Options, export_onnx
 
     scratch = tmp_path / "scratch"
     scratch.mkdir()
@@ -443,7 +443,8 @@ def test_int8_export_with_a_full_temporary_folder_names_the_users_file(run, tmp_
     monkeypatch.setattr(Path, "write_bytes", full)
     out = tmp_path / "m.int8.onnx"
     with pytest.raises(MaskforgeError) as caught:
-        export_onnx(run / "artifact.safetensors", out, precision="int8", calibration=16, check_images=32)
+        export_onnx(run / "artifact.safetensors", out, precision="int8",
+                    int8=Int8Options(calibration=16, check_images=32))
     message = str(caught.value)
     assert message.startswith(f"cannot write {out}: ") and "fp32.onnx" not in message, message
     assert "the disk is full" in message and "TMPDIR" in message and str(scratch) in message, message
@@ -542,7 +543,7 @@ def _rgb_folder(root: Path, classes: str) -> Path:
 _LIMITED = """
 import os, resource, sys
 import onnx, onnxruntime, torch                      # mapped before the limit is set
-import maskforge.export, maskforge.predict, maskforge.evaluation
+import maskforge.export, maskforge.prediction, maskforge.evaluation
 from maskforge.cli import main
 used = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize:"))
 resource.setrlimit(resource.RLIMIT_AS, (used + 1536 * 2 ** 20, resource.RLIM_INFINITY))

@@ -7,7 +7,6 @@ float64, NaN first: an ordinary sort, not the partition/topk code under test.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn

@@ -7,6 +7,8 @@ import json
 import math
 import re
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,8 @@ from typer.testing import CliRunner
 
 from maskforge.cli import app
 from maskforge.errors import MaskforgeError
-from maskforge.plotting import NOT_LEARNED_COLOR, plot_run, plot_sweep
+from maskforge.figures import plot_run
+from maskforge.sweeps.figure import NOT_LEARNED_COLOR, plot_sweep
 from maskforge.sweeps import COLUMNS, summarize
 
 AXES = ["arch", "init", "scale_fan", "width", "k", "seed"]
@@ -175,3 +178,14 @@ def test_plot_command(tmp_path):
     assert missing.output.strip().splitlines() == [
         f"error: {tmp_path / 'metrics.jsonl'} does not exist: {tmp_path} is not a run folder, or no epoch has "
         f"finished yet"]
+
+
+def test_plot_of_a_run_folder_loads_neither_the_search_nor_torch(tmp_path):
+    """`maskforge plot RUN` reads two files: it must not import the search (and with it torch)."""
+    _write_run(tmp_path / "run", epochs=2)
+    code = ("import sys, maskforge\n"
+            f"paths = maskforge.plot({str(tmp_path / 'run')!r})\n"
+            "print(sorted(m for m in ('torch', 'maskforge.searches', 'maskforge.dense', 'maskforge.sweeps') "
+            "if m in sys.modules), [p.name for p in paths])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[] ['curves.png', 'curves.svg']"

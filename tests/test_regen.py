@@ -304,7 +304,7 @@ def test_single_threaded_subprocess_gives_identical_digests():
     weights = regenerate_weights(model, 3, "kaiming_normal", k=0.5, scale_fan=False, threads=4)
     assert theirs["conv4"] == {n: regen.weight_digest(w) for n, w in weights.items()}
     # and the model's own buffers hold exactly those weights
-    for name, w in weights.items():
+    for name in weights:
         assert model.get_parameter(name.replace("weight", "scores")) is not None
         assert regen.weight_digest(model.get_buffer(name).numpy()) == theirs["conv4"][name]
     assert theirs["conv4_scores"] == {n: regen.weight_digest(p.detach().numpy())

@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,8 +22,7 @@ from typer.testing import CliRunner
 
 from helpers import write_image_folder
 from maskforge import archs
-from maskforge.checkpoint import (CHECKPOINT_NAME, Checkpoint, load_checkpoint, read_position,
-                                  save_checkpoint)
+from maskforge.checkpoint import (CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint)
 from maskforge.cli import app
 from maskforge.errors import MaskforgeError
 from maskforge.layers import MaskedConv2d, MaskedLinear, NonAffineBatchNorm2d
@@ -33,6 +31,28 @@ from maskforge.searches import TIMING_FIELDS, SearchConfig, resume, search
 
 # fc on the demo set with a global batch of 500: 8 steps per epoch, 16 in all, a few seconds per run.
 ARGS = ["--arch", "fc", "--k", "0.5", "--epochs", "2", "--batch-size", "500", "--device", "cpu", "-q"]
+
+
+#: `maskforge search ARGS` in a process that kills itself (SIGKILL) right after writing a checkpoint in the
+#: second epoch, two or more batches in.
+_KILLED_AFTER_CHECKPOINT = r"""
+import os, signal, sys
+import maskforge.searches as searches
+from maskforge.cli import main
+
+write = searches.save_checkpoint
+
+
+def write_then_die(session, epoch_sums):
+    write(session, epoch_sums)
+    if session.position.epoch == 1 and session.position.batch_in_epoch >= 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+searches.save_checkpoint = write_then_die
+sys.argv = ["maskforge", "search", *sys.argv[1:]]
+main()
+"""
 
 
 def _cli(*args: str) -> list[str]:
@@ -68,24 +88,12 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_artifact(tmp_path
     finally:
         torch.set_num_threads(threads)
 
-    victim = subprocess.Popen(_cli(*ARGS, "--checkpoint-every", "2", "--out", str(killed)), env=_env(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    position = None
-    try:
-        while time.monotonic() < deadline and victim.poll() is None:
-            position = read_position(killed / CHECKPOINT_NAME)
-            # Second epoch, some batches in: kill while the epoch is under way.
-            if position and position["epoch"] == 1 and position["batch_in_epoch"] >= 2:
-                victim.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.02)
-    finally:
-        if victim.poll() is None and position is None:
-            victim.kill()
-        victim.wait()
+    # The search SIGKILLs itself right after the first checkpoint written two batches into the second
+    # epoch (a hook, not a timer): the state a crash mid-epoch leaves.
+    victim = subprocess.run([sys.executable, "-c", _KILLED_AFTER_CHECKPOINT, *ARGS, "--checkpoint-every", "2",
+                             "--out", str(killed)], env=_env(), capture_output=True, text=True, timeout=240)
     assert victim.returncode == -signal.SIGKILL, f"the run ended on its own before it could be killed: " \
-                                                 f"{victim.stderr.read()}"
+                                                 f"{victim.stderr}"
     assert not (killed / "artifact.safetensors").exists()
     on_disk = load_checkpoint(killed / CHECKPOINT_NAME).position
     assert on_disk["epoch"] == 1 and 0 < on_disk["batch_in_epoch"] < on_disk["steps_per_epoch"]

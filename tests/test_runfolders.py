@@ -15,11 +15,12 @@ import math
 from pathlib import Path
 
 import pytest
+from helpers import without_timings
 from typer.testing import CliRunner
 
 from maskforge.cli import app
 from maskforge.errors import MaskforgeError
-from maskforge.searches import TIMING_FIELDS, SearchConfig, resume, search
+from maskforge.searches import SearchConfig, resume, search
 
 # fc on the demo set, global batch 500: 8 steps per epoch, a fraction of a second per epoch.
 COMMON = dict(arch="fc", epochs=2, batch_size=500, device="cpu", workers=0)
@@ -29,10 +30,6 @@ def _files(folder: Path) -> dict[str, str]:
     """Every file under `folder` (relative path -> SHA-256)."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _without_timings(metrics: list[dict]) -> list[dict]:
-    return [{k: v for k, v in record.items() if k not in TIMING_FIELDS} for record in metrics]
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +126,7 @@ def test_a_default_folder_continues_its_unfinished_search(tmp_path, monkeypatch)
     resumed = search(config)
     assert resumed.run_dir == Path("runs/fc-k0.5-s3")
     assert resumed.artifact_path.read_bytes() == reference.artifact_path.read_bytes()
-    assert _without_timings(resumed.metrics) == _without_timings(reference.metrics)
+    assert without_timings(resumed.metrics) == without_timings(reference.metrics)
 
 
 def test_a_folder_whose_search_never_checkpointed_is_started_over(tmp_path):
@@ -161,7 +158,7 @@ def test_extending_a_finished_search_with_its_kept_checkpoint(finished, tmp_path
     metrics = result.metrics
     # epochs 1-2 are the finished search's; epoch 3 follows the 3-epoch cosine from step 16 (docs/SCALE.md)
     recorded = [json.loads(line) for line in (finished / "metrics.jsonl").read_text().splitlines()]
-    assert _without_timings(metrics[:2]) == _without_timings(recorded)
+    assert without_timings(metrics[:2]) == without_timings(recorded)
     assert [m["step"] for m in metrics] == [8, 16, 24]
     assert metrics[2]["lr"] == 0.5 * 0.1 * (1 + math.cos(math.pi * (23 / 24)))
     # the old artifact and the export made from it moved to previous-1/, untouched; config records 3 epochs

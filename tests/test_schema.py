@@ -4,6 +4,7 @@ Schema that docs/FORMAT.md points to."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def test_an_older_record_takes_the_defaults_of_newer_fields():
 
 def test_config_is_immutable_and_replace_validates():
     config = SearchConfig(arch="fc")
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         config.k = 0.7  # type: ignore[misc]
     assert config.replace(k=0.7).k == 0.7
     with pytest.raises(MaskforgeError, match="^search config: k must be <= 1, got 2.0$"):

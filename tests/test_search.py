@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import demo_rows, spy_arch, write_mnist_folder
+from helpers import demo_rows, spy_arch, without_timings, write_mnist_folder
 from maskforge import regen
 from maskforge.artifact import load_artifact, pack_mask
 from maskforge.errors import MaskforgeError
 from maskforge.layers import batchnorm_modules, masked_modules
-from maskforge.searches import TIMING_FIELDS, SearchConfig, search
+from maskforge.searches import SearchConfig, search
 
 
 def _normalize(images: np.ndarray | torch.Tensor, spec) -> torch.Tensor:
@@ -50,10 +50,6 @@ def _config(tmp_path: Path, name: str = "run", **overrides) -> SearchConfig:
 def small_demo(tmp_path_factory) -> str:
     """The first 256 training and 200 held-out demo images, as an MNIST folder."""
     return str(write_mnist_folder(tmp_path_factory.mktemp("small_demo"), 256, 200))
-
-
-def _without_timings(metrics: list[dict]) -> list[dict]:
-    return [{k: v for k, v in record.items() if k not in TIMING_FIELDS} for record in metrics]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -119,7 +115,7 @@ def test_same_config_same_bytes_other_seed_other_bytes(tmp_path, small_demo):
     assert bytes_a == b.artifact_path.read_bytes()
     assert bytes_a != c.artifact_path.read_bytes()
     assert load_artifact(c.artifact_path).seed == 1
-    assert _without_timings(a.metrics) == _without_timings(b.metrics)  # metrics agree too, except the timings
+    assert without_timings(a.metrics) == without_timings(b.metrics)  # metrics agree too, except the timings
 
 
 def test_run_folder_contents_and_metrics(tmp_path, small_demo):

@@ -88,7 +88,7 @@ def test_every_point_is_a_run_folder_and_a_row(done_sweep):
 
 
 def test_a_point_is_the_search_with_the_same_arguments(done_sweep, tmp_path):
-    single = search(SearchConfig(**TINY, k=0.5, seed=1, out=str(tmp_path / "single")), progress=False)
+    single = search(SearchConfig(**TINY, k=0.5, seed=1, out=str(tmp_path / "single")))
     assert single.artifact_path.read_bytes() == (done_sweep / _name(0.5, 1) / "artifact.safetensors").read_bytes()
 
 
@@ -114,13 +114,12 @@ def test_interrupted_point_resumes_and_ends_as_the_uninterrupted_run(tmp_path, m
 
     point = make_grid(options).search_points(out)[0]
     with pytest.raises(KeyboardInterrupt):
-        search(point.config, progress=False, on_epoch=interrupt)
+        search(point.config, on_epoch=interrupt)
     assert point_row(point, out)["status"] == "interrupted"
     steps = []
     result = sweep(out, options, figures=False, on_step=lambda progress: steps.append(progress.step))
     assert steps == [5, 6, 7, 8] and result.ok  # the second epoch only: continued from the first's checkpoint
-    uninterrupted = search(SearchConfig(**{**options, "k": 0.5, "seed": 0}, out=str(tmp_path / "whole")),
-                           progress=False)
+    uninterrupted = search(SearchConfig(**{**options, "k": 0.5, "seed": 0}, out=str(tmp_path / "whole")))
     assert (out / _name(0.5, 0) / "artifact.safetensors").read_bytes() == uninterrupted.artifact_path.read_bytes()
 
 
@@ -135,7 +134,7 @@ def test_interrupted_point_without_checkpoint_starts_over(tmp_path, monkeypatch)
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        search(point.config, progress=False, on_epoch=interrupt)
+        search(point.config, on_epoch=interrupt)
     folder = out / point.name
     (folder / "checkpoint.safetensors").unlink()
     assert (folder / "config.json").is_file() and (folder / "metrics.jsonl").is_file()
@@ -144,8 +143,7 @@ def test_interrupted_point_without_checkpoint_starts_over(tmp_path, monkeypatch)
     result = sweep(out, options, figures=False, on_step=lambda progress: steps.append(progress.step))
     assert steps == list(range(1, 9))  # nothing to continue from: both epochs, from the first step
     assert result.ran == [point.name] and result.ok
-    uninterrupted = search(SearchConfig(**{**options, "k": 0.5, "seed": 0}, out=str(tmp_path / "whole")),
-                           progress=False)
+    uninterrupted = search(SearchConfig(**{**options, "k": 0.5, "seed": 0}, out=str(tmp_path / "whole")))
     assert (folder / "artifact.safetensors").read_bytes() == uninterrupted.artifact_path.read_bytes()
     assert (folder / "metrics.jsonl").read_text().count("\n") == 2
 
@@ -446,12 +444,10 @@ def test_topk_and_width_are_axes_end_to_end(tmp_path):
 
 
 def test_where_selects_the_points_a_figure_shows(done_sweep, monkeypatch):
-    import sys
-
-    import maskforge.plotting  # noqa: F401  (the package attribute is the function `plot`; the module is in sys.modules)
+    import maskforge.sweeps.runner
 
     drawn = []
-    monkeypatch.setattr(sys.modules["maskforge.plotting"], "plot_sweep", lambda rows, *a, **k: drawn.append(rows) or [Path("f.png")])
+    monkeypatch.setattr(maskforge.sweeps.runner, "plot_sweep", lambda rows, *a, **k: drawn.append(rows) or [Path("f.png")])
     result = collect_sweep(done_sweep, where={"k": [0.5], "seed": [1]})
     assert [row["point"] for row in drawn[0]] == [_name(0.5, 1), "dense,arch=fc,width=1.0,seed=1"]
     assert len(result.rows) == 6 and len(_csv(done_sweep / "results.csv")) == 6  # the table keeps every point

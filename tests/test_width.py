@@ -3,7 +3,6 @@ materializes and exports like any other (issue 12: width is an architecture argu
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import onnxruntime
@@ -22,7 +21,7 @@ from maskforge.verify import verify_artifact
 def widened(tmp_path_factory):
     out = tmp_path_factory.mktemp("width") / "run"
     config = SearchConfig(arch="fc", width=0.5, k=0.5, epochs=1, max_steps=2, batch_size=64, device="cpu", out=str(out))
-    return search(config, progress=False)
+    return search(config)
 
 
 def test_search_records_the_width_and_the_artifact_rebuilds_it(widened):

@@ -17,7 +17,7 @@ One module per job:
 """
 
 from .compare import compare
-from .measure import SPLITS, evaluate
+from .measure import COMPARE_LATENCY, SPLITS, LatencyOptions, evaluate
 from .figure import save_confusion_png
 from .report import (Accuracy, Agreement, ClassResult, CompareReport, Compute, EvalReport, Latency, ModelSummary,
                      ModeRow, Size, Timing, write_report)
@@ -25,7 +25,7 @@ from .subject import parse_floats
 from .timing import latency_stats, median_ratio, probe_footprint, probe_session_starts, time_calls
 
 __all__ = [
-    "evaluate", "compare", "SPLITS",
+    "evaluate", "compare", "LatencyOptions", "COMPARE_LATENCY", "SPLITS",
     "EvalReport", "CompareReport", "ModeRow", "ModelSummary", "Accuracy", "ClassResult", "Agreement", "Latency",
     "Timing", "Size", "Compute", "write_report", "save_confusion_png", "parse_floats",
     "time_calls", "latency_stats", "median_ratio", "probe_footprint", "probe_session_starts",

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import MaskforgeError
-from ..export import EXPORT_MODES, ExportMode, export_onnx
+from ..export import EXPORT_MODES, ExportMode, Int8Options, export_onnx
 from ..export.calibration import DEFAULT_CALIBRATION, load_check_images
 from ..materialization import materialize
 from ..memory import check_network_fits
-from .measure import Reference, Settings, load_matching_data, measure, split_of
+from .measure import COMPARE_LATENCY, LatencyOptions, Reference, Settings, load_matching_data, measure, split_of
 from .report import CompareReport, EvalReport, ModeRow
 from .runners import TorchRunner
 from .scoring import Progress
@@ -37,20 +37,20 @@ BASELINE = ExportMode("dense", "fp32")   # speed ratios are against the plain fl
 
 
 def compare(artifact: str | os.PathLike, *, modes: Sequence[ExportMode] = EXPORT_MODES, data: str | None = None,
-            split: str = "test", batch_size: int = 64, threads: int | None = None, latency: bool = True,
-            latency_runs: int = 30, latency_rounds: int = 5, warmup: int = 3, latency_budget_s: float = 10.0,
-            memory: bool = True, session_starts: int = SESSION_STARTS, progress: Progress | None = None
-            ) -> CompareReport:
+            split: str = "test", batch_size: int = 64, threads: int | None = None,
+            latency: LatencyOptions | None = COMPARE_LATENCY, memory: bool = True,
+            session_starts: int = SESSION_STARTS, progress: Progress | None = None) -> CompareReport:
     """Evaluate the artifact exported in each of `modes`; one row per mode (see `ModeRow.summary`).
 
     int8 modes calibrate on the training split of the data evaluated on (`data`, default the artifact's
-    own). `latency_rounds`: alternating timing blocks per mode and batch size (the rounds of the speed
-    ratios); `latency_budget_s`: seconds per mode and batch size after which timing stops early (at least
-    3 calls per block); `session_starts`: session creations per mode, the modes taking turns.
+    own). `latency` (`LatencyOptions`; None: not timed): its `rounds` are the alternating timing blocks per
+    mode and batch size (the rounds of the speed ratios), its `budget_s` the seconds per mode and batch
+    size after which timing stops early (at least 3 calls per block); `session_starts`: session creations
+    per mode, the modes taking turns.
     """
     _check_modes(modes)
-    settings = Settings.check(split, batch_size, threads, latency, latency_runs, warmup,
-                              latency_budget_s * len(modes), memory, latency_rounds, session_starts)
+    settings = Settings.from_options(split, batch_size, threads, latency, memory, session_starts,
+                                     budget_scale=len(modes))
     subject = open_model(artifact)
     if subject.artifact is None:
         raise MaskforgeError(f"{artifact} is an ONNX file; comparing export modes needs the artifact they are "
@@ -73,8 +73,8 @@ def compare(artifact: str | os.PathLike, *, modes: Sequence[ExportMode] = EXPORT
                     check_images = load_check_images(subject.artifact, source, DEFAULT_CALIBRATION)
                 exports[mode.name] = export_onnx(subject.artifact, Path(workdir) / f"{index}.onnx",
                                                  storage=mode.storage, precision=mode.precision, opset=mode.opset,
-                                                 model=torch_model, calibration_data=source,
-                                                 prepared_images=check_images)
+                                                 model=torch_model,
+                                                 int8=Int8Options(data=source, prepared=check_images))
             except MaskforgeError as exc:
                 refused[mode.name] = str(exc)
                 continue

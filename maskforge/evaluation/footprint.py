@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 
+from ..sizes import bits_per_weight
 from .report import Compute, Size
 from .subject import WEIGHT_OPS, Subject, all_weights_constant, graph_dims
 
@@ -23,9 +24,9 @@ def size_section(subject: Subject, artifact_subject: Subject | None = None) -> S
     artifact_bytes = artifact.file_bytes if artifact else info.get_int("artifact_bytes")
     onnx_bytes = subject.onnx_path.stat().st_size
     return Size(onnx_bytes=onnx_bytes, masked_weights=masked,
-                onnx_bits_per_weight=8 * onnx_bytes / masked if masked else None,
+                onnx_bits_per_weight=bits_per_weight(onnx_bytes, masked) if masked else None,
                 artifact_bytes=artifact_bytes,
-                artifact_bits_per_weight=8 * artifact_bytes / masked if artifact_bytes and masked else None,
+                artifact_bits_per_weight=bits_per_weight(artifact_bytes, masked) if artifact_bytes and masked else None,
                 dense_float32_bytes=4 * (masked + (bn_values or 0)) if masked else None)
 
 

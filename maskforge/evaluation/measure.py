@@ -34,6 +34,20 @@ REFERENCE = "reference"   # the runner name of the float32 reference
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class LatencyOptions:
+    """How `evaluate` and `compare` time a model (their `latency=None`: not timed)."""
+
+    runs: int = 30           # timed runs per batch size, after `warmup` untimed ones
+    warmup: int = 3
+    budget_s: float = 10.0   # seconds per model and batch size after which timing stops early (>= 3 calls a block)
+    rounds: int = 2          # alternating timing blocks per model and batch size (the rounds of speed ratios)
+
+
+#: `compare`'s default: more rounds, since its speed ratios are medians over rounds.
+COMPARE_LATENCY = LatencyOptions(rounds=5)
+
+
 @dataclass
 class Settings:
     """How to measure (validated once, shared by `evaluate` and `compare`)."""
@@ -67,6 +81,13 @@ class Settings:
         return cls(split, batch_size, threads or os.cpu_count() or 1, latency, runs, max(0, warmup), budget_s,
                    memory, rounds, starts)
 
+    @classmethod
+    def from_options(cls, split: str, batch_size: int, threads: int | None, latency: LatencyOptions | None,
+                     memory: bool, starts: int = SESSION_STARTS, budget_scale: int = 1) -> "Settings":
+        timing = latency or LatencyOptions()
+        return cls.check(split, batch_size, threads, latency is not None, timing.runs, timing.warmup,
+                         timing.budget_s * budget_scale, memory, timing.rounds, starts)
+
 
 @dataclass
 class Reference:
@@ -80,22 +101,21 @@ class Reference:
 def evaluate(model: str | os.PathLike, *, data: str | None = None, split: str = "test", batch_size: int = 64,
              threads: int | None = None, mean: Sequence[float] | str | None = None,
              std: Sequence[float] | str | None = None, size: int | None = None,
-             reference: str | os.PathLike | None = None, latency: bool = True, latency_runs: int = 30,
-             warmup: int = 3, latency_budget_s: float = 10.0, memory: bool = True,
-             progress: Progress | None = None) -> EvalReport:
+             reference: str | os.PathLike | None = None, latency: LatencyOptions | None = LatencyOptions(),
+             memory: bool = True, progress: Progress | None = None) -> EvalReport:
     """Stream `split` of `data` through onnxruntime and return the report.
 
     `model` is an `.onnx` file or an artifact. `data` defaults to the data set named in the model's
     provenance, else the built-in `mnist5k`. `reference` (an artifact or a float32 ONNX file; implied
     for an artifact) adds argmax agreement and the top-1 difference. `threads` sets onnxruntime's and
-    PyTorch's intra-op threads (default: all cores). `memory` measures session start and peak memory in
-    a child process. `progress(stage, done, total)` is called as work advances.
+    PyTorch's intra-op threads (default: all cores). `latency` says how latency is timed (None: not at
+    all); `memory` measures session start and peak memory in a child process. `progress(stage, done, total)` is called as work advances.
 
     >>> report = evaluate("runs/demo/artifact.onnx", batch_size=64)            # doctest: +SKIP
     >>> report.accuracy.top1, report.timing.at(64).p50_ms                      # doctest: +SKIP
     (0.912, 3.1)
     """
-    settings = Settings.check(split, batch_size, threads, latency, latency_runs, warmup, latency_budget_s, memory)
+    settings = Settings.from_options(split, batch_size, threads, latency, memory)
     subject = open_model(model, mean=mean, std=std, size=size)
     splits, source = load_matching_data(subject, data)  # before any export: mismatches fail fast
     dataset = split_of(splits, split, source)

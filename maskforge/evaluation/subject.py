@@ -247,7 +247,7 @@ def export_mode(info: OnnxModelInfo, proto) -> tuple[str | None, str | None, lis
     """(storage, precision, notes) from the metadata, or inferred from the graph of a foreign model."""
     notes: list[str] = []
     if info.has_maskforge_metadata:
-        storage = info.metadata.get(META_PREFIX + "storage") or info.layout
+        storage = info.storage
         precision = info.metadata.get(META_PREFIX + "precision") or "fp32"   # before int8 existed: fp32
         if storage not in STORAGES:
             notes.append(f"storage {storage!r} is unknown to this maskforge (a newer export?)")

@@ -50,10 +50,10 @@ def load_check_images(artifact: Artifact, source: str | None, calibration: int,
     if isinstance(heldout, bool) or not isinstance(heldout, int) or heldout < 1:
         raise MaskforgeError(f"check_images must be a positive number of images, got {heldout!r}")
     provenance = artifact.document.get("provenance", {})
-    source = source or searched_data(provenance, "--data (Python: calibration_data=...)")
+    source = source or searched_data(provenance, "--data (Python: Int8Options(data=...))")
     if not source:
         raise MaskforgeError("the artifact does not name the data it was searched on; give --data (Python: "
-                             "calibration_data=...)")
+                             "Int8Options(data=...))")
     splits = matching_splits(artifact.spec, source, "calibration data")
     if len(splits.train) == 0 or len(splits.heldout) == 0:
         raise MaskforgeError(f"calibration data {source} needs training and held-out images; it has "

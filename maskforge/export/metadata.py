@@ -45,7 +45,6 @@ def set_metadata(proto, artifact: Artifact, storage: str, precision: str, extra:
     bn_values = sum(stat.numel() for stat in artifact.bn_stats.values())
     entries = {
         "version": __version__,
-        "onnx_format": storage,          # kept for readers of maskforge <= 0.1 files: storage under its old key
         "storage": storage,
         "precision": precision,
         **artifact_identity(artifact),
@@ -76,16 +75,12 @@ class OnnxModelInfo:
     """What maskforge knows about an ONNX file from its `metadata_props` (None where absent)."""
 
     spec: InputSpec | None
-    layout: str | None          # the storage ("dense" | "compact" | "regen"); the old name of the field
+    storage: str | None         # "dense" | "compact" | "regen"
     metadata: dict[str, str]
 
     @property
     def has_maskforge_metadata(self) -> bool:
         return self.spec is not None
-
-    @property
-    def storage(self) -> str | None:
-        return self.layout
 
     @property
     def precision(self) -> str | None:
@@ -120,5 +115,4 @@ def read_onnx_metadata(proto_or_map) -> OnnxModelInfo:
         spec = InputSpec(pre["channels"], pre["height"], pre["width"], pre["mean"], pre["std"], names)
     except (ValueError, KeyError, TypeError, MaskforgeError) as exc:
         raise MaskforgeError(f"the model's maskforge metadata is corrupt ({first_line(exc)})") from None
-    storage = metadata.get(META_PREFIX + "storage", metadata.get(META_PREFIX + "onnx_format"))
-    return OnnxModelInfo(spec, storage, metadata)
+    return OnnxModelInfo(spec, metadata.get(META_PREFIX + "storage"), metadata)

@@ -54,14 +54,8 @@ EXPORT_MODES = tuple(ExportMode(storage, precision) for precision in PRECISIONS 
 
 
 def resolve_mode(artifact: Artifact, storage: str | None = None, precision: str = "fp32",
-                 opset: int | None = None, compact: bool | None = None, allow_lossy: bool = False) -> ExportMode:
+                 opset: int | None = None, *, allow_lossy: bool = False) -> ExportMode:
     """Check the choices against each other and the artifact; raise one clear `MaskforgeError` if they clash."""
-    if compact is not None:
-        alias = "compact" if compact else "dense"
-        if storage is not None and storage != alias:
-            raise MaskforgeError(f"--{alias} (compact={compact}) means storage {alias!r}, which contradicts --storage "
-                                 f"{storage} (storage={storage!r}); give one of them")
-        storage = alias
     if storage is not None and storage not in STORAGES:
         raise MaskforgeError(f"storage must be one of {', '.join(STORAGES)}; got {storage!r}")
     if precision not in PRECISIONS:
@@ -86,20 +80,17 @@ def resolve_mode(artifact: Artifact, storage: str | None = None, precision: str 
     return ExportMode(storage, precision, opset, lossy)
 
 
-def default_export_path(artifact_path: str | os.PathLike | None, fmt: str = "onnx", compact: bool | None = None,
-                        *, storage: str | None = None, precision: str = "fp32") -> Path:
+def default_export_path(artifact_path: str | os.PathLike | None, fmt: str = "onnx", *, storage: str | None = None,
+                        precision: str = "fp32") -> Path:
     """The file an export writes next to its artifact, one name per mode.
 
     `runs/x/artifact.safetensors` -> `artifact.onnx` (regen fp32, the default), `artifact.compact.onnx`,
     `artifact.dense.onnx`, `artifact.int8.onnx` (regen int8), `artifact.compact.int8.onnx`,
-    `artifact.dense.int8.onnx`, `artifact.torch.safetensors`. `compact=True/False` is the old spelling of
-    storage 'compact'/'dense'.
+    `artifact.dense.int8.onnx`, `artifact.torch.safetensors`.
     """
     base = Path(artifact_path) if artifact_path is not None else Path("model.safetensors")
     stem = base.name[: -len(".safetensors")] if base.name.endswith(".safetensors") else base.stem
     if fmt == "torch":
         return base.with_name(stem + ".torch.safetensors")
-    if storage is None and compact is not None:
-        storage = "compact" if compact else "dense"
     parts = [stem] + ([storage] if storage not in (None, "regen") else []) + (["int8"] if precision == "int8" else [])
     return base.with_name(".".join(parts) + ".onnx")

@@ -29,6 +29,7 @@ from .int8 import QuantizeInfo, ScratchFull, check_int8_weights, quantize
 from .metadata import set_metadata, with_digest
 from .destination import check_output_path, output_folder
 from .modes import ExportMode, default_export_path, resolve_mode
+from ..sizes import bits_per_weight
 from .onnxio import MAX_IR_VERSION, finalize
 from .parity import (INT8_MAX_TOP1_DROP, INT8_MIN_AGREEMENT, PARITY_BATCH, Int8Check, Parity, float_parity,
                      int8_parity, ort_session, run_session)
@@ -42,14 +43,13 @@ class ExportResult:
 
     path: Path
     format: str                    # "onnx" | "torch"
-    layout: str                    # ONNX: the storage (its old name); torch: "state_dict"
     file_bytes: int
     masked_weights: int
     kept_weights: int
     bits_per_weight: float         # 8 * file_bytes / masked_weights
-    max_abs_diff: float | None     # fp32: vs PyTorch; int8: integer kernels vs the graph run in float
-    opset: int | None
     seconds: float
+    max_abs_diff: float | None = None   # fp32: vs PyTorch; int8: integer kernels vs the graph run in float
+    opset: int | None = None
     storage: str | None = None     # "dense" | "compact" | "regen" (ONNX)
     precision: str | None = None   # "fp32" | "int8" (ONNX)
     parity_tolerance: float | None = None   # the bound max_abs_diff was held to
@@ -68,23 +68,31 @@ class ExportResult:
         return out
 
 
+@dataclass(frozen=True)
+class Int8Options:
+    """How an int8 export is calibrated and checked (an fp32 export ignores them)."""
+
+    calibration: int = DEFAULT_CALIBRATION     # training images the activation ranges are calibrated on
+    data: str | None = None                    # any `maskforge search --data` source; default: the artifact's own
+    check_images: int = DEFAULT_CHECK_IMAGES   # held-out images (at most) the file is checked on
+    max_top1_drop: float = INT8_MAX_TOP1_DROP  # top-1 points the file may lose against fp32
+    min_agreement: float = INT8_MIN_AGREEMENT  # fraction of the images that must keep the fp32 class
+    #: `load_check_images` of an earlier int8 export of the same artifact: loaded, decoded and referenced
+    #: once for several exports (as `eval --compare` does)
+    prepared: CheckImages | None = None
+
+
 def export_onnx(artifact: Artifact | str | os.PathLike, out: str | os.PathLike | None = None, *,
-                storage: str | None = None, precision: str = "fp32", calibration: int = DEFAULT_CALIBRATION,
-                calibration_data: str | None = None, allow_lossy: bool = False, opset: int | None = None,
-                check: bool = True, threads: int | None = None, model: nn.Module | None = None,
-                compact: bool | None = None, check_images: int = DEFAULT_CHECK_IMAGES,
-                max_top1_drop: float = INT8_MAX_TOP1_DROP, min_agreement: float = INT8_MIN_AGREEMENT,
-                prepared_images: CheckImages | None = None) -> ExportResult:
+                storage: str | None = None, precision: str = "fp32", opset: int | None = None,
+                allow_lossy: bool = False, int8: Int8Options = Int8Options(), check: bool = True,
+                threads: int | None = None, model: nn.Module | None = None) -> ExportResult:
     """Write the artifact's network as an ONNX file and check it in onnxruntime before keeping it.
 
-    `storage` is "dense", "compact" or "regen" (default: regen where possible, else compact; `compact=
-    True/False` is the old spelling), `precision` "fp32" or "int8". int8 calibrates on `calibration`
-    training images of `calibration_data` (any `maskforge search` data source; default: the artifact's
-    own data) and is checked on (up to `check_images` of) its held-out split: at most `max_top1_drop`
-    points below fp32 and the fp32 class for at least `min_agreement` of the images. `model` may pass
-    an already materialized network, `prepared_images` the `load_check_images` of an earlier int8 export
-    of the same artifact (loaded, decoded and referenced once for several exports, as `eval --compare`
-    does). Every failure raises `MaskforgeError` and leaves nothing behind.
+    `storage` is "dense", "compact" or "regen" (default: regen where possible, else compact), `precision`
+    "fp32" or "int8". int8 calibrates and checks as `int8` says (`Int8Options`): calibrated on training
+    images, checked on the held-out split (top-1 within `max_top1_drop` points of fp32, the fp32 class
+    kept for at least `min_agreement` of the images). `model` may pass an already materialized network.
+    Every failure raises `MaskforgeError` and leaves nothing behind.
 
     >>> result = export_onnx("runs/demo/artifact.safetensors", precision="int8")   # doctest: +SKIP
     >>> result.path.name, result.bits_per_weight < 1.2                             # doctest: +SKIP
@@ -92,20 +100,20 @@ def export_onnx(artifact: Artifact | str | os.PathLike, out: str | os.PathLike |
     """
     started = time.perf_counter()
     artifact = with_digest(as_artifact(artifact))
-    mode = resolve_mode(artifact, storage, precision, opset, compact, allow_lossy)
+    mode = resolve_mode(artifact, storage, precision, opset, allow_lossy=allow_lossy)
     if mode.precision == "int8":
-        check_calibration_count(calibration)
+        check_calibration_count(int8.calibration)
     out = Path(out) if out is not None else default_export_path(artifact.path, storage=mode.storage,
                                                                  precision=mode.precision)
     check_output_path(out)
     if model is None:
         model = materialize(artifact, threads=threads)
     # before anything runs the network (tracing, the parity checks: up to 256 images at once for int8)
-    check_network_fits(model, artifact.spec, PARITY_BATCH if mode.precision == "fp32" else min(256, check_images),
-                       f"exporting {artifact.path or 'the artifact'}")
+    batch = PARITY_BATCH if mode.precision == "fp32" else min(256, int8.check_images)
+    check_network_fits(model, artifact.spec, batch, f"exporting {artifact.path or 'the artifact'}")
     images = None
     if mode.precision == "int8":
-        images = prepared_images or load_check_images(artifact, calibration_data, calibration, check_images)
+        images = int8.prepared or load_check_images(artifact, int8.data, int8.calibration, int8.check_images)
     if mode.lossy:
         warnings.warn(f"int8 of {artifact.init} weights is lossy: the file approximates the artifact's network "
                       f"(checked against fp32 top-1 on held-out data)", UserWarning, stacklevel=2)
@@ -113,25 +121,27 @@ def export_onnx(artifact: Artifact | str | os.PathLike, out: str | os.PathLike |
         proto, quantized, fp32 = _build(artifact, model, mode, images)
     except ScratchFull as exc:
         raise MaskforgeError(f"cannot write {out}: {exc}; the previous {out.name}, if any, is unchanged") from None
-    result = ExportResult(out, "onnx", mode.storage, 0, artifact.masked_weights, artifact.kept_weights, 0.0, None,
-                          mode.opset, 0.0, mode.storage, mode.precision, lossy=mode.lossy)
+    figures: dict = {"lossy": mode.lossy}   # what the checks found: ExportResult fields, recorded in the file
     if quantized is not None:
-        result.int8_weight_max_error = quantized.weight_max_error
-        result.calibration_data, result.calibration_images = images.source, quantized.calibration_images
+        figures.update(int8_weight_max_error=quantized.weight_max_error, calibration_data=images.source,
+                       calibration_images=quantized.calibration_images)
     with output_folder(out), atomic_path(out) as tmp:
         tmp.write_bytes(proto.SerializeToString())
         if check and images is not None:
             reference = _reference(fp32, model, artifact, images, mode.opset)
-            _record_int8(result, int8_parity(tmp, images.heldout, images.labels, reference,
-                                             max_top1_drop=max_top1_drop, min_agreement=min_agreement))
+            figures.update(_int8_figures(int8_parity(tmp, images.heldout, images.labels, reference,
+                                                     max_top1_drop=int8.max_top1_drop,
+                                                     min_agreement=int8.min_agreement)))
         elif check:
-            _record_float(result, float_parity(tmp, model, artifact.spec).raise_for_failure())
-        set_metadata(proto, artifact, mode.storage, mode.precision, _check_metadata(result))
+            figures.update(_float_figures(float_parity(tmp, model, artifact.spec).raise_for_failure()))
+        set_metadata(proto, artifact, mode.storage, mode.precision, _check_metadata(mode.precision, figures))
         data = proto.SerializeToString()
         tmp.write_bytes(data)
-    result.file_bytes, result.bits_per_weight = len(data), 8.0 * len(data) / artifact.masked_weights
-    result.seconds = time.perf_counter() - started
-    return result
+    return ExportResult(path=out, format="onnx", file_bytes=len(data), masked_weights=artifact.masked_weights,
+                        kept_weights=artifact.kept_weights,
+                        bits_per_weight=bits_per_weight(len(data), artifact.masked_weights),
+                        seconds=time.perf_counter() - started, opset=mode.opset, storage=mode.storage,
+                        precision=mode.precision, **figures)
 
 
 def _build(artifact: Artifact, model: nn.Module, mode: ExportMode, images: CheckImages | None):
@@ -167,25 +177,25 @@ def _reference(fp32, model: nn.Module, artifact: Artifact, images: CheckImages, 
     return images.reference_logits[opset]
 
 
-def _record_float(result: ExportResult, parity: Parity) -> None:
-    result.max_abs_diff, result.parity_tolerance = parity.max_abs_diff, parity.tolerance
+def _float_figures(parity: Parity) -> dict:
+    return {"max_abs_diff": parity.max_abs_diff, "parity_tolerance": parity.tolerance}
 
 
-def _record_int8(result: ExportResult, check: Int8Check) -> None:
-    result.max_abs_diff, result.parity_tolerance = check.kernel_max_abs_diff, check.kernel_tolerance
-    result.top1, result.reference_top1 = check.top1, check.reference_top1
-    result.argmax_agreement, result.check_examples = check.argmax_agreement, check.examples
+def _int8_figures(check: Int8Check) -> dict:
+    return {"max_abs_diff": check.kernel_max_abs_diff, "parity_tolerance": check.kernel_tolerance,
+            "top1": check.top1, "reference_top1": check.reference_top1,
+            "argmax_agreement": check.argmax_agreement, "check_examples": check.examples}
 
 
-def _check_metadata(result: ExportResult) -> dict[str, str]:
+def _check_metadata(precision: str, figures: dict) -> dict[str, str]:
     """The export's own figures, recorded in the file (`maskforge.export_check`, `maskforge.calibration`)."""
     keys = ("max_abs_diff", "parity_tolerance", "int8_weight_max_error", "top1", "reference_top1",
             "argmax_agreement", "check_examples", "lossy")
-    entries = {"export_check": json.dumps({key: getattr(result, key) for key in keys}, sort_keys=True)}
-    if result.precision == "int8":
+    entries = {"export_check": json.dumps({key: figures.get(key) for key in keys}, sort_keys=True)}
+    if precision == "int8":
         entries["calibration"] = json.dumps({
-            "data": result.calibration_data, "images": result.calibration_images, "method": "MinMax",
+            "data": figures["calibration_data"], "images": figures["calibration_images"], "method": "MinMax",
             "activations": "uint8, asymmetric, per tensor",
-            "weights": "int8, symmetric, per output channel" + ("" if result.lossy else ": -1/0/+1 x c_j, exact")},
+            "weights": "int8, symmetric, per output channel" + ("" if figures["lossy"] else ": -1/0/+1 x c_j, exact")},
             sort_keys=True)
     return entries

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,6 +23,9 @@ import torch.nn as nn
 
 from ..data import InputSpec
 from ..errors import MaskforgeError, first_line
+
+if TYPE_CHECKING:  # onnxruntime itself loads only when a session is made
+    import onnxruntime
 
 PARITY_RTOL = 1e-4        # fp32: max |ort - torch| <= PARITY_RTOL * max(1, max |torch logits|)
 PARITY_BATCH = 4          # images in the fixed random batch

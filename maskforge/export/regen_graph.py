@@ -34,7 +34,7 @@ DOMAIN_VERSION = 1
 MIN_OPSET = 18
 DISTRIBUTIONS = ("signed_constant", "unsigned_constant")
 SIGNED, MASKED = "signed_weight", "masked_weight"
-_GAMMA, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+_GAMMA, _MIX1, _MIX2 = regen.SPLITMIX64_GAMMA, regen.SPLITMIX64_MIX1, regen.SPLITMIX64_MIX2
 
 
 def regen_weights(proto, artifact: Artifact, opset: int) -> EncodeStats:

@@ -22,6 +22,7 @@ from ..jsonread import strict_json
 from ..fileio import atomic_path
 from ..materialization import as_artifact, materialize, plain_structure
 from .metadata import with_digest
+from ..sizes import bits_per_weight
 from .destination import check_output_path, output_folder
 from .modes import default_export_path
 from .onnx_export import ExportResult
@@ -66,9 +67,9 @@ def export_torch(artifact: Artifact | str | os.PathLike, out: str | os.PathLike 
             raise MaskforgeError(f"the reloaded torch export differs from the materialized model (max abs diff "
                                  f"{diff:.3g}); nothing was written")
     size = out.stat().st_size
-    return ExportResult(out, "torch", "state_dict", size, artifact.masked_weights, artifact.kept_weights,
-                        8.0 * size / artifact.masked_weights, diff, None, time.perf_counter() - started,
-                        parity_tolerance=0.0)
+    return ExportResult(path=out, format="torch", file_bytes=size, masked_weights=artifact.masked_weights,
+                        kept_weights=artifact.kept_weights,
+                        bits_per_weight=bits_per_weight(size, artifact.masked_weights), seconds=time.perf_counter() - started, max_abs_diff=diff, parity_tolerance=0.0)
 
 
 def load_torch_export(path: str | os.PathLike) -> nn.Module:

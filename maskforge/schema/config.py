@@ -12,7 +12,9 @@ paper's ImageNet value 0.1 everywhere, because on the small demo set it narrows 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal, Optional
+import functools
+import typing
+from typing import Any, Literal, Optional, Union
 
 from pydantic import model_validator
 
@@ -131,3 +133,20 @@ class SearchConfig:
     def replace(self, **changes: Any) -> "SearchConfig":
         """A copy with some fields changed (validated)."""
         return dataclasses.replace(self, **changes)
+
+
+@functools.lru_cache(maxsize=None)
+def field_kind(name: str) -> tuple[type, bool]:
+    """The plain Python type of SearchConfig field `name` (int, float, str or bool; a choice is the type of
+    its values) and whether it may be None: what the command line and a sweep's grid read a value as."""
+    hint, optional = typing.get_type_hints(SearchConfig)[name], False  # Annotated[...] already unwrapped
+    while True:
+        origin = typing.get_origin(hint)
+        if origin is Union:  # Optional[X]
+            args = typing.get_args(hint)
+            optional = optional or type(None) in args
+            hint = next(arg for arg in args if arg is not type(None))
+        elif origin is Literal:
+            return type(typing.get_args(hint)[0]), optional
+        else:
+            return hint, optional

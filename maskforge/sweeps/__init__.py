@@ -2,7 +2,7 @@
 
 `sweep(out, {option: value or list}, ...)` (also `maskforge.sweep`) is what `maskforge sweep` runs; `collect_sweep(out)` is
 `maskforge sweep --collect`. The grid (`grid.py`), running it (`runner.py`) and its results table and
-summary (`results.py`) each have their module; the figures live in `maskforge.plot`.
+summary (`results.py`) and its figure (`figure.py`) each have their module.
 """
 
 from .grid import Grid, Point, make_grid, options_from_text, parse_list, parse_seeds, parse_shard, parse_where

@@ -21,17 +21,18 @@ import re
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from ..registry import check_width, get_arch
 from ..dense import RECIPE, DenseConfig
 from ..errors import MaskforgeError
 from ..fileio import atomic_write
 from ..jsonread import strict_json
-from ..schema import RESUME_OVERRIDABLE, SearchConfig
+from ..runfiles import SWEEP_FILE
+from ..schema import RESUME_OVERRIDABLE, SearchConfig, field_kind
+from ..spelling import spell
 from ..textguard import QUOTE_LIMIT, printable
 
-SWEEP_FILE = "sweep.json"
 #: Version 2: topk became a named axis (version-1 folder names do not say it).
 SWEEP_FORMAT, SWEEP_VERSION = "maskforge-sweep", 2
 #: Always axes, in folder-name order; any other listed option goes before k.
@@ -94,15 +95,7 @@ class Grid:
 
 def point_name(values: Mapping[str, Any]) -> str:
     """`axis=value,...` with values spelled as in JSON (floats always with a point) and path-safe."""
-    return ",".join(f"{axis}={_SAFE.sub('_', _spell(value))}" for axis, value in values.items())
-
-
-def _spell(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "none"
-    return repr(value) if isinstance(value, float) else str(value)
+    return ",".join(f"{axis}={_SAFE.sub('_', spell(value, exact=True))}" for axis, value in values.items())
 
 
 # --- building and checking a grid ------------------------------------------------------------------------
@@ -149,24 +142,16 @@ def _check_values(name: str, values: list) -> list:
     if not values:
         raise MaskforgeError(f"{name}: the list of values is empty")
     coerced = [_coerce(name, value) for value in values]
-    duplicates = sorted({_spell(v) for v in coerced if coerced.count(v) > 1})
+    duplicates = sorted({spell(v, exact=True) for v in coerced if coerced.count(v) > 1})
     if duplicates:
         raise MaskforgeError(f"{name}: value(s) {', '.join(duplicates)} listed twice")
     return coerced
 
 
-def _kind(name: str) -> tuple[type, bool]:
-    """The Python type of a SearchConfig field (str for a choice) and whether it may be None."""
-    hint, optional = _TYPES[name], False
-    if type(None) in typing.get_args(hint):
-        hint, optional = next(arg for arg in typing.get_args(hint) if arg is not type(None)), True
-    return (str if typing.get_origin(hint) is Literal else hint), optional
-
-
 def _coerce(name: str, value: Any) -> Any:
     """`value` spelled as the field's type, so that 1 and 1.0 name the same point (k=1.0); whether it is a
     valid value is the schema's to say, when the point's config is built."""
-    base, _ = _kind(name)
+    base, _ = field_kind(name)
     if value is None and name in AXIS_DEFAULTS:
         return AXIS_DEFAULTS[name]
     if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -188,7 +173,7 @@ def parse_list(name: str, text: str) -> list:
 
 
 def _parse_one(name: str, item: str) -> Any:
-    base, optional = _kind(name)
+    base, optional = field_kind(name)
     if item.lower() == "none" and optional:
         return None
     if base is bool:

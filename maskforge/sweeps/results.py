@@ -24,13 +24,13 @@ from ..dense import RESULT_NAME
 from ..errors import MaskforgeError
 from ..fileio import atomic_write
 from ..jsonread import strict_json
+from ..metricfiles import read_metrics
+from ..runfiles import RESULTS_FILE, STATUS_FILE
 from ..searches import ARTIFACT_NAME, CONFIG_NAME, SearchConfig
-from ..searches.metricfiles import read_metrics
+from ..spelling import spell
 from ..textguard import quote
 from .grid import DENSE_SHARED, Point
 
-RESULTS_FILE = "results.csv"
-STATUS_FILE = "point.json"       # per point: wall time over every attempt, attempts, last error
 #: Columns that measure time: the only ones that differ between two runs of the same grid.
 TIMING_COLUMNS = ("wall_s",)
 _OPTIONS = [f.name for f in fields(SearchConfig) if f.name != "out"]
@@ -153,18 +153,8 @@ def write_results(out: Path, rows: Sequence[dict]) -> Path:
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({key: _cell(row.get(key, "")) for key in COLUMNS})
+        writer.writerow({key: spell(row.get(key, ""), exact=True) for key in COLUMNS})
     return atomic_write(out / RESULTS_FILE, buffer.getvalue())
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "none"
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan"
-    return str(value)
 
 
 def read_results(path: Path) -> list[dict]:

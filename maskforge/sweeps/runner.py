@@ -23,6 +23,7 @@ from ..dense import train_dense
 from ..errors import MaskforgeError
 from ..fileio import ensure_writable_dir
 from ..searches import search
+from .figure import plot_sweep  # matplotlib itself loads only when a figure is drawn
 from .grid import DENSE_SHARED, Point, SweepRecord, check_figure_axes, make_grid, read_record, record_grid
 from .results import (BUG_PREFIX, finished_damage, is_done, point_row, read_status, summarize, write_results,
                       write_status)
@@ -144,8 +145,6 @@ def _finish(out: Path, record: SweepRecord, result: SweepResult, plotted: list[s
         elif not any(row["status"] == "done" and row["kind"] == "search" for row in rows):
             result.figure_note = "no figure: no finished point" + (" matches the selection" if figure.where else "")
         else:
-            from ..plotting import plot_sweep  # lazy: matplotlib takes a second to import
-
             result.figures = plot_sweep(rows, result.axes, out, x=figure.x, hue=figure.hue, stem=figure.stem)
     return result
 

@@ -1,4 +1,4 @@
-"""What a search tells its user, through the `logging` logger `maskforge.search` (rank 0 only).
+"""What a search tells its user, through the `logging` logger `maskforge.searches` (rank 0 only).
 
 The library draws nothing and prints nothing: INFO records say what is being done (the start line, the
 image size an image folder is decoded at and why, the estimated time after the first steps), WARNING

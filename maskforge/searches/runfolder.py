@@ -1,7 +1,7 @@
 """The run folder: what a search writes, each file by one function (rank 0 writes, the others wait).
 
 * `open_run_folder`: before the first step: move aside or clear what the plan says, then `config.json`;
-* `write_metrics` (metricfiles.py): `metrics.jsonl` and `metrics.csv`, one record per finished epoch;
+* `write_metrics` (maskforge/metricfiles.py): `metrics.jsonl` and `metrics.csv`, one record per finished epoch;
 * `save_checkpoint`: `checkpoint.safetensors` (collective: every rank contributes its running sums);
 * `finalize_artifact`: `artifact.safetensors`, built from the searched model on every rank; then the
   checkpoint is removed unless `keep_checkpoint`.
@@ -30,7 +30,7 @@ from ..layers import masked_modules
 from ..schema import SearchConfig
 from .folders import (ARTIFACT_NAME, CONFIG_NAME, METRICS_CSV_NAME, METRICS_NAME, clear_records, read_run_config,
                       retire)
-from .metricfiles import write_metrics
+from ..metricfiles import write_metrics
 from .setup import Session
 
 #: Fields of a metrics record that measure time (they differ between runs; nothing else may).

@@ -29,14 +29,9 @@ from ..checkpoint import CHECKPOINT_NAME, read_position
 from ..errors import MaskforgeError
 from ..jsonread import strict_json
 from ..schema import RESUME_OVERRIDABLE, SearchConfig
+from ..runfiles import ARTIFACT_NAME, CONFIG_NAME, METRICS_CSV_NAME, METRICS_NAME, PREVIOUS_PREFIX, TENSORBOARD_DIR
 from .lock import LOCK_NAME
 
-ARTIFACT_NAME = "artifact.safetensors"
-CONFIG_NAME = "config.json"
-METRICS_NAME = "metrics.jsonl"
-METRICS_CSV_NAME = "metrics.csv"
-TENSORBOARD_DIR = "tensorboard"
-PREVIOUS_PREFIX = "previous-"
 #: The records of a run's progress (they describe the search in the folder, whatever its state).
 RECORDS = (CONFIG_NAME, METRICS_NAME, METRICS_CSV_NAME, TENSORBOARD_DIR)
 #: What stays in place when a finished search is extended; everything else moves to previous-N/.

@@ -11,14 +11,14 @@ DIR`. A search reads as its steps, one module each:
 
 Around them: the run folder's lock (lock.py) held by rank 0 for the whole search; SIGINT/SIGTERM handled
 by stop.py (checkpoint, then `SearchInterrupted`); what the user is told (notices.py, through `logging`);
-metrics as JSON lines, CSV and TensorBoard (metricfiles.py); folder names and states (folders.py).
+metrics as JSON lines, CSV and TensorBoard (../metricfiles.py); folder names and states (folders.py).
 
 Everything that decides the result is a pure function of the config: weights and scores come from the
 seed, the batch order from (seed, epoch), augmentation from (seed, epoch, batch, rank). So on CPU the
 same arguments give a byte-identical artifact, and a search resumed from its checkpoint gives the
 artifact the uninterrupted search would have given, byte for byte (docs/SCALE.md, docs/DETERMINISM.md).
 The library draws nothing on a terminal: progress leaves through the `on_step` and `on_epoch` callbacks,
-notices and warnings through the `maskforge.search` logger.
+notices and warnings through the `maskforge.searches` logger.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from ..schema import RESUME_EXTENDABLE, RESUME_OVERRIDABLE, SearchConfig
 from . import notices
 from .device import resolve_device
 from .folders import METRICS_CSV_NAME, TENSORBOARD_DIR
-from .metricfiles import TensorBoardLog, read_metrics, write_metrics
+from ..metricfiles import TensorBoardLog, read_metrics, write_metrics
 from .plan import Plan, agree, check_world, plan_fresh, plan_resume
 from .runfolder import (ARTIFACT_NAME, CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, TIMING_FIELDS, finalize_artifact,
                         open_run_folder, read_run_config, record_metrics, save_checkpoint)
@@ -75,7 +75,7 @@ class SearchResult:
 
 
 def search(config: SearchConfig, *, on_step: OnStep | None = None, on_epoch: OnEpoch | None = None,
-           progress: bool | None = None, overwrite: bool = False, handle_signals: bool = True) -> SearchResult:
+           overwrite: bool = False, handle_signals: bool = True) -> SearchResult:
     """Run edge-popup and write the run folder (`config.out`, default `runs/<arch>-k<k>-s<seed>`, numbered
     when taken): `artifact.safetensors`, `config.json`, `metrics.jsonl`, `metrics.csv` (README.md lists
     every file). Under torchrun, every process calls this; rank 0 writes the files.
@@ -88,8 +88,7 @@ def search(config: SearchConfig, *, on_step: OnStep | None = None, on_epoch: OnE
 
     `on_step(StepProgress)` after every optimizer step and `on_epoch(record)` after every epoch are called
     on rank 0. With `handle_signals` (main thread only), SIGINT and SIGTERM stop the search at the next
-    step with a checkpoint and raise `SearchInterrupted` (maskforge.searches.stop). (`progress` is accepted
-    for older callers and ignored: displays are the caller's.)
+    step with a checkpoint and raise `SearchInterrupted` (maskforge.searches.stop).
 
     >>> from maskforge import SearchConfig, search
     >>> result = search(SearchConfig(arch="fc", k=0.5, epochs=1, out="runs/fc"))   # doctest: +SKIP
@@ -102,7 +101,7 @@ def search(config: SearchConfig, *, on_step: OnStep | None = None, on_epoch: OnE
 
 
 def resume(run_dir: str | os.PathLike, overrides: Mapping[str, Any] | None = None, *, on_step: OnStep | None = None,
-           on_epoch: OnEpoch | None = None, progress: bool | None = None, handle_signals: bool = True
+           on_epoch: OnEpoch | None = None, handle_signals: bool = True
            ) -> SearchResult:
     """Continue the search in `run_dir` from its checkpoint, with the arguments recorded in its config.json.
 

@@ -17,11 +17,11 @@ import logging
 import os
 from pathlib import Path
 
-from ..errors import MaskforgeError
-from ..fileio import atomic_write
-from ..jsonread import strict_json
-from ..schema import EpochRecord, SearchConfig, parse
-from .folders import METRICS_CSV_NAME, METRICS_NAME, TENSORBOARD_DIR
+from .errors import MaskforgeError
+from .fileio import atomic_write
+from .jsonread import strict_json
+from .runfiles import METRICS_CSV_NAME, METRICS_NAME, TENSORBOARD_DIR
+from .schema import EpochRecord, SearchConfig, parse
 
 #: Columns of metrics.csv, in order (the fields of an epoch record, maskforge.schema.EpochRecord).
 CSV_COLUMNS = ("epoch", "step", "lr", "train_loss", "train_acc", "heldout_loss", "heldout_acc", "images_per_s",

@@ -27,13 +27,13 @@ from pathlib import Path
 
 from ..errors import MaskforgeError
 from ..fileio import ensure_writable_dir
+from ..runfiles import LOCK_NAME  # re-exported: the name belongs to the run folder
 
 try:
     import fcntl
 except ImportError:  # not POSIX (Windows): searches run unlocked, with a warning
     fcntl = None
 
-LOCK_NAME = "search.lock"
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ from ..schema import RESUME_EXTENDABLE, RESUME_OVERRIDABLE, SearchConfig
 from .device import resolve_device
 from .folders import ARTIFACT_NAME, CONFIG_NAME, KEPT_ON_EXTEND, default_folders, read_state
 from .lock import RunLock, RunLocked
-from .metricfiles import check_tensorboard
+from ..metricfiles import check_tensorboard
 from .runfolder import identity, read_run_config
 from .setup import total_steps
 
@@ -100,8 +100,9 @@ def _plan_default(config: SearchConfig, world: World, overwrite: bool) -> Plan:
             lock = RunLock.acquire(folder)
         except RunLocked:
             continue  # a search is running there
-        plan = _holding(lock, lambda: _decide(config.replace(out=str(folder)), folder, lock, world, overwrite,
-                                              default=True))
+        # the lambda runs inside _holding, within this iteration: the loop variables are the current ones
+        plan = _holding(lock, lambda: _decide(config.replace(out=str(folder)), folder, lock, world,  # noqa: B023
+                                              overwrite, default=True))
         if plan is not None:
             return plan
         lock.release()

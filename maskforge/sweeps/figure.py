@@ -1,11 +1,10 @@
-"""Figures (matplotlib): a sweep's accuracy against any grid axis, and one run's training curves.
+"""A sweep's figure: held-out accuracy against any grid axis, with the dense baseline.
 
 `plot_sweep(rows, axes, folder, x="k", hue=["arch"])` draws the paper's Figure 3 layout: held-out accuracy
 against `x`, one line per `hue` combination with mean +- one standard deviation over seeds as a band, the
 dense baseline as a horizontal line (or, when `x` is one of its own axes such as width, as a dashed line),
-and every point that did not learn as a red cross outside the mean. `plot_run(run_folder)` draws loss,
-held-out accuracy and learning rate per epoch from `metrics.jsonl`. Each writes a PNG and an SVG (text
-kept as text, so a paper's fonts apply).
+and every point that did not learn as a red cross outside the mean. It writes a PNG and an SVG
+(maskforge.figures).
 """
 
 from __future__ import annotations
@@ -16,13 +15,10 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import MaskforgeError
-from .jsonread import strict_json
-from .dense import RESULT_NAME
-from .searches.folders import CONFIG_NAME, METRICS_NAME
-from .searches.metricfiles import read_metrics
-from .sweeps.grid import DENSE_SHARED, SWEEP_FILE, check_figure_axes
-from .sweeps.results import summarize
+from ..figures import pyplot, save_figure
+from ..spelling import spell
+from .grid import DENSE_SHARED, check_figure_axes
+from .results import summarize
 
 NOT_LEARNED_COLOR = "#d62728"
 _LABELS = {
@@ -33,47 +29,6 @@ _LABELS = {
     "lr": "peak learning rate",
 }
 
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never a window
-    import matplotlib.pyplot as plt
-
-    plt.rcParams.update({"svg.fonttype": "none", "font.size": 10, "axes.titlesize": 10})
-    return plt
-
-
-def _save(fig, stem: Path) -> list[Path]:
-    from .fileio import atomic_path, ensure_writable_dir
-
-    ensure_writable_dir(stem.parent)
-    if stem.suffix.lower() in (".png", ".svg"):  # a file name given: its stem (not "k0.1" -> "k0")
-        stem = stem.with_suffix("")
-    paths = []
-    for suffix, extra in ((".png", {"dpi": 150}), (".svg", {})):
-        path = stem.parent / (stem.name + suffix)
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format=suffix[1:], bbox_inches="tight", **extra)
-        paths.append(path)
-    return paths
-
-
-def plot(folder: str | os.PathLike, *, x: str | None = None, hue: Sequence[str] | None = None,
-         stem: str | os.PathLike | None = None, where: dict | None = None) -> list[Path]:
-    """`maskforge plot DIR`: a sweep folder's figure (see `plot_sweep`; `where` selects points by their
-    options) or a run folder's curves (`plot_run`)."""
-    folder = Path(folder)
-    if (folder / SWEEP_FILE).exists():
-        from .sweeps import collect_sweep
-
-        result = collect_sweep(folder, x=x, hue=hue, stem=stem, where=where)
-        if not result.figures:
-            raise MaskforgeError(f"{folder}: {result.figure_note}")
-        return result.figures
-    if x is not None or hue or where:
-        raise MaskforgeError(f"{folder} is a run folder, not a sweep folder: --x, --hue and --where apply to sweeps")
-    return plot_run(folder, stem=stem)
 
 
 # --- a sweep -----------------------------------------------------------------------------------------
@@ -96,7 +51,7 @@ def plot_sweep(rows: Sequence[dict], axes: Sequence[str], folder: str | os.PathL
     check_figure_axes(axes, x, hue)
     # An axis that varies among the rows but is neither x nor a hue would be averaged in silently: never.
     hue += [axis for axis in default_axes(rows, axes, x)[1] if axis not in hue]
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.2, 4.6))
     done = [row for row in rows if row["status"] == "done"]
     positions = _positions([row[x] for row in done if row["kind"] == "search" or x in DENSE_SHARED])
@@ -113,7 +68,7 @@ def plot_sweep(rows: Sequence[dict], axes: Sequence[str], folder: str | os.PathL
     failed = sum(row["status"] == "failed" for row in rows)
     _finish_axes(ax, rows, axes, x, hue, positions, failed)
     stem_path = Path(folder) / (stem or f"accuracy_vs_{x}" + (f"_by_{'_'.join(hue)}" if hue else ""))
-    paths = _save(fig, stem_path)
+    paths = save_figure(fig, stem_path)
     plt.close(fig)
     return paths
 
@@ -167,7 +122,7 @@ def _draw_series(ax, members, x, positions, color, label) -> None:
 
 
 def _draw_dense(ax, members, x, positions, color, hue_label: str) -> None:
-    recipe = f"{members[0]['optimizer']} lr {_spell(members[0]['lr'])}"
+    recipe = f"{members[0]['optimizer']} lr {spell(members[0]['lr'])}"
     label = f"dense baseline, learned weights ({recipe}{', ' + hue_label if hue_label else ''})"
     if x in DENSE_SHARED and len({_key(r[x]) for r in members}) > 1:
         stats = _learned_stats(members, x, positions)
@@ -206,13 +161,7 @@ def _matching_color(dense_values: dict, hue, searches, colors) -> str:
 
 
 def _hue_label(hue: Sequence[str], values: Sequence) -> str:
-    return ", ".join(f"{name}={_spell(value)}" for name, value in zip(hue, values))
-
-
-def _spell(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    return ", ".join(f"{name}={spell(value)}" for name, value in zip(hue, values))
 
 
 def _finish_axes(ax, rows, axes, x, hue, positions, failed: int) -> None:
@@ -220,9 +169,9 @@ def _finish_axes(ax, rows, axes, x, hue, positions, failed: int) -> None:
     numeric = all(isinstance(row[x], (int, float)) and not isinstance(row[x], bool) for row in done)
     names = {pos: key for key, pos in positions.items()}
     if not numeric:
-        ax.set_xticks(sorted(names), [_spell(json.loads(names[p])) for p in sorted(names)])
+        ax.set_xticks(sorted(names), [spell(json.loads(names[p])) for p in sorted(names)])
     elif len(names) <= 12:  # tick exactly the grid's values
-        ax.set_xticks([_scale(x, p) for p in sorted(names)], [_spell(_scale(x, p)) for p in sorted(names)])
+        ax.set_xticks([_scale(x, p) for p in sorted(names)], [spell(_scale(x, p)) for p in sorted(names)])
     ax.set_xlabel(_LABELS.get(x, x.replace("_", " ")))
     ax.set_ylabel("held-out accuracy (%)")
     ax.grid(True, alpha=0.3)
@@ -238,67 +187,11 @@ def _title(rows, axes, x, hue, failed: int) -> str:
     done = [row for row in searches if row["status"] == "done"] or searches
     per_point = sorted({len(members) for members in _group(done, [*hue, x]).values()})
     seeds = f"{per_point[0]}" if len(per_point) == 1 else f"{per_point[0]}–{per_point[-1]}"
-    recipe = ", ".join(f"{a}={_spell(first[a])}" for a in constant)
+    recipe = ", ".join(f"{a}={spell(first[a])}" for a in constant)
     budget = f"{first['epochs']} epoch{'s' * (first['epochs'] != 1)}"
     if first["max_steps"] not in ("", None):
         budget += f" (at most {first['max_steps']} steps)"
-    line2 = (f"{recipe}; {budget}, batch {first['batch_size']}, SGD lr {_spell(first['lr'])} cosine; "
+    line2 = (f"{recipe}; {budget}, batch {first['batch_size']}, SGD lr {spell(first['lr'])} cosine; "
              f"mean ± std over {seeds} seed{'s' * (seeds != '1')}")
     note = f"; {failed} failed run{'s' * (failed > 1)} not shown" if failed else ""
     return f"Edge-popup on {Path(str(first['data'])).name}: held-out accuracy vs {x}{note}\n{line2}"
-
-
-# --- one run -----------------------------------------------------------------------------------------
-
-def plot_run(run_dir: str | os.PathLike, *, stem: str | os.PathLike | None = None) -> list[Path]:
-    """Loss, held-out accuracy and learning rate per epoch of a search (or dense) run folder.
-
-    >>> plot_run("runs/conv4")        # doctest: +SKIP
-    [PosixPath('runs/conv4/curves.png'), PosixPath('runs/conv4/curves.svg')]
-    """
-    run = Path(run_dir)
-    metrics_path = run / METRICS_NAME
-    if not metrics_path.exists():
-        raise MaskforgeError(f"{metrics_path} does not exist: {run} is not a run folder, or no epoch has "
-                             f"finished yet")
-    metrics = read_metrics(run)
-    if not metrics:
-        raise MaskforgeError(f"{metrics_path} is empty: no epoch has finished yet")
-    plt = _pyplot()
-    fig, (loss_ax, acc_ax, lr_ax) = plt.subplots(1, 3, figsize=(11, 3.6))
-    epochs = [m["epoch"] for m in metrics]
-    loss_ax.plot(epochs, [m["train_loss"] for m in metrics], marker="o", label="train")
-    loss_ax.plot(epochs, [m["heldout_loss"] for m in metrics], marker="s", label="held-out")
-    loss_ax.set_ylabel("cross-entropy loss (nats)")
-    acc_ax.plot(epochs, [100 * m["train_acc"] for m in metrics], marker="o", label="train")
-    acc_ax.plot(epochs, [100 * m["heldout_acc"] for m in metrics], marker="s", label="held-out")
-    acc_ax.set_ylabel("accuracy (%)")
-    lr_ax.plot(epochs, [m["lr"] for m in metrics], marker="o", color="gray")
-    lr_ax.set_ylabel("learning rate at epoch end")
-    for ax in (loss_ax, acc_ax, lr_ax):
-        ax.set_xlabel("epoch")
-        ax.grid(True, alpha=0.3)
-    loss_ax.legend(fontsize=8)
-    acc_ax.legend(fontsize=8)
-    fig.suptitle(_run_title(run, metrics), fontsize=10)
-    fig.tight_layout()
-    paths = _save(fig, Path(stem) if stem else run / "curves")
-    plt.close(fig)
-    return paths
-
-
-def _run_title(run: Path, metrics: list[dict]) -> str:
-    try:
-        config = strict_json((run / CONFIG_NAME).read_bytes(), str(run / CONFIG_NAME), "the run config")
-    except (OSError, MaskforgeError):
-        config = None
-    if not isinstance(config, dict):  # the title is a courtesy: a damaged config.json only shortens it
-        return f"{run.name}: {len(metrics)} epochs"
-    kind = "dense training" if (run / RESULT_NAME).exists() or "optimizer" in config else "edge-popup"
-    defaults = {"width": (None, 1), "topk": (None, "layer")}  # said only when not the default
-    what = [f"{config.get('arch')}"] + [f"{key}={_spell(config[key])}"
-                                         for key in ("k", "init", "scale_fan", "width", "topk")
-                                         if key in config and config[key] not in defaults.get(key, ())]
-    return (f"{kind}, {' '.join(what)} on {Path(str(config.get('data'))).name}: {len(metrics)} epochs, "
-            f"batch {config.get('batch_size')}, lr {_spell(config.get('lr'))}, seed {config.get('seed')}; "
-            f"final held-out accuracy {100 * metrics[-1]['heldout_acc']:.2f} %")
