@@ -147,8 +147,8 @@ def compare_table(comparison: CompareReport) -> Table:
               ("agreement with float32", lambda s: _number(s["argmax_agreement"], ".2%")),
               ("Δ top-1 (points)", lambda s: _number(None if s["top1_difference"] is None
                                                      else 100 * s["top1_difference"], "+.2f"))]
-    for label, cell in lines:
-        table.add_row(label, *[cell(summaries[mode]) if mode in summaries else
+    for label, value_of in lines:
+        table.add_row(label, *[value_of(summaries[mode]) if mode in summaries else
                                f"[red]refused ({refused[mode]})[/]" if label == "file" else "" for mode in columns])
     table.caption = (f"agreement and Δ top-1 against {comparison.reference}: top-1 {comparison.reference_top1:.2%}")
     return table

@@ -44,7 +44,6 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
-import json
 import math
 import os
 import re

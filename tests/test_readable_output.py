@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
