@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import convert, regen
+from . import convert, regen, registry
 from .errors import MaskforgeError
 from .layers import MaskedConv2d, MaskedLinear, masked_modules
 from .registry import (ARCHS, CONV_FC_HIDDEN, CONV_WIDTHS, FC_HIDDEN, MAX_WIDTH, RESNETS, SMALL_IMAGE_MAX_SIDE,
@@ -29,6 +29,14 @@ from .registry import (ARCHS, CONV_FC_HIDDEN, CONV_WIDTHS, FC_HIDDEN, MAX_WIDTH,
 __all__ = ["ARCHS", "ArchEntry", "register_arch", "arch_names", "get_arch", "arch_args", "check_width",
            "scaled_width", "count_masked_weights", "list_archs", "build_structure", "create_model",
            "regenerate_weights", "MAX_WIDTH", "SMALL_IMAGE_MAX_SIDE", "RESNETS", "ResNetSpec"]
+
+
+def _count_reference(name: str, args: dict) -> int:
+    """A builder reference's masked weights: its converted model, built on the meta device, counted."""
+    return convert.count_weights(convert.convert(convert.source_model(name, args), 0.5, name))
+
+
+registry.reference_counter = _count_reference
 
 
 def register_arch(name: str, description: str, count: Callable[..., int] | None = None,

@@ -85,13 +85,19 @@ def closest_arch(name: str) -> str | None:
     return scores[0][1]
 
 
+#: Counts a builder reference's masked weights by building it on the meta device: (name, arch args) -> int.
+#: Set by maskforge.archs, which imports maskforge.convert (torch); this module stays torch-free and below
+#: convert in the layers (ARCHITECTURE.md), so it never imports it, not even inside a function.
+reference_counter: Callable[[str, dict], int] | None = None
+
+
 def _reference_counter(name: str) -> Counter:
     def count(in_channels: int, num_classes: int, image_size: tuple[int, int], width: float = 1.0,
               builder_args: dict | None = None) -> int:
-        from . import convert  # torch: only builder references need it
-
-        args = arch_args(in_channels, num_classes, image_size, width, builder_args)
-        return convert.count_weights(convert.convert(convert.source_model(name, args), 0.5, name))
+        if reference_counter is None:
+            raise MaskforgeError(f"{name}: a builder reference is counted by building it; import maskforge.archs "
+                                 f"(which registers the counter) first")
+        return reference_counter(name, arch_args(in_channels, num_classes, image_size, width, builder_args))
 
     return count
 
