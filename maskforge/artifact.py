@@ -269,7 +269,7 @@ def artifact_from_bytes(data: bytes, label: str = "artifact", *,
     passed("tensor digests", f"{len(tensors)} stored tensors match their sha256")
     structure = check_structure(meta, tensors, label)
     rebuilt = (f"; its code ({meta.arch.library} at search time) rebuilds the recorded structure "
-               f"(sha256 {meta.arch.structure_digest[:16]}...)" if meta.arch.structure is not None else "")
+               f"(sha256 {(meta.arch.structure_digest or '')[:16]}...)" if meta.arch.structure is not None else "")
     passed("structure", f"{len(meta.layers)} masked layers and {len(meta.bn)} batch norms match "
                         f"{meta.arch.name} {meta.arch.args.to_dict()}{rebuilt}")
     masks = {}

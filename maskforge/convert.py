@@ -129,9 +129,9 @@ def resolve(reference: str) -> Callable[..., nn.Module]:
 
         if attr in torchvision_builders():
             return models.get_model_builder(attr)
-        found = getattr(models, attr, None)
-        if isinstance(found, type) and issubclass(found, nn.Module):
-            return found
+        model_class = getattr(models, attr, None)
+        if isinstance(model_class, type) and issubclass(model_class, nn.Module):
+            return model_class
         raise MaskforgeError(f"torchvision has no classification model {attr!r} (maskforge archs --all lists "
                              f"them)")
     if reference in _builders:
@@ -158,6 +158,8 @@ def _import(target: str, reference: str):
                                          f"{Path.cwd()})")
                 name = "maskforge_user_" + hashlib.sha256(str(path).encode()).hexdigest()[:12]
                 spec = importlib.util.spec_from_file_location(name, path)
+                if spec is None or spec.loader is None:
+                    raise MaskforgeError(f"architecture {reference}: {target} cannot be imported as a Python module")
                 module = importlib.util.module_from_spec(spec)
                 spec.loader.exec_module(module)
                 _file_modules[str(path)] = module

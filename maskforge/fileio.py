@@ -26,7 +26,7 @@ from .errors import MaskforgeError
 try:
     import fcntl
 except ImportError:  # Windows: stale temporaries are not cleaned up
-    fcntl = None  # type: ignore[assignment]
+    fcntl = None
 
 
 def read_bytes(path: str | os.PathLike, what: str = "file") -> bytes:

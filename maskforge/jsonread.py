@@ -8,6 +8,7 @@ instead of a RecursionError. Messages quote at most `textguard.QUOTE_LIMIT` char
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from .errors import MaskforgeError
 from .textguard import quote
@@ -29,8 +30,8 @@ def strict_json(text: str | bytes, label: str, what: str, *, allow_nan: bool = F
         raise MaskforgeError(f"{label}: {what} contains {name}, which is not valid JSON")
 
     try:
-        return json.loads(text, object_pairs_hook=no_duplicates,
-                          **({} if allow_nan else {"parse_constant": no_constant}))
+        constants: dict[str, Any] = {} if allow_nan else {"parse_constant": no_constant}
+        return json.loads(text, object_pairs_hook=no_duplicates, **constants)
     except MaskforgeError:
         raise
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: absurd nesting

@@ -11,6 +11,8 @@ is a per-layer setting, `set_masker(model, name)`; the selection itself lives in
 
 from __future__ import annotations
 
+import typing
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -190,7 +192,7 @@ MASKED_TYPES = (MaskedConv1d, MaskedConv2d, MaskedConv3d, MaskedLinear)
 def layer_weight(layer: nn.Module) -> torch.Tensor:
     """The weight a layer computes with: a masked layer's (or any layer's) `effective_weight()`, else its own."""
     effective = getattr(layer, "effective_weight", None)
-    return effective() if effective is not None else layer.weight
+    return effective() if effective is not None else typing.cast(torch.Tensor, layer.weight)
 
 
 class ProjectedAttention(nn.Module):

@@ -105,7 +105,7 @@ def predict(model: str | os.PathLike, images: Sequence[str | os.PathLike], *, to
         network = materialize(subject.artifact, threads=threads)
         check_network_fits(network, spec, min(batch_size, len(files)), f"predicting with {model}",
                            "give fewer images at once (Python: batch_size=1)")
-        runner = TorchRunner(network)
+        runner: TorchRunner | OnnxRunner = TorchRunner(network)
     else:
         runner = OnnxRunner(subject, threads)
     dataset = ImageFileDataset(files, [0] * len(files), spec.channels, spec.height)

@@ -32,8 +32,8 @@ MAX_BUILDER_ARGS_BYTES = 10_000   # an artifact is untrusted input: a builder's 
 REFUSED_BUILDER_ARGS = ("weights", "weights_backbone", "progress")  # pretrained weights are not seed + mask
 MAX_WIDTH = 64.0           # the largest width multiplier accepted (a bound for untrusted artifacts)
 
-#: (in_channels, num_classes, image_size, width) -> masked weights
-Counter = Callable[[int, int, tuple, float], int]
+#: (in_channels, num_classes, image_size, width) -> masked weights (a builder reference's also takes builder_args=)
+Counter = Callable[..., int]
 
 
 @dataclass(frozen=True)

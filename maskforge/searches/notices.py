@@ -121,7 +121,7 @@ class CostWatch:
                 self._timed_seconds += elapsed
                 self.per_step = self._timed_seconds / self._timed_steps
         self._last, self._epoch = now, epoch
-        if self._timed_steps < ESTIMATE_STEPS:
+        if self._timed_steps < ESTIMATE_STEPS or self.per_step is None:
             return None
         seconds = self.estimate(self.per_step)
         if not self.announced:
