@@ -288,7 +288,7 @@ def test_a_builder_callable_searches_in_process(tmp_path):
     from helpers import write_image_folder
     data = write_image_folder(tmp_path / "images", 8, 4)
     result = search(SearchConfig(arch=reference, data=str(data), max_steps=2, epochs=1, batch_size=8, out=str(folder),
-                                 device="cpu"), progress=False)
+                                 device="cpu"))
     artifact = load_artifact(result.artifact_path)
     assert artifact.arch == "tests.tiny:build" and artifact.meta.arch.library.startswith("user code")
     assert (folder / "artifact.safetensors").exists()

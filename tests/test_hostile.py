@@ -403,8 +403,7 @@ def test_eval_counts_the_readable_images_and_exits_2_naming_the_bad_ones(tmp_pat
 
     root = write_image_folder(tmp_path / "data", train_per_class=8, val_per_class=4)
     out = tmp_path / "run"
-    search(SearchConfig(arch="fc", k=0.5, epochs=1, max_steps=2, batch_size=8, data=str(root), out=str(out)),
-           progress=False)
+    search(SearchConfig(arch="fc", k=0.5, epochs=1, max_steps=2, batch_size=8, data=str(root), out=str(out)))
     bad = root / "val" / "dark" / "bad.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     result = _cli("eval", out / "artifact.safetensors", "--data", root, "--json", "-", "--no-latency")
