@@ -114,6 +114,16 @@ def test_a_sweep_of_one_seed_says_n_1_not_a_zero_spread(tmp_path, monkeypatch):
     assert "85.00 ± 1.00" in rows["0.3"], rows
 
 
+def test_a_closed_pipe_ends_the_command_quietly(monkeypatch):
+    """`maskforge ... | head`: the reader went away; not a bug, no traceback, the shell's exit status 141."""
+    def closed(*args, **kwargs):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("maskforge.cli.archs_cmd.list_archs", closed)
+    result = _invoke("archs", "--json")
+    assert (result.exit_code, result.stdout, result.stderr) == (141, "", "")
+
+
 # --- section 1: messages for what the user typed ----------------------------------------------------------
 
 @pytest.mark.parametrize("args,message", [
