@@ -206,7 +206,8 @@ class _FakeClock:
 def _session(total_steps: int, steps_per_epoch: int, heldout: int = 1000, batch_size: int = 100):
     position = SimpleNamespace(step=0, epoch=0, batch_in_epoch=0)
     return SimpleNamespace(position=position, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-                           splits=SimpleNamespace(heldout=[None] * heldout), config=SimpleNamespace(batch_size=batch_size),
+                           splits=SimpleNamespace(heldout=[None] * heldout),
+                           config=SimpleNamespace(batch_size=batch_size),
                            accelerator=SimpleNamespace(device=SimpleNamespace(type="cpu")))
 
 
