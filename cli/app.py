@@ -118,8 +118,11 @@ class _Commands(TyperGroup):
                 raise
             code = getattr(exc, "exit_code", 130)
             raise _Stopped("terminated" if code == Terminated.exit_code else "interrupted", code) from None
-        except (typer.TyperException, typer.Exit, typer.Abort, MaskforgeError, BrokenPipeError):
+        except (typer.TyperException, typer.Exit, typer.Abort, MaskforgeError):
             raise
+        except BrokenPipeError:  # `maskforge ... | head` closed the pipe: stop quietly, as a shell tool does
+            _silence_stdout()
+            raise typer.Exit(128 + signal.SIGPIPE) from None
         except OSError as exc:
             if (ctx.obj or {}).get("debug"):
                 raise
@@ -154,9 +157,6 @@ class _Commands(TyperGroup):
             _fail(str(exc), 2)
         except _Bug as exc:
             _fail(str(exc), 1)
-        except BrokenPipeError:  # `maskforge ... | head` closed the pipe: stop quietly, as a shell tool does
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-            sys.exit(128 + signal.SIGPIPE)
         finally:
             logs.uninstall(handler)
             if previous_term is signal.SIG_DFL:
@@ -182,6 +182,15 @@ def _load(name: str):
     info = next(info for info in app.registered_commands if info.name == name)
     return typer.main.get_command_from_info(info, pretty_exceptions_short=app.pretty_exceptions_short,
                                             rich_markup_mode=app.rich_markup_mode)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush into the closed pipe does not fail
+    a second time (where stdout is a real file descriptor)."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # no file descriptor (a test's buffer): nothing to flush into a pipe
+        pass
 
 
 def _fail(message: str, code: int) -> None:

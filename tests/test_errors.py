@@ -236,8 +236,10 @@ ROWS = [
     # archs
     R("archs", "unknown option", lambda f: ["archs", "--bogus"], "No such option: --bogus"),
     # search: options out of range (checked before any data is loaded)
-    R("search", "k = 0", lambda f: ["search", "--k", "0"], r"^error: Invalid value for '--k': k is the fraction of weights kept, in \(0, 1\]"),
-    R("search", "k > 1", lambda f: ["search", "--k", "1.5"], r"^error: Invalid value for '--k': k is the fraction of weights kept, in \(0, 1\]"),
+    R("search", "k = 0", lambda f: ["search", "--k", "0"],
+      r"^error: Invalid value for '--k': k is the fraction of weights kept, in \(0, 1\]"),
+    R("search", "k > 1", lambda f: ["search", "--k", "1.5"],
+      r"^error: Invalid value for '--k': k is the fraction of weights kept, in \(0, 1\]"),
     R("search", "k not a number", lambda f: ["search", "--k", "half"], "Invalid value for '--k'"),
     R("search", "unknown architecture", lambda f: ["search", "--arch", "resnet9000"], "unknown architecture"),
     R("search", "epochs 0", lambda f: ["search", "--epochs", "0"], r"error: --epochs must be >= 1, got 0$"),

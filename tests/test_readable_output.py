@@ -112,6 +112,16 @@ def test_a_sweep_of_one_seed_says_n_1_not_a_zero_spread(tmp_path, monkeypatch):
     assert "85.00 ± 1.00" in rows["0.3"], rows
 
 
+def test_a_closed_pipe_ends_the_command_quietly(monkeypatch):
+    """`maskforge ... | head`: the reader went away; not a bug, no traceback, the shell's exit status 141."""
+    def closed(*args, **kwargs):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("maskforge.cli.archs_cmd.list_archs", closed)
+    result = _invoke("archs", "--json")
+    assert (result.exit_code, result.stdout, result.stderr) == (141, "", "")
+
+
 # --- section 1: messages for what the user typed ----------------------------------------------------------
 
 @pytest.mark.parametrize("args,message", [
@@ -194,7 +204,8 @@ class _FakeClock:
 def _session(total_steps: int, steps_per_epoch: int, heldout: int = 1000, batch_size: int = 100):
     position = SimpleNamespace(step=0, epoch=0, batch_in_epoch=0)
     return SimpleNamespace(position=position, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-                           splits=SimpleNamespace(heldout=[None] * heldout), config=SimpleNamespace(batch_size=batch_size),
+                           splits=SimpleNamespace(heldout=[None] * heldout),
+                           config=SimpleNamespace(batch_size=batch_size),
                            accelerator=SimpleNamespace(device=SimpleNamespace(type="cpu")))
 
 

@@ -56,9 +56,8 @@ def test_a_second_search_into_a_finished_run_is_refused(finished, tmp_path):
                                       "--device", "cpu", "--out", str(run), "-q"])
     assert result.exit_code == 2, result.output
     assert result.stderr.strip() == (
-        f"error: {run} holds a finished search (artifact.safetensors) with other arguments (batch_size 128 (recorded: 500); "
-        f"epochs 1 (recorded: 2); k "
-        f"0.3 (recorded: 0.5); max_steps 1 (recorded: None)): choose another folder with --out, leave --out out to "
+        f"error: {run} holds a finished search (artifact.safetensors) with other arguments (batch_size 128 "
+        f"(recorded: 500); epochs 1 (recorded: 2); k 0.3 (recorded: 0.5); max_steps 1 (recorded: None)): choose another folder with --out, leave --out out to "
         f"get a new numbered one, or add --overwrite to replace it (its files move to {run}/previous-N)")
     assert _files(run) == before
 
