@@ -72,16 +72,6 @@ def is_done(point: Point, folder: Path) -> bool:
     return (folder / (ARTIFACT_NAME if point.kind == "search" else RESULT_NAME)).is_file()
 
 
-def finished_damage(point: Point, folder: Path) -> str | None:
-    """Why the records of a finished point cannot be read (a damaged artifact, metrics.jsonl or dense.json),
-    or None when they can."""
-    try:
-        _finished(point, folder)
-    except MaskforgeError as exc:
-        return " ".join(str(exc).split())
-    return None
-
-
 def point_row(point: Point, out: Path) -> dict:
     """The results.csv row of `point` from what its folder holds now."""
     folder = out / point.name

@@ -25,7 +25,7 @@ from ..fileio import ensure_writable_dir
 from ..searches import search
 from .figure import plot_sweep  # matplotlib itself loads only when a figure is drawn
 from .grid import DENSE_SHARED, Point, SweepRecord, check_figure_axes, make_grid, read_record, record_grid
-from .results import (BUG_PREFIX, finished_damage, is_done, point_row, read_status, summarize, write_results,
+from .results import (BUG_PREFIX, is_done, point_row, read_status, summarize, write_results,
                       write_status)
 
 log = logging.getLogger(__name__)
@@ -86,12 +86,13 @@ def sweep(out: str | os.PathLike, options: Mapping[str, Any], *, dense_baseline:
         if on_point:
             on_point("start", point, {"index": position, "total": len(mine)})
         started = time.perf_counter()
-        outcome = _run_point(point, out, on_step, on_epoch)
+        outcome, row = _run_point(point, out, on_step, on_epoch)
         if outcome in ("failed", "bug"):
             result.failed.append(point.name)
         else:
             (result.ran if outcome == "ran" else result.skipped).append(point.name)
-        rows[point.name] = point_row(point, out)  # once per point: reading a row loads and checks the artifact
+        # once per point: reading a row loads and checks the artifact (a skipped point's was read to skip it)
+        rows[point.name] = row or point_row(point, out)
         if on_point:
             on_point("end", point, {"outcome": "failed" if outcome == "bug" else outcome,
                                     "seconds": time.perf_counter() - started, "row": rows[point.name]})
@@ -149,17 +150,19 @@ def _finish(out: Path, record: SweepRecord, result: SweepResult, plotted: list[s
     return result
 
 
-def _run_point(point: Point, out: Path, on_step: StepCallback | None, on_epoch: EpochCallback | None) -> str:
-    """'skipped' (finished earlier), 'ran', 'failed' (a MaskforgeError) or 'bug' (anything else)."""
+def _run_point(point: Point, out: Path, on_step: StepCallback | None,
+               on_epoch: EpochCallback | None) -> tuple[str, dict | None]:
+    """('skipped', its row) for a point finished earlier, else ('ran' | 'failed' (a MaskforgeError) | 'bug'
+    (anything else), None)."""
     folder = out / point.name
     overwrite = False
     if is_done(point, folder):
-        damage = finished_damage(point, folder)
-        if damage is None:
-            return "skipped"
+        row = point_row(point, out)
+        if row["status"] == "done":
+            return "skipped", row
         # finished, but its records cannot be read: a failed point, which running the sweep again retries
         log.warning("point %s is finished but damaged (%s); running it again (its files move to %s)",
-                    point.name, damage, folder / "previous-N")
+                    point.name, row["error"], folder / "previous-N")
         overwrite = True
     previous = read_status(folder)
     wall, attempts = float(previous.get("wall_s", 0.0)), int(previous.get("attempts", 0)) + 1
@@ -183,9 +186,9 @@ def _run_point(point: Point, out: Path, on_step: StepCallback | None, on_epoch: 
             search(point.config, on_step=on_step, on_epoch=epoch_done, overwrite=overwrite)
     except MaskforgeError as exc:
         note(" ".join(str(exc).split()))
-        return "failed"
+        return "failed", None
     except Exception as exc:  # noqa: BLE001 - one broken point must not stop the sweep
         note(f"{BUG_PREFIX}{type(exc).__name__}: {' '.join(str(exc).split())} (a bug)")
-        return "bug"
+        return "bug", None
     note()
-    return "ran"
+    return "ran", None
