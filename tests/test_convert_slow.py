@@ -106,6 +106,6 @@ def test_user_module_searches_resumes_ships_and_refuses_an_edit(tmp_path, monkey
     (tmp_path / "mynet.py").write_text(USER.replace("nn.Conv2d(width, 2 * width, 1)", "nn.Conv2d(width, 2 * width, 3)"))
     convert._file_modules.clear()
     with pytest.raises(MaskforgeError, match=r"no longer builds the searched network \(entry \d+: recorded "
-                                             r"'6\.weight param 32x16x1x1 Conv2d', the code now gives "
-                                             r"'6\.weight param 32x16x3x3 Conv2d'\)"):
+                                             r"'7\.weight param 32x16x1x1 Conv2d', the code now gives "
+                                             r"'7\.weight param 32x16x3x3 Conv2d'\)"):
         load_artifact(result.artifact_path)
