@@ -331,12 +331,13 @@ def check_structure(meta: ArtifactDocument, tensors: dict[str, np.ndarray], labe
 def _check_builder(meta: ArtifactDocument, label: str) -> nn.Module:
     """A builder reference's model, refused when its structure differs from the recorded one."""
     name, args = meta.arch.name, meta.arch.args.to_dict()
-    source = convert.source_model(name, args)
+    source = convert.source_model(name, args, check=False)
     current = convert.structure_entries(source)
     if current != meta.arch.structure:
         raise MaskforgeError(f"architecture {name} no longer builds the searched network "
                              f"({convert.first_difference(meta.arch.structure, current)}); rebuild it as it was "
                              f"at search time ({meta.arch.library})")
+    convert.check_output(source, name, args)
     return convert.convert(source, meta.k, name)
 
 

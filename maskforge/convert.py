@@ -200,8 +200,9 @@ def _accepts(builder: Callable, name: str) -> bool:
         return False
 
 
-def source_model(reference: str, args: dict) -> nn.Module:
-    """The builder's model on the meta device, with the stem rule applied and its output checked."""
+def source_model(reference: str, args: dict, *, check: bool = True) -> nn.Module:
+    """The builder's model on the meta device, with the stem rule applied and (`check`) its output checked
+    (`check_output`; a loader compares the structure first, the more telling difference)."""
     builder = resolve(reference)
     in_channels, num_classes, image_size = args["in_channels"], args["num_classes"], tuple(args["image_size"])
     if args.get("width", 1.0) != 1.0:
@@ -231,7 +232,8 @@ def source_model(reference: str, args: dict) -> nn.Module:
     model.to("meta")
     if torchvision and in_channels != 3:
         _adapt_stem(model, in_channels, reference)
-    _check_output(model, reference, in_channels, num_classes, image_size)
+    if check:
+        check_output(model, reference, args)
     return model
 
 
@@ -268,9 +270,9 @@ def _adapt_stem(model: nn.Module, in_channels: int, reference: str) -> None:
                          f"{in_channels}-channel images")
 
 
-def _check_output(model: nn.Module, reference: str, in_channels: int, num_classes: int,
-                  image_size: tuple[int, int]) -> None:
+def check_output(model: nn.Module, reference: str, args: dict) -> None:
     """One forward pass on the meta device: the network must map the data's images to its classes."""
+    in_channels, num_classes, image_size = args["in_channels"], args["num_classes"], tuple(args["image_size"])
     was_training = model.training
     try:
         for training in (False, True):  # the search trains, the exports evaluate: both must give logits
