@@ -47,8 +47,11 @@ def built_counts() -> list[int]:
 
 
 def counted_counts() -> list[int]:
-    return [archs.count_masked_weights(name, archs.arch_args(channels, classes, size))
-            for name in archs.arch_names() for channels, classes, size in SHAPES]
+    return [
+        archs.count_masked_weights(name, archs.arch_args(channels, classes, size))
+        for name in archs.arch_names()
+        for channels, classes, size in SHAPES
+    ]
 
 
 def child_times(command: list[str]) -> tuple[float, float]:
@@ -80,26 +83,38 @@ def main(argv: list[str] | None = None) -> int:
         counted_s.append(counted)
         ratios.append(built / counted)
     executable = shutil.which("maskforge") or "maskforge"
-    commands = {"import torch": [sys.executable, "-c", "import torch"],
-                "import maskforge.archs": [sys.executable, "-c", "import maskforge.archs"],
-                "maskforge archs": [executable, "archs"], "maskforge --help": [executable, "--help"]}
+    commands = {
+        "import torch": [sys.executable, "-c", "import torch"],
+        "import maskforge.archs": [sys.executable, "-c", "import maskforge.archs"],
+        "maskforge archs": [executable, "archs"],
+        "maskforge --help": [executable, "--help"],
+    }
     starts: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
     for _ in range(args.starts):
         for name, command in commands.items():
             starts[name].append(child_times(command))
-    record = {"built_ms": 1000 * statistics.median(built_s), "counted_ms": 1000 * statistics.median(counted_s),
-              "median_ratio_built_over_counted": statistics.median(ratios),
-              **{f"{name} wall_s": statistics.median(w for w, _ in runs) for name, runs in starts.items()},
-              **{f"{name} cpu_s": statistics.median(c for _, c in runs) for name, runs in starts.items()},
-              "load_avg": os.getloadavg()[0], "torch": torch.__version__, "cpus": os.cpu_count()}
+    record = {
+        "built_ms": 1000 * statistics.median(built_s),
+        "counted_ms": 1000 * statistics.median(counted_s),
+        "median_ratio_built_over_counted": statistics.median(ratios),
+        **{f"{name} wall_s": statistics.median(w for w, _ in runs) for name, runs in starts.items()},
+        **{f"{name} cpu_s": statistics.median(c for _, c in runs) for name, runs in starts.items()},
+        "load_avg": os.getloadavg()[0],
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+    }
     if args.json:
         print(json.dumps(record))
         return 0
-    print(f"list_archs counts: built on meta {record['built_ms']:.0f} ms, counted {record['counted_ms']:.2f} ms, "
-          f"median ratio {record['median_ratio_built_over_counted']:.0f}x")
+    print(
+        f"list_archs counts: built on meta {record['built_ms']:.0f} ms, counted {record['counted_ms']:.2f} ms, "
+        f"median ratio {record['median_ratio_built_over_counted']:.0f}x"
+    )
     for name in commands:
-        print(f"{name:24s} wall {record[name + ' wall_s']:.2f} s  cpu {record[name + ' cpu_s']:.2f} s (medians of "
-              f"{args.starts})")
+        print(
+            f"{name:24s} wall {record[name + ' wall_s']:.2f} s  cpu {record[name + ' cpu_s']:.2f} s (medians of "
+            f"{args.starts})"
+        )
     print(f"load average {record['load_avg']:.1f}")
     return 0
 

@@ -57,8 +57,15 @@ def _child(kind: str, arch: str, data: str, steps: int, warmup: int) -> dict:
             train_dense(DenseConfig(arch=arch, data=data, max_steps=steps, device="cpu"), on_step=on_step)
     timed = stamps[warmup:]
     step_s = (timed[-1] - timed[0]) / max(1, len(timed) - 1)
-    record = {"kind": kind, "arch": arch, "steps": len(stamps), "step_s": step_s, "images_per_s": 128 / step_s,
-              "peak_rss_mb": _vmhwm_mb(), "threads": torch.get_num_threads()}
+    record = {
+        "kind": kind,
+        "arch": arch,
+        "steps": len(stamps),
+        "step_s": step_s,
+        "images_per_s": 128 / step_s,
+        "peak_rss_mb": _vmhwm_mb(),
+        "threads": torch.get_num_threads(),
+    }
     if kind == "search":
         splits = load_data(data)
         started, count = time.perf_counter(), 0
@@ -76,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", action="append", help="fc and conv4 unless given (repeatable)")
     parser.add_argument("--data", default="fashion-mnist")
-    parser.add_argument("--steps", type=int, default=None, help="steps per run (default: fc 469 = an epoch, "
-                        "others 150)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="steps per run (default: fc 469 = an epoch, others 150)"
+    )
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="one JSON line per run instead of a table")
@@ -93,9 +101,24 @@ def main(argv: list[str] | None = None) -> int:
             order = ("search", "dense") if repeat % 2 == 0 else ("dense", "search")
             for kind in order:
                 load = os.getloadavg()[0]
-                out = subprocess.run([sys.executable, __file__, "--child", kind, arch, "--data", args.data, "--steps",
-                                      str(steps), "--warmup", str(args.warmup)], capture_output=True, text=True,
-                                     check=True)
+                out = subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--child",
+                        kind,
+                        arch,
+                        "--data",
+                        args.data,
+                        "--steps",
+                        str(steps),
+                        "--warmup",
+                        str(args.warmup),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
                 record = json.loads(out.stdout.strip().splitlines()[-1])
                 record.update(repeat=repeat, load_before=load)
                 runs.append(record)
@@ -103,17 +126,21 @@ def main(argv: list[str] | None = None) -> int:
                     print(json.dumps(record), flush=True)
     if not args.json:
         print(f"{args.data}, batch 128, CPU, load {os.getloadavg()[0]:.1f} at the end; medians of {args.repeats} runs")
-        print("| arch | search images/s | dense images/s | search/dense step time | data path share of a "
-              "search step | peak RSS search / dense MB |")
+        print(
+            "| arch | search images/s | dense images/s | search/dense step time | data path share of a "
+            "search step | peak RSS search / dense MB |"
+        )
         print("|---|---:|---:|---:|---:|---:|")
         for arch in dict.fromkeys(r["arch"] for r in runs):
             s = [r for r in runs if r["arch"] == arch and r["kind"] == "search"]
             d = [r for r in runs if r["arch"] == arch and r["kind"] == "dense"]
             ratios = [a["step_s"] / b["step_s"] for a, b in zip(s, d)]
             med = statistics.median
-            print(f"| {arch} | {med(r['images_per_s'] for r in s):,.0f} | {med(r['images_per_s'] for r in d):,.0f} | "
-                  f"{med(ratios):.2f} | {100 * med(r['data_share'] for r in s):.1f} % | "
-                  f"{max(r['peak_rss_mb'] for r in s):,.0f} / {max(r['peak_rss_mb'] for r in d):,.0f} |")
+            print(
+                f"| {arch} | {med(r['images_per_s'] for r in s):,.0f} | {med(r['images_per_s'] for r in d):,.0f} | "
+                f"{med(ratios):.2f} | {100 * med(r['data_share'] for r in s):.1f} % | "
+                f"{max(r['peak_rss_mb'] for r in s):,.0f} / {max(r['peak_rss_mb'] for r in d):,.0f} |"
+            )
     return 0
 
 

@@ -51,6 +51,7 @@ WORKLOADS = {
 
 # --- artifacts and data ----------------------------------------------------------------------------------
 
+
 def write_synthetic_folder(root: Path, size: int, train_per_class: int = 150, val_per_class: int = 50) -> Path:
     """Four texture classes (horizontal / vertical stripes, checkerboard, disc) with random period,
     phase, colours and noise, as RGB PNGs in train/ and val/ class folders."""
@@ -93,8 +94,25 @@ def searched_artifact(name: str, workdir: Path, size: int, given: dict[str, Path
     if data == "synthetic":
         write_synthetic_folder(Path(source), size)
     if not path.exists():
-        command = [sys.executable, "-m", "maskforge.cli", "search", "--arch", arch, "--k", str(k), "--epochs",
-                   str(epochs), "--batch-size", str(batch_size), "--data", source, "--out", str(out), "--quiet"]
+        command = [
+            sys.executable,
+            "-m",
+            "maskforge.cli",
+            "search",
+            "--arch",
+            arch,
+            "--k",
+            str(k),
+            "--epochs",
+            str(epochs),
+            "--batch-size",
+            str(batch_size),
+            "--data",
+            source,
+            "--out",
+            str(out),
+            "--quiet",
+        ]
         if data == "synthetic":
             command += ["--image-size", str(size)]
         print(f"[deploy] searching {name}: {' '.join(command[2:])}", file=sys.stderr, flush=True)
@@ -103,6 +121,7 @@ def searched_artifact(name: str, workdir: Path, size: int, given: dict[str, Path
 
 
 # --- measuring -------------------------------------------------------------------------------------------
+
 
 def measure(name: str, artifact_path: Path, data: str | None, args) -> list[dict]:
     """One JSON row per export mode of the workload's artifact (refused modes: a row saying why)."""
@@ -116,25 +135,43 @@ def measure(name: str, artifact_path: Path, data: str | None, args) -> list[dict
         if stage != "scoring":
             print(f"[deploy] {name}: {stage} {done + 1}/{total}", file=sys.stderr, flush=True)
 
-    table = compare(artifact_path, data=data, batch_size=64, threads=args.threads,
-                    latency=LatencyOptions(runs=args.runs, rounds=args.rounds, budget_s=args.budget),
-                    memory=args.memory, session_starts=args.starts, progress=progress)
+    table = compare(
+        artifact_path,
+        data=data,
+        batch_size=64,
+        threads=args.threads,
+        latency=LatencyOptions(runs=args.runs, rounds=args.rounds, budget_s=args.budget),
+        memory=args.memory,
+        session_starts=args.starts,
+        progress=progress,
+    )
     compact = next((row.report.timing for row in table.rows if row.mode == "compact fp32"), None)
-    common = {"workload": name, "arch": artifact.arch, "k": artifact.k,
-              "input": f"{artifact.spec.channels}x{artifact.spec.height}x{artifact.spec.width}",
-              "artifact_bytes": artifact.file_bytes,
-              "artifact_bits_per_weight": bits_per_weight(artifact.file_bytes, artifact.masked_weights),
-              "threads": args.threads, "load_avg": os.getloadavg()[0], "machine": platform.machine(),
-              "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
+    common = {
+        "workload": name,
+        "arch": artifact.arch,
+        "k": artifact.k,
+        "input": f"{artifact.spec.channels}x{artifact.spec.height}x{artifact.spec.width}",
+        "artifact_bytes": artifact.file_bytes,
+        "artifact_bits_per_weight": bits_per_weight(artifact.file_bytes, artifact.masked_weights),
+        "threads": args.threads,
+        "load_avg": os.getloadavg()[0],
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
     rows = []
     for row in table.rows:
         summary, timing = row.summary(), row.report.timing
-        record = {**common, **summary, "file_bytes": summary["onnx_bytes"],
-                  "heldout_examples": row.report.accuracy.examples,
-                  "export_max_abs_diff": row.export.max_abs_diff,
-                  "session_start_vs_compact_fp32": median_ratio(timing.session_start_runs_ms,
-                                                                compact.session_start_runs_ms)
-                  if timing is not None and compact is not None else None}
+        record = {
+            **common,
+            **summary,
+            "file_bytes": summary["onnx_bytes"],
+            "heldout_examples": row.report.accuracy.examples,
+            "export_max_abs_diff": row.export.max_abs_diff,
+            "session_start_vs_compact_fp32": median_ratio(timing.session_start_runs_ms, compact.session_start_runs_ms)
+            if timing is not None and compact is not None
+            else None,
+        }
         if summary["peak_rss_bytes"] is not None:
             record["peak_rss_mb"] = summary["peak_rss_bytes"] / 2**20
             record["model_rss_mb"] = summary["model_rss_bytes"] / 2**20
@@ -147,22 +184,29 @@ def measure(name: str, artifact_path: Path, data: str | None, args) -> list[dict
 
 # --- output ----------------------------------------------------------------------------------------------
 
+
 def print_table(rows: list[dict]) -> None:
-    header = (f"{'workload':12s} {'storage':8s} {'prec':5s} {'bits/w':>7s} {'start ms':>9s} {'img/s b1':>9s} "
-              f"{'x b1':>6s} {'img/s b64':>10s} {'x b64':>6s} {'top-1':>7s} {'agree':>7s} {'RSS MB':>7s}")
+    header = (
+        f"{'workload':12s} {'storage':8s} {'prec':5s} {'bits/w':>7s} {'start ms':>9s} {'img/s b1':>9s} "
+        f"{'x b1':>6s} {'img/s b64':>10s} {'x b64':>6s} {'top-1':>7s} {'agree':>7s} {'RSS MB':>7s}"
+    )
     print(header)
     for r in rows:
         if "refused" in r:
             print(f"{r['workload']:12s} {r['storage']:8s} {r['precision']:5s} refused: {r['refused']}")
             continue
-        print(f"{r['workload']:12s} {r['storage']:8s} {r['precision']:5s} {r['bits_per_weight']:7.3f} "
-              f"{_value(r['session_start_ms'], 9, '.1f')} {_value(r['throughput_b1'], 9, '.1f')} "
-              f"{_value(r['speedup_b1'], 5, '.2f')}x {_value(r['throughput_b64'], 10, '.1f')} "
-              f"{_value(r['speedup_b64'], 5, '.2f')}x {100 * r['top1']:6.2f}% {100 * r['argmax_agreement']:6.2f}% "
-              f"{_value(r.get('peak_rss_mb'), 7, '.0f')}")
+        print(
+            f"{r['workload']:12s} {r['storage']:8s} {r['precision']:5s} {r['bits_per_weight']:7.3f} "
+            f"{_value(r['session_start_ms'], 9, '.1f')} {_value(r['throughput_b1'], 9, '.1f')} "
+            f"{_value(r['speedup_b1'], 5, '.2f')}x {_value(r['throughput_b64'], 10, '.1f')} "
+            f"{_value(r['speedup_b64'], 5, '.2f')}x {100 * r['top1']:6.2f}% {100 * r['argmax_agreement']:6.2f}% "
+            f"{_value(r.get('peak_rss_mb'), 7, '.0f')}"
+        )
     if rows:
-        print(f"threads {rows[0]['threads']}, load average {rows[-1]['load_avg']:.1f} on {os.cpu_count()} CPUs; "
-              f"x = speedup over dense fp32 (median of per-round ratios)")
+        print(
+            f"threads {rows[0]['threads']}, load average {rows[-1]['load_avg']:.1f} on {os.cpu_count()} CPUs; "
+            f"x = speedup over dense fp32 (median of per-round ratios)"
+        )
 
 
 def _value(value: float | None, width: int, spec: str) -> str:
@@ -172,17 +216,30 @@ def _value(value: float | None, width: int, spec: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workload", action="append", choices=sorted(WORKLOADS), help="default: all")
-    parser.add_argument("--artifact", action="append", default=[], metavar="NAME=PATH",
-                        help="use this artifact for workload NAME instead of searching one")
-    parser.add_argument("--workdir", type=Path, default=Path("runs/deploy-bench"),
-                        help="searches, the synthetic folder and the exports (reused between runs)")
+    parser.add_argument(
+        "--artifact",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="use this artifact for workload NAME instead of searching one",
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("runs/deploy-bench"),
+        help="searches, the synthetic folder and the exports (reused between runs)",
+    )
     parser.add_argument("--size", type=int, default=96, help="image side of the resnet18-px workload (>= 64)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7, help="alternating timing rounds per batch size")
     parser.add_argument("--runs", type=int, default=140, help="timed calls per mode and batch size")
-    parser.add_argument("--budget", type=float, default=90.0,
-                        help="seconds per batch size (all modes), at most roughly: a block stops early after 3 "
-                             "calls once it has used its share")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=90.0,
+        help="seconds per batch size (all modes), at most roughly: a block stops early after 3 "
+        "calls once it has used its share",
+    )
     parser.add_argument("--starts", type=int, default=9, help="session creations per mode")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory probes")
     parser.add_argument("--json", action="store_true", help="one JSON line per workload and mode")
@@ -199,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.workload or list(WORKLOADS):
         path, data = searched_artifact(name, args.workdir, args.size, given)
         measured = measure(name, path, data, args)
-        if args.json:   # each workload's lines as soon as they are measured
+        if args.json:  # each workload's lines as soon as they are measured
             print("\n".join(json.dumps(row) for row in measured), flush=True)
         rows += measured
     if not args.json:

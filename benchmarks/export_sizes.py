@@ -48,17 +48,25 @@ WORKLOADS = {
 def synthetic_artifact(arch: str, folder: Path, seed: int = 0):
     """A --max-steps 1 style artifact: seeded weights and scores, BN statistics from one random batch."""
     channels, size, classes, k = WORKLOADS[arch]
-    model = archs.create_model(arch, in_channels=channels, num_classes=classes, image_size=(size, size), k=k,
-                               seed=seed)
+    model = archs.create_model(arch, in_channels=channels, num_classes=classes, image_size=(size, size), k=k, seed=seed)
     if any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()):
         model.train()
         with torch.no_grad():  # what one search step does to the running statistics
             model(torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(seed)))
-    spec = InputSpec(channels, size, size, (0.5,) * channels, (0.25,) * channels,
-                     tuple(f"class{i}" for i in range(classes)))
-    artifact = build_artifact(model.eval(), arch=arch, arch_args=archs.arch_args(channels, classes, (size, size)),
-                              spec=spec, seed=seed, init="signed_constant", scale_fan=False, k=k,
-                              provenance={"data": "synthetic (benchmarks/export_sizes.py)", "steps": 1})
+    spec = InputSpec(
+        channels, size, size, (0.5,) * channels, (0.25,) * channels, tuple(f"class{i}" for i in range(classes))
+    )
+    artifact = build_artifact(
+        model.eval(),
+        arch=arch,
+        arch_args=archs.arch_args(channels, classes, (size, size)),
+        spec=spec,
+        seed=seed,
+        init="signed_constant",
+        scale_fan=False,
+        k=k,
+        provenance={"data": "synthetic (benchmarks/export_sizes.py)", "steps": 1},
+    )
     del model
     return save_artifact(artifact, folder / f"{arch}.safetensors")
 
@@ -68,8 +76,10 @@ def measure(artifact_path: Path, folder: Path, label: str) -> dict:
     started = time.perf_counter()
     model = materialize(artifact)
     materialize_s = time.perf_counter() - started
-    results = {storage: export_onnx(artifact, folder / f"{label}.{storage}.onnx", storage=storage, model=model)
-               for storage in ("regen", "compact", "dense")}
+    results = {
+        storage: export_onnx(artifact, folder / f"{label}.{storage}.onnx", storage=storage, model=model)
+        for storage in ("regen", "compact", "dense")
+    }
     spec = artifact.spec
     x = np.random.default_rng(1).standard_normal((2, spec.channels, spec.height, spec.width)).astype(np.float32)
     outputs, session_s = {}, {}
@@ -81,10 +91,17 @@ def measure(artifact_path: Path, folder: Path, label: str) -> dict:
         del session
     masked = artifact.masked_weights
     row = {
-        "workload": label, "arch": artifact.arch, "input": f"{spec.channels}x{spec.height}x{spec.width}",
-        "classes": spec.num_classes, "k": artifact.k, "masked_weights": masked, "kept_weights": artifact.kept_weights,
-        "artifact_bytes": artifact.file_bytes, "artifact_bits_per_weight": 8 * artifact.file_bytes / masked,
-        "materialize_s": materialize_s, "ort_session_start_s": session_s,
+        "workload": label,
+        "arch": artifact.arch,
+        "input": f"{spec.channels}x{spec.height}x{spec.width}",
+        "classes": spec.num_classes,
+        "k": artifact.k,
+        "masked_weights": masked,
+        "kept_weights": artifact.kept_weights,
+        "artifact_bytes": artifact.file_bytes,
+        "artifact_bits_per_weight": 8 * artifact.file_bytes / masked,
+        "materialize_s": materialize_s,
+        "ort_session_start_s": session_s,
         "dense_over_compact": results["dense"].file_bytes / results["compact"].file_bytes,
         "regen_over_artifact": results["regen"].file_bytes / artifact.file_bytes,
     }
@@ -99,10 +116,14 @@ def measure(artifact_path: Path, folder: Path, label: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", action="append", choices=sorted(WORKLOADS),
-                        help="workload(s) to run (default: all)")
-    parser.add_argument("--artifact", type=Path, action="append", default=[],
-                        help="measure this artifact instead of building a synthetic one")
+    parser.add_argument("--arch", action="append", choices=sorted(WORKLOADS), help="workload(s) to run (default: all)")
+    parser.add_argument(
+        "--artifact",
+        type=Path,
+        action="append",
+        default=[],
+        help="measure this artifact instead of building a synthetic one",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON lines")
     args = parser.parse_args()
     rows = []
@@ -114,19 +135,27 @@ def main() -> None:
         for path, label in jobs:
             path = path or synthetic_artifact(label, folder)
             row = measure(path, folder, label)
-            row.update(machine=platform.processor() or platform.machine(), cpus=os.cpu_count(),
-                       load_avg=os.getloadavg()[0], date=time.strftime("%Y-%m-%d"))
+            row.update(
+                machine=platform.processor() or platform.machine(),
+                cpus=os.cpu_count(),
+                load_avg=os.getloadavg()[0],
+                date=time.strftime("%Y-%m-%d"),
+            )
             rows.append(row)
             if args.json:
                 print(json.dumps(row), flush=True)
             for file in folder.glob(f"{label}*"):
                 file.unlink()
     if not args.json:
-        print(f"{'workload':10s} {'weights':>12s} {'artifact':>14s} {'ONNX regen':>22s} {'ONNX compact':>22s} "
-              f"{'ONNX dense':>22s}")
+        print(
+            f"{'workload':10s} {'weights':>12s} {'artifact':>14s} {'ONNX regen':>22s} {'ONNX compact':>22s} "
+            f"{'ONNX dense':>22s}"
+        )
         for r in rows:
-            cells = " ".join(f"{r[f'onnx_{s}_bytes']:>12,d} ({r[f'onnx_{s}_bits_per_weight']:.3f} b/w)"
-                             for s in ("regen", "compact", "dense"))
+            cells = " ".join(
+                f"{r[f'onnx_{s}_bytes']:>12,d} ({r[f'onnx_{s}_bits_per_weight']:.3f} b/w)"
+                for s in ("regen", "compact", "dense")
+            )
             print(f"{r['workload']:10s} {r['masked_weights']:>12,d} {r['artifact_bytes']:>14,d} {cells}")
     sys.exit(0)
 

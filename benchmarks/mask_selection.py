@@ -26,8 +26,14 @@ from maskforge.topk import BAND_MIN_SIZE
 from maskforge.layers import ThresholdHint, topk_mask
 
 # The largest layers (and the small fc ones): fc 784-300-100-10, conv4 at 32x32, resnet18 at 32x32.
-DEFAULT_SIZES = {1000: "fc.4", 30000: "fc.2", 235200: "fc.1", 147456: "conv4 conv", 2097152: "conv4 fc",
-                 2359296: "resnet18 layer4"}
+DEFAULT_SIZES = {
+    1000: "fc.4",
+    30000: "fc.2",
+    235200: "fc.1",
+    147456: "conv4 conv",
+    2097152: "conv4 fc",
+    2359296: "resnet18 layer4",
+}
 
 
 def oracle(values: torch.Tensor, kept: int) -> torch.Tensor:
@@ -80,8 +86,14 @@ def np_partition_band(a: torch.Tensor, kept: int, state: dict) -> torch.Tensor:
     return topk_mask(a, kept, state.setdefault("hint", ThresholdHint()), masker="numpy")
 
 
-METHODS = {"kthvalue": kthvalue, "topk": topk, "sort": sort, "torch_masker": torch_masker,
-           "np_partition": np_partition, "np_partition_band": np_partition_band}
+METHODS = {
+    "kthvalue": kthvalue,
+    "topk": topk,
+    "sort": sort,
+    "torch_masker": torch_masker,
+    "np_partition": np_partition,
+    "np_partition_band": np_partition_band,
+}
 
 
 def check_exact() -> int:
@@ -89,8 +101,11 @@ def check_exact() -> int:
     checked = 0
     for n in (7, 1000, 40000):
         for levels in (3, 1000, None):
-            values = (torch.rand(n, generator=gen) if levels is None
-                      else torch.randint(0, levels, (n,), generator=gen).float())
+            values = (
+                torch.rand(n, generator=gen)
+                if levels is None
+                else torch.randint(0, levels, (n,), generator=gen).float()
+            )
             for kept in (1, n // 3, n // 2, n - 1):
                 expected = oracle(values, kept)
                 for name, method in METHODS.items():
@@ -113,7 +128,7 @@ def time_size(n: int, calls: int, methods: list[str]) -> dict[str, float]:
     for call in range(calls + 3):
         scores.add_(torch.randn(n, generator=gen) * step)
         magnitudes = scores.abs()
-        order = methods[call % len(methods):] + methods[:call % len(methods)]
+        order = methods[call % len(methods) :] + methods[: call % len(methods)]
         for name in order:
             started = time.perf_counter()
             METHODS[name](magnitudes, kept, states[name])
@@ -145,7 +160,7 @@ def _rotating_medians(variants: dict, calls: int, warmup: int, between=None) -> 
     for call in range(calls + warmup):
         if between is not None:
             between()
-        for name in names[call % len(names):] + names[:call % len(names)]:
+        for name in names[call % len(names) :] + names[: call % len(names)]:
             started = time.perf_counter()
             variants[name]()
             if call >= warmup:
@@ -164,12 +179,15 @@ def time_global(arch: str, calls: int) -> dict[str, float]:
     scores = [layer.scores.detach() for layer in masked_modules(model).values()]
     hints = [ThresholdHint() for _ in scores]
     global_hint = ThresholdHint()
-    if not all(torch.equal(a, b) for a, b in zip(global_topk_masks(scores, 0.5, masker="numpy"),
-                                                 global_topk_masks(scores, 0.5, masker="torch"))):
+    if not all(
+        torch.equal(a, b)
+        for a, b in zip(global_topk_masks(scores, 0.5, masker="numpy"), global_topk_masks(scores, 0.5, masker="torch"))
+    ):
         raise SystemExit("the two maskers disagree on the global masks")
     variants = {
-        "per_layer_numpy": lambda: [topk_mask(s.abs(), max(1, s.numel() // 2), h, masker="numpy")
-                                    for s, h in zip(scores, hints)],
+        "per_layer_numpy": lambda: [
+            topk_mask(s.abs(), max(1, s.numel() // 2), h, masker="numpy") for s, h in zip(scores, hints)
+        ],
         "global_numpy": lambda: global_topk_masks(scores, 0.5, masker="numpy", hint=global_hint),
         "global_torch": lambda: global_topk_masks(scores, 0.5, masker="torch"),
     }
@@ -189,35 +207,58 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=40, help="timed calls per method and size")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads")
     parser.add_argument("--no-sort", action="store_true", help="skip the (slow) full sort")
-    parser.add_argument("--global-arch", action="append", choices=("fc", "conv4", "resnet18"),
-                        help="also time whole-model selection (per layer vs global top-k) for this arch")
+    parser.add_argument(
+        "--global-arch",
+        action="append",
+        choices=("fc", "conv4", "resnet18"),
+        help="also time whole-model selection (per layer vs global top-k) for this arch",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     checked = check_exact()
     methods = [m for m in METHODS if not (args.no_sort and m == "sort")]
-    header = {"checked_exact": checked, "threads": torch.get_num_threads(), "load_avg": os.getloadavg()[0],
-              "band_min_size": BAND_MIN_SIZE}
-    print(json.dumps(header) if args.json else
-          f"all methods exact on {checked} oracle checks; threads {header['threads']}, "
-          f"load {header['load_avg']:.1f}; microseconds per call (median):")
+    header = {
+        "checked_exact": checked,
+        "threads": torch.get_num_threads(),
+        "load_avg": os.getloadavg()[0],
+        "band_min_size": BAND_MIN_SIZE,
+    }
+    print(
+        json.dumps(header)
+        if args.json
+        else f"all methods exact on {checked} oracle checks; threads {header['threads']}, "
+        f"load {header['load_avg']:.1f}; microseconds per call (median):"
+    )
     for n in args.sizes or list(DEFAULT_SIZES):
         row = time_size(n, args.calls, methods)
         st = time_straight_through(n, args.calls)
-        record = {"numel": n, "layer": DEFAULT_SIZES.get(n), **{f"{k}_us": v for k, v in row.items()},
-                  **{f"{k}_us": v for k, v in st.items()}}
+        record = {
+            "numel": n,
+            "layer": DEFAULT_SIZES.get(n),
+            **{f"{k}_us": v for k, v in row.items()},
+            **{f"{k}_us": v for k, v in st.items()},
+        }
         if args.json:
             print(json.dumps(record), flush=True)
         else:
-            print(f"{n:>9d} {DEFAULT_SIZES.get(n) or '':16s} " + "  ".join(f"{k} {v:.0f}" for k, v in row.items())
-                  + " | " + "  ".join(f"{k} {v:.0f}" for k, v in st.items()), flush=True)
+            print(
+                f"{n:>9d} {DEFAULT_SIZES.get(n) or '':16s} "
+                + "  ".join(f"{k} {v:.0f}" for k, v in row.items())
+                + " | "
+                + "  ".join(f"{k} {v:.0f}" for k, v in st.items()),
+                flush=True,
+            )
     for arch in args.global_arch or []:
         row = time_global(arch, max(3, args.calls // 4))
         record = {"arch": arch, **{f"{k}_ms": v for k, v in row.items()}}
-        print(json.dumps(record) if args.json else
-              f"{arch} whole model (ms per step): " + "  ".join(f"{k} {v:.1f}" for k, v in row.items()),
-              flush=True)
+        print(
+            json.dumps(record)
+            if args.json
+            else f"{arch} whole model (ms per step): " + "  ".join(f"{k} {v:.1f}" for k, v in row.items()),
+            flush=True,
+        )
     return 0
 
 

@@ -45,10 +45,17 @@ WORKLOADS = {
 def seeded_artifact(name: str, folder: Path) -> Path:
     arch, channels, size, classes, k = WORKLOADS[name]
     model = archs.create_model(arch, in_channels=channels, num_classes=classes, image_size=(size, size), k=k)
-    spec = InputSpec(channels, size, size, (0.5,) * channels, (0.25,) * channels,
-                     tuple(str(i) for i in range(classes)))
-    artifact = build_artifact(model.eval(), arch=arch, arch_args=archs.arch_args(channels, classes, (size, size)),
-                              spec=spec, seed=0, init="signed_constant", scale_fan=False, k=k)
+    spec = InputSpec(channels, size, size, (0.5,) * channels, (0.25,) * channels, tuple(str(i) for i in range(classes)))
+    artifact = build_artifact(
+        model.eval(),
+        arch=arch,
+        arch_args=archs.arch_args(channels, classes, (size, size)),
+        spec=spec,
+        seed=0,
+        init="signed_constant",
+        scale_fan=False,
+        k=k,
+    )
     return save_artifact(artifact, folder / f"{name}.safetensors")
 
 
@@ -62,8 +69,14 @@ def measure(path: Path, folder: Path, label: str, batch_size: int, threads: int,
     full = torch.randn(batch_size, spec.channels, spec.height, spec.width, generator=gen)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
-    row = {"workload": label, "arch": artifact.arch, "input": f"{spec.channels}x{spec.height}x{spec.width}",
-           "k": artifact.k, "threads": threads, "load_avg_before": os.getloadavg()[0]}
+    row = {
+        "workload": label,
+        "arch": artifact.arch,
+        "input": f"{spec.channels}x{spec.height}x{spec.width}",
+        "k": artifact.k,
+        "threads": threads,
+        "load_avg_before": os.getloadavg()[0],
+    }
     try:
         for batch in sorted({1, batch_size}):
             x = full[:batch].contiguous()
@@ -73,11 +86,16 @@ def measure(path: Path, folder: Path, label: str, batch_size: int, threads: int,
                 with torch.no_grad():
                     return model(x)
 
-            times = time_calls({"onnxruntime": lambda x_np=x_np: session.run(None, {"input": x_np}),
-                                "torch": eager}, runs=runs, warmup=3, budget_s=budget_s)
+            times = time_calls(
+                {"onnxruntime": lambda x_np=x_np: session.run(None, {"input": x_np}), "torch": eager},
+                runs=runs,
+                warmup=3,
+                budget_s=budget_s,
+            )
             p50 = {name: latency_stats(name, batch, blocks).p50_ms for name, blocks in times.items()}
             row[f"batch{batch}"] = {
-                "ort_p50_ms": p50["onnxruntime"], "torch_p50_ms": p50["torch"],
+                "ort_p50_ms": p50["onnxruntime"],
+                "torch_p50_ms": p50["torch"],
                 "ort_images_per_s": batch * 1000 / p50["onnxruntime"],
                 "torch_images_per_s": batch * 1000 / p50["torch"],
                 "ort_over_torch": p50["torch"] / p50["onnxruntime"],
@@ -102,13 +120,19 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="maskforge-ort-") as tmp:
         folder = Path(tmp)
-        jobs = [(path, path.stem) for path in args.artifact] or \
-               [(None, name) for name in (args.workload or list(WORKLOADS))]
+        jobs = [(path, path.stem) for path in args.artifact] or [
+            (None, name) for name in (args.workload or list(WORKLOADS))
+        ]
         for path, label in jobs:
             path = path or seeded_artifact(label, folder)
             row = measure(path, folder, label, args.batch_size, args.threads, args.runs, args.budget)
-            row.update(machine=platform.machine(), cpus=os.cpu_count(), date=time.strftime("%Y-%m-%d"),
-                       torch=torch.__version__, onnxruntime=__import__("onnxruntime").__version__)
+            row.update(
+                machine=platform.machine(),
+                cpus=os.cpu_count(),
+                date=time.strftime("%Y-%m-%d"),
+                torch=torch.__version__,
+                onnxruntime=__import__("onnxruntime").__version__,
+            )
             rows.append(row)
             if args.json:
                 print(json.dumps(row), flush=True)
@@ -117,10 +141,16 @@ def main() -> None:
         for r in rows:
             for key in sorted(k for k in r if k.startswith("batch")):
                 b = r[key]
-                print(f"{r['workload']:10s} {key[5:]:>5s} {b['ort_images_per_s']:>18,.0f} "
-                      f"{b['torch_images_per_s']:>14,.0f} {b['ort_over_torch']:>6.2f}x")
-        print(f"threads {rows[0]['threads']}, load average {rows[0]['load_avg_before']:.1f} -> "
-              f"{rows[-1]['load_avg_after']:.1f} on {os.cpu_count()} CPUs" if rows else "")
+                print(
+                    f"{r['workload']:10s} {key[5:]:>5s} {b['ort_images_per_s']:>18,.0f} "
+                    f"{b['torch_images_per_s']:>14,.0f} {b['ort_over_torch']:>6.2f}x"
+                )
+        print(
+            f"threads {rows[0]['threads']}, load average {rows[0]['load_avg_before']:.1f} -> "
+            f"{rows[-1]['load_avg_after']:.1f} on {os.cpu_count()} CPUs"
+            if rows
+            else ""
+        )
 
 
 if __name__ == "__main__":

@@ -50,11 +50,11 @@ OPSET = 17
 
 @dataclass
 class Row:
-    family: str            # dense | dense-int8 | pruned | pruned-int8 | maskforge | maskforge-int8
+    family: str  # dense | dense-int8 | pruned | pruned-int8 | maskforge | maskforge-int8
     name: str
     path: str
-    setting: str           # e.g. "sparsity 0.9", "k 0.3 layer"
-    wall_s: float          # time to produce the file, training included
+    setting: str  # e.g. "sparsity 0.9", "k 0.3 layer"
+    wall_s: float  # time to produce the file, training included
     top1: float = float("nan")
     bytes: int = 0
     gzip_bytes: int = 0
@@ -65,6 +65,7 @@ class Row:
 
 
 # --- producing the files ---------------------------------------------------------------------------------
+
 
 def _cached(workdir: Path, name: str, make) -> dict:
     """`make()` (returning a JSON-able dict) once per workdir; a later run reads what it recorded."""
@@ -82,7 +83,7 @@ def _save_onnx(model, spec, path: Path) -> None:
     from maskforge.export.trace import trace_to_onnx
 
     proto = trace_to_onnx(model.eval(), spec, OPSET)
-    finalize(proto)   # IR version onnxruntime accepts, checked
+    finalize(proto)  # IR version onnxruntime accepts, checked
     path.write_bytes(proto.SerializeToString())
 
 
@@ -90,14 +91,21 @@ def _quantize(source: Path, out: Path, calibration: np.ndarray) -> None:
     """onnxruntime's static quantization with the settings its documentation leads a user to."""
     import logging
 
-    logging.getLogger().setLevel(logging.ERROR)   # the quantizer's "consider pre-processing" advice, per call
+    logging.getLogger().setLevel(logging.ERROR)  # the quantizer's "consider pre-processing" advice, per call
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     from maskforge.export.calibration import calibration_reader
 
-    quantize_static(str(source), str(out), calibration_reader(calibration, "input"), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax)
+    quantize_static(
+        str(source),
+        str(out),
+        calibration_reader(calibration, "input"),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+    )
 
 
 def _dense(args, splits, workdir: Path) -> tuple[dict, object]:
@@ -115,8 +123,16 @@ def _dense(args, splits, workdir: Path) -> tuple[dict, object]:
 
     def make() -> dict:
         started = time.perf_counter()
-        result = train_dense(DenseConfig(arch=args.arch, data=args.data, epochs=args.epochs, max_steps=args.max_steps,
-                                         seed=args.seed, device="cpu"))
+        result = train_dense(
+            DenseConfig(
+                arch=args.arch,
+                data=args.data,
+                epochs=args.epochs,
+                max_steps=args.max_steps,
+                seed=args.seed,
+                device="cpu",
+            )
+        )
         seconds = time.perf_counter() - started
         folder.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in result.model.state_dict().items()}, str(folder / "model.safetensors"))
@@ -177,7 +193,7 @@ def _pruned(args, splits, workdir: Path, dense_record: dict, dense_model, calibr
             steps: list[int] = []
             _finetune(model, splits, args, steps)
             for module, parameter in layers:
-                prune.remove(module, parameter)   # bake weight x mask into a plain weight
+                prune.remove(module, parameter)  # bake weight x mask into a plain weight
             _save_onnx(model, splits.spec, fp32)
             made = time.perf_counter() - started
             _quantize(fp32, int8, calibration)
@@ -185,8 +201,15 @@ def _pruned(args, splits, workdir: Path, dense_record: dict, dense_model, calibr
 
         record = _cached(workdir, name, make)
         rows.append(Row("pruned", name, str(fp32), f"sparsity {sparsity:g}", dense_record["wall_s"] + record["fp32_s"]))
-        rows.append(Row("pruned-int8", f"{name}-int8", str(int8), f"sparsity {sparsity:g}",
-                        dense_record["wall_s"] + record["int8_s"]))
+        rows.append(
+            Row(
+                "pruned-int8",
+                f"{name}-int8",
+                str(int8),
+                f"sparsity {sparsity:g}",
+                dense_record["wall_s"] + record["int8_s"],
+            )
+        )
     return rows
 
 
@@ -201,26 +224,45 @@ def _maskforge(args, workdir: Path) -> list[Row]:
 
             def make(k=k, topk=topk, folder=folder) -> dict:
                 started = time.perf_counter()
-                result = search(SearchConfig(arch=args.arch, k=k, data=args.data, epochs=args.epochs, seed=args.seed,
-                                             topk=topk, max_steps=args.max_steps, device="cpu", out=str(folder)))
+                result = search(
+                    SearchConfig(
+                        arch=args.arch,
+                        k=k,
+                        data=args.data,
+                        epochs=args.epochs,
+                        seed=args.seed,
+                        topk=topk,
+                        max_steps=args.max_steps,
+                        device="cpu",
+                        out=str(folder),
+                    )
+                )
                 searched = time.perf_counter() - started
                 t0 = time.perf_counter()
                 fp32 = export_onnx(result.artifact_path, folder / "model.onnx")
                 fp32_s = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 int8 = export_onnx(result.artifact_path, folder / "model.int8.onnx", precision="int8")
-                return {"search_s": searched, "fp32_s": fp32_s, "int8_s": time.perf_counter() - t0,
-                        "fp32": str(fp32.path), "int8": str(int8.path), "artifact": str(result.artifact_path)}
+                return {
+                    "search_s": searched,
+                    "fp32_s": fp32_s,
+                    "int8_s": time.perf_counter() - t0,
+                    "fp32": str(fp32.path),
+                    "int8": str(int8.path),
+                    "artifact": str(result.artifact_path),
+                }
 
             record = _cached(workdir, name, make)
             setting = f"k {k:g} {topk}"
             rows.append(Row("maskforge", name, record["fp32"], setting, record["search_s"] + record["fp32_s"]))
-            rows.append(Row("maskforge-int8", f"{name}-int8", record["int8"], setting,
-                            record["search_s"] + record["int8_s"]))
+            rows.append(
+                Row("maskforge-int8", f"{name}-int8", record["int8"], setting, record["search_s"] + record["int8_s"])
+            )
     return rows
 
 
 # --- measuring ---------------------------------------------------------------------------------------------
+
 
 def _measure(rows: list[Row], heldout_x: np.ndarray, heldout_y: np.ndarray, weights: int, args) -> None:
     from maskforge.evaluation.timing import measure_latency
@@ -236,11 +278,19 @@ def _measure(rows: list[Row], heldout_x: np.ndarray, heldout_y: np.ndarray, weig
         sessions[row.name] = lambda x, session=session, name=name: session.run(None, {name: x})[0]
         correct = 0
         for start in range(0, len(heldout_x), 500):
-            logits = sessions[row.name](heldout_x[start:start + 500])
-            correct += int((logits.argmax(axis=1) == heldout_y[start:start + 500]).sum())
+            logits = sessions[row.name](heldout_x[start : start + 500])
+            correct += int((logits.argmax(axis=1) == heldout_y[start : start + 500]).sum())
         row.top1 = 100.0 * correct / len(heldout_y)
-    times = measure_latency(sessions, heldout_x[:64], [1, 64], runs=args.runs, warmup=3, budget_s=args.budget,
-                            rounds=3, threads=args.threads)
+    times = measure_latency(
+        sessions,
+        heldout_x[:64],
+        [1, 64],
+        runs=args.runs,
+        warmup=3,
+        budget_s=args.budget,
+        rounds=3,
+        threads=args.threads,
+    )
     for row in rows:
         (_, b1), (_, b64) = times[row.name]
         row.latency_b1_ms = 1000.0 * float(np.median([s for block in b1 for s in block]))
@@ -259,19 +309,30 @@ def _machine() -> dict:
     import onnxruntime
     import torch
 
-    return {"machine": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "avx512_vnni": "avx512_vnni" in flags,
-            "load": os.getloadavg(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    return {
+        "machine": platform.node(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "avx512_vnni": "avx512_vnni" in flags,
+        "load": os.getloadavg(),
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
 
 
 def _table(rows: list[Row]) -> str:
-    lines = ["| method | setting | held-out top-1 % | bytes | gzip -9 bytes | bits/weight (raw / gzip) "
-             "| latency b1 ms | b64 images/s | wall s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| method | setting | held-out top-1 % | bytes | gzip -9 bytes | bits/weight (raw / gzip) "
+        "| latency b1 ms | b64 images/s | wall s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r.family} | {r.setting} | {r.top1:.2f} | {r.bytes:,} | {r.gzip_bytes:,} | "
-                     f"{r.bits_per_weight:.2f} / {r.gzip_bits_per_weight:.2f} | {r.latency_b1_ms:.3f} | "
-                     f"{r.throughput_b64:,.0f} | {r.wall_s:.0f} |")
+        lines.append(
+            f"| {r.family} | {r.setting} | {r.top1:.2f} | {r.bytes:,} | {r.gzip_bytes:,} | "
+            f"{r.bits_per_weight:.2f} / {r.gzip_bits_per_weight:.2f} | {r.latency_b1_ms:.3f} | "
+            f"{r.throughput_b64:,.0f} | {r.wall_s:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -281,22 +342,44 @@ def _figure(rows: list[Row], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    styles = {"dense": ("black", "s"), "dense-int8": ("grey", "s"), "pruned": ("tab:blue", "o"),
-              "pruned-int8": ("tab:cyan", "o"), "maskforge": ("tab:red", "^"), "maskforge-int8": ("tab:orange", "^")}
+    styles = {
+        "dense": ("black", "s"),
+        "dense-int8": ("grey", "s"),
+        "pruned": ("tab:blue", "o"),
+        "pruned-int8": ("tab:cyan", "o"),
+        "maskforge": ("tab:red", "^"),
+        "maskforge-int8": ("tab:orange", "^"),
+    }
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for family, (color, marker) in styles.items():
         chosen = [r for r in rows if r.family == family]
         for topk, fill in (("layer", color), ("global", "none")):
-            points = [r for r in chosen if family.startswith("maskforge") and r.setting.endswith(topk)] \
-                if family.startswith("maskforge") else (chosen if topk == "layer" else [])
+            points = (
+                [r for r in chosen if family.startswith("maskforge") and r.setting.endswith(topk)]
+                if family.startswith("maskforge")
+                else (chosen if topk == "layer" else [])
+            )
             if not points:
                 continue
             label = family + (f" ({topk} top-k)" if family.startswith("maskforge") else "")
-            ax.scatter([r.gzip_bytes for r in points], [r.top1 for r in points], label=label, marker=marker,
-                       facecolors=fill, edgecolors=color, s=46)
-            for r in points if not family.endswith("int8") else []:   # int8 sits on its fp32 twin
-                ax.annotate(r.setting.split()[1] if " " in r.setting else "", (r.gzip_bytes, r.top1), fontsize=7,
-                            xytext=(3, 3), textcoords="offset points", color=color)
+            ax.scatter(
+                [r.gzip_bytes for r in points],
+                [r.top1 for r in points],
+                label=label,
+                marker=marker,
+                facecolors=fill,
+                edgecolors=color,
+                s=46,
+            )
+            for r in points if not family.endswith("int8") else []:  # int8 sits on its fp32 twin
+                ax.annotate(
+                    r.setting.split()[1] if " " in r.setting else "",
+                    (r.gzip_bytes, r.top1),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                    color=color,
+                )
     ax.set_xscale("log")
     ax.set_xlabel("file size after gzip -9 (bytes, log scale)")
     ax.set_ylabel("held-out top-1 (%)")
@@ -311,8 +394,9 @@ def _figure(rows: list[Row], path: Path, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--arch", default="fc", help="fc, conv2, conv4, ... (default fc)")
     parser.add_argument("--data", default="fashion-mnist", help="any --data source (default fashion-mnist)")
     parser.add_argument("--epochs", type=int, default=10, help="dense training and each search (default 10)")
@@ -327,8 +411,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--figure", type=Path, default=None, help="PNG + SVG path (default WORKDIR/pareto)")
     parser.add_argument("--k", type=float, action="append", help=f"maskforge's k (repeatable; default {KS})")
     parser.add_argument("--topk", action="append", choices=("layer", "global"), help="top-k rules (default both)")
-    parser.add_argument("--quick", action="store_true", help="1 epoch of at most 60 steps, k 0.3/0.5, sparsity "
-                        "0.5/0.9, few timing runs: checks the script in a few minutes")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="1 epoch of at most 60 steps, k 0.3/0.5, sparsity "
+        "0.5/0.9, few timing runs: checks the script in a few minutes",
+    )
     args = parser.parse_args(argv)
     args.max_steps = None
     args.ks, args.sparsities = tuple(args.k or KS), SPARSITIES
@@ -358,18 +446,34 @@ def main(argv: list[str] | None = None) -> int:
         _quantize(workdir / "dense" / "dense.onnx", int8, calibration)
         return {"wall_s": time.perf_counter() - t0}
 
-    rows.append(Row("dense-int8", "dense-int8", str(int8), "int8",
-                    dense_record["wall_s"] + _cached(workdir, "dense-int8", quantize_dense)["wall_s"]))
+    rows.append(
+        Row(
+            "dense-int8",
+            "dense-int8",
+            str(int8),
+            "int8",
+            dense_record["wall_s"] + _cached(workdir, "dense-int8", quantize_dense)["wall_s"],
+        )
+    )
     rows += _pruned(args, splits, workdir, dense_record, model, calibration)
     rows += _maskforge(args, workdir)
     _measure(rows, heldout_x, heldout_y, dense_record["weights"], args)
 
     machine = _machine()
-    machine.update(arch=args.arch, data=args.data, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
-                   quick=args.quick, dense_weights=dense_record["weights"], total_s=time.perf_counter() - started)
-    print(f"{args.arch} on {args.data}, {args.epochs} epoch(s); {machine['cpu']} "
-          f"(AVX-512 VNNI: {machine['avx512_vnni']}), {args.threads} onnxruntime thread(s), {machine['date']}, "
-          f"load {machine['load'][0]:.1f}; dense network: {dense_record['weights']:,} weights")
+    machine.update(
+        arch=args.arch,
+        data=args.data,
+        epochs=args.epochs,
+        finetune_epochs=args.finetune_epochs,
+        quick=args.quick,
+        dense_weights=dense_record["weights"],
+        total_s=time.perf_counter() - started,
+    )
+    print(
+        f"{args.arch} on {args.data}, {args.epochs} epoch(s); {machine['cpu']} "
+        f"(AVX-512 VNNI: {machine['avx512_vnni']}), {args.threads} onnxruntime thread(s), {machine['date']}, "
+        f"load {machine['load'][0]:.1f}; dense network: {dense_record['weights']:,} weights"
+    )
     print(_table(rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

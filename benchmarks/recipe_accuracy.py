@@ -34,21 +34,41 @@ VARIANTS = {
 def run_variant(name: str, args: argparse.Namespace, out: Path) -> dict:
     from maskforge.searches import SearchConfig, search
 
-    config = SearchConfig(arch=args.arch, data=args.data, k=args.k, epochs=args.epochs, batch_size=args.batch_size,
-                          seed=args.seed, device="cpu", workers=0, out=str(out / name), **VARIANTS[name])
+    config = SearchConfig(
+        arch=args.arch,
+        data=args.data,
+        k=args.k,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device="cpu",
+        workers=0,
+        out=str(out / name),
+        **VARIANTS[name],
+    )
     started = time.perf_counter()
     result = search(config)
     wall = time.perf_counter() - started
-    return {"variant": name, "arch": args.arch, "epochs": args.epochs, "batch": args.batch_size,
-            "heldout_acc_by_epoch": [m["heldout_acc"] for m in result.metrics],
-            "heldout_acc": result.heldout_acc, "images_per_s_last_epoch": result.metrics[-1]["images_per_s"],
-            "wall_s": wall, **{key: result.artifact.document["provenance"][key]
-                               for key in ("precision", "channels_last", "masker", "compile")}}
+    return {
+        "variant": name,
+        "arch": args.arch,
+        "epochs": args.epochs,
+        "batch": args.batch_size,
+        "heldout_acc_by_epoch": [m["heldout_acc"] for m in result.metrics],
+        "heldout_acc": result.heldout_acc,
+        "images_per_s_last_epoch": result.metrics[-1]["images_per_s"],
+        "wall_s": wall,
+        **{
+            key: result.artifact.document["provenance"][key]
+            for key in ("precision", "channels_last", "masker", "compile")
+        },
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--arch", default="conv4")
     parser.add_argument("--data", default="mnist5k")
     parser.add_argument("--k", type=float, default=0.5)
@@ -70,14 +90,18 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(rows[-1]), flush=True)
     if not args.json:
         base = next((r["heldout_acc"] for r in rows if r["variant"] == "fp32"), None)
-        print("| variant | precision | channels_last | masker | compile | held-out accuracy by epoch | vs fp32 "
-              "| images/s (last epoch) | wall s |")
+        print(
+            "| variant | precision | channels_last | masker | compile | held-out accuracy by epoch | vs fp32 "
+            "| images/s (last epoch) | wall s |"
+        )
         print("|---|---|---|---|---|---|---:|---:|---:|")
         for r in rows:
             delta = "—" if base is None else f"{100 * (r['heldout_acc'] - base):+.1f} pt"
             by_epoch = ", ".join(f"{100 * a:.1f} %" for a in r["heldout_acc_by_epoch"])
-            print(f"| {r['variant']} | {r['precision']} | {r['channels_last']} | {r['masker']} | {r['compile']} "
-                  f"| {by_epoch} | {delta} | {r['images_per_s_last_epoch']:,.0f} | {r['wall_s']:.1f} |")
+            print(
+                f"| {r['variant']} | {r['precision']} | {r['channels_last']} | {r['masker']} | {r['compile']} "
+                f"| {by_epoch} | {delta} | {r['images_per_s_last_epoch']:,.0f} | {r['wall_s']:.1f} |"
+            )
     return 0
 
 

@@ -34,8 +34,13 @@ import torch
 from maskforge import archs, regen
 from maskforge.layers import masked_modules
 
-SHAPES = {"wrn50": (3, 1000, (224, 224)), "resnet50": (3, 1000, (224, 224)), "resnet18": (3, 10, (32, 32)),
-          "conv4": (3, 10, (32, 32)), "fc": (1, 10, (28, 28))}
+SHAPES = {
+    "wrn50": (3, 1000, (224, 224)),
+    "resnet50": (3, 1000, (224, 224)),
+    "resnet18": (3, 10, (32, 32)),
+    "conv4": (3, 10, (32, 32)),
+    "fc": (1, 10, (28, 28)),
+}
 
 
 def layer_shapes(arch: str) -> dict[str, tuple[int, ...]]:
@@ -77,7 +82,7 @@ def bench(arch: str, init: str, repeats: int, threads: int) -> dict:
         cpu: dict[str, list[float]] = {name: [] for name in variants}
         names = list(variants)
         for r in range(repeats):
-            for name in names[r % len(names):] + names[:r % len(names)]:
+            for name in names[r % len(names) :] + names[: r % len(names)]:
                 started, cpu_started = time.perf_counter(), time.process_time()
                 result = variants[name]()
                 samples[name].append(time.perf_counter() - started)
@@ -86,16 +91,30 @@ def bench(arch: str, init: str, repeats: int, threads: int) -> dict:
     med = {name: statistics.median(v) * 1e3 for name, v in samples.items()}
     cpu_med = {name: statistics.median(v) * 1e3 for name, v in cpu.items()}
     return {
-        "arch": arch, "init": init, "weights": weights, "layers": len(shapes), "threads": threads,
-        "regen_verify_ms": med["regen"], "regen_only_ms": med["regen_nohash"], "load_ms": med["load"],
-        "ratio": med["regen"] / med["load"], "regen_only_ratio": med["regen_nohash"] / med["load"],
-        "regen_verify_min_ms": min(samples["regen"]) * 1e3, "load_min_ms": min(samples["load"]) * 1e3,
+        "arch": arch,
+        "init": init,
+        "weights": weights,
+        "layers": len(shapes),
+        "threads": threads,
+        "regen_verify_ms": med["regen"],
+        "regen_only_ms": med["regen_nohash"],
+        "load_ms": med["load"],
+        "ratio": med["regen"] / med["load"],
+        "regen_only_ratio": med["regen_nohash"] / med["load"],
+        "regen_verify_min_ms": min(samples["regen"]) * 1e3,
+        "load_min_ms": min(samples["load"]) * 1e3,
         # CPU seconds of the whole process (all threads, kernel time included): the work, whatever the load
-        "regen_verify_cpu_ms": cpu_med["regen"], "regen_only_cpu_ms": cpu_med["regen_nohash"],
-        "load_cpu_ms": cpu_med["load"], "cpu_ratio": cpu_med["regen"] / cpu_med["load"],
-        "regen_gweights_per_s": weights / (med["regen"] / 1e3) / 1e9, "dense_file_mb": file_mb,
-        "repeats": repeats, "load_avg": os.getloadavg()[0], "cpus": os.cpu_count(),
-        "machine": platform.processor() or platform.machine(), "numpy": np.__version__,
+        "regen_verify_cpu_ms": cpu_med["regen"],
+        "regen_only_cpu_ms": cpu_med["regen_nohash"],
+        "load_cpu_ms": cpu_med["load"],
+        "cpu_ratio": cpu_med["regen"] / cpu_med["load"],
+        "regen_gweights_per_s": weights / (med["regen"] / 1e3) / 1e9,
+        "dense_file_mb": file_mb,
+        "repeats": repeats,
+        "load_avg": os.getloadavg()[0],
+        "cpus": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+        "numpy": np.__version__,
         "torch": torch.__version__,
     }
 
@@ -115,13 +134,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             print(json.dumps(record), flush=True)
         else:
-            print(f"{record['arch']} {record['init']}: {record['weights'] / 1e6:.1f} M weights, "
-                  f"{record['threads']} threads | regen+verify {record['regen_verify_ms']:.0f} ms "
-                  f"(regen only {record['regen_only_ms']:.0f} ms) | torch.load {record['load_ms']:.0f} ms of "
-                  f"{record['dense_file_mb']:.0f} MB | ratio regen+verify/load {record['ratio']:.2f} "
-                  f"| CPU time: regen+verify {record['regen_verify_cpu_ms']:.0f} ms, regen only "
-                  f"{record['regen_only_cpu_ms']:.0f} ms, load {record['load_cpu_ms']:.0f} ms "
-                  f"| load avg {record['load_avg']:.1f}", flush=True)
+            print(
+                f"{record['arch']} {record['init']}: {record['weights'] / 1e6:.1f} M weights, "
+                f"{record['threads']} threads | regen+verify {record['regen_verify_ms']:.0f} ms "
+                f"(regen only {record['regen_only_ms']:.0f} ms) | torch.load {record['load_ms']:.0f} ms of "
+                f"{record['dense_file_mb']:.0f} MB | ratio regen+verify/load {record['ratio']:.2f} "
+                f"| CPU time: regen+verify {record['regen_verify_cpu_ms']:.0f} ms, regen only "
+                f"{record['regen_only_cpu_ms']:.0f} ms, load {record['load_cpu_ms']:.0f} ms "
+                f"| load avg {record['load_avg']:.1f}",
+                flush=True,
+            )
     return 0
 
 

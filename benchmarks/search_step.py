@@ -57,18 +57,22 @@ BREAKDOWN = ("fixed-mask", "fixed-all")  # --variants ...,fixed-mask,fixed-all: 
 @dataclass(frozen=True)
 class Recipe:
     """How a step runs; the defaults follow the device as `maskforge search` does (None: follow it)."""
-    precision: str | None = None       # fp32 | bf16 (autocast); default bf16 on CUDA, fp32 on the CPU
+
+    precision: str | None = None  # fp32 | bf16 (autocast); default bf16 on CUDA, fp32 on the CPU
     channels_last: bool | None = None  # default: on CUDA
-    masker: str | None = None          # numpy | torch | None (the layers' default for the device)
+    masker: str | None = None  # numpy | torch | None (the layers' default for the device)
     compile_backend: str | None = None  # torch.compile backend ("inductor"); None: eager
 
     def resolved(self, device: torch.device, model: nn.Module) -> "Recipe":
         """The defaults `maskforge search` takes (searches/device.py: bf16 where the GPU has it, channels_last
         for conv nets on CUDA)."""
         cuda = device.type == "cuda"
-        return Recipe(self.precision or ("bf16" if cuda and bf16_supported(device) else "fp32"),
-                      (cuda if self.channels_last is None else self.channels_last) and uses_conv(model),
-                      self.masker, self.compile_backend)
+        return Recipe(
+            self.precision or ("bf16" if cuda and bf16_supported(device) else "fp32"),
+            (cuda if self.channels_last is None else self.channels_last) and uses_conv(model),
+            self.masker,
+            self.compile_backend,
+        )
 
 
 @dataclass(frozen=True)
@@ -80,9 +84,9 @@ class Workload:
     batch_cpu: int
     batch_cuda: int
     repeats: int  # default samples on CPU (CUDA steps are cheap: 4x as many)
-    inner: int    # steps per timed sample on CPU (fc steps take about a millisecond)
-    builder_args: dict | None = None   # a builder reference's keyword arguments (maskforge.convert)
-    key: str | None = None             # the --arch name of a builder reference's workload
+    inner: int  # steps per timed sample on CPU (fc steps take about a millisecond)
+    builder_args: dict | None = None  # a builder reference's keyword arguments (maskforge.convert)
+    key: str | None = None  # the --arch name of a builder reference's workload
 
     @property
     def name(self) -> str:
@@ -95,15 +99,33 @@ WORKLOADS = {
     "resnet18": Workload("resnet18", 3, 32, 10, 128, 128, repeats=6, inner=1),
     "wrn50": Workload("wrn50", 3, 224, 1000, 8, 256, repeats=3, inner=1),
     # any-model conversion (maskforge.convert): depthwise convs + squeeze-excitation, and attention
-    "mobilenet_v3_small": Workload("torchvision:mobilenet_v3_small", 3, 32, 10, 128, 128, repeats=10, inner=1,
-                                   key="mobilenet_v3_small"),
-    "vit_small": Workload("torchvision:VisionTransformer", 3, 32, 10, 128, 128, repeats=10, inner=2,
-                          builder_args={"image_size": 32, "patch_size": 4, "num_layers": 2, "num_heads": 4,
-                                        "hidden_dim": 64, "mlp_dim": 128}, key="vit_small"),
+    "mobilenet_v3_small": Workload(
+        "torchvision:mobilenet_v3_small", 3, 32, 10, 128, 128, repeats=10, inner=1, key="mobilenet_v3_small"
+    ),
+    "vit_small": Workload(
+        "torchvision:VisionTransformer",
+        3,
+        32,
+        10,
+        128,
+        128,
+        repeats=10,
+        inner=2,
+        builder_args={
+            "image_size": 32,
+            "patch_size": 4,
+            "num_layers": 2,
+            "num_heads": 4,
+            "hidden_dim": 64,
+            "mlp_dim": 128,
+        },
+        key="vit_small",
+    ),
 }
 
 
 # --- the paper's reference masker (Algorithm 1 / hidden-networks `GetSubnet`) -----------------------------
+
 
 class GetSubnet(torch.autograd.Function):
     """A full sort of the scores per call; the bottom entries become 0, the top `kept` 1; identity backward.
@@ -143,8 +165,12 @@ class _ReferenceMixin:
 class ReferenceConv2d(_ReferenceMixin, nn.Module):
     def __init__(self, layer: MaskedConv2d) -> None:
         super().__init__()
-        self.stride, self.padding, self.dilation, self.groups = (layer.stride, layer.padding, layer.dilation,
-                                                                 layer.groups)
+        self.stride, self.padding, self.dilation, self.groups = (
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            layer.groups,
+        )
         self._adopt(layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -200,8 +226,10 @@ def _fix_selection(model: nn.Module, fixed_gradient: bool) -> nn.Module:
             device = layer.weight.device
             if device not in cache:  # built once per device, on the first step
                 with torch.no_grad():
-                    cache[device] = (layer.weight * layer.mask(),
-                                     torch.zeros_like(layer.scores) if fixed_gradient else None)
+                    cache[device] = (
+                        layer.weight * layer.mask(),
+                        torch.zeros_like(layer.scores) if fixed_gradient else None,
+                    )
             return _FixedProduct.apply(layer.scores, layer.weight, *cache[device])
 
         layer.effective_weight = effective_weight
@@ -209,24 +237,31 @@ def _fix_selection(model: nn.Module, fixed_gradient: bool) -> nn.Module:
 
 
 def build_variant(workload: Workload, variant: str, masker: str | None = None) -> nn.Module:
-    model = archs.create_model(workload.arch, in_channels=workload.channels, num_classes=workload.classes,
-                               image_size=(workload.size, workload.size), k=K, seed=SEED,
-                               builder_args=workload.builder_args)
+    model = archs.create_model(
+        workload.arch,
+        in_channels=workload.channels,
+        num_classes=workload.classes,
+        image_size=(workload.size, workload.size),
+        k=K,
+        seed=SEED,
+        builder_args=workload.builder_args,
+    )
     set_masker(model, masker)
     if variant in BREAKDOWN:
         return _fix_selection(model, fixed_gradient=variant == "fixed-all")
     if variant == "dense":
         return convert.plain_layers(model, weight_of=_dense_twin)
     if variant == "reference":
-        return _swap_masked(model, lambda layer: ReferenceConv2d(layer) if isinstance(layer, MaskedConv2d)
-                            else ReferenceLinear(layer))
+        return _swap_masked(
+            model, lambda layer: ReferenceConv2d(layer) if isinstance(layer, MaskedConv2d) else ReferenceLinear(layer)
+        )
     return model
 
 
 # --- one training step ------------------------------------------------------------------------------------
 
-def make_step(model: nn.Module, workload: Workload, batch: int, device: torch.device,
-              recipe: Recipe = Recipe()):
+
+def make_step(model: nn.Module, workload: Workload, batch: int, device: torch.device, recipe: Recipe = Recipe()):
     """A closure running forward + loss + backward + SGD step on a fixed random batch."""
     recipe = recipe.resolved(device, model)
     model.to(device).train()
@@ -259,8 +294,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(steps: dict, device: torch.device, repeats: int, inner: int, warmup: int,
-                     clock=time.perf_counter) -> dict:
+def time_interleaved(
+    steps: dict, device: torch.device, repeats: int, inner: int, warmup: int, clock=time.perf_counter
+) -> dict:
     """Median seconds per step of each variant; variants alternate, in a rotating order."""
     names = list(steps)
     for name in names:
@@ -269,18 +305,21 @@ def time_interleaved(steps: dict, device: torch.device, repeats: int, inner: int
     _sync(device)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             _sync(device)
             started = clock()
             for _ in range(inner):
                 steps[name]()
             _sync(device)
             samples[name].append((clock() - started) / inner)
-    return {name: {"median_s": statistics.median(v), "min_s": min(v), "samples": len(v), "values": v}
-            for name, v in samples.items()}
+    return {
+        name: {"median_s": statistics.median(v), "min_s": min(v), "samples": len(v), "values": v}
+        for name, v in samples.items()
+    }
 
 
 # --- peak memory, one fresh process per variant -----------------------------------------------------------
+
 
 def _rss_mb(field: str) -> float | None:
     try:
@@ -292,8 +331,7 @@ def _rss_mb(field: str) -> float | None:
     return None
 
 
-def measure_memory_child(workload: Workload, variant: str, batch: int, device: torch.device,
-                         recipe: Recipe) -> dict:
+def measure_memory_child(workload: Workload, variant: str, batch: int, device: torch.device, recipe: Recipe) -> dict:
     """Runs in a subprocess: build one variant, run steps, report its peak memory."""
     base_rss = _rss_mb("VmRSS")
     model = build_variant(workload, variant, recipe.masker)
@@ -342,6 +380,7 @@ def measure_memory(variants: list[str], child_args: list[str], parallel: bool) -
 
 # --- a workload ------------------------------------------------------------------------------------------
 
+
 def _fit_batch(workload: Workload, models: dict, device: torch.device, batch: int, recipe: Recipe):
     """On CUDA: halve the batch until one step of every variant fits; returns (batch, steps)."""
     while True:
@@ -379,26 +418,44 @@ def _check_same_network(models: dict, workload: Workload, device: torch.device) 
     return {name: float((out - outs["search"]).abs().max()) for name, out in outs.items() if name != "search"}
 
 
-def run_workload(workload: Workload, device: torch.device, *, repeats: int | None, inner: int | None,
-                 batch: int | None, memory: bool, threads: int | None, clock: str = "wall",
-                 warmup: int | None = None, recipe: Recipe = Recipe(),
-                 variants: tuple[str, ...] = VARIANTS, child_args: list[str] | None = None) -> dict:
+def run_workload(
+    workload: Workload,
+    device: torch.device,
+    *,
+    repeats: int | None,
+    inner: int | None,
+    batch: int | None,
+    memory: bool,
+    threads: int | None,
+    clock: str = "wall",
+    warmup: int | None = None,
+    recipe: Recipe = Recipe(),
+    variants: tuple[str, ...] = VARIANTS,
+    child_args: list[str] | None = None,
+) -> dict:
     cuda = device.type == "cuda"
     batch = batch or (workload.batch_cuda if cuda else workload.batch_cpu)
     repeats = repeats or (workload.repeats * 4 if cuda else workload.repeats)
     inner = inner or (max(1, workload.inner // 2) if cuda else workload.inner)
     models = {name: build_variant(workload, name, recipe.masker) for name in variants}
     recipe = recipe.resolved(device, next(iter(models.values())))
-    logit_diff = (_check_same_network(models, workload, device)
-                  if workload.arch != "wrn50" and "search" in models else {})
+    logit_diff = (
+        _check_same_network(models, workload, device) if workload.arch != "wrn50" and "search" in models else {}
+    )
     if cuda:
         torch.backends.cudnn.benchmark = True
     batch, steps = _fit_batch(workload, models, device, batch, recipe)
     load_before = os.getloadavg()[0]
     if warmup is None:
         warmup = 2 if workload.inner == 1 else 5
-    times = time_interleaved(steps, device, repeats=repeats, inner=inner, warmup=warmup,
-                             clock=time.process_time if clock == "cpu" else time.perf_counter)
+    times = time_interleaved(
+        steps,
+        device,
+        repeats=repeats,
+        inner=inner,
+        warmup=warmup,
+        clock=time.process_time if clock == "cpu" else time.perf_counter,
+    )
     load_after = os.getloadavg()[0]
     del steps, models
     if cuda:
@@ -412,35 +469,55 @@ def run_workload(workload: Workload, device: torch.device, *, repeats: int | Non
         return None if a is None or b is None or not b else a / b
 
     return {
-        "arch": workload.name, "batch": batch, "device": device.type,
-        "input": [workload.channels, workload.size, workload.size], "variants": list(variants),
-        "search_ms": ms["search"], "dense_ms": ms["dense"], "reference_ms": ms["reference"],
-        "ratio": ratio(ms["search"], ms["dense"]), "reference_ratio": ratio(ms["reference"], ms["search"]),
+        "arch": workload.name,
+        "batch": batch,
+        "device": device.type,
+        "input": [workload.channels, workload.size, workload.size],
+        "variants": list(variants),
+        "search_ms": ms["search"],
+        "dense_ms": ms["dense"],
+        "reference_ms": ms["reference"],
+        "ratio": ratio(ms["search"], ms["dense"]),
+        "reference_ratio": ratio(ms["reference"], ms["search"]),
         # the median over repetitions of (search / dense) within one repetition: the two samples of a pair
         # ran back to back, so a load change on a shared machine cancels out better than in medians' ratio
-        "paired_ratio": (statistics.median(a / b for a, b in zip(times["search"]["values"], times["dense"]["values"]))
-                         if "search" in times and "dense" in times else None),
+        "paired_ratio": (
+            statistics.median(a / b for a, b in zip(times["search"]["values"], times["dense"]["values"]))
+            if "search" in times and "dense" in times
+            else None
+        ),
         "reference_vs_dense": ratio(ms["reference"], ms["dense"]),
         **{f"{name.replace('-', '_')}_ms": ms[name] for name in BREAKDOWN if name in variants},
         **{f"{name}_min_ms": times[name]["min_s"] * 1e3 if name in times else None for name in VARIANTS},
-        "search_peak_mb": peak["search"], "dense_peak_mb": peak["dense"], "reference_peak_mb": peak["reference"],
+        "search_peak_mb": peak["search"],
+        "dense_peak_mb": peak["dense"],
+        "reference_peak_mb": peak["reference"],
         "peak_ratio": ratio(peak["search"], peak["dense"]),
         "memory_method": next((p.get("method") for p in peaks.values() if p.get("method")), None),
         "memory_errors": {name: p["error"] for name, p in peaks.items() if p.get("error")} or None,
-        "repeats": repeats, "inner": inner, "clock": clock, "k": K,
-        "precision": recipe.precision, "amp": "bf16" if recipe.precision == "bf16" else None,
+        "repeats": repeats,
+        "inner": inner,
+        "clock": clock,
+        "k": K,
+        "precision": recipe.precision,
+        "amp": "bf16" if recipe.precision == "bf16" else None,
         "channels_last": recipe.channels_last,
         "masker": recipe.masker or ("torch" if cuda or recipe.compile_backend else "numpy"),
         "compile": recipe.compile_backend,
-        "init_logit_max_diff": logit_diff.get("dense"), "reference_logit_max_diff": logit_diff.get("reference"),
-        "load_before": load_before, "load_after": load_after,
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "cpus": os.cpu_count(),
+        "init_logit_max_diff": logit_diff.get("dense"),
+        "reference_logit_max_diff": logit_diff.get("reference"),
+        "load_before": load_before,
+        "load_after": load_after,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),
         "gpu": torch.cuda.get_device_name(device) if cuda else None,
     }
 
 
 # --- epoch-like mode: a real search over image files ------------------------------------------------------
+
 
 def write_image_folder(root: Path, *, classes: int, per_class: int, size: int, heldout: int) -> Path:
     """A small image folder (train/<class>/*.jpg, val/<class>/*.png) of random-ish pictures."""
@@ -459,50 +536,76 @@ def write_image_folder(root: Path, *, classes: int, per_class: int, size: int, h
     return root
 
 
-def run_epoch_like(arch: str, device: str, *, image_size: int, images: int, batch: int, workers: int,
-                   epochs: int) -> dict:
+def run_epoch_like(
+    arch: str, device: str, *, image_size: int, images: int, batch: int, workers: int, epochs: int
+) -> dict:
     from maskforge import SearchConfig, search
 
     classes = 10
     with tempfile.TemporaryDirectory(prefix="maskforge-epochlike-") as tmp:
-        root = write_image_folder(Path(tmp) / "data", classes=classes, per_class=max(1, images // classes),
-                                  size=image_size, heldout=2)
+        root = write_image_folder(
+            Path(tmp) / "data", classes=classes, per_class=max(1, images // classes), size=image_size, heldout=2
+        )
         started = time.perf_counter()
-        result = search(SearchConfig(arch=arch, k=K, data=str(root), epochs=epochs, batch_size=batch,
-                                     device=device, workers=workers, image_size=image_size,
-                                     out=str(Path(tmp) / "run")))
+        result = search(
+            SearchConfig(
+                arch=arch,
+                k=K,
+                data=str(root),
+                epochs=epochs,
+                batch_size=batch,
+                device=device,
+                workers=workers,
+                image_size=image_size,
+                out=str(Path(tmp) / "run"),
+            )
+        )
         wall = time.perf_counter() - started
     last = result.metrics[-1]
-    return {"mode": "epoch-like", "arch": arch, "device": device, "batch": batch, "image_size": image_size,
-            "train_images": classes * max(1, images // classes), "workers": workers, "epochs": epochs,
-            "images_per_s_last_epoch": last["images_per_s"],
-            "images_per_s_by_epoch": [m["images_per_s"] for m in result.metrics], "wall_s": wall}
+    return {
+        "mode": "epoch-like",
+        "arch": arch,
+        "device": device,
+        "batch": batch,
+        "image_size": image_size,
+        "train_images": classes * max(1, images // classes),
+        "workers": workers,
+        "epochs": epochs,
+        "images_per_s_last_epoch": last["images_per_s"],
+        "images_per_s_by_epoch": [m["images_per_s"] for m in result.metrics],
+        "wall_s": wall,
+    }
 
 
 # --- command line -----------------------------------------------------------------------------------------
 
+
 def _print_table(records: list[dict]) -> None:
-    header = (f"{'arch':9s} {'dev':4s} {'batch':>5s} {'search ms':>10s} {'dense ms':>10s} {'ratio':>6s} "
-              f"{'paired':>6s} {'ref ms':>10s} {'ref/search':>10s} {'search MB':>10s} {'dense MB':>9s} {'ref MB':>8s} "
-              f"{'load':>5s}")
+    header = (
+        f"{'arch':9s} {'dev':4s} {'batch':>5s} {'search ms':>10s} {'dense ms':>10s} {'ratio':>6s} "
+        f"{'paired':>6s} {'ref ms':>10s} {'ref/search':>10s} {'search MB':>10s} {'dense MB':>9s} {'ref MB':>8s} "
+        f"{'load':>5s}"
+    )
     print(header)
 
     def num(value, digits: int, width: int) -> str:
         return f"{'-':>{width}s}" if value is None else f"{value:{width}.{digits}f}"
 
     for r in records:
-        print(f"{r['arch']:9s} {r['device']:4s} {r['batch']:5d} {num(r['search_ms'], 2, 10)} "
-              f"{num(r['dense_ms'], 2, 10)} {num(r['ratio'], 3, 6)} {num(r.get('paired_ratio'), 3, 6)} "
-              f"{num(r['reference_ms'], 2, 10)} "
-              f"{num(r['reference_ratio'], 2, 10)} {num(r['search_peak_mb'], 0, 10)} "
-              f"{num(r['dense_peak_mb'], 0, 9)} {num(r['reference_peak_mb'], 0, 8)} {r['load_before']:5.1f}")
+        print(
+            f"{r['arch']:9s} {r['device']:4s} {r['batch']:5d} {num(r['search_ms'], 2, 10)} "
+            f"{num(r['dense_ms'], 2, 10)} {num(r['ratio'], 3, 6)} {num(r.get('paired_ratio'), 3, 6)} "
+            f"{num(r['reference_ms'], 2, 10)} "
+            f"{num(r['reference_ratio'], 2, 10)} {num(r['search_peak_mb'], 0, 10)} "
+            f"{num(r['dense_peak_mb'], 0, 9)} {num(r['reference_peak_mb'], 0, 8)} {r['load_before']:5.1f}"
+        )
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", action="append", choices=list(WORKLOADS),
-                        help="workload (repeatable); default: all")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--arch", action="append", choices=list(WORKLOADS), help="workload (repeatable); default: all")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     parser.add_argument("--repeats", type=int, help="timed samples per variant (default: per workload)")
@@ -511,32 +614,48 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, help="override the workload's batch size")
     parser.add_argument("--image-size", type=int, help="override the workload's image side (px)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                        help="wall: elapsed time (default); cpu: this process's CPU time (CPU device only: "
-                             "with --threads 1 it ignores time lost to other processes on a loaded machine)")
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help=f"comma list of variants to time (default: {','.join(VARIANTS)}; needs dense); "
-                             "add fixed-mask (no selection, no product) and fixed-all (also no backward "
-                             "arithmetic) to see where the search's extra time goes")
-    parser.add_argument("--precision", choices=("fp32", "bf16"),
-                        help="bf16: autocast (default on CUDA); fp32 (default on the CPU)")
-    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                        help="channels_last activations and weights (default: on CUDA)")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall: elapsed time (default); cpu: this process's CPU time (CPU device only: "
+        "with --threads 1 it ignores time lost to other processes on a loaded machine)",
+    )
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"comma list of variants to time (default: {','.join(VARIANTS)}; needs dense); "
+        "add fixed-mask (no selection, no product) and fixed-all (also no backward "
+        "arithmetic) to see where the search's extra time goes",
+    )
+    parser.add_argument(
+        "--precision", choices=("fp32", "bf16"), help="bf16: autocast (default on CUDA); fp32 (default on the CPU)"
+    )
+    parser.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="channels_last activations and weights (default: on CUDA)",
+    )
     parser.add_argument("--masker", choices=("numpy", "torch"), help="the search's masker (default: by device)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every timed model")
-    parser.add_argument("--compile-backend", default="inductor",
-                        help="torch.compile backend with --compile (default inductor; aot_eager needs no "
-                             "compiler)")
+    parser.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend with --compile (default inductor; aot_eager needs no compiler)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory subprocesses")
-    parser.add_argument("--epoch-like", action="store_true",
-                        help="CUDA only: images/s of a real search over a small JPEG/PNG image folder")
+    parser.add_argument(
+        "--epoch-like",
+        action="store_true",
+        help="CUDA only: images/s of a real search over a small JPEG/PNG image folder",
+    )
     parser.add_argument("--epoch-images", type=int, default=2560, help="epoch-like: training images")
     parser.add_argument("--epoch-image-size", type=int, default=224, help="epoch-like: image side")
     parser.add_argument("--epoch-workers", type=int, default=8, help="epoch-like: data-loader processes")
     parser.add_argument("--epoch-batch", type=int, default=128, help="epoch-like: batch size")
     parser.add_argument("--epochs", type=int, default=2, help="epoch-like: epochs (the first one warms up)")
-    parser.add_argument("--_memory-child", dest="memory_child", choices=VARIANTS + BREAKDOWN,
-                        help=argparse.SUPPRESS)
+    parser.add_argument("--_memory-child", dest="memory_child", choices=VARIANTS + BREAKDOWN, help=argparse.SUPPRESS)
     parser.add_argument("--_epoch-like-on-cpu", dest="epoch_like_cpu", action="store_true", help=argparse.SUPPRESS)
     return parser
 
@@ -544,8 +663,12 @@ def _parser() -> argparse.ArgumentParser:
 def _recipe_args(args) -> list[str]:
     """The arguments a memory subprocess needs to rebuild the same workload and recipe."""
     out = ["--device", args.device]
-    for flag, value in (("--precision", args.precision), ("--masker", args.masker),
-                        ("--image-size", args.image_size), ("--threads", args.threads)):
+    for flag, value in (
+        ("--precision", args.precision),
+        ("--masker", args.masker),
+        ("--image-size", args.image_size),
+        ("--threads", args.threads),
+    ):
         if value is not None:
             out += [flag, str(value)]
     if args.channels_last is not None:
@@ -557,17 +680,29 @@ def _recipe_args(args) -> list[str]:
 
 def _run_epoch_like(args) -> int:
     if args.device != "cuda" and not args.epoch_like_cpu:
-        print("--epoch-like measures a GPU search with data loading: run it with --device cuda "
-              "(skipped on CPU).", file=sys.stderr)
+        print(
+            "--epoch-like measures a GPU search with data loading: run it with --device cuda (skipped on CPU).",
+            file=sys.stderr,
+        )
         return 0
     for arch in args.arch or ["resnet18"]:
-        record = run_epoch_like(arch, args.device, image_size=args.epoch_image_size,
-                                images=args.epoch_images, batch=args.epoch_batch,
-                                workers=args.epoch_workers, epochs=args.epochs)
-        print(json.dumps(record) if args.json else
-              f"{arch}: {record['images_per_s_last_epoch']:.0f} images/s (last epoch; by epoch "
-              f"{', '.join(f'{v:.0f}' for v in record['images_per_s_by_epoch'])}), "
-              f"batch {record['batch']}, {record['image_size']} px, {record['workers']} workers", flush=True)
+        record = run_epoch_like(
+            arch,
+            args.device,
+            image_size=args.epoch_image_size,
+            images=args.epoch_images,
+            batch=args.epoch_batch,
+            workers=args.epoch_workers,
+            epochs=args.epochs,
+        )
+        print(
+            json.dumps(record)
+            if args.json
+            else f"{arch}: {record['images_per_s_last_epoch']:.0f} images/s (last epoch; by epoch "
+            f"{', '.join(f'{v:.0f}' for v in record['images_per_s_by_epoch'])}), "
+            f"batch {record['batch']}, {record['image_size']} px, {record['workers']} workers",
+            flush=True,
+        )
     return 0
 
 
@@ -577,8 +712,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("CUDA is not available on this machine: GPU figures cannot be measured here (skipped).",
-              file=sys.stderr)
+        print("CUDA is not available on this machine: GPU figures cannot be measured here (skipped).", file=sys.stderr)
         return 0
     if args.clock == "cpu" and args.device == "cuda":
         parser.error("--clock cpu measures host CPU time: use it with --device cpu")
@@ -586,8 +720,7 @@ def main(argv: list[str] | None = None) -> int:
     if "dense" not in variants or set(args.variants.split(",")) - set(VARIANTS + BREAKDOWN):
         parser.error(f"--variants: a comma list of {', '.join(VARIANTS + BREAKDOWN)} that includes dense")
     device = torch.device(args.device)
-    recipe = Recipe(args.precision, args.channels_last, args.masker,
-                    args.compile_backend if args.compile else None)
+    recipe = Recipe(args.precision, args.channels_last, args.masker, args.compile_backend if args.compile else None)
     arch_list = args.arch or list(WORKLOADS)
 
     def workload(arch: str) -> Workload:
@@ -595,18 +728,27 @@ def main(argv: list[str] | None = None) -> int:
         return replace(chosen, size=args.image_size) if args.image_size else chosen
 
     if args.memory_child:
-        print(json.dumps(measure_memory_child(workload(arch_list[0]), args.memory_child, args.batch, device,
-                                              recipe)))
+        print(json.dumps(measure_memory_child(workload(arch_list[0]), args.memory_child, args.batch, device, recipe)))
         return 0
     if args.epoch_like:
         return _run_epoch_like(args)
 
     records = []
     for arch in arch_list:
-        record = run_workload(workload(arch), device, repeats=args.repeats, inner=args.inner,
-                              batch=args.batch, memory=not args.no_memory, threads=args.threads,
-                              clock=args.clock, warmup=args.warmup, recipe=recipe, variants=variants,
-                              child_args=_recipe_args(args))
+        record = run_workload(
+            workload(arch),
+            device,
+            repeats=args.repeats,
+            inner=args.inner,
+            batch=args.batch,
+            memory=not args.no_memory,
+            threads=args.threads,
+            clock=args.clock,
+            warmup=args.warmup,
+            recipe=recipe,
+            variants=variants,
+            child_args=_recipe_args(args),
+        )
         records.append(record)
         if args.json:
             print(json.dumps(record), flush=True)

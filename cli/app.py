@@ -180,8 +180,9 @@ def _load(name: str):
     """Import a command's module (it registers the command on `app`) and build its click command."""
     importlib.import_module(COMMANDS[name].module)
     info = next(info for info in app.registered_commands if info.name == name)
-    return typer.main.get_command_from_info(info, pretty_exceptions_short=app.pretty_exceptions_short,
-                                            rich_markup_mode=app.rich_markup_mode)
+    return typer.main.get_command_from_info(
+        info, pretty_exceptions_short=app.pretty_exceptions_short, rich_markup_mode=app.rich_markup_mode
+    )
 
 
 def _silence_stdout() -> None:
@@ -226,11 +227,19 @@ def _show_version(value: bool) -> None:
 
 
 @app.callback()
-def _root(ctx: typer.Context,
-          debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for unexpected errors (also "
-                                                              "accepted after the command's name).")] = False,
-          version: Annotated[bool, typer.Option("--version", help="Show maskforge's version and exit.",
-                                                is_eager=True, callback=_show_version)] = False) -> None:
+def _root(
+    ctx: typer.Context,
+    debug: Annotated[
+        bool,
+        typer.Option(
+            "--debug", help="Show full tracebacks for unexpected errors (also accepted after the command's name)."
+        ),
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", help="Show maskforge's version and exit.", is_eager=True, callback=_show_version),
+    ] = False,
+) -> None:
     """maskforge: search -> artifact (seed + mask) -> export (ONNX) -> eval (onnxruntime)."""
     ctx.obj = {"debug": debug or os.environ.get("MASKFORGE_DEBUG", "") not in ("", "0")}
 

@@ -17,9 +17,15 @@ from .console import console
 @app.command("archs")
 def archs_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines instead of a table.")] = False,
-    all_: Annotated[bool, typer.Option("--all", help="Also list torchvision's classification builders "
-                                       "(--arch torchvision:NAME) with their masked weights at --input, or why one "
-                                       "cannot be converted (builds each on the meta device: seconds).")] = False,
+    all_: Annotated[
+        bool,
+        typer.Option(
+            "--all",
+            help="Also list torchvision's classification builders "
+            "(--arch torchvision:NAME) with their masked weights at --input, or why one "
+            "cannot be converted (builds each on the meta device: seconds).",
+        ),
+    ] = False,
     input_: Annotated[str, typer.Option("--input", help="With --all: the input as CxHxW.")] = "3x224x224",
     classes: Annotated[int, typer.Option("--classes", help="With --all: the number of classes.")] = 1000,
 ) -> None:
@@ -35,8 +41,9 @@ def archs_command(
     for column in ("name", "weights @ 3x32x32, 10 classes", "weights @ 3x224x224, 1000 classes", "description"):
         table.add_column(column)
     for entry in entries:
-        table.add_row(entry["name"], f"{entry['weights_cifar10']:,}", f"{entry['weights_imagenet']:,}",
-                      entry["description"])
+        table.add_row(
+            entry["name"], f"{entry['weights_cifar10']:,}", f"{entry['weights_imagenet']:,}", entry["description"]
+        )
     console().print(table)
 
 

@@ -12,7 +12,7 @@ from maskforge.sizes import bits_per_weight
 
 from .shown import cell
 
-FULL_MATRIX_UP_TO = 20   # classes; above this, only the worst classes are listed
+FULL_MATRIX_UP_TO = 20  # classes; above this, only the worst classes are listed
 WORST_SHOWN = 10
 
 
@@ -36,18 +36,26 @@ def report_table(report: EvalReport) -> Table:
         table.add_column(column, justify=justify)
     model, acc = report.model, report.accuracy
     mode = f"storage {model.storage or 'unknown'}, precision {model.precision or 'unknown'}"
-    table.add_row("[bold]model[/]", cell(model.arch or ""), f"{model.kind}; {mode}; input "
-                  f"{'x'.join(map(str, model.input_shape))}, {len(model.class_names)} classes")
+    table.add_row(
+        "[bold]model[/]",
+        cell(model.arch or ""),
+        f"{model.kind}; {mode}; input {'x'.join(map(str, model.input_shape))}, {len(model.class_names)} classes",
+    )
     table.add_row("[bold]accuracy[/]", "", cell(f"{acc.data} / {acc.split}, {acc.examples:,} examples"))
     table.add_row("top-1 (onnxruntime)", f"{acc.top1:.2%}", f"{acc.correct:,} correct")
-    table.add_row(f"top-{acc.k} (onnxruntime)", f"{acc.topk:.2%}", f"{acc.correct_topk:,} correct"
-                  + (f" (top-{acc.k}: the model has {acc.k} classes)" if acc.k < 5 else ""))
+    table.add_row(
+        f"top-{acc.k} (onnxruntime)",
+        f"{acc.topk:.2%}",
+        f"{acc.correct_topk:,} correct" + (f" (top-{acc.k}: the model has {acc.k} classes)" if acc.k < 5 else ""),
+    )
     if report.agreement is not None:
         agree = report.agreement
         table.add_row("top-1 (float32 reference)", f"{agree.reference_top1:.2%}", agree.reference)
-        table.add_row("argmax agreement", f"{agree.argmax_agreement:.2%}",
-                      f"top-1 difference {agree.top1_difference * 100:+.2f} points; max |logit diff| "
-                      f"{agree.max_abs_diff:.2g}")
+        table.add_row(
+            "argmax agreement",
+            f"{agree.argmax_agreement:.2%}",
+            f"top-1 difference {agree.top1_difference * 100:+.2f} points; max |logit diff| {agree.max_abs_diff:.2g}",
+        )
     if acc.search_heldout_acc is not None:
         table.add_row("held-out accuracy at search", f"{acc.search_heldout_acc:.2%}", "from the provenance")
     if report.timing is not None:
@@ -62,32 +70,49 @@ def _timing_rows(table: Table, report: EvalReport) -> None:
     for stats in timing.latency:
         name = "onnxruntime" if stats.runtime == "onnxruntime" else "PyTorch eager"
         runs = f"{stats.runs} runs" + (" (time budget reached)" if stats.runs < timing.runs_requested else "")
-        table.add_row(f"{name} batch {stats.batch}", _ms(stats.p50_ms),
-                      f"p50; p90 {_ms(stats.p90_ms)} / p99 {_ms(stats.p99_ms)}, {stats.images_per_s:,.0f} "
-                      f"images/s ({runs})")
+        table.add_row(
+            f"{name} batch {stats.batch}",
+            _ms(stats.p50_ms),
+            f"p50; p90 {_ms(stats.p90_ms)} / p99 {_ms(stats.p99_ms)}, {stats.images_per_s:,.0f} images/s ({runs})",
+        )
     if timing.session_start_ms is not None:
         table.add_row("session start", _ms(timing.session_start_ms), "median of 3, in a fresh process")
-        table.add_row("peak memory", _bytes(timing.peak_rss_bytes),
-                      f"resident set of that process; the model adds {_bytes(timing.model_rss_bytes)}")
+        table.add_row(
+            "peak memory",
+            _bytes(timing.peak_rss_bytes),
+            f"resident set of that process; the model adds {_bytes(timing.model_rss_bytes)}",
+        )
 
 
 def _size_rows(table: Table, report: EvalReport) -> None:
     size, compute = report.size, report.compute
     table.add_row("[bold]size[/]", "", "")
-    rows = (("ONNX file", size.onnx_bytes, size.onnx_bits_per_weight),
-            ("artifact", size.artifact_bytes, size.artifact_bits_per_weight),
-            ("dense float32 equivalent", size.dense_float32_bytes, None))
+    rows = (
+        ("ONNX file", size.onnx_bytes, size.onnx_bits_per_weight),
+        ("artifact", size.artifact_bytes, size.artifact_bits_per_weight),
+        ("dense float32 equivalent", size.dense_float32_bytes, None),
+    )
     for name, value, bits in rows:
         if value:
-            bits = bits if bits is not None else (bits_per_weight(value, size.masked_weights) if size.masked_weights else None)
+            bits = (
+                bits
+                if bits is not None
+                else (bits_per_weight(value, size.masked_weights) if size.masked_weights else None)
+            )
             table.add_row(name, f"{value:,} B", f"{bits:.3f} bits per masked weight" if bits is not None else "")
     table.add_row("[bold]compute[/]", "", "")
     if compute.params_total is not None:
-        table.add_row("parameters", f"{compute.params_total:,}", f"{compute.params_kept:,} kept "
-                      f"({compute.density:.1%})" if compute.params_kept is not None else "")
+        table.add_row(
+            "parameters",
+            f"{compute.params_total:,}",
+            f"{compute.params_kept:,} kept ({compute.density:.1%})" if compute.params_kept is not None else "",
+        )
     if compute.macs_dense is not None:
-        table.add_row("MACs per image", f"{compute.macs_dense:,}", f"effective (x density): {compute.macs_effective:,}"
-                      if compute.macs_effective is not None else "")
+        table.add_row(
+            "MACs per image",
+            f"{compute.macs_dense:,}",
+            f"effective (x density): {compute.macs_effective:,}" if compute.macs_effective is not None else "",
+        )
 
 
 def class_table(report: EvalReport) -> Table:
@@ -102,18 +127,22 @@ def class_table(report: EvalReport) -> Table:
         table.add_column("examples", justify="right")
         table.add_column("accuracy", justify="right")
         for index, result in enumerate(acc.per_class):
-            cells = [f"[bold]{count}[/]" if column == index else (str(count) if count else "[dim]·[/]")
-                     for column, count in enumerate(acc.confusion[index])]
+            cells = [
+                f"[bold]{count}[/]" if column == index else (str(count) if count else "[dim]·[/]")
+                for column, count in enumerate(acc.confusion[index])
+            ]
             table.add_row(cell(result.name), *cells, f"{result.examples:,}", _accuracy(result.accuracy))
         return table
-    table = Table(title=f"the {WORST_SHOWN} least accurate of {len(names)} classes (all of them: --json, "
-                        f"--confusion-png)")
+    table = Table(
+        title=f"the {WORST_SHOWN} least accurate of {len(names)} classes (all of them: --json, --confusion-png)"
+    )
     for column in ("class", "examples", "accuracy", "most often predicted instead"):
         table.add_column(column, justify="left" if column in ("class", "most often predicted instead") else "right")
     present = [r for r in acc.per_class if r.accuracy is not None]
     for result in sorted(present, key=lambda r: (r.accuracy, r.name))[:WORST_SHOWN]:
-        table.add_row(cell(result.name), f"{result.examples:,}", _accuracy(result.accuracy),
-                      cell(result.confused_with or ""))
+        table.add_row(
+            cell(result.name), f"{result.examples:,}", _accuracy(result.accuracy), cell(result.confused_with or "")
+        )
     return table
 
 
@@ -126,8 +155,10 @@ def compare_table(comparison: CompareReport) -> Table:
     throughput at batch 1 and B (with the ratio to dense fp32), accuracy and agreement with float32."""
     first = comparison.rows[0].report
     batch, k = first.batch_size, first.accuracy.k
-    table = Table(title=f"maskforge eval --compare: {comparison.artifact} ({first.accuracy.data} / "
-                        f"{first.accuracy.split}, {first.accuracy.examples:,} examples, {first.threads} thread(s))")
+    table = Table(
+        title=f"maskforge eval --compare: {comparison.artifact} ({first.accuracy.data} / "
+        f"{first.accuracy.split}, {first.accuracy.examples:,} examples, {first.threads} thread(s))"
+    )
     table.add_column("")
     summaries = {row.mode: row.summary() for row in comparison.rows}
     refused = {mode: index + 1 for index, mode in enumerate(comparison.refused)}
@@ -135,22 +166,40 @@ def compare_table(comparison: CompareReport) -> Table:
     for mode in columns:
         table.add_column(mode.replace(" ", "\n", 1), justify="right")
     versus = f" (x {comparison.baseline})" if comparison.baseline else ""
-    lines = [("file", lambda s: _bytes(s["onnx_bytes"])),
-             ("bits / masked weight", lambda s: _number(s["bits_per_weight"], ".3f")),
-             ("session start", lambda s: _ms(s["session_start_ms"])),
-             ("peak memory", lambda s: _bytes(s["peak_rss_bytes"]))]
+    lines = [
+        ("file", lambda s: _bytes(s["onnx_bytes"])),
+        ("bits / masked weight", lambda s: _number(s["bits_per_weight"], ".3f")),
+        ("session start", lambda s: _ms(s["session_start_ms"])),
+        ("peak memory", lambda s: _bytes(s["peak_rss_bytes"])),
+    ]
     requested = first.timing.runs_requested if first.timing else None
     for size in sorted({1, batch}):
-        lines += [(f"batch {size}: p50 / p90 / p99 ms", lambda s, b=size: _percentiles(s, b, requested)),
-                  (f"batch {size}: images/s{versus}", lambda s, b=size: _throughput(s, b))]
-    lines += [("top-1", lambda s: f"{s['top1']:.2%}"), (f"top-{k}", lambda s: f"{s[f'top{k}']:.2%}"),
-              ("agreement with float32", lambda s: _number(s["argmax_agreement"], ".2%")),
-              ("Δ top-1 (points)", lambda s: _number(None if s["top1_difference"] is None
-                                                     else 100 * s["top1_difference"], "+.2f"))]
+        lines += [
+            (f"batch {size}: p50 / p90 / p99 ms", lambda s, b=size: _percentiles(s, b, requested)),
+            (f"batch {size}: images/s{versus}", lambda s, b=size: _throughput(s, b)),
+        ]
+    lines += [
+        ("top-1", lambda s: f"{s['top1']:.2%}"),
+        (f"top-{k}", lambda s: f"{s[f'top{k}']:.2%}"),
+        ("agreement with float32", lambda s: _number(s["argmax_agreement"], ".2%")),
+        (
+            "Δ top-1 (points)",
+            lambda s: _number(None if s["top1_difference"] is None else 100 * s["top1_difference"], "+.2f"),
+        ),
+    ]
     for label, value_of in lines:
-        table.add_row(label, *[value_of(summaries[mode]) if mode in summaries else
-                               f"[red]refused ({refused[mode]})[/]" if label == "file" else "" for mode in columns])
-    table.caption = (f"agreement and Δ top-1 against {comparison.reference}: top-1 {comparison.reference_top1:.2%}")
+        table.add_row(
+            label,
+            *[
+                value_of(summaries[mode])
+                if mode in summaries
+                else f"[red]refused ({refused[mode]})[/]"
+                if label == "file"
+                else ""
+                for mode in columns
+            ],
+        )
+    table.caption = f"agreement and Δ top-1 against {comparison.reference}: top-1 {comparison.reference_top1:.2%}"
     return table
 
 

@@ -9,11 +9,11 @@ from maskforge.runfiles import ARTIFACT_NAME
 
 TAKEN_BY = {
     "onnx": "`maskforge eval {path}` evaluates it, `maskforge predict {path} IMAGE...` classifies images with it, "
-            "and `maskforge verify {path} --artifact ARTIFACT` checks it against the artifact it came from",
+    "and `maskforge verify {path} --artifact ARTIFACT` checks it against the artifact it came from",
     "torch_export": "reload it in Python with maskforge.load_torch_export; `maskforge inspect` reads the artifact "
-                    "it was exported from",
+    "it was exported from",
     "checkpoint": "`maskforge search --resume FOLDER` continues the run it belongs to; the finished run's "
-                  f"{ARTIFACT_NAME} is what `maskforge inspect` reads",
+    f"{ARTIFACT_NAME} is what `maskforge inspect` reads",
     "image": "`maskforge predict MODEL {path}` classifies it",
 }
 

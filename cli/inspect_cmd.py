@@ -36,17 +36,32 @@ def inspect_command(
     overview = Table(show_header=False, title=cell(file))
     rows = [
         ("architecture", f"{summary['arch']} {summary['arch_args']}"),
-        *([("depends on", f"{summary['depends_on']}; built with {summary['library']}; structure sha256 "
-                          f"{summary['structure_digest'][:16]}...")] if "depends_on" in summary else []),
-        *([("fixed tensors", ", ".join(f"{name} = {value}" for name, value in summary["fixed_tensors"].items()))]
-          if summary.get("fixed_tensors") else []),
+        *(
+            [
+                (
+                    "depends on",
+                    f"{summary['depends_on']}; built with {summary['library']}; structure sha256 "
+                    f"{summary['structure_digest'][:16]}...",
+                )
+            ]
+            if "depends_on" in summary
+            else []
+        ),
+        *(
+            [("fixed tensors", ", ".join(f"{name} = {value}" for name, value in summary["fixed_tensors"].items()))]
+            if summary.get("fixed_tensors")
+            else []
+        ),
         ("k (kept fraction)", f"{summary['k']}" + (" (one global threshold)" if summary["topk"] == "global" else "")),
         ("seed / init", f"{summary['seed']} / {summary['init']}{' (scaled fan-in)' if summary['scale_fan'] else ''}"),
         ("input", f"{spec['channels']}x{spec['height']}x{spec['width']}, mean {spec['mean']}, std {spec['std']}"),
         ("classes", ", ".join(spec["class_names"][:12]) + (" ..." if len(spec["class_names"]) > 12 else "")),
         ("masked weights", f"{summary['masked_weights']:,} ({summary['kept_weights']:,} kept)"),
-        ("file size", f"{summary['file_bytes']:,} bytes = {summary['bits_per_weight']:.3f} bits per masked "
-                      f"weight (dense float32: {summary['dense_float32_bytes']:,} bytes)"),
+        (
+            "file size",
+            f"{summary['file_bytes']:,} bytes = {summary['bits_per_weight']:.3f} bits per masked "
+            f"weight (dense float32: {summary['dense_float32_bytes']:,} bytes)",
+        ),
         ("held-out accuracy", _fmt_acc(summary["provenance"].get("heldout_acc"))),
         ("provenance", ", ".join(f"{key}={value}" for key, value in summary["provenance"].items())),
         ("digest", summary["digest"]),
@@ -58,8 +73,9 @@ def inspect_command(
     for column in ("layer", "shape", "kept", "density"):
         layers.add_column(column, justify="left" if column in ("layer", "shape") else "right")
     for layer in summary["layers"]:
-        layers.add_row(cell(layer["name"]), "x".join(map(str, layer["shape"])), f"{layer['kept']:,}",
-                       f"{layer['density']:.3f}")
+        layers.add_row(
+            cell(layer["name"]), "x".join(map(str, layer["shape"])), f"{layer['kept']:,}", f"{layer['density']:.3f}"
+        )
     console.print(layers)
 
 

@@ -13,18 +13,31 @@ from .app import app
 
 @app.command("plot")
 def plot_command(
-    folder: Annotated[Path, typer.Argument(help="A search run folder (metrics.jsonl) or a sweep folder "
-                                                "(sweep.json).", metavar="DIR")],
+    folder: Annotated[
+        Path, typer.Argument(help="A search run folder (metrics.jsonl) or a sweep folder (sweep.json).", metavar="DIR")
+    ],
     x: Annotated[Optional[str], typer.Option(help="Sweeps: the x axis, a grid axis (default k).")] = None,
-    hue: Annotated[Optional[str], typer.Option(help="Sweeps: one line per value of these grid axes "
-                                                    "(comma-separated; default the other axes that vary).")]
-    = None,
-    where: Annotated[Optional[list[str]], typer.Option(
-        help="Sweeps: only the points whose OPTION is one of the VALUES (repeatable), e.g. --where init=signed_constant "
-             "--where k=0.1,0.5.", metavar="OPTION=VALUES")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="File name stem (no suffix) for the PNG and SVG; default "
-                                                     "DIR/curves (runs) or DIR/accuracy_vs_X[_by_HUE] (sweeps).")]
-    = None,
+    hue: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Sweeps: one line per value of these grid axes (comma-separated; default the other axes that vary)."
+        ),
+    ] = None,
+    where: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            help="Sweeps: only the points whose OPTION is one of the VALUES (repeatable), e.g. --where init=signed_constant "
+            "--where k=0.1,0.5.",
+            metavar="OPTION=VALUES",
+        ),
+    ] = None,
+    out: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="File name stem (no suffix) for the PNG and SVG; default "
+            "DIR/curves (runs) or DIR/accuracy_vs_X[_by_HUE] (sweeps)."
+        ),
+    ] = None,
 ) -> None:
     """Draw figures (PNG + SVG) with matplotlib.
 
@@ -39,7 +52,8 @@ def plot_command(
     from maskforge.plotting import plot  # matplotlib loads here, after the arguments are checked
     from maskforge.sweeps import parse_where
 
-    paths = plot(folder, x=x, hue=[h.strip() for h in hue.split(",")] if hue else None, stem=out,
-                 where=parse_where(where or []))
+    paths = plot(
+        folder, x=x, hue=[h.strip() for h in hue.split(",")] if hue else None, stem=out, where=parse_where(where or [])
+    )
     for path in paths:
         typer.echo(str(path))

@@ -30,7 +30,7 @@ class _Clock:
     def __init__(self) -> None:
         self.total_steps = 0
         self.epochs = 0
-        self._eta: tuple[float, float] | None = None   # (seconds left, when it was given)
+        self._eta: tuple[float, float] | None = None  # (seconds left, when it was given)
 
     def step(self, progress) -> None:
         self.total_steps, self.epochs = progress.total_steps, progress.epochs
@@ -47,10 +47,12 @@ class _Clock:
 
 
 def epoch_line(record: dict, clock: _Clock) -> str:
-    return (f"epoch {record['epoch']}/{clock.epochs or '?'}: train loss {record['train_loss']:.4f}, acc "
-            f"{record['train_acc']:.1%}; held-out loss {record['heldout_loss']:.4f}, acc {record['heldout_acc']:.2%}; "
-            f"{record['images_per_s']:,.0f} img/s; step {record['step']:,}/{clock.total_steps:,}"
-            + ("" if record["step"] >= clock.total_steps else f", ETA {clock.eta()}"))
+    return (
+        f"epoch {record['epoch']}/{clock.epochs or '?'}: train loss {record['train_loss']:.4f}, acc "
+        f"{record['train_acc']:.1%}; held-out loss {record['heldout_loss']:.4f}, acc {record['heldout_acc']:.2%}; "
+        f"{record['images_per_s']:,.0f} img/s; step {record['step']:,}/{clock.total_steps:,}"
+        + ("" if record["step"] >= clock.total_steps else f", ETA {clock.eta()}")
+    )
 
 
 class _EtaColumn(ProgressColumn):
@@ -70,9 +72,14 @@ class SearchProgress:
     def __init__(self) -> None:
         self._clock = _Clock()
         self._progress = Progress(
-            TextColumn("[bold]search[/] epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(),
-            MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.1%}  "
-                                             "{task.fields[images_per_s]:.0f} img/s"), _EtaColumn(self._clock))
+            TextColumn("[bold]search[/] epoch {task.fields[epoch]}/{task.fields[epochs]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn(
+                "loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.1%}  {task.fields[images_per_s]:.0f} img/s"
+            ),
+            _EtaColumn(self._clock),
+        )
         self._task = None
         self._drawn = 0.0
         self._handler = logs.current()
@@ -91,14 +98,29 @@ class SearchProgress:
     def on_step(self, step) -> None:
         self._clock.step(step)
         if self._task is None:
-            self._task = self._progress.add_task("search", total=step.total_steps, completed=step.step - 1,
-                                                 epoch=0, epochs=0, loss=0.0, acc=0.0, images_per_s=0.0)
+            self._task = self._progress.add_task(
+                "search",
+                total=step.total_steps,
+                completed=step.step - 1,
+                epoch=0,
+                epochs=0,
+                loss=0.0,
+                acc=0.0,
+                images_per_s=0.0,
+            )
         now = time.monotonic()
         if now - self._drawn < REDRAW_SECONDS and step.step < step.total_steps:
             return
         self._drawn = now
-        self._progress.update(self._task, completed=step.step, epoch=step.epoch, epochs=step.epochs,
-                              loss=step.train_loss, acc=step.train_acc, images_per_s=step.images_per_s)
+        self._progress.update(
+            self._task,
+            completed=step.step,
+            epoch=step.epoch,
+            epochs=step.epochs,
+            loss=step.train_loss,
+            acc=step.train_acc,
+            images_per_s=step.images_per_s,
+        )
 
     def on_epoch(self, record: dict) -> None:
         self._progress.console.print(epoch_line(record, self._clock), markup=False, highlight=False)
@@ -118,9 +140,12 @@ class LineProgress:
         if now - self._last < self._heartbeat:
             return
         self._last = now
-        typer.echo(f"step {step.step:,}/{step.total_steps:,} (epoch {step.epoch}/{step.epochs}): loss "
-                   f"{step.train_loss:.4f}, acc {step.train_acc:.1%}, {step.images_per_s:,.0f} img/s, ETA "
-                   f"{self._clock.eta()}", err=True)
+        typer.echo(
+            f"step {step.step:,}/{step.total_steps:,} (epoch {step.epoch}/{step.epochs}): loss "
+            f"{step.train_loss:.4f}, acc {step.train_acc:.1%}, {step.images_per_s:,.0f} img/s, ETA "
+            f"{self._clock.eta()}",
+            err=True,
+        )
 
     def on_epoch(self, record: dict) -> None:
         self._last = time.monotonic()

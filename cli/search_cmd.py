@@ -57,8 +57,9 @@ def _option(name: str) -> inspect.Parameter:
     help_text = description if default is None else f"{description} \\[default: {shown}]"
     numeric = {"parser": _number(name, kind), "metavar": f"<{kind.__name__}>"} if kind in (int, float) else {}
     option = typer.Option(*decls, help=help_text, show_default=False, **numeric)
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
-                             annotation=Annotated[Optional[kind], option])
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[kind], option]
+    )
 
 
 def _number(name: str, kind: type):
@@ -70,16 +71,19 @@ def _number(name: str, kind: type):
         if isinstance(text, kind):
             return text
         if "," in str(text):
-            raise typer.BadParameter(f"{text!r} is a list, but one search takes one value; `maskforge sweep "
-                                     f"{flag} {text}` runs one search per value")
+            raise typer.BadParameter(
+                f"{text!r} is a list, but one search takes one value; `maskforge sweep "
+                f"{flag} {text}` runs one search per value"
+            )
         try:
             value = kind(text)
         except ValueError:
             raise typer.BadParameter(f"{text!r} is not a valid {'integer' if kind is int else 'number'}") from None
         if name == "k" and not 0 < value <= 1:
             meant = f"; did you mean --k {value / 100:g}?" if 10 <= value <= 100 else ""  # a percentage
-            raise typer.BadParameter(f"k is the fraction of weights kept, in (0, 1] (--k 0.3 keeps 30 % of every "
-                                     f"layer){meant}")
+            raise typer.BadParameter(
+                f"k is the fraction of weights kept, in (0, 1] (--k 0.3 keeps 30 % of every layer){meant}"
+            )
         return value
 
     parse.__name__ = kind.__name__
@@ -89,12 +93,20 @@ def _number(name: str, kind: type):
 CONFIG_OPTIONS = [_option(field.name) for field in dataclasses.fields(SearchConfig)]
 
 
-def search_command(ctx: typer.Context, resume_dir: Optional[Path] = None, quiet: bool = False,
-                   overwrite: bool = False, as_json: bool = False, **options: Any) -> None:
+def search_command(
+    ctx: typer.Context,
+    resume_dir: Optional[Path] = None,
+    quiet: bool = False,
+    overwrite: bool = False,
+    as_json: bool = False,
+    **options: Any,
+) -> None:
     given = {name: value for name, value in options.items() if value is not None}
     if resume_dir is not None and overwrite:
-        raise MaskforgeError("--overwrite does not apply with --resume (which continues the search in DIR); to "
-                             "start DIR over, leave --resume out: the same options with --out DIR --overwrite")
+        raise MaskforgeError(
+            "--overwrite does not apply with --resume (which continues the search in DIR); to "
+            "start DIR over, leave --resume out: the same options with --out DIR --overwrite"
+        )
     config = _config(given) if resume_dir is None else None  # a bad value is refused before torch loads
     from maskforge.distributed import detect
     from maskforge.searches import SearchInterrupted, resume, search  # torch loads here, not for --help
@@ -129,13 +141,18 @@ def search_command(ctx: typer.Context, resume_dir: Optional[Path] = None, quiet:
     last = result.metrics[-1]
     word = "already done" if result.already_done else "done"
     done = typer.style(word, fg="green", bold=True) if sys.stdout.isatty() else word
-    typer.echo(f"{done}: {summary['arch']} k={summary['k']} seed={summary['seed']}  held-out accuracy "
-               f"{last['heldout_acc']:.2%} after {last['epoch']} epoch(s), {last['step']} steps")
-    typer.echo(f"artifact {result.artifact_path} ({summary['file_bytes']:,} bytes, "
-               f"{summary['bits_per_weight']:.3f} bits per masked weight)")
+    typer.echo(
+        f"{done}: {summary['arch']} k={summary['k']} seed={summary['seed']}  held-out accuracy "
+        f"{last['heldout_acc']:.2%} after {last['epoch']} epoch(s), {last['step']} steps"
+    )
+    typer.echo(
+        f"artifact {result.artifact_path} ({summary['file_bytes']:,} bytes, "
+        f"{summary['bits_per_weight']:.3f} bits per masked weight)"
+    )
     if result.already_done:
-        typer.echo(f"nothing ran: {result.run_dir} holds this search (the same arguments), finished; --overwrite "
-                   f"runs it again")
+        typer.echo(
+            f"nothing ran: {result.run_dir} holds this search (the same arguments), finished; --overwrite runs it again"
+        )
     typer.echo("next:\n" + "".join(f"  {command}\n" for command in summary["next"]).rstrip("\n"))
 
 
@@ -160,13 +177,27 @@ def _summary(result) -> dict:
 
     # The file a plain `export` writes: regen where the distribution allows it, else compact (kaiming_normal).
     onnx = str(default_export_path(result.artifact_path, storage=resolve_mode(art).storage))
-    return {"run_dir": str(result.run_dir), "artifact": artifact, "arch": art.arch, "k": art.k, "seed": art.seed,
-            "epochs": last["epoch"], "steps": last["step"], "heldout_acc": last["heldout_acc"],
-            "heldout_loss": last["heldout_loss"], "train_loss": last["train_loss"],
-            "file_bytes": art.file_bytes, "bits_per_weight": bits_per_weight(art.file_bytes, art.masked_weights),
-            "metrics": str(result.run_dir / METRICS_NAME), "already_done": result.already_done,
-            "next": [f"maskforge inspect {shlex.quote(artifact)}", f"maskforge export {shlex.quote(artifact)}",
-                     f"maskforge eval {shlex.quote(onnx)}"]}
+    return {
+        "run_dir": str(result.run_dir),
+        "artifact": artifact,
+        "arch": art.arch,
+        "k": art.k,
+        "seed": art.seed,
+        "epochs": last["epoch"],
+        "steps": last["step"],
+        "heldout_acc": last["heldout_acc"],
+        "heldout_loss": last["heldout_loss"],
+        "train_loss": last["train_loss"],
+        "file_bytes": art.file_bytes,
+        "bits_per_weight": bits_per_weight(art.file_bytes, art.masked_weights),
+        "metrics": str(result.run_dir / METRICS_NAME),
+        "already_done": result.already_done,
+        "next": [
+            f"maskforge inspect {shlex.quote(artifact)}",
+            f"maskforge export {shlex.quote(artifact)}",
+            f"maskforge eval {shlex.quote(onnx)}",
+        ],
+    }
 
 
 def _report_interrupted(stopped, as_json: bool, fresh: bool) -> None:
@@ -176,38 +207,90 @@ def _report_interrupted(stopped, as_json: bool, fresh: bool) -> None:
         from maskforge.distributed import detect
 
         folder = shlex.quote(str(stopped.run_dir))
-        command = (f"torchrun <the same torchrun options> -m maskforge.cli search --resume {folder}"
-                   if detect().is_distributed else f"maskforge search --resume {folder}")
+        command = (
+            f"torchrun <the same torchrun options> -m maskforge.cli search --resume {folder}"
+            if detect().is_distributed
+            else f"maskforge search --resume {folder}"
+        )
     typer.echo(stopped.describe(), err=True)
     if command:
         typer.echo(f"continue with: {command}" + (" (or run the same command again)" if fresh else ""), err=True)
     if as_json:
-        typer.echo(json.dumps({"interrupted": stopped.signal_name, "exit_code": stopped.exit_code,
-                               "run_dir": str(stopped.run_dir) if stopped.run_dir else None,
-                               "checkpoint_step": stopped.checkpoint_step, "total_steps": stopped.total_steps,
-                               "resume": command}, indent=2))
+        typer.echo(
+            json.dumps(
+                {
+                    "interrupted": stopped.signal_name,
+                    "exit_code": stopped.exit_code,
+                    "run_dir": str(stopped.run_dir) if stopped.run_dir else None,
+                    "checkpoint_step": stopped.checkpoint_step,
+                    "total_steps": stopped.total_steps,
+                    "resume": command,
+                },
+                indent=2,
+            )
+        )
 
 
-_RESUME = inspect.Parameter("resume_dir", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
-    Optional[Path], typer.Option(
-        "--resume", metavar="DIR",
-        help="Continue the search in run folder DIR from its checkpoint, with the arguments recorded in "
-             "DIR/config.json. --workers, --checkpoint-every, --keep-checkpoint and --tensorboard may change; "
-             "--epochs and --max-steps may grow (extending the search, a finished one too if it kept its "
-             "checkpoint); any other option given must equal the recorded value. Unless extended, the final "
-             "artifact is the one the uninterrupted search writes.")])
-_QUIET = inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
-    bool, typer.Option("--quiet", "-q", help="No progress and no notices: warnings, errors and the summary only.")])
-_OVERWRITE = inspect.Parameter("overwrite", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
-    bool, typer.Option("--overwrite", help="Replace the search in --out (finished, or unfinished with other "
-                                           "arguments): its files move to OUT/previous-N/ first. Without --out: "
-                                           "start a new numbered folder instead of continuing an unfinished one. "
-                                           "Not with --resume.")])
-_JSON = inspect.Parameter("as_json", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
-    bool, typer.Option("--json", help="Print the summary (run folder, artifact, accuracy, next commands) as JSON "
-                                      "on stdout.")])
+_RESUME = inspect.Parameter(
+    "resume_dir",
+    inspect.Parameter.KEYWORD_ONLY,
+    default=None,
+    annotation=Annotated[
+        Optional[Path],
+        typer.Option(
+            "--resume",
+            metavar="DIR",
+            help="Continue the search in run folder DIR from its checkpoint, with the arguments recorded in "
+            "DIR/config.json. --workers, --checkpoint-every, --keep-checkpoint and --tensorboard may change; "
+            "--epochs and --max-steps may grow (extending the search, a finished one too if it kept its "
+            "checkpoint); any other option given must equal the recorded value. Unless extended, the final "
+            "artifact is the one the uninterrupted search writes.",
+        ),
+    ],
+)
+_QUIET = inspect.Parameter(
+    "quiet",
+    inspect.Parameter.KEYWORD_ONLY,
+    default=False,
+    annotation=Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress and no notices: warnings, errors and the summary only.")
+    ],
+)
+_OVERWRITE = inspect.Parameter(
+    "overwrite",
+    inspect.Parameter.KEYWORD_ONLY,
+    default=False,
+    annotation=Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace the search in --out (finished, or unfinished with other "
+            "arguments): its files move to OUT/previous-N/ first. Without --out: "
+            "start a new numbered folder instead of continuing an unfinished one. "
+            "Not with --resume.",
+        ),
+    ],
+)
+_JSON = inspect.Parameter(
+    "as_json",
+    inspect.Parameter.KEYWORD_ONLY,
+    default=False,
+    annotation=Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Print the summary (run folder, artifact, accuracy, next commands) as JSON on stdout."
+        ),
+    ],
+)
 search_command.__signature__ = inspect.Signature(
-    [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
-     *CONFIG_OPTIONS, _RESUME, _QUIET, _OVERWRITE, _JSON])
+    [
+        inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
+        *CONFIG_OPTIONS,
+        _RESUME,
+        _QUIET,
+        _OVERWRITE,
+        _JSON,
+    ]
+)
 search_command.__doc__ = _EXAMPLES
 app.command("search")(search_command)

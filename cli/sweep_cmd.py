@@ -37,19 +37,31 @@ def _list_option(name: str) -> inspect.Parameter:
     default = info.default
     values = _BOOLEAN_HELP if field_kind(name)[0] is bool else "a comma list"
     shown = "" if default is None else f"; default {str(default).lower() if isinstance(default, bool) else default}"
-    option = typer.Option("--" + name.replace("_", "-"), metavar="LIST", show_default=False,
-                          help=f"{escape(info.description)} \\[{values}{shown}]")
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
-                             annotation=Annotated[Optional[str], option])
+    option = typer.Option(
+        "--" + name.replace("_", "-"),
+        metavar="LIST",
+        show_default=False,
+        help=f"{escape(info.description)} \\[{values}{shown}]",
+    )
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[str], option]
+    )
 
 
 SEARCH_OPTIONS = [_list_option(f.name) for f in dataclasses.fields(SearchConfig) if f.name not in _NOT_OPTIONS]
 
 
 def sweep_command(
-    out: Optional[Path] = None, seeds: Optional[str] = None, dense_baseline: bool = False,
-    shard: Optional[str] = None, collect: Optional[Path] = None, x: Optional[str] = None,
-    hue: Optional[str] = None, figure: bool = True, quiet: bool = False, **texts: Optional[str],
+    out: Optional[Path] = None,
+    seeds: Optional[str] = None,
+    dense_baseline: bool = False,
+    shard: Optional[str] = None,
+    collect: Optional[Path] = None,
+    x: Optional[str] = None,
+    hue: Optional[str] = None,
+    figure: bool = True,
+    quiet: bool = False,
+    **texts: Optional[str],
 ) -> None:
     from maskforge.sweeps import collect_sweep, options_from_text, parse_shard, sweep  # torch loads here
 
@@ -68,8 +80,10 @@ def sweep_command(
         given += ["--dense-baseline"] if dense_baseline else []
         if given:
             verb = "does" if len(given) == 1 else "do"
-            raise MaskforgeError(f"--collect runs nothing, so {', '.join(given)} {verb} not apply: it gathers "
-                                 f"the points already in {collect}")
+            raise MaskforgeError(
+                f"--collect runs nothing, so {', '.join(given)} {verb} not apply: it gathers "
+                f"the points already in {collect}"
+            )
         result = collect_sweep(collect, figures=figure, x=x, hue=hue_list)
     else:
         if out is None:
@@ -77,9 +91,18 @@ def sweep_command(
         options = options_from_text(texts, seeds)
         progress = _PointProgress(console, None if quiet else "bar" if sys.stderr.isatty() else "lines")
         try:
-            result = sweep(out, options, dense_baseline=dense_baseline, shard=parse_shard(shard) if shard else (0, 1),
-                           on_step=progress.on_step, on_epoch=progress.on_epoch, on_point=progress.on_point,
-                           figures=figure, x=x, hue=hue_list)
+            result = sweep(
+                out,
+                options,
+                dense_baseline=dense_baseline,
+                shard=parse_shard(shard) if shard else (0, 1),
+                on_step=progress.on_step,
+                on_epoch=progress.on_epoch,
+                on_point=progress.on_point,
+                figures=figure,
+                x=x,
+                hue=hue_list,
+            )
         except KeyboardInterrupt as stopped:  # Ctrl-C, or SIGTERM through the search (SearchInterrupted)
             progress.close()
             _report_stopped(stopped)
@@ -92,8 +115,11 @@ def sweep_command(
         from maskforge.sweeps.results import is_bug
 
         bug = any(is_bug(row) for row in failed)
-        typer.echo(f"error: {len(failed)} of {len(result.rows)} sweep points failed (first: {failed[0]['point']}: "
-                   f"{failed[0]['error']}); see {result.out / RESULTS_FILE}", err=True)
+        typer.echo(
+            f"error: {len(failed)} of {len(result.rows)} sweep points failed (first: {failed[0]['point']}: "
+            f"{failed[0]['error']}); see {result.out / RESULTS_FILE}",
+            err=True,
+        )
         raise typer.Exit(1 if bug else 2)
 
 
@@ -102,41 +128,88 @@ def _report_stopped(stopped: KeyboardInterrupt) -> None:
     describe = getattr(stopped, "describe", None)  # a search's SearchInterrupted says where its checkpoint is
     if describe is not None:
         typer.echo(describe(), err=True)
-    typer.echo("sweep stopped; run the same command again to continue: finished points are skipped, an "
-               "interrupted search continues from its checkpoint, an interrupted dense baseline starts over",
-               err=True)
+    typer.echo(
+        "sweep stopped; run the same command again to continue: finished points are skipped, an "
+        "interrupted search continues from its checkpoint, an interrupted dense baseline starts over",
+        err=True,
+    )
 
 
 def _own(name: str, annotation: Any, option) -> inspect.Parameter:
     default = False if annotation is bool else None
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                             annotation=Annotated[annotation, option])
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[annotation, option]
+    )
 
 
 _OWN = [
-    _own("out", Optional[Path], typer.Option(help="Sweep folder: one run folder per point, sweep.json, results.csv, "
-                                                  "the figure.", metavar="DIR")),
-    _own("seeds", Optional[str], typer.Option(
-        help="Seeds: a count (3 = seeds 0,1,2), a list (0,5,9) or a range (7:10 = 7,8,9). Default: the seed 0.",
-        metavar="SEEDS")),
-    _own("dense_baseline", bool, typer.Option(
-        "--dense-baseline", help="Also train each architecture (and width) densely, every weight learned, once per "
-                                 "seed (Adam lr 1e-3, cosine; docs/SWEEP.md): the line to beat.")),
-    _own("shard", Optional[str], typer.Option(
-        help="I/N: run only the points whose index is I modulo N (0 <= I < N), e.g. one Slurm array task each. "
-             "Then `maskforge sweep --collect DIR`.", metavar="I/N")),
-    _own("collect", Optional[Path], typer.Option(
-        help="Run nothing: gather every point of sweep folder DIR into DIR/results.csv, print the summary and "
-             "draw the figure.", metavar="DIR")),
-    _own("x", Optional[str], typer.Option(help="Figure x axis: a grid axis (default k, or the first one that "
-                                               "varies).")),
-    _own("hue", Optional[str], typer.Option(help="Figure lines: grid axes, comma-separated (default: the other "
-                                                 "axes that vary).")),
-    inspect.Parameter("figure", inspect.Parameter.KEYWORD_ONLY, default=True, annotation=Annotated[
-        bool, typer.Option("--figure/--no-figure", help="Draw the figure (PNG + SVG).")]),
-    _own("quiet", bool, typer.Option("--quiet", "-q", help="No progress while a point runs (bar or epoch "
-                                                        "lines), start lines or time estimates (warnings and "
-                                                        "each point's result stay).")),
+    _own(
+        "out",
+        Optional[Path],
+        typer.Option(
+            help="Sweep folder: one run folder per point, sweep.json, results.csv, the figure.", metavar="DIR"
+        ),
+    ),
+    _own(
+        "seeds",
+        Optional[str],
+        typer.Option(
+            help="Seeds: a count (3 = seeds 0,1,2), a list (0,5,9) or a range (7:10 = 7,8,9). Default: the seed 0.",
+            metavar="SEEDS",
+        ),
+    ),
+    _own(
+        "dense_baseline",
+        bool,
+        typer.Option(
+            "--dense-baseline",
+            help="Also train each architecture (and width) densely, every weight learned, once per "
+            "seed (Adam lr 1e-3, cosine; docs/SWEEP.md): the line to beat.",
+        ),
+    ),
+    _own(
+        "shard",
+        Optional[str],
+        typer.Option(
+            help="I/N: run only the points whose index is I modulo N (0 <= I < N), e.g. one Slurm array task each. "
+            "Then `maskforge sweep --collect DIR`.",
+            metavar="I/N",
+        ),
+    ),
+    _own(
+        "collect",
+        Optional[Path],
+        typer.Option(
+            help="Run nothing: gather every point of sweep folder DIR into DIR/results.csv, print the summary and "
+            "draw the figure.",
+            metavar="DIR",
+        ),
+    ),
+    _own(
+        "x", Optional[str], typer.Option(help="Figure x axis: a grid axis (default k, or the first one that varies).")
+    ),
+    _own(
+        "hue",
+        Optional[str],
+        typer.Option(help="Figure lines: grid axes, comma-separated (default: the other axes that vary)."),
+    ),
+    inspect.Parameter(
+        "figure",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=True,
+        annotation=Annotated[bool, typer.Option("--figure/--no-figure", help="Draw the figure (PNG + SVG).")],
+    ),
+    _own(
+        "quiet",
+        bool,
+        typer.Option(
+            "--quiet",
+            "-q",
+            help="No progress while a point runs (bar or epoch "
+            "lines), start lines or time estimates (warnings and "
+            "each point's result stay).",
+        ),
+    ),
 ]
 sweep_command.__signature__ = inspect.Signature([*_OWN, *SEARCH_OPTIONS])
 sweep_command.__doc__ = """Run a grid of searches: every combination of the comma lists, each seed, under one folder.
@@ -210,8 +283,11 @@ def _print_summary(console: Console, result) -> None:
     varying = [key for key in keys if len({spell(values.get(key)) for values in searches}) > 1]
     same = ", ".join(f"{key}={spell(searches[0][key])}" for key in keys if key not in varying) if searches else ""
     # The heading is printed above the table, not as its title: a title wraps at the table's width.
-    console.print(f"{result.out}: final held-out accuracy (%), mean ± std over the seeds that learned",
-                  markup=False, highlight=False)
+    console.print(
+        f"{result.out}: final held-out accuracy (%), mean ± std over the seeds that learned",
+        markup=False,
+        highlight=False,
+    )
     if same:
         console.print(same, markup=False, highlight=False)
     table = Table()
@@ -219,9 +295,15 @@ def _print_summary(console: Console, result) -> None:
         table.add_column(column, justify="left" if column in ("kind", *varying) else "right", no_wrap=True)
     for group in result.summary:
         accuracy = _mean_std(group)
-        table.add_row(group["kind"], *[spell(group["values"].get(key, "")) for key in varying],
-                      f"{group['done']}/{group['runs']}", accuracy, str(group["not_learned"] or ""),
-                      str(group["failed"] or ""), f"{group['wall_s']:.0f}")
+        table.add_row(
+            group["kind"],
+            *[spell(group["values"].get(key, "")) for key in varying],
+            f"{group['done']}/{group['runs']}",
+            accuracy,
+            str(group["not_learned"] or ""),
+            str(group["failed"] or ""),
+            f"{group['wall_s']:.0f}",
+        )
     console.print(table)
     console.print(f"results: {result.out / RESULTS_FILE}")
     if result.figures:
@@ -237,4 +319,3 @@ def _mean_std(group: dict) -> str:
     if group["learned"] == 1:
         return f"{100 * group['mean']:.2f} (n=1)"
     return f"{100 * group['mean']:.2f} ± {100 * group['std']:.2f}"
-

@@ -17,9 +17,12 @@ from .app import app
 @app.command("verify")
 def verify_command(
     file: Annotated[Path, typer.Argument(help="An artifact.safetensors, or an .onnx file (then give --artifact).")],
-    artifact: Annotated[Optional[Path], typer.Option(
-        "--artifact", help="The artifact an ONNX file was exported from: metadata and outputs are compared.")]
-    = None,
+    artifact: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--artifact", help="The artifact an ONNX file was exported from: metadata and outputs are compared."
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
 ) -> None:
     """Verify an artifact: layout, schema, digests, structure, masks and every regenerated weight.
@@ -37,8 +40,9 @@ def verify_command(
     if is_onnx and artifact is None:
         raise MaskforgeError(f"{file} is an ONNX model: give the artifact it was exported from with --artifact")
     if not is_onnx and artifact is not None:
-        raise MaskforgeError("--artifact is for checking an .onnx file against its artifact; "
-                             f"{file} is not an .onnx file")
+        raise MaskforgeError(
+            f"--artifact is for checking an .onnx file against its artifact; {file} is not an .onnx file"
+        )
     from maskforge.verify import verify_artifact, verify_onnx  # torch loads here, after the arguments are checked
 
     report = verify_onnx(file, artifact) if is_onnx else verify_artifact(file)

@@ -28,8 +28,10 @@ def main() -> None:
 
     # 1. search: only the scores train; the weights stay at their seeded random values
     result = maskforge.search(maskforge.SearchConfig(arch=args.arch, k=args.k, epochs=args.epochs, out=args.out))
-    print(f"search: held-out accuracy {result.heldout_acc:.2%}; artifact {result.artifact_path} "
-          f"({result.artifact.file_bytes:,} bytes)")
+    print(
+        f"search: held-out accuracy {result.heldout_acc:.2%}; artifact {result.artifact_path} "
+        f"({result.artifact.file_bytes:,} bytes)"
+    )
 
     # 2. save / load: `search` already saved it; loading validates every digest
     artifact = maskforge.load_artifact(result.artifact_path)
@@ -43,27 +45,37 @@ def main() -> None:
     regen = maskforge.export_onnx(artifact, out / "model.onnx", storage="regen", model=model)
     int8 = maskforge.export_onnx(artifact, out / "model.int8.onnx", storage="regen", precision="int8", model=model)
     for exported in (regen, int8):
-        print(f"export: {exported.path} ({exported.storage} {exported.precision}) {exported.file_bytes:,} bytes = "
-              f"{exported.bits_per_weight:.3f} bits per weight")
+        print(
+            f"export: {exported.path} ({exported.storage} {exported.precision}) {exported.file_bytes:,} bytes = "
+            f"{exported.bits_per_weight:.3f} bits per weight"
+        )
 
     # 5. eval: the int8 file, with the artifact as the float32 reference run beside it on the same batches
     report = maskforge.evaluate(int8.path, reference=result.artifact_path, batch_size=64)
     acc, agree, timing = report.accuracy, report.agreement, report.timing
-    print(f"eval: top-1 {acc.top1:.2%} ({acc.correct} / {acc.examples}), top-{acc.k} {acc.topk:.2%}; "
-          f"float32 top-1 {agree.reference_top1:.2%}, argmax agreement {agree.argmax_agreement:.2%}; "
-          f"search's last held-out accuracy {result.heldout_acc:.2%}")
+    print(
+        f"eval: top-1 {acc.top1:.2%} ({acc.correct} / {acc.examples}), top-{acc.k} {acc.topk:.2%}; "
+        f"float32 top-1 {agree.reference_top1:.2%}, argmax agreement {agree.argmax_agreement:.2%}; "
+        f"search's last held-out accuracy {result.heldout_acc:.2%}"
+    )
     for batch in (1, report.batch_size):
         latency = timing.at(batch)
-        print(f"eval: int8 in onnxruntime, batch {batch}: p50 {latency.p50_ms:.2f} ms, "
-              f"{latency.images_per_s:,.0f} images/s")
+        print(
+            f"eval: int8 in onnxruntime, batch {batch}: p50 {latency.p50_ms:.2f} ms, "
+            f"{latency.images_per_s:,.0f} images/s"
+        )
     start = "n/a" if timing.session_start_ms is None else f"{timing.session_start_ms:.1f} ms"
     memory = "n/a" if timing.peak_rss_bytes is None else f"{timing.peak_rss_bytes / 2**20:.0f} MiB"
     print(f"eval: session start {start}, peak memory {memory}")  # n/a: the probe failed (its note says why)
     size, compute = report.size, report.compute
-    print(f"eval: sizes: artifact {size.artifact_bytes:,} B, int8 ONNX {size.onnx_bytes:,} B "
-          f"({size.onnx_bits_per_weight:.2f} bits per weight), float32 weights {size.dense_float32_bytes:,} B")
-    print(f"eval: {compute.params_kept:,} of {compute.params_total:,} weights kept; "
-          f"{compute.macs_dense:,} MACs per image ({compute.macs_effective:,} effective)")
+    print(
+        f"eval: sizes: artifact {size.artifact_bytes:,} B, int8 ONNX {size.onnx_bytes:,} B "
+        f"({size.onnx_bits_per_weight:.2f} bits per weight), float32 weights {size.dense_float32_bytes:,} B"
+    )
+    print(
+        f"eval: {compute.params_kept:,} of {compute.params_total:,} weights kept; "
+        f"{compute.macs_dense:,} MACs per image ({compute.macs_effective:,} effective)"
+    )
     print(compute.note)
 
 

@@ -22,13 +22,47 @@ import torch.nn as nn
 from . import convert, regen, registry
 from .errors import MaskforgeError
 from .layers import MaskedConv2d, MaskedLinear, masked_modules
-from .registry import (ARCHS, CONV_FC_HIDDEN, CONV_WIDTHS, FC_HIDDEN, MAX_WIDTH, RESNETS, SMALL_IMAGE_MAX_SIDE,
-                       ArchEntry, ResNetSpec, add_entry, arch_args, arch_names, check_width, count_masked_weights,
-                       get_arch, list_archs, pooled_size, scaled_width, unpack_args)
+from .registry import (
+    ARCHS,
+    CONV_FC_HIDDEN,
+    CONV_WIDTHS,
+    FC_HIDDEN,
+    MAX_WIDTH,
+    RESNETS,
+    SMALL_IMAGE_MAX_SIDE,
+    ArchEntry,
+    ResNetSpec,
+    add_entry,
+    arch_args,
+    arch_names,
+    check_width,
+    count_masked_weights,
+    get_arch,
+    list_archs,
+    pooled_size,
+    scaled_width,
+    unpack_args,
+)
 
-__all__ = ["ARCHS", "ArchEntry", "register_arch", "arch_names", "get_arch", "arch_args", "check_width",
-           "scaled_width", "count_masked_weights", "list_archs", "build_structure", "create_model",
-           "regenerate_weights", "MAX_WIDTH", "SMALL_IMAGE_MAX_SIDE", "RESNETS", "ResNetSpec"]
+__all__ = [
+    "ARCHS",
+    "ArchEntry",
+    "register_arch",
+    "arch_names",
+    "get_arch",
+    "arch_args",
+    "check_width",
+    "scaled_width",
+    "count_masked_weights",
+    "list_archs",
+    "build_structure",
+    "create_model",
+    "regenerate_weights",
+    "MAX_WIDTH",
+    "SMALL_IMAGE_MAX_SIDE",
+    "RESNETS",
+    "ResNetSpec",
+]
 
 
 def _count_reference(name: str, args: dict) -> int:
@@ -39,8 +73,9 @@ def _count_reference(name: str, args: dict) -> int:
 registry.reference_counter = _count_reference
 
 
-def register_arch(name: str, description: str, count: Callable[..., int] | None = None,
-                  widens: bool = False) -> Callable:
+def register_arch(
+    name: str, description: str, count: Callable[..., int] | None = None, widens: bool = False
+) -> Callable:
     """Decorator: add an architecture builder to the registry under `name`.
 
     `count(in_channels, num_classes, image_size, width)` gives its masked weights without building it
@@ -75,6 +110,7 @@ def _counted_by_building(name: str) -> Callable[..., int]:
 
 # --- the paper's small networks (Table 1; no batch norm, as in the reference code) ------------------
 
+
 def _conv_stack(widths: list[int], in_channels: int, k: float) -> tuple[nn.Sequential, int]:
     layers: list[nn.Module] = []
     channels = in_channels
@@ -99,30 +135,38 @@ def _mlp(sizes: list[int], k: float) -> list[nn.Module]:
 class ConvNet(nn.Module):
     """The paper's Conv-2/4/6/8: pairs of 3x3 convs each followed by a 2x2 max-pool, then FC 256-256-C."""
 
-    def __init__(self, widths: list[int], in_channels: int, num_classes: int, image_size: tuple[int, int],
-                 k: float = 0.5, width: float = 1.0) -> None:
+    def __init__(
+        self,
+        widths: list[int],
+        in_channels: int,
+        num_classes: int,
+        image_size: tuple[int, int],
+        k: float = 0.5,
+        width: float = 1.0,
+    ) -> None:
         super().__init__()
         height, side = pooled_size(image_size, len(widths))
         self.features, channels = _conv_stack([scaled_width(w, width) for w in widths], in_channels, k)
         hidden = [scaled_width(units, width) for units in CONV_FC_HIDDEN]
-        self.classifier = nn.Sequential(nn.Flatten(),
-                                        *_mlp([channels * height * side, *hidden, num_classes], k))
+        self.classifier = nn.Sequential(nn.Flatten(), *_mlp([channels * height * side, *hidden, num_classes], k))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
 
 
 @_builds("fc")
-def fc(in_channels: int, num_classes: int, image_size: tuple[int, int], k: float = 0.5,
-       width: float = 1.0) -> nn.Module:
+def fc(
+    in_channels: int, num_classes: int, image_size: tuple[int, int], k: float = 0.5, width: float = 1.0
+) -> nn.Module:
     inputs = in_channels * image_size[0] * image_size[1]
     hidden = [scaled_width(units, width) for units in FC_HIDDEN]
     return nn.Sequential(nn.Flatten(), *_mlp([inputs, *hidden, num_classes], k))
 
 
 def _convnet_builder(widths: list[int]) -> Callable[..., nn.Module]:
-    def build(in_channels: int, num_classes: int, image_size: tuple[int, int], k: float = 0.5,
-              width: float = 1.0) -> nn.Module:
+    def build(
+        in_channels: int, num_classes: int, image_size: tuple[int, int], k: float = 0.5, width: float = 1.0
+    ) -> nn.Module:
         return ConvNet(widths, in_channels, num_classes, image_size, k, width)
 
     return build
@@ -134,16 +178,19 @@ for _name, _widths in CONV_WIDTHS.items():
 
 # --- torchvision ResNets with every conv/linear masked and every BN non-affine ------------------------
 
+
 def _resnet_builder(spec: ResNetSpec) -> Callable[..., nn.Module]:
-    def build(in_channels: int, num_classes: int, image_size: tuple[int, int], k: float = 0.5,
-              width: float = 1.0) -> nn.Module:
+    def build(
+        in_channels: int, num_classes: int, image_size: tuple[int, int], k: float = 0.5, width: float = 1.0
+    ) -> nn.Module:
         from torchvision.models import resnet  # lazy: importing torchvision costs seconds
 
         block = resnet.Bottleneck if spec.bottleneck else resnet.BasicBlock
         # Built on the meta device: torchvision's own (wasted) random init costs nothing there.
         with torch.device("meta"):
-            model = resnet.ResNet(block, list(spec.layers), num_classes=num_classes,
-                                  width_per_group=spec.width_per_group)
+            model = resnet.ResNet(
+                block, list(spec.layers), num_classes=num_classes, width_per_group=spec.width_per_group
+            )
             if max(image_size) <= SMALL_IMAGE_MAX_SIDE:
                 model.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
                 model.maxpool = nn.Identity()
@@ -160,6 +207,7 @@ for _name, _spec in RESNETS.items():
 
 # --- building seeded models --------------------------------------------------------------------------
 
+
 def build_structure(name: str, args: dict, k: float) -> nn.Module:
     """The network with all-zero weights and scores (use `create_model` for a seeded one).
 
@@ -172,8 +220,10 @@ def build_structure(name: str, args: dict, k: float) -> nn.Module:
         return convert.build(name, args, k)
     entry = get_arch(name)
     if args.get("builder_args"):
-        raise MaskforgeError(f"architecture {name} takes no builder arguments (--arch-args is for builder "
-                             f"references such as torchvision:NAME)")
+        raise MaskforgeError(
+            f"architecture {name} takes no builder arguments (--arch-args is for builder "
+            f"references such as torchvision:NAME)"
+        )
     in_channels, num_classes, image_size, width = unpack_args(name, args)
     extra = {"width": width} if entry.widens else {}  # check_width refused width != 1 for the others
     try:
@@ -182,10 +232,20 @@ def build_structure(name: str, args: dict, k: float) -> nn.Module:
         raise MaskforgeError(f"bad arguments for architecture {name!r}: {args!r} ({exc})") from None
 
 
-def create_model(name: str, *, in_channels: int = 1, num_classes: int = 10,
-                 image_size: tuple[int, int] | list[int] = (28, 28), k: float = 0.5, seed: int = 0,
-                 init: str = "signed_constant", scale_fan: bool = False, width: float | None = None,
-                 builder_args: dict | None = None, **kwargs) -> nn.Module:
+def create_model(
+    name: str,
+    *,
+    in_channels: int = 1,
+    num_classes: int = 10,
+    image_size: tuple[int, int] | list[int] = (28, 28),
+    k: float = 0.5,
+    seed: int = 0,
+    init: str = "signed_constant",
+    scale_fan: bool = False,
+    width: float | None = None,
+    builder_args: dict | None = None,
+    **kwargs,
+) -> nn.Module:
     """Build architecture `name` with weights and scores regenerated from `seed`.
 
     `name` may be a builder reference (`torchvision:mobilenet_v3_small`, `mynet.py:build`) with its keyword
@@ -214,13 +274,13 @@ def create_model(name: str, *, in_channels: int = 1, num_classes: int = 10,
         for layer_name, layer in layers.items():
             layer.weight.copy_(torch.from_numpy(weights[f"{layer_name}.weight"]))
             bound = 1.0 / math.sqrt(regen.fan_in(layer.weight.shape))  # PyTorch's default conv/linear bound
-            layer.scores.copy_(torch.from_numpy(
-                regen.uniform(seed, f"{layer_name}.scores", layer.weight.shape, bound)))
+            layer.scores.copy_(torch.from_numpy(regen.uniform(seed, f"{layer_name}.scores", layer.weight.shape, bound)))
     return model
 
 
-def regenerate_weights(model: nn.Module, seed: int, init: str, *, k: float, scale_fan: bool,
-                       threads: int | None = None) -> dict[str, np.ndarray]:
+def regenerate_weights(
+    model: nn.Module, seed: int, init: str, *, k: float, scale_fan: bool, threads: int | None = None
+) -> dict[str, np.ndarray]:
     """`{param name: float32 array}` for every masked layer of `model`, generated in parallel threads."""
     shapes = {f"{name}.weight": tuple(layer.weight.shape) for name, layer in masked_modules(model).items()}
     generated = regen.generate_many(seed, shapes, init, k=k, scale_fan=scale_fan, threads=threads)

@@ -38,9 +38,23 @@ from .topk import global_kept_count
 from .schema import FORMAT_NAME, FORMAT_VERSION, METADATA_KEY, ArchArgs, ArtifactDocument, InputSpec, dump
 from .schema import parse_artifact_document
 
-__all__ = ["Artifact", "build_artifact", "save_artifact", "load_artifact", "artifact_bytes", "artifact_from_bytes",
-           "pack_mask", "unpack_mask", "apply_masks", "load_bn_stats", "check_weight_digests", "inspect_artifact",
-           "FORMAT_NAME", "FORMAT_VERSION", "METADATA_KEY"]
+__all__ = [
+    "Artifact",
+    "build_artifact",
+    "save_artifact",
+    "load_artifact",
+    "artifact_bytes",
+    "artifact_from_bytes",
+    "pack_mask",
+    "unpack_mask",
+    "apply_masks",
+    "load_bn_stats",
+    "check_weight_digests",
+    "inspect_artifact",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "METADATA_KEY",
+]
 
 KIND = "maskforge artifact"
 BN_STATS = ("running_mean", "running_var")
@@ -48,6 +62,7 @@ BN_STATS = ("running_mean", "running_var")
 
 def _field(path: str, doc: str) -> property:
     """A read-only property reading `path` (dotted) from the typed document `meta`."""
+
     def get(artifact: "Artifact"):
         value = artifact.meta
         for name in path.split("."):
@@ -70,8 +85,8 @@ class Artifact:
     """
 
     document: dict
-    masks: dict[str, torch.Tensor]          # param name -> bool tensor of the weight's shape
-    bn_stats: dict[str, torch.Tensor]       # "<module>.running_mean"/".running_var" -> float32
+    masks: dict[str, torch.Tensor]  # param name -> bool tensor of the weight's shape
+    bn_stats: dict[str, torch.Tensor]  # "<module>.running_mean"/".running_var" -> float32
     path: Path | None = None
     file_bytes: int | None = None
     meta: ArtifactDocument | None = field(default=None, repr=False)
@@ -109,8 +124,9 @@ class Artifact:
 
     def create_model(self) -> nn.Module:
         """The search-time masked model with the stored masks and BN statistics (weights regenerated)."""
-        model = archs.create_model(self.arch, **self.arch_args, k=self.k, seed=self.seed, init=self.init,
-                                   scale_fan=self.scale_fan)
+        model = archs.create_model(
+            self.arch, **self.arch_args, k=self.k, seed=self.seed, init=self.init, scale_fan=self.scale_fan
+        )
         set_topk(model, self.topk, self.k)
         apply_masks(model, self.masks)
         load_bn_stats(model, self.bn_stats)
@@ -119,13 +135,28 @@ class Artifact:
 
 # --- building from a model ---------------------------------------------------------------------------
 
-def build_artifact(model: nn.Module, *, arch: str, arch_args: dict, spec: InputSpec, seed: int, init: str,
-                   scale_fan: bool, k: float, provenance: dict | None = None, topk: str = "layer") -> Artifact:
+
+def build_artifact(
+    model: nn.Module,
+    *,
+    arch: str,
+    arch_args: dict,
+    spec: InputSpec,
+    seed: int,
+    init: str,
+    scale_fan: bool,
+    k: float,
+    provenance: dict | None = None,
+    topk: str = "layer",
+) -> Artifact:
     """Capture a searched model's masks and BN statistics into a sealed, validated `Artifact`."""
     named = masked_modules(model)
     masks = {f"{name}.weight": layer.mask().detach().cpu().clone() for name, layer in named.items()}
-    bn_stats = {f"{name}.{stat}": getattr(bn, stat).detach().float().cpu().clone()
-                for name, bn in batchnorm_modules(model).items() for stat in BN_STATS}
+    bn_stats = {
+        f"{name}.{stat}": getattr(bn, stat).detach().float().cpu().clone()
+        for name, bn in batchnorm_modules(model).items()
+        for stat in BN_STATS
+    }
     weights = {f"{name}.weight": layer.weight.detach().cpu().numpy() for name, layer in named.items()}
     document = {
         "format": FORMAT_NAME,
@@ -136,9 +167,15 @@ def build_artifact(model: nn.Module, *, arch: str, arch_args: dict, spec: InputS
         "init": {"distribution": init, "scale_fan": bool(scale_fan)},
         "k": float(k),
         "generator": {"id": regen.GENERATOR_ID, "version": regen.GENERATOR_VERSION},
-        "layers": {param: {"shape": list(mask.shape), "kept": int(mask.sum()),
-                           "density": int(mask.sum()) / mask.numel(),
-                           "fan_in": regen.fan_in(mask.shape)} for param, mask in masks.items()},
+        "layers": {
+            param: {
+                "shape": list(mask.shape),
+                "kept": int(mask.sum()),
+                "density": int(mask.sum()) / mask.numel(),
+                "fan_in": regen.fan_in(mask.shape),
+            }
+            for param, mask in masks.items()
+        },
         "bn": sorted({name.rsplit(".", 1)[0] for name in bn_stats}),
         "provenance": provenance or {},
         "digests": {"weights": {param: regen.weight_digest(w) for param, w in weights.items()}},
@@ -154,8 +191,11 @@ def _builder_record(arch: str, arch_args: dict) -> dict:
     if not convert.is_reference(arch):
         return {}
     entries = convert.structure_entries(convert.source_model(arch, arch_args))
-    return {"library": convert.library_of(arch), "structure": entries,
-            "structure_digest": convert.structure_digest(entries)}
+    return {
+        "library": convert.library_of(arch),
+        "structure": entries,
+        "structure_digest": convert.structure_digest(entries),
+    }
 
 
 def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
@@ -171,8 +211,9 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     else:
         for name, layer in named.items():
             if counts[name] != layer.kept:
-                raise MaskforgeError(f"layer {name}: mask keeps {counts[name]} weights, k={layer.k} "
-                                     f"requires {layer.kept}")
+                raise MaskforgeError(
+                    f"layer {name}: mask keeps {counts[name]} weights, k={layer.k} requires {layer.kept}"
+                )
     with torch.no_grad():
         for name, layer in named.items():
             layer.scores.copy_(masks[f"{name}.weight"].to(layer.scores.device).float())
@@ -185,8 +226,10 @@ def _check_global_counts(counts: dict[str, int], sizes: list[int], k: float, lab
         raise MaskforgeError(f"{label}: layer {starved} keeps no weight; global top-k keeps at least one per layer")
     total, expected = sum(counts.values()), global_kept_count(sizes, k)
     if total != expected:
-        raise MaskforgeError(f"{label}: the layers keep {total:,} weights in all, global top-k with k={k} over "
-                             f"{sum(sizes):,} weights in {len(sizes)} layers keeps {expected:,}")
+        raise MaskforgeError(
+            f"{label}: the layers keep {total:,} weights in all, global top-k with k={k} over "
+            f"{sum(sizes):,} weights in {len(sizes)} layers keeps {expected:,}"
+        )
 
 
 def load_bn_stats(model: nn.Module, bn_stats: dict[str, torch.Tensor]) -> None:
@@ -198,6 +241,7 @@ def load_bn_stats(model: nn.Module, bn_stats: dict[str, torch.Tensor]) -> None:
 
 # --- bits ----------------------------------------------------------------------------------------------
 
+
 def pack_mask(mask: torch.Tensor) -> np.ndarray:
     """bool tensor -> uint8 array, C order, least significant bit first."""
     return np.packbits(mask.detach().cpu().numpy().reshape(-1).astype(np.uint8), bitorder="little")
@@ -206,8 +250,10 @@ def pack_mask(mask: torch.Tensor) -> np.ndarray:
 def unpack_mask(packed: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
     count = math.prod(shape)
     if packed.dtype != np.uint8 or packed.shape != ((count + 7) // 8,):
-        raise MaskforgeError(f"packed mask has shape {packed.shape} and dtype {packed.dtype}, expected "
-                             f"uint8 of {(count + 7) // 8} bytes for weights of shape {list(shape)}")
+        raise MaskforgeError(
+            f"packed mask has shape {packed.shape} and dtype {packed.dtype}, expected "
+            f"uint8 of {(count + 7) // 8} bytes for weights of shape {list(shape)}"
+        )
     bits = np.unpackbits(packed, bitorder="little")
     if bits[count:].any():
         raise MaskforgeError("packed mask has non-zero padding bits")
@@ -222,6 +268,7 @@ def stored_tensors(masks: dict[str, torch.Tensor], bn_stats: dict[str, torch.Ten
 
 
 # --- save / load -------------------------------------------------------------------------------------
+
 
 def artifact_bytes(artifact: Artifact) -> bytes:
     """The exact file content of `artifact` (deterministic: same artifact, same bytes)."""
@@ -248,8 +295,9 @@ def load_artifact(path: str | os.PathLike) -> Artifact:
     return artifact
 
 
-def artifact_from_bytes(data: bytes, label: str = "artifact", *,
-                        on_check: Callable[[str, str], None] | None = None) -> Artifact:
+def artifact_from_bytes(
+    data: bytes, label: str = "artifact", *, on_check: Callable[[str, str], None] | None = None
+) -> Artifact:
     """Parse and fully validate the bytes of an artifact file (docs/FORMAT.md section 2.4).
 
     `on_check(stage, detail)` is called after each stage passes (`maskforge verify` lists them); the
@@ -258,20 +306,33 @@ def artifact_from_bytes(data: bytes, label: str = "artifact", *,
     passed = on_check or (lambda stage, detail: None)
     document = container.read_document(data, key=METADATA_KEY, label=label, kind=KIND)
     tensors = container.load_tensors(data, label)
-    passed("header", f"safetensors layout: {len(tensors)} tensors laid out contiguously over "
-                     f"{sum(array.nbytes for array in tensors.values()):,} bytes")
+    passed(
+        "header",
+        f"safetensors layout: {len(tensors)} tensors laid out contiguously over "
+        f"{sum(array.nbytes for array in tensors.values()):,} bytes",
+    )
     meta = parse_artifact_document(document, label)
-    passed("schema", f"format {FORMAT_NAME} v{meta.format_version}, arch {meta.arch.name}, k={meta.k}, "
-                     f"seed={meta.seed}, init {meta.init.distribution}")
+    passed(
+        "schema",
+        f"format {FORMAT_NAME} v{meta.format_version}, arch {meta.arch.name}, k={meta.k}, "
+        f"seed={meta.seed}, init {meta.init.distribution}",
+    )
     container.check_document_digest(document, label)
     passed("document digest", f"sha256 {meta.digests.document[:16]}...")
     container.check_tensor_digests(document, tensors, label)
     passed("tensor digests", f"{len(tensors)} stored tensors match their sha256")
     structure = check_structure(meta, tensors, label)
-    rebuilt = (f"; its code ({meta.arch.library} at search time) rebuilds the recorded structure "
-               f"(sha256 {(meta.arch.structure_digest or '')[:16]}...)" if meta.arch.structure is not None else "")
-    passed("structure", f"{len(meta.layers)} masked layers and {len(meta.bn)} batch norms match "
-                        f"{meta.arch.name} {meta.arch.args.to_dict()}{rebuilt}")
+    rebuilt = (
+        f"; its code ({meta.arch.library} at search time) rebuilds the recorded structure "
+        f"(sha256 {(meta.arch.structure_digest or '')[:16]}...)"
+        if meta.arch.structure is not None
+        else ""
+    )
+    passed(
+        "structure",
+        f"{len(meta.layers)} masked layers and {len(meta.bn)} batch norms match "
+        f"{meta.arch.name} {meta.arch.args.to_dict()}{rebuilt}",
+    )
     masks = {}
     for param, info in meta.layers.items():
         try:
@@ -279,16 +340,20 @@ def artifact_from_bytes(data: bytes, label: str = "artifact", *,
         except MaskforgeError as exc:
             raise MaskforgeError(f"{label}: layer {param}: {exc}") from None
         if int(masks[param].sum()) != info.kept:
-            raise MaskforgeError(f"{label}: layer {param} keeps {int(masks[param].sum())} weights but the "
-                                 f"metadata says {info.kept}")
-    passed("masks", f"{sum(m.numel() for m in masks.values()):,} mask bits, zero padding, kept counts as "
-                    f"recorded")
-    bn_stats = {name[3:]: torch.from_numpy(array.astype(np.float32)) for name, array in tensors.items()
-                if name.startswith("bn/")}
+            raise MaskforgeError(
+                f"{label}: layer {param} keeps {int(masks[param].sum())} weights but the metadata says {info.kept}"
+            )
+    passed("masks", f"{sum(m.numel() for m in masks.values()):,} mask bits, zero padding, kept counts as recorded")
+    bn_stats = {
+        name[3:]: torch.from_numpy(array.astype(np.float32))
+        for name, array in tensors.items()
+        if name.startswith("bn/")
+    }
     return Artifact(document, masks, bn_stats, meta=meta, structure=structure)
 
 
 # --- checks that need the architecture -----------------------------------------------------------------
+
 
 def _require(condition: bool, label: str, message: str) -> None:
     if not condition:
@@ -302,12 +367,21 @@ def check_structure(meta: ArtifactDocument, tensors: dict[str, np.ndarray], labe
     """
     name, args = meta.arch.name, meta.arch.args.to_dict()
     reference = convert.is_reference(name)
-    _require(reference or name in archs.ARCHS, label,
-             f"unknown architecture {name!r} (known: {', '.join(archs.ARCHS)}, or a builder reference)")
-    _require(not reference or meta.arch.structure is not None, label,
-             f"architecture {name} is a builder reference, but arch.structure is missing")
-    _require(reference or (meta.arch.structure is None and meta.arch.library is None), label,
-             f"arch.structure and arch.library belong to builder references, not to {name}")
+    _require(
+        reference or name in archs.ARCHS,
+        label,
+        f"unknown architecture {name!r} (known: {', '.join(archs.ARCHS)}, or a builder reference)",
+    )
+    _require(
+        not reference or meta.arch.structure is not None,
+        label,
+        f"architecture {name} is a builder reference, but arch.structure is missing",
+    )
+    _require(
+        reference or (meta.arch.structure is None and meta.arch.library is None),
+        label,
+        f"arch.structure and arch.library belong to builder references, not to {name}",
+    )
     try:
         with torch.device("meta"):
             if reference:
@@ -317,8 +391,9 @@ def check_structure(meta: ArtifactDocument, tensors: dict[str, np.ndarray], labe
     except MaskforgeError as exc:
         raise MaskforgeError(f"{label}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - validated arguments that a builder still refuses
-        raise MaskforgeError(f"{label}: cannot build architecture {name} with {args}: "
-                             f"{type(exc).__name__}: {exc}") from None
+        raise MaskforgeError(
+            f"{label}: cannot build architecture {name} with {args}: {type(exc).__name__}: {exc}"
+        ) from None
     _check_layers(meta, structure, tensors, label)
     _check_batchnorm(meta, structure, tensors, label)
     expected = {f"mask/{param}" for param in meta.layers}
@@ -334,48 +409,66 @@ def _check_builder(meta: ArtifactDocument, label: str) -> nn.Module:
     source = convert.source_model(name, args, check=False)
     current = convert.structure_entries(source)
     if current != meta.arch.structure:
-        raise MaskforgeError(f"architecture {name} no longer builds the searched network "
-                             f"({convert.first_difference(meta.arch.structure, current)}); rebuild it as it was "
-                             f"at search time ({meta.arch.library})")
+        raise MaskforgeError(
+            f"architecture {name} no longer builds the searched network "
+            f"({convert.first_difference(meta.arch.structure, current)}); rebuild it as it was "
+            f"at search time ({meta.arch.library})"
+        )
     convert.check_output(source, name, args)
     return convert.convert(source, meta.k, name)
 
 
-def _check_layers(meta: ArtifactDocument, structure: nn.Module, tensors: dict[str, np.ndarray],
-                  label: str) -> None:
+def _check_layers(meta: ArtifactDocument, structure: nn.Module, tensors: dict[str, np.ndarray], label: str) -> None:
     expected = {f"{name}.weight": list(layer.weight.shape) for name, layer in masked_modules(structure).items()}
     if set(meta.layers) != set(expected):
-        raise MaskforgeError(f"{label}: layers do not match architecture {meta.arch.name} "
-                             f"(missing {sorted(set(expected) - set(meta.layers))[:3]}, "
-                             f"unexpected {sorted(set(meta.layers) - set(expected))[:3]})")
+        raise MaskforgeError(
+            f"{label}: layers do not match architecture {meta.arch.name} "
+            f"(missing {sorted(set(expected) - set(meta.layers))[:3]}, "
+            f"unexpected {sorted(set(meta.layers) - set(expected))[:3]})"
+        )
     for param, shape in expected.items():
         info, count = meta.layers[param], math.prod(shape)
         _require(info.shape == shape, label, f"layer {param} has shape {info.shape}, the architecture says {shape}")
         # With the global rule each layer's count is free (1..n); the schema checked that range.
-        _require(meta.topk != "layer" or info.kept == kept_count(count, meta.k), label,
-                 f"layer {param}: kept count {info.kept} does not match k={meta.k}")
+        _require(
+            meta.topk != "layer" or info.kept == kept_count(count, meta.k),
+            label,
+            f"layer {param}: kept count {info.kept} does not match k={meta.k}",
+        )
         array = tensors.get(f"mask/{param}")
         _require(array is not None, label, f"mask of layer {param} is missing")
-        _require(array.dtype == np.uint8 and array.shape == ((count + 7) // 8,), label,
-                 f"mask/{param} is {array.dtype} {list(array.shape)}, expected uint8 [{(count + 7) // 8}]")
+        _require(
+            array.dtype == np.uint8 and array.shape == ((count + 7) // 8,),
+            label,
+            f"mask/{param} is {array.dtype} {list(array.shape)}, expected uint8 [{(count + 7) // 8}]",
+        )
     if meta.topk == "global":
-        _check_global_counts({param: meta.layers[param].kept for param in expected},
-                             [math.prod(shape) for shape in expected.values()], meta.k, label)
+        _check_global_counts(
+            {param: meta.layers[param].kept for param in expected},
+            [math.prod(shape) for shape in expected.values()],
+            meta.k,
+            label,
+        )
 
 
-def _check_batchnorm(meta: ArtifactDocument, structure: nn.Module, tensors: dict[str, np.ndarray],
-                     label: str) -> None:
+def _check_batchnorm(meta: ArtifactDocument, structure: nn.Module, tensors: dict[str, np.ndarray], label: str) -> None:
     modules = batchnorm_modules(structure)
-    _require(meta.bn == sorted(modules), label,
-             f"bn lists {len(meta.bn)} batch norms but architecture {meta.arch.name} has {len(modules)} "
-             f"(first expected: {sorted(modules)[:1]})")
+    _require(
+        meta.bn == sorted(modules),
+        label,
+        f"bn lists {len(meta.bn)} batch norms but architecture {meta.arch.name} has {len(modules)} "
+        f"(first expected: {sorted(modules)[:1]})",
+    )
     for module, bn in modules.items():
         for stat in BN_STATS:
             name = f"bn/{module}.{stat}"
             array = tensors.get(name)
             _require(array is not None, label, "batch-norm statistics do not match the architecture")
-            _require(array.dtype == np.float32 and list(array.shape) == [bn.num_features], label,
-                     f"{name} has shape {list(array.shape)} {array.dtype}, expected [{bn.num_features}] float32")
+            _require(
+                array.dtype == np.float32 and list(array.shape) == [bn.num_features],
+                label,
+                f"{name} has shape {list(array.shape)} {array.dtype}, expected [{bn.num_features}] float32",
+            )
             _require(bool(np.isfinite(array).all()), label, f"{name} has non-finite values")
             _require(stat != "running_var" or bool((array >= 0).all()), label, f"{name} has negative variances")
 
@@ -386,10 +479,12 @@ def check_weight_digests(artifact: Artifact, digests: dict[str, str]) -> None:
     recorded = artifact.meta.digests.weights
     bad = [param for param in recorded if param in digests and digests[param] != recorded[param]]
     if bad:
-        raise MaskforgeError(f"regenerated weights of layer {bad[0]} do not match the artifact's digest "
-                             f"(field digests.weights.{bad[0]}; {len(bad)} of {len(recorded)} layers differ): "
-                             f"this generator ({regen.GENERATOR_ID} v{regen.GENERATOR_VERSION}) gives a "
-                             f"different network than the one searched")
+        raise MaskforgeError(
+            f"regenerated weights of layer {bad[0]} do not match the artifact's digest "
+            f"(field digests.weights.{bad[0]}; {len(bad)} of {len(recorded)} layers differ): "
+            f"this generator ({regen.GENERATOR_ID} v{regen.GENERATOR_VERSION}) gives a "
+            f"different network than the one searched"
+        )
 
 
 def _builder_summary(artifact: Artifact) -> dict:
@@ -398,11 +493,18 @@ def _builder_summary(artifact: Artifact) -> dict:
     if arch.structure is None:
         return {}
     user_code = not artifact.arch.startswith("torchvision:")
-    return {"library": arch.library, "structure_digest": arch.structure_digest, "user_code": user_code,
-            "depends_on": (f"user code {artifact.arch.split(':')[0]} (not stored in the artifact: loading needs "
-                           f"it, unchanged in structure)" if user_code else
-                           f"{arch.library.split()[0]} (any version that builds the same structure)"),
-            "fixed_tensors": convert.fixed_tensors(artifact.structure)}
+    return {
+        "library": arch.library,
+        "structure_digest": arch.structure_digest,
+        "user_code": user_code,
+        "depends_on": (
+            f"user code {artifact.arch.split(':')[0]} (not stored in the artifact: loading needs "
+            f"it, unchanged in structure)"
+            if user_code
+            else f"{arch.library.split()[0]} (any version that builds the same structure)"
+        ),
+        "fixed_tensors": convert.fixed_tensors(artifact.structure),
+    }
 
 
 def inspect_artifact(path: str | os.PathLike) -> dict:
@@ -417,17 +519,31 @@ def inspect_artifact(path: str | os.PathLike) -> dict:
     masked = artifact.masked_weights
     bn_values = sum(stat.numel() for stat in artifact.bn_stats.values())
     return {
-        "path": str(artifact.path), "file_bytes": artifact.file_bytes,
-        "format": doc["format"], "format_version": artifact.meta.format_version,
-        "arch": artifact.arch, "arch_args": artifact.arch_args, **_builder_summary(artifact),
-        "k": artifact.k, "seed": artifact.seed,
-        "init": artifact.init, "scale_fan": artifact.scale_fan, "topk": artifact.topk,
-        "generator": doc["generator"], "input": artifact.spec.to_dict(), "masked_weights": masked,
-        "kept_weights": artifact.kept_weights, "density": artifact.kept_weights / masked, "bn_values": bn_values,
+        "path": str(artifact.path),
+        "file_bytes": artifact.file_bytes,
+        "format": doc["format"],
+        "format_version": artifact.meta.format_version,
+        "arch": artifact.arch,
+        "arch_args": artifact.arch_args,
+        **_builder_summary(artifact),
+        "k": artifact.k,
+        "seed": artifact.seed,
+        "init": artifact.init,
+        "scale_fan": artifact.scale_fan,
+        "topk": artifact.topk,
+        "generator": doc["generator"],
+        "input": artifact.spec.to_dict(),
+        "masked_weights": masked,
+        "kept_weights": artifact.kept_weights,
+        "density": artifact.kept_weights / masked,
+        "bn_values": bn_values,
         "bits_per_weight": bits_per_weight(artifact.file_bytes, masked),
         "dense_float32_bytes": 4 * (masked + bn_values),
         # in network order (the JSON document keeps them sorted by name)
-        "layers": [{"name": f"{name}.weight", **dump(artifact.meta.layers[f"{name}.weight"])}
-                   for name in masked_modules(artifact.structure)],
-        "provenance": doc["provenance"], "digest": artifact.digest,
+        "layers": [
+            {"name": f"{name}.weight", **dump(artifact.meta.layers[f"{name}.weight"])}
+            for name in masked_modules(artifact.structure)
+        ],
+        "provenance": doc["provenance"],
+        "digest": artifact.digest,
     }

@@ -65,6 +65,7 @@ class Checkpoint:
 
 # --- capture / restore -----------------------------------------------------------------------------------
 
+
 def capture(model: nn.Module, optimizer: torch.optim.Optimizer, document: dict) -> Checkpoint:
     """Copy the trainable state of `model` (unwrapped: no DDP/compile wrapper) and `optimizer` to the CPU."""
     tensors: dict[str, torch.Tensor] = {}
@@ -131,27 +132,35 @@ def check_compatible(checkpoint: Checkpoint, identity: dict, label: str) -> None
     built on the meta device.
     """
     recorded = dump_identity(checkpoint.identity)
-    differences = [f"{key} {recorded.get(key)!r} (this run: {value!r})" for key, value in identity.items()
-                   if recorded.get(key) != value]
+    differences = [
+        f"{key} {recorded.get(key)!r} (this run: {value!r})"
+        for key, value in identity.items()
+        if recorded.get(key) != value
+    ]
     if differences:
         raise MaskforgeError(f"{label} was written by a different search: {'; '.join(differences)}")
     recorded_identity = checkpoint.identity
     with torch.device("meta"):
-        structure = archs.build_structure(recorded_identity.arch, recorded_identity.arch_args.to_dict(),
-                                          recorded_identity.k)
+        structure = archs.build_structure(
+            recorded_identity.arch, recorded_identity.arch_args.to_dict(), recorded_identity.k
+        )
     expected = expected_tensors(structure)
     names = set(checkpoint.tensors) - {RNG_STATE}
     missing = sorted(n for n in expected if n not in names and not n.startswith("momentum/"))
     extra = sorted(names - set(expected))
     if missing or extra:
-        raise MaskforgeError(f"{label} does not match architecture {recorded_identity.arch}: missing tensors "
-                             f"{missing[:3]}, unexpected tensors {extra[:3]}")
+        raise MaskforgeError(
+            f"{label} does not match architecture {recorded_identity.arch}: missing tensors "
+            f"{missing[:3]}, unexpected tensors {extra[:3]}"
+        )
     for name in sorted(names):
         shape, dtype = expected[name]
         tensor = checkpoint.tensors[name]
         if tuple(tensor.shape) != shape or tensor.dtype != dtype:
-            raise MaskforgeError(f"{label}: tensor {name} is {list(tensor.shape)} {tensor.dtype}, architecture "
-                                 f"{recorded_identity.arch} needs {list(shape)} {dtype}")
+            raise MaskforgeError(
+                f"{label}: tensor {name} is {list(tensor.shape)} {tensor.dtype}, architecture "
+                f"{recorded_identity.arch} needs {list(shape)} {dtype}"
+            )
     momenta = {n for n in names if n.startswith("momentum/")}
     if momenta and len(momenta) != sum(n.startswith("scores/") for n in expected):
         raise MaskforgeError(f"{label}: momentum buffers exist for some layers only")
@@ -166,6 +175,7 @@ def dump_identity(identity: Identity) -> dict:
 
 
 # --- save / load -----------------------------------------------------------------------------------------
+
 
 def save_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike) -> Path:
     """Write atomically: a reader or a crash sees the previous checkpoint or this one, never a torn file."""
@@ -184,8 +194,10 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise MaskforgeError(f"no checkpoint at {path}: nothing to resume (a search writes one at the end "
-                             f"of every epoch and every checkpoint_every steps)") from None
+        raise MaskforgeError(
+            f"no checkpoint at {path}: nothing to resume (a search writes one at the end "
+            f"of every epoch and every checkpoint_every steps)"
+        ) from None
     except IsADirectoryError:
         raise MaskforgeError(f"{path} is a folder, not a checkpoint file") from None
     except OSError as exc:

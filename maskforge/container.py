@@ -80,8 +80,9 @@ def seal(document: Mapping, tensors: Mapping[str, np.ndarray], *, allow_nan: boo
     return sealed
 
 
-def write(document: Mapping, tensors: Mapping[str, np.ndarray | torch.Tensor], *, key: str,
-          allow_nan: bool = False) -> bytes:
+def write(
+    document: Mapping, tensors: Mapping[str, np.ndarray | torch.Tensor], *, key: str, allow_nan: bool = False
+) -> bytes:
     """The bytes of a container holding `tensors` (numpy arrays or CPU torch tensors) and the sealed
     `document` (deterministic)."""
     arrays = as_arrays(tensors)
@@ -95,12 +96,14 @@ def serialize(sealed: Mapping, tensors: Mapping[str, np.ndarray], *, key: str, a
 
 def as_arrays(tensors: Mapping[str, np.ndarray | torch.Tensor]) -> dict[str, np.ndarray]:
     """numpy views of torch tensors (C order, on the CPU); numpy arrays pass through."""
-    return {name: t.detach().cpu().contiguous().numpy() if isinstance(t, torch.Tensor) else t
-            for name, t in tensors.items()}
+    return {
+        name: t.detach().cpu().contiguous().numpy() if isinstance(t, torch.Tensor) else t for name, t in tensors.items()
+    }
 
 
-def write_file(path, document: Mapping, tensors: Mapping[str, np.ndarray | torch.Tensor], *, key: str,
-               allow_nan: bool = False) -> dict:
+def write_file(
+    path, document: Mapping, tensors: Mapping[str, np.ndarray | torch.Tensor], *, key: str, allow_nan: bool = False
+) -> dict:
     """Seal `document` and write the container to `path` atomically, streaming the tensors to the file
     (no copy of them in memory: checkpoints of large networks hold hundreds of MB). Returns the sealed
     document."""
@@ -120,15 +123,17 @@ def read_document(data: bytes, *, key: str, label: str, kind: str, allow_nan: bo
     if size > len(data) - 8 or size > MAX_HEADER_BYTES or not data[8:9] == b"{":
         raise MaskforgeError(f"{label} is not a {kind} (not a safetensors file, or truncated)")
     try:
-        header = strict_json(data[8:8 + size], label, "the safetensors header")
+        header = strict_json(data[8 : 8 + size], label, "the safetensors header")
     except MaskforgeError as exc:
         raise MaskforgeError(f"{label} is not a {kind} ({str(exc).removeprefix(label + ': ')})") from None
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(metadata, dict) or key not in metadata:
         raise MaskforgeError(f"{label} is a safetensors file but not a {kind} (no '{key}' metadata)")
     if set(metadata) != {key}:
-        raise MaskforgeError(f"{label}: unexpected safetensors metadata key(s) {quote(sorted(set(metadata) - {key}))} "
-                             f"(a {kind} has only '{key}')")
+        raise MaskforgeError(
+            f"{label}: unexpected safetensors metadata key(s) {quote(sorted(set(metadata) - {key}))} "
+            f"(a {kind} has only '{key}')"
+        )
     if not isinstance(metadata[key], str):
         raise MaskforgeError(f"{label}: the {key} metadata is not a JSON string")
     document = strict_json(metadata[key], label, f"the {key} metadata", allow_nan=allow_nan)
@@ -158,8 +163,9 @@ def check_tensor_digests(document: dict, tensors: Mapping[str, np.ndarray], labe
     recorded = recorded if isinstance(recorded, dict) else {}
     if set(recorded) != set(tensors):
         missing, extra = sorted(set(recorded) - set(tensors)), sorted(set(tensors) - set(recorded))
-        raise MaskforgeError(f"{label}: tensor set differs from the metadata "
-                             f"(missing {quote(missing)}, extra {quote(extra)})")
+        raise MaskforgeError(
+            f"{label}: tensor set differs from the metadata (missing {quote(missing)}, extra {quote(extra)})"
+        )
     for name in sorted(tensors):
         if tensor_digest(tensors[name]) != recorded[name]:
             shown = printable(name, limit=QUOTE_LIMIT)

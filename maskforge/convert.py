@@ -58,22 +58,46 @@ import torch.nn as nn
 from . import regen
 from .errors import MaskforgeError, first_line
 from .registry import check_builder_args, parse_builder_args  # noqa: F401 - part of this module's API
-from .layers import (MASKED_TYPES, MaskedConv1d, MaskedConv2d, MaskedConv3d, MaskedLinear, ProjectedAttention,
-                     masked_modules)
+from .layers import (
+    MASKED_TYPES,
+    MaskedConv1d,
+    MaskedConv2d,
+    MaskedConv3d,
+    MaskedLinear,
+    ProjectedAttention,
+    masked_modules,
+)
 
-__all__ = ["TRUST_ENV", "FIXED_RULES", "is_reference", "builder_reference", "trust", "resolve", "source_model",
-           "structure_entries", "structure_digest", "first_difference", "library_of", "convert", "build",
-           "fill_fixed", "plain_layers", "torchvision_builders", "zoo"]
+__all__ = [
+    "TRUST_ENV",
+    "FIXED_RULES",
+    "is_reference",
+    "builder_reference",
+    "trust",
+    "resolve",
+    "source_model",
+    "structure_entries",
+    "structure_digest",
+    "first_difference",
+    "library_of",
+    "convert",
+    "build",
+    "fill_fixed",
+    "plain_layers",
+    "torchvision_builders",
+    "zoo",
+]
 
 TRUST_ENV = "MASKFORGE_TRUST_CODE"
 
 _REFERENCE = re.compile(r"(?P<target>[^:]+):(?P<attr>[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*)")
-_builders: dict[str, Callable[..., nn.Module]] = {}   # references handed in as callables (builder_reference)
+_builders: dict[str, Callable[..., nn.Module]] = {}  # references handed in as callables (builder_reference)
 _trusted: set[str] = set()
 _file_modules: dict[str, Any] = {}
 
 
 # --- builder references ------------------------------------------------------------------------------------
+
 
 def is_reference(name: str) -> bool:
     """Whether an architecture name is a builder reference (has a colon) rather than a registered name."""
@@ -83,8 +107,10 @@ def is_reference(name: str) -> bool:
 def _parse(reference: str) -> tuple[str, str]:
     match = _REFERENCE.fullmatch(reference)
     if match is None:
-        raise MaskforgeError(f"architecture {reference!r} is not a builder reference: write torchvision:NAME, "
-                             f"package.module:callable or file.py:callable")
+        raise MaskforgeError(
+            f"architecture {reference!r} is not a builder reference: write torchvision:NAME, "
+            f"package.module:callable or file.py:callable"
+        )
     return match["target"], match["attr"]
 
 
@@ -132,13 +158,14 @@ def resolve(reference: str) -> Callable[..., nn.Module]:
         model_class = getattr(models, attr, None)
         if isinstance(model_class, type) and issubclass(model_class, nn.Module):
             return model_class
-        raise MaskforgeError(f"torchvision has no classification model {attr!r} (maskforge archs --all lists "
-                             f"them)")
+        raise MaskforgeError(f"torchvision has no classification model {attr!r} (maskforge archs --all lists them)")
     if reference in _builders:
         return _builders[reference]
     if not _is_trusted(reference):
-        raise MaskforgeError(f"architecture {reference} is user code, and loading it would import and run that "
-                             f"code: set {TRUST_ENV}={reference} to allow it")
+        raise MaskforgeError(
+            f"architecture {reference} is user code, and loading it would import and run that "
+            f"code: set {TRUST_ENV}={reference} to allow it"
+        )
     module = _import(target, reference)
     found: Any = module
     for part in attr.split("."):
@@ -154,8 +181,7 @@ def _import(target: str, reference: str):
             path = Path(target).resolve()
             if str(path) not in _file_modules:
                 if not path.is_file():
-                    raise MaskforgeError(f"architecture {reference}: no file {target} (relative to "
-                                         f"{Path.cwd()})")
+                    raise MaskforgeError(f"architecture {reference}: no file {target} (relative to {Path.cwd()})")
                 name = "maskforge_user_" + hashlib.sha256(str(path).encode()).hexdigest()[:12]
                 spec = importlib.util.spec_from_file_location(name, path)
                 if spec is None or spec.loader is None:
@@ -168,8 +194,9 @@ def _import(target: str, reference: str):
     except MaskforgeError:
         raise
     except Exception as exc:  # noqa: BLE001 - the user's module may raise anything while importing
-        raise MaskforgeError(f"architecture {reference}: cannot import {target} "
-                             f"({type(exc).__name__}: {first_line(exc)})") from None
+        raise MaskforgeError(
+            f"architecture {reference}: cannot import {target} ({type(exc).__name__}: {first_line(exc)})"
+        ) from None
 
 
 def library_of(reference: str) -> str:
@@ -193,6 +220,7 @@ def library_of(reference: str) -> str:
 
 # --- building the source model ----------------------------------------------------------------------------
 
+
 def _accepts(builder: Callable, name: str) -> bool:
     try:
         return name in inspect.signature(builder).parameters
@@ -206,8 +234,10 @@ def source_model(reference: str, args: dict, *, check: bool = True) -> nn.Module
     builder = resolve(reference)
     in_channels, num_classes, image_size = args["in_channels"], args["num_classes"], tuple(args["image_size"])
     if args.get("width", 1.0) != 1.0:
-        raise MaskforgeError(f"width {args['width']:g}: architecture {reference} has fixed widths (pass the "
-                             f"builder's own width arguments in --arch-args)")
+        raise MaskforgeError(
+            f"width {args['width']:g}: architecture {reference} has fixed widths (pass the "
+            f"builder's own width arguments in --arch-args)"
+        )
     kwargs = dict(args.get("builder_args") or {})
     torchvision = reference.startswith("torchvision:")
     if torchvision and reference.split(":", 1)[1] in ("googlenet", "inception_v3"):
@@ -225,8 +255,9 @@ def source_model(reference: str, args: dict, *, check: bool = True) -> nn.Module
     except MaskforgeError:
         raise
     except Exception as exc:  # noqa: BLE001 - a builder may refuse its arguments in any way
-        raise MaskforgeError(f"architecture {reference} refused its arguments {kwargs}: "
-                             f"{type(exc).__name__}: {first_line(exc)}") from None
+        raise MaskforgeError(
+            f"architecture {reference} refused its arguments {kwargs}: {type(exc).__name__}: {first_line(exc)}"
+        ) from None
     if not isinstance(model, nn.Module):
         raise MaskforgeError(f"architecture {reference} returned a {type(model).__name__}, not an nn.Module")
     model.to("meta")
@@ -262,12 +293,23 @@ def _adapt_stem(model: nn.Module, in_channels: int, reference: str) -> None:
             if not isinstance(module, nn.Conv2d) or module.in_channels != 3:
                 break
             with torch.device("meta"):
-                stem = nn.Conv2d(in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-                                 module.dilation, module.groups, module.bias is not None, module.padding_mode)
+                stem = nn.Conv2d(
+                    in_channels,
+                    module.out_channels,
+                    module.kernel_size,
+                    module.stride,
+                    module.padding,
+                    module.dilation,
+                    module.groups,
+                    module.bias is not None,
+                    module.padding_mode,
+                )
             _replace(model, name, stem)
             return
-    raise MaskforgeError(f"architecture {reference} does not start with a 3-channel convolution, so it cannot take "
-                         f"{in_channels}-channel images")
+    raise MaskforgeError(
+        f"architecture {reference} does not start with a 3-channel convolution, so it cannot take "
+        f"{in_channels}-channel images"
+    )
 
 
 def check_output(model: nn.Module, reference: str, args: dict) -> None:
@@ -280,26 +322,33 @@ def check_output(model: nn.Module, reference: str, args: dict) -> None:
             try:
                 out = model(torch.empty(2, in_channels, *image_size, device="meta"))
             except Exception as exc:  # noqa: BLE001 - any failure of the user's forward
-                raise MaskforgeError(f"architecture {reference} cannot take {in_channels}x{image_size[0]}x"
-                                     f"{image_size[1]} images: {type(exc).__name__}: {first_line(exc)}") from None
+                raise MaskforgeError(
+                    f"architecture {reference} cannot take {in_channels}x{image_size[0]}x"
+                    f"{image_size[1]} images: {type(exc).__name__}: {first_line(exc)}"
+                ) from None
             if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
                 shape = list(out.shape) if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
-                raise MaskforgeError(f"architecture {reference} gives {shape} for a batch of 2 images in "
-                                     f"{'training' if training else 'evaluation'} mode, expected a tensor "
-                                     f"[2, {num_classes}] (one logit per class of the data)")
+                raise MaskforgeError(
+                    f"architecture {reference} gives {shape} for a batch of 2 images in "
+                    f"{'training' if training else 'evaluation'} mode, expected a tensor "
+                    f"[2, {num_classes}] (one logit per class of the data)"
+                )
     finally:
         model.train(was_training)
 
 
 # --- structure --------------------------------------------------------------------------------------------
 
+
 def structure_entries(model: nn.Module) -> list[str]:
     """One line per parameter and buffer, in module order: `name param|buffer AxBxC ModuleClass`."""
     entries = []
     for prefix, module in model.named_modules():
         kind = type(module).__name__
-        for label, tensors in (("param", module.named_parameters(recurse=False)),
-                               ("buffer", module.named_buffers(recurse=False))):
+        for label, tensors in (
+            ("param", module.named_parameters(recurse=False)),
+            ("buffer", module.named_buffers(recurse=False)),
+        ):
             for name, tensor in tensors:
                 if tensor is None:
                     continue
@@ -328,13 +377,14 @@ def first_difference(recorded: list[str], current: list[str]) -> str:
 
 # --- the conversion rules ---------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class FixedRule:
     """What a parameter that is not a masked weight, bias or norm affine becomes: `value` ("zeros", "ones")
     or "normal" (regenerated from the seed: N(0, std^2), stream `<parameter name>`)."""
 
-    owner: str          # the owning module's class (torchvision's)
-    name: str           # the parameter's attribute name
+    owner: str  # the owning module's class (torchvision's)
+    name: str  # the parameter's attribute name
     value: str
     std: float = 0.0
     why: str = ""
@@ -346,7 +396,7 @@ FIXED_RULES = (
     FixedRule("CNBlock", "layer_scale", "ones", why="no learned scale, as the norms (torchvision: 1e-6)"),
 )
 _RULES = {(rule.owner, rule.name): rule for rule in FIXED_RULES}
-_FIXED_ATTR = "_maskforge_fixed"   # on a module: {buffer name: FixedRule}
+_FIXED_ATTR = "_maskforge_fixed"  # on a module: {buffer name: FixedRule}
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
 
 
@@ -360,23 +410,44 @@ def _masked_twin(module: nn.Module, k: float) -> nn.Module:
         return MaskedLinear(module.in_features, module.out_features, k=k, device="meta")
     masked = {nn.Conv1d: MaskedConv1d, nn.Conv2d: MaskedConv2d, nn.Conv3d: MaskedConv3d}
     kind = next(base for base in masked if isinstance(module, base))
-    return masked[kind](module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-                        module.dilation, module.groups, k=k, padding_mode=module.padding_mode, device="meta")
+    return masked[kind](
+        module.in_channels,
+        module.out_channels,
+        module.kernel_size,
+        module.stride,
+        module.padding,
+        module.dilation,
+        module.groups,
+        k=k,
+        padding_mode=module.padding_mode,
+        device="meta",
+    )
 
 
 def _attention(module: nn.MultiheadAttention, name: str, k: float) -> ProjectedAttention:
     if not module._qkv_same_embed_dim or module.bias_k is not None:
-        raise MaskforgeError(f"module {name}: only nn.MultiheadAttention with key and value of the query's size "
-                             f"and no bias_k/bias_v can be converted")
-    return ProjectedAttention(module.embed_dim, module.num_heads, dropout=0.0, add_zero_attn=module.add_zero_attn,
-                              batch_first=module.batch_first, k=k, device="meta")
+        raise MaskforgeError(
+            f"module {name}: only nn.MultiheadAttention with key and value of the query's size "
+            f"and no bias_k/bias_v can be converted"
+        )
+    return ProjectedAttention(
+        module.embed_dim,
+        module.num_heads,
+        dropout=0.0,
+        add_zero_attn=module.add_zero_attn,
+        batch_first=module.batch_first,
+        k=k,
+        device="meta",
+    )
 
 
 def _strip_affine(norm: nn.Module, name: str) -> None:
     """A norm without learned scale and shift (the paper's non-affine batch norm), in place."""
     if isinstance(norm, nn.modules.batchnorm._BatchNorm) and not norm.track_running_stats:
-        raise MaskforgeError(f"module {name}: a batch norm without running statistics cannot be shipped (its "
-                             f"outputs would depend on the batch)")
+        raise MaskforgeError(
+            f"module {name}: a batch norm without running statistics cannot be shipped (its "
+            f"outputs would depend on the batch)"
+        )
     if isinstance(norm, nn.modules.instancenorm._InstanceNorm) and norm.track_running_stats:
         raise MaskforgeError(f"module {name}: an instance norm with running statistics is not supported")
     if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.momentum is not None:
@@ -438,8 +509,10 @@ def _fix_parameters(model: nn.Module, reference: str) -> None:
             full = f"{prefix}.{attr}" if prefix else attr
             rule = _RULES.get((owner, attr)) if type(module).__module__.startswith("torchvision.") else None
             if rule is None:
-                raise MaskforgeError(f"architecture {reference}: parameter {full} ({owner}.{attr}, shape "
-                                     f"{list(param.shape)}) has no conversion rule (docs/FORMAT.md section 2.6)")
+                raise MaskforgeError(
+                    f"architecture {reference}: parameter {full} ({owner}.{attr}, shape "
+                    f"{list(param.shape)}) has no conversion rule (docs/FORMAT.md section 2.6)"
+                )
             del module._parameters[attr]
             module.register_buffer(attr, torch.zeros(param.shape, device="meta"))
             rules = getattr(module, _FIXED_ATTR, None) or {}
@@ -450,13 +523,18 @@ def _fix_parameters(model: nn.Module, reference: str) -> None:
                 continue
             if isinstance(module, MASKED_TYPES) and attr == "weight":
                 continue
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and attr in ("running_mean", "running_var",
-                                                                                   "num_batches_tracked"):
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and attr in (
+                "running_mean",
+                "running_var",
+                "num_batches_tracked",
+            ):
                 continue
             full = f"{prefix}.{attr}" if prefix else attr
-            raise MaskforgeError(f"architecture {reference}: buffer {full} ({owner}.{attr}) is computed by the "
-                                 f"model's constructor, which maskforge does not run; only norm statistics are "
-                                 f"supported (docs/FORMAT.md section 2.6)")
+            raise MaskforgeError(
+                f"architecture {reference}: buffer {full} ({owner}.{attr}) is computed by the "
+                f"model's constructor, which maskforge does not run; only norm statistics are "
+                f"supported (docs/FORMAT.md section 2.6)"
+            )
 
 
 def fill_fixed(model: nn.Module, seed: int) -> None:
@@ -512,8 +590,12 @@ def build(reference: str, args: dict, k: float) -> nn.Module:
 
 # --- masked -> plain ---------------------------------------------------------------------------------------
 
-def plain_layers(model: nn.Module, weight_of: Callable[[str, nn.Module], torch.Tensor] | None = None,
-                 device: torch.device | str | None = None) -> nn.Module:
+
+def plain_layers(
+    model: nn.Module,
+    weight_of: Callable[[str, nn.Module], torch.Tensor] | None = None,
+    device: torch.device | str | None = None,
+) -> nn.Module:
     """Replace (in place) each masked layer with the plain bias-free layer of the same shape: the one
     definition of the masked -> plain swap (materialize, the dense baseline, the benchmarks).
 
@@ -526,8 +608,18 @@ def plain_layers(model: nn.Module, weight_of: Callable[[str, nn.Module], torch.T
             plain: nn.Module = nn.Linear(layer.in_features, layer.out_features, bias=False, device=target)
         else:
             base = next(kind for kind in (nn.Conv1d, nn.Conv2d, nn.Conv3d) if isinstance(layer, kind))
-            plain = base(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-                         layer.dilation, layer.groups, bias=False, padding_mode=layer.padding_mode, device=target)
+            plain = base(
+                layer.in_channels,
+                layer.out_channels,
+                layer.kernel_size,
+                layer.stride,
+                layer.padding,
+                layer.dilation,
+                layer.groups,
+                bias=False,
+                padding_mode=layer.padding_mode,
+                device=target,
+            )
         if weight_of is not None:
             plain.weight = nn.Parameter(weight_of(name, layer))
         _replace(model, name, plain)
@@ -553,11 +645,13 @@ def describe_reference(reference: str, args: dict) -> tuple[int, str]:
 def zoo(in_channels: int = 3, num_classes: int = 1000, image_size: tuple[int, int] = (224, 224)) -> list[dict]:
     """torchvision's classification builders at this input: `{name, weights, why}` each (`why` empty when
     the model converts; `weights` None when it does not). Builds each on the meta device (seconds)."""
-    args = {"in_channels": int(in_channels), "num_classes": int(num_classes),
-            "image_size": [int(image_size[0]), int(image_size[1])]}
+    args = {
+        "in_channels": int(in_channels),
+        "num_classes": int(num_classes),
+        "image_size": [int(image_size[0]), int(image_size[1])],
+    }
     rows = []
     for name in torchvision_builders():
         weights, why = describe_reference(f"torchvision:{name}", args)
         rows.append({"name": f"torchvision:{name}", "weights": weights if not why else None, "why": why})
     return rows
-

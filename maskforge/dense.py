@@ -54,7 +54,7 @@ class DenseConfig:
     """Every argument of a dense-baseline run (the fields it shares with SearchConfig mean the same)."""
 
     arch: str = "conv4"
-    arch_args: str | None = None   # a builder reference's keyword arguments (JSON object), as SearchConfig
+    arch_args: str | None = None  # a builder reference's keyword arguments (JSON object), as SearchConfig
     width: float = 1.0
     data: str = "mnist5k"
     image_size: int | None = None
@@ -62,10 +62,10 @@ class DenseConfig:
     max_steps: int | None = None
     batch_size: int = 128
     label_smoothing: float = 0.1
-    seed: int = 0                  # PyTorch's default init is drawn from a generator seeded by this
-    optimizer: str = "adam"        # adam (default) or sgd (the search's recipe)
-    lr: float = 1e-3               # peak of the cosine schedule
-    momentum: float = 0.9          # sgd only
+    seed: int = 0  # PyTorch's default init is drawn from a generator seeded by this
+    optimizer: str = "adam"  # adam (default) or sgd (the search's recipe)
+    lr: float = 1e-3  # peak of the cosine schedule
+    momentum: float = 0.9  # sgd only
     weight_decay: float = 0.0
     device: str = "auto"
     # The search's device choices (None/False: the search's defaults for the device), so a sweep's dense
@@ -75,7 +75,7 @@ class DenseConfig:
     compile: bool = False
     deterministic: bool = False
     workers: int | None = None
-    out: str | None = None         # run folder; None: nothing is written
+    out: str | None = None  # run folder; None: nothing is written
 
     def search_config(self) -> SearchConfig:
         """The search whose data, schedule and device this run shares (validated by the schema; messages
@@ -86,8 +86,9 @@ class DenseConfig:
         config = SearchConfig.from_dict(values, "dense config")
         archs.check_width(self.width, self.arch)
         if self.optimizer not in OPTIMIZERS:
-            raise MaskforgeError(f"dense config: optimizer must be one of {', '.join(OPTIMIZERS)}, got "
-                                 f"{self.optimizer!r}")
+            raise MaskforgeError(
+                f"dense config: optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
+            )
         return config
 
     def validate(self) -> None:
@@ -96,8 +97,9 @@ class DenseConfig:
     @classmethod
     def like(cls, search: SearchConfig, **recipe) -> "DenseConfig":
         """The dense twin of a search: its shared fields (arch, width, data, epochs, seed...) plus `recipe`."""
-        shared = {f.name: getattr(search, f.name) for f in fields(cls)
-                  if f.name not in RECIPE and hasattr(search, f.name)}
+        shared = {
+            f.name: getattr(search, f.name) for f in fields(cls) if f.name not in RECIPE and hasattr(search, f.name)
+        }
         if shared.get("width") is None:
             shared["width"] = 1.0  # the architecture's default, spelled out
         return cls(**{**shared, **recipe})
@@ -105,15 +107,15 @@ class DenseConfig:
 
 @dataclass
 class DenseResult:
-    heldout_acc: float             # after the last epoch (NaN if the loss diverged)
+    heldout_acc: float  # after the last epoch (NaN if the loss diverged)
     num_classes: int
-    weights: int                   # trained weights of the conv/linear layers
+    weights: int  # trained weights of the conv/linear layers
     steps: int
-    finite: bool                   # False: the loss became NaN/inf and training stopped
-    final_train_loss: float        # mean training loss of the last epoch
+    finite: bool  # False: the loss became NaN/inf and training stopped
+    final_train_loss: float  # mean training loss of the last epoch
     seconds: float
     metrics: list[dict] = field(default_factory=list)
-    model: nn.Module | None = field(default=None, repr=False)   # the trained network (eval mode, its device)
+    model: nn.Module | None = field(default=None, repr=False)  # the trained network (eval mode, its device)
 
 
 def dense_model(arch: str, args: dict, seed: int) -> nn.Module:
@@ -133,8 +135,12 @@ def dense_model(arch: str, args: dict, seed: int) -> nn.Module:
     return model
 
 
-def train_dense(config: DenseConfig, *, on_step: Callable[[StepProgress], None] | None = None,
-                on_epoch: Callable[[dict], None] | None = None) -> DenseResult:
+def train_dense(
+    config: DenseConfig,
+    *,
+    on_step: Callable[[StepProgress], None] | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> DenseResult:
     """Train the dense baseline; with `config.out`, write config.json, metrics.jsonl and dense.json there.
     `on_step` and `on_epoch` are called as by `maskforge.searches.search`.
 
@@ -147,15 +153,17 @@ def train_dense(config: DenseConfig, *, on_step: Callable[[StepProgress], None] 
     splits = load_data(twin.data, image_size=twin.image_size)
     spec = splits.spec
     convert.trust(config.arch)
-    args = archs.arch_args(spec.channels, spec.num_classes, (spec.height, spec.width), config.width,
-                           twin.builder_args())
+    args = archs.arch_args(
+        spec.channels, spec.num_classes, (spec.height, spec.width), config.width, twin.builder_args()
+    )
     model = dense_model(config.arch, args, config.seed)
     session = setup(twin, splits, model, args, None, World())  # SGD with the twin's lr, momentum, decay
     out = Path(config.out) if config.out else None
     if out is not None:  # only once the data, the network and the device choices are settled: a bad
         # argument, or a choice this machine cannot honour, leaves nothing behind
-        atomic_write(ensure_writable_dir(out) / CONFIG_NAME,
-                     json.dumps(asdict(config), indent=2, sort_keys=True) + "\n")
+        atomic_write(
+            ensure_writable_dir(out) / CONFIG_NAME, json.dumps(asdict(config), indent=2, sort_keys=True) + "\n"
+        )
     if config.optimizer == "adam":
         session.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     started, finite = time.perf_counter(), True
@@ -176,15 +184,26 @@ def train_dense(config: DenseConfig, *, on_step: Callable[[StepProgress], None] 
             if on_epoch:
                 on_epoch(record)
     metrics = session.metrics
-    weights = sum(m.weight.numel() for m in model.modules()
-                  if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)))
-    result = DenseResult(heldout_acc=metrics[-1]["heldout_acc"] if metrics else math.nan,
-                         num_classes=spec.num_classes, weights=weights, steps=session.position.step, finite=finite,
-                         final_train_loss=metrics[-1]["train_loss"] if metrics else math.nan,
-                         seconds=time.perf_counter() - started, metrics=metrics, model=model.eval())
+    weights = sum(
+        m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
+    )
+    result = DenseResult(
+        heldout_acc=metrics[-1]["heldout_acc"] if metrics else math.nan,
+        num_classes=spec.num_classes,
+        weights=weights,
+        steps=session.position.step,
+        finite=finite,
+        final_train_loss=metrics[-1]["train_loss"] if metrics else math.nan,
+        seconds=time.perf_counter() - started,
+        metrics=metrics,
+        model=model.eval(),
+    )
     if out is not None:
-        document = {name: (None if isinstance(value, float) and not math.isfinite(value) else value)
-                    for name, value in vars(result).items() if name not in ("metrics", "model")}
+        document = {
+            name: (None if isinstance(value, float) and not math.isfinite(value) else value)
+            for name, value in vars(result).items()
+            if name not in ("metrics", "model")
+        }
         document["versions"] = {"maskforge": __version__, "torch": torch.__version__.split("+")[0]}
         atomic_write(out / RESULT_NAME, json.dumps(document, indent=2, sort_keys=True) + "\n")
     return result

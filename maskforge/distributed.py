@@ -64,16 +64,19 @@ def detect(environ: Mapping[str, str] | None = None) -> World:
         try:
             return int(raw)
         except ValueError:
-            raise MaskforgeError(f"environment variable {name}={raw!r} is not an integer "
-                                 f"(set by torchrun; do not set it by hand)") from None
+            raise MaskforgeError(
+                f"environment variable {name}={raw!r} is not an integer (set by torchrun; do not set it by hand)"
+            ) from None
 
     world_size = integer("WORLD_SIZE", 1)
     rank = integer("RANK", 0)
     local_rank = integer("LOCAL_RANK", rank)
     local_world_size = integer("LOCAL_WORLD_SIZE", world_size)
     if world_size < 1 or not 0 <= rank < world_size or not 0 <= local_rank < max(local_world_size, 1):
-        raise MaskforgeError(f"inconsistent torchrun environment: RANK={rank} WORLD_SIZE={world_size} "
-                             f"LOCAL_RANK={local_rank} LOCAL_WORLD_SIZE={local_world_size}")
+        raise MaskforgeError(
+            f"inconsistent torchrun environment: RANK={rank} WORLD_SIZE={world_size} "
+            f"LOCAL_RANK={local_rank} LOCAL_WORLD_SIZE={local_world_size}"
+        )
     return World(rank, world_size, local_rank, local_world_size)
 
 
@@ -83,8 +86,10 @@ def local_device(world: World, kind: str) -> torch.device:
         return torch.device(kind)
     count = torch.cuda.device_count()
     if world.local_world_size > count:
-        raise MaskforgeError(f"{world.local_world_size} processes on this node but only {count} CUDA "
-                             f"device(s): start torchrun with --nproc-per-node {count} or fewer")
+        raise MaskforgeError(
+            f"{world.local_world_size} processes on this node but only {count} CUDA "
+            f"device(s): start torchrun with --nproc-per-node {count} or fewer"
+        )
     return torch.device("cuda", world.local_rank)
 
 
@@ -106,11 +111,13 @@ def process_group(world: World) -> Iterator[None]:
     else:
         backend = "gloo"
     try:
-        dist.init_process_group(backend=backend, rank=world.rank, world_size=world.world_size, timeout=TIMEOUT,
-                                store=_attempt_store(world))
+        dist.init_process_group(
+            backend=backend, rank=world.rank, world_size=world.world_size, timeout=TIMEOUT, store=_attempt_store(world)
+        )
     except (ValueError, RuntimeError) as exc:
-        raise MaskforgeError(f"cannot join the torchrun process group ({backend}): "
-                             f"{' '.join(str(exc).split())}") from None
+        raise MaskforgeError(
+            f"cannot join the torchrun process group ({backend}): {' '.join(str(exc).split())}"
+        ) from None
     try:
         yield
     finally:
@@ -189,7 +196,7 @@ def weighted_sum_(tensors: Sequence[torch.Tensor], weight: float, world: World) 
     offset = 0
     for tensor in tensors:
         n = tensor.numel()
-        tensor.copy_(flat[offset:offset + n].view_as(tensor))
+        tensor.copy_(flat[offset : offset + n].view_as(tensor))
         offset += n
 
 
@@ -221,8 +228,10 @@ def check_identical(digest: bytes, what: str, world: World) -> None:
     dist.all_gather(rows, mine)
     differing = [rank for rank, row in enumerate(rows) if not torch.equal(row, rows[0])]
     if differing:
-        raise RuntimeError(f"{what} differ between processes: rank(s) {differing} disagree with rank 0 "
-                           f"(this is a bug in the distributed search; please report it)")
+        raise RuntimeError(
+            f"{what} differ between processes: rank(s) {differing} disagree with rank 0 "
+            f"(this is a bug in the distributed search; please report it)"
+        )
 
 
 def barrier(world: World) -> None:

@@ -45,6 +45,7 @@ def save_figure(fig, stem: Path) -> list[Path]:
 
 # --- one run -----------------------------------------------------------------------------------------
 
+
 def plot_run(run_dir: str | os.PathLike, *, stem: str | os.PathLike | None = None) -> list[Path]:
     """Loss, held-out accuracy and learning rate per epoch of a search (or dense) run folder.
 
@@ -54,8 +55,7 @@ def plot_run(run_dir: str | os.PathLike, *, stem: str | os.PathLike | None = Non
     run = Path(run_dir)
     metrics_path = run / METRICS_NAME
     if not metrics_path.exists():
-        raise MaskforgeError(f"{metrics_path} does not exist: {run} is not a run folder, or no epoch has "
-                             f"finished yet")
+        raise MaskforgeError(f"{metrics_path} does not exist: {run} is not a run folder, or no epoch has finished yet")
     metrics = read_metrics(run)
     if not metrics:
         raise MaskforgeError(f"{metrics_path} is empty: no epoch has finished yet")
@@ -91,9 +91,13 @@ def _run_title(run: Path, metrics: list[dict]) -> str:
         return f"{run.name}: {len(metrics)} epochs"
     kind = "dense training" if (run / DENSE_RESULT_NAME).exists() or "optimizer" in config else "edge-popup"
     defaults = {"width": (None, 1), "topk": (None, "layer")}  # said only when not the default
-    what = [f"{config.get('arch')}"] + [f"{key}={spell(config[key])}"
-                                         for key in ("k", "init", "scale_fan", "width", "topk")
-                                         if key in config and config[key] not in defaults.get(key, ())]
-    return (f"{kind}, {' '.join(what)} on {Path(str(config.get('data'))).name}: {len(metrics)} epochs, "
-            f"batch {config.get('batch_size')}, lr {spell(config.get('lr'))}, seed {config.get('seed')}; "
-            f"final held-out accuracy {100 * metrics[-1]['heldout_acc']:.2f} %")
+    what = [f"{config.get('arch')}"] + [
+        f"{key}={spell(config[key])}"
+        for key in ("k", "init", "scale_fan", "width", "topk")
+        if key in config and config[key] not in defaults.get(key, ())
+    ]
+    return (
+        f"{kind}, {' '.join(what)} on {Path(str(config.get('data'))).name}: {len(metrics)} epochs, "
+        f"batch {config.get('batch_size')}, lr {spell(config.get('lr'))}, seed {config.get('seed')}; "
+        f"final held-out accuracy {100 * metrics[-1]['heldout_acc']:.2f} %"
+    )

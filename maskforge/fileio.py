@@ -161,8 +161,11 @@ def _remove_stale_temporaries(destination: Path, folder: Path) -> None:
 
 #: errno values that mean "no room for this file": the disk, a quota or a file-size limit
 NO_ROOM = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
-NO_ROOM_WHY = {errno.ENOSPC: "the disk is full", errno.EFBIG: "the file would exceed the file-size limit (ulimit -f) "
-        "or the file system's largest file", getattr(errno, "EDQUOT", errno.ENOSPC): "the disk quota is exhausted"}
+NO_ROOM_WHY = {
+    errno.ENOSPC: "the disk is full",
+    errno.EFBIG: "the file would exceed the file-size limit (ulimit -f) or the file system's largest file",
+    getattr(errno, "EDQUOT", errno.ENOSPC): "the disk quota is exhausted",
+}
 
 
 def write_error(destination: str | os.PathLike, code: int | None, reason: str) -> str:

@@ -18,8 +18,15 @@ from .errors import MaskforgeError
 from .jsonread import strict_json
 
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
-_IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF8", "GIF"), (b"BM", "BMP"),
-                (b"RIFF", "WebP"), (b"P5", "PGM"), (b"P6", "PPM"))
+_IMAGE_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF8", "GIF"),
+    (b"BM", "BMP"),
+    (b"RIFF", "WebP"),
+    (b"P5", "PGM"),
+    (b"P6", "PPM"),
+)
 # safetensors metadata keys of maskforge's three safetensors formats (artifact.py, export.py, checkpoint.py)
 _ARTIFACT_KEY, _TORCH_EXPORT_KEY, _CHECKPOINT_KEY = "maskforge", "maskforge_torch_export", "maskforge_checkpoint"
 
@@ -29,7 +36,7 @@ class FileKind:
     """`kind` is one of: artifact, torch_export, checkpoint, safetensors, onnx, image, folder, missing, unknown."""
 
     kind: str
-    description: str    # "an ONNX model (a maskforge export: ...)", for messages
+    description: str  # "an ONNX model (a maskforge export: ...)", for messages
 
 
 def file_kind(path: str | os.PathLike) -> FileKind:

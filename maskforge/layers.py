@@ -31,10 +31,27 @@ from .topk import (
     topk_mask,
 )
 
-__all__ = ["MASKERS", "TOPK_RULES", "GlobalTopK", "MaskedConv1d", "MaskedConv2d", "MaskedConv3d", "MaskedLinear",
-           "MASKED_TYPES", "NonAffineBatchNorm2d", "ProjectedAttention", "layer_weight",
-           "ThresholdHint", "batchnorm_modules", "get_topk", "kept_count", "masked_modules", "set_masker",
-           "set_topk", "topk_mask"]
+__all__ = [
+    "MASKERS",
+    "TOPK_RULES",
+    "GlobalTopK",
+    "MaskedConv1d",
+    "MaskedConv2d",
+    "MaskedConv3d",
+    "MaskedLinear",
+    "MASKED_TYPES",
+    "NonAffineBatchNorm2d",
+    "ProjectedAttention",
+    "layer_weight",
+    "ThresholdHint",
+    "batchnorm_modules",
+    "get_topk",
+    "kept_count",
+    "masked_modules",
+    "set_masker",
+    "set_topk",
+    "topk_mask",
+]
 
 
 class _StraightThroughMask(torch.autograd.Function):
@@ -46,8 +63,9 @@ class _StraightThroughMask(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, scores: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor,
-                numpy_product: bool = False) -> torch.Tensor:
+    def forward(
+        ctx, scores: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, numpy_product: bool = False
+    ) -> torch.Tensor:
         ctx.save_for_backward(scores, weight)
         return _masked_product(weight, mask, numpy_product)
 
@@ -125,8 +143,13 @@ class _MaskedMixin:
         """weight * mask; with gradients on, the straight-through product that trains the scores."""
         mask, weight, scores = self.mask(), self.weight, self.scores
         # the numpy masker's product runs in NumPy too (CPU only; under compile, torch's product traces)
-        numpy_product = (self.masker != "torch" and mask.device.type == "cpu" and weight.device.type == "cpu"
-                         and weight.dtype in NUMPY_DTYPES and not torch.compiler.is_compiling())
+        numpy_product = (
+            self.masker != "torch"
+            and mask.device.type == "cpu"
+            and weight.device.type == "cpu"
+            and weight.dtype in NUMPY_DTYPES
+            and not torch.compiler.is_compiling()
+        )
         if scores.requires_grad and torch.is_grad_enabled():
             return _StraightThroughMask.apply(scores, weight, mask, numpy_product)
         return _masked_product(weight, mask, numpy_product)
@@ -138,10 +161,33 @@ class _MaskedMixin:
 class _MaskedConv(_MaskedMixin):
     """Shared by the masked convolutions: bias-free, the weight fixed and masked by the top-k of the scores."""
 
-    def _init_conv(self, base: type, in_channels: int, out_channels: int, kernel_size, stride, padding, dilation,
-                   groups: int, k: float, padding_mode: str, device) -> None:
-        base.__init__(self, in_channels, out_channels, kernel_size, stride=stride, padding=padding,
-                      dilation=dilation, groups=groups, bias=False, padding_mode=padding_mode, device=device)
+    def _init_conv(
+        self,
+        base: type,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride,
+        padding,
+        dilation,
+        groups: int,
+        k: float,
+        padding_mode: str,
+        device,
+    ) -> None:
+        base.__init__(
+            self,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            bias=False,
+            padding_mode=padding_mode,
+            device=device,
+        )
         self._init_masking(k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,28 +197,97 @@ class _MaskedConv(_MaskedMixin):
 class MaskedConv1d(_MaskedConv, nn.Conv1d):
     """A bias-free Conv1d whose weight is fixed and masked by the top-k of its scores."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, *, k: float = 0.5, padding_mode: str = "zeros", device=None) -> None:
-        self._init_conv(nn.Conv1d, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, k,
-                        padding_mode, device)
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        *,
+        k: float = 0.5,
+        padding_mode: str = "zeros",
+        device=None,
+    ) -> None:
+        self._init_conv(
+            nn.Conv1d,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            k,
+            padding_mode,
+            device,
+        )
 
 
 class MaskedConv2d(_MaskedConv, nn.Conv2d):
     """A bias-free Conv2d whose weight is fixed and masked by the top-k of its scores."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, *, k: float = 0.5, padding_mode: str = "zeros", device=None) -> None:
-        self._init_conv(nn.Conv2d, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, k,
-                        padding_mode, device)
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        *,
+        k: float = 0.5,
+        padding_mode: str = "zeros",
+        device=None,
+    ) -> None:
+        self._init_conv(
+            nn.Conv2d,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            k,
+            padding_mode,
+            device,
+        )
 
 
 class MaskedConv3d(_MaskedConv, nn.Conv3d):
     """A bias-free Conv3d whose weight is fixed and masked by the top-k of its scores."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, *, k: float = 0.5, padding_mode: str = "zeros", device=None) -> None:
-        self._init_conv(nn.Conv3d, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, k,
-                        padding_mode, device)
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        *,
+        k: float = 0.5,
+        padding_mode: str = "zeros",
+        device=None,
+    ) -> None:
+        self._init_conv(
+            nn.Conv3d,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            k,
+            padding_mode,
+            device,
+        )
 
 
 class MaskedLinear(_MaskedMixin, nn.Linear):
@@ -204,17 +319,34 @@ class ProjectedAttention(nn.Module):
     (maskforge.convert refuses the others in one line).
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, *, dropout: float = 0.0, add_zero_attn: bool = False,
-                 batch_first: bool = False, k: float = 0.5, device=None) -> None:
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        dropout: float = 0.0,
+        add_zero_attn: bool = False,
+        batch_first: bool = False,
+        k: float = 0.5,
+        device=None,
+    ) -> None:
         super().__init__()
         self.embed_dim, self.num_heads = embed_dim, num_heads
         self.dropout, self.add_zero_attn, self.batch_first = float(dropout), add_zero_attn, batch_first
         self.in_proj = MaskedLinear(embed_dim, 3 * embed_dim, k=k, device=device)
         self.out_proj = MaskedLinear(embed_dim, embed_dim, k=k, device=device)
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_padding_mask=None,
-                need_weights: bool = True, attn_mask=None, average_attn_weights: bool = True,
-                is_causal: bool = False):
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask=None,
+        need_weights: bool = True,
+        attn_mask=None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ):
         if self.batch_first:  # as nn.MultiheadAttention: keep q is k is v, so the projection is one matmul
             if key is value:
                 if query is key:
@@ -225,10 +357,26 @@ class ProjectedAttention(nn.Module):
             else:
                 query, key, value = (x.transpose(1, 0) for x in (query, key, value))
         out, weights = F.multi_head_attention_forward(
-            query, key, value, self.embed_dim, self.num_heads, layer_weight(self.in_proj), None, None, None,
-            self.add_zero_attn, self.dropout, layer_weight(self.out_proj), None, training=self.training,
-            key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
-            average_attn_weights=average_attn_weights, is_causal=is_causal)
+            query,
+            key,
+            value,
+            self.embed_dim,
+            self.num_heads,
+            layer_weight(self.in_proj),
+            None,
+            None,
+            None,
+            self.add_zero_attn,
+            self.dropout,
+            layer_weight(self.out_proj),
+            None,
+            training=self.training,
+            key_padding_mask=key_padding_mask,
+            need_weights=need_weights,
+            attn_mask=attn_mask,
+            average_attn_weights=average_attn_weights,
+            is_causal=is_causal,
+        )
         return (out.transpose(1, 0) if self.batch_first else out), weights
 
     def extra_repr(self) -> str:  # noqa: D401 - nn.Module hook
@@ -246,11 +394,13 @@ def masked_modules(model: nn.Module) -> dict[str, _MaskedMixin]:
 
 
 def batchnorm_modules(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
-    return {name: module for name, module in model.named_modules()
-            if isinstance(module, nn.modules.batchnorm._BatchNorm)}
+    return {
+        name: module for name, module in model.named_modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)
+    }
 
 
 # --- choosing the masker and the top-k rule of a whole model ----------------------------------------------
+
 
 def set_masker(model: nn.Module, name: str | None) -> None:
     """Select the masker of every masked layer: "numpy", "torch", or None/"auto" (follow the device).
@@ -296,8 +446,9 @@ class GlobalTopK:
     def _current(self) -> list[torch.Tensor]:
         key = tuple((layer.scores._version, layer.scores.data_ptr()) for layer in self.layers)
         if self._cache is None or self._cache[0] != key:
-            masks = global_topk_masks([layer.scores for layer in self.layers], self.k,
-                                      masker=self.layers[0].masker, hint=self._hint)
+            masks = global_topk_masks(
+                [layer.scores for layer in self.layers], self.k, masker=self.layers[0].masker, hint=self._hint
+            )
             self._cache = (key, masks)
         return self._cache[1]
 
@@ -340,6 +491,6 @@ def set_topk(model: nn.Module, rule: str, k: float | None = None) -> GlobalTopK 
 
 
 def get_topk(model: nn.Module) -> str:
-    """"global" if `model`'s masked layers share a global top-k selector, else "layer"."""
+    """ "global" if `model`'s masked layers share a global top-k selector, else "layer"."""
     layers = masked_modules(model).values()
     return "global" if any(layer.global_topk is not None for layer in layers) else "layer"

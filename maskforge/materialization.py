@@ -30,8 +30,9 @@ def as_artifact(artifact_or_path: Artifact | str | os.PathLike) -> Artifact:
     return load_artifact(Path(artifact_or_path))
 
 
-def masked_weights(artifact: Artifact | str | os.PathLike, *, threads: int | None = None,
-                   verify: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def masked_weights(
+    artifact: Artifact | str | os.PathLike, *, threads: int | None = None, verify: bool = True
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """`{param name: (regenerated float32 weight, bool mask)}` for every masked layer, in module order.
 
     Each layer is regenerated and (with `verify`) hashed in a worker thread. A digest mismatch raises
@@ -39,8 +40,15 @@ def masked_weights(artifact: Artifact | str | os.PathLike, *, threads: int | Non
     """
     artifact = as_artifact(artifact_or_path=artifact)
     shapes = {param: tuple(info["shape"]) for param, info in artifact.document["layers"].items()}
-    generated = regen.generate_many(artifact.seed, shapes, artifact.init, k=artifact.k,
-                                    scale_fan=artifact.scale_fan, digests=verify, threads=threads)
+    generated = regen.generate_many(
+        artifact.seed,
+        shapes,
+        artifact.init,
+        k=artifact.k,
+        scale_fan=artifact.scale_fan,
+        digests=verify,
+        threads=threads,
+    )
     if verify:
         check_weight_digests(artifact, {param: digest for param, (_, digest) in generated.items()})
     return {param: (weight, artifact.masks[param].numpy()) for param, (weight, _) in generated.items()}

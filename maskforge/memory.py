@@ -41,7 +41,7 @@ class _LiveBytes(TorchDispatchMode):
         super().__init__()
         self.live = 0
         self.peak = 0
-        self._alive: dict[int, int] = {}   # storage -> bytes
+        self._alive: dict[int, int] = {}  # storage -> bytes
 
     @staticmethod
     def _storage(tensor: torch.Tensor) -> int:
@@ -75,8 +75,10 @@ def forward_peak_bytes(model: nn.Module, input_shape: Sequence[int], dtype: torc
     `model` may hold real weights: they are swapped for meta tensors for this one call, never copied."""
     from torch.func import functional_call
 
-    state = {name: torch.empty_like(value, device="meta")
-             for name, value in [*model.named_parameters(), *model.named_buffers()]}
+    state = {
+        name: torch.empty_like(value, device="meta")
+        for name, value in [*model.named_parameters(), *model.named_buffers()]
+    }
     x = torch.empty(tuple(input_shape), dtype=dtype, device="meta")
     tally = _LiveBytes()
     try:
@@ -92,8 +94,9 @@ def available_bytes() -> int | None:
     """The memory this process may still allocate: the least of the system's available memory, the
     cgroup's remaining limit (containers, Slurm) and the address-space limit (`ulimit -v`); None when
     none of them can be read."""
-    found = [value for value in (_meminfo_available(), _cgroup_remaining(), _address_space_remaining())
-             if value is not None]
+    found = [
+        value for value in (_meminfo_available(), _cgroup_remaining(), _address_space_remaining()) if value is not None
+    ]
     return min(found) if found else None
 
 
@@ -111,7 +114,8 @@ def check_fits(model: nn.Module, input_shape: Sequence[int], what: str, advice: 
         raise MaskforgeError(
             f"{what} needs about {format_bytes(needed)} of memory for the activations of {batch} "
             f"{'x'.join(map(str, item))} input{'s' if batch != 1 else ''} (estimated from the network's "
-            f"layers), more than the {format_bytes(available)} available; {advice}")
+            f"layers), more than the {format_bytes(available)} available; {advice}"
+        )
 
 
 def check_network_fits(model: nn.Module, spec, batch: int, what: str, smaller_batch: str | None = None) -> None:
@@ -121,13 +125,15 @@ def check_network_fits(model: nn.Module, spec, batch: int, what: str, smaller_ba
     if batch > 1 and smaller_batch:
         advice = f"{smaller_batch} (or use a machine with more memory)"
     else:
-        advice = ("use a machine with more memory (the input size is fixed by the model: a smaller one needs "
-                  "a search at a smaller image size)")
+        advice = (
+            "use a machine with more memory (the input size is fixed by the model: a smaller one needs "
+            "a search at a smaller image size)"
+        )
     check_fits(model, (batch, spec.channels, spec.height, spec.width), what, advice)
 
 
 def format_bytes(value: int) -> str:
-    for unit, scale in (("TiB", 2 ** 40), ("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if value >= scale:
             return f"{value / scale:.1f} {unit}"
     return f"{value} bytes"
@@ -161,14 +167,15 @@ def _meminfo_available() -> int | None:
 
 
 def _cgroup_remaining() -> int | None:
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
         limit, usage = _read(limit_file), _read(usage_file)
         if limit is None or usage is None:
             continue
         limit, usage = limit.strip(), usage.strip()
-        if not (limit.isdigit() and usage.isdigit()) or int(limit) >= 2 ** 60:  # "max": no limit
+        if not (limit.isdigit() and usage.isdigit()) or int(limit) >= 2**60:  # "max": no limit
             return None
         return max(0, int(limit) - int(usage))
     return None
@@ -183,6 +190,7 @@ def _address_space_remaining() -> int | None:
     if soft == resource.RLIM_INFINITY:
         return None
     status = _read("/proc/self/status")
-    used = next((int(line.split()[1]) * 1024 for line in (status or "").splitlines() if line.startswith("VmSize:")),
-                None)
+    used = next(
+        (int(line.split()[1]) * 1024 for line in (status or "").splitlines() if line.startswith("VmSize:")), None
+    )
     return None if used is None else max(0, soft - used)

@@ -24,11 +24,26 @@ from .runfiles import METRICS_CSV_NAME, METRICS_NAME, TENSORBOARD_DIR
 from .schema import EpochRecord, SearchConfig, parse
 
 #: Columns of metrics.csv, in order (the fields of an epoch record, maskforge.schema.EpochRecord).
-CSV_COLUMNS = ("epoch", "step", "lr", "train_loss", "train_acc", "heldout_loss", "heldout_acc", "images_per_s",
-               "epoch_seconds")
+CSV_COLUMNS = (
+    "epoch",
+    "step",
+    "lr",
+    "train_loss",
+    "train_acc",
+    "heldout_loss",
+    "heldout_acc",
+    "images_per_s",
+    "epoch_seconds",
+)
 #: The scalars written to TensorBoard, under these tags.
-TENSORBOARD_TAGS = {"train_loss": "loss/train", "heldout_loss": "loss/heldout", "train_acc": "accuracy/train",
-                    "heldout_acc": "accuracy/heldout", "lr": "lr", "images_per_s": "throughput/images_per_s"}
+TENSORBOARD_TAGS = {
+    "train_loss": "loss/train",
+    "heldout_loss": "loss/heldout",
+    "train_acc": "accuracy/train",
+    "heldout_acc": "accuracy/heldout",
+    "lr": "lr",
+    "images_per_s": "throughput/images_per_s",
+}
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +92,9 @@ def _summary_writer_class():
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise MaskforgeError("tensorboard needs the tensorboard package, which is not installed: "
-                             "pip install 'maskforge[tensorboard]'") from None
+        raise MaskforgeError(
+            "tensorboard needs the tensorboard package, which is not installed: pip install 'maskforge[tensorboard]'"
+        ) from None
     return SummaryWriter
 
 

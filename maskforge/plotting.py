@@ -14,8 +14,14 @@ from .figures import plot_run
 from .runfiles import SWEEP_FILE
 
 
-def plot(folder: str | os.PathLike, *, x: str | None = None, hue: Sequence[str] | None = None,
-         stem: str | os.PathLike | None = None, where: dict | None = None) -> list[Path]:
+def plot(
+    folder: str | os.PathLike,
+    *,
+    x: str | None = None,
+    hue: Sequence[str] | None = None,
+    stem: str | os.PathLike | None = None,
+    where: dict | None = None,
+) -> list[Path]:
     """`maskforge plot DIR`: a sweep folder's figure (see `maskforge.sweeps.figure`; `where` selects points by their
     options) or a run folder's curves (`plot_run`)."""
     folder = Path(folder)

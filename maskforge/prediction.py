@@ -80,10 +80,18 @@ def image_files(images: Sequence[str | os.PathLike]) -> list[Path]:
     return files
 
 
-def predict(model: str | os.PathLike, images: Sequence[str | os.PathLike], *, top: int = TOP,
-            threads: int | None = None, batch_size: int = 32, mean: Sequence[float] | str | None = None,
-            std: Sequence[float] | str | None = None, size: int | None = None,
-            skip_bad: bool = False) -> list[Prediction]:
+def predict(
+    model: str | os.PathLike,
+    images: Sequence[str | os.PathLike],
+    *,
+    top: int = TOP,
+    threads: int | None = None,
+    batch_size: int = 32,
+    mean: Sequence[float] | str | None = None,
+    std: Sequence[float] | str | None = None,
+    size: int | None = None,
+    skip_bad: bool = False,
+) -> list[Prediction]:
     """The `top` (at most the number of classes) most probable classes of each image, in input order.
 
     `images` are files or folders (every image under a folder, see `image_files`). An image that cannot
@@ -98,18 +106,25 @@ def predict(model: str | os.PathLike, images: Sequence[str | os.PathLike], *, to
     subject = open_model(model, mean=mean, std=std, size=size)
     spec = subject.spec
     if spec.height != spec.width or spec.channels not in (1, 3):
-        raise MaskforgeError(f"the model takes {spec.channels}x{spec.height}x{spec.width} inputs; images are "
-                             f"decoded to square 1- or 3-channel inputs only (as image folders are)")
+        raise MaskforgeError(
+            f"the model takes {spec.channels}x{spec.height}x{spec.width} inputs; images are "
+            f"decoded to square 1- or 3-channel inputs only (as image folders are)"
+        )
     threads = threads or os.cpu_count() or 1
     if subject.artifact is not None:
         network = materialize(subject.artifact, threads=threads)
-        check_network_fits(network, spec, min(batch_size, len(files)), f"predicting with {model}",
-                           "give fewer images at once (Python: batch_size=1)")
+        check_network_fits(
+            network,
+            spec,
+            min(batch_size, len(files)),
+            f"predicting with {model}",
+            "give fewer images at once (Python: batch_size=1)",
+        )
         runner: TorchRunner | OnnxRunner = TorchRunner(network)
     else:
         runner = OnnxRunner(subject, threads)
     dataset = ImageFileDataset(files, [0] * len(files), spec.channels, spec.height)
-    names = list(spec.class_names) if subject.classes_known else None   # else: the output's width, by index
+    names = list(spec.class_names) if subject.classes_known else None  # else: the output's width, by index
     out: list[Prediction | None] = [None] * len(files)
     errors: list[MaskforgeError] = []
     with torch_threads(threads):
@@ -127,16 +142,23 @@ def predict(model: str | os.PathLike, images: Sequence[str | os.PathLike], *, to
                 continue
             logits = runner(normalize(torch.stack([image for _, image in decoded]), spec).numpy())
             if logits.ndim != 2 or (names is not None and logits.shape[1] != len(names)):
-                raise MaskforgeError(f"the model's output has shape {list(logits.shape)}, expected "
-                                     f"[batch, {len(names) if names else 'classes'}]")
+                raise MaskforgeError(
+                    f"the model's output has shape {list(logits.shape)}, expected "
+                    f"[batch, {len(names) if names else 'classes'}]"
+                )
             names = names or [str(index) for index in range(logits.shape[1])]
             probabilities = softmax(logits)
             for row, classes in enumerate(top_k(logits, min(top, len(names)))):
-                scores = [ClassScore(rank + 1, int(c), names[c], float(probabilities[row, c]), float(logits[row, c]))
-                          for rank, c in enumerate(classes)]
+                scores = [
+                    ClassScore(rank + 1, int(c), names[c], float(probabilities[row, c]), float(logits[row, c]))
+                    for rank, c in enumerate(classes)
+                ]
                 index = decoded[row][0]
                 out[index] = Prediction(str(files[index]), scores)
     if len(errors) == len(files):  # nothing to show: the error itself says more than "none could be decoded"
-        raise errors[0] if len(files) == 1 else MaskforgeError(
-            f"none of the {len(files)} images could be decoded; the first: {errors[0]}")
+        raise (
+            errors[0]
+            if len(files) == 1
+            else MaskforgeError(f"none of the {len(files)} images could be decoded; the first: {errors[0]}")
+        )
     return [prediction for prediction in out if prediction is not None]

@@ -76,8 +76,15 @@ def weight_std(shape: Sequence[int], k: float, scale_fan: bool) -> float:
     return math.sqrt(2.0 / fan)
 
 
-def generate(seed: int, name: str, shape: Sequence[int], distribution: str = "signed_constant",
-             *, k: float = 1.0, scale_fan: bool = False) -> np.ndarray:
+def generate(
+    seed: int,
+    name: str,
+    shape: Sequence[int],
+    distribution: str = "signed_constant",
+    *,
+    k: float = 1.0,
+    scale_fan: bool = False,
+) -> np.ndarray:
     """Regenerate one weight tensor as a float32 array of `shape`.
 
     >>> w = generate(0, "features.0.weight", (64, 3, 3, 3))
@@ -101,7 +108,7 @@ def generate(seed: int, name: str, shape: Sequence[int], distribution: str = "si
 def uniform(seed: int, name: str, shape: Sequence[int], bound: float) -> np.ndarray:
     """float32 values in [-bound, bound), from the stream of `name` (used for the initial scores)."""
     count = int(math.prod(shape))
-    unit = (raw_blocks(seed, name, count) >> np.uint64(11)).astype(np.float64) * (2.0 ** -53)
+    unit = (raw_blocks(seed, name, count) >> np.uint64(11)).astype(np.float64) * (2.0**-53)
     return ((unit * 2.0 - 1.0) * bound).astype(np.float32).reshape(tuple(shape))
 
 
@@ -147,12 +154,23 @@ def _kaiming_normal(seed: int, name: str, count: int, sigma: float) -> np.ndarra
 
 # --- the Gaussian: inverse normal CDF (Acklam's rational approximation, |rel. error| < 1.2e-9) ---------
 
-_A = (-3.969683028665376e01, 2.209460984245205e02, -2.759285104469687e02, 1.383577518672690e02,
-      -3.066479806614716e01, 2.506628277459239e00)
-_B = (-5.447609879822406e01, 1.615858368580409e02, -1.556989798598866e02, 6.680131188771972e01,
-      -1.328068155288572e01)
-_C = (-7.784894002430293e-03, -3.223964580411365e-01, -2.400758277161838e00, -2.549732539343734e00,
-      4.374664141464968e00, 2.938163982698783e00)
+_A = (
+    -3.969683028665376e01,
+    2.209460984245205e02,
+    -2.759285104469687e02,
+    1.383577518672690e02,
+    -3.066479806614716e01,
+    2.506628277459239e00,
+)
+_B = (-5.447609879822406e01, 1.615858368580409e02, -1.556989798598866e02, 6.680131188771972e01, -1.328068155288572e01)
+_C = (
+    -7.784894002430293e-03,
+    -3.223964580411365e-01,
+    -2.400758277161838e00,
+    -2.549732539343734e00,
+    4.374664141464968e00,
+    2.938163982698783e00,
+)
 _D = (7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e00, 3.754408661907416e00)
 _P_LOW = 0.02425
 _LN2 = 0.6931471805599453
@@ -189,7 +207,7 @@ def portable_log(x: np.ndarray) -> np.ndarray:
 
 def standard_normal(blocks: np.ndarray) -> np.ndarray:
     """Map 64-bit blocks to N(0, 1) float64: u = (top 53 bits + 0.5) / 2^53 in (0, 1), z = Phi^-1(u)."""
-    u = ((blocks >> np.uint64(11)).astype(np.float64) + 0.5) * (2.0 ** -53)
+    u = ((blocks >> np.uint64(11)).astype(np.float64) + 0.5) * (2.0**-53)
     z = np.empty_like(u)
     low, high = u < _P_LOW, u > 1.0 - _P_LOW
     middle = ~(low | high)
@@ -214,9 +232,17 @@ def default_threads() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def generate_many(seed: int, shapes: Mapping[str, Sequence[int]], distribution: str = "signed_constant", *,
-                  k: float = 1.0, scale_fan: bool = False, digests: bool = False, keep: bool = True,
-                  threads: int | None = None) -> dict[str, tuple[np.ndarray | None, str | None]]:
+def generate_many(
+    seed: int,
+    shapes: Mapping[str, Sequence[int]],
+    distribution: str = "signed_constant",
+    *,
+    k: float = 1.0,
+    scale_fan: bool = False,
+    digests: bool = False,
+    keep: bool = True,
+    threads: int | None = None,
+) -> dict[str, tuple[np.ndarray | None, str | None]]:
     """Regenerate several tensors in worker threads: `{name: (float32 array or None, digest or None)}`.
 
     NumPy and hashlib release the GIL, so tensors are generated (and, with `digests`, hashed) in

@@ -28,9 +28,9 @@ from typing import Any, Callable
 from .errors import MaskforgeError
 
 SMALL_IMAGE_MAX_SIDE = 64  # at or below this, ResNets use the CIFAR stem (3x3 conv, stride 1, no max-pool)
-MAX_BUILDER_ARGS_BYTES = 10_000   # an artifact is untrusted input: a builder's arguments stay small
+MAX_BUILDER_ARGS_BYTES = 10_000  # an artifact is untrusted input: a builder's arguments stay small
 REFUSED_BUILDER_ARGS = ("weights", "weights_backbone", "progress")  # pretrained weights are not seed + mask
-MAX_WIDTH = 64.0           # the largest width multiplier accepted (a bound for untrusted artifacts)
+MAX_WIDTH = 64.0  # the largest width multiplier accepted (a bound for untrusted artifacts)
 
 #: (in_channels, num_classes, image_size, width) -> masked weights (a builder reference's also takes builder_args=)
 Counter = Callable[..., int]
@@ -40,9 +40,9 @@ Counter = Callable[..., int]
 class ArchEntry:
     name: str
     description: str
-    count: Counter                     # masked weights from the arguments alone
-    widens: bool = False               # whether the builder takes `width` (other than 1)
-    builder: Callable[..., Any] | None = None   # (in_channels, num_classes, image_size, k=, [width=]) -> nn.Module;
+    count: Counter  # masked weights from the arguments alone
+    widens: bool = False  # whether the builder takes `width` (other than 1)
+    builder: Callable[..., Any] | None = None  # (in_channels, num_classes, image_size, k=, [width=]) -> nn.Module;
     #                                             attached by maskforge.archs when it is imported
 
 
@@ -92,11 +92,18 @@ reference_counter: Callable[[str, dict], int] | None = None
 
 
 def _reference_counter(name: str) -> Counter:
-    def count(in_channels: int, num_classes: int, image_size: tuple[int, int], width: float = 1.0,
-              builder_args: dict | None = None) -> int:
+    def count(
+        in_channels: int,
+        num_classes: int,
+        image_size: tuple[int, int],
+        width: float = 1.0,
+        builder_args: dict | None = None,
+    ) -> int:
         if reference_counter is None:
-            raise MaskforgeError(f"{name}: a builder reference is counted by building it; import maskforge.archs "
-                                 f"(which registers the counter) first")
+            raise MaskforgeError(
+                f"{name}: a builder reference is counted by building it; import maskforge.archs "
+                f"(which registers the counter) first"
+            )
         return reference_counter(name, arch_args(in_channels, num_classes, image_size, width, builder_args))
 
     return count
@@ -114,8 +121,9 @@ def check_builder_args(values: Any, label: str = "arch args") -> dict:
         raise MaskforgeError(f"{label} is {len(text):,} bytes of JSON, more than {MAX_BUILDER_ARGS_BYTES:,}")
     refused = [key for key in REFUSED_BUILDER_ARGS if key in values]
     if refused:
-        raise MaskforgeError(f"{label}: {refused[0]} is not accepted: the weights are regenerated from the seed, "
-                             f"never loaded")
+        raise MaskforgeError(
+            f"{label}: {refused[0]} is not accepted: the weights are regenerated from the seed, never loaded"
+        )
     return json.loads(text)
 
 
@@ -126,9 +134,9 @@ def parse_builder_args(text: str | None, label: str = "--arch-args") -> dict:
     try:
         values = json.loads(text)
     except ValueError as exc:
-        raise MaskforgeError(f"{label} is not JSON ({exc}): give an object such as "
-                             f"'{{\"num_layers\": 2}}'") from None
+        raise MaskforgeError(f"{label} is not JSON ({exc}): give an object such as '{{\"num_layers\": 2}}'") from None
     return check_builder_args(values, label)
+
 
 def scaled_width(units: int, width: float) -> int:
     """The paper's `units` times the width multiplier: max(1, round half to even of units * width)."""
@@ -137,25 +145,39 @@ def scaled_width(units: int, width: float) -> int:
 
 def check_width(width, arch: str | None = None) -> float:
     """`width` as a float, or a MaskforgeError naming the field (and the architecture that refuses it)."""
-    if isinstance(width, bool) or not isinstance(width, (int, float)) or not math.isfinite(width) \
-            or not 0.0 < width <= MAX_WIDTH:
+    if (
+        isinstance(width, bool)
+        or not isinstance(width, (int, float))
+        or not math.isfinite(width)
+        or not 0.0 < width <= MAX_WIDTH
+    ):
         raise MaskforgeError(f"width must be a number in (0, {MAX_WIDTH:g}] (the width multiplier), got {width!r}")
     if arch is not None and width != 1 and not get_arch(arch).widens:
         widening = ", ".join(name for name, entry in ARCHS.items() if entry.widens)
-        raise MaskforgeError(f"width {width:g}: architecture {arch} has fixed widths (width must be 1); the "
-                             f"width multiplier applies to {widening} (wrn50/wrn101 are the wide ResNets)")
+        raise MaskforgeError(
+            f"width {width:g}: architecture {arch} has fixed widths (width must be 1); the "
+            f"width multiplier applies to {widening} (wrn50/wrn101 are the wide ResNets)"
+        )
     return float(width)
 
 
-def arch_args(in_channels: int, num_classes: int, image_size: tuple[int, int] | list[int],
-              width: float = 1.0, builder_args: dict | None = None) -> dict:
+def arch_args(
+    in_channels: int,
+    num_classes: int,
+    image_size: tuple[int, int] | list[int],
+    width: float = 1.0,
+    builder_args: dict | None = None,
+) -> dict:
     """The JSON-able arguments recorded in an artifact; with the arch name they rebuild the structure.
 
     `width` is recorded only when it is not 1 and `builder_args` (a builder reference's keyword
     arguments) only when given, so the built-ins' artifacts keep their original bytes.
     """
-    args = {"in_channels": int(in_channels), "num_classes": int(num_classes),
-            "image_size": [int(image_size[0]), int(image_size[1])]}
+    args = {
+        "in_channels": int(in_channels),
+        "num_classes": int(num_classes),
+        "image_size": [int(image_size[0]), int(image_size[1])],
+    }
     if check_width(width) != 1.0:
         args["width"] = float(width)
     if builder_args:
@@ -166,8 +188,12 @@ def arch_args(in_channels: int, num_classes: int, image_size: tuple[int, int] | 
 def unpack_args(name: str, args: dict) -> tuple[int, int, tuple[int, int], float]:
     """(in_channels, num_classes, image_size, width) of `args`, the width checked against architecture `name`."""
     try:
-        return (args["in_channels"], args["num_classes"], tuple(args["image_size"]),
-                check_width(args.get("width", 1.0), name))
+        return (
+            args["in_channels"],
+            args["num_classes"],
+            tuple(args["image_size"]),
+            check_width(args.get("width", 1.0), name),
+        )
     except (KeyError, TypeError) as exc:
         raise MaskforgeError(f"bad arguments for architecture {name!r}: {args!r} ({exc})") from None
 
@@ -186,16 +212,21 @@ def list_archs() -> list[dict]:
     >>> [entry["weights_cifar10"] for entry in list_archs() if entry["name"] == "fc"]
     [952600]
     """
-    return [{"name": name, "description": entry.description,
-             "weights_cifar10": count_masked_weights(name, arch_args(3, 10, (32, 32))),
-             "weights_imagenet": count_masked_weights(name, arch_args(3, 1000, (224, 224)))}
-            for name, entry in ARCHS.items()]
+    return [
+        {
+            "name": name,
+            "description": entry.description,
+            "weights_cifar10": count_masked_weights(name, arch_args(3, 10, (32, 32))),
+            "weights_imagenet": count_masked_weights(name, arch_args(3, 1000, (224, 224))),
+        }
+        for name, entry in ARCHS.items()
+    ]
 
 
 # --- the paper's small networks (Table 1; no batch norm, as in the reference code) ------------------
 
-FC_HIDDEN = (300, 100)        # LeNet 300-100
-CONV_FC_HIDDEN = (256, 256)   # the FC head of Conv-2/4/6/8
+FC_HIDDEN = (300, 100)  # LeNet 300-100
+CONV_FC_HIDDEN = (256, 256)  # the FC head of Conv-2/4/6/8
 CONV_WIDTHS = {"conv2": [64], "conv4": [64, 128], "conv6": [64, 128, 256], "conv8": [64, 128, 256, 512]}
 
 
@@ -203,8 +234,10 @@ def pooled_size(image_size: tuple[int, int], stages: int) -> tuple[int, int]:
     """The activation's side after `stages` 2x2 max-pools, or an error when the image is too small."""
     height, width = image_size[0] >> stages, image_size[1] >> stages
     if height < 1 or width < 1:
-        raise MaskforgeError(f"images of {image_size[0]}x{image_size[1]} are too small for {stages} "
-                             f"pooling stages (need at least {2 ** stages}x{2 ** stages})")
+        raise MaskforgeError(
+            f"images of {image_size[0]}x{image_size[1]} are too small for {stages} "
+            f"pooling stages (need at least {2**stages}x{2**stages})"
+        )
     return height, width
 
 
@@ -232,12 +265,19 @@ def _convnet_counter(widths: list[int]) -> Counter:
 
 add_entry(ArchEntry("fc", "LeNet 300-100 MLP (paper section 4.2), sized to the input", _count_fc, widens=True))
 for _name, _widths in CONV_WIDTHS.items():
-    add_entry(ArchEntry(_name, f"the paper's {_name[:4].capitalize()}-{_name[4:]}: {len(_widths) * 2} 3x3 convs "
-                               f"({'/'.join(map(str, _widths))} wide) + FC 256-256",
-                        _convnet_counter(_widths), widens=True))
+    add_entry(
+        ArchEntry(
+            _name,
+            f"the paper's {_name[:4].capitalize()}-{_name[4:]}: {len(_widths) * 2} 3x3 convs "
+            f"({'/'.join(map(str, _widths))} wide) + FC 256-256",
+            _convnet_counter(_widths),
+            widens=True,
+        )
+    )
 
 
 # --- torchvision ResNets with every conv/linear masked and every BN non-affine ------------------------
+
 
 @dataclass(frozen=True)
 class ResNetSpec:
@@ -284,5 +324,8 @@ def _resnet_counter(spec: ResNetSpec) -> Counter:
 
 
 for _name, _spec in RESNETS.items():
-    add_entry(ArchEntry(_name, f"torchvision {_spec.label}, masked, non-affine BN; CIFAR stem at <= 64 px",
-                        _resnet_counter(_spec)))
+    add_entry(
+        ArchEntry(
+            _name, f"torchvision {_spec.label}, masked, non-affine BN; CIFAR stem at <= 64 px", _resnet_counter(_spec)
+        )
+    )

@@ -73,13 +73,14 @@ class ThresholdHint:
             self.threshold = None
             return
         moved = abs(value - self.threshold) if self.threshold is not None else abs(value) * 1e-3
-        floor = abs(value) * 2.0 ** -20 + 1e-30
+        floor = abs(value) * 2.0**-20 + 1e-30
         self.width = max(4.0 * moved, (0.5 if hit else 2.0) * self.width, floor)
         self.threshold = value
 
 
-def topk_mask(magnitudes: torch.Tensor, kept: int, hint: ThresholdHint | None = None, *,
-              masker: str | None = None) -> torch.Tensor:
+def topk_mask(
+    magnitudes: torch.Tensor, kept: int, hint: ThresholdHint | None = None, *, masker: str | None = None
+) -> torch.Tensor:
     """Boolean mask of the `kept` largest entries of `magnitudes` (any shape), exactly as a stable sort.
 
     Ties go to the lowest flat (C-order) index; NaN counts as the largest value (module docstring).
@@ -102,6 +103,7 @@ def topk_mask(magnitudes: torch.Tensor, kept: int, hint: ThresholdHint | None = 
 
 
 # --- the torch masker -----------------------------------------------------------------------------------
+
 
 def torch_select(flat: torch.Tensor, kept: int) -> torch.Tensor:
     """The top-`kept` mask of a 1-D tensor, 0 < kept < numel, with tensor operations only (no host sync).
@@ -167,7 +169,7 @@ def numpy_select(values: np.ndarray, kept: int, hint: ThresholdHint | None = Non
     count = int(np.count_nonzero(mask))
     if count > kept:  # entries equal to the threshold straddle the cut: the lowest indices stay
         tied = np.flatnonzero(values == threshold)
-        mask[tied[tied.size - (count - kept):]] = False
+        mask[tied[tied.size - (count - kept) :]] = False
     if use_band:
         hint.update(float(threshold), False)
     return mask
@@ -198,7 +200,7 @@ def _band_select(values: np.ndarray, kept: int, hint: ThresholdHint) -> np.ndarr
     wins = band > threshold
     above[where[wins]] = True
     tied = where[band == threshold]
-    above[tied[:room - int(np.count_nonzero(wins))]] = True
+    above[tied[: room - int(np.count_nonzero(wins))]] = True
     hint.update(float(threshold), True)
     return above
 
@@ -212,13 +214,15 @@ def _stable_sort_mask(values: np.ndarray, kept: int) -> np.ndarray:
 
 # --- global top-k -----------------------------------------------------------------------------------------
 
+
 def global_kept_count(sizes: list[int], k: float) -> int:
     """Weights kept in all by the global rule: kept_count(total, k), but at least one per layer."""
     return max(len(sizes), kept_count(sum(sizes), k))
 
 
-def global_topk_masks(scores: list[torch.Tensor], k: float, *, masker: str | None = None,
-                      hint: ThresholdHint | None = None) -> list[torch.Tensor]:
+def global_topk_masks(
+    scores: list[torch.Tensor], k: float, *, masker: str | None = None, hint: ThresholdHint | None = None
+) -> list[torch.Tensor]:
     """Boolean masks (one per tensor, same shapes) of the global top-k of |scores| over all layers.
 
     The rule, exactly: let N be the total number of entries, L the number of layers and
@@ -235,8 +239,7 @@ def global_topk_masks(scores: list[torch.Tensor], k: float, *, masker: str | Non
         raise MaskforgeError("global top-k needs at least one masked layer")
     devices = {s.device for s in scores}
     if len(devices) > 1:
-        raise MaskforgeError("global top-k needs every masked layer on one device, found "
-                             f"{sorted(map(str, devices))}")
+        raise MaskforgeError(f"global top-k needs every masked layer on one device, found {sorted(map(str, devices))}")
     # Each layer's own largest entry is kept outright and leaves the pool (every |score| is >= 0 or NaN):
     # argmax (NumPy's and torch's, CPU and CUDA) breaks ties by the lowest index and ranks NaN highest.
     sizes = [s.numel() for s in scores]

@@ -51,9 +51,9 @@ class VerifyReport:
     """The outcome of `verify_artifact` / `verify_onnx`: every check run, in order."""
 
     path: Path
-    kind: str                                   # "artifact" | "onnx"
+    kind: str  # "artifact" | "onnx"
     checks: list[Check] = field(default_factory=list)
-    digest: str | None = None                   # the artifact's digest, when it could be read
+    digest: str | None = None  # the artifact's digest, when it could be read
 
     @property
     def ok(self) -> bool:
@@ -72,8 +72,13 @@ class VerifyReport:
         return self
 
     def to_dict(self) -> dict:
-        return {"path": str(self.path), "kind": self.kind, "ok": self.ok, "digest": self.digest,
-                "checks": [check.to_dict() for check in self.checks]}
+        return {
+            "path": str(self.path),
+            "kind": self.kind,
+            "ok": self.ok,
+            "digest": self.digest,
+            "checks": [check.to_dict() for check in self.checks],
+        }
 
     def _pass(self, name: str, detail: str) -> None:
         self.checks.append(Check(name, True, detail))
@@ -112,8 +117,7 @@ def _verify_artifact(path: Path, threads: int | None) -> tuple[VerifyReport, Art
     return report, artifact
 
 
-def _load_with_report(data: bytes, path: Path, report: VerifyReport
-                      ) -> tuple[Artifact | None, tuple[str, str] | None]:
+def _load_with_report(data: bytes, path: Path, report: VerifyReport) -> tuple[Artifact | None, tuple[str, str] | None]:
     """Run the loader stage by stage; on failure return the stage that failed and its message."""
     passed: list[str] = []
 
@@ -133,22 +137,34 @@ def _load_with_report(data: bytes, path: Path, report: VerifyReport
 def _check_weights(artifact: Artifact, report: VerifyReport, threads: int | None) -> None:
     """Regenerate each layer from the seed and compare its SHA-256 with the recorded one."""
     shapes = {param: tuple(info["shape"]) for param, info in artifact.document["layers"].items()}
-    generated = regen.generate_many(artifact.seed, shapes, artifact.init, k=artifact.k,
-                                    scale_fan=artifact.scale_fan, digests=True, keep=False,
-                                    threads=threads)
+    generated = regen.generate_many(
+        artifact.seed,
+        shapes,
+        artifact.init,
+        k=artifact.k,
+        scale_fan=artifact.scale_fan,
+        digests=True,
+        keep=False,
+        threads=threads,
+    )
     try:
         check_weight_digests(artifact, {param: digest for param, (_, digest) in generated.items()})
     except MaskforgeError as exc:
         report._fail("weights", str(exc))
         return
-    report._pass("weights", f"{len(shapes)} layers ({artifact.masked_weights:,} weights) regenerated from seed "
-                            f"{artifact.seed} match their sha256")
+    report._pass(
+        "weights",
+        f"{len(shapes)} layers ({artifact.masked_weights:,} weights) regenerated from seed "
+        f"{artifact.seed} match their sha256",
+    )
 
 
 # --- ONNX exports ----------------------------------------------------------------------------------------
 
-def verify_onnx(onnx_path: str | os.PathLike, artifact_path: str | os.PathLike, *,
-                rtol: float | None = None) -> VerifyReport:
+
+def verify_onnx(
+    onnx_path: str | os.PathLike, artifact_path: str | os.PathLike, *, rtol: float | None = None
+) -> VerifyReport:
     """Check that an ONNX file is an export of `artifact_path` and computes what the artifact does.
 
     Checks, in order: the artifact itself (all of `verify_artifact`), the ONNX file's external-data
@@ -176,8 +192,11 @@ def verify_onnx(onnx_path: str | os.PathLike, artifact_path: str | os.PathLike, 
     except MaskforgeError as exc:
         return report._fail("onnx file", str(exc))
     opset = default_opset(proto)
-    report._pass("onnx file", f"{len(data):,} bytes, opset {opset}"
-                              + (f", {len(external)} external data file(s) inside its folder" if external else ""))
+    report._pass(
+        "onnx file",
+        f"{len(data):,} bytes, opset {opset}"
+        + (f", {len(external)} external data file(s) inside its folder" if external else ""),
+    )
     info = _check_onnx_metadata(proto, artifact, report)
     if info is None:
         return report
@@ -204,22 +223,27 @@ def _check_onnx_metadata(proto, artifact: Artifact, report: VerifyReport):
         report._fail("onnx metadata", str(exc))
         return None
     if not info.has_maskforge_metadata:
-        report._fail("onnx metadata", "the ONNX file has no maskforge metadata (not exported by "
-                                      "`maskforge export`)")
+        report._fail("onnx metadata", "the ONNX file has no maskforge metadata (not exported by `maskforge export`)")
         return None
     for key, value in export.artifact_identity(artifact).items():
         got = info.metadata.get(export.META_PREFIX + key)
         if got != value:
-            report._fail("onnx metadata", f"metadata field {export.META_PREFIX}{key} is {got!r}, the artifact has "
-                                          f"{value!r}" + (" (exported from a different artifact)"
-                                                          if key == "artifact_digest" else ""))
+            report._fail(
+                "onnx metadata",
+                f"metadata field {export.META_PREFIX}{key} is {got!r}, the artifact has "
+                f"{value!r}" + (" (exported from a different artifact)" if key == "artifact_digest" else ""),
+            )
             return None
     if info.spec != artifact.spec:
-        report._fail("onnx metadata", "metadata fields maskforge.preprocessing/class_names differ from the "
-                                      "artifact's input spec")
+        report._fail(
+            "onnx metadata", "metadata fields maskforge.preprocessing/class_names differ from the artifact's input spec"
+        )
         return None
-    report._pass("onnx metadata", f"digest, arch, arch args, k, seed, init and input spec match the artifact "
-                                  f"({info.storage} storage, {info.precision})")
+    report._pass(
+        "onnx metadata",
+        f"digest, arch, arch args, k, seed, init and input spec match the artifact "
+        f"({info.storage} storage, {info.precision})",
+    )
     return info
 
 
@@ -236,8 +260,10 @@ def _check_float_outputs(onnx_path: Path, artifact: Artifact, rtol: float) -> st
     parity = compare_logits(run_session(session, x.numpy()), expected, rtol)
     if parity.failure is not None:
         raise MaskforgeError(f"{parity.failure} on a fixed batch of {PARITY_BATCH}")
-    return (f"onnxruntime logits equal the materialized artifact's on {PARITY_BATCH} inputs (max abs difference "
-            f"{parity.max_abs_diff:.2g} <= {parity.tolerance:.2g}, same classes)")
+    return (
+        f"onnxruntime logits equal the materialized artifact's on {PARITY_BATCH} inputs (max abs difference "
+        f"{parity.max_abs_diff:.2g} <= {parity.tolerance:.2g}, same classes)"
+    )
 
 
 def _check_int8_outputs(onnx_path: Path, artifact: Artifact, opset: int | None) -> str:
@@ -258,12 +284,17 @@ def _check_int8_outputs(onnx_path: Path, artifact: Artifact, opset: int | None) 
         raise MaskforgeError("the int8 file has no DequantizeLinear weights")
     for name, quantized, values in weights:
         if not any(ref.shape == values.shape and _weights_match(values, ref, quantized, exact) for ref in reference):
-            raise MaskforgeError(f"int8 weight {name} {list(values.shape)} does not dequantize to any weight of the "
-                                 f"artifact's network" + (" exactly" if exact else ""))
+            raise MaskforgeError(
+                f"int8 weight {name} {list(values.shape)} does not dequantize to any weight of the "
+                f"artifact's network" + (" exactly" if exact else "")
+            )
     diff, tolerance = kernel_check(onnx_path, parity_inputs(artifact.spec).numpy())
-    return (f"{len(weights)} int8 weights dequantize to the artifact's folded weights"
-            + (" exactly" if exact else " within one step") + f"; integer kernels vs float Q/DQ: max abs difference "
-            f"{diff:.2g} <= {tolerance:.2g}")
+    return (
+        f"{len(weights)} int8 weights dequantize to the artifact's folded weights"
+        + (" exactly" if exact else " within one step")
+        + f"; integer kernels vs float Q/DQ: max abs difference "
+        f"{diff:.2g} <= {tolerance:.2g}"
+    )
 
 
 def _weights_match(values: np.ndarray, reference: np.ndarray, quantized: np.ndarray, exact: bool) -> bool:
@@ -321,8 +352,9 @@ def check_onnx_external_data(model: str | os.PathLike, base_dir: str | os.PathLi
             raise MaskforgeError(f"{where} climbs out of the model's folder ('..'); refusing it")
         target = (root / location).resolve()
         if target != root and root not in target.parents:
-            raise MaskforgeError(f"{where} resolves to {target}, outside the model's folder {root} (a symlink?); "
-                                 f"refusing it")
+            raise MaskforgeError(
+                f"{where} resolves to {target}, outside the model's folder {root} (a symlink?); refusing it"
+            )
         if target not in files:
             files.append(target)
     return files
@@ -368,5 +400,5 @@ def _strip_label(message: str, path: Path) -> str:
     """Loader messages start with the file name; the report already names the file."""
     for prefix in (f"{path}: ", f"{path} "):
         if message.startswith(prefix) and prefix.endswith(": "):
-            return message[len(prefix):]
+            return message[len(prefix) :]
     return message

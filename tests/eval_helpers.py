@@ -34,7 +34,9 @@ def edited_to_fail_while_running(source: Path, dest: Path) -> Path:
     cut = helper.make_node("Slice", [flatten.input[0], "cut/start", "cut/end", "cut/axis"], ["cut"])
     flatten.input[0] = "cut"
     proto.graph.node.insert(0, cut)
-    proto.graph.initializer.extend(numpy_helper.from_array(np.array([v], dtype=np.int64), f"cut/{name}")
-                                   for name, v in (("start", 0), ("end", height - 1), ("axis", 2)))
+    proto.graph.initializer.extend(
+        numpy_helper.from_array(np.array([v], dtype=np.int64), f"cut/{name}")
+        for name, v in (("start", 0), ("end", height - 1), ("axis", 2))
+    )
     onnx.save(proto, str(dest))
     return dest

@@ -30,8 +30,9 @@ def write_image_folder(root: Path, train_per_class: int, val_per_class: int = 8)
     return root
 
 
-def perturb_like_search(model: nn.Module, seed: int, *, score_noise: float, bn_mean_scale: float,
-                        bn_var_floor: float) -> nn.Module:
+def perturb_like_search(
+    model: nn.Module, seed: int, *, score_noise: float, bn_mean_scale: float, bn_var_floor: float
+) -> nn.Module:
     """Make a freshly created model look searched: scores moved off their start, BN statistics set."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -62,10 +63,12 @@ def write_mnist_folder(root: Path, train: int, heldout: int) -> Path:
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
     for prefix, x, y in (("train", train_x[:train], train_y[:train]), ("t10k", test_x[:heldout], test_y[:heldout])):
-        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(bytes([0, 0, 8, 3]) + struct.pack(">3I", *x.shape)
-                                                        + x.astype(np.uint8).tobytes())
-        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1]) + struct.pack(">I", len(y))
-                                                        + y.astype(np.uint8).tobytes())
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
+            bytes([0, 0, 8, 3]) + struct.pack(">3I", *x.shape) + x.astype(np.uint8).tobytes()
+        )
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
+            bytes([0, 0, 8, 1]) + struct.pack(">I", len(y)) + y.astype(np.uint8).tobytes()
+        )
     return root
 
 
@@ -106,6 +109,7 @@ def spy_arch(base: str):
 
 
 # --- shared oracles ------------------------------------------------------------------------------------
+
 
 def one_error_line(result, pattern: str | None = None, *, stdout_empty: bool = False) -> str:
     """The CLI's error contract (DESIGN.md): exit code 2, no traceback, exactly one stderr line starting

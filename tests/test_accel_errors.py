@@ -28,11 +28,11 @@ EXECUTABLE = Path(sys.executable).parent / "maskforge"
 NO_CXX = "/nonexistent/bin/g++"
 MESSAGES = {
     "compile": "compile on cpu needs a C++ compiler for inductor's CPU kernels: CXX=/nonexistent/bin/g++ names "
-               "no program that exists on this machine; install it, or leave compile off",
+    "no program that exists on this machine; install it, or leave compile off",
     "bf16": "precision 'bf16' was requested but device cpu has no bfloat16 support (a GPU of compute capability "
-            "8.0 or newer has it); use precision fp32",
+    "8.0 or newer has it); use precision fp32",
     "deterministic": f"deterministic: the operation put_ of this search has no deterministic implementation on "
-                     f"cpu in PyTorch {torch.__version__.split('+')[0]}; leave deterministic off for this search",
+    f"cpu in PyTorch {torch.__version__.split('+')[0]}; leave deterministic off for this search",
 }
 
 
@@ -48,8 +48,9 @@ class _Scatter(nn.Module):
 
 
 def _build(in_channels: int, num_classes: int, image_size, k: float = 0.5) -> nn.Module:
-    return nn.Sequential(nn.Flatten(), MaskedLinear(in_channels * image_size[0] * image_size[1], num_classes, k=k),
-                         _Scatter())
+    return nn.Sequential(
+        nn.Flatten(), MaskedLinear(in_channels * image_size[0] * image_size[1], num_classes, k=k), _Scatter()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +81,23 @@ def interrupted(tmp_path_factory, arch) -> Path:
 
     try:
         with pytest.raises(_Crash):
-            search(SearchConfig(arch=arch, data=str(data), epochs=1, batch_size=8, workers=0, device="cpu",
-                                precision="bf16", compile=True, deterministic=True, masker="torch",
-                                checkpoint_every=2, out=str(run)), on_step=crash)
+            search(
+                SearchConfig(
+                    arch=arch,
+                    data=str(data),
+                    epochs=1,
+                    batch_size=8,
+                    workers=0,
+                    device="cpu",
+                    precision="bf16",
+                    compile=True,
+                    deterministic=True,
+                    masker="torch",
+                    checkpoint_every=2,
+                    out=str(run),
+                ),
+                on_step=crash,
+            )
     finally:
         torch.compile = real_compile
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint.safetensors", "config.json"]
@@ -114,8 +129,11 @@ def put_enabled(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda model, *args, **kwargs: model)
 
 
-CASES = {"compile": (["--compile"], "no_compiler"), "bf16": (["--precision", "bf16"], "no_bf16"),
-         "deterministic": (["--deterministic"], "put_enabled")}
+CASES = {
+    "compile": (["--compile"], "no_compiler"),
+    "bf16": (["--precision", "bf16"], "no_bf16"),
+    "deterministic": (["--deterministic"], "put_enabled"),
+}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -124,8 +142,26 @@ def test_a_new_search_is_refused_before_anything_is_created(request, tmp_path, a
     request.getfixturevalue(fixture)
     data = interrupted.parent / "images"
     out = tmp_path / "new"
-    _refused(["search", "--arch", arch, "--data", str(data), "--max-steps", "2", "--batch-size", "8", "--device",
-              "cpu", *flags, "--out", str(out), "-q"], MESSAGES[case])
+    _refused(
+        [
+            "search",
+            "--arch",
+            arch,
+            "--data",
+            str(data),
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "8",
+            "--device",
+            "cpu",
+            *flags,
+            "--out",
+            str(out),
+            "-q",
+        ],
+        MESSAGES[case],
+    )
     assert not out.exists()
 
 
@@ -139,13 +175,17 @@ def test_resuming_where_the_option_cannot_be_honoured_changes_no_file(request, i
 
 def test_an_unknown_masker_is_refused(tmp_path, interrupted):
     out = tmp_path / "new"
-    _refused(["search", "--masker", "fastest", "--out", str(out)],
-             "--masker must be one of 'numpy' or 'torch', got 'fastest'")
+    _refused(
+        ["search", "--masker", "fastest", "--out", str(out)],
+        "--masker must be one of 'numpy' or 'torch', got 'fastest'",
+    )
     assert not out.exists()
     before = _files(interrupted)
-    _refused(["search", "--resume", str(interrupted), "--masker", "fastest", "-q"],
-             f"resume of {interrupted}: masker fastest (recorded: torch) conflict with the arguments recorded in "
-             f"{interrupted / 'config.json'}; leave them out to continue with the recorded ones")
+    _refused(
+        ["search", "--resume", str(interrupted), "--masker", "fastest", "-q"],
+        f"resume of {interrupted}: masker fastest (recorded: torch) conflict with the arguments recorded in "
+        f"{interrupted / 'config.json'}; leave them out to continue with the recorded ones",
+    )
     assert _files(interrupted) == before
 
 
@@ -156,9 +196,16 @@ def test_compile_without_gcc_on_path_from_the_real_executable(tmp_path):
     if any((Path(folder) / "g++").exists() for folder in env["PATH"].split(os.pathsep)):
         pytest.skip("the Python environment's folder holds a g++")
     out = tmp_path / "new"
-    done = subprocess.run([str(EXECUTABLE), "search", "--arch", "fc", "--compile", "--max-steps", "1", "--out",
-                           str(out), "-q"], capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(
+        [str(EXECUTABLE), "search", "--arch", "fc", "--compile", "--max-steps", "1", "--out", str(out), "-q"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert (done.returncode, done.stdout) == (2, "")
-    assert done.stderr == ("error: compile on cpu needs a C++ compiler for inductor's CPU kernels (g++ on PATH, or "
-                           "CXX), and none was found; install it, or leave compile off\n")
+    assert done.stderr == (
+        "error: compile on cpu needs a C++ compiler for inductor's CPU kernels (g++ on PATH, or "
+        "CXX), and none was found; install it, or leave compile off\n"
+    )
     assert not out.exists()

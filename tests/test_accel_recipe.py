@@ -44,15 +44,28 @@ def small_data(tmp_path_factory) -> str:
 def _build_bn_net(in_channels: int, num_classes: int, image_size, k: float = 0.5) -> nn.Module:
     side = image_size[0] // 2 // 2
     return nn.Sequential(
-        MaskedConv2d(in_channels, 8, 3, padding=1, k=k), NonAffineBatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-        MaskedConv2d(8, 16, 3, padding=1, k=k), NonAffineBatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), MaskedLinear(16 * side * side, num_classes, k=k))
+        MaskedConv2d(in_channels, 8, 3, padding=1, k=k),
+        NonAffineBatchNorm2d(8),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        MaskedConv2d(8, 16, 3, padding=1, k=k),
+        NonAffineBatchNorm2d(16),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        MaskedLinear(16 * side * side, num_classes, k=k),
+    )
 
 
 def _build_tiny_net(in_channels: int, num_classes: int, image_size, k: float = 0.5) -> nn.Module:
     side = (image_size[0] - 3) // 2 + 1
-    return nn.Sequential(MaskedConv2d(in_channels, 4, 3, stride=2, k=k), NonAffineBatchNorm2d(4), nn.ReLU(),
-                         nn.Flatten(), MaskedLinear(4 * side * side, num_classes, k=k))
+    return nn.Sequential(
+        MaskedConv2d(in_channels, 4, 3, stride=2, k=k),
+        NonAffineBatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        MaskedLinear(4 * side * side, num_classes, k=k),
+    )
 
 
 @pytest.fixture
@@ -115,8 +128,10 @@ def test_torch_masker_search_writes_the_numpy_masker_masks_and_statistics(tmp_pa
     assert all(not torch.equal(numpy_art.masks[name], mask) for name, mask in start_masks.items())
     assert all(stat.abs().sum() > 0 for name, stat in numpy_art.bn_stats.items() if name.endswith("mean"))
     # The documents differ in the recorded masker (and so in the document digest) only.
-    assert (numpy_art.document["provenance"]["masker"], torch_art.document["provenance"]["masker"]) == \
-        ("numpy", "torch")
+    assert (numpy_art.document["provenance"]["masker"], torch_art.document["provenance"]["masker"]) == (
+        "numpy",
+        "torch",
+    )
     ignored = ("provenance", "digests.document")
     assert _without(torch_art.document, *ignored) == _without(numpy_art.document, *ignored)
     assert {**torch_art.document["provenance"], "masker": "numpy"} == numpy_art.document["provenance"]
@@ -143,8 +158,13 @@ def test_recipe_conv4_learns_like_fp32_and_its_artifact_verifies_and_exports(tmp
     assert recipe.heldout_acc >= 0.6, recipe.metrics  # chance is 0.1
     assert abs(recipe.heldout_acc - fp32.heldout_acc) <= 0.04, (recipe.heldout_acc, fp32.heldout_acc)
     provenance = recipe.artifact.document["provenance"]
-    assert {key: provenance[key] for key in ("device", "precision", "channels_last", "masker", "compile")} == \
-        {"device": "cpu", "precision": "bf16", "channels_last": True, "masker": "torch", "compile": False}
+    assert {key: provenance[key] for key in ("device", "precision", "channels_last", "masker", "compile")} == {
+        "device": "cpu",
+        "precision": "bf16",
+        "channels_last": True,
+        "masker": "torch",
+        "compile": False,
+    }
 
     assert verify_artifact(recipe.artifact_path).ok
     exported = export_onnx(recipe.artifact_path, tmp_path / "recipe.onnx")
@@ -166,12 +186,14 @@ def _crash_at(step: int):
     def on_step(progress):
         if progress.step == step:
             raise _Crash()
+
     return on_step
 
 
 def test_recipe_resume_writes_the_uninterrupted_artifact(tmp_path, small_data, bn_net):
-    common = dict(arch=bn_net, data=small_data, epochs=2, batch_size=16, workers=0, device="cpu", k=0.4,
-                  warmup_epochs=1, **RECIPE)
+    common = dict(
+        arch=bn_net, data=small_data, epochs=2, batch_size=16, workers=0, device="cpu", k=0.4, warmup_epochs=1, **RECIPE
+    )
     reference = search(SearchConfig(**common, out=str(tmp_path / "ref")))
     run = tmp_path / "run"
     with pytest.raises(_Crash):  # step 11 of 16, in the second epoch; the checkpoint is the one of step 10
@@ -187,8 +209,10 @@ def test_deterministic_changes_no_bit_on_the_cpu(tmp_path, small_data, bn_net):
     plain = _run(tmp_path, "plain", **common).artifact
     strict = _run(tmp_path, "strict", **common, deterministic=True).artifact
     assert _tensor_bytes(strict) == _tensor_bytes(plain)
-    assert (strict.document["provenance"]["deterministic"], plain.document["provenance"]["deterministic"]) == \
-        (True, False)
+    assert (strict.document["provenance"]["deterministic"], plain.document["provenance"]["deterministic"]) == (
+        True,
+        False,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -212,8 +236,9 @@ def test_compiled_recipe_trains_and_keeps_exact_masks(tmp_path, small_data, tiny
         return real_compile(model, *args, **kwargs)
 
     monkeypatch.setattr(torch, "compile", spy)
-    result = _run(tmp_path, "compiled", arch=tiny_net, data=small_data, max_steps=3, compile=True,
-                  keep_checkpoint=True, **RECIPE)
+    result = _run(
+        tmp_path, "compiled", arch=tiny_net, data=small_data, max_steps=3, compile=True, keep_checkpoint=True, **RECIPE
+    )
     assert compiled == ["inductor"]
     provenance = result.artifact.document["provenance"]
     assert (provenance["compile"], provenance["masker"], provenance["precision"]) == (True, "torch", "bf16")
@@ -237,11 +262,9 @@ def test_compiled_recipe_on_the_demo_learns_like_fp32_and_resumes(tmp_path):
     assert min(accuracies) >= 0.9 and max(accuracies) - min(accuracies) <= 0.02, accuracies
     run = tmp_path / "run"
     with pytest.raises(_Crash):
-        search(SearchConfig(**common, **RECIPE, compile=True, checkpoint_every=20, out=str(run)),
-               on_step=_crash_at(45))
+        search(SearchConfig(**common, **RECIPE, compile=True, checkpoint_every=20, out=str(run)), on_step=_crash_at(45))
     resume(run)
-    assert (run / "artifact.safetensors").read_bytes() == \
-        (tmp_path / "compiled" / "artifact.safetensors").read_bytes()
+    assert (run / "artifact.safetensors").read_bytes() == (tmp_path / "compiled" / "artifact.safetensors").read_bytes()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -258,10 +281,16 @@ def test_cuda_defaults_to_the_fast_recipe(monkeypatch, has_bf16):
     """Resolved for a CUDA device (faked: nothing runs on it)."""
     monkeypatch.setattr(device_module, "bf16_supported", lambda device: has_bf16)
     chosen = Accelerator.resolve(SearchConfig(), torch.device("cuda", 0), _conv_model())
-    assert (chosen.precision, chosen.channels_last, chosen.masker, chosen.compile, chosen.deterministic) == \
-        ("bf16" if has_bf16 else "fp32", True, "torch", False, False)
-    forced = Accelerator.resolve(SearchConfig(precision="fp32", channels_last=False, masker="numpy"),
-                                 torch.device("cuda", 0), _conv_model())
+    assert (chosen.precision, chosen.channels_last, chosen.masker, chosen.compile, chosen.deterministic) == (
+        "bf16" if has_bf16 else "fp32",
+        True,
+        "torch",
+        False,
+        False,
+    )
+    forced = Accelerator.resolve(
+        SearchConfig(precision="fp32", channels_last=False, masker="numpy"), torch.device("cuda", 0), _conv_model()
+    )
     assert (forced.precision, forced.channels_last, forced.masker) == ("fp32", False, "numpy")
 
 
@@ -281,8 +310,10 @@ def test_bf16_where_the_device_has_none_is_refused(monkeypatch):
     monkeypatch.setattr(device_module, "bf16_supported", lambda device: False)
     with pytest.raises(MaskforgeError) as caught:
         Accelerator.resolve(SearchConfig(precision="bf16"), torch.device("cuda", 0), _conv_model())
-    assert str(caught.value) == ("precision 'bf16' was requested but device cuda:0 has no bfloat16 support "
-                                 "(a GPU of compute capability 8.0 or newer has it); use precision fp32")
+    assert str(caught.value) == (
+        "precision 'bf16' was requested but device cuda:0 has no bfloat16 support "
+        "(a GPU of compute capability 8.0 or newer has it); use precision fp32"
+    )
 
 
 @pytest.mark.parametrize("device_type,variable,default", [("cpu", "CXX", "g++"), ("cuda", "CC", "gcc")])
@@ -291,10 +322,15 @@ def test_compile_toolchain_lookup(monkeypatch, tmp_path, device_type, variable, 
         pytest.importorskip("triton")
     monkeypatch.setenv(variable, str(tmp_path / "no-such-compiler"))
     problem = device_module.compile_toolchain_problem(device_type)
-    what = "a C++ compiler for inductor's CPU kernels" if device_type == "cpu" else \
-        "a C compiler for Triton's kernel launchers"
-    assert problem == f"needs {what}: {variable}={tmp_path / 'no-such-compiler'} names no program that " \
-                      f"exists on this machine"
+    what = (
+        "a C++ compiler for inductor's CPU kernels"
+        if device_type == "cpu"
+        else "a C compiler for Triton's kernel launchers"
+    )
+    assert (
+        problem == f"needs {what}: {variable}={tmp_path / 'no-such-compiler'} names no program that "
+        f"exists on this machine"
+    )
     fake = tmp_path / "bin" / default
     fake.parent.mkdir()
     fake.write_text("#!/bin/sh\n")
@@ -303,5 +339,6 @@ def test_compile_toolchain_lookup(monkeypatch, tmp_path, device_type, variable, 
     monkeypatch.setenv("PATH", str(fake.parent))
     assert device_module.compile_toolchain_problem(device_type) is None
     monkeypatch.setenv("PATH", str(tmp_path))
-    assert device_module.compile_toolchain_problem(device_type).endswith("on PATH, or " + variable + "), and none "
-                                                                         "was found")
+    assert device_module.compile_toolchain_problem(device_type).endswith(
+        "on PATH, or " + variable + "), and none was found"
+    )

@@ -111,8 +111,11 @@ def test_resnet_structure_matches_torchvision(arch):
         with torch.device("meta"):
             ours = build_structure(arch, arch_args(3, 7, size), 0.5)
             ref = RESNETS[arch](num_classes=7)
-        ref_convs = {n: tuple(m.weight.shape) for n, m in ref.named_modules()
-                     if isinstance(m, (nn.Conv2d, nn.Linear)) and n != "conv1"}
+        ref_convs = {
+            n: tuple(m.weight.shape)
+            for n, m in ref.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and n != "conv1"
+        }
         our_convs = {n: tuple(m.weight.shape) for n, m in masked_modules(ours).items() if n != "conv1"}
         assert our_convs == ref_convs
         assert tuple(ours.conv1.weight.shape) == (64, 3, stem[0], stem[0])
@@ -139,12 +142,23 @@ def _dense_convnet(widths, in_ch, num_classes, size):
     """The paper's Conv-n: per stage two 3x3 convs (padding 1) + ReLU, then 2x2 max-pool; FC 256-256-C."""
     layers, ch = [], in_ch
     for w in widths:
-        layers += [nn.Conv2d(ch, w, 3, padding=1, bias=False), nn.ReLU(),
-                   nn.Conv2d(w, w, 3, padding=1, bias=False), nn.ReLU(), nn.MaxPool2d(2)]
+        layers += [
+            nn.Conv2d(ch, w, 3, padding=1, bias=False),
+            nn.ReLU(),
+            nn.Conv2d(w, w, 3, padding=1, bias=False),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        ]
         ch = w
     h, wd = size[0] // 2 ** len(widths), size[1] // 2 ** len(widths)
-    layers += [nn.Flatten(), nn.Linear(ch * h * wd, 256, bias=False), nn.ReLU(),
-               nn.Linear(256, 256, bias=False), nn.ReLU(), nn.Linear(256, num_classes, bias=False)]
+    layers += [
+        nn.Flatten(),
+        nn.Linear(ch * h * wd, 256, bias=False),
+        nn.ReLU(),
+        nn.Linear(256, 256, bias=False),
+        nn.ReLU(),
+        nn.Linear(256, num_classes, bias=False),
+    ]
     return nn.Sequential(*layers)
 
 
@@ -157,8 +171,9 @@ def _load_dense(dense: nn.Module, masked: nn.Module) -> None:
             d.weight.copy_(_effective(m))
 
 
-@pytest.mark.parametrize("arch,widths,size", [("conv2", [64], (28, 28)), ("conv4", [64, 128], (20, 12)),
-                                              ("conv6", [64, 128, 256], (8, 8))])
+@pytest.mark.parametrize(
+    "arch,widths,size", [("conv2", [64], (28, 28)), ("conv4", [64, 128], (20, 12)), ("conv6", [64, 128, 256], (8, 8))]
+)
 def test_convnets_equal_a_dense_reimplementation(arch, widths, size):
     model = create_model(arch, in_channels=2, num_classes=5, image_size=size, k=0.3, seed=4).eval()
     dense = _dense_convnet(widths, 2, 5, size).eval()
@@ -198,8 +213,9 @@ def test_resnet18_equals_torchvision_with_masked_weights(size, resnet18_small):
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         dense.fc.bias.zero_()
-        for ours, theirs in zip(batchnorm_modules(model).values(),
-                                [m for m in dense.modules() if isinstance(m, nn.BatchNorm2d)]):
+        for ours, theirs in zip(
+            batchnorm_modules(model).values(), [m for m in dense.modules() if isinstance(m, nn.BatchNorm2d)]
+        ):
             theirs.weight.fill_(1.0)
             theirs.bias.zero_()
             theirs.num_batches_tracked.zero_()
@@ -214,8 +230,9 @@ def test_resnet18_equals_torchvision_with_masked_weights(size, resnet18_small):
         torch.testing.assert_close(model(x), dense(x), rtol=1e-4, atol=1e-5)
         model.train(), dense.train()  # batch statistics path, and running stats update the same way
         torch.testing.assert_close(model(x), dense(x), rtol=1e-4, atol=1e-5)
-    for ours, theirs in zip(batchnorm_modules(model).values(),
-                            [m for m in dense.modules() if isinstance(m, nn.BatchNorm2d)]):
+    for ours, theirs in zip(
+        batchnorm_modules(model).values(), [m for m in dense.modules() if isinstance(m, nn.BatchNorm2d)]
+    ):
         torch.testing.assert_close(ours.running_mean, theirs.running_mean)
         torch.testing.assert_close(ours.running_var, theirs.running_var)
 
@@ -226,20 +243,24 @@ def test_resnet18_equals_torchvision_with_masked_weights(size, resnet18_small):
 
 
 def test_create_model_fills_weights_and_scores_from_the_seed():
-    model = create_model("conv2", in_channels=1, num_classes=10, image_size=(8, 8), k=0.5, seed=3,
-                         init="signed_constant", scale_fan=True)
+    model = create_model(
+        "conv2", in_channels=1, num_classes=10, image_size=(8, 8), k=0.5, seed=3, init="signed_constant", scale_fan=True
+    )
     for name, layer in masked_modules(model).items():
         shape = tuple(layer.weight.shape)
         fan = math.prod(shape[1:])
         sigma = torch.tensor(math.sqrt(2.0 / (0.5 * fan)), dtype=torch.float32)
         assert torch.equal(layer.weight.abs(), sigma.expand(shape))
-        assert layer.weight.numpy().tobytes() == regen.generate(3, f"{name}.weight", shape, "signed_constant",
-                                                                k=0.5, scale_fan=True).tobytes()
+        assert (
+            layer.weight.numpy().tobytes()
+            == regen.generate(3, f"{name}.weight", shape, "signed_constant", k=0.5, scale_fan=True).tobytes()
+        )
         bound = 1.0 / math.sqrt(fan)
         assert layer.scores.abs().max() <= bound and layer.scores.std() > bound / 3
         assert layer.k == 0.5
-    again = create_model("conv2", in_channels=1, num_classes=10, image_size=(8, 8), k=0.5, seed=3,
-                         init="signed_constant", scale_fan=True)
+    again = create_model(
+        "conv2", in_channels=1, num_classes=10, image_size=(8, 8), k=0.5, seed=3, init="signed_constant", scale_fan=True
+    )
     other = create_model("conv2", in_channels=1, num_classes=10, image_size=(8, 8), k=0.5, seed=4)
     for (n, a), b, c in zip(model.named_parameters(), again.parameters(), other.parameters()):
         assert torch.equal(a, b) and not torch.equal(a, c), n
@@ -327,10 +348,16 @@ def _expected_conv_shapes(stage_widths, hidden, in_ch, num_classes, size):
     return shapes + [(hidden, flat), (hidden, hidden), (num_classes, hidden)]
 
 
-@pytest.mark.parametrize("arch,width,stages,hidden", [
-    ("conv4", 0.5, [32, 64], 128), ("conv4", 2.0, [128, 256], 512), ("conv2", 1.5, [96], 384),
-    ("conv6", 0.25, [16, 32, 64], 64), ("conv8", 0.125, [8, 16, 32, 64], 32),
-])
+@pytest.mark.parametrize(
+    "arch,width,stages,hidden",
+    [
+        ("conv4", 0.5, [32, 64], 128),
+        ("conv4", 2.0, [128, 256], 512),
+        ("conv2", 1.5, [96], 384),
+        ("conv6", 0.25, [16, 32, 64], 64),
+        ("conv8", 0.125, [8, 16, 32, 64], 32),
+    ],
+)
 def test_conv_width_shapes(arch, width, stages, hidden):
     with torch.device("meta"):
         model = build_structure(arch, arch_args(3, 7, (16, 16), width), 0.5)
@@ -338,10 +365,18 @@ def test_conv_width_shapes(arch, width, stages, hidden):
     assert shapes == _expected_conv_shapes(stages, hidden, 3, 7, (16, 16))
 
 
-@pytest.mark.parametrize("width,hidden", [(2.0, (600, 200)), (0.5, (150, 50)),
-                                          # 300 * 0.29 = 86.99999999999999 in binary64: rounds to 87, not 86
-                                          (0.29, (87, 29)), (0.001, (1, 1)), (0.005, (2, 1)),  # 1.5 -> 2, 0.5 -> 0 -> 1
-                                          (1 / 3, (100, 33))])
+@pytest.mark.parametrize(
+    "width,hidden",
+    [
+        (2.0, (600, 200)),
+        (0.5, (150, 50)),
+        # 300 * 0.29 = 86.99999999999999 in binary64: rounds to 87, not 86
+        (0.29, (87, 29)),
+        (0.001, (1, 1)),
+        (0.005, (2, 1)),  # 1.5 -> 2, 0.5 -> 0 -> 1
+        (1 / 3, (100, 33)),
+    ],
+)
 def test_fc_width_shapes_and_rounding(width, hidden):
     model = create_model("fc", in_channels=2, num_classes=5, image_size=(4, 3), width=width, seed=1)
     shapes = [tuple(m.weight.shape) for m in masked_modules(model).values()]
@@ -351,15 +386,17 @@ def test_fc_width_shapes_and_rounding(width, hidden):
 def test_width_is_recorded_only_when_not_one():
     assert arch_args(1, 10, (28, 28)) == {"in_channels": 1, "num_classes": 10, "image_size": [28, 28]}
     assert arch_args(1, 10, (28, 28), 1) == {"in_channels": 1, "num_classes": 10, "image_size": [28, 28]}
-    assert arch_args(1, 10, (28, 28), 2) == {"in_channels": 1, "num_classes": 10, "image_size": [28, 28],
-                                             "width": 2.0}
+    assert arch_args(1, 10, (28, 28), 2) == {"in_channels": 1, "num_classes": 10, "image_size": [28, 28], "width": 2.0}
     # the width-1 network is the one built before the width multiplier existed (same names and shapes)
     plain = create_model("conv2", in_channels=1, num_classes=3, image_size=(8, 8), seed=2)
     ones = create_model("conv2", in_channels=1, num_classes=3, image_size=(8, 8), seed=2, width=1.0)
-    assert [(n, tuple(p.shape)) for n, p in plain.named_parameters()] == \
-        [("features.0.scores", (64, 1, 3, 3)), ("features.2.scores", (64, 64, 3, 3)),
-         ("classifier.1.scores", (256, 64 * 16)), ("classifier.3.scores", (256, 256)),
-         ("classifier.5.scores", (3, 256))]
+    assert [(n, tuple(p.shape)) for n, p in plain.named_parameters()] == [
+        ("features.0.scores", (64, 1, 3, 3)),
+        ("features.2.scores", (64, 64, 3, 3)),
+        ("classifier.1.scores", (256, 64 * 16)),
+        ("classifier.3.scores", (256, 256)),
+        ("classifier.5.scores", (3, 256)),
+    ]
     for a, b in zip(plain.parameters(), ones.parameters()):
         assert torch.equal(a, b)
 
@@ -417,14 +454,18 @@ def test_an_architecture_registered_without_a_counter_is_counted_by_building_it(
     from maskforge.archs import count_masked_weights, register_arch
 
     def tiny(in_channels, num_classes, image_size, k=0.5):
-        return nn.Sequential(MaskedConv2d(in_channels, 5, 3, k=k), nn.Flatten(),
-                             MaskedLinear(5 * (image_size[0] - 2) * (image_size[1] - 2), num_classes, k=k))
+        return nn.Sequential(
+            MaskedConv2d(in_channels, 5, 3, k=k),
+            nn.Flatten(),
+            MaskedLinear(5 * (image_size[0] - 2) * (image_size[1] - 2), num_classes, k=k),
+        )
 
     register_arch("tiny-test", "test only")(tiny)
     try:
         assert count_masked_weights("tiny-test", arch_args(2, 3, (6, 7))) == 2 * 5 * 9 + 5 * 4 * 5 * 3
-        assert tuple(create_model("tiny-test", in_channels=2, num_classes=3, image_size=(6, 7)).state_dict()[
-            "2.scores"].shape) == (3, 100)
+        assert tuple(
+            create_model("tiny-test", in_channels=2, num_classes=3, image_size=(6, 7)).state_dict()["2.scores"].shape
+        ) == (3, 100)
         with pytest.raises(MaskforgeError, match="architecture tiny-test has fixed widths"):
             build_structure("tiny-test", arch_args(2, 3, (6, 7), 2.0), 0.5)
     finally:
@@ -438,8 +479,12 @@ def test_archs_command_imports_no_torch():
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "maskforge.cli", "archs", "--json"],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "maskforge.cli", "archs", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
     assert "maskforge.registry" in imported and "typer" in imported  # the listing is complete

@@ -40,26 +40,45 @@ from maskforge.layers import batchnorm_modules, kept_count, masked_modules
 
 
 def _spec(channels: int, size: tuple[int, int], classes: int) -> InputSpec:
-    return InputSpec(channels, size[0], size[1], (0.5,) * channels, (0.25,) * channels,
-                     tuple(f"class{i}" for i in range(classes)))
+    return InputSpec(
+        channels, size[0], size[1], (0.5,) * channels, (0.25,) * channels, tuple(f"class{i}" for i in range(classes))
+    )
 
 
-def _searched(arch: str, channels: int, size: tuple[int, int], classes: int, *, k: float = 0.5, seed: int = 0,
-              init: str = "signed_constant", scale_fan: bool = False):
+def _searched(
+    arch: str,
+    channels: int,
+    size: tuple[int, int],
+    classes: int,
+    *,
+    k: float = 0.5,
+    seed: int = 0,
+    init: str = "signed_constant",
+    scale_fan: bool = False,
+):
     """A model that looks searched: scores moved away from their initial values, BN statistics set."""
-    model = create_model(arch, in_channels=channels, num_classes=classes, image_size=size, k=k, seed=seed,
-                         init=init, scale_fan=scale_fan)
+    model = create_model(
+        arch, in_channels=channels, num_classes=classes, image_size=size, k=k, seed=seed, init=init, scale_fan=scale_fan
+    )
     perturb_like_search(model, seed + 100, score_noise=0.1, bn_mean_scale=1.0, bn_var_floor=0.1)
     model.eval()
-    artifact = build_artifact(model, arch=arch, arch_args=arch_args(channels, classes, size),
-                              spec=_spec(channels, size, classes), seed=seed, init=init, scale_fan=scale_fan,
-                              k=k, provenance={"data": "test", "epochs": 0})
+    artifact = build_artifact(
+        model,
+        arch=arch,
+        arch_args=arch_args(channels, classes, size),
+        spec=_spec(channels, size, classes),
+        seed=seed,
+        init=init,
+        scale_fan=scale_fan,
+        k=k,
+        provenance={"data": "test", "epochs": 0},
+    )
     return model, artifact
 
 
 def _split(data: bytes) -> tuple[dict, bytes]:
     n = int.from_bytes(data[:8], "little")
-    return json.loads(data[8:8 + n]), data[8 + n:]
+    return json.loads(data[8 : 8 + n]), data[8 + n :]
 
 
 def _join(header: dict, body: bytes) -> bytes:
@@ -99,8 +118,7 @@ def _pack_reference(bits: np.ndarray) -> bytes:
 
 @pytest.fixture(scope="module")
 def resnet(tmp_path_factory):
-    model, artifact = _searched("resnet18", 3, (16, 16), 3, k=0.3, seed=5, init="kaiming_normal",
-                                scale_fan=True)
+    model, artifact = _searched("resnet18", 3, (16, 16), 3, k=0.3, seed=5, init="kaiming_normal", scale_fan=True)
     path = save_artifact(artifact, tmp_path_factory.mktemp("resnet") / "artifact.safetensors")
     return model, artifact, path
 
@@ -129,9 +147,9 @@ def test_pack_mask_bit_order_against_reference(n):
 
 def test_pack_mask_uses_c_order_of_the_weight_shape():
     mask = torch.zeros(2, 3, 2, 2, dtype=torch.bool)
-    mask[0, 0, 0, 1] = True   # flat 1  -> byte 0 bit 1
-    mask[0, 2, 1, 1] = True   # flat 11 -> byte 1 bit 3
-    mask[1, 2, 1, 1] = True   # flat 23 -> byte 2 bit 7
+    mask[0, 0, 0, 1] = True  # flat 1  -> byte 0 bit 1
+    mask[0, 2, 1, 1] = True  # flat 11 -> byte 1 bit 3
+    mask[1, 2, 1, 1] = True  # flat 23 -> byte 2 bit 7
     assert pack_mask(mask).tolist() == [0b10, 0b1000, 0b10000000]
     assert pack_mask(mask.transpose(0, 1).contiguous().transpose(0, 1)).tolist() == [0b10, 0b1000, 0b10000000]
     assert torch.equal(unpack_mask(pack_mask(mask), (2, 3, 2, 2)), mask)
@@ -140,8 +158,11 @@ def test_pack_mask_uses_c_order_of_the_weight_shape():
 def test_unpack_mask_rejects_bad_input():
     with pytest.raises(MaskforgeError, match=r"^packed mask has non-zero padding bits$"):
         unpack_mask(np.array([0b1000_0000], dtype=np.uint8), (7,))
-    with pytest.raises(MaskforgeError, match=r"^packed mask has shape \(2,\) and dtype uint8, expected uint8 of 1 "
-                                             r"bytes for weights of shape \[7\]$"):
+    with pytest.raises(
+        MaskforgeError,
+        match=r"^packed mask has shape \(2,\) and dtype uint8, expected uint8 of 1 "
+        r"bytes for weights of shape \[7\]$",
+    ):
         unpack_mask(np.zeros(2, dtype=np.uint8), (7,))
     with pytest.raises(MaskforgeError, match=r"^packed mask has shape \(1,\) and dtype int8, expected uint8"):
         unpack_mask(np.zeros(1, dtype=np.int8), (7,))
@@ -165,15 +186,20 @@ def test_round_trip(resnet):
         oracle = torch.zeros(layer.weight.numel(), dtype=torch.bool)
         scores = layer.scores.detach().abs().reshape(-1).tolist()
         order = sorted(range(layer.weight.numel()), key=lambda i, s=scores: (-s[i], i))
-        oracle[order[:kept_count(layer.weight.numel(), 0.3)]] = True
+        oracle[order[: kept_count(layer.weight.numel(), 0.3)]] = True
         assert torch.equal(mask.reshape(-1), oracle), name
         if layer.weight.numel() > 50_000:
             break  # the pure-Python sort oracle on the first (small and medium) layers is enough
     for name, bn in batchnorm_modules(model).items():
         assert torch.equal(loaded.bn_stats[f"{name}.running_mean"], bn.running_mean)
         assert torch.equal(loaded.bn_stats[f"{name}.running_var"], bn.running_var)
-    assert (loaded.arch, loaded.k, loaded.seed, loaded.init, loaded.scale_fan) == \
-        ("resnet18", 0.3, 5, "kaiming_normal", True)
+    assert (loaded.arch, loaded.k, loaded.seed, loaded.init, loaded.scale_fan) == (
+        "resnet18",
+        0.3,
+        5,
+        "kaiming_normal",
+        True,
+    )
     assert loaded.arch_args == {"in_channels": 3, "num_classes": 3, "image_size": [16, 16]}
     assert loaded.spec == _spec(3, (16, 16), 3)
     assert loaded.masked_weights == sum(layer.weight.numel() for layer in layers.values())
@@ -196,8 +222,11 @@ def test_document_contents(resnet):
         assert info["kept"] == kept_count(n, 0.3) and math.isclose(info["density"], info["kept"] / n)
         assert info["fan_in"] == math.prod(layer.weight.shape[1:])
         # the recorded weight digest is that of the independently regenerated tensor
-        expected = hashlib.sha256(regen.generate(5, f"{name}.weight", tuple(layer.weight.shape), "kaiming_normal",
-                                                 k=0.3, scale_fan=True).astype("<f4").tobytes()).hexdigest()
+        expected = hashlib.sha256(
+            regen.generate(5, f"{name}.weight", tuple(layer.weight.shape), "kaiming_normal", k=0.3, scale_fan=True)
+            .astype("<f4")
+            .tobytes()
+        ).hexdigest()
         assert doc["digests"]["weights"][f"{name}.weight"] == expected
     # stored-tensor digests are SHA-256 of the raw stored bytes
     header, body = _split(path.read_bytes())
@@ -219,9 +248,17 @@ def test_same_artifact_same_bytes(conv, tmp_path):
     model, artifact, path = conv
     again = save_artifact(artifact, tmp_path / "again.safetensors")
     assert again.read_bytes() == path.read_bytes()
-    rebuilt = build_artifact(model, arch="conv2", arch_args=arch_args(1, 4, (12, 12)), spec=_spec(1, (12, 12), 4),
-                             seed=3, init="signed_constant", scale_fan=False, k=0.5,
-                             provenance={"data": "test", "epochs": 0})
+    rebuilt = build_artifact(
+        model,
+        arch="conv2",
+        arch_args=arch_args(1, 4, (12, 12)),
+        spec=_spec(1, (12, 12), 4),
+        seed=3,
+        init="signed_constant",
+        scale_fan=False,
+        k=0.5,
+        provenance={"data": "test", "epochs": 0},
+    )
     assert artifact_bytes(rebuilt) == path.read_bytes()
     # saving a loaded artifact reproduces the file too
     assert artifact_bytes(load_artifact(path)) == path.read_bytes()
@@ -247,8 +284,9 @@ def test_inspect_summary(conv):
     masked = sum(layer.weight.numel() for layer in masked_modules(model).values())
     assert summary["file_bytes"] == path.stat().st_size
     assert summary["masked_weights"] == masked
-    assert summary["kept_weights"] == sum(kept_count(layer.weight.numel(), 0.5)
-                                          for layer in masked_modules(model).values())
+    assert summary["kept_weights"] == sum(
+        kept_count(layer.weight.numel(), 0.5) for layer in masked_modules(model).values()
+    )
     assert math.isclose(summary["bits_per_weight"], 8 * path.stat().st_size / masked)
     assert summary["arch"] == "conv2" and summary["k"] == 0.5 and summary["seed"] == 3
     json.dumps(summary)  # JSON-able
@@ -286,9 +324,10 @@ def test_wrn50_imagenet_artifact_is_under_9_mib(tmp_path):
     masked = sum(layer.weight.numel() for layer in masked_modules(model).values())
     with torch.device("meta"):
         reference = torchvision.models.wide_resnet50_2(num_classes=1000)
-    assert masked == sum(m.weight.numel() for m in reference.modules()
-                         if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
-    assert path.stat().st_size <= 9 * 2 ** 20
+    assert masked == sum(
+        m.weight.numel() for m in reference.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+    )
+    assert path.stat().st_size <= 9 * 2**20
     _check_size(model, path)
 
 
@@ -334,13 +373,18 @@ def test_missing_and_folder_paths(tmp_path):
     assert str(caught.value) == f"{tmp_path} is a folder, not an artifact file"
 
 
-@pytest.mark.parametrize("data,reason", [
-    (b"", "only 0 bytes"), (b"hello", "only 5 bytes"), (b"\x00" * 100, "not a safetensors file, or truncated"),
-    (b"PK\x03\x04" + bytes(200), "not a safetensors file, or truncated"),
-    ((10).to_bytes(8, "little") + b"not json!!", "not a safetensors file, or truncated"),
-    ((9).to_bytes(8, "little") + b"{not json", "the safetensors header is not valid JSON (JSONDecodeError)"),
-    ((2 ** 40).to_bytes(8, "little"), "not a safetensors file, or truncated"),
-])
+@pytest.mark.parametrize(
+    "data,reason",
+    [
+        (b"", "only 0 bytes"),
+        (b"hello", "only 5 bytes"),
+        (b"\x00" * 100, "not a safetensors file, or truncated"),
+        (b"PK\x03\x04" + bytes(200), "not a safetensors file, or truncated"),
+        ((10).to_bytes(8, "little") + b"not json!!", "not a safetensors file, or truncated"),
+        ((9).to_bytes(8, "little") + b"{not json", "the safetensors header is not valid JSON (JSONDecodeError)"),
+        ((2**40).to_bytes(8, "little"), "not a safetensors file, or truncated"),
+    ],
+)
 def test_not_a_safetensors_file(tmp_path, data, reason):
     _refused(tmp_path, data, f"{{path}} is not a maskforge artifact ({reason})")
 
@@ -353,10 +397,17 @@ def test_safetensors_without_maskforge_metadata(tmp_path):
 
 def test_newer_format_version_says_upgrade(conv, tmp_path):
     data = conv[2].read_bytes()
-    _refused(tmp_path, _edit_document(data, lambda doc: doc.update(format_version=FORMAT_VERSION + 1), resign=True),
-             "{path} uses artifact format version 2, newer than this maskforge reads (1); upgrade maskforge")
-    _refused(tmp_path, _edit_document(data, lambda doc: doc.update(format_version=0), resign=True),
-             "{path}: unsupported format version 0", "old.safetensors")
+    _refused(
+        tmp_path,
+        _edit_document(data, lambda doc: doc.update(format_version=FORMAT_VERSION + 1), resign=True),
+        "{path} uses artifact format version 2, newer than this maskforge reads (1); upgrade maskforge",
+    )
+    _refused(
+        tmp_path,
+        _edit_document(data, lambda doc: doc.update(format_version=0), resign=True),
+        "{path}: unsupported format version 0",
+        "old.safetensors",
+    )
 
 
 def test_resigned_unchanged_document_still_loads(conv, tmp_path):
@@ -375,8 +426,9 @@ def test_flipped_mask_bit_is_caught_by_the_tensor_digest(conv, tmp_path):
     _refused(tmp_path, bytes(corrupted), "{path}: tensor mask/features.2.weight does not match its digest (corrupted)")
 
 
-@pytest.mark.parametrize("field,value", [("k", 0.25), ("seed", 4), ("arch", "conv4"),
-                                         ("init", "kaiming_normal"), ("heldout", 0.99)])
+@pytest.mark.parametrize(
+    "field,value", [("k", 0.25), ("seed", 4), ("arch", "conv4"), ("init", "kaiming_normal"), ("heldout", 0.99)]
+)
 def test_edited_document_is_caught_by_the_document_digest(conv, tmp_path, field, value):
     def edit(doc):
         if field == "arch":
@@ -388,8 +440,11 @@ def test_edited_document_is_caught_by_the_document_digest(conv, tmp_path, field,
         else:
             doc[field] = value
 
-    _refused(tmp_path, _edit_document(conv[2].read_bytes(), edit, resign=False),
-             "{path}: metadata digest mismatch (the JSON document was modified or corrupted)")
+    _refused(
+        tmp_path,
+        _edit_document(conv[2].read_bytes(), edit, resign=False),
+        "{path}: metadata digest mismatch (the JSON document was modified or corrupted)",
+    )
 
 
 def test_edited_tensor_digest_list_is_caught(conv, tmp_path):
@@ -397,8 +452,11 @@ def test_edited_tensor_digest_list_is_caught(conv, tmp_path):
         doc["digests"]["tensors"]["mask/features.0.weight"] = "0" * 64
 
     # digests.tensors is outside the document digest, but must still match the stored tensors
-    _refused(tmp_path, _edit_document(conv[2].read_bytes(), edit, resign=True),
-             "{path}: tensor mask/features.0.weight does not match its digest (corrupted)")
+    _refused(
+        tmp_path,
+        _edit_document(conv[2].read_bytes(), edit, resign=True),
+        "{path}: tensor mask/features.0.weight does not match its digest (corrupted)",
+    )
 
 
 def test_missing_layer_is_refused(conv, tmp_path):
@@ -408,8 +466,11 @@ def test_missing_layer_is_refused(conv, tmp_path):
         del document["layers"][victim]
         del document["digests"]["weights"][victim]
 
-    _refused(tmp_path, _forged(conv, lambda masks: masks.pop(victim), drop),
-             "{path}: layers do not match architecture conv2 (missing ['features.2.weight'], unexpected [])")
+    _refused(
+        tmp_path,
+        _forged(conv, lambda masks: masks.pop(victim), drop),
+        "{path}: layers do not match architecture conv2 (missing ['features.2.weight'], unexpected [])",
+    )
 
 
 def test_wrong_kept_count_is_refused(conv, tmp_path):
@@ -419,31 +480,50 @@ def test_wrong_kept_count_is_refused(conv, tmp_path):
         flat[int((~flat).nonzero()[0])] = True
         masks["features.0.weight"] = flat.view_as(masks["features.0.weight"])
 
-    _refused(tmp_path, _forged(conv, one_more, lambda document: None),
-             "{path}: layer features.0.weight keeps 289 weights but the metadata says 288")
+    _refused(
+        tmp_path,
+        _forged(conv, one_more, lambda document: None),
+        "{path}: layer features.0.weight keeps 289 weights but the metadata says 288",
+    )
 
 
-@pytest.mark.parametrize("edit,message", [
-    (lambda d: d["layers"]["features.0.weight"].update(shape=[64, 1, 5, 5]),
-     "{path}: layers.features.0.weight density 0.5 is not kept/weights = 0.18"),
-    (lambda d: d.update(k=1.5), "{path}: k must be <= 1, got 1.5"),
-    (lambda d: d.update(seed=-1), "{path}: seed must be >= 0, got -1"),
-    (lambda d: d["arch"].update(name="lenet9"), "{path}: unknown architecture 'lenet9' (known: fc, conv2, conv4,"),
-    (lambda d: d["init"].update(distribution="xavier"), "{path}: init.distribution must be one of "
-                                                        "'signed_constant', 'unsigned_constant' or 'kaiming_normal', "
-                                                        "got 'xavier'"),
-    (lambda d: d.update(generator={"id": "maskforge-splitmix64", "version": 2}),
-     "{path}: generator.version must be <= 1, got 2"),
-    (lambda d: d.pop("layers"), "{path}: field layers is missing"),
-    (lambda d: d["input"].update(channels=3, mean=[0.5] * 3, std=[0.25] * 3),
-     "{path}: input (3 channel(s), 12x12, 4 class names) does not match arch.args (1 channel(s), 12x12, 4 classes)"),
-    (lambda d: d["input"].update(extra=1), "{path}: unknown field input.extra"),
-    (lambda d: d["arch"]["args"].update(depth=3), "{path}: unknown field arch.args.depth"),
-    (lambda d: d["arch"]["args"].update(width=0), "{path}: arch.args.width must be > 0, got 0"),
-    (lambda d: d.update(topk="best"), "{path}: topk must be one of 'layer' or 'global', got 'best'"),
-    (lambda d: d["digests"]["weights"].update({"features.0.weight": "AB" * 32}),
-     "{path}: digests.weights.features.0.weight must be 64 lowercase hex digits (a SHA-256), got '" + "AB" * 32 + "'"),
-])
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (
+            lambda d: d["layers"]["features.0.weight"].update(shape=[64, 1, 5, 5]),
+            "{path}: layers.features.0.weight density 0.5 is not kept/weights = 0.18",
+        ),
+        (lambda d: d.update(k=1.5), "{path}: k must be <= 1, got 1.5"),
+        (lambda d: d.update(seed=-1), "{path}: seed must be >= 0, got -1"),
+        (lambda d: d["arch"].update(name="lenet9"), "{path}: unknown architecture 'lenet9' (known: fc, conv2, conv4,"),
+        (
+            lambda d: d["init"].update(distribution="xavier"),
+            "{path}: init.distribution must be one of "
+            "'signed_constant', 'unsigned_constant' or 'kaiming_normal', "
+            "got 'xavier'",
+        ),
+        (
+            lambda d: d.update(generator={"id": "maskforge-splitmix64", "version": 2}),
+            "{path}: generator.version must be <= 1, got 2",
+        ),
+        (lambda d: d.pop("layers"), "{path}: field layers is missing"),
+        (
+            lambda d: d["input"].update(channels=3, mean=[0.5] * 3, std=[0.25] * 3),
+            "{path}: input (3 channel(s), 12x12, 4 class names) does not match arch.args (1 channel(s), 12x12, 4 classes)",
+        ),
+        (lambda d: d["input"].update(extra=1), "{path}: unknown field input.extra"),
+        (lambda d: d["arch"]["args"].update(depth=3), "{path}: unknown field arch.args.depth"),
+        (lambda d: d["arch"]["args"].update(width=0), "{path}: arch.args.width must be > 0, got 0"),
+        (lambda d: d.update(topk="best"), "{path}: topk must be one of 'layer' or 'global', got 'best'"),
+        (
+            lambda d: d["digests"]["weights"].update({"features.0.weight": "AB" * 32}),
+            "{path}: digests.weights.features.0.weight must be 64 lowercase hex digits (a SHA-256), got '"
+            + "AB" * 32
+            + "'",
+        ),
+    ],
+)
 def test_schema_errors_name_the_field(conv, tmp_path, edit, message):
     data = _edit_document(conv[2].read_bytes(), edit, resign=True)
     path = _write(tmp_path, data)
@@ -455,6 +535,7 @@ def test_schema_errors_name_the_field(conv, tmp_path, edit, message):
 def test_global_topk_lets_each_layer_keep_its_own_count(conv, tmp_path):
     """With topk "global" the kept-count rule does not apply (each layer keeps 1..n); the per-layer rule
     still binds a document without topk."""
+
     def shift(masks):  # one weight moves from features.0 to features.2
         for name, value in (("features.0.weight", False), ("features.2.weight", True)):
             flat = masks[name].clone().reshape(-1)
@@ -471,19 +552,23 @@ def test_global_topk_lets_each_layer_keep_its_own_count(conv, tmp_path):
 
     loaded = load_artifact(_write(tmp_path, _forged(conv, shift, lambda d: counts(d, "global"))))
     assert loaded.topk == "global" and loaded.meta.layers["features.0.weight"].kept == 287
-    _refused(tmp_path, _forged(conv, shift, lambda d: counts(d, None)),
-             "{path}: layer features.0.weight: kept count 287 does not match k=0.5", "layer.safetensors")
+    _refused(
+        tmp_path,
+        _forged(conv, shift, lambda d: counts(d, None)),
+        "{path}: layer features.0.weight: kept count 287 does not match k=0.5",
+        "layer.safetensors",
+    )
 
 
 def test_truncated_file_is_refused(conv, tmp_path):
     data = conv[2].read_bytes()
     header_end = 8 + int.from_bytes(data[:8], "little")
-    for cut, reason in ((len(data) - 1, "is truncated, or trailing data (safetensors: incomplete metadata, file "
-                                        "not fully covered)"),
-                        (len(data) // 2, "is truncated, or trailing data (safetensors: incomplete metadata, file "
-                                         "not fully covered)"),
-                        (header_end - 1, "is not a maskforge artifact (not a safetensors file, or truncated)"),
-                        (20, "is not a maskforge artifact (not a safetensors file, or truncated)")):
+    for cut, reason in (
+        (len(data) - 1, "is truncated, or trailing data (safetensors: incomplete metadata, file not fully covered)"),
+        (len(data) // 2, "is truncated, or trailing data (safetensors: incomplete metadata, file not fully covered)"),
+        (header_end - 1, "is not a maskforge artifact (not a safetensors file, or truncated)"),
+        (20, "is not a maskforge artifact (not a safetensors file, or truncated)"),
+    ):
         _refused(tmp_path, data[:cut], "{path} " + reason, f"cut{cut}.safetensors")
 
 
@@ -581,14 +666,17 @@ def _forge(data: bytes, how: str) -> bytes:
     raise AssertionError(how)
 
 
-@pytest.mark.parametrize("how,message", [
-    ("gap", "forged is damaged (safetensors: invalid offset for tensor "),
-    ("overlap", "forged is damaged (safetensors: invalid offset for tensor "),
-    ("trailing data", "forged is truncated, or trailing data (safetensors: incomplete metadata, file not fully"),
-    ("truncated", "forged is truncated, or trailing data (safetensors: incomplete metadata, file not fully"),
-    ("size mismatch", "forged is damaged (safetensors: invalid shape, data type, or offset for tensor)"),
-    ("unknown dtype", "forged is damaged (safetensors: invalid JSON in header: unknown variant `Q7`"),
-])
+@pytest.mark.parametrize(
+    "how,message",
+    [
+        ("gap", "forged is damaged (safetensors: invalid offset for tensor "),
+        ("overlap", "forged is damaged (safetensors: invalid offset for tensor "),
+        ("trailing data", "forged is truncated, or trailing data (safetensors: incomplete metadata, file not fully"),
+        ("truncated", "forged is truncated, or trailing data (safetensors: incomplete metadata, file not fully"),
+        ("size mismatch", "forged is damaged (safetensors: invalid shape, data type, or offset for tensor)"),
+        ("unknown dtype", "forged is damaged (safetensors: invalid JSON in header: unknown variant `Q7`"),
+    ],
+)
 def test_layout_damage_is_refused_by_safetensors_itself(conv, how, message):
     from safetensors import SafetensorError
     from safetensors.numpy import load as safetensors_load

@@ -84,8 +84,11 @@ def _killed_at(folder: Path, mode: str, moment: str) -> tuple[bytes, list[Path]]
     """The destination's bytes and the temporary files left after a writer is killed at `moment`."""
     dest = folder / f"{mode}-{moment}.bin"
     dest.write_bytes(OLD)  # the parent's own setup write, not under test
-    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(PACKAGE_DIR), mode, moment, str(dest), str(SIZE)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(PACKAGE_DIR), mode, moment, str(dest), str(SIZE)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         assert child.stdout.readline().strip() == b"stopped", child.stderr.read().decode()
     finally:
@@ -97,11 +100,14 @@ def _killed_at(folder: Path, mode: str, moment: str) -> tuple[bytes, list[Path]]
     return dest.read_bytes(), sorted(folder.glob(f".{dest.name}.*.tmp"))
 
 
-@pytest.mark.parametrize("moment, expected, temporaries", [
-    ("writing", OLD, 1),      # killed while writing the temporary file: the old file, intact
-    ("renaming", OLD, 1),     # killed with the new content complete but not renamed: still the old file
-    ("renamed", NEW, 0),      # killed after the rename: the new file, whole
-])
+@pytest.mark.parametrize(
+    "moment, expected, temporaries",
+    [
+        ("writing", OLD, 1),  # killed while writing the temporary file: the old file, intact
+        ("renaming", OLD, 1),  # killed with the new content complete but not renamed: still the old file
+        ("renamed", NEW, 0),  # killed after the rename: the new file, whole
+    ],
+)
 def test_killed_writer_leaves_old_or_new_never_torn(tmp_path, moment, expected, temporaries):
     final, litter = _killed_at(tmp_path, "atomic", moment)
     assert final == expected
@@ -125,6 +131,7 @@ def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
 
 
 # --- simulated full disk -----------------------------------------------------------------------------------
+
 
 def _enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -160,8 +167,16 @@ def test_full_disk_while_saving_an_artifact(tmp_path, monkeypatch):
 
     args = arch_args(1, 3, (4, 4))
     spec = InputSpec(1, 4, 4, (0.5,), (0.25,), ("a", "b", "c"))
-    artifact = build_artifact(create_model("fc", **args, k=0.5, seed=1), arch="fc", arch_args=args, spec=spec,
-                              seed=1, init="signed_constant", scale_fan=False, k=0.5)
+    artifact = build_artifact(
+        create_model("fc", **args, k=0.5, seed=1),
+        arch="fc",
+        arch_args=args,
+        spec=spec,
+        seed=1,
+        init="signed_constant",
+        scale_fan=False,
+        k=0.5,
+    )
     path = save_artifact(artifact, tmp_path / "artifact.safetensors")
     before = path.read_bytes()
     monkeypatch.setattr(fileio.os, "fsync", _enospc)
@@ -192,8 +207,17 @@ def test_exception_inside_atomic_path_removes_the_temp(tmp_path):
 # --- every writer goes through fileio ----------------------------------------------------------------------
 
 # json.dump and friends write to an open handle: the `open(..., "w")` is what gets flagged.
-_WRITE_CALLS = {"write_bytes", "write_text", "save_file", "save", "savez", "savez_compressed", "to_csv",
-                "SerializeToFile", "save_model"}
+_WRITE_CALLS = {
+    "write_bytes",
+    "write_text",
+    "save_file",
+    "save",
+    "savez",
+    "savez_compressed",
+    "to_csv",
+    "SerializeToFile",
+    "save_model",
+}
 
 
 def _writes_outside_atomic(tree: ast.AST) -> list[str]:
@@ -203,7 +227,8 @@ def _writes_outside_atomic(tree: ast.AST) -> list[str]:
     def is_call_to(node: ast.AST, name: str) -> bool:
         return isinstance(node, ast.Call) and (
             (isinstance(node.func, ast.Name) and node.func.id == name)
-            or (isinstance(node.func, ast.Attribute) and node.func.attr == name))
+            or (isinstance(node.func, ast.Attribute) and node.func.attr == name)
+        )
 
     def visit(node: ast.AST, protected: bool) -> None:
         if isinstance(node, ast.With) and any(is_call_to(item.context_expr, "atomic_path") for item in node.items):
@@ -284,18 +309,30 @@ def test_no_room_for_a_file_is_one_clear_error_and_the_previous_file_stays(tmp_p
     before = {p.name: p.read_bytes() for p in run.iterdir()}
     limit = 20_000  # above config.json, below the artifact (35 kB), the checkpoint (2 MB), 200 metrics records
     assert len(before["artifact.safetensors"]) > limit and len(before["config.json"]) < limit
-    child = subprocess.run([sys.executable, "-c", _LIMITED, str(run), str(limit)], capture_output=True, text=True,
-                           timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    why = f"{os.strerror(errno.EFBIG)} (the file would exceed the file-size limit (ulimit -f) or the file system's " \
-          f"largest file; the previous {{name}}, if any, is unchanged)"
+    child = subprocess.run(
+        [sys.executable, "-c", _LIMITED, str(run), str(limit)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    why = (
+        f"{os.strerror(errno.EFBIG)} (the file would exceed the file-size limit (ulimit -f) or the file system's "
+        f"largest file; the previous {{name}}, if any, is unchanged)"
+    )
     results = json.loads(child.stdout.splitlines()[0])
-    for kind, name in [("artifact", "artifact.safetensors"), ("checkpoint", "checkpoint.safetensors"),
-                       ("metrics", "metrics.jsonl"), ("report", "report.json")]:
+    for kind, name in [
+        ("artifact", "artifact.safetensors"),
+        ("checkpoint", "checkpoint.safetensors"),
+        ("metrics", "metrics.jsonl"),
+        ("report", "report.json"),
+    ]:
         assert results[kind] == f"cannot write {run / name}: " + why.format(name=name), results[kind]
     # The CLI: the extension ran its epoch, then could not write the checkpoint: one line, exit 2.
     assert child.returncode == 2, child.stderr
-    assert child.stderr.splitlines() == [f"error: cannot write {run / 'checkpoint.safetensors'}: "
-                                         + why.format(name="checkpoint.safetensors")], child.stderr
+    assert child.stderr.splitlines() == [
+        f"error: cannot write {run / 'checkpoint.safetensors'}: " + why.format(name="checkpoint.safetensors")
+    ], child.stderr
     assert (run / "checkpoint.safetensors").read_bytes() == before["checkpoint.safetensors"]
     # metrics.jsonl was rewritten whole by the extension's third epoch, before its checkpoint failed
     assert (run / "metrics.jsonl").read_bytes().startswith(before["metrics.jsonl"])

@@ -16,13 +16,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 def test_search_step_fc_json_fields():
-    proc = _run("search_step.py", "--arch", "fc", "--repeats", "1", "--inner", "1", "--warmup", "1", "--json",
-                "--threads", "1")
+    proc = _run(
+        "search_step.py", "--arch", "fc", "--repeats", "1", "--inner", "1", "--warmup", "1", "--json", "--threads", "1"
+    )
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     assert len(lines) == 1
@@ -55,7 +61,7 @@ def test_search_step_cuda_and_epoch_like_skip_cleanly_without_a_gpu(capsys):
     assert "skipped on CPU" in capsys.readouterr().err
 
 
-@pytest.mark.slow   # six exports and their checks, `eval --compare` of them: ~10 s on an idle 2-core machine
+@pytest.mark.slow  # six exports and their checks, `eval --compare` of them: ~10 s on an idle 2-core machine
 def test_deploy_json_lines_cover_every_mode(tmp_path):
     """benchmarks/deploy.py on a tiny demo-shaped artifact: one JSON line per mode with the issue's fields."""
     from maskforge.archs import arch_args, create_model
@@ -63,20 +69,52 @@ def test_deploy_json_lines_cover_every_mode(tmp_path):
     from maskforge.data import load_data
 
     model = create_model("fc", in_channels=1, num_classes=10, image_size=(28, 28), k=0.5, seed=1)
-    artifact = build_artifact(model.eval(), arch="fc", arch_args=arch_args(1, 10, (28, 28)),
-                              spec=load_data("mnist5k").spec, seed=1, init="signed_constant", scale_fan=False,
-                              k=0.5, provenance={"data": "mnist5k"})
+    artifact = build_artifact(
+        model.eval(),
+        arch="fc",
+        arch_args=arch_args(1, 10, (28, 28)),
+        spec=load_data("mnist5k").spec,
+        seed=1,
+        init="signed_constant",
+        scale_fan=False,
+        k=0.5,
+        provenance={"data": "mnist5k"},
+    )
     path = save_artifact(artifact, tmp_path / "fc.safetensors")
-    proc = _run("deploy.py", "--workload", "conv4", "--artifact", f"conv4={path}", "--workdir", str(tmp_path),
-                "--rounds", "2", "--runs", "2", "--starts", "1", "--threads", "1", "--json")
+    proc = _run(
+        "deploy.py",
+        "--workload",
+        "conv4",
+        "--artifact",
+        f"conv4={path}",
+        "--workdir",
+        str(tmp_path),
+        "--rounds",
+        "2",
+        "--runs",
+        "2",
+        "--starts",
+        "1",
+        "--threads",
+        "1",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
     assert sorted((r["storage"], r["precision"]) for r in rows) == sorted(
-        (s, p) for s in ("dense", "compact", "regen") for p in ("fp32", "int8"))
+        (s, p) for s in ("dense", "compact", "regen") for p in ("fp32", "int8")
+    )
     for r in rows:
         assert r["workload"] == "conv4"
-        for key in ("bits_per_weight", "session_start_ms", "throughput_b1", "throughput_b64", "peak_rss_mb",
-                    "session_start_vs_compact_fp32", "p99_ms_b64"):
+        for key in (
+            "bits_per_weight",
+            "session_start_ms",
+            "throughput_b1",
+            "throughput_b64",
+            "peak_rss_mb",
+            "session_start_vs_compact_fp32",
+            "p99_ms_b64",
+        ):
             assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, key
         assert 0.0 <= r["top1"] <= 1.0 and 0.0 <= r["argmax_agreement"] <= 1.0
         assert r["bits_per_weight"] == 8 * r["file_bytes"] / artifact.masked_weights
@@ -91,14 +129,35 @@ def test_search_step_breakdown_variants_and_recipe_flags(capsys):
     """The breakdown variants (no selection; no backward arithmetic either) and the accelerator-recipe
     flags on the CPU: every requested variant is timed and the record says which recipe ran."""
     script = _load_script("search_step")
-    argv = ["--arch", "fc", "--batch", "4", "--repeats", "1", "--inner", "1", "--warmup", "0", "--no-memory",
-            "--json", "--variants", "search,dense,fixed-mask,fixed-all", "--masker", "torch",
-            "--precision", "bf16"]
+    argv = [
+        "--arch",
+        "fc",
+        "--batch",
+        "4",
+        "--repeats",
+        "1",
+        "--inner",
+        "1",
+        "--warmup",
+        "0",
+        "--no-memory",
+        "--json",
+        "--variants",
+        "search,dense,fixed-mask,fixed-all",
+        "--masker",
+        "torch",
+        "--precision",
+        "bf16",
+    ]
     assert script.main(argv) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("search_ms", "dense_ms", "fixed_mask_ms", "fixed_all_ms"):
         assert isinstance(record[key], float) and record[key] > 0, key
     assert record["reference_ms"] is None and record["reference_ratio"] is None
     assert (record["masker"], record["precision"], record["channels_last"], record["compile"]) == (
-        "torch", "bf16", False, None)
+        "torch",
+        "bf16",
+        False,
+        None,
+    )
     assert record["variants"] == ["search", "dense", "fixed-mask", "fixed-all"]

@@ -37,9 +37,30 @@ def _one_error_line(result, needle: str | None = None) -> str:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cli") / "run"
-    result = runner.invoke(app, ["search", "--arch", "fc", "--max-steps", "3", "--epochs", "1", "--seed", "3",
-                                 "--batch-size", "64", "--device", "cpu", "--workers", "0", "--quiet", "--out",
-                                 str(out)], env={"COLUMNS": "1000"})  # no line breaks inside the path
+    result = runner.invoke(
+        app,
+        [
+            "search",
+            "--arch",
+            "fc",
+            "--max-steps",
+            "3",
+            "--epochs",
+            "1",
+            "--seed",
+            "3",
+            "--batch-size",
+            "64",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "--quiet",
+            "--out",
+            str(out),
+        ],
+        env={"COLUMNS": "1000"},
+    )  # no line breaks inside the path
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     assert text.startswith("done: fc k=0.5 seed=3 held-out accuracy "), text
@@ -65,11 +86,18 @@ def test_no_arguments_shows_help():
 @pytest.mark.parametrize("argv", [["--help"], ["search", "--help"], ["sweep", "--help"], ["archs"]])
 def test_help_starts_without_torch(argv):
     """`maskforge --help` (and `search --help`, `sweep --help`, `archs`) import neither torch nor torchvision."""
-    code = ("import sys\nfrom maskforge.cli import main\nsys.argv = ['maskforge', *sys.argv[1:]]\n"
-            "try:\n    main()\nexcept SystemExit as exc:\n    assert exc.code == 0, exc.code\n"
-            "print(sorted(m for m in ('torch', 'torchvision', 'onnx', 'onnxruntime') if m in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "COLUMNS": "200"})
+    code = (
+        "import sys\nfrom maskforge.cli import main\nsys.argv = ['maskforge', *sys.argv[1:]]\n"
+        "try:\n    main()\nexcept SystemExit as exc:\n    assert exc.code == 0, exc.code\n"
+        "print(sorted(m for m in ('torch', 'torchvision', 'onnx', 'onnxruntime') if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-500:]
 
@@ -135,8 +163,9 @@ def test_inspect_json_agrees_with_independent_computation(run_dir):
     assert summary["init"] == "signed_constant"
     assert summary["file_bytes"] == os.path.getsize(path)
     assert summary["masked_weights"] == masked
-    assert summary["kept_weights"] == sum(kept_count(layer.weight.numel(), 0.5)
-                                          for layer in masked_modules(model).values())
+    assert summary["kept_weights"] == sum(
+        kept_count(layer.weight.numel(), 0.5) for layer in masked_modules(model).values()
+    )
     assert math.isclose(summary["bits_per_weight"], 8 * os.path.getsize(path) / masked)
     assert summary["bits_per_weight"] < 1.2
     assert [layer["name"] for layer in summary["layers"]] == [f"{n}.weight" for n in masked_modules(model)]
@@ -201,19 +230,31 @@ def test_search_passes_only_the_options_given(monkeypatch, tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["search", "--k", "0"], "error: Invalid value for '--k': k is the fraction of weights kept, in (0, 1] "
-                             "(--k 0.3 keeps 30 % of every layer)"),
-    (["search", "--k", "1.5"], "error: Invalid value for '--k': k is the fraction of weights kept, in (0, 1] "
-                               "(--k 0.3 keeps 30 % of every layer)"),
-    (["search", "--batch-size", "0"], "error: --batch-size must be >= 1, got 0"),
-    (["search", "--arch", "vgg9000"], "error: unknown architecture 'vgg9000'; choose from: fc,"),
-    (["search", "--data", "/no/such/folder/anywhere"], "error: data source /no/such/folder/anywhere does not exist"),
-    (["search", "--epochs", "abc"], "error: Invalid value for '--epochs': "),
-    (["search", "--no-such-option"], "error: No such option: --no-such-option"),
-    (["inspect", "/no/such/artifact.safetensors"], "error: artifact /no/such/artifact.safetensors does not exist"),
-    (["frobnicate"], "error: No such command 'frobnicate'."),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (
+            ["search", "--k", "0"],
+            "error: Invalid value for '--k': k is the fraction of weights kept, in (0, 1] "
+            "(--k 0.3 keeps 30 % of every layer)",
+        ),
+        (
+            ["search", "--k", "1.5"],
+            "error: Invalid value for '--k': k is the fraction of weights kept, in (0, 1] "
+            "(--k 0.3 keeps 30 % of every layer)",
+        ),
+        (["search", "--batch-size", "0"], "error: --batch-size must be >= 1, got 0"),
+        (["search", "--arch", "vgg9000"], "error: unknown architecture 'vgg9000'; choose from: fc,"),
+        (
+            ["search", "--data", "/no/such/folder/anywhere"],
+            "error: data source /no/such/folder/anywhere does not exist",
+        ),
+        (["search", "--epochs", "abc"], "error: Invalid value for '--epochs': "),
+        (["search", "--no-such-option"], "error: No such option: --no-such-option"),
+        (["inspect", "/no/such/artifact.safetensors"], "error: artifact /no/such/artifact.safetensors does not exist"),
+        (["frobnicate"], "error: No such command 'frobnicate'."),
+    ],
+)
 def test_bad_input_is_one_error_line(args, needle, tmp_path):
     if args[0] == "search":
         args = args + ["--out", str(tmp_path / "run")]
@@ -224,8 +265,10 @@ def test_bad_input_is_one_error_line(args, needle, tmp_path):
 def test_inspect_of_a_file_that_is_not_an_artifact(tmp_path):
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"this is not a model" * 10)
-    assert _one_error_line(_invoke("inspect", str(junk))) == \
-        f"error: {junk} is not a maskforge artifact (not a safetensors file, or truncated)"
+    assert (
+        _one_error_line(_invoke("inspect", str(junk)))
+        == f"error: {junk} is not a maskforge artifact (not a safetensors file, or truncated)"
+    )
     assert _one_error_line(_invoke("inspect", str(tmp_path))) == f"error: {tmp_path} is a folder, not an artifact file"
 
 
@@ -234,8 +277,10 @@ def test_corrupted_artifact_is_one_error_line(run_dir, tmp_path):
     data[-1] ^= 0xFF  # last byte of the last tensor
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(bytes(data))
-    assert _one_error_line(_invoke("inspect", "--json", str(bad))) == \
-        f"error: {bad}: tensor mask/5.weight does not match its digest (corrupted)"
+    assert (
+        _one_error_line(_invoke("inspect", "--json", str(bad)))
+        == f"error: {bad}: tensor mask/5.weight does not match its digest (corrupted)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------

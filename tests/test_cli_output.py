@@ -21,21 +21,49 @@ from maskforge.cli import app
 
 def test_search_json_prints_the_summary(tmp_path):
     out = tmp_path / "run"
-    command = ["search", "--arch", "fc", "--epochs", "1", "--max-steps", "2", "--batch-size", "64", "--device", "cpu",
-               "--out", str(out), "--json", "-q"]
+    command = [
+        "search",
+        "--arch",
+        "fc",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "64",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        "--json",
+        "-q",
+    ]
     result = CliRunner().invoke(app, command)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)  # stdout holds the JSON document and nothing else
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     artifact = load_artifact(out / "artifact.safetensors")
     assert summary == {
-        "run_dir": str(out), "artifact": str(out / "artifact.safetensors"), "arch": "fc", "k": 0.5, "seed": 0,
-        "epochs": 1, "steps": 2, "heldout_acc": metrics[-1]["heldout_acc"], "heldout_loss": metrics[-1]["heldout_loss"],
-        "train_loss": metrics[-1]["train_loss"], "file_bytes": (out / "artifact.safetensors").stat().st_size,
+        "run_dir": str(out),
+        "artifact": str(out / "artifact.safetensors"),
+        "arch": "fc",
+        "k": 0.5,
+        "seed": 0,
+        "epochs": 1,
+        "steps": 2,
+        "heldout_acc": metrics[-1]["heldout_acc"],
+        "heldout_loss": metrics[-1]["heldout_loss"],
+        "train_loss": metrics[-1]["train_loss"],
+        "file_bytes": (out / "artifact.safetensors").stat().st_size,
         "bits_per_weight": 8 * (out / "artifact.safetensors").stat().st_size / artifact.masked_weights,
-        "metrics": str(out / "metrics.jsonl"), "already_done": False,
-        "next": [f"maskforge inspect {out / 'artifact.safetensors'}",
-                 f"maskforge export {out / 'artifact.safetensors'}", f"maskforge eval {out / 'artifact.onnx'}"]}
+        "metrics": str(out / "metrics.jsonl"),
+        "already_done": False,
+        "next": [
+            f"maskforge inspect {out / 'artifact.safetensors'}",
+            f"maskforge export {out / 'artifact.safetensors'}",
+            f"maskforge eval {out / 'artifact.onnx'}",
+        ],
+    }
     # The same command again (the README's set-up line run twice): already done, exit 0, nothing touched.
     files = {path: path.stat().st_mtime_ns for path in out.rglob("*")}
     again = CliRunner().invoke(app, command)
@@ -52,8 +80,28 @@ def test_the_suggested_commands_work_for_every_distribution(tmp_path):
     be regenerated in ONNX, so its default export is compact, under another name)."""
     runner = CliRunner()
     out = tmp_path / "run"
-    result = runner.invoke(app, ["search", "--arch", "fc", "--init", "kaiming_normal", "--epochs", "1", "--max-steps",
-                                 "2", "--batch-size", "64", "--device", "cpu", "--out", str(out), "--json", "-q"])
+    result = runner.invoke(
+        app,
+        [
+            "search",
+            "--arch",
+            "fc",
+            "--init",
+            "kaiming_normal",
+            "--epochs",
+            "1",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "64",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--json",
+            "-q",
+        ],
+    )
     assert result.exit_code == 0, result.output
     inspect_command, export_command, eval_command = json.loads(result.stdout)["next"]
     result = runner.invoke(app, export_command.split()[1:])
@@ -67,15 +115,26 @@ def test_plain_progress_writes_a_line_per_epoch_and_a_heartbeat(capsys):
     from maskforge.cli.progress import LineProgress
 
     lines = LineProgress(heartbeat=0.0)  # every step is "a long time" after the last line
-    step = SimpleNamespace(step=3, total_steps=10, epoch=1, epochs=2, train_loss=1.25, train_acc=0.5,
-                           images_per_s=1234.0)
+    step = SimpleNamespace(
+        step=3, total_steps=10, epoch=1, epochs=2, train_loss=1.25, train_acc=0.5, images_per_s=1234.0
+    )
     lines.on_step(step)
-    lines.on_epoch({"epoch": 1, "step": 5, "train_loss": 1.0, "train_acc": 0.5, "heldout_loss": 0.75,
-                    "heldout_acc": 0.625, "images_per_s": 2000.0})
+    lines.on_epoch(
+        {
+            "epoch": 1,
+            "step": 5,
+            "train_loss": 1.0,
+            "train_acc": 0.5,
+            "heldout_loss": 0.75,
+            "heldout_acc": 0.625,
+            "images_per_s": 2000.0,
+        }
+    )
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith("step 3/10 (epoch 1/2): loss 1.2500, acc 50.0%, 1,234 img/s, ETA ")
-    assert err[1].startswith("epoch 1/2: train loss 1.0000, acc 50.0%; held-out loss 0.7500, acc 62.50%; 2,000 img/s; "
-                             "step 5/10, ETA ")
+    assert err[1].startswith(
+        "epoch 1/2: train loss 1.0000, acc 50.0%; held-out loss 0.7500, acc 62.50%; 2,000 img/s; step 5/10, ETA "
+    )
 
 
 def test_debug_is_accepted_after_the_command(monkeypatch, tmp_path):
@@ -93,6 +152,7 @@ def test_version():
     expected = f"maskforge {importlib.metadata.version('maskforge')}\n"
     result = CliRunner().invoke(app, ["--version"])
     assert (result.exit_code, result.stdout) == (0, expected)
-    module = subprocess.run([sys.executable, "-m", "maskforge", "--version"], capture_output=True, text=True,
-                            timeout=60)
+    module = subprocess.run(
+        [sys.executable, "-m", "maskforge", "--version"], capture_output=True, text=True, timeout=60
+    )
     assert (module.returncode, module.stdout, module.stderr) == (0, expected, "")

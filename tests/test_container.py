@@ -18,7 +18,7 @@ from maskforge.errors import MaskforgeError
 def _header(data: bytes) -> dict:
     n = int.from_bytes(data[:8], "little")
     assert n % 8 == 0
-    return json.loads(data[8:8 + n])
+    return json.loads(data[8 : 8 + n])
 
 
 def test_write_then_read_round_trips_torch_and_numpy_tensors():
@@ -31,7 +31,8 @@ def test_write_then_read_round_trips_torch_and_numpy_tensors():
     # the seal, recomputed independently: SHA-256 of each tensor's bytes and of the canonical document
     assert stored["digests"]["tensors"] == {
         "a/x": hashlib.sha256(np.arange(6, dtype="<f4").tobytes()).hexdigest(),
-        "b": hashlib.sha256(bytes([1, 2, 255])).hexdigest()}
+        "b": hashlib.sha256(bytes([1, 2, 255])).hexdigest(),
+    }
     body = '{"format":"demo","loss":NaN}'
     assert stored["digests"]["document"] == hashlib.sha256(body.encode()).hexdigest()
     parsed = container.read(data, key="demo", label="demo file", kind="demo container", allow_nan=True)

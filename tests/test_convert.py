@@ -38,7 +38,7 @@ ZOO = [
     ("torchvision:VisionTransformer", VIT_ARGS, 1, 28),
 ]
 
-USER_MODULE = textwrap.dedent('''
+USER_MODULE = textwrap.dedent("""
     import torch.nn as nn
 
 
@@ -58,7 +58,7 @@ USER_MODULE = textwrap.dedent('''
 
     def build(in_channels, num_classes, width=8):
         return Net(in_channels, num_classes, width)
-''')
+""")
 
 
 def _write_user_module(folder, out_channels: int = 16, name: str = "usernet.py"):
@@ -76,8 +76,11 @@ def _expected_masked_weights(source: nn.Module) -> int:
     attention = [m for m in source.modules() if isinstance(m, nn.MultiheadAttention)]
     inside = {id(m.out_proj) for m in attention}
     total = sum(m.in_proj_weight.numel() + m.out_proj.weight.numel() for m in attention)
-    return total + sum(m.weight.numel() for m in source.modules()
-                       if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and id(m) not in inside)
+    return total + sum(
+        m.weight.numel()
+        for m in source.modules()
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and id(m) not in inside
+    )
 
 
 @pytest.mark.parametrize("reference,builder_args,channels,side", ZOO, ids=[z[0].split(":")[1] for z in ZOO])
@@ -126,8 +129,14 @@ def test_torchvision_resnet18_gives_the_builtin_weights_bit_for_bit():
 
 
 def test_vit_position_embedding_is_regenerated_from_the_seed():
-    model = archs.create_model("torchvision:VisionTransformer", in_channels=1, num_classes=10, image_size=(28, 28),
-                               seed=5, builder_args=VIT_ARGS)
+    model = archs.create_model(
+        "torchvision:VisionTransformer",
+        in_channels=1,
+        num_classes=10,
+        image_size=(28, 28),
+        seed=5,
+        builder_args=VIT_ARGS,
+    )
     name, shape = "encoder.pos_embedding", (1, 50, 64)
     # independent of regen.normal: the generator's blocks through its Gaussian, scaled in float64
     blocks = regen.raw_blocks(5, name, 50 * 64)
@@ -140,12 +149,27 @@ def test_vit_position_embedding_is_regenerated_from_the_seed():
 def _artifact(reference, builder_args, channels, side, seed=1):
     spec = load_data("mnist5k").spec
     assert (spec.channels, spec.height) == (channels, side)
-    model = archs.create_model(reference, in_channels=channels, num_classes=10, image_size=(side, side), k=0.5,
-                               seed=seed, builder_args=builder_args)
+    model = archs.create_model(
+        reference,
+        in_channels=channels,
+        num_classes=10,
+        image_size=(side, side),
+        k=0.5,
+        seed=seed,
+        builder_args=builder_args,
+    )
     perturb_like_search(model, seed, score_noise=0.1, bn_mean_scale=0.1, bn_var_floor=0.5)
-    return build_artifact(model.eval(), arch=reference, arch_args=_args(reference, builder_args, channels, side),
-                          spec=spec, seed=seed, init="signed_constant", scale_fan=False, k=0.5,
-                          provenance={"data": "mnist5k", "epochs": 0})
+    return build_artifact(
+        model.eval(),
+        arch=reference,
+        arch_args=_args(reference, builder_args, channels, side),
+        spec=spec,
+        seed=seed,
+        init="signed_constant",
+        scale_fan=False,
+        k=0.5,
+        provenance={"data": "mnist5k", "epochs": 0},
+    )
 
 
 def _logits(path, x):
@@ -153,10 +177,14 @@ def _logits(path, x):
     return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
-@pytest.mark.parametrize("reference,builder_args", [
-    ("torchvision:VisionTransformer", VIT_ARGS),
-    pytest.param("torchvision:mobilenet_v3_small", None, marks=pytest.mark.slow),   # about a minute
-    ("user", None)])
+@pytest.mark.parametrize(
+    "reference,builder_args",
+    [
+        ("torchvision:VisionTransformer", VIT_ARGS),
+        pytest.param("torchvision:mobilenet_v3_small", None, marks=pytest.mark.slow),  # about a minute
+        ("user", None),
+    ],
+)
 def test_artifact_materialize_export_and_verify(tmp_path, monkeypatch, reference, builder_args):
     from maskforge.export import export_onnx, export_torch, load_torch_export
     from maskforge.verify import verify_artifact, verify_onnx
@@ -228,11 +256,15 @@ def test_another_torchvision_version_with_the_same_structure_loads():
 
 def test_models_without_a_rule_are_refused_naming_the_parameter(tmp_path, monkeypatch):
     args = archs.arch_args(3, 10, (224, 224))
-    with pytest.raises(MaskforgeError, match=r"parameter features\.1\.0\.attn\.relative_position_bias_table "
-                                             r"\(ShiftedWindowAttention"):
+    with pytest.raises(
+        MaskforgeError,
+        match=r"parameter features\.1\.0\.attn\.relative_position_bias_table "
+        r"\(ShiftedWindowAttention",
+    ):
         archs.build_structure("torchvision:swin_t", args, 0.5)
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "odd.py").write_text(textwrap.dedent('''
+    (tmp_path / "odd.py").write_text(
+        textwrap.dedent("""
         import torch, torch.nn as nn
 
         class Scaled(nn.Module):
@@ -249,7 +281,8 @@ def test_models_without_a_rule_are_refused_naming_the_parameter(tmp_path, monkey
                 nn.Module.__init__(self)
                 self.fc = nn.Linear(784, num_classes)
                 self.register_buffer("gain", torch.arange(num_classes).float())
-    '''))
+    """)
+    )
     for name, what in (("Scaled", "parameter gain"), ("Buffered", "buffer gain")):
         convert.trust(f"odd.py:{name}")
         with pytest.raises(MaskforgeError, match=f"architecture odd.py:{name}: {what} "):
@@ -258,8 +291,11 @@ def test_models_without_a_rule_are_refused_naming_the_parameter(tmp_path, monkey
 
 def test_builders_that_do_not_fit_the_data_are_refused_in_one_line():
     with pytest.raises(MaskforgeError, match=r"torchvision:VisionTransformer cannot take 1x28x28 images: .*"):
-        archs.build_structure("torchvision:VisionTransformer", archs.arch_args(1, 10, (28, 28), builder_args={
-            **VIT_ARGS, "image_size": 32}), 0.5)
+        archs.build_structure(
+            "torchvision:VisionTransformer",
+            archs.arch_args(1, 10, (28, 28), builder_args={**VIT_ARGS, "image_size": 32}),
+            0.5,
+        )
     with pytest.raises(MaskforgeError, match="torchvision has no classification model 'nonet'"):
         archs.build_structure("torchvision:nonet", archs.arch_args(3, 10, (32, 32)), 0.5)
     with pytest.raises(MaskforgeError, match=r"refused its arguments .*depth"):
@@ -268,10 +304,12 @@ def test_builders_that_do_not_fit_the_data_are_refused_in_one_line():
 
 def test_search_config_arch_args_are_checked():
     assert SearchConfig(arch="torchvision:VisionTransformer", arch_args=json.dumps(VIT_ARGS)).builder_args() == VIT_ARGS
-    for arch, text, match in (("conv4", "{}", "not to the registered architecture conv4"),
-                              ("torchvision:resnet18", "[1]", "JSON object"),
-                              ("torchvision:resnet18", "{bad", "not JSON"),
-                              ("torchvision:resnet18", '{"weights": "DEFAULT"}', "weights is not accepted")):
+    for arch, text, match in (
+        ("conv4", "{}", "not to the registered architecture conv4"),
+        ("torchvision:resnet18", "[1]", "JSON object"),
+        ("torchvision:resnet18", "{bad", "not JSON"),
+        ("torchvision:resnet18", '{"weights": "DEFAULT"}', "weights is not accepted"),
+    ):
         with pytest.raises(MaskforgeError, match=match):
             SearchConfig(arch=arch, arch_args=text)
 
@@ -280,15 +318,23 @@ def test_a_builder_callable_searches_in_process(tmp_path):
     from maskforge.searches import search
 
     def tiny(num_classes):
-        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                             nn.Flatten(), nn.Linear(4, num_classes))
+        return nn.Sequential(
+            nn.Conv2d(3, 4, 3),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(4, num_classes),
+        )
 
     reference = convert.builder_reference(tiny, "tests.tiny:build")
     folder = tmp_path / "run"
     from helpers import write_image_folder
+
     data = write_image_folder(tmp_path / "images", 8, 4)
-    result = search(SearchConfig(arch=reference, data=str(data), max_steps=2, epochs=1, batch_size=8, out=str(folder),
-                                 device="cpu"))
+    result = search(
+        SearchConfig(arch=reference, data=str(data), max_steps=2, epochs=1, batch_size=8, out=str(folder), device="cpu")
+    )
     artifact = load_artifact(result.artifact_path)
     assert artifact.arch == "tests.tiny:build" and artifact.meta.arch.library.startswith("user code")
     assert (folder / "artifact.safetensors").exists()
@@ -298,8 +344,11 @@ def test_zoo_listing_counts_or_says_why(monkeypatch):
     monkeypatch.setattr(convert, "torchvision_builders", lambda: ["mobilenet_v3_small", "swin_t", "alexnet"])
     rows = {row["name"]: row for row in convert.zoo(3, 10, (32, 32))}
     source = convert.source_model("torchvision:mobilenet_v3_small", archs.arch_args(3, 10, (32, 32)))
-    assert rows["torchvision:mobilenet_v3_small"] == {"name": "torchvision:mobilenet_v3_small",
-                                                      "weights": _expected_masked_weights(source), "why": ""}
+    assert rows["torchvision:mobilenet_v3_small"] == {
+        "name": "torchvision:mobilenet_v3_small",
+        "weights": _expected_masked_weights(source),
+        "why": "",
+    }
     assert rows["torchvision:swin_t"]["weights"] is None
     assert "relative_position_bias_table" in rows["torchvision:swin_t"]["why"]
     assert rows["torchvision:alexnet"]["why"].startswith("cannot take 3x32x32 images")
@@ -309,20 +358,35 @@ def test_global_topk_and_a_sweep_grid_take_builder_references(tmp_path):
     from maskforge.layers import set_topk
     from maskforge.sweeps.grid import make_grid, options_from_text
 
-    model = archs.create_model("torchvision:VisionTransformer", in_channels=1, num_classes=10, image_size=(28, 28),
-                               k=0.3, seed=2, builder_args=VIT_ARGS)
+    model = archs.create_model(
+        "torchvision:VisionTransformer",
+        in_channels=1,
+        num_classes=10,
+        image_size=(28, 28),
+        k=0.3,
+        seed=2,
+        builder_args=VIT_ARGS,
+    )
     selector = set_topk(model, "global")
     perturb_like_search(model, 4, score_noise=0.1, bn_mean_scale=0.1, bn_var_floor=0.5)
-    artifact = build_artifact(model.eval(), arch="torchvision:VisionTransformer",
-                              arch_args=_args("torchvision:VisionTransformer", VIT_ARGS, 1, 28),
-                              spec=load_data("mnist5k").spec, seed=2, init="signed_constant", scale_fan=False, k=0.3,
-                              topk="global")
+    artifact = build_artifact(
+        model.eval(),
+        arch="torchvision:VisionTransformer",
+        arch_args=_args("torchvision:VisionTransformer", VIT_ARGS, 1, 28),
+        spec=load_data("mnist5k").spec,
+        seed=2,
+        init="signed_constant",
+        scale_fan=False,
+        k=0.3,
+        topk="global",
+    )
     loaded = artifact_from_bytes(artifact_bytes(artifact))
     assert loaded.topk == "global"
     for name, mask in zip(masked_modules(model), selector.masks()):
         assert torch.equal(loaded.masks[f"{name}.weight"], mask)
-    options = options_from_text({"arch": "torchvision:VisionTransformer", "arch_args": json.dumps(VIT_ARGS),
-                                 "k": "0.3,0.5"})
+    options = options_from_text(
+        {"arch": "torchvision:VisionTransformer", "arch_args": json.dumps(VIT_ARGS), "k": "0.3,0.5"}
+    )
     grid = make_grid(options, dense_baseline=True)
     points = grid.points(tmp_path)
     assert [p.kind for p in points] == ["search", "search", "dense"]

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 
 VIT = {"image_size": 28, "patch_size": 4, "num_layers": 2, "num_heads": 4, "hidden_dim": 64, "mlp_dim": 128}
 
-USER = textwrap.dedent('''
+USER = textwrap.dedent("""
     import torch.nn as nn
 
     def build(in_channels, num_classes, width=32):
@@ -36,18 +36,22 @@ USER = textwrap.dedent('''
             nn.Conv2d(width, width, 3, padding=1, groups=width), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(width, 2 * width, 1), nn.GroupNorm(4, 2 * width), nn.ReLU(), nn.MaxPool2d(2),
             nn.Flatten(), nn.LayerNorm(2 * width * 49), nn.Dropout(0.1), nn.Linear(2 * width * 49, num_classes))
-''')
+""")
 
 
 def _digits_folder(root, count=2000, side=32):
     """The first `count` demo images as PNG files in an image folder (train/ and val/, a folder per digit)."""
     train_x, train_y, test_x, test_y = demo_rows()
-    for split, x, y in (("train", train_x[:count], train_y[:count]), ("val", test_x[:count // 4], test_y[:count // 4])):
+    for split, x, y in (
+        ("train", train_x[:count], train_y[:count]),
+        ("val", test_x[: count // 4], test_y[: count // 4]),
+    ):
         for i, (image, label) in enumerate(zip(x, y)):
             folder = root / split / str(int(label))
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(np.asarray(image, np.uint8).reshape(28, 28)).convert("RGB").resize((side, side)).save(
-                folder / f"{i}.png")
+                folder / f"{i}.png"
+            )
     return root
 
 
@@ -56,7 +60,7 @@ def _search_and_ship(tmp_path, config: SearchConfig, min_acc: float, int8_known_
     assert result.heldout_acc >= min_acc, result.metrics[-1]
     artifact = result.artifact_path
     assert verify_artifact(artifact).ok
-    fp32 = export_onnx(artifact, tmp_path / "model.onnx")           # regen: parity checked against PyTorch
+    fp32 = export_onnx(artifact, tmp_path / "model.onnx")  # regen: parity checked against PyTorch
     assert fp32.storage == "regen" and fp32.max_abs_diff <= fp32.parity_tolerance
     assert verify_onnx(fp32.path, artifact).ok
     try:
@@ -75,26 +79,48 @@ def _search_and_ship(tmp_path, config: SearchConfig, min_acc: float, int8_known_
     return result
 
 
-@pytest.mark.parametrize("arch,builder_args,steps,min_acc", [
-    ("torchvision:mobilenet_v3_small", None, 200, 0.6),
-    ("torchvision:VisionTransformer", VIT, 600, 0.4),
-])
+@pytest.mark.parametrize(
+    "arch,builder_args,steps,min_acc",
+    [
+        ("torchvision:mobilenet_v3_small", None, 200, 0.6),
+        ("torchvision:VisionTransformer", VIT, 600, 0.4),
+    ],
+)
 def test_zoo_members_on_the_demo_set(tmp_path, arch, builder_args, steps, min_acc):
-    config = SearchConfig(arch=arch, arch_args=json.dumps(builder_args) if builder_args else None, k=0.5,
-                          max_steps=steps, epochs=100, device="cpu", out=str(tmp_path / "run"))
+    config = SearchConfig(
+        arch=arch,
+        arch_args=json.dumps(builder_args) if builder_args else None,
+        k=0.5,
+        max_steps=steps,
+        epochs=100,
+        device="cpu",
+        out=str(tmp_path / "run"),
+    )
     _search_and_ship(tmp_path, config, min_acc)
 
 
-@pytest.mark.parametrize("arch,steps,batch", [
-    ("torchvision:efficientnet_b0", 150, 64),
-    ("torchvision:densenet121", 150, 64),
-    ("torchvision:regnet_x_400mf", 150, 64),
-    ("torchvision:convnext_tiny", 150, 32),
-])
+@pytest.mark.parametrize(
+    "arch,steps,batch",
+    [
+        ("torchvision:efficientnet_b0", 150, 64),
+        ("torchvision:densenet121", 150, 64),
+        ("torchvision:regnet_x_400mf", 150, 64),
+        ("torchvision:convnext_tiny", 150, 32),
+    ],
+)
 def test_zoo_members_on_32_pixel_digits(tmp_path, arch, steps, batch):
     data = _digits_folder(tmp_path / "digits")
-    config = SearchConfig(arch=arch, data=str(data), k=0.5, max_steps=steps, epochs=100, batch_size=batch,
-                          lr=0.05, device="cpu", out=str(tmp_path / "run"))
+    config = SearchConfig(
+        arch=arch,
+        data=str(data),
+        k=0.5,
+        max_steps=steps,
+        epochs=100,
+        batch_size=batch,
+        lr=0.05,
+        device="cpu",
+        out=str(tmp_path / "run"),
+    )
     _search_and_ship(tmp_path, config, 0.3, int8_known_issue=True)
 
 
@@ -104,8 +130,15 @@ def test_user_module_searches_resumes_ships_and_refuses_an_edit(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     (tmp_path / "mynet.py").write_text(USER)
     out = tmp_path / "run"
-    config = SearchConfig(arch="mynet.py:build", arch_args='{"width": 16}', k=0.5, epochs=10, device="cpu",
-                          out=str(out), keep_checkpoint=True)
+    config = SearchConfig(
+        arch="mynet.py:build",
+        arch_args='{"width": 16}',
+        k=0.5,
+        epochs=10,
+        device="cpu",
+        out=str(out),
+        keep_checkpoint=True,
+    )
     result = _search_and_ship(tmp_path, config, 0.6)
     # a finished search extended by resume: the same builder, rebuilt from config.json and the checkpoint
     extended = resume(out, {"epochs": 11})
@@ -114,7 +147,10 @@ def test_user_module_searches_resumes_ships_and_refuses_an_edit(tmp_path, monkey
     assert artifact.meta.arch.library == "user code mynet.py"
     (tmp_path / "mynet.py").write_text(USER.replace("nn.Conv2d(width, 2 * width, 1)", "nn.Conv2d(width, 2 * width, 3)"))
     convert._file_modules.clear()
-    with pytest.raises(MaskforgeError, match=r"no longer builds the searched network \(entry \d+: recorded "
-                                             r"'7\.weight param 32x16x1x1 Conv2d', the code now gives "
-                                             r"'7\.weight param 32x16x3x3 Conv2d'\)"):
+    with pytest.raises(
+        MaskforgeError,
+        match=r"no longer builds the searched network \(entry \d+: recorded "
+        r"'7\.weight param 32x16x1x1 Conv2d', the code now gives "
+        r"'7\.weight param 32x16x3x3 Conv2d'\)",
+    ):
         load_artifact(result.artifact_path)

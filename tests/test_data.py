@@ -217,7 +217,7 @@ def test_augment_batch_is_deterministic_and_crops_shifted_flipped_windows():
     for b in range(len(x)):
         matches = [key for key, win in _windows(x[b].numpy(), 2) if np.array_equal(win, out[b].numpy())]
         assert matches, f"image {b} is not a window of its padded input"
-        (dy, dx, flipped), = matches  # pixels are >= 1, so padding makes every window unique
+        ((dy, dx, flipped),) = matches  # pixels are >= 1, so padding makes every window unique
         flips.add(flipped)
         shifted.add((dy, dx) != (2, 2))
     assert flips == {True, False} and shifted == {True, False}  # 48 draws see every case
@@ -238,8 +238,14 @@ def test_augment_without_padding_only_flips():
 def test_input_spec_round_trips_through_json_and_validates():
     spec = InputSpec(3, 32, 32, (0.49, 0.48, 0.45), (0.25, 0.24, 0.26), ("cat", "dog"))
     d = json.loads(json.dumps(spec.to_dict()))
-    assert d == {"channels": 3, "height": 32, "width": 32, "mean": [0.49, 0.48, 0.45],
-                 "std": [0.25, 0.24, 0.26], "class_names": ["cat", "dog"]}
+    assert d == {
+        "channels": 3,
+        "height": 32,
+        "width": 32,
+        "mean": [0.49, 0.48, 0.45],
+        "std": [0.25, 0.24, 0.26],
+        "class_names": ["cat", "dog"],
+    }
     assert InputSpec.from_dict(d) == spec and spec.num_classes == 2
     bad = [
         [],
@@ -276,8 +282,7 @@ def _write_cifar_python(folder: Path, per_batch: int = 3) -> dict:
     written = {}
     for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
         data, labels = _cifar_arrays(i, per_batch)
-        batch = {b"batch_label": name.encode(), b"labels": labels, b"data": data,
-                 b"filenames": [b"x.png"] * per_batch}
+        batch = {b"batch_label": name.encode(), b"labels": labels, b"data": data, b"filenames": [b"x.png"] * per_batch}
         (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
         written[name] = (data, labels)
     meta = {
@@ -342,7 +347,8 @@ def test_hostile_pickle_is_refused_without_running(tmp_path):
     (folder / "data_batch_3").write_bytes(pickle.dumps({b"data": _Evil(marker), b"labels": []}, protocol=2))
     assert _message(load_data, str(folder)) == (
         f"refusing to load {folder / 'data_batch_3'}: it references posix.system, which a CIFAR-10 batch never "
-        f"contains (the file may be malicious)")
+        f"contains (the file may be malicious)"
+    )
     assert not marker.exists()
 
 
@@ -350,8 +356,9 @@ def test_damaged_cifar_files_are_reported(tmp_path):
     folder = tmp_path / "cifar-10-batches-py"
     _write_cifar_python(folder)
     (folder / "data_batch_2").write_bytes(b"not a pickle at all")
-    assert _message(load_data, str(folder)) == (f"cannot read CIFAR-10 file {folder / 'data_batch_2'}: "
-                                                f"UnpicklingError: invalid load key, 'n'.")
+    assert _message(load_data, str(folder)) == (
+        f"cannot read CIFAR-10 file {folder / 'data_batch_2'}: UnpicklingError: invalid load key, 'n'."
+    )
     (folder / "data_batch_2").unlink()
     assert _message(load_data, str(folder)) == f"CIFAR-10 file {folder / 'data_batch_2'} is missing"
 
@@ -499,11 +506,15 @@ def test_image_folder_rgb_batches_through_dataloader(tmp_path):
     resumed = list(iterate_batches(splits.train, 4, shuffle=True, seed=1, epoch=0, start_batch=1))
     assert torch.equal(torch.cat([b[0] for b in resumed]), x[4:])
     # Three processes: the last global batch (1 image) leaves ranks 1 and 2 an empty, well-shaped batch.
-    shares = [list(iterate_batches(splits.train, 3 * 2, shuffle=True, seed=1, epoch=0, rank=r, world_size=3))
-              for r in range(3)]
+    shares = [
+        list(iterate_batches(splits.train, 3 * 2, shuffle=True, seed=1, epoch=0, rank=r, world_size=3))
+        for r in range(3)
+    ]
     assert [[len(y) for _, y in batches] for batches in shares] == [[2, 1], [2, 1], [2, 1]]
-    last = [list(iterate_batches(splits.train, 4, shuffle=True, seed=1, epoch=0, rank=r, world_size=3))[-1]
-            for r in range(3)]
+    last = [
+        list(iterate_batches(splits.train, 4, shuffle=True, seed=1, epoch=0, rank=r, world_size=3))[-1]
+        for r in range(3)
+    ]
     assert [tuple(x.shape) for x, _ in last] == [(1, 3, 8, 8), (0, 3, 8, 8), (0, 3, 8, 8)]
     assert torch.equal(last[0][0], x[8:])
 
@@ -527,10 +538,10 @@ def test_image_folder_resize_shorter_side_then_center_crop(tmp_path):
     # name: (height, width) of the file, (width, height) after resizing the shorter side to 16 (long side
     # truncated, as torchvision's Resize does), and the crop box's (left, top), rounded as torchvision does.
     cases = {
-        "wide.png": ((30, 50), (26, 16), (5, 0)),   # 16*50/30 = 26.7 -> 26; (26-16)/2 = 5
+        "wide.png": ((30, 50), (26, 16), (5, 0)),  # 16*50/30 = 26.7 -> 26; (26-16)/2 = 5
         "tall.png": ((47, 20), (16, 37), (0, 10)),  # 16*47/20 = 37.6 -> 37; round(10.5) = 10 (half to even)
         "square.png": ((20, 20), (16, 16), (0, 0)),
-        "exact.png": ((16, 16), None, (0, 0)),      # already 16 x 16: untouched
+        "exact.png": ((16, 16), None, (0, 0)),  # already 16 x 16: untouched
     }
     for name, ((h, w), _, _) in cases.items():
         _png(tmp_path / "train" / "a" / name, rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
@@ -567,35 +578,42 @@ def test_decompression_bomb_is_refused(tmp_path):
     _write_image_folder(tmp_path, rgb=False, per_class=1)
     # A hand-made PNG header claiming 20000 x 20000 pixels: refused before any pixel is decoded.
     ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)
-    chunk = lambda kind, body: (struct.pack(">I", len(body)) + kind + body  # noqa: E731
-                                + struct.pack(">I", zlib.crc32(kind + body)))
+    chunk = lambda kind, body: (
+        struct.pack(">I", len(body))
+        + kind
+        + body  # noqa: E731
+        + struct.pack(">I", zlib.crc32(kind + body))
+    )
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
     message = _message(lambda: ImageFileDataset([bomb], [0], channels=1, size=8)[0])
-    assert message.startswith(f"refusing to decode image {bomb}: Image size (400000000 pixels) exceeds limit"), \
-        message
+    assert message.startswith(f"refusing to decode image {bomb}: Image size (400000000 pixels) exceeds limit"), message
 
 
 def test_image_folder_structure_errors(tmp_path):
     _write_image_folder(tmp_path, rgb=False, per_class=1)
     (tmp_path / "val" / "unicorn").mkdir()
     _png(tmp_path / "val" / "unicorn" / "u.png", np.zeros((8, 8), np.uint8))
-    assert _message(load_data, str(tmp_path)) == (f"{tmp_path / 'val'} has class folder(s) ['unicorn'] that "
-                                                  f"{tmp_path / 'train'} lacks")
+    assert _message(load_data, str(tmp_path)) == (
+        f"{tmp_path / 'val'} has class folder(s) ['unicorn'] that {tmp_path / 'train'} lacks"
+    )
 
     other = tmp_path / "other"
     _write_image_folder(other, rgb=False, per_class=1)
     (other / "train" / "empty").mkdir()
-    assert _message(load_data, str(other)) == (f"class folder {other / 'train' / 'empty'} contains no images "
-                                               f"(.png, .jpg, .jpeg, .bmp, .webp, .ppm, .pgm)")
+    assert _message(load_data, str(other)) == (
+        f"class folder {other / 'train' / 'empty'} contains no images (.png, .jpg, .jpeg, .bmp, .webp, .ppm, .pgm)"
+    )
 
     no_val = tmp_path / "no_val"
     _png(no_val / "train" / "a" / "x.png", np.zeros((8, 8), np.uint8))
-    assert _message(load_data, str(no_val)) == (f"image folder {no_val} has train/ but no val/ or test/ folder "
-                                                f"(held-out split)")
+    assert _message(load_data, str(no_val)) == (
+        f"image folder {no_val} has train/ but no val/ or test/ folder (held-out split)"
+    )
     (no_val / "test" / "a").mkdir(parents=True)  # held-out folder without images
-    assert _message(load_data, str(no_val)) == (f"held-out folder {no_val / 'test'} contains no images "
-                                                f"(.png, .jpg, .jpeg, .bmp, .webp, .ppm, .pgm)")
+    assert _message(load_data, str(no_val)) == (
+        f"held-out folder {no_val / 'test'} contains no images (.png, .jpg, .jpeg, .bmp, .webp, .ppm, .pgm)"
+    )
     _png(no_val / "test" / "a" / "y.png", np.zeros((8, 8), np.uint8))
     assert len(load_data(str(no_val)).heldout) == 1
 
@@ -608,19 +626,23 @@ def test_image_folder_structure_errors(tmp_path):
 def test_bad_sources_are_clear_errors(tmp_path):
     from maskforge.data import ACCEPTED_SOURCES
 
-    assert ACCEPTED_SOURCES.startswith("expected one of: 'mnist5k' (the built-in demo set); 'fashion-mnist' "
-                                       "(Debian's dataset-fashion-mnist or $MASKFORGE_DATA); a CIFAR-10 folder")
-    assert _message(load_data, str(tmp_path / "nowhere")) == \
-        f"data source {tmp_path / 'nowhere'} does not exist; {ACCEPTED_SOURCES}"
+    assert ACCEPTED_SOURCES.startswith(
+        "expected one of: 'mnist5k' (the built-in demo set); 'fashion-mnist' "
+        "(Debian's dataset-fashion-mnist or $MASKFORGE_DATA); a CIFAR-10 folder"
+    )
+    assert (
+        _message(load_data, str(tmp_path / "nowhere"))
+        == f"data source {tmp_path / 'nowhere'} does not exist; {ACCEPTED_SOURCES}"
+    )
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
     assert _message(load_data, str(a_file)) == f"data source {a_file} is not a folder; {ACCEPTED_SOURCES}"
     empty = tmp_path / "empty_dir"
     empty.mkdir()
-    assert _message(load_data, str(empty)) == \
-        f"data source {empty} is not a recognized data folder; {ACCEPTED_SOURCES}"
+    assert _message(load_data, str(empty)) == f"data source {empty} is not a recognized data folder; {ACCEPTED_SOURCES}"
     assert _message(load_data, "mnist5k", image_size=32) == (
-        "image size 32 does not apply to mnist5k: its images are 28x28 (only image folders are resized)")
+        "image size 32 does not apply to mnist5k: its images are 28x28 (only image folders are resized)"
+    )
     assert _message(load_data, "mnist5k", image_size=0) == "image size must be a positive integer, got 0"
 
 
@@ -629,7 +651,7 @@ def test_bad_sources_are_clear_errors(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("seed", [2 ** 45, 2 ** 63 - 1])
+@pytest.mark.parametrize("seed", [2**45, 2**63 - 1])
 def test_large_seeds_order_the_data(seed):
     ds = _indexed_dataset(30)
     order = _labels_of(iterate_batches(ds, 8, shuffle=True, seed=seed, epoch=4))
@@ -637,8 +659,10 @@ def test_large_seeds_order_the_data(seed):
     assert order == _labels_of(iterate_batches(ds, 8, shuffle=True, seed=seed, epoch=4))
 
 
-@pytest.mark.parametrize("n,batch_size,world_size", [(50, 12, 1), (50, 12, 2), (50, 12, 3), (50, 12, 4),
-                                                     (49, 12, 3), (10, 12, 3), (4000, 128, 2), (2, 12, 3)])
+@pytest.mark.parametrize(
+    "n,batch_size,world_size",
+    [(50, 12, 1), (50, 12, 2), (50, 12, 3), (50, 12, 4), (49, 12, 3), (10, 12, 3), (4000, 128, 2), (2, 12, 3)],
+)
 def test_global_batches_split_over_ranks(n, batch_size, world_size):
     """`batch_size` is the global batch: step s of N processes holds exactly step s of one process, and
     every example comes once per epoch, the last partial batch included (it may leave a rank empty)."""
@@ -647,10 +671,11 @@ def test_global_batches_split_over_ranks(n, batch_size, world_size):
     single = [_labels_of([batch]) for batch in iterate_batches(ds, batch_size, **kw)]
     assert [len(b) for b in single] == [batch_size] * (n // batch_size) + ([n % batch_size] if n % batch_size else [])
     assert sorted(v for b in single for v in b) == list(range(n))
-    per_rank = [[_labels_of([batch]) for batch in iterate_batches(ds, batch_size, rank=r, world_size=world_size,
-                                                                  **kw)] for r in range(world_size)]
-    assert {len(batches) for batches in per_rank} == {len(single)} == \
-        {num_batches(n, batch_size)}
+    per_rank = [
+        [_labels_of([batch]) for batch in iterate_batches(ds, batch_size, rank=r, world_size=world_size, **kw)]
+        for r in range(world_size)
+    ]
+    assert {len(batches) for batches in per_rank} == {len(single)} == {num_batches(n, batch_size)}
     for step, expected in enumerate(single):
         shares = [per_rank[r][step] for r in range(world_size)]
         assert sorted(v for share in shares for v in share) == sorted(expected), step

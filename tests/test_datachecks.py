@@ -57,8 +57,11 @@ def test_the_demo_set_is_recorded_by_name_and_pixel_digest(tmp_path):
     result = search(SearchConfig(**COMMON, out=str(tmp_path / "run")))
     _, _, images, labels = demo_rows()
     digest = hashlib.sha256(b"maskforge/heldout/v1\x00" + json.dumps([str(d) for d in range(10)]).encode() + b"\x00")
-    digest.update(b"pixels [1000, 1, 28, 28]\x00" + np.ascontiguousarray(images, np.uint8).tobytes()
-                  + labels.astype("<i8").tobytes())
+    digest.update(
+        b"pixels [1000, 1, 28, 28]\x00"
+        + np.ascontiguousarray(images, np.uint8).tobytes()
+        + labels.astype("<i8").tobytes()
+    )
     provenance = result.artifact.document["provenance"]
     assert (provenance["data"], provenance["heldout_digest"]) == ("mnist5k", digest.hexdigest())
 
@@ -80,8 +83,10 @@ def test_eval_from_another_folder_finds_the_data_and_warns_when_it_changed(tmp_p
         load_matching_data(open_model(artifact), None)
     now = _folder_fingerprint(tmp_path / "images", "val", ["dark", "light"])
     [warning] = _messages(caplog, logging.WARNING)
-    assert warning.startswith(f"the held-out data of {tmp_path / 'images'} differ from those the model was searched "
-                              f"with ({tmp_path / 'images'}; held-out digest ")
+    assert warning.startswith(
+        f"the held-out data of {tmp_path / 'images'} differ from those the model was searched "
+        f"with ({tmp_path / 'images'}; held-out digest "
+    )
     assert warning.endswith(f"now {now[:12]}...): its accuracy here is not comparable with the search's")
 
 
@@ -94,14 +99,17 @@ def test_image_folder_notices_and_warnings(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="maskforge"):
         search(SearchConfig(**COMMON, data=str(root), k=0.01, out=str(tmp_path / "run")))
     infos, warnings = _messages(caplog, logging.INFO), _messages(caplog, logging.WARNING)
-    assert infos[0] == (f"image folder {root}: images are decoded at 8x8 RGB, the size of its first training image "
-                        f"0.png (8x8; images of at most 64 px keep their size); set image_size to choose another")
+    assert infos[0] == (
+        f"image folder {root}: images are decoded at 8x8 RGB, the size of its first training image "
+        f"0.png (8x8; images of at most 64 px keep their size); set image_size to choose another"
+    )
     # fc on 3x8x8 images, 3 classes: 192x300, 300x100, 100x3; k = 0.01 keeps 3 of the last layer's 300
     assert warnings == [
         f"the held-out split of {root} has no images of class(es) mid that training has: their accuracy is not "
         f"measured",
         "k 0.01 keeps fewer than 5 weights in 1 layer(s) (5 keeps 3 of 300): such a layer can pass almost nothing "
-        "on; a larger k keeps more"]
+        "on; a larger k keeps more",
+    ]
 
 
 def test_heldout_classes_never_seen_in_training(tmp_path, caplog):
@@ -114,7 +122,8 @@ def test_heldout_classes_never_seen_in_training(tmp_path, caplog):
         search(SearchConfig(**COMMON, data=str(data), out=str(tmp_path / "run")))
     assert _messages(caplog, logging.WARNING) == [
         f"the held-out split of {data} has class(es) {', '.join(map(str, unseen))} that never occur in training "
-        f"({share:.0%} of its images): the search cannot learn them"]
+        f"({share:.0%} of its images): the search cannot learn them"
+    ]
 
 
 def test_a_large_network_on_the_cpu_is_said_once_with_what_to_do(tmp_path, caplog, monkeypatch):
@@ -123,24 +132,37 @@ def test_a_large_network_on_the_cpu_is_said_once_with_what_to_do(tmp_path, caplo
         search(SearchConfig(**COMMON, out=str(tmp_path / "large")))
     assert _messages(caplog, logging.WARNING) == [
         "fc has 0.3 M weights and runs on the CPU, where a search of it is slow (hours per epoch on large data): use "
-        "a GPU (--device cuda), bound the search with --max-steps, or search a smaller --arch (see `maskforge archs`)"]
+        "a GPU (--device cuda), bound the search with --max-steps, or search a smaller --arch (see `maskforge archs`)"
+    ]
     caplog.clear()
     # not large, but long: said once, after the estimate of the first steps
-    monkeypatch.setattr(notices, "LARGE_ON_CPU", 10 ** 9)
+    monkeypatch.setattr(notices, "LARGE_ON_CPU", 10**9)
     monkeypatch.setattr(notices, "LONG_ON_CPU_SECONDS", 0.0)
     with caplog.at_level(logging.INFO, logger="maskforge"):
         search(SearchConfig(**{**COMMON, "max_steps": None, "batch_size": 500}, out=str(tmp_path / "long")))
     [estimate] = [m for m in _messages(caplog, logging.INFO) if m.startswith("estimated time")]
     # 8 steps; the first is not timed, the next 2 are: estimated after step 3, for the 5 that remain
-    assert re.fullmatch(r"estimated time: about \d+ s for the remaining 5 steps \(\S+ s per step on cpu, held-out "
-                        r"evaluations included\)", estimate), estimate
+    assert re.fullmatch(
+        r"estimated time: about \d+ s for the remaining 5 steps \(\S+ s per step on cpu, held-out "
+        r"evaluations included\)",
+        estimate,
+    ), estimate
     [warning] = _messages(caplog, logging.WARNING)
     assert warning.startswith("this search would take about ") and warning.endswith(
         " on the CPU: use a GPU (--device cuda), bound the search with --max-steps, or search a smaller --arch (see "
-        "`maskforge archs`)")
+        "`maskforge archs`)"
+    )
 
 
-@pytest.mark.parametrize("seconds,text", [(0.4, "0 s"), (59.6, "1 min 00 s"), (3599, "59 min 59 s"),
-                                          (3600 * 5 + 61, "5 h 01 min"), (86400 * 3 + 3600 * 4, "3 d 04 h")])
+@pytest.mark.parametrize(
+    "seconds,text",
+    [
+        (0.4, "0 s"),
+        (59.6, "1 min 00 s"),
+        (3599, "59 min 59 s"),
+        (3600 * 5 + 61, "5 h 01 min"),
+        (86400 * 3 + 3600 * 4, "3 d 04 h"),
+    ],
+)
 def test_durations_read_as_people_write_them(seconds, text):
     assert notices.format_duration(seconds) == text

@@ -17,14 +17,17 @@ from maskforge.layers import masked_modules
 from maskforge.searches import SearchConfig
 
 
-@pytest.mark.parametrize("arch,args", [("conv4", arch_args(3, 5, (16, 12), 0.5)), ("resnet18", arch_args(3, 4, (16, 16)))])
+@pytest.mark.parametrize(
+    "arch,args", [("conv4", arch_args(3, 5, (16, 12), 0.5)), ("resnet18", arch_args(3, 4, (16, 16)))]
+)
 def test_dense_model_is_the_search_network_with_every_weight_trainable(arch, args):
     with torch.device("meta"):
         masked = build_structure(arch, args, 0.5)
     dense = dense_model(arch, args, seed=3)
     masked_shapes = [(name, tuple(layer.weight.shape)) for name, layer in masked_modules(masked).items()]
-    dense_shapes = [(name, tuple(m.weight.shape)) for name, m in dense.named_modules()
-                    if isinstance(m, (nn.Conv2d, nn.Linear))]
+    dense_shapes = [
+        (name, tuple(m.weight.shape)) for name, m in dense.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
     assert dense_shapes == masked_shapes
     assert all(m.bias is None for m in dense.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
     params = dict(dense.named_parameters())
@@ -37,8 +40,9 @@ def test_dense_model_is_the_search_network_with_every_weight_trainable(arch, arg
 
 
 def test_dense_training_learns_reproducibly_and_reports_the_true_accuracy(tmp_path):
-    config = DenseConfig(arch="fc", epochs=1, max_steps=20, batch_size=64, seed=5, device="cpu",
-                         out=str(tmp_path / "dense"))
+    config = DenseConfig(
+        arch="fc", epochs=1, max_steps=20, batch_size=64, seed=5, device="cpu", out=str(tmp_path / "dense")
+    )
     result = train_dense(config)
     splits = load_data("mnist5k")
     images = torch.stack([splits.heldout[i][0] for i in range(len(splits.heldout))])
@@ -56,11 +60,18 @@ def test_dense_training_learns_reproducibly_and_reports_the_true_accuracy(tmp_pa
 
 
 def test_dense_config_of_a_search_shares_its_data_schedule_and_seed():
-    search = SearchConfig(arch="conv2", k=0.3, width=2.0, epochs=3, batch_size=32, seed=7, lr=0.2,
-                          label_smoothing=0.0, out="x")
+    search = SearchConfig(
+        arch="conv2", k=0.3, width=2.0, epochs=3, batch_size=32, seed=7, lr=0.2, label_smoothing=0.0, out="x"
+    )
     dense = DenseConfig.like(search, out="y")
-    assert (dense.arch, dense.width, dense.epochs, dense.batch_size, dense.seed, dense.label_smoothing) == \
-        ("conv2", 2.0, 3, 32, 7, 0.0)
+    assert (dense.arch, dense.width, dense.epochs, dense.batch_size, dense.seed, dense.label_smoothing) == (
+        "conv2",
+        2.0,
+        3,
+        32,
+        7,
+        0.0,
+    )
     assert (dense.optimizer, dense.lr, dense.weight_decay, dense.out) == ("adam", 1e-3, 0.0, "y")
 
 

@@ -33,8 +33,10 @@ from maskforge.distributed import World, detect
 from maskforge.errors import MaskforgeError
 from maskforge.searches import TIMING_FIELDS, SearchConfig, search
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="torch.distributed with gloo is not available",
+)
 
 RUN_FILES = ["artifact.safetensors", "checkpoint.safetensors", "config.json", "metrics.csv", "metrics.jsonl"]
 
@@ -43,7 +45,7 @@ RUN_FILES = ["artifact.safetensors", "checkpoint.safetensors", "config.json", "m
 # With FAULTS (JSON: {"<restart count>": {"rank": r, "at": n, "signal": "SIGTERM"|"SIGKILL"}}), the rank
 # sends itself the signal at its n-th training forward of that torchrun attempt; a search stopped by a
 # signal reports its step to SPY_DIR/attempt<a>-rank<r>.json.
-_LAUNCHER = textwrap.dedent('''
+_LAUNCHER = textwrap.dedent("""
     import hashlib, importlib, json, os, signal, sys
     import torch.nn as nn
     from maskforge import archs
@@ -93,7 +95,7 @@ _LAUNCHER = textwrap.dedent('''
     from maskforge.cli import main
     sys.argv = ["maskforge"] + sys.argv[1:]
     main()
-''')
+""")
 
 
 def _torchrun(*args: str, nproc: int = 2) -> list[str]:
@@ -161,8 +163,20 @@ def test_detect_reads_torchrun_variables():
 
 # 1,001 training images at a global batch of 200: 5 full steps and a last one of a single image, which
 # rank 0 takes while rank 1 steps with an empty batch; two epochs.
-DDP_ARGS = ["--arch", "_spy_fc", "--k", "0.5", "--epochs", "2", "--batch-size", "200", "--device", "cpu",
-            "--keep-checkpoint", "-q"]
+DDP_ARGS = [
+    "--arch",
+    "_spy_fc",
+    "--k",
+    "0.5",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "200",
+    "--device",
+    "cpu",
+    "--keep-checkpoint",
+    "-q",
+]
 
 
 class DdpRun:
@@ -173,9 +187,14 @@ class DdpRun:
         self.spies.mkdir()
         self.data = str(write_mnist_folder(root / "data", 1001, 500))
         self.launcher = _launcher(root)
-        self.proc = subprocess.Popen(_torchrun(self.launcher, "search", *DDP_ARGS, "--data", self.data, "--out",
-                                               str(self.out)), env=_env(self.spies), stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, start_new_session=True)
+        self.proc = subprocess.Popen(
+            _torchrun(self.launcher, "search", *DDP_ARGS, "--data", self.data, "--out", str(self.out)),
+            env=_env(self.spies),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         self._output = None
 
     def wait(self) -> tuple[str, str]:
@@ -198,8 +217,11 @@ def test_torchrun_two_processes_on_cpu(tmp_path, ddp_run):
     data, out, spies = ddp_run.data, ddp_run.out, ddp_run.spies
     # Meanwhile, the same search in one process (this one): the oracle.
     with spy_arch("fc") as spy:  # registers "_spy_fc" here too, so its artifacts load
-        single = search(SearchConfig(arch=spy.name, k=0.5, data=data, epochs=2, batch_size=200, device="cpu",
-                                     out=str(tmp_path / "single")))
+        single = search(
+            SearchConfig(
+                arch=spy.name, k=0.5, data=data, epochs=2, batch_size=200, device="cpu", out=str(tmp_path / "single")
+            )
+        )
         stdout, stderr = ddp_run.wait()
         artifact = load_artifact(out / "artifact.safetensors")  # fully validated
 
@@ -211,8 +233,9 @@ def test_torchrun_two_processes_on_cpu(tmp_path, ddp_run):
     assert [report["mask_digest"] for report in reports] == [_mask_digest(artifact)] * 2
 
     # Step s of the two processes trained on exactly the examples of step s of one process.
-    single_steps = [Counter(hashlib.sha256(row.numpy().tobytes()).hexdigest() for row in x.flatten(1))
-                    for x in spy.trained]
+    single_steps = [
+        Counter(hashlib.sha256(row.numpy().tobytes()).hexdigest() for row in x.flatten(1)) for x in spy.trained
+    ]
     assert [len(step) for step in reports[0]["trained"]] == ([100] * 5 + [1]) * 2
     assert [len(step) for step in reports[1]["trained"]] == ([100] * 5 + [0]) * 2
     assert len(single_steps) == 12
@@ -240,11 +263,33 @@ def test_elastic_restarts_after_sigterm_on_one_rank_and_a_killed_worker(tmp_path
     spies.mkdir()
     faults = {"0": {"rank": 1, "at": 3, "signal": "SIGTERM"}, "1": {"rank": 1, "at": 4, "signal": "SIGKILL"}}
     out = tmp_path / "elastic"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "--max-restarts", "2", ddp_run.launcher, "search", *DDP_ARGS, "--data", ddp_run.data,
-               "--checkpoint-every", "2", "--out", str(out)]
-    proc = subprocess.Popen(command, env={**_env(spies), "FAULTS": json.dumps(faults)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "--max-restarts",
+        "2",
+        ddp_run.launcher,
+        "search",
+        *DDP_ARGS,
+        "--data",
+        ddp_run.data,
+        "--checkpoint-every",
+        "2",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        command,
+        env={**_env(spies), "FAULTS": json.dumps(faults)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         _, stderr = proc.communicate(timeout=300)
     finally:
@@ -253,15 +298,18 @@ def test_elastic_restarts_after_sigterm_on_one_rank_and_a_killed_worker(tmp_path
             proc.wait()
     assert proc.returncode == 0, stderr[-3000:]
     # attempt 0: the same step on both ranks, one after the signal (the agreement is read one poll later)
-    assert [json.loads((spies / f"attempt0-rank{rank}.json").read_text()) for rank in (0, 1)] == \
-        [{"signal": "SIGTERM", "step": 4}] * 2
+    assert [json.loads((spies / f"attempt0-rank{rank}.json").read_text()) for rank in (0, 1)] == [
+        {"signal": "SIGTERM", "step": 4}
+    ] * 2
     assert not list(spies.glob("attempt1-*"))  # SIGKILL: no goodbye
     ddp_run.wait()
     assert (out / "artifact.safetensors").read_bytes() == (ddp_run.out / "artifact.safetensors").read_bytes()
 
     def metrics(folder):
-        return [{k: v for k, v in json.loads(line).items() if k not in TIMING_FIELDS}
-                for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        return [
+            {k: v for k, v in json.loads(line).items() if k not in TIMING_FIELDS}
+            for line in (folder / "metrics.jsonl").read_text().splitlines()
+        ]
 
     assert metrics(out) == metrics(ddp_run.out)
 
@@ -277,21 +325,47 @@ def test_torchrun_batchnorm_kill_and_resume_is_exact(tmp_path):
     data = write_image_folder(tmp_path / "images", 64)
     extra = sorted((data / "train" / "dark").iterdir())[0]
     (data / "train" / "dark" / "extra.png").write_bytes(extra.read_bytes())  # 129 images: a last batch of 1
-    args = ["search", "--arch", "_test_bn", "--k", "0.4", "--data", str(data), "--epochs", "3",
-            "--batch-size", "16", "--workers", "0", "--device", "cpu", "-q"]
+    args = [
+        "search",
+        "--arch",
+        "_test_bn",
+        "--k",
+        "0.4",
+        "--data",
+        str(data),
+        "--epochs",
+        "3",
+        "--batch-size",
+        "16",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "-q",
+    ]
     reference, killed, spies = tmp_path / "reference", tmp_path / "killed", tmp_path / "spies"
     spies.mkdir()
-    done = subprocess.run(_torchrun(launcher, *args, "--out", str(reference)), env=_env(spies),
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        _torchrun(launcher, *args, "--out", str(reference)),
+        env=_env(spies),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     # Batch-norm statistics and masks agree on both ranks.
     reports = _reports(spies)
     assert reports[0]["bn"] and reports[0]["bn"] == reports[1]["bn"]
     assert reports[0]["mask_digest"] == reports[1]["mask_digest"]
 
-    victim = subprocess.Popen(_torchrun(launcher, *args, "--checkpoint-every", "1", "--out", str(killed)),
-                              env=_env(spies), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True)
+    victim = subprocess.Popen(
+        _torchrun(launcher, *args, "--checkpoint-every", "1", "--out", str(killed)),
+        env=_env(spies),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 300
     try:
         while time.monotonic() < deadline and victim.poll() is None:
@@ -309,13 +383,20 @@ def test_torchrun_batchnorm_kill_and_resume_is_exact(tmp_path):
     position = load_checkpoint(killed / CHECKPOINT_NAME).position
     assert 9 < position["step"] < position["total_steps"]
 
-    resumed = subprocess.run(_torchrun(launcher, "search", "--resume", str(killed), "-q"), env=_env(spies),
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        _torchrun(launcher, "search", "--resume", str(killed), "-q"),
+        env=_env(spies),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (killed / "artifact.safetensors").read_bytes() == (reference / "artifact.safetensors").read_bytes()
 
     def metrics(folder):
-        return [{k: v for k, v in json.loads(line).items() if k not in TIMING_FIELDS}
-                for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        return [
+            {k: v for k, v in json.loads(line).items() if k not in TIMING_FIELDS}
+            for line in (folder / "metrics.jsonl").read_text().splitlines()
+        ]
 
     assert metrics(killed) == metrics(reference)

@@ -24,22 +24,28 @@ pytestmark = pytest.mark.slow
 def test_search_export_eval_on_the_demo_data(tmp_path, arch, epochs, target):
     runner = CliRunner()
     out = tmp_path / arch
-    result = runner.invoke(app, ["search", "--arch", arch, "--k", "0.5", "--epochs", str(epochs),
-                                 "--out", str(out), "--quiet"])
+    result = runner.invoke(
+        app, ["search", "--arch", arch, "--k", "0.5", "--epochs", str(epochs), "--out", str(out), "--quiet"]
+    )
     assert result.exit_code == 0, result.output
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     heldout = metrics[-1]["heldout_acc"]
     assert heldout >= target, f"{arch}: held-out accuracy {heldout:.4f} below the target {target}"
 
     reports = {}
-    for mode, options in (("regen", []), ("compact", ["--storage", "compact"]), ("dense", ["--storage", "dense"]),
-                          ("int8", ["--precision", "int8"])):
+    for mode, options in (
+        ("regen", []),
+        ("compact", ["--storage", "compact"]),
+        ("dense", ["--storage", "dense"]),
+        ("int8", ["--precision", "int8"]),
+    ):
         onnx_path = out / f"{arch}.{mode}.onnx"
         result = runner.invoke(app, ["export", str(out / "artifact.safetensors"), *options, "--out", str(onnx_path)])
         assert result.exit_code == 0, result.output
         report_path = out / f"{mode}.json"
-        result = runner.invoke(app, ["eval", str(onnx_path), "--reference", str(out / "artifact.safetensors"),
-                                     "--json", str(report_path)])
+        result = runner.invoke(
+            app, ["eval", str(onnx_path), "--reference", str(out / "artifact.safetensors"), "--json", str(report_path)]
+        )
         assert result.exit_code == 0, result.output
         reports[mode] = json.loads(report_path.read_text())
     # onnxruntime classifies exactly as the search's held-out evaluation did, in every float32 storage
@@ -55,5 +61,8 @@ def test_search_export_eval_on_the_demo_data(tmp_path, arch, epochs, target):
     result = runner.invoke(app, ["eval", str(out / "artifact.safetensors"), "--json", str(out / "art.json")])
     assert result.exit_code == 0, result.output
     artifact_report = json.loads((out / "art.json").read_text())
-    assert (artifact_report["agreement"]["reference_correct"] == artifact_report["accuracy"]["correct"]
-            == round(heldout * 1000))
+    assert (
+        artifact_report["agreement"]["reference_correct"]
+        == artifact_report["accuracy"]["correct"]
+        == round(heldout * 1000)
+    )

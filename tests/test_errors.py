@@ -52,28 +52,37 @@ _TABLE: list[tuple[str, str, int, str]] = []
 
 def _artifact(path: Path, channels: int = 1, classes: int = 3, size: int = 8, seed: int = 3) -> Path:
     args = arch_args(channels, classes, (size, size))
-    spec = InputSpec(channels, size, size, (0.5,) * channels, (0.25,) * channels,
-                     tuple(str(i) for i in range(classes)))
+    spec = InputSpec(channels, size, size, (0.5,) * channels, (0.25,) * channels, tuple(str(i) for i in range(classes)))
     model = create_model("fc", **args, k=0.5, seed=seed)
-    artifact = build_artifact(model, arch="fc", arch_args=args, spec=spec, seed=seed, init="signed_constant",
-                              scale_fan=False, k=0.5, provenance={"data": "mnist5k"})
+    artifact = build_artifact(
+        model,
+        arch="fc",
+        arch_args=args,
+        spec=spec,
+        seed=seed,
+        init="signed_constant",
+        scale_fan=False,
+        k=0.5,
+        provenance={"data": "mnist5k"},
+    )
     return save_artifact(artifact, path)
 
 
 def _rewrite_document(source: Path, dest: Path, edit: Callable[[dict], None], *, redigest: bool = True) -> Path:
     data = source.read_bytes()
     n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     document = json.loads(header["__metadata__"]["maskforge"])
     edit(document)
     if redigest:
         body = {k: v for k, v in document.items() if k != "digests"}
         document["digests"]["document"] = hashlib.sha256(
-            json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+            json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+        ).hexdigest()
     header["__metadata__"]["maskforge"] = json.dumps(document, sort_keys=True, separators=(",", ":"))
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
-    dest.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
+    dest.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n :])
     return dest
 
 
@@ -122,12 +131,11 @@ def files(tmp_path_factory) -> Files:
     corrupted[-3] ^= 0x10
     p["corrupted"] = root / "corrupted.safetensors"
     p["corrupted"].write_bytes(bytes(corrupted))
-    p["newer"] = _rewrite_document(p["good"], root / "newer.safetensors",
-                                   lambda d: d.__setitem__("format_version", 99))
+    p["newer"] = _rewrite_document(p["good"], root / "newer.safetensors", lambda d: d.__setitem__("format_version", 99))
     first_layer = "1.weight"
     p["weights_tampered"] = _rewrite_document(
-        p["good"], root / "weights.safetensors",
-        lambda d: d["digests"]["weights"].__setitem__(first_layer, "0" * 64))
+        p["good"], root / "weights.safetensors", lambda d: d["digests"]["weights"].__setitem__(first_layer, "0" * 64)
+    )
     p["bad_k"] = _rewrite_document(p["good"], root / "k.safetensors", lambda d: d.__setitem__("k", 0.0))
     p["fake_onnx"] = root / "fake.onnx"
     p["fake_onnx"].write_bytes(b"\x08\x07garbage that protobuf cannot parse \xff\xff\xff")
@@ -135,8 +143,9 @@ def files(tmp_path_factory) -> Files:
     (p["empty_data"] / "train" / "cat").mkdir(parents=True)
     (p["empty_data"] / "val" / "cat").mkdir(parents=True)
     p["mismatched_classes"] = _image_folder(root / "mismatch", {"cat": 2, "dog": 2}, {"cat": 1, "bird": 1})
-    p["corrupt_image"] = _image_folder(root / "corrupt", {"cat": 1, "dog": 1}, {"cat": 1, "dog": 1},
-                                       corrupt="train/dog/broken.png")
+    p["corrupt_image"] = _image_folder(
+        root / "corrupt", {"cat": 1, "dog": 1}, {"cat": 1, "dog": 1}, corrupt="train/dog/broken.png"
+    )
     p["no_val"] = root / "no_val"
     (p["no_val"] / "train" / "cat").mkdir(parents=True)
     p["file_as_dir"] = root / "plainfile"
@@ -226,7 +235,7 @@ class Row:
     command: str
     case: str
     argv: Callable[[Files], list[str]]
-    message: str                                   # regex the error line must match
+    message: str  # regex the error line must match
     setup: Callable | None = None
     marks: tuple = ()
 
@@ -236,94 +245,194 @@ ROWS = [
     # archs
     R("archs", "unknown option", lambda f: ["archs", "--bogus"], "No such option: --bogus"),
     # search: options out of range (checked before any data is loaded)
-    R("search", "k = 0", lambda f: ["search", "--k", "0"],
-      r"^error: Invalid value for '--k': k is the fraction of weights kept, in \(0, 1\]"),
-    R("search", "k > 1", lambda f: ["search", "--k", "1.5"],
-      r"^error: Invalid value for '--k': k is the fraction of weights kept, in \(0, 1\]"),
+    R(
+        "search",
+        "k = 0",
+        lambda f: ["search", "--k", "0"],
+        r"^error: Invalid value for '--k': k is the fraction of weights kept, in \(0, 1\]",
+    ),
+    R(
+        "search",
+        "k > 1",
+        lambda f: ["search", "--k", "1.5"],
+        r"^error: Invalid value for '--k': k is the fraction of weights kept, in \(0, 1\]",
+    ),
     R("search", "k not a number", lambda f: ["search", "--k", "half"], "Invalid value for '--k'"),
     R("search", "unknown architecture", lambda f: ["search", "--arch", "resnet9000"], "unknown architecture"),
     R("search", "epochs 0", lambda f: ["search", "--epochs", "0"], r"error: --epochs must be >= 1, got 0$"),
-    R("search", "batch size 0", lambda f: ["search", "--batch-size", "0"],
-      r"error: --batch-size must be >= 1, got 0$"),
+    R("search", "batch size 0", lambda f: ["search", "--batch-size", "0"], r"error: --batch-size must be >= 1, got 0$"),
     R("search", "negative lr", lambda f: ["search", "--lr", "-0.1"], r"error: --lr must be > 0, got -0\.1$"),
     R("search", "negative seed", lambda f: ["search", "--seed", "-1"], r"error: --seed must be >= 0, got -1$"),
-    R("search", "unknown init", lambda f: ["search", "--init", "xavier"],
-      r"error: --init must be one of 'signed_constant', 'unsigned_constant' or 'kaiming_normal', "
-      r"got 'xavier'$"),
-    R("search", "unknown device", lambda f: ["search", "--device", "tpu"],
-      r"error: --device must be one of 'auto', 'cpu' or 'cuda', got 'tpu'$"),
+    R(
+        "search",
+        "unknown init",
+        lambda f: ["search", "--init", "xavier"],
+        r"error: --init must be one of 'signed_constant', 'unsigned_constant' or 'kaiming_normal', "
+        r"got 'xavier'$",
+    ),
+    R(
+        "search",
+        "unknown device",
+        lambda f: ["search", "--device", "tpu"],
+        r"error: --device must be one of 'auto', 'cpu' or 'cuda', got 'tpu'$",
+    ),
     # search: data
     R("search", "missing data folder", lambda f: ["search", "--data", f.missing], "does not exist"),
     R("search", "data is a file", lambda f: ["search", "--data", f.text], "is not a folder"),
-    R("search", "unrecognized data folder", lambda f: ["search", "--data", f.folder],
-      "not a recognized data folder"),
+    R("search", "unrecognized data folder", lambda f: ["search", "--data", f.folder], "not a recognized data folder"),
     R("search", "empty data set", lambda f: ["search", "--data", f.empty_data], "contains no images"),
     R("search", "no held-out split", lambda f: ["search", "--data", f.no_val], "no val/ or test/ folder"),
-    R("search", "mismatched classes", lambda f: ["search", "--data", f.mismatched_classes],
-      r"class folder\(s\) \['bird'\] that .* lacks"),
-    R("search", "corrupt image in data", lambda f: ["search", "--data", f.corrupt_image, "--arch", "fc"],
-      r"cannot decode image .*broken\.png"),
+    R(
+        "search",
+        "mismatched classes",
+        lambda f: ["search", "--data", f.mismatched_classes],
+        r"class folder\(s\) \['bird'\] that .* lacks",
+    ),
+    R(
+        "search",
+        "corrupt image in data",
+        lambda f: ["search", "--data", f.corrupt_image, "--arch", "fc"],
+        r"cannot decode image .*broken\.png",
+    ),
     # search: output
-    R("search", "output under a file", lambda f: ["search", "--arch", "fc", "--out", f.out_under_file],
-      "cannot create output folder"),
-    R("search", "output is a file", lambda f: ["search", "--arch", "fc", "--out", f.file_as_dir],
-      "cannot create output folder .*: File exists|exists and is not a folder"),
-    R("search", "unwritable output folder (simulated)",
-      lambda f: ["search", "--arch", "fc", "--out", f.readonly_dir], "is not writable", _unwritable("readonly_dir")),
-    R("search", "full disk (simulated)", lambda f: ["search", "--arch", "fc", "--max-steps", "1", "--out", f.new_out],
-      r"cannot write .*: No space left on device", _full_disk),
+    R(
+        "search",
+        "output under a file",
+        lambda f: ["search", "--arch", "fc", "--out", f.out_under_file],
+        "cannot create output folder",
+    ),
+    R(
+        "search",
+        "output is a file",
+        lambda f: ["search", "--arch", "fc", "--out", f.file_as_dir],
+        "cannot create output folder .*: File exists|exists and is not a folder",
+    ),
+    R(
+        "search",
+        "unwritable output folder (simulated)",
+        lambda f: ["search", "--arch", "fc", "--out", f.readonly_dir],
+        "is not writable",
+        _unwritable("readonly_dir"),
+    ),
+    R(
+        "search",
+        "full disk (simulated)",
+        lambda f: ["search", "--arch", "fc", "--max-steps", "1", "--out", f.new_out],
+        r"cannot write .*: No space left on device",
+        _full_disk,
+    ),
     R("search", "resume: no such run folder", lambda f: ["search", "--resume", f.missing], "no such run folder"),
     R("search", "resume: not a run folder", lambda f: ["search", "--resume", f.folder], "not a search run folder"),
-    R("search", "resume with overwrite", lambda f: ["search", "--resume", f.folder, "--overwrite"],
-      "--overwrite does not apply with --resume"),
+    R(
+        "search",
+        "resume with overwrite",
+        lambda f: ["search", "--resume", f.folder, "--overwrite"],
+        "--overwrite does not apply with --resume",
+    ),
     # inspect
     R("inspect", "missing file", lambda f: ["inspect", f.missing], "does not exist"),
     R("inspect", "a folder", lambda f: ["inspect", f.folder], "is a folder"),
     R("inspect", "text file", lambda f: ["inspect", f.text], "not a maskforge artifact"),
     R("inspect", "PNG image", lambda f: ["inspect", f.png], "not a maskforge artifact"),
     R("inspect", "empty file", lambda f: ["inspect", f.empty], r"not a maskforge artifact \(only 0 bytes\)"),
-    R("inspect", "truncated artifact", lambda f: ["inspect", f.truncated],
-      r"truncated\.safetensors is truncated, or trailing data \(safetensors: incomplete metadata, file not fully "
-      r"covered\)$"),
+    R(
+        "inspect",
+        "truncated artifact",
+        lambda f: ["inspect", f.truncated],
+        r"truncated\.safetensors is truncated, or trailing data \(safetensors: incomplete metadata, file not fully "
+        r"covered\)$",
+    ),
     R("inspect", "corrupted tensor", lambda f: ["inspect", f.corrupted], r"tensor mask/\S+ does not match its digest"),
     R("inspect", "newer format version", lambda f: ["inspect", f.newer], "upgrade maskforge"),
     R("inspect", "k out of range in file", lambda f: ["inspect", f.bad_k], r"k\.safetensors: k must be > 0, got 0\.0$"),
-    R("inspect", "unreadable file (simulated)", lambda f: ["inspect", f.unreadable], "Permission denied",
-      _unreadable("unreadable")),
+    R(
+        "inspect",
+        "unreadable file (simulated)",
+        lambda f: ["inspect", f.unreadable],
+        "Permission denied",
+        _unreadable("unreadable"),
+    ),
     # verify
     R("verify", "missing file", lambda f: ["verify", f.missing], "does not exist"),
     R("verify", "text file", lambda f: ["verify", f.text], "not a maskforge artifact"),
-    R("verify", "corrupted tensor", lambda f: ["verify", f.corrupted],
-      r"failed at tensor digests: tensor mask/\S+ does not match"),
-    R("verify", "weight digest mismatch", lambda f: ["verify", f.weights_tampered],
-      r"failed at weights: regenerated weights of layer 1\.weight .*digests\.weights\.1\.weight"),
+    R(
+        "verify",
+        "corrupted tensor",
+        lambda f: ["verify", f.corrupted],
+        r"failed at tensor digests: tensor mask/\S+ does not match",
+    ),
+    R(
+        "verify",
+        "weight digest mismatch",
+        lambda f: ["verify", f.weights_tampered],
+        r"failed at weights: regenerated weights of layer 1\.weight .*digests\.weights\.1\.weight",
+    ),
     R("verify", "newer format version", lambda f: ["verify", f.newer], "upgrade maskforge"),
     R("verify", "ONNX without --artifact", lambda f: ["verify", f.fake_onnx], "give the artifact"),
-    R("verify", "--artifact with an artifact", lambda f: ["verify", f.good, "--artifact", f.good],
-      "is not an .onnx file"),
+    R(
+        "verify",
+        "--artifact with an artifact",
+        lambda f: ["verify", f.good, "--artifact", f.good],
+        "is not an .onnx file",
+    ),
     R("verify", "not an ONNX file", lambda f: ["verify", f.fake_onnx, "--artifact", f.good], "is not an ONNX model"),
-    R("verify", "unreadable file (simulated)", lambda f: ["verify", f.unreadable], "Permission denied",
-      _unreadable("unreadable")),
+    R(
+        "verify",
+        "unreadable file (simulated)",
+        lambda f: ["verify", f.unreadable],
+        "Permission denied",
+        _unreadable("unreadable"),
+    ),
     # export
     R("export", "missing artifact", lambda f: ["export", f.missing], "does not exist"),
     R("export", "text file", lambda f: ["export", f.text, "--out", f.onnx_out], "not a maskforge artifact"),
-    R("export", "corrupted artifact", lambda f: ["export", f.corrupted, "--out", f.onnx_out],
-      "does not match its digest"),
-    R("export", "weight digest mismatch", lambda f: ["export", f.weights_tampered, "--out", f.onnx_out],
-      r"regenerated weights of layer 1\.weight"),
+    R(
+        "export",
+        "corrupted artifact",
+        lambda f: ["export", f.corrupted, "--out", f.onnx_out],
+        "does not match its digest",
+    ),
+    R(
+        "export",
+        "weight digest mismatch",
+        lambda f: ["export", f.weights_tampered, "--out", f.onnx_out],
+        r"regenerated weights of layer 1\.weight",
+    ),
     R("export", "unknown format", lambda f: ["export", f.good, "--format", "tflite"], "unknown --format 'tflite'"),
-    R("export", "opset out of range", lambda f: ["export", f.good, "--opset", "99", "--out", f.onnx_out],
-      "opset must be an integer from"),
-    R("export", "output folder under a file", lambda f: ["export", f.good, "--out", str(Path(f.text) / "m.onnx")],
-      "is not a folder"),
+    R(
+        "export",
+        "opset out of range",
+        lambda f: ["export", f.good, "--opset", "99", "--out", f.onnx_out],
+        "opset must be an integer from",
+    ),
+    R(
+        "export",
+        "output folder under a file",
+        lambda f: ["export", f.good, "--out", str(Path(f.text) / "m.onnx")],
+        "is not a folder",
+    ),
     R("export", "output is a folder", lambda f: ["export", f.good, "--out", f.folder], "is a folder"),
-    R("export", "unwritable output folder (simulated)",
-      lambda f: ["export", f.good, "--out", str(Path(f.readonly_dir) / "m.onnx")], "not writable",
-      _unwritable("readonly_dir")),
-    R("export", "full disk (simulated)", lambda f: ["export", f.good, "--out", f.onnx_out],
-      r"cannot write .*: No space left on device", _full_disk),
-    R("export", "unreadable artifact (simulated)", lambda f: ["export", f.unreadable, "--out", f.onnx_out],
-      "Permission denied", _unreadable("unreadable")),
+    R(
+        "export",
+        "unwritable output folder (simulated)",
+        lambda f: ["export", f.good, "--out", str(Path(f.readonly_dir) / "m.onnx")],
+        "not writable",
+        _unwritable("readonly_dir"),
+    ),
+    R(
+        "export",
+        "full disk (simulated)",
+        lambda f: ["export", f.good, "--out", f.onnx_out],
+        r"cannot write .*: No space left on device",
+        _full_disk,
+    ),
+    R(
+        "export",
+        "unreadable artifact (simulated)",
+        lambda f: ["export", f.unreadable, "--out", f.onnx_out],
+        "Permission denied",
+        _unreadable("unreadable"),
+    ),
     # eval
     R("eval", "missing model", lambda f: ["eval", f.missing], "does not exist"),
     R("eval", "a folder", lambda f: ["eval", f.folder], "is a folder"),
@@ -333,17 +442,38 @@ ROWS = [
     R("eval", "batch size 0", lambda f: ["eval", f.good, "--batch-size", "0"], "batch size must be a positive"),
     R("eval", "bad --mean", lambda f: ["eval", f.good, "--mean", "a,b"], "mean must be comma-separated numbers"),
     R("eval", "missing data folder", lambda f: ["eval", f.good, "--data", f.missing], "does not exist"),
-    R("eval", "mismatched sizes", lambda f: ["eval", f.good, "--data", "mnist5k"],
-      "has 28x28 images, the model takes 8x8"),
-    R("eval", "mismatched channels", lambda f: ["eval", f.good3ch, "--data", "mnist5k"],
-      "has 1-channel images, the model takes 3"),
-    R("eval", "mismatched classes", lambda f: ["eval", f.good28, "--data", "mnist5k"],
-      "has 10 classes, the model predicts 3"),
+    R(
+        "eval",
+        "mismatched sizes",
+        lambda f: ["eval", f.good, "--data", "mnist5k"],
+        "has 28x28 images, the model takes 8x8",
+    ),
+    R(
+        "eval",
+        "mismatched channels",
+        lambda f: ["eval", f.good3ch, "--data", "mnist5k"],
+        "has 1-channel images, the model takes 3",
+    ),
+    R(
+        "eval",
+        "mismatched classes",
+        lambda f: ["eval", f.good28, "--data", "mnist5k"],
+        "has 10 classes, the model predicts 3",
+    ),
     R("eval", "report path is a folder", lambda f: ["eval", f.good, "--json", f.folder], "is a folder"),
-    R("eval", "report under a file", lambda f: ["eval", f.good, "--json", str(Path(f.text) / "r.json")],
-      "is not a folder"),
-    R("eval", "unreadable model (simulated)", lambda f: ["eval", f.unreadable], "Permission denied",
-      _unreadable("unreadable")),
+    R(
+        "eval",
+        "report under a file",
+        lambda f: ["eval", f.good, "--json", str(Path(f.text) / "r.json")],
+        "is not a folder",
+    ),
+    R(
+        "eval",
+        "unreadable model (simulated)",
+        lambda f: ["eval", f.unreadable],
+        "Permission denied",
+        _unreadable("unreadable"),
+    ),
 ]
 
 
@@ -437,11 +567,13 @@ def test_debug_lets_the_exception_through(files: Files, monkeypatch):
 # the real executable: real stderr, real exit codes
 # ---------------------------------------------------------------------------------------------------------
 
-_INJECT = ("import sys, maskforge.artifact as m\n"
-           "def boom(*a, **k):\n    raise RuntimeError('injected failure')\n"
-           "m.inspect_artifact = boom\n"
-           "from maskforge.cli import main\n"
-           "sys.argv = ['maskforge'] + sys.argv[1:]\nmain()\n")
+_INJECT = (
+    "import sys, maskforge.artifact as m\n"
+    "def boom(*a, **k):\n    raise RuntimeError('injected failure')\n"
+    "m.inspect_artifact = boom\n"
+    "from maskforge.cli import main\n"
+    "sys.argv = ['maskforge'] + sys.argv[1:]\nmain()\n"
+)
 
 
 def test_real_processes(files: Files):
@@ -449,16 +581,28 @@ def test_real_processes(files: Files):
     executable = str(EXECUTABLE) if EXECUTABLE.exists() else shutil.which("maskforge")
     assert executable, "the maskforge console script is not installed"
     runs = {
-        "verify corrupted": ([executable, "verify", files.corrupted], 2, r"^error: verification of .* failed at "
-                                                                         r"tensor digests"),
-        "unexpected": ([sys.executable, "-c", _INJECT, "inspect", files.good], 1,
-                       r"^error: unexpected RuntimeError: injected failure .*--debug"),
-        "unexpected --debug": ([sys.executable, "-c", _INJECT, "--debug", "inspect", files.good], 1,
-                               r"Traceback \(most recent call last\)"),
+        "verify corrupted": (
+            [executable, "verify", files.corrupted],
+            2,
+            r"^error: verification of .* failed at "
+            r"tensor digests",
+        ),
+        "unexpected": (
+            [sys.executable, "-c", _INJECT, "inspect", files.good],
+            1,
+            r"^error: unexpected RuntimeError: injected failure .*--debug",
+        ),
+        "unexpected --debug": (
+            [sys.executable, "-c", _INJECT, "--debug", "inspect", files.good],
+            1,
+            r"Traceback \(most recent call last\)",
+        ),
     }
     env = {**os.environ, "MASKFORGE_DEBUG": "", "COLUMNS": "200"}
-    procs = {name: subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for name, (argv, _, _) in runs.items()}
+    procs = {
+        name: subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for name, (argv, _, _) in runs.items()
+    }
     for name, proc in procs.items():
         stdout, stderr = proc.communicate(timeout=300)
         _, code, pattern = runs[name]
@@ -481,8 +625,16 @@ def test_verify_ok_lists_every_check(files: Files):
     lines = result.stdout.splitlines()
     assert lines[0] == f"OK {files.good}"
     checks = [line.split(":")[0].strip() for line in lines[1:]]
-    assert checks[:8] == ["file", "header", "schema", "document digest", "tensor digests", "structure", "masks",
-                          "weights"]
+    assert checks[:8] == [
+        "file",
+        "header",
+        "schema",
+        "document digest",
+        "tensor digests",
+        "structure",
+        "masks",
+        "weights",
+    ]
     assert lines[-1].startswith("  artifact digest: ")
     report = json.loads(CliRunner().invoke(app, ["verify", files.good, "--json"]).stdout)
     assert report["ok"] and len(report["checks"]) == 8
@@ -516,8 +668,9 @@ def test_verify_onnx_detects_the_wrong_artifact(files: Files, exported):
     other = _artifact(files.root / "other.safetensors", seed=4)  # the same architecture, another network
     result = CliRunner().invoke(app, ["verify", str(exported[1]), "--artifact", str(other)])
     assert result.exit_code == 2
-    assert re.search(r"failed at onnx metadata: metadata field maskforge\.artifact_digest .* different artifact",
-                     result.stderr), result.stderr
+    assert re.search(
+        r"failed at onnx metadata: metadata field maskforge\.artifact_digest .* different artifact", result.stderr
+    ), result.stderr
 
 
 def test_verify_onnx_detects_edited_weights_and_metadata(files: Files, exported):

@@ -82,7 +82,7 @@ def test_artifact_accuracy_matches_an_independent_pytorch_computation(run):
 
 
 def test_confusion_matrix_and_per_class_accuracy_against_a_separate_onnxruntime_run(run):
-    report = evaluate(run / "model.dense.onnx", batch_size=7, latency=None)   # 7 does not divide 1000
+    report = evaluate(run / "model.dense.onnx", batch_size=7, latency=None)  # 7 does not divide 1000
     spec = load_artifact(run / "artifact.safetensors").spec
     x, labels = _heldout(spec)
     predicted = _ort_logits(run / "model.dense.onnx", x).argmax(axis=1)
@@ -111,7 +111,7 @@ def test_onnx_files_read_their_metadata_sizes_and_compute(run):
         assert size.onnx_bytes == (run / name).stat().st_size and size.artifact_bytes == artifact.file_bytes
         assert size.masked_weights == artifact.masked_weights == 266_200
         assert size.onnx_bits_per_weight == pytest.approx(8 * size.onnx_bytes / 266_200)
-        assert size.dense_float32_bytes == 4 * 266_200   # the MLP has no batch norm
+        assert size.dense_float32_bytes == 4 * 266_200  # the MLP has no batch norm
         assert report.compute.params_kept == artifact.kept_weights and report.compute.macs_dense == FC_MACS_28
         assert report.compute.macs_effective == round(FC_MACS_28 * artifact.kept_weights / 266_200)
 
@@ -121,8 +121,11 @@ def test_a_reference_file_gives_agreement_counted_independently(run, tmp_path):
     proto = onnx.load(str(run / "model.dense.onnx"))
     last = [t for t in proto.graph.initializer if len(t.dims) == 2 and 10 in t.dims][-1]
     weight = numpy_helper.to_array(last)
-    last.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(np.flip(weight, axis=0 if weight.shape[0] == 10
-                                                                      else 1)), last.name))
+    last.CopyFrom(
+        numpy_helper.from_array(
+            np.ascontiguousarray(np.flip(weight, axis=0 if weight.shape[0] == 10 else 1)), last.name
+        )
+    )
     other = tmp_path / "other.onnx"
     onnx.save(proto, str(other))
     report = evaluate(other, reference=run / "model.dense.onnx", latency=None)
@@ -132,8 +135,9 @@ def test_a_reference_file_gives_agreement_counted_independently(run, tmp_path):
     assert agree.argmax_agreement == pytest.approx(float((mine.argmax(1) == theirs.argmax(1)).mean()))
     assert agree.argmax_agreement < 1.0
     assert agree.reference_correct == int((theirs.argmax(1) == labels).sum())
-    assert agree.top1_difference == pytest.approx(float((mine.argmax(1) == labels).mean()
-                                                        - (theirs.argmax(1) == labels).mean()))
+    assert agree.top1_difference == pytest.approx(
+        float((mine.argmax(1) == labels).mean() - (theirs.argmax(1) == labels).mean())
+    )
     assert agree.max_abs_diff == pytest.approx(float(np.abs(mine - theirs).max()), rel=1e-6)
     # the artifact as the reference of its own export: full agreement
     same = evaluate(run / "model.onnx", reference=run / "artifact.safetensors", latency=None)
@@ -144,8 +148,9 @@ def test_latency_runs_are_exact_and_the_probe_reports_start_and_memory(run):
     assert [block_sizes(n, 2) for n in (1, 2, 5, 6, 31)] == [[1], [1, 1], [3, 2], [3, 3], [16, 15]]
     report = evaluate(run / "artifact.safetensors", batch_size=16, latency=LatencyOptions(runs=5), threads=1)
     timing = report.timing
-    assert {(t.runtime, t.batch) for t in timing.latency} == {(r, b) for r in ("onnxruntime", "pytorch")
-                                                              for b in (1, 16)}
+    assert {(t.runtime, t.batch) for t in timing.latency} == {
+        (r, b) for r in ("onnxruntime", "pytorch") for b in (1, 16)
+    }
     for stats in timing.latency:
         assert stats.runs == 5 == timing.runs_requested
         assert 0 < stats.p50_ms <= stats.p90_ms <= stats.p99_ms
@@ -156,12 +161,16 @@ def test_latency_runs_are_exact_and_the_probe_reports_start_and_memory(run):
 def test_peak_memory_counts_what_onnxruntime_allocates(tmp_path):
     """A model holding a 64 MiB initializer must cost at least that much more than one holding 1 KiB:
     the probe sees native allocations that Python-level tracing would miss."""
+
     def model(side: int) -> Path:
         weight = numpy_helper.from_array(np.ones((side, side), dtype=np.float32), "w")
         graph = helper.make_graph(
-            [helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("MatMul", ["f", "w"], ["y"])], "g",
+            [helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("MatMul", ["f", "w"], ["y"])],
+            "g",
             [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 1, side])],
-            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", side])], [weight])
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", side])],
+            [weight],
+        )
         path = tmp_path / f"m{side}.onnx"
         onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
         return path
@@ -176,8 +185,17 @@ def test_three_classes_report_a_top3_not_a_top5(tmp_path):
     spec = InputSpec(1, 8, 8, (0.5,), (0.25,), ("a", "b", "c"))
     args = arch_args(1, 3, (8, 8))
     model = create_model("fc", **args, k=0.5, seed=1)
-    artifact = build_artifact(model, arch="fc", arch_args=args, spec=spec, seed=1, init="signed_constant",
-                              scale_fan=False, k=0.5, provenance={"data": "mnist5k"})
+    artifact = build_artifact(
+        model,
+        arch="fc",
+        arch_args=args,
+        spec=spec,
+        seed=1,
+        init="signed_constant",
+        scale_fan=False,
+        k=0.5,
+        provenance={"data": "mnist5k"},
+    )
     path = save_artifact(artifact, tmp_path / "three.safetensors")
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
@@ -185,9 +203,10 @@ def test_three_classes_report_a_top3_not_a_top5(tmp_path):
             (tmp_path / "data" / split / name).mkdir(parents=True)
             for i in range(4):
                 Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), "L").save(
-                    tmp_path / "data" / split / name / f"{i}.png")
+                    tmp_path / "data" / split / name / f"{i}.png"
+                )
     report = evaluate(path, data=str(tmp_path / "data"), latency=None)
-    assert report.accuracy.k == 3 and report.accuracy.topk == 1.0   # the 3 best of 3 classes always hit
+    assert report.accuracy.k == 3 and report.accuracy.topk == 1.0  # the 3 best of 3 classes always hit
     data = report.to_dict()["accuracy"]
     assert data["top3"] == 1.0 and data["correct_top3"] == 12 and "top5" not in data and "topk" not in data
     assert [r.name for r in report.accuracy.per_class] == ["a", "b", "c"]
@@ -196,7 +215,7 @@ def test_three_classes_report_a_top3_not_a_top5(tmp_path):
 def test_unknown_export_metadata_is_reported_not_fatal(run, tmp_path):
     proto = onnx.load(str(run / "model.dense.onnx"))
     values = {"maskforge.storage": "hologram", "maskforge.precision": "int3"}
-    for entry in proto.metadata_props:   # the export wrote both keys: a newer maskforge's values replace them
+    for entry in proto.metadata_props:  # the export wrote both keys: a newer maskforge's values replace them
         entry.value = values.pop(entry.key, entry.value)
     assert not values
     odd = tmp_path / "odd.onnx"
@@ -219,7 +238,7 @@ def test_onnx_without_metadata_takes_its_size_from_the_graph(run):
     logits, labels = _search_time_logits(run / "artifact.safetensors")
     assert report.accuracy.correct == int((logits.argmax(1) == labels).sum())
     assert report.model.preprocessing == "given" and report.model.storage == "dense"
-    assert report.model.class_names == [str(d) for d in range(10)]   # the data's
+    assert report.model.class_names == [str(d) for d in range(10)]  # the data's
     # parameters are counted from the dense initializers themselves
     assert report.compute.params_total == 266_200 and report.compute.params_kept == 133_100
     with pytest.raises(MaskforgeError, match=r"takes 1x28x28 images .* preprocessing gives 1x32x32"):
@@ -228,12 +247,14 @@ def test_onnx_without_metadata_takes_its_size_from_the_graph(run):
 
 def test_compare_evaluates_every_mode_on_the_same_examples(run, tmp_path):
     modes = EXPORT_MODES + (ExportMode("compact", "fp32", opset=99),)
-    table = compare(run / "artifact.safetensors", modes=modes, batch_size=32,
-                    latency=LatencyOptions(runs=4, rounds=2), threads=1)
+    table = compare(
+        run / "artifact.safetensors", modes=modes, batch_size=32, latency=LatencyOptions(runs=4, rounds=2), threads=1
+    )
     logits, labels = _search_time_logits(run / "artifact.safetensors")
     reference_top1 = float((logits.argmax(1) == labels).mean())
-    assert [row.mode for row in table.rows] == [f"{s} {p}" for p in ("fp32", "int8")
-                                                for s in ("dense", "compact", "regen")]
+    assert [row.mode for row in table.rows] == [
+        f"{s} {p}" for p in ("fp32", "int8") for s in ("dense", "compact", "regen")
+    ]
     assert list(table.refused) == ["compact fp32 opset 99"]
     assert table.refused["compact fp32 opset 99"].startswith("opset must be an integer from 13 to")
     assert table.reference_top1 == pytest.approx(reference_top1) and table.baseline == "dense fp32"
@@ -244,10 +265,19 @@ def test_compare_evaluates_every_mode_on_the_same_examples(run, tmp_path):
         assert summary["top1_difference"] == pytest.approx(summary["top1"] - reference_top1)
         if mode.precision == "fp32":
             assert summary["top1"] == pytest.approx(reference_top1) and summary["argmax_agreement"] == 1.0
-        else:   # the export's own check held it to these bounds; the exact figures are checked below
+        else:  # the export's own check held it to these bounds; the exact figures are checked below
             assert summary["argmax_agreement"] >= 0.95 and summary["int8_weight_max_error"] == 0.0
-        for key in ("session_start_ms", "peak_rss_bytes", "throughput_b1", "throughput_b32", "p50_ms_b1",
-                    "p99_ms_b32", "speedup_b1", "speedup_b32", "export_seconds"):
+        for key in (
+            "session_start_ms",
+            "peak_rss_bytes",
+            "throughput_b1",
+            "throughput_b32",
+            "p50_ms_b1",
+            "p99_ms_b32",
+            "speedup_b1",
+            "speedup_b32",
+            "export_seconds",
+        ):
             assert summary[key] > 0, key
         timing = row.report.timing
         assert timing.at(32).runs == 4 and len(timing.at(32).block_p50_ms) == 2
@@ -283,12 +313,21 @@ def test_compare_lists_the_modes_an_artifact_cannot_do_as_refused_with_the_reaso
     spec = load_data("mnist5k").spec
     args = arch_args(1, 10, (28, 28))
     model = create_model("fc", **args, k=0.5, seed=3, init="kaiming_normal")
-    artifact = build_artifact(model.eval(), arch="fc", arch_args=args, spec=spec, seed=3, init="kaiming_normal",
-                              scale_fan=False, k=0.5, provenance={"data": "mnist5k"})
+    artifact = build_artifact(
+        model.eval(),
+        arch="fc",
+        arch_args=args,
+        spec=spec,
+        seed=3,
+        init="kaiming_normal",
+        scale_fan=False,
+        k=0.5,
+        provenance={"data": "mnist5k"},
+    )
     path = save_artifact(artifact, tmp_path / "normal.safetensors")
     table = compare(path, latency=None, memory=False)
     assert [row.mode for row in table.rows] == ["dense fp32", "compact fp32"]
-    assert table.modes == [mode.name for mode in EXPORT_MODES]   # the table's columns, refused ones in place
+    assert table.modes == [mode.name for mode in EXPORT_MODES]  # the table's columns, refused ones in place
     assert list(table.refused) == ["regen fp32", "dense int8", "compact int8", "regen int8"]
     for mode in ("regen fp32", "regen int8"):
         assert re.match(r"storage 'regen' cannot rebuild kaiming_normal weights", table.refused[mode]), table.refused

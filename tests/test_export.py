@@ -28,8 +28,7 @@ from maskforge.artifact import build_artifact, load_artifact, save_artifact
 from maskforge.cli import app
 from maskforge.data import InputSpec, load_data, normalize
 from maskforge.errors import MaskforgeError
-from maskforge.export import (default_export_path, export_onnx, export_torch, load_torch_export,
-                              read_onnx_metadata)
+from maskforge.export import default_export_path, export_onnx, export_torch, load_torch_export, read_onnx_metadata
 from maskforge.layers import MASKED_TYPES
 from maskforge.materialization import materialize
 
@@ -38,17 +37,42 @@ from maskforge.materialization import materialize
 # ---------------------------------------------------------------------------------------------------------
 
 
-def make_artifact(folder: Path, arch: str, channels: int, size: int, classes: int = 10, *, k: float = 0.5,
-                  seed: int = 0, init: str = "signed_constant", name: str | None = None) -> Path:
+def make_artifact(
+    folder: Path,
+    arch: str,
+    channels: int,
+    size: int,
+    classes: int = 10,
+    *,
+    k: float = 0.5,
+    seed: int = 0,
+    init: str = "signed_constant",
+    name: str | None = None,
+) -> Path:
     """A saved artifact that looks searched: scores moved off their start, BN statistics set."""
-    model = create_model(arch, in_channels=channels, num_classes=classes, image_size=(size, size), k=k,
-                         seed=seed, init=init)
+    model = create_model(
+        arch, in_channels=channels, num_classes=classes, image_size=(size, size), k=k, seed=seed, init=init
+    )
     perturb_like_search(model, seed + 7, score_noise=0.05, bn_mean_scale=0.2, bn_var_floor=0.5)
-    spec = InputSpec(channels, size, size, tuple(0.4 + 0.05 * c for c in range(channels)),
-                     tuple(0.2 + 0.01 * c for c in range(channels)), tuple(f"c{i}" for i in range(classes)))
-    artifact = build_artifact(model.eval(), arch=arch, arch_args=arch_args(channels, classes, (size, size)),
-                              spec=spec, seed=seed, init=init, scale_fan=False, k=k,
-                              provenance={"data": "test", "heldout_acc": None})
+    spec = InputSpec(
+        channels,
+        size,
+        size,
+        tuple(0.4 + 0.05 * c for c in range(channels)),
+        tuple(0.2 + 0.01 * c for c in range(channels)),
+        tuple(f"c{i}" for i in range(classes)),
+    )
+    artifact = build_artifact(
+        model.eval(),
+        arch=arch,
+        arch_args=arch_args(channels, classes, (size, size)),
+        spec=spec,
+        seed=seed,
+        init=init,
+        scale_fan=False,
+        k=k,
+        provenance={"data": "test", "heldout_acc": None},
+    )
     return save_artifact(artifact, folder / (name or f"{arch}-{channels}x{size}-{init}.safetensors"))
 
 
@@ -81,8 +105,9 @@ def decode_compact(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
         else:
             magnitude = np.broadcast_to(tensors[prefix + "magnitude"], shape).reshape(-1)[mask]
             if prefix + "sign_packed" in tensors:
-                positive = np.unpackbits(tensors[prefix + "sign_packed"].reshape(-1),
-                                         bitorder="little")[: mask.sum()].astype(bool)
+                positive = np.unpackbits(tensors[prefix + "sign_packed"].reshape(-1), bitorder="little")[
+                    : mask.sum()
+                ].astype(bool)
                 flat[mask] = np.where(positive, magnitude, -magnitude)
             else:
                 flat[mask] = magnitude
@@ -250,8 +275,9 @@ def test_metadata_is_written_and_read_back(exported):
     assert session.get_modelmeta().custom_metadata_map["maskforge.artifact_digest"] == artifact.digest
 
 
-@pytest.mark.parametrize("arch,init", [("resnet18", "signed_constant"), ("conv2", "kaiming_normal"),
-                                       ("fc", "unsigned_constant")])
+@pytest.mark.parametrize(
+    "arch,init", [("resnet18", "signed_constant"), ("conv2", "kaiming_normal"), ("fc", "unsigned_constant")]
+)
 def test_compact_weights_decode_to_the_dense_weights(exported, arch, init):
     channels, size = (3, 8) if arch == "resnet18" else (1, 8)
     entry = exported(arch, channels, size, init)
@@ -343,8 +369,11 @@ def test_torch_export_round_trip(exported, tmp_path):
 def test_cli_export_default_paths_and_json(tmp_path):
     path = make_artifact(tmp_path, "fc", 1, 8, name="artifact.safetensors")
     runner = CliRunner()
-    for argv, expected in [([], "artifact.onnx"), (["--storage", "dense"], "artifact.dense.onnx"),
-                           (["--format", "torch"], "artifact.torch.safetensors")]:
+    for argv, expected in [
+        ([], "artifact.onnx"),
+        (["--storage", "dense"], "artifact.dense.onnx"),
+        (["--format", "torch"], "artifact.torch.safetensors"),
+    ]:
         result = runner.invoke(app, ["export", str(path), "--json", *argv])
         assert result.exit_code == 0, result.stderr
         report = json.loads(result.stdout)
@@ -355,13 +384,12 @@ def test_cli_export_default_paths_and_json(tmp_path):
     assert result.exit_code == 0 and re.search(r"bits per masked weight", " ".join(result.stdout.split()))
 
 
-@pytest.mark.parametrize("case", ["missing folder, digest fails", "under a file", "truncated artifact",
-                                  "digest fails"])
+@pytest.mark.parametrize("case", ["missing folder, digest fails", "under a file", "truncated artifact", "digest fails"])
 def test_cli_export_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, case):
     good = make_artifact(tmp_path, "fc", 1, 8, name="good.safetensors")
     (tmp_path / "plain").write_text("x")
     artifact, out = good, tmp_path / "out.onnx"
-    if case.startswith("missing folder"):   # the folder would be created, but the export fails first
+    if case.startswith("missing folder"):  # the folder would be created, but the export fails first
         out = tmp_path / "nope" / "deeper" / "out.onnx"
     if case == "under a file":
         out = tmp_path / "plain" / "out.onnx"
@@ -381,8 +409,15 @@ def test_cli_export_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, ca
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
 
-@pytest.mark.parametrize("metadata", ["{not json", '{"arch": {}}', '{"arch": {"name": "fc", "args": {}}, "k": "x"}',
-                                      '{"arch": {"name": "fc", "args": {}}, "k": 0.5}'])
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        "{not json",
+        '{"arch": {}}',
+        '{"arch": {"name": "fc", "args": {}}, "k": "x"}',
+        '{"arch": {"name": "fc", "args": {}}, "k": 0.5}',
+    ],
+)
 def test_torch_export_with_damaged_metadata_is_a_clear_error(tmp_path, metadata):
     from safetensors.torch import save_file
 

@@ -33,9 +33,14 @@ def files(tmp_path_factory) -> dict[str, Path]:
     save_file({"scores": np.zeros(4, dtype=np.float32)}, str(checkpoint), metadata={"maskforge_checkpoint": "{}"})
     image = root / "digit.png"
     Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(image)
-    return {"artifact": artifact, "run folder": run, "checkpoint": checkpoint, "image": image,
-            "torch export": export_torch(artifact, root / "artifact.torch.safetensors").path,
-            "onnx": export_onnx(artifact, root / "artifact.onnx").path}
+    return {
+        "artifact": artifact,
+        "run folder": run,
+        "checkpoint": checkpoint,
+        "image": image,
+        "torch export": export_torch(artifact, root / "artifact.torch.safetensors").path,
+        "onnx": export_onnx(artifact, root / "artifact.onnx").path,
+    }
 
 
 def _one_error_line(result, pattern: str) -> str:
@@ -48,11 +53,11 @@ def _tree(folder: Path) -> list[str]:
 
 WRONG_FILES = {
     "torch export": r"is a maskforge PyTorch export \(a plain state dict\), not a maskforge artifact: reload it in "
-                    r"Python with maskforge\.load_torch_export",
+    r"Python with maskforge\.load_torch_export",
     "onnx": r"is an ONNX model \(a maskforge export: storage regen, precision fp32\), not a maskforge artifact: "
-            r"`maskforge eval .*artifact\.onnx` evaluates it",
+    r"`maskforge eval .*artifact\.onnx` evaluates it",
     "checkpoint": r"is a maskforge search checkpoint, not a maskforge artifact: `maskforge search --resume FOLDER` "
-                  r"continues the run",
+    r"continues the run",
     "image": r"is a PNG image, not a maskforge artifact: `maskforge predict MODEL .*digit\.png` classifies it",
     "run folder": r"is a folder, not a maskforge artifact: .*run/artifact\.safetensors",
 }
@@ -61,8 +66,10 @@ WRONG_FILES = {
 @pytest.mark.parametrize("kind", sorted(WRONG_FILES))
 def test_export_of_a_file_that_is_not_an_artifact_says_what_it_is_and_what_takes_it(files, kind, tmp_path):
     out = tmp_path / "model.onnx"
-    line = _one_error_line(CliRunner().invoke(app, ["export", str(files[kind]), "--out", str(out)]),
-                           rf"^error: {re.escape(str(files[kind]))} {WRONG_FILES[kind]}")
+    line = _one_error_line(
+        CliRunner().invoke(app, ["export", str(files[kind]), "--out", str(out)]),
+        rf"^error: {re.escape(str(files[kind]))} {WRONG_FILES[kind]}",
+    )
     assert "dtype" not in line and "safetensors file but" not in line
     assert _tree(tmp_path) == []
 
@@ -92,18 +99,20 @@ def test_a_failed_export_leaves_no_folder_it_created(files, tmp_path, monkeypatc
 def test_missing_folders_only_below_a_writable_folder(files, tmp_path, monkeypatch):
     under_file = tmp_path / "notes.txt"
     under_file.write_text("x")
-    _one_error_line(CliRunner().invoke(app, ["export", str(files["artifact"]), "--out",
-                                             str(under_file / "sub" / "model.onnx")]),
-                    r"^error: cannot write .*model\.onnx: output path .*notes\.txt exists and is not a folder$")
+    _one_error_line(
+        CliRunner().invoke(app, ["export", str(files["artifact"]), "--out", str(under_file / "sub" / "model.onnx")]),
+        r"^error: cannot write .*model\.onnx: output path .*notes\.txt exists and is not a folder$",
+    )
     locked = tmp_path / "locked"
     locked.mkdir()
-    real_access = os.access   # simulated (root may write anywhere): the folder refuses writing
+    real_access = os.access  # simulated (root may write anywhere): the folder refuses writing
 
     def access(path, mode, *args, **kwargs):
         return False if Path(path) == locked and mode & os.W_OK else real_access(path, mode, *args, **kwargs)
 
     monkeypatch.setattr(os, "access", access)
-    _one_error_line(CliRunner().invoke(app, ["export", str(files["artifact"]), "--out",
-                                             str(locked / "new" / "model.onnx")]),
-                    r"^error: cannot write .*model\.onnx: output folder .*locked is not writable$")
+    _one_error_line(
+        CliRunner().invoke(app, ["export", str(files["artifact"]), "--out", str(locked / "new" / "model.onnx")]),
+        r"^error: cannot write .*model\.onnx: output folder .*locked is not writable$",
+    )
     assert _tree(locked) == []

@@ -35,17 +35,27 @@ from maskforge.materialization import materialize
 from maskforge.verify import verify_onnx
 
 MODES = [(storage, precision) for precision in ("fp32", "int8") for storage in ("dense", "compact", "regen")]
-FAST_INT8 = Int8Options(calibration=32, check_images=200)   # the checks' data: enough to run, quick
+FAST_INT8 = Int8Options(calibration=32, check_images=200)  # the checks' data: enough to run, quick
 
 
-def demo_artifact(folder: Path, arch: str, *, k: float = 0.5, init: str = "signed_constant", seed: int = 0,
-                  name: str | None = None) -> Path:
+def demo_artifact(
+    folder: Path, arch: str, *, k: float = 0.5, init: str = "signed_constant", seed: int = 0, name: str | None = None
+) -> Path:
     """An artifact of the demo data's shape, spec and provenance (so int8 can calibrate on mnist5k)."""
     spec = load_data("mnist5k").spec
     model = create_model(arch, in_channels=1, num_classes=10, image_size=(28, 28), k=k, seed=seed, init=init)
     perturb_like_search(model, seed + 7, score_noise=0.05, bn_mean_scale=0.2, bn_var_floor=0.5)
-    artifact = build_artifact(model.eval(), arch=arch, arch_args=arch_args(1, 10, (28, 28)), spec=spec, seed=seed,
-                              init=init, scale_fan=False, k=k, provenance={"data": "mnist5k", "heldout_acc": None})
+    artifact = build_artifact(
+        model.eval(),
+        arch=arch,
+        arch_args=arch_args(1, 10, (28, 28)),
+        spec=spec,
+        seed=seed,
+        init=init,
+        scale_fan=False,
+        k=k,
+        provenance={"data": "mnist5k", "heldout_acc": None},
+    )
     return save_artifact(artifact, folder / (name or f"{arch}-{init}.safetensors"))
 
 
@@ -67,8 +77,17 @@ def conv2(folder) -> SimpleNamespace:
     path = demo_artifact(folder, "conv2")
     artifact = load_artifact(path)
     model = materialize(artifact)
-    results = {mode: export_onnx(artifact, folder / f"conv2.{mode[0]}.{mode[1]}.onnx", storage=mode[0],
-                                 precision=mode[1], model=model, int8=FAST_INT8) for mode in MODES}
+    results = {
+        mode: export_onnx(
+            artifact,
+            folder / f"conv2.{mode[0]}.{mode[1]}.onnx",
+            storage=mode[0],
+            precision=mode[1],
+            model=model,
+            int8=FAST_INT8,
+        )
+        for mode in MODES
+    }
     return SimpleNamespace(path=path, artifact=artifact, model=model, results=results)
 
 
@@ -83,7 +102,7 @@ def folded_initializers(path: Path, tmp_path: Path) -> dict[str, np.ndarray]:
 
 
 def optimized_op_types(path: Path, tmp_path: Path) -> set[str]:
-    options = ort.SessionOptions()   # default level: what a user's session runs
+    options = ort.SessionOptions()  # default level: what a user's session runs
     options.optimized_model_filepath = str(tmp_path / f"{path.stem}.optimized.onnx")
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return {node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node}
@@ -144,8 +163,10 @@ def test_default_mode_is_regen_fp32_and_names_are_distinct(folder, conv2):
     names = {default_export_path(conv2.path, storage=s, precision=p).name for s, p in MODES}
     assert len(names) == 6
     assert default_export_path(conv2.path).name == "conv2-signed_constant.onnx"
-    assert default_export_path(conv2.path, storage="compact", precision="int8").name == \
-        "conv2-signed_constant.compact.int8.onnx"
+    assert (
+        default_export_path(conv2.path, storage="compact", precision="int8").name
+        == "conv2-signed_constant.compact.int8.onnx"
+    )
     result = export_onnx(conv2.artifact, folder / "default.onnx", model=conv2.model)
     assert (result.storage, result.precision, result.opset) == ("regen", "fp32", 18)
 
@@ -165,8 +186,8 @@ def test_regen_folds_to_materializes_weights_bit_for_bit(conv2, tmp_path):
         weight = numpy_helper.to_array(tensor)
         if weight.ndim < 2:
             continue
-        assert folded[tensor.name].tobytes() == weight.tobytes(), tensor.name     # bit for bit, +0.0 included
-        as_param = weight.T if weight.ndim == 2 else weight                        # MatMul stores [in, out]
+        assert folded[tensor.name].tobytes() == weight.tobytes(), tensor.name  # bit for bit, +0.0 included
+        as_param = weight.T if weight.ndim == 2 else weight  # MatMul stores [in, out]
         assert any(as_param.tobytes() == s.tobytes() for s in state.values() if s.shape == as_param.shape)
         matched += 1
     assert matched == len(conv2.artifact.masks)
@@ -182,8 +203,9 @@ def test_regen_stores_the_artifacts_mask_bytes_and_stream_keys(conv2):
     expected = sorted(regen.stream_key(conv2.artifact.seed, param) for param in conv2.artifact.masks)
     assert keys == expected
     masks = sorted(v.tobytes() for name, v in tensors.items() if name.endswith("/maskforge/mask_packed"))
-    artifact_masks = sorted(np.packbits(m.numpy().reshape(-1), bitorder="little").tobytes()
-                            for m in conv2.artifact.masks.values())
+    artifact_masks = sorted(
+        np.packbits(m.numpy().reshape(-1), bitorder="little").tobytes() for m in conv2.artifact.masks.values()
+    )
     assert masks == artifact_masks
     assert [f.name for f in proto.functions] == ["signed_weight"]
 
@@ -215,8 +237,11 @@ def test_int8_weights_are_exact(conv2, storage, tmp_path):
     path = conv2.results[(storage, "int8")].path
     initializers = folded_initializers(path, tmp_path)
     weights = dequantize(onnx.load(str(tmp_path / f"{path.stem}.folded.onnx")), initializers)
-    dense = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(conv2.results[("dense", "fp32")].path))
-             .graph.initializer if len(t.dims) >= 2}
+    dense = {
+        t.name: numpy_helper.to_array(t)
+        for t in onnx.load(str(conv2.results[("dense", "fp32")].path)).graph.initializer
+        if len(t.dims) >= 2
+    }
     assert len(weights) == len(dense) == len(conv2.artifact.masks)
     for fp32_name, fp32 in dense.items():
         match = [(q, w) for q, w in weights.values() if w.shape == fp32.shape and np.array_equal(w != 0, fp32 != 0)]
@@ -253,7 +278,7 @@ def test_large_logits_export_with_a_relative_tolerance(folder):
         reference = model(x).numpy()
     assert np.abs(reference).max() > 1000
     diff = np.abs(run(result.path, x.numpy()) - reference).max()
-    assert diff > 1e-4                                   # what the old check refused
+    assert diff > 1e-4  # what the old check refused
     assert diff <= result.parity_tolerance == pytest.approx(1e-4 * np.abs(reference).max(), rel=1e-3)
 
 
@@ -275,7 +300,7 @@ def test_verify_catches_an_int8_weight_that_is_not_the_artifacts(conv2, tmp_path
         array = numpy_helper.to_array(tensor)
         if array.dtype == np.int8 and array.ndim == 4:
             array = array.copy()
-            array.flat[int(np.flatnonzero(array)[0])] *= -1     # one sign flipped
+            array.flat[int(np.flatnonzero(array)[0])] *= -1  # one sign flipped
             proto.graph.initializer[index].CopyFrom(numpy_helper.from_array(array, tensor.name))
             break
     edited = tmp_path / "flipped.int8.onnx"
@@ -286,9 +311,11 @@ def test_verify_catches_an_int8_weight_that_is_not_the_artifacts(conv2, tmp_path
 
 
 def test_files_without_a_precision_read_as_fp32(conv2):
-    old = {"maskforge.preprocessing": json.dumps({"channels": 1, "height": 28, "width": 28, "mean": [0.1],
-                                                  "std": [0.3]}),
-           "maskforge.class_names": json.dumps(list("0123456789")), "maskforge.storage": "compact"}
+    old = {
+        "maskforge.preprocessing": json.dumps({"channels": 1, "height": 28, "width": 28, "mean": [0.1], "std": [0.3]}),
+        "maskforge.class_names": json.dumps(list("0123456789")),
+        "maskforge.storage": "compact",
+    }
     info = read_onnx_metadata(old)
     assert (info.storage, info.precision) == ("compact", "fp32")
 
@@ -318,23 +345,55 @@ def odd_shapes(tmp_path_factory) -> dict[str, Path]:
 
 
 BAD = [
-    ("regen below opset 18", "good", ["--storage", "regen", "--opset", "17"],
-     "storage 'regen' needs opset 18 or later (BitwiseXor, BitwiseAnd), got opset 17; use opset 18 to 20, or storage "
-     "'compact', which works from opset 13"),
-    ("regen of kaiming_normal", "kaiming", ["--storage", "regen"],
-     "storage 'regen' cannot rebuild kaiming_normal weights exactly"),
-    ("int8 of kaiming_normal", "kaiming", ["--precision", "int8"],
-     "precision 'int8' of kaiming_normal weights is lossy"),
-    ("calibration 0", "good", ["--precision", "int8", "--calibration", "0"],
-     "calibration must be a positive number of images, got 0"),
-    ("calibration data of other channels", "good", ["--precision", "int8", "--data", "RGB"],
-     "has 3-channel images, the model takes 1"),
-    ("calibration data of another size", "small", ["--precision", "int8", "--data", "mnist5k"],
-     "calibration data mnist5k has 28x28 images, the model takes 8x8"),
-    ("calibration data of other classes", "three", ["--precision", "int8", "--data", "mnist5k"],
-     "calibration data mnist5k has 10 classes, the model predicts 3"),
-    ("calibration data not on this machine", "small", ["--precision", "int8"],
-     "the model was searched on test, which is not on this machine; give --data"),
+    (
+        "regen below opset 18",
+        "good",
+        ["--storage", "regen", "--opset", "17"],
+        "storage 'regen' needs opset 18 or later (BitwiseXor, BitwiseAnd), got opset 17; use opset 18 to 20, or storage "
+        "'compact', which works from opset 13",
+    ),
+    (
+        "regen of kaiming_normal",
+        "kaiming",
+        ["--storage", "regen"],
+        "storage 'regen' cannot rebuild kaiming_normal weights exactly",
+    ),
+    (
+        "int8 of kaiming_normal",
+        "kaiming",
+        ["--precision", "int8"],
+        "precision 'int8' of kaiming_normal weights is lossy",
+    ),
+    (
+        "calibration 0",
+        "good",
+        ["--precision", "int8", "--calibration", "0"],
+        "calibration must be a positive number of images, got 0",
+    ),
+    (
+        "calibration data of other channels",
+        "good",
+        ["--precision", "int8", "--data", "RGB"],
+        "has 3-channel images, the model takes 1",
+    ),
+    (
+        "calibration data of another size",
+        "small",
+        ["--precision", "int8", "--data", "mnist5k"],
+        "calibration data mnist5k has 28x28 images, the model takes 8x8",
+    ),
+    (
+        "calibration data of other classes",
+        "three",
+        ["--precision", "int8", "--data", "mnist5k"],
+        "calibration data mnist5k has 10 classes, the model predicts 3",
+    ),
+    (
+        "calibration data not on this machine",
+        "small",
+        ["--precision", "int8"],
+        "the model was searched on test, which is not on this machine; give --data",
+    ),
     ("unknown storage", "good", ["--storage", "sparse"], "storage must be one of dense, compact, regen; got 'sparse'"),
     ("unknown precision", "good", ["--precision", "int4"], "precision must be one of fp32, int8; got 'int4'"),
     ("torch with a storage", "good", ["--format", "torch", "--storage", "regen"], "apply to --format onnx only"),
@@ -342,8 +401,9 @@ BAD = [
 
 
 @pytest.mark.parametrize("case,which,argv,message", BAD, ids=[case[0] for case in BAD])
-def test_bad_input_is_one_error_line_exit_2_and_no_file(conv2, kaiming, rgb_folder, odd_shapes, tmp_path, case,
-                                                        which, argv, message):
+def test_bad_input_is_one_error_line_exit_2_and_no_file(
+    conv2, kaiming, rgb_folder, odd_shapes, tmp_path, case, which, argv, message
+):
     artifact = {"good": conv2.path, "kaiming": kaiming, **odd_shapes}[which]
     argv = [str(rgb_folder) if arg == "RGB" else arg for arg in argv]
     out = tmp_path / "out" / "m.onnx"
@@ -370,11 +430,13 @@ def test_unwritable_destination_is_refused_before_calibrating(conv2, tmp_path, m
 
     monkeypatch.setattr(onnx_export, "load_check_images", no_work)
     monkeypatch.setattr(os, "access", access)
-    result = CliRunner().invoke(app, ["export", str(conv2.path), "--precision", "int8", "--out",
-                                      str(tmp_path / "m.onnx")])
+    result = CliRunner().invoke(
+        app, ["export", str(conv2.path), "--precision", "int8", "--out", str(tmp_path / "m.onnx")]
+    )
     assert result.exit_code == 2
-    assert result.stderr.splitlines() == [f"error: cannot write {tmp_path / 'm.onnx'}: output folder {tmp_path} is "
-                                          f"not writable"]
+    assert result.stderr.splitlines() == [
+        f"error: cannot write {tmp_path / 'm.onnx'}: output folder {tmp_path} is not writable"
+    ]
     assert list(tmp_path.iterdir()) == []
 
 
@@ -389,8 +451,13 @@ def test_lossy_int8_needs_the_opt_in_and_warns(kaiming, tmp_path):
 
 def test_failed_int8_accuracy_check_leaves_no_file(conv2, tmp_path):
     with pytest.raises(MaskforgeError, match="int8 predicts the fp32 network's class for only"):
-        export_onnx(conv2.artifact, tmp_path / "strict.onnx", precision="int8", model=conv2.model,
-                    int8=dataclasses.replace(FAST_INT8, min_agreement=1.01))
+        export_onnx(
+            conv2.artifact,
+            tmp_path / "strict.onnx",
+            precision="int8",
+            model=conv2.model,
+            int8=dataclasses.replace(FAST_INT8, min_agreement=1.01),
+        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -398,8 +465,20 @@ def test_cli_int8_prints_its_checks(tmp_path):
     path = demo_artifact(tmp_path, "fc")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        result = CliRunner().invoke(app, ["export", str(path), "--precision", "int8", "--calibration", "16",
-                                          "--out", str(tmp_path / "c.int8.onnx"), "--json"])
+        result = CliRunner().invoke(
+            app,
+            [
+                "export",
+                str(path),
+                "--precision",
+                "int8",
+                "--calibration",
+                "16",
+                "--out",
+                str(tmp_path / "c.int8.onnx"),
+                "--json",
+            ],
+        )
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert (report["storage"], report["precision"], report["calibration_images"]) == ("regen", "int8", 16)

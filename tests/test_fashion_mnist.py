@@ -19,8 +19,7 @@ from maskforge.cli import app
 from maskforge.data import load_data, named
 from maskforge.errors import MaskforgeError
 
-FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-           "Ankle boot"]
+FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 
 
@@ -85,9 +84,22 @@ def test_absent_is_one_error_line_naming_the_package(no_system_copy, monkeypatch
     monkeypatch.setenv(named.DATA_ENV, str(tmp_path / "empty"))
     with pytest.raises(MaskforgeError, match="apt-get install dataset-fashion-mnist"):
         load_data("fashion-mnist")
-    for command in (["search", "--arch", "fc", "--data", "fashion-mnist", "--out", str(tmp_path / "run")],
-                    ["sweep", "--out", str(tmp_path / "sweep"), "--arch", "fc", "--k", "0.5", "--data",
-                     "fashion-mnist", "--max-steps", "1"]):
+    for command in (
+        ["search", "--arch", "fc", "--data", "fashion-mnist", "--out", str(tmp_path / "run")],
+        [
+            "sweep",
+            "--out",
+            str(tmp_path / "sweep"),
+            "--arch",
+            "fc",
+            "--k",
+            "0.5",
+            "--data",
+            "fashion-mnist",
+            "--max-steps",
+            "1",
+        ],
+    ):
         result = CliRunner().invoke(app, command)
         lines = result.stderr.strip().splitlines()
         error = [line for line in lines if line.startswith("error:")]
@@ -118,8 +130,25 @@ def test_the_name_is_recorded_and_reused_by_eval(no_system_copy, monkeypatch, tm
     monkeypatch.setenv(named.DATA_ENV, str(tmp_path / "env"))
     run = tmp_path / "run"
     runner = CliRunner()
-    result = runner.invoke(app, ["search", "--arch", "fc", "--k", "0.5", "--data", "fashion-mnist", "--epochs", "1",
-                                 "--batch-size", "20", "--out", str(run), "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "search",
+            "--arch",
+            "fc",
+            "--k",
+            "0.5",
+            "--data",
+            "fashion-mnist",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "20",
+            "--out",
+            str(run),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert json.loads((run / "config.json").read_text())["data"] == "fashion-mnist"
     result = runner.invoke(app, ["inspect", str(run / "artifact.safetensors"), "--json"])
@@ -127,8 +156,9 @@ def test_the_name_is_recorded_and_reused_by_eval(no_system_copy, monkeypatch, tm
     assert "fashion-mnist" in json.dumps(document) and "Ankle boot" in json.dumps(document)
     assert runner.invoke(app, ["export", str(run / "artifact.safetensors")]).exit_code == 0
     report = tmp_path / "report.json"
-    result = runner.invoke(app, ["eval", str(run / "artifact.onnx"), "--latency-runs", "2", "--threads", "1",
-                                 "--json", str(report)])
+    result = runner.invoke(
+        app, ["eval", str(run / "artifact.onnx"), "--latency-runs", "2", "--threads", "1", "--json", str(report)]
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(report.read_text())["accuracy"]["examples"] == 20
 
@@ -141,16 +171,35 @@ def test_fc_reaches_the_paper_codes_accuracy_and_eval_agrees(tmp_path):
     top-1 as the search's last held-out evaluation (10,000 images)."""
     run = tmp_path / "run"
     runner = CliRunner()
-    result = runner.invoke(app, ["search", "--arch", "fc", "--k", "0.5", "--epochs", "10", "--data", "fashion-mnist",
-                                 "--seed", "0", "--out", str(run), "--quiet"])
+    result = runner.invoke(
+        app,
+        [
+            "search",
+            "--arch",
+            "fc",
+            "--k",
+            "0.5",
+            "--epochs",
+            "10",
+            "--data",
+            "fashion-mnist",
+            "--seed",
+            "0",
+            "--out",
+            str(run),
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-    searched = last["heldout_acc"]   # a fraction
+    searched = last["heldout_acc"]  # a fraction
     assert abs(100 * searched - 87.5) <= 0.5, searched
     assert runner.invoke(app, ["export", str(run / "artifact.safetensors")]).exit_code == 0
     report = tmp_path / "report.json"
-    result = runner.invoke(app, ["eval", str(run / "artifact.onnx"), "--data", "fashion-mnist", "--latency-runs", "2",
-                                 "--json", str(report)])
+    result = runner.invoke(
+        app,
+        ["eval", str(run / "artifact.onnx"), "--data", "fashion-mnist", "--latency-runs", "2", "--json", str(report)],
+    )
     assert result.exit_code == 0, result.output
     accuracy = json.loads(report.read_text())["accuracy"]
     assert accuracy["examples"] == 10_000

@@ -118,17 +118,19 @@ def test_kept_count_examples():
 def _global_rule(layers: list[list[float]], k: float) -> list[list[int]]:
     """Section 3.3's global rule, written out: reserve each layer's best, then the rest by
     (-|score|, layer, index), NaN above every number."""
+
     def rank(layer: int, index: int) -> tuple:
         value = layers[layer][index]
         return (0, 0.0, layer, index) if math.isnan(value) else (1, -value, layer, index)
 
     total = sum(map(len, layers))
     budget = max(len(layers), max(1, _round_half_even(k * total)))
-    reserved = {min(((i, j) for j in range(len(layer))), key=lambda ij: rank(*ij))
-                for i, layer in enumerate(layers)}
-    rest = sorted(((i, j) for i, layer in enumerate(layers) for j in range(len(layer)) if (i, j) not in reserved),
-                  key=lambda ij: rank(*ij))
-    kept = reserved | set(rest[:budget - len(reserved)])
+    reserved = {min(((i, j) for j in range(len(layer))), key=lambda ij: rank(*ij)) for i, layer in enumerate(layers)}
+    rest = sorted(
+        ((i, j) for i, layer in enumerate(layers) for j in range(len(layer)) if (i, j) not in reserved),
+        key=lambda ij: rank(*ij),
+    )
+    kept = reserved | set(rest[: budget - len(reserved)])
     return [[int((i, j) in kept) for j in range(len(layer))] for i, layer in enumerate(layers)]
 
 
@@ -166,7 +168,7 @@ def _number(token: str) -> str:
     sign = "-" if value < 0 else ""
     if -4 <= exponent < 16:
         if exponent >= 0:
-            whole, fraction = digits[:exponent + 1].ljust(exponent + 1, "0"), digits[exponent + 1:]
+            whole, fraction = digits[: exponent + 1].ljust(exponent + 1, "0"), digits[exponent + 1 :]
         else:
             whole, fraction = "0", "0" * (-exponent - 1) + digits
         return f"{sign}{whole}.{fraction or '0'}"
@@ -190,7 +192,7 @@ def _string(text: str) -> str:
             out.append(short[char])
         elif ord(char) < 0x20 or ord(char) > 0x7F:
             encoded = char.encode("utf-16-be")
-            out += [f"\\u{int.from_bytes(encoded[i:i + 2], 'big'):04x}" for i in range(0, len(encoded), 2)]
+            out += [f"\\u{int.from_bytes(encoded[i : i + 2], 'big'):04x}" for i in range(0, len(encoded), 2)]
         else:
             out.append(char)
     return '"' + "".join(out) + '"'
@@ -228,8 +230,10 @@ def test_document_example_and_its_digest():
 # Section 2: every architecture, from the document's rules
 # ---------------------------------------------------------------------------------------------------------
 
-CONVNETS = {name: [int(w) for w in widths.split(",")] for name, widths in map(
-    lambda line: line.split(" = "), _examples("convnets")[0].strip().splitlines())}
+CONVNETS = {
+    name: [int(w) for w in widths.split(",")]
+    for name, widths in map(lambda line: line.split(" = "), _examples("convnets")[0].strip().splitlines())
+}
 RESNETS = {}
 for _line in _examples("resnets")[0].strip().splitlines():
     _name, _spec = _line.split(" = ")
@@ -253,12 +257,16 @@ def _resnet_blocks(name: str, channels: int, small: bool):
 def expected_structure(name: str, c: int, k: int, h: int, w: int, multiplier: float = 1.0) -> tuple[dict, dict]:
     """({parameter: shape}, {batch norm: channels}) of architecture `name`, from section 2 alone
     (`multiplier`: the width W of section 2.5, for fc and the Conv-n)."""
+
     def units(u: int) -> int:
         return max(1, _round_half_even(u * multiplier))
 
     if name == "fc":
-        return {"1.weight": [units(300), c * h * w], "3.weight": [units(100), units(300)],
-                "5.weight": [k, units(100)]}, {}
+        return {
+            "1.weight": [units(300), c * h * w],
+            "3.weight": [units(100), units(300)],
+            "5.weight": [k, units(100)],
+        }, {}
     if name in CONVNETS:
         params, previous, hidden = {}, c, units(256)
         for j, width in enumerate(units(u) for u in CONVNETS[name]):
@@ -266,8 +274,13 @@ def expected_structure(name: str, c: int, k: int, h: int, w: int, multiplier: fl
             params[f"features.{5 * j + 2}.weight"] = [width, width, 3, 3]
             previous = width
         stages = len(CONVNETS[name])
-        params.update({"classifier.1.weight": [hidden, previous * (h >> stages) * (w >> stages)],
-                       "classifier.3.weight": [hidden, hidden], "classifier.5.weight": [k, hidden]})
+        params.update(
+            {
+                "classifier.1.weight": [hidden, previous * (h >> stages) * (w >> stages)],
+                "classifier.3.weight": [hidden, hidden],
+                "classifier.5.weight": [k, hidden],
+            }
+        )
         return params, {}
     small = max(h, w) <= 64
     params, norms = {"conv1.weight": [64, c, 3, 3] if small else [64, c, 7, 7]}, {"bn1": 64}
@@ -275,8 +288,11 @@ def expected_structure(name: str, c: int, k: int, h: int, w: int, multiplier: fl
         if kind == "basic":
             convs = [("conv1", [planes, inplanes, 3, 3]), ("conv2", [planes, planes, 3, 3])]
         else:
-            convs = [("conv1", [width, inplanes, 1, 1]), ("conv2", [width, width, 3, 3]),
-                     ("conv3", [planes * 4, width, 1, 1])]
+            convs = [
+                ("conv1", [width, inplanes, 1, 1]),
+                ("conv2", [width, width, 3, 3]),
+                ("conv3", [planes * 4, width, 1, 1]),
+            ]
         for index, (conv, shape) in enumerate(convs, start=1):
             params[f"{block}.{conv}.weight"] = shape
             norms[f"{block}.bn{index}"] = shape[0]
@@ -321,8 +337,9 @@ def test_width_examples():
         params, _ = expected_structure(name, int(channels), int(classes), h, w, float(multiplier))
         assert stated == params, line
         with torch.device("meta"):
-            model = archs.build_structure(name, archs.arch_args(int(channels), int(classes), (h, w),
-                                                                float(multiplier)), 0.5)
+            model = archs.build_structure(
+                name, archs.arch_args(int(channels), int(classes), (h, w), float(multiplier)), 0.5
+            )
         assert {n + ".weight": list(m.weight.shape) for n, m in masked_modules(model).items()} == stated, line
 
 
@@ -344,8 +361,9 @@ def independent_forward(name: str, weights: dict, stats: dict, x: torch.Tensor) 
         x = F.relu(F.linear(x, weights["classifier.3.weight"]))
         return F.linear(x, weights["classifier.5.weight"])
     small = max(x.shape[-2:]) <= 64
-    x = F.relu(_bn(F.conv2d(x, weights["conv1.weight"], stride=1 if small else 2, padding=1 if small else 3),
-                   stats, "bn1"))
+    x = F.relu(
+        _bn(F.conv2d(x, weights["conv1.weight"], stride=1 if small else 2, padding=1 if small else 3), stats, "bn1")
+    )
     if not small:
         x = F.max_pool2d(x, 3, stride=2, padding=1)
     for block, kind, _, _, _, stride, downsample in _resnet_blocks(name, x.shape[1], small):
@@ -354,20 +372,25 @@ def independent_forward(name: str, weights: dict, stats: dict, x: torch.Tensor) 
         for index, conv in enumerate(convs, start=1):
             weight = weights[f"{block}.{conv}.weight"]
             strided = (kind == "basic" and index == 1) or (kind != "basic" and index == 2)
-            out = _bn(F.conv2d(out, weight, stride=stride if strided else 1, padding=weight.shape[-1] // 2),
-                      stats, f"{block}.bn{index}")
+            out = _bn(
+                F.conv2d(out, weight, stride=stride if strided else 1, padding=weight.shape[-1] // 2),
+                stats,
+                f"{block}.bn{index}",
+            )
             if index < len(convs):
                 out = F.relu(out)
         shortcut = x
         if downsample:
-            shortcut = _bn(F.conv2d(x, weights[f"{block}.downsample.0.weight"], stride=stride), stats,
-                           f"{block}.downsample.1")
+            shortcut = _bn(
+                F.conv2d(x, weights[f"{block}.downsample.0.weight"], stride=stride), stats, f"{block}.downsample.1"
+            )
         x = F.relu(out + shortcut)
     return F.linear(x.mean(dim=(2, 3)), weights["fc.weight"])
 
 
-@pytest.mark.parametrize("name,size", [("fc", 5), ("conv2", 6), ("conv6", 8), ("resnet18", 8), ("resnet18", 65),
-                                       ("resnet50", 8)])  # wide: only wider layers (the structure test)
+@pytest.mark.parametrize(
+    "name,size", [("fc", 5), ("conv2", 6), ("conv6", 8), ("resnet18", 8), ("resnet18", 65), ("resnet50", 8)]
+)  # wide: only wider layers (the structure test)
 def test_architecture_computes_what_the_definition_says(name, size):
     """maskforge's network (as materialize builds it) against the functional one, with random weights."""
     channels, classes = 3, 4
@@ -399,8 +422,9 @@ def test_architecture_computes_what_the_definition_says(name, size):
 def _mini_writer(document: dict, tensors: dict[str, tuple[str, list[int], bytes]]) -> bytes:
     """Section 3.1: seal the document (3.4-3.5) and lay the file out exactly as maskforge writes it."""
     document = json.loads(json.dumps(document))
-    document["digests"]["tensors"] = {name: hashlib.sha256(data).hexdigest() for name, (_, _, data)
-                                      in sorted(tensors.items())}
+    document["digests"]["tensors"] = {
+        name: hashlib.sha256(data).hexdigest() for name, (_, _, data) in sorted(tensors.items())
+    }
     body = {key: value for key, value in document.items() if key != "digests"}
     document["digests"]["document"] = hashlib.sha256(_canonical(_tokens(body)).encode()).hexdigest()
     metadata = _canonical(_tokens(document)).replace("\\", "\\\\").replace('"', '\\"')
@@ -408,8 +432,10 @@ def _mini_writer(document: dict, tensors: dict[str, tuple[str, list[int], bytes]
     entries, offset = [], 0
     for name in order:
         dtype, shape, data = tensors[name]
-        entries.append(f'"{name}":{{"dtype":"{dtype}","shape":[{",".join(map(str, shape))}],'
-                       f'"data_offsets":[{offset},{offset + len(data)}]}}')
+        entries.append(
+            f'"{name}":{{"dtype":"{dtype}","shape":[{",".join(map(str, shape))}],'
+            f'"data_offsets":[{offset},{offset + len(data)}]}}'
+        )
         offset += len(data)
     header = ('{"__metadata__":{"maskforge":"' + metadata + '"},' + ",".join(entries) + "}").encode()
     header += b" " * (-len(header) % 8)
@@ -435,21 +461,31 @@ def _pack(bits: list[int]) -> bytes:
 
 
 def _first_kept_masks(shapes: dict[str, list[int]], k: float) -> dict[str, list[int]]:
-    return {param: [1 if i < max(1, _round_half_even(k * math.prod(shape))) else 0
-                    for i in range(math.prod(shape))] for param, shape in shapes.items()}
-
-
-def _document(arch: str, args: dict, shapes: dict, masks: dict, seed: int, k: float, spec: dict,
-              bn: dict) -> dict:
     return {
-        "format": "maskforge-artifact", "format_version": 1, "arch": {"name": arch, "args": args}, "input": spec,
-        "seed": seed, "init": {"distribution": "signed_constant", "scale_fan": False}, "k": k,
+        param: [1 if i < max(1, _round_half_even(k * math.prod(shape))) else 0 for i in range(math.prod(shape))]
+        for param, shape in shapes.items()
+    }
+
+
+def _document(arch: str, args: dict, shapes: dict, masks: dict, seed: int, k: float, spec: dict, bn: dict) -> dict:
+    return {
+        "format": "maskforge-artifact",
+        "format_version": 1,
+        "arch": {"name": arch, "args": args},
+        "input": spec,
+        "seed": seed,
+        "init": {"distribution": "signed_constant", "scale_fan": False},
+        "k": k,
         "generator": {"id": "maskforge-splitmix64", "version": 1},
-        "layers": {p: {"shape": s, "kept": sum(masks[p]), "density": sum(masks[p]) / math.prod(s),
-                       "fan_in": math.prod(s[1:])} for p, s in shapes.items()},
-        "bn": sorted(bn), "provenance": {},
-        "digests": {"weights": {p: hashlib.sha256(_signed_constant_bytes(seed, p, s)).hexdigest()
-                                for p, s in shapes.items()}},
+        "layers": {
+            p: {"shape": s, "kept": sum(masks[p]), "density": sum(masks[p]) / math.prod(s), "fan_in": math.prod(s[1:])}
+            for p, s in shapes.items()
+        },
+        "bn": sorted(bn),
+        "provenance": {},
+        "digests": {
+            "weights": {p: hashlib.sha256(_signed_constant_bytes(seed, p, s)).hexdigest() for p, s in shapes.items()}
+        },
     }
 
 
@@ -461,10 +497,22 @@ def _maskforge_bytes(arch, args, masks, bn_stats, seed, k, spec) -> bytes:
         for name, bn in batchnorm_modules(model).items():
             bn.running_mean.copy_(torch.tensor(bn_stats[name][0]))
             bn.running_var.copy_(torch.tensor(bn_stats[name][1]))
-    input_spec = InputSpec(spec["channels"], spec["height"], spec["width"], spec["mean"], spec["std"],
-                           spec["class_names"])
-    return artifact_bytes(build_artifact(model, arch=arch, arch_args=args, spec=input_spec, seed=seed,
-                                         init="signed_constant", scale_fan=False, k=k, provenance={}))
+    input_spec = InputSpec(
+        spec["channels"], spec["height"], spec["width"], spec["mean"], spec["std"], spec["class_names"]
+    )
+    return artifact_bytes(
+        build_artifact(
+            model,
+            arch=arch,
+            arch_args=args,
+            spec=input_spec,
+            seed=seed,
+            init="signed_constant",
+            scale_fan=False,
+            k=k,
+            provenance={},
+        )
+    )
 
 
 def test_worked_example_file_is_byte_exact():
@@ -482,8 +530,13 @@ def test_worked_example_file_is_byte_exact():
 @pytest.fixture
 def tiny_bn_arch():
     def build(in_channels, num_classes, image_size, k=0.5):
-        return nn.Sequential(MaskedConv2d(in_channels, 3, 3, padding=1, k=k), NonAffineBatchNorm2d(3), nn.ReLU(),
-                             nn.Flatten(), MaskedLinear(3 * image_size[0] * image_size[1], num_classes, k=k))
+        return nn.Sequential(
+            MaskedConv2d(in_channels, 3, 3, padding=1, k=k),
+            NonAffineBatchNorm2d(3),
+            nn.ReLU(),
+            nn.Flatten(),
+            MaskedLinear(3 * image_size[0] * image_size[1], num_classes, k=k),
+        )
 
     archs.register_arch("_format_bn", "test-only conv + BN")(build)
     yield "_format_bn"
@@ -510,7 +563,7 @@ def test_file_with_batch_norm_is_byte_exact(tiny_bn_arch):
 
 
 def _table_after(heading: str) -> list[list[str]]:
-    section = FORMAT[FORMAT.index(heading):]
+    section = FORMAT[FORMAT.index(heading) :]
     table = re.search(r"^\|.*?(?=^\s*$)", section, flags=re.S | re.M).group(0)
     return [[cell.strip() for cell in row.strip("|").split("|")] for row in table.strip().splitlines()[2:]]
 

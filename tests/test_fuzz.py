@@ -56,9 +56,15 @@ TINY_ARCH = "fuzz_tiny_bn"
 
 def _tiny_bn(in_channels: int, num_classes: int, image_size, k: float = 0.5) -> nn.Module:
     return nn.Sequential(
-        MaskedConv2d(in_channels, 4, 3, padding=1, k=k), NonAffineBatchNorm2d(4), nn.ReLU(),
-        MaskedConv2d(4, 6, 3, padding=1, k=k), NonAffineBatchNorm2d(6), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2), nn.Flatten(), MaskedLinear(24, num_classes, k=k),
+        MaskedConv2d(in_channels, 4, 3, padding=1, k=k),
+        NonAffineBatchNorm2d(4),
+        nn.ReLU(),
+        MaskedConv2d(4, 6, 3, padding=1, k=k),
+        NonAffineBatchNorm2d(6),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        MaskedLinear(24, num_classes, k=k),
     )
 
 
@@ -72,8 +78,9 @@ def tiny_arch():
 @pytest.fixture(scope="module")
 def fc_artifact(tmp_path_factory) -> bytes:
     out = tmp_path_factory.mktemp("fuzz_fc")
-    result = search(SearchConfig(arch="fc", k=0.5, epochs=1, max_steps=2, batch_size=64, device="cpu",
-                                 workers=0, out=str(out)))
+    result = search(
+        SearchConfig(arch="fc", k=0.5, epochs=1, max_steps=2, batch_size=64, device="cpu", workers=0, out=str(out))
+    )
     return result.artifact_path.read_bytes()
 
 
@@ -89,8 +96,17 @@ def bn_artifact(tiny_arch, tmp_path_factory) -> bytes:
         for bn in batchnorm_modules(model).values():
             bn.running_mean.copy_(torch.randn(bn.num_features, generator=generator))
             bn.running_var.copy_(torch.rand(bn.num_features, generator=generator) + 0.5)
-    artifact = build_artifact(model, arch=tiny_arch, arch_args=args, spec=spec, seed=7, init="kaiming_normal",
-                              scale_fan=True, k=0.3, provenance={"data": "synthetic", "heldout_acc": None})
+    artifact = build_artifact(
+        model,
+        arch=tiny_arch,
+        arch_args=args,
+        spec=spec,
+        seed=7,
+        init="kaiming_normal",
+        scale_fan=True,
+        k=0.3,
+        provenance={"data": "synthetic", "heldout_acc": None},
+    )
     path = save_artifact(artifact, tmp_path_factory.mktemp("fuzz_bn") / "artifact.safetensors")
     return path.read_bytes()
 
@@ -102,15 +118,15 @@ def bn_artifact(tiny_arch, tmp_path_factory) -> bytes:
 
 @dataclass
 class Parsed:
-    header: dict          # the safetensors header, including __metadata__
-    body: bytes           # the tensor data after the header
-    document: dict        # the maskforge JSON document
+    header: dict  # the safetensors header, including __metadata__
+    body: bytes  # the tensor data after the header
+    document: dict  # the maskforge JSON document
 
     @classmethod
     def of(cls, data: bytes) -> "Parsed":
         n = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8:8 + n])
-        return cls(header, data[8 + n:], json.loads(header["__metadata__"]["maskforge"]))
+        header = json.loads(data[8 : 8 + n])
+        return cls(header, data[8 + n :], json.loads(header["__metadata__"]["maskforge"]))
 
     def region(self, name: str) -> tuple[int, int]:
         return tuple(self.header[name]["data_offsets"])
@@ -217,13 +233,12 @@ def _swap_data(data: bytes, rng: random.Random) -> tuple[str, bytes]:
     p = Parsed.of(data)
     body = bytearray(p.body)
     names = p.tensor_names()
-    same_size = [(a, b) for a in names for b in names if a < b
-                 and np.diff(p.region(a)) == np.diff(p.region(b))]
+    same_size = [(a, b) for a in names for b in names if a < b and np.diff(p.region(a)) == np.diff(p.region(b))]
     if same_size and rng.random() < 0.5:
         a, b = rng.choice(same_size)
         (a0, a1), (b0, b1) = p.region(a), p.region(b)
         body[a0:a1], body[b0:b1] = p.body[b0:b1], p.body[a0:a1]
-        return "swap.tensors", data[:len(data) - len(p.body)] + bytes(body)
+        return "swap.tensors", data[: len(data) - len(p.body)] + bytes(body)
     # swap two chunks inside one tensor: for a mask this keeps the number of kept weights
     name = max(names, key=lambda n: np.diff(p.region(n))[0]) if rng.random() < 0.5 else rng.choice(names)
     lo, hi = p.region(name)
@@ -231,8 +246,8 @@ def _swap_data(data: bytes, rng: random.Random) -> tuple[str, bytes]:
     if hi - lo < 2 * width:
         width = 1
     i, j = sorted(rng.sample(range(lo, hi - width + 1, width), 2)) if (hi - lo) // width >= 2 else (lo, lo)
-    body[i:i + width], body[j:j + width] = p.body[j:j + width], p.body[i:i + width]
-    return "swap.chunks", data[:len(data) - len(p.body)] + bytes(body)
+    body[i : i + width], body[j : j + width] = p.body[j : j + width], p.body[i : i + width]
+    return "swap.chunks", data[: len(data) - len(p.body)] + bytes(body)
 
 
 def _doc_edits(document: dict, rng: random.Random) -> list[tuple[str, dict, bool]]:
@@ -240,40 +255,57 @@ def _doc_edits(document: dict, rng: random.Random) -> list[tuple[str, dict, bool
     d = document
     layer = rng.choice(sorted(d["layers"]))
     other_arch = rng.choice([a for a in archs.ARCHS if a != d["arch"]["name"]])
-    other_init = rng.choice([i for i in ("signed_constant", "unsigned_constant", "kaiming_normal")
-                             if i != d["init"]["distribution"]])
+    other_init = rng.choice(
+        [i for i in ("signed_constant", "unsigned_constant", "kaiming_normal") if i != d["init"]["distribution"]]
+    )
     edits = {
-        "seed+1": ("seed", d["seed"] + 1), "seed+2^40": ("seed", d["seed"] + 2 ** 40),
-        "seed-neg": ("seed", -1), "seed-str": ("seed", str(d["seed"])), "seed-float": ("seed", float(d["seed"])),
-        "seed-bool": ("seed", True), "seed-huge": ("seed", 2 ** 64),
-        "k-other": ("k", rng.choice([0.1, 0.25, 0.7, 1.0])), "k-zero": ("k", 0.0), "k-big": ("k", 1.5),
-        "k-int": ("k", 1), "k-str": ("k", "0.5"), "k-neg": ("k", -0.5),
-        "arch-other": ("arch.name", other_arch), "arch-unknown": ("arch.name", "resnet9000"),
+        "seed+1": ("seed", d["seed"] + 1),
+        "seed+2^40": ("seed", d["seed"] + 2**40),
+        "seed-neg": ("seed", -1),
+        "seed-str": ("seed", str(d["seed"])),
+        "seed-float": ("seed", float(d["seed"])),
+        "seed-bool": ("seed", True),
+        "seed-huge": ("seed", 2**64),
+        "k-other": ("k", rng.choice([0.1, 0.25, 0.7, 1.0])),
+        "k-zero": ("k", 0.0),
+        "k-big": ("k", 1.5),
+        "k-int": ("k", 1),
+        "k-str": ("k", "0.5"),
+        "k-neg": ("k", -0.5),
+        "arch-other": ("arch.name", other_arch),
+        "arch-unknown": ("arch.name", "resnet9000"),
         "args-classes": ("arch.args.num_classes", d["arch"]["args"]["num_classes"] + 1),
         "args-size": ("arch.args.image_size", [s + 4 for s in d["arch"]["args"]["image_size"]]),
         "args-channels": ("arch.args.in_channels", d["arch"]["args"]["in_channels"] + 1),
         "args-extra": ("arch.args.depth", 3),
-        "init-other": ("init.distribution", other_init), "init-scale": ("init.scale_fan",
-                                                                        not d["init"]["scale_fan"]),
+        "init-other": ("init.distribution", other_init),
+        "init-scale": ("init.scale_fan", not d["init"]["scale_fan"]),
         "init-unknown": ("init.distribution", "xavier"),
-        "generator": ("generator.version", 2), "generator-id": ("generator.id", "pcg64"),
-        "version-2": ("format_version", 2), "version-0": ("format_version", 0), "version-str": ("format_version", "1"),
+        "generator": ("generator.version", 2),
+        "generator-id": ("generator.id", "pcg64"),
+        "version-2": ("format_version", 2),
+        "version-0": ("format_version", 0),
+        "version-str": ("format_version", "1"),
         "format": ("format", "other"),
-        "layer-shape": (f"layers.{layer}.shape",
-                        [d["layers"][layer]["shape"][0] + 1] + d["layers"][layer]["shape"][1:]),
+        "layer-shape": (
+            f"layers.{layer}.shape",
+            [d["layers"][layer]["shape"][0] + 1] + d["layers"][layer]["shape"][1:],
+        ),
         "layer-kept": (f"layers.{layer}.kept", d["layers"][layer]["kept"] + rng.choice([-1, 1])),
         "layer-density": (f"layers.{layer}.density", d["layers"][layer]["density"] / 2),
         "layer-fan": (f"layers.{layer}.fan_in", d["layers"][layer]["fan_in"] + 1),
         "layer-extra": (f"layers.{layer}.bias", True),
         "layer-rename": ("layers", {(k + "x" if k == layer else k): v for k, v in d["layers"].items()}),
         "bn-list": ("bn", d["bn"][:-1] if d["bn"] else ["features.1"]),
-        "prov-acc-str": ("provenance.heldout_acc", "high"), "prov-acc-big": ("provenance.heldout_acc", 7.0),
+        "prov-acc-str": ("provenance.heldout_acc", "high"),
+        "prov-acc-big": ("provenance.heldout_acc", 7.0),
         "prov-nested": ("provenance.data", {"a": 1}),
         "digest-weight": (f"digests.weights.{layer}", "0" * 64),
         "digest-weight-upper": (f"digests.weights.{layer}", d["digests"]["weights"][layer].upper()),
         "digest-tensor": (f"digests.tensors.mask/{layer}", "f" * 64),
         "digest-missing": ("digests.weights", {k: v for k, v in d["digests"]["weights"].items() if k != layer}),
-        "unknown-top": ("comment", "hello"), "delete-top": ("provenance", None),
+        "unknown-top": ("comment", "hello"),
+        "delete-top": ("provenance", None),
     }
     # only the document digest protects these: edited naively (a consistent edit is a new artifact)
     naive_only = {
@@ -286,8 +318,7 @@ def _doc_edits(document: dict, rng: random.Random) -> list[tuple[str, dict, bool
     for table, redigest_ok in ((edits, True), (naive_only, False)):
         for name, (field, value) in table.items():
             edited = copy.deepcopy(d)
-            *parents, leaf = field.split(".") if not field.startswith(("layers.", "digests.")) else \
-                _split_keyed(field)
+            *parents, leaf = field.split(".") if not field.startswith(("layers.", "digests.")) else _split_keyed(field)
             node = edited
             for key in parents:
                 node = node[key]
@@ -324,7 +355,7 @@ def _mutations(data: bytes, rng: random.Random, plan: dict[str, int]):
         out[at] = (out[at] + rng.randrange(1, 256)) % 256
         yield "byte.overwrite", bytes(out)
     for _ in range(plan["truncate"]):
-        yield "truncate", data[:rng.randrange(len(data))]
+        yield "truncate", data[: rng.randrange(len(data))]
     for _ in range(plan["extend"]):
         yield "extend", data + bytes(rng.randrange(256) for _ in range(rng.choice([1, 7, 8, 64])))
     for _ in range(plan["header_edit"]):
@@ -357,8 +388,17 @@ def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _semantics(artifact) -> tuple:
     """Everything that decides what the deployed network computes, beyond the weights themselves."""
-    return (artifact.arch, artifact.arch_args, artifact.k, artifact.seed, artifact.init, artifact.scale_fan,
-            artifact.spec, sorted(artifact.masks), sorted(artifact.bn_stats))
+    return (
+        artifact.arch,
+        artifact.arch_args,
+        artifact.k,
+        artifact.seed,
+        artifact.init,
+        artifact.scale_fan,
+        artifact.spec,
+        sorted(artifact.masks),
+        sorted(artifact.bn_stats),
+    )
 
 
 def _fuzz(data: bytes, plan: dict[str, int], seed: int) -> tuple[Counter, dict, list]:
@@ -370,8 +410,9 @@ def _fuzz(data: bytes, plan: dict[str, int], seed: int) -> tuple[Counter, dict, 
     counts, by_class, silent = Counter(), {}, []
     for index, (kind, mutated) in enumerate(_mutations(data, random.Random(seed), plan)):
         counts["tried"] += 1
-        group = by_class.setdefault(kind.split(".")[0] + "." + kind.split(".")[1] if kind.count(".") else kind,
-                                    Counter())
+        group = by_class.setdefault(
+            kind.split(".")[0] + "." + kind.split(".")[1] if kind.count(".") else kind, Counter()
+        )
         if mutated == data:
             outcome = "unchanged"  # e.g. a header edit that happened to rebuild the same bytes
         else:
@@ -388,8 +429,7 @@ def _fuzz(data: bytes, plan: dict[str, int], seed: int) -> tuple[Counter, dict, 
             else:
                 same = torch.equal(_outputs(model, x), reference) and _semantics(artifact) == _semantics(original)
                 same = same and all(torch.equal(artifact.masks[n], original.masks[n]) for n in original.masks)
-                same = same and all(torch.equal(artifact.bn_stats[n], original.bn_stats[n])
-                                    for n in original.bn_stats)
+                same = same and all(torch.equal(artifact.bn_stats[n], original.bn_stats[n]) for n in original.bn_stats)
                 outcome = "identical" if same else "silent"
                 if not same:
                     silent.append((index, kind, "loaded but differs"))
@@ -398,30 +438,55 @@ def _fuzz(data: bytes, plan: dict[str, int], seed: int) -> tuple[Counter, dict, 
     return counts, by_class, silent
 
 
-_FC_PLAN = {"flip_any": 250, "flip_header": 250, "flip_data": 40, "byte": 80, "truncate": 80, "extend": 10,
-            "header_edit": 90, "swap": 40, "benign_doc": 5}
-_BN_PLAN = {"flip_any": 60, "flip_header": 60, "flip_data": 60, "byte": 30, "truncate": 30, "extend": 5,
-            "header_edit": 40, "swap": 40, "benign_doc": 3}
+_FC_PLAN = {
+    "flip_any": 250,
+    "flip_header": 250,
+    "flip_data": 40,
+    "byte": 80,
+    "truncate": 80,
+    "extend": 10,
+    "header_edit": 90,
+    "swap": 40,
+    "benign_doc": 5,
+}
+_BN_PLAN = {
+    "flip_any": 60,
+    "flip_header": 60,
+    "flip_data": 60,
+    "byte": 30,
+    "truncate": 30,
+    "extend": 5,
+    "header_edit": 40,
+    "swap": 40,
+    "benign_doc": 3,
+}
 
 
 def test_fuzz_rejects_or_reproduces_every_mutation(fc_artifact, bn_artifact, capsys):
     totals, table, problems = Counter(), {}, []
-    for label, data, plan, seed in (("fc (searched)", fc_artifact, _FC_PLAN, SEED),
-                                    ("tiny conv+BN", bn_artifact, _BN_PLAN, SEED + 1)):
+    for label, data, plan, seed in (
+        ("fc (searched)", fc_artifact, _FC_PLAN, SEED),
+        ("tiny conv+BN", bn_artifact, _BN_PLAN, SEED + 1),
+    ):
         counts, by_class, silent = _fuzz(data, plan, seed)
         totals.update(counts)
         problems += [(label, *entry) for entry in silent]
         for kind, outcome in by_class.items():
             table.setdefault(kind, Counter()).update(outcome)
     with capsys.disabled():
-        print(f"\n[fuzz] mutations tried {totals['tried']}, rejected {totals['rejected']}, identical "
-              f"{totals['identical']}, unchanged {totals['unchanged']}, silent {totals['silent']}, "
-              f"crashes {totals['crash']}")
+        print(
+            f"\n[fuzz] mutations tried {totals['tried']}, rejected {totals['rejected']}, identical "
+            f"{totals['identical']}, unchanged {totals['unchanged']}, silent {totals['silent']}, "
+            f"crashes {totals['crash']}"
+        )
         for kind in sorted(table):
             row = table[kind]
-            print(f"[fuzz]   {kind:28s} " + ", ".join(f"{key} {row[key]}" for key in
-                                                      ("rejected", "identical", "unchanged", "silent", "crash")
-                                                      if row[key]))
+            print(
+                f"[fuzz]   {kind:28s} "
+                + ", ".join(
+                    f"{key} {row[key]}" for key in ("rejected", "identical", "unchanged", "silent", "crash") if row[key]
+                )
+            )
     assert totals["tried"] >= 1000
     assert totals["silent"] == 0 and totals["crash"] == 0, problems[:10]
     # the benign rewrites really load (the oracle is not "reject everything")
@@ -439,15 +504,22 @@ def test_consistent_seed_edit_is_caught_by_the_weight_digests(fc_artifact):
         materialize(artifact)
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("format_version", 2, r"^edited uses artifact format version 2, newer than this maskforge reads \(1\); "
-                          r"upgrade maskforge$"),
-    ("k", 1.5, r"^edited: k must be <= 1, got 1\.5$"),
-    ("seed", -3, r"^edited: seed must be >= 0, got -3$"),
-    ("seed", 2 ** 63, r"^edited: seed must be <= 9223372036854775807, got 9223372036854775808$"),
-    ("seed", True, r"^edited: seed must be an integer, got True$"),
-    ("comment", "x", r"^edited: unknown field comment$"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        (
+            "format_version",
+            2,
+            r"^edited uses artifact format version 2, newer than this maskforge reads \(1\); "
+            r"upgrade maskforge$",
+        ),
+        ("k", 1.5, r"^edited: k must be <= 1, got 1\.5$"),
+        ("seed", -3, r"^edited: seed must be >= 0, got -3$"),
+        ("seed", 2**63, r"^edited: seed must be <= 9223372036854775807, got 9223372036854775808$"),
+        ("seed", True, r"^edited: seed must be an integer, got True$"),
+        ("comment", "x", r"^edited: unknown field comment$"),
+    ],
+)
 def test_schema_messages_name_the_field(fc_artifact, field, value, message):
     p = Parsed.of(fc_artifact)
     edited = copy.deepcopy(p.document)

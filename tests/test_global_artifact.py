@@ -38,8 +38,27 @@ def _cli(*argv: str):
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory):
     run = tmp_path_factory.mktemp("global") / "run"
-    _cli("search", "--arch", "fc", "--k", str(K), "--topk", "global", "--max-steps", "12", "--epochs", "1",
-         "--batch-size", "128", "--device", "cpu", "--out", str(run), "--keep-checkpoint", "-q")
+    _cli(
+        "search",
+        "--arch",
+        "fc",
+        "--k",
+        str(K),
+        "--topk",
+        "global",
+        "--max-steps",
+        "12",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "128",
+        "--device",
+        "cpu",
+        "--out",
+        str(run),
+        "--keep-checkpoint",
+        "-q",
+    )
     return run
 
 
@@ -105,8 +124,10 @@ def test_a_global_artifact_whose_total_breaks_the_rule_is_refused(tmp_path):
     sizes = [m.numel() for m in good.masks.values()]
     with pytest.raises(MaskforgeError) as caught:
         load_artifact(bad)
-    assert str(caught.value) == (f"{bad}: the layers keep {good.kept_weights - 1:,} weights in all, global top-k "
-                                 f"with k=0.3 over {sum(sizes):,} weights in 3 layers keeps {good.kept_weights:,}")
+    assert str(caught.value) == (
+        f"{bad}: the layers keep {good.kept_weights - 1:,} weights in all, global top-k "
+        f"with k=0.3 over {sum(sizes):,} weights in 3 layers keeps {good.kept_weights:,}"
+    )
 
 
 def test_apply_masks_follows_the_model_rule():

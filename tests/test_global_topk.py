@@ -124,9 +124,16 @@ def test_global_masks_on_millions_of_weights_and_both_maskers_agree():
 
 
 def _model(seed: int, k: float = 0.3) -> nn.Module:
-    model = nn.Sequential(MaskedConv2d(1, 8, 3, padding=1, k=k), NonAffineBatchNorm2d(8), nn.ReLU(),
-                          nn.MaxPool2d(2), nn.Flatten(), MaskedLinear(8 * 4 * 4, 16, k=k), nn.ReLU(),
-                          MaskedLinear(16, 3, k=k))
+    model = nn.Sequential(
+        MaskedConv2d(1, 8, 3, padding=1, k=k),
+        NonAffineBatchNorm2d(8),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        MaskedLinear(8 * 4 * 4, 16, k=k),
+        nn.ReLU(),
+        MaskedLinear(16, 3, k=k),
+    )
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in masked_modules(model).values():
@@ -142,7 +149,7 @@ def _toy_batch(n: int = 48):
     y = torch.arange(n) % 3
     x = torch.randn(n, 1, 8, 8, generator=gen) * 0.3
     for i, label in enumerate(y.tolist()):
-        x[i, 0, 2 * label:2 * label + 3, 2 * label:2 * label + 3] += 2.0
+        x[i, 0, 2 * label : 2 * label + 3, 2 * label : 2 * label + 3] += 2.0
     return x, y
 
 
@@ -193,8 +200,7 @@ def test_global_selection_runs_once_per_score_update(monkeypatch):
 
     calls = []
     original = layers_module.global_topk_masks
-    monkeypatch.setattr(layers_module, "global_topk_masks",
-                        lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    monkeypatch.setattr(layers_module, "global_topk_masks", lambda *a, **kw: calls.append(1) or original(*a, **kw))
     model = _model(8)
     set_topk(model, "global")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

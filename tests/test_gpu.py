@@ -39,13 +39,13 @@ from test_maskers import _values
 # process creates its first cuBLAS handle: set it at collection, before any test runs.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 search_module = importlib.import_module("maskforge.searches")
 
 
 # --- the maskers on the device ---------------------------------------------------------------------------
+
 
 def _oracle_masks(values: torch.Tensor, kepts: list[int]) -> dict[int, torch.Tensor]:
     """The sort oracle's masks for several kept counts from one sort (on the CPU)."""
@@ -88,8 +88,14 @@ def test_global_topk_on_cuda_matches_the_oracle(masker):
 
 
 def _tiny_net(k: float = 0.4) -> nn.Module:
-    model = nn.Sequential(MaskedConv2d(3, 16, 3, padding=1, k=k), NonAffineBatchNorm2d(16), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(2), nn.Flatten(), MaskedLinear(64, 10, k=k))
+    model = nn.Sequential(
+        MaskedConv2d(3, 16, 3, padding=1, k=k),
+        NonAffineBatchNorm2d(16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        MaskedLinear(64, 10, k=k),
+    )
     gen = torch.Generator().manual_seed(4)
     with torch.no_grad():
         for layer in masked_modules(model).values():
@@ -98,8 +104,9 @@ def _tiny_net(k: float = 0.4) -> nn.Module:
     return model
 
 
-def _train_steps(model: nn.Module, device: str, *, bf16: bool, channels_last: bool, steps: int = 3,
-                 compiled: bool = False) -> list[torch.Tensor]:
+def _train_steps(
+    model: nn.Module, device: str, *, bf16: bool, channels_last: bool, steps: int = 3, compiled: bool = False
+) -> list[torch.Tensor]:
     """SGD steps on a fixed batch; returns the logits of each step (float32, on the CPU)."""
     model.to(device)
     if channels_last:
@@ -141,13 +148,21 @@ def test_bf16_channels_last_steps_on_cuda_keep_exact_masks(masker):
 def deterministic_cuda():
     """cuDNN without autotuning, TF32 or non-deterministic kernels, restored afterwards: two identical
     networks then compute identical bits, so their masks cannot drift apart through tied scores."""
-    saved = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
-             torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    saved = (
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cuda.matmul.allow_tf32,
+    )
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     yield
-    (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
-     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) = saved
+    (
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cuda.matmul.allow_tf32,
+    ) = saved
 
 
 def test_both_maskers_agree_on_cuda_in_fp32(deterministic_cuda):
@@ -186,8 +201,9 @@ def test_global_topk_trains_on_cuda():
 
 
 def _config(tmp_path, name="run", **overrides) -> SearchConfig:
-    values = dict(arch="conv2", k=0.5, epochs=1, max_steps=4, batch_size=64, device="cuda", workers=0,
-                  out=str(tmp_path / name))
+    values = dict(
+        arch="conv2", k=0.5, epochs=1, max_steps=4, batch_size=64, device="cuda", workers=0, out=str(tmp_path / name)
+    )
     values.update(overrides)
     return SearchConfig(**values)
 
@@ -241,6 +257,7 @@ class _Crash(Exception):
 
 def test_gpu_checkpoint_resumes(tmp_path):
     """Killed after step 3 (through the public on_step callback), resumed from the checkpoint of step 2."""
+
     def crash(progress):
         if progress.step == 3:
             raise _Crash()
@@ -257,8 +274,12 @@ def test_gpu_checkpoint_resumes(tmp_path):
 def test_deterministic_search_on_gpu_repeats_bit_for_bit(tmp_path):
     """With deterministic (and fp32, eager, one process) two GPU searches write the same masks and
     batch-norm statistics; a kernel without a deterministic implementation would be a one-line error."""
-    runs = [search(_config(tmp_path, f"det{i}", arch="resnet18", precision="fp32", deterministic=True,
-                           max_steps=3)).artifact for i in range(2)]
+    runs = [
+        search(
+            _config(tmp_path, f"det{i}", arch="resnet18", precision="fp32", deterministic=True, max_steps=3)
+        ).artifact
+        for i in range(2)
+    ]
     assert runs[0].masks.keys() == runs[1].masks.keys()
     assert all(torch.equal(runs[0].masks[name], runs[1].masks[name]) for name in runs[0].masks)
     assert all(torch.equal(runs[0].bn_stats[name], runs[1].bn_stats[name]) for name in runs[0].bn_stats)
@@ -282,9 +303,30 @@ def test_compile_on_gpu(tmp_path):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_torchrun_two_gpus_nccl(tmp_path):
     out = tmp_path / "ddp"
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-            "-m", "maskforge.cli", "search", "--arch", "conv2", "--max-steps", "6", "--epochs", "1",
-            "--batch-size", "128", "--device", "cuda", "-q", "--out", str(out)]
+    argv = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "maskforge.cli",
+        "search",
+        "--arch",
+        "conv2",
+        "--max-steps",
+        "6",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "128",
+        "--device",
+        "cuda",
+        "-q",
+        "--out",
+        str(out),
+    ]
     env = {**os.environ}
     env.pop("WORLD_SIZE", None)
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)

@@ -27,8 +27,14 @@ def _load():
 
 
 def _check(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT, env={**os.environ, "PYTHON": sys.executable})
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU machine runs the real check")
@@ -106,7 +112,7 @@ def test_a_part_past_its_limit_is_stopped_with_its_children_and_keeps_its_output
     gpu_check = _load()
     pid_file = tmp_path / "grandchild.pid"
     # a shell (fast to start, even on a loaded machine) with a child of its own, printing one record
-    script = f"sleep 300 & echo $! > {pid_file}; echo '{{\"arch\": \"x\", \"ratio\": 1.5}}'; sleep 300"
+    script = f'sleep 300 & echo $! > {pid_file}; echo \'{{"arch": "x", "ratio": 1.5}}\'; sleep 300'
     part = gpu_check.Part("slow-part", ["sh", "-c", script], limit_s=3, about="sleeps")
     record = gpu_check.run_part(part, tmp_path, deadline=gpu_check.time.monotonic() + 100)
     assert record["status"] == "timeout" and record["returncode"] is None
@@ -128,26 +134,68 @@ def test_report_of_real_search_step_records_names_failures_and_targets():
     search_step = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = search_step
     spec.loader.exec_module(search_step)
-    step = search_step.run_workload(search_step.WORKLOADS["fc"], torch.device("cpu"), repeats=1, inner=1,
-                                    batch=4, memory=False, threads=None, warmup=0,
-                                    variants=("search", "dense"))
+    step = search_step.run_workload(
+        search_step.WORKLOADS["fc"],
+        torch.device("cpu"),
+        repeats=1,
+        inner=1,
+        batch=4,
+        memory=False,
+        threads=None,
+        warmup=0,
+        variants=("search", "dense"),
+    )
     step.update(arch="wrn50", ratio=1.05, reference_ratio=1.1, peak_ratio=1.2)
-    parts = {"search-step": {"name": "search-step", "records": [step]},
-             "cuda-tests": {"junit": {"tests": 9, "failures": 1, "errors": 0, "skipped": 2}},
-             "epoch-like": {"records": [{"images_per_s_last_epoch": 1234.0}]}}
+    parts = {
+        "search-step": {"name": "search-step", "records": [step]},
+        "cuda-tests": {"junit": {"tests": 9, "failures": 1, "errors": 0, "skipped": 2}},
+        "epoch-like": {"records": [{"images_per_s_last_epoch": 1234.0}]},
+    }
     targets = gpu_check.evaluate_targets(parts, arch="wrn50")
     assert [t["met"] for t in targets] == [True, False, False, False, None]
     assert targets[0]["target"] == "wrn50 search / dense step <= 1.1" and targets[4]["value"] == 1234.0
-    failed = {"name": "torchrun", "status": "failed", "seconds": 3.0, "limit_s": 45.0, "about": "a",
-              "log": "torchrun.log", "tail": "line one\nTraceback: boom\n", "note": "artifact: bad"}
-    results = {"mode": "gpu", "budget_s": 470, "seconds": 12.0, "targets": targets,
-               "machine": {"date": "d", "gpus": ["H200"], "driver": "1", "torch": "t", "cuda": "c",
-                           "maskforge": "m", "commit": "abc", "cpus": 16},
-               "parts": [{**parts["search-step"], "status": "ok", "seconds": 5.0, "limit_s": 130.0, "about": "b",
-                          "log": "search-step.log"}, failed]}
+    failed = {
+        "name": "torchrun",
+        "status": "failed",
+        "seconds": 3.0,
+        "limit_s": 45.0,
+        "about": "a",
+        "log": "torchrun.log",
+        "tail": "line one\nTraceback: boom\n",
+        "note": "artifact: bad",
+    }
+    results = {
+        "mode": "gpu",
+        "budget_s": 470,
+        "seconds": 12.0,
+        "targets": targets,
+        "machine": {
+            "date": "d",
+            "gpus": ["H200"],
+            "driver": "1",
+            "torch": "t",
+            "cuda": "c",
+            "maskforge": "m",
+            "commit": "abc",
+            "cpus": 16,
+        },
+        "parts": [
+            {
+                **parts["search-step"],
+                "status": "ok",
+                "seconds": 5.0,
+                "limit_s": 130.0,
+                "about": "b",
+                "log": "search-step.log",
+            },
+            failed,
+        ],
+    }
     text = gpu_check.markdown(results)
-    assert (f"| eager | wrn50 | 1×28×28 | 4 | fp32 | numpy | {step['search_ms']:,.2f} | {step['dense_ms']:,.2f} "
-            f"| **1.050** | — | 1.10 | — / — | 1.200 |") in text
+    assert (
+        f"| eager | wrn50 | 1×28×28 | 4 | fp32 | numpy | {step['search_ms']:,.2f} | {step['dense_ms']:,.2f} "
+        f"| **1.050** | — | 1.10 | — / — | 1.200 |"
+    ) in text
     assert "| torchrun | failed (artifact: bad) | 3 | 45 | a |" in text
     assert "### torchrun: failed (last lines of torchrun.log)" in text and "Traceback: boom" in text
     assert "| wrn50 search / dense step <= 1.1 | 1.050 | ✔ |" in text

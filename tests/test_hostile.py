@@ -42,7 +42,7 @@ def _one_error_line(result, code: int = 2) -> str:
 def _header_and_body(path: Path) -> tuple[dict, bytes]:
     data = path.read_bytes()
     size = int.from_bytes(data[:8], "little")
-    return json.loads(data[8:8 + size]), data[8 + size:]
+    return json.loads(data[8 : 8 + size]), data[8 + size :]
 
 
 def _assemble(header: bytes, body: bytes) -> bytes:
@@ -178,8 +178,13 @@ def test_deeply_nested_header_is_one_error_line_everywhere(run, tmp_path):
     from PIL import Image
 
     Image.fromarray(np.zeros((28, 28), dtype=np.uint8), "L").save(image)
-    for command in (["inspect", nested], ["verify", nested], ["export", nested, "--out", tmp_path / "m.onnx"],
-                    ["eval", nested], ["predict", nested, image]):
+    for command in (
+        ["inspect", nested],
+        ["verify", nested],
+        ["export", nested, "--out", tmp_path / "m.onnx"],
+        ["eval", nested],
+        ["predict", nested, image],
+    ):
         line = _one_error_line(_cli(*command))
         assert "nested.safetensors" in line and "bug" not in line, (command, line)
 
@@ -246,9 +251,14 @@ def test_plain_symlinks_still_work_in_the_same_order_as_torchvision(folder, tmp_
     (shared / ".hidden" / "x.png").write_bytes(b"skipped")
     (shared / "notes.txt").write_text("skipped")
     splits = load_data(str(folder))
-    expected = [Path(p) for p, _ in make_dataset(
-        str(folder / "train"), {"dark": 0, "light": 1},
-        is_valid_file=lambda p: p.lower().endswith(".png") and "/." not in p)]
+    expected = [
+        Path(p)
+        for p, _ in make_dataset(
+            str(folder / "train"),
+            {"dark": 0, "light": 1},
+            is_valid_file=lambda p: p.lower().endswith(".png") and "/." not in p,
+        )
+    ]
     assert splits.train.files == expected and len(expected) == 4 + 3 + 4
 
 
@@ -259,8 +269,12 @@ def test_a_self_looping_symlink_is_not_reported_as_missing(run, tmp_path):
     loop.symlink_to(loop)
     with pytest.raises(MaskforgeError, match=r"loop is a symbolic link that loops"):
         load_data(str(loop))
-    for command in (["predict", run / "model.onnx", loop], ["predict", loop, run / "model.onnx"],
-                    ["eval", loop], ["inspect", loop]):
+    for command in (
+        ["predict", run / "model.onnx", loop],
+        ["predict", loop, run / "model.onnx"],
+        ["eval", loop],
+        ["inspect", loop],
+    ):
         line = _one_error_line(_cli(*command))
         assert "symbolic link that loops" in line or "Too many levels of symbolic links" in line, (command, line)
     dangling = tmp_path / "dangling.png"
@@ -280,12 +294,15 @@ def _records(run: Path) -> list[str]:
     return (run / "metrics.jsonl").read_text().splitlines()
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("{}", r"metrics.jsonl line 2: metrics record: field \w+ is missing"),
-    ("[1, 2]", r"metrics.jsonl line 2: metrics record: .*must be an object"),
-    ("epoch-two", r"metrics.jsonl line 2: metrics record: epoch must be an integer, got 'two'"),
-    ("truncated", r"metrics.jsonl line 2: .*is not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("{}", r"metrics.jsonl line 2: metrics record: field \w+ is missing"),
+        ("[1, 2]", r"metrics.jsonl line 2: metrics record: .*must be an object"),
+        ("epoch-two", r"metrics.jsonl line 2: metrics record: epoch must be an integer, got 'two'"),
+        ("truncated", r"metrics.jsonl line 2: .*is not valid JSON"),
+    ],
+)
 def test_damaged_metrics_records_are_refused_with_their_line(run, tmp_path, damage, message):
     import shutil
 
@@ -367,8 +384,7 @@ def test_predict_reports_bad_images_classifies_the_rest_and_exits_2(run, tmp_pat
     assert "cannot decode image" in document["failed"][0]["error"]
     lines = result.stderr.splitlines()
     assert lines[0].startswith(f"warning: cannot decode image {bad}")
-    assert lines[-1] == "error: 1 of 3 images could not be decoded (see the warnings above); the other 2 are " \
-                        "classified"
+    assert lines[-1] == "error: 1 of 3 images could not be decoded (see the warnings above); the other 2 are classified"
     table = _cli("predict", run / "model.onnx", *images)
     assert table.exit_code == 2 and "maskforge predict" in table.stdout and "b.jpg" not in table.stdout
     assert table.stderr.splitlines()[-1] == lines[-1]
@@ -380,16 +396,17 @@ def test_predict_reports_bad_images_classifies_the_rest_and_exits_2(run, tmp_pat
 
 def test_predict_takes_a_folder_recursively_in_sorted_order(run, tmp_path):
     folder = tmp_path / "imgs"
-    files = [_png(folder / name, value) for name, value in
-             (("b.png", 10), ("a/z.png", 90), ("a/b/y.png", 250), ("c.PNG", 128))]
+    files = [
+        _png(folder / name, value)
+        for name, value in (("b.png", 10), ("a/z.png", 90), ("a/b/y.png", 250), ("c.PNG", 128))
+    ]
     (folder / "notes.txt").write_text("not an image")
     _png(folder / ".hidden" / "x.png", 1)
     result = _cli("predict", run / "model.onnx", folder, "--json")
     assert result.exit_code == 0, result.stderr
     listed = [p["image"] for p in json.loads(result.stdout)["predictions"]]
     # the order of an image folder (torchvision's): folder by folder in sorted path order, names sorted within
-    assert listed == [str(folder / "b.png"), str(folder / "c.PNG"), str(folder / "a/z.png"),
-                      str(folder / "a/b/y.png")]
+    assert listed == [str(folder / "b.png"), str(folder / "c.PNG"), str(folder / "a/z.png"), str(folder / "a/b/y.png")]
     assert sorted(listed) == sorted(map(str, files))
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -410,10 +427,12 @@ def test_eval_counts_the_readable_images_and_exits_2_naming_the_bad_ones(tmp_pat
     assert result.exit_code == 2, result.stderr
     report = json.loads(result.stdout)
     assert report["accuracy"]["examples"] == 8
-    assert report["accuracy"]["unreadable"] == [{"image": str(bad), "error": report["accuracy"]["unreadable"][0]
-                                                 ["error"]}]
-    assert result.stderr.splitlines()[-1] == ("error: 1 of 9 test images could not be decoded (see the warnings "
-                                              "above); the accuracy counts the other 8")
+    assert report["accuracy"]["unreadable"] == [
+        {"image": str(bad), "error": report["accuracy"]["unreadable"][0]["error"]}
+    ]
+    assert result.stderr.splitlines()[-1] == (
+        "error: 1 of 9 test images could not be decoded (see the warnings above); the accuracy counts the other 8"
+    )
     assert any(line.startswith(f"warning: cannot decode image {bad}") for line in result.stderr.splitlines())
 
 
@@ -442,8 +461,9 @@ def test_int8_export_with_a_full_temporary_folder_names_the_users_file(run, tmp_
     monkeypatch.setattr(Path, "write_bytes", full)
     out = tmp_path / "m.int8.onnx"
     with pytest.raises(MaskforgeError) as caught:
-        export_onnx(run / "artifact.safetensors", out, precision="int8",
-                    int8=Int8Options(calibration=16, check_images=32))
+        export_onnx(
+            run / "artifact.safetensors", out, precision="int8", int8=Int8Options(calibration=16, check_images=32)
+        )
     message = str(caught.value)
     assert message.startswith(f"cannot write {out}: ") and "fp32.onnx" not in message, message
     assert "the disk is full" in message and "TMPDIR" in message and str(scratch) in message, message
@@ -455,11 +475,11 @@ def test_a_killed_writers_temporary_is_removed_by_the_next_write_of_that_file(tm
 
     from maskforge.fileio import atomic_write
 
-    stale = tmp_path / ".model.onnx.k1ll3d_x.tmp"          # what a SIGKILLed export leaves
+    stale = tmp_path / ".model.onnx.k1ll3d_x.tmp"  # what a SIGKILLed export leaves
     stale.write_bytes(b"half a model")
-    other = tmp_path / ".other.onnx.k1ll3d_x.tmp"           # another file's: not ours to remove
+    other = tmp_path / ".other.onnx.k1ll3d_x.tmp"  # another file's: not ours to remove
     other.write_bytes(b"half another model")
-    live = tmp_path / ".model.onnx.w0rk1ng_.tmp"            # a writer still running holds its lock
+    live = tmp_path / ".model.onnx.w0rk1ng_.tmp"  # a writer still running holds its lock
     live.write_bytes(b"being written")
     with open(live, "rb") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -482,9 +502,9 @@ def test_forward_peak_counts_what_is_alive_at_once():
 
     conv_out = 2 * 8 * 16 * 16 * 4
     plain = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16 * 16, 10))
-    assert forward_peak_bytes(plain, (2, 1, 16, 16)) == 2 * conv_out       # conv output + ReLU output
+    assert forward_peak_bytes(plain, (2, 1, 16, 16)) == 2 * conv_out  # conv output + ReLU output
     inplace = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(inplace=True), nn.Flatten())
-    assert forward_peak_bytes(inplace, (2, 1, 16, 16)) == conv_out          # in place: one buffer
+    assert forward_peak_bytes(inplace, (2, 1, 16, 16)) == conv_out  # in place: one buffer
 
     class Residual(nn.Module):
         def __init__(self):
@@ -494,7 +514,7 @@ def test_forward_peak_counts_what_is_alive_at_once():
         def forward(self, x):
             y = self.a(x)
             z = self.b(torch.relu(y))
-            return z + y                       # y is still alive: y, relu(y), z, then y and the sum
+            return z + y  # y is still alive: y, relu(y), z, then y and the sum
 
     assert forward_peak_bytes(Residual(), (2, 8, 16, 16)) == 3 * conv_out
     weights = plain[0].weight.detach().clone()
@@ -508,7 +528,7 @@ def test_forward_peak_of_an_unrunnable_model_is_unknown_not_an_error():
 
     class Host(nn.Module):
         def forward(self, x):
-            return x.tolist()                  # needs real data: no meta run
+            return x.tolist()  # needs real data: no meta run
 
     assert forward_peak_bytes(Host(), (1, 3)) is None
 
@@ -523,8 +543,16 @@ def huge(tmp_path_factory) -> Path:
 
     args = arch_args(3, 10, (4096, 4096))
     spec = InputSpec(3, 4096, 4096, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), tuple("abcdefghij"))
-    artifact = build_artifact(create_model("resnet18", **args, k=0.5, seed=0), arch="resnet18", arch_args=args,
-                              spec=spec, seed=0, init="signed_constant", scale_fan=False, k=0.5)
+    artifact = build_artifact(
+        create_model("resnet18", **args, k=0.5, seed=0),
+        arch="resnet18",
+        arch_args=args,
+        spec=spec,
+        seed=0,
+        init="signed_constant",
+        scale_fan=False,
+        k=0.5,
+    )
     return save_artifact(artifact, tmp_path_factory.mktemp("huge") / "artifact.safetensors")
 
 
@@ -535,7 +563,8 @@ def _rgb_folder(root: Path, classes: str) -> Path:
         for name in classes:
             (root / split / name).mkdir(parents=True)
             Image.fromarray(np.full((8, 8, 3), 40 + 20 * classes.index(name), dtype=np.uint8)).save(
-                root / split / name / "0.png")
+                root / split / name / "0.png"
+            )
     return root
 
 
@@ -562,16 +591,20 @@ def test_a_network_too_large_for_memory_is_refused_before_it_runs(huge, tmp_path
     from PIL import Image
 
     Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(image)
-    argv = {"export": ["export", huge, "--out", tmp_path / "m.onnx"],
-            "predict": ["predict", huge, image],
-            "eval": ["eval", huge, "--data", _rgb_folder(tmp_path / "data", "abcdefghij"), "--no-latency"]}[command]
+    argv = {
+        "export": ["export", huge, "--out", tmp_path / "m.onnx"],
+        "predict": ["predict", huge, image],
+        "eval": ["eval", huge, "--data", _rgb_folder(tmp_path / "data", "abcdefghij"), "--no-latency"],
+    }[command]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", _LIMITED, *map(str, argv)], capture_output=True, text=True,
-                          timeout=300, env=env)
+    done = subprocess.run(
+        [sys.executable, "-c", _LIMITED, *map(str, argv)], capture_output=True, text=True, timeout=300, env=env
+    )
     lines = done.stderr.splitlines()
     assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
-    assert re.search(r"needs about \d+\.\d GiB of memory for the activations of \d+ 3x4096x4096 input", lines[0]), \
+    assert re.search(r"needs about \d+\.\d GiB of memory for the activations of \d+ 3x4096x4096 input", lines[0]), (
         lines[0]
+    )
     assert "available" in lines[0] and not (tmp_path / "m.onnx").exists()
 
 
@@ -584,15 +617,18 @@ def test_the_memory_check_refuses_in_process_and_lets_a_fitting_network_through(
 
     artifact, image = run / "artifact.safetensors", _png(tmp_path / "x.png", 7)
     monkeypatch.setattr(memory, "available_bytes", lambda: 1000)
-    with pytest.raises(MaskforgeError, match=r"needs about [\d.]+ KiB of memory for the activations of 4 1x28x28 "
-                                             r"inputs .*more than the 1000 bytes available; use a machine"):
+    with pytest.raises(
+        MaskforgeError,
+        match=r"needs about [\d.]+ KiB of memory for the activations of 4 1x28x28 "
+        r"inputs .*more than the 1000 bytes available; use a machine",
+    ):
         export_onnx(artifact, tmp_path / "m.onnx")
     with pytest.raises(MaskforgeError, match=r"of 1 1x28x28 input \(.*available; use a machine"):
         predict(artifact, [image])
     with pytest.raises(MaskforgeError, match=r"of 2 1x28x28 inputs .*give fewer images at once"):
         predict(artifact, [image, image])
     assert not (tmp_path / "m.onnx").exists()
-    monkeypatch.setattr(memory, "available_bytes", lambda: 64 * 2 ** 20)
+    monkeypatch.setattr(memory, "available_bytes", lambda: 64 * 2**20)
     assert predict(artifact, [image, image]) and export_onnx(artifact, tmp_path / "m.onnx").path.exists()
 
 

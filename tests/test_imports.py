@@ -39,8 +39,9 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
             else:
                 source = node.module or ""
             # `from x import y`: y is a submodule of x, or a name defined in x
-            candidates = [f"{source}.{alias.name}" if f"{source}.{alias.name}" in modules else source
-                          for alias in node.names]
+            candidates = [
+                f"{source}.{alias.name}" if f"{source}.{alias.name}" in modules else source for alias in node.names
+            ]
         else:
             continue
         for candidate in candidates:
@@ -95,11 +96,11 @@ def test_the_graph_is_read_correctly():
     """The reader itself, on edges known to exist (relative, parent-relative, `from . import module`,
     function-level and absolute imports): an empty graph would make the cycle test pass vacuously."""
     graph = _graph()
-    assert "maskforge.runfiles" in graph["maskforge.searches.folders"]        # from ..runfiles import ...
-    assert "maskforge.searches.plan" in graph["maskforge.searches"]           # from .plan import ...
-    assert "maskforge.distributed" in graph["maskforge.searches"]             # from .. import distributed
-    assert "maskforge.sweeps" in graph["maskforge.plotting"]                  # inside a function
-    assert "maskforge.plotting" in graph["maskforge.cli.plot_cmd"]            # from maskforge.plotting import
+    assert "maskforge.runfiles" in graph["maskforge.searches.folders"]  # from ..runfiles import ...
+    assert "maskforge.searches.plan" in graph["maskforge.searches"]  # from .plan import ...
+    assert "maskforge.distributed" in graph["maskforge.searches"]  # from .. import distributed
+    assert "maskforge.sweeps" in graph["maskforge.plotting"]  # inside a function
+    assert "maskforge.plotting" in graph["maskforge.cli.plot_cmd"]  # from maskforge.plotting import
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
@@ -109,9 +110,11 @@ def test_no_import_cycle_in_the_package():
 
 def test_the_library_never_imports_the_command_line():
     # maskforge/__main__.py is the command line's entry point (`python -m maskforge`), not library code
-    offenders = {name: sorted(t for t in targets if t.startswith("maskforge.cli"))
-                 for name, targets in _graph().items()
-                 if not name.startswith("maskforge.cli") and name != "maskforge.__main__"}
+    offenders = {
+        name: sorted(t for t in targets if t.startswith("maskforge.cli"))
+        for name, targets in _graph().items()
+        if not name.startswith("maskforge.cli") and name != "maskforge.__main__"
+    }
     assert {name: found for name, found in offenders.items() if found} == {}
 
 

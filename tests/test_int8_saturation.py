@@ -60,11 +60,16 @@ def one_node_qlinearconv(weight: int) -> tuple[bytes, float, int]:
         numpy_helper.from_array(np.array(y_scale, np.float32), "y_scale"),
         numpy_helper.from_array(np.array(y_zero, np.uint8), "y_zero"),
     ]
-    node = helper.make_node("QLinearConv", ["x", "x_scale", "x_zero", "w", "w_scale", "w_zero", "y_scale", "y_zero"],
-                            ["y"])
-    graph = helper.make_graph([node], "one_qlinearconv",
-                              [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, CHANNELS, 1, 1])],
-                              [helper.make_tensor_value_info("y", TensorProto.UINT8, [1, 1, 1, 1])], tensors)
+    node = helper.make_node(
+        "QLinearConv", ["x", "x_scale", "x_zero", "w", "w_scale", "w_zero", "y_scale", "y_zero"], ["y"]
+    )
+    graph = helper.make_graph(
+        [node],
+        "one_qlinearconv",
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, CHANNELS, 1, 1])],
+        [helper.make_tensor_value_info("y", TensorProto.UINT8, [1, 1, 1, 1])],
+        tensors,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model.SerializeToString(), float(y_scale), y_zero

@@ -34,7 +34,7 @@ ARGS = ["--arch", ARCH, "--epochs", "3", "--batch-size", "500", "--device", "cpu
 
 # Registers ARCH (fc whose forward sends signal SIGNAL to its own process at training forward SIGNAL_AT,
 # counted from 1 in this process), then runs the normal CLI.
-_LAUNCHER = textwrap.dedent('''
+_LAUNCHER = textwrap.dedent("""
     import os, signal, sys
     from maskforge import archs
     from maskforge.cli import main
@@ -55,7 +55,7 @@ _LAUNCHER = textwrap.dedent('''
 
     sys.argv = ["maskforge"] + sys.argv[1:]
     main()
-''')
+""")
 
 
 @pytest.fixture
@@ -93,12 +93,15 @@ def test_sigterm_checkpoints_at_the_next_step_and_the_same_command_continues(tmp
     launcher, out = tmp_path / "launcher.py", tmp_path / "run"
     launcher.write_text(_LAUNCHER)
     command = [sys.executable, str(launcher), "search", *ARGS, "--out", str(out)]
-    stopped = subprocess.run(command, env=_env(SIGNAL_AT="11", SIGNAL="SIGTERM"), capture_output=True, text=True,
-                             timeout=240)
+    stopped = subprocess.run(
+        command, env=_env(SIGNAL_AT="11", SIGNAL="SIGTERM"), capture_output=True, text=True, timeout=240
+    )
     assert stopped.returncode == 143, stopped.stderr
     lines = stopped.stderr.splitlines()
-    assert lines[-2:] == [f"interrupted by SIGTERM at step 11 of 24: checkpoint saved in {out}",
-                          f"continue with: maskforge search --resume {out} (or run the same command again)"], lines
+    assert lines[-2:] == [
+        f"interrupted by SIGTERM at step 11 of 24: checkpoint saved in {out}",
+        f"continue with: maskforge search --resume {out} (or run the same command again)",
+    ], lines
     # answered at once, during step 11, with the time that step has left (steps are timed from the third on)
     assert re.fullmatch(r"SIGTERM: stopping after this step \(about \d+ s\) to save a checkpoint", lines[-3]), lines
     assert "Traceback" not in stopped.stderr and stopped.stdout == ""
@@ -108,23 +111,32 @@ def test_sigterm_checkpoints_at_the_next_step_and_the_same_command_continues(tmp
     continued = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=240)
     assert continued.returncode == 0, continued.stderr
     log = continued.stderr.splitlines()
-    assert log[0].startswith(f"continuing the unfinished search in {out} (same arguments) from its checkpoint: "
-                             f"search {ARCH} k=0.5 seed 0 on mnist5k (4,000 train / 1,000 held-out images, 1x28x28, "
-                             f"10 classes) -> {out}; device cpu, 1 process(es); 24 steps (3 epoch(s) of 8, batch "
-                             f"500), from step 11"), log
+    assert log[0].startswith(
+        f"continuing the unfinished search in {out} (same arguments) from its checkpoint: "
+        f"search {ARCH} k=0.5 seed 0 on mnist5k (4,000 train / 1,000 held-out images, 1x28x28, "
+        f"10 classes) -> {out}; device cpu, 1 process(es); 24 steps (3 epoch(s) of 8, batch "
+        f"500), from step 11"
+    ), log
     # then, in the order they happen: the estimate as soon as two steps are timed (the first of this run,
     # step 12, is not: so after step 14), and one line per epoch (the ETA is that estimate, counting down)
-    estimate = r"estimated time: about \d+ (s|min \d\d s) for the remaining 10 steps \(\S+ s per step on cpu, " \
-               r"held-out evaluations included\)"
-    epoch = (r"epoch {}/3: train loss \d\.\d{{4}}, acc \d+\.\d%; held-out loss \d\.\d{{4}}, acc \d+\.\d\d%; "
-             r"[\d,]+ img/s; step {}/24")
+    estimate = (
+        r"estimated time: about \d+ (s|min \d\d s) for the remaining 10 steps \(\S+ s per step on cpu, "
+        r"held-out evaluations included\)"
+    )
+    epoch = (
+        r"epoch {}/3: train loss \d\.\d{{4}}, acc \d+\.\d%; held-out loss \d\.\d{{4}}, acc \d+\.\d\d%; "
+        r"[\d,]+ img/s; step {}/24"
+    )
     patterns = [estimate, epoch.format(2, 16) + r", ETA \d+ (s|min \d\d s)", epoch.format(3, 24)]
     assert len(log) == 4 and all(re.fullmatch(pattern, line) for pattern, line in zip(patterns, log[1:])), log
     artifact = out / "artifact.safetensors"
     assert continued.stdout.splitlines()[1:] == [
         continued.stdout.splitlines()[1],  # artifact <path> (<bytes>, <bits per weight>): checked below
-        "next:", f"  maskforge inspect {artifact}", f"  maskforge export {artifact}",
-        f"  maskforge eval {out / 'artifact.onnx'}"]
+        "next:",
+        f"  maskforge inspect {artifact}",
+        f"  maskforge export {artifact}",
+        f"  maskforge eval {out / 'artifact.onnx'}",
+    ]
     assert continued.stdout.startswith(f"done: {ARCH} k=0.5 seed=0  held-out accuracy ")
     assert continued.stdout.splitlines()[1].startswith(f"artifact {artifact} (")
 
@@ -132,8 +144,9 @@ def test_sigterm_checkpoints_at_the_next_step_and_the_same_command_continues(tmp
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        reference = search(SearchConfig(arch=ARCH, epochs=3, batch_size=500, device="cpu", workers=0,
-                                        out=str(tmp_path / "reference")))
+        reference = search(
+            SearchConfig(arch=ARCH, epochs=3, batch_size=500, device="cpu", workers=0, out=str(tmp_path / "reference"))
+        )
     finally:
         torch.set_num_threads(threads)
     assert artifact.read_bytes() == reference.artifact_path.read_bytes()
@@ -146,7 +159,8 @@ def test_ctrl_c_checkpoints_and_prints_the_resume_command(tmp_path, signal_arch)
     assert result.exit_code == 130, result.output
     assert result.stderr.splitlines() == [
         f"interrupted by SIGINT at step 6 of 24: checkpoint saved in {out}",
-        f"continue with: maskforge search --resume {out} (or run the same command again)"]
+        f"continue with: maskforge search --resume {out} (or run the same command again)",
+    ]
     assert load_checkpoint(out / CHECKPOINT_NAME).position["step"] == 6
 
 
@@ -167,9 +181,14 @@ def test_json_reports_the_interruption(tmp_path, signal_arch):
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["search", *ARGS, "--out", str(out), "-q", "--json"])
     assert result.exit_code == 143, result.output
-    assert json.loads(result.stdout) == {"interrupted": "SIGTERM", "exit_code": 143, "run_dir": str(out),
-                                         "checkpoint_step": 3, "total_steps": 24,
-                                         "resume": f"maskforge search --resume {out}"}
+    assert json.loads(result.stdout) == {
+        "interrupted": "SIGTERM",
+        "exit_code": 143,
+        "run_dir": str(out),
+        "checkpoint_step": 3,
+        "total_steps": 24,
+        "resume": f"maskforge search --resume {out}",
+    }
 
 
 def test_a_second_ctrl_c_stops_at_once(tmp_path, signal_arch):
@@ -189,13 +208,15 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path, monkeypatch):
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["search", "--arch", "fc", "--out", str(out)])
     assert result.exit_code == 130
-    assert result.stderr.splitlines() == [f"interrupted by SIGINT during start-up, before the first step "
-                                          f"({out} is unchanged)"]
+    assert result.stderr.splitlines() == [
+        f"interrupted by SIGINT during start-up, before the first step ({out} is unchanged)"
+    ]
     assert not out.exists()
 
 
-@pytest.mark.parametrize("signum,line,code", [(signal.SIGINT, "error: interrupted", 130),
-                                              (signal.SIGTERM, "error: terminated", 143)])
+@pytest.mark.parametrize(
+    "signum,line,code", [(signal.SIGINT, "error: interrupted", 130), (signal.SIGTERM, "error: terminated", 143)]
+)
 def test_a_signal_in_any_command_is_one_line(monkeypatch, signum, line, code):
     def signalled(*args, **kwargs):
         signal.raise_signal(signum)

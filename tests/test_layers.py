@@ -52,9 +52,9 @@ def test_kept_count_rule():
             expected = int(product.to_integral_value(rounding=ROUND_HALF_EVEN))
             expected = min(numel, max(1, expected))
             assert kept_count(numel, k) == expected, (numel, k)
-    assert kept_count(10, 0.25) == 2      # 2.5 -> 2 (half to even)
-    assert kept_count(10, 0.35) == 4      # 3.5 -> 4
-    assert kept_count(2, 0.25) == 1       # 0.5 -> 0, but at least one weight stays
+    assert kept_count(10, 0.25) == 2  # 2.5 -> 2 (half to even)
+    assert kept_count(10, 0.35) == 4  # 3.5 -> 4
+    assert kept_count(2, 0.25) == 1  # 0.5 -> 0, but at least one weight stays
     assert kept_count(1000, 0.0001) == 1
     assert kept_count(7, 1.0) == 7
 
@@ -70,8 +70,7 @@ def test_topk_mask_matches_sort_on_distinct_values(shape):
         assert torch.equal(mask, sort_oracle(s, kept)), kept
 
 
-@pytest.mark.parametrize("shape,levels", [((50,), 2), ((6, 7), 3), ((2, 3, 4, 5), 5), ((8, 8, 3, 3), 4),
-                                          ((40,), 1)])
+@pytest.mark.parametrize("shape,levels", [((50,), 2), ((6, 7), 3), ((2, 3, 4, 5), 5), ((8, 8, 3, 3), 4), ((40,), 1)])
 def test_topk_mask_matches_stable_sort_with_many_ties(shape, levels):
     gen = torch.Generator().manual_seed(levels * 31 + len(shape))
     s = torch.randint(0, levels, shape, generator=gen).float()
@@ -121,9 +120,16 @@ def test_topk_mask_is_exact_whatever_the_threshold_hint(levels):
     for kept in (1, 137, n // 3, n // 2, n - 1):
         exact = sort_oracle(s, kept)
         true_threshold = float(s[exact].min())
-        hints = [_hint(true_threshold, 0.0), _hint(true_threshold, 1e-3), _hint(true_threshold + 1e-4, 1e-5),
-                 _hint(true_threshold * 0.5, 1e-2), _hint(true_threshold * 2 + 1, 1e-2), _hint(100.0, 1e6),
-                 _hint(-5.0, 0.1), L.ThresholdHint()]
+        hints = [
+            _hint(true_threshold, 0.0),
+            _hint(true_threshold, 1e-3),
+            _hint(true_threshold + 1e-4, 1e-5),
+            _hint(true_threshold * 0.5, 1e-2),
+            _hint(true_threshold * 2 + 1, 1e-2),
+            _hint(100.0, 1e6),
+            _hint(-5.0, 0.1),
+            L.ThresholdHint(),
+        ]
         for hint in hints:
             assert torch.equal(topk_mask(s, kept, hint), exact), (kept, hint.threshold, hint.width)
         # the hint was updated to the true threshold
@@ -265,8 +271,13 @@ def test_weights_are_non_persistent_buffers_and_scores_the_only_parameters(make)
 
 
 def test_optimizer_step_changes_only_scores():
-    model = nn.Sequential(MaskedConv2d(1, 4, 3, padding=1, k=0.5), NonAffineBatchNorm2d(4), nn.ReLU(),
-                          nn.Flatten(), MaskedLinear(4 * 5 * 5, 3, k=0.3))
+    model = nn.Sequential(
+        MaskedConv2d(1, 4, 3, padding=1, k=0.5),
+        NonAffineBatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        MaskedLinear(4 * 5 * 5, 3, k=0.3),
+    )
     for i, layer in enumerate(masked_modules(model).values()):
         _fill(layer, 10 + i)
     weights = {n: b.clone() for n, b in model.named_buffers() if n.endswith("weight")}
@@ -311,8 +322,9 @@ def test_mask_cache_invalidates_on_in_place_change():
 
 
 def test_masked_modules_and_batchnorm_modules_listing():
-    model = nn.Sequential(MaskedConv2d(1, 2, 3, k=0.5), NonAffineBatchNorm2d(2),
-                          nn.Sequential(nn.Flatten(), MaskedLinear(8, 2, k=0.5)))
+    model = nn.Sequential(
+        MaskedConv2d(1, 2, 3, k=0.5), NonAffineBatchNorm2d(2), nn.Sequential(nn.Flatten(), MaskedLinear(8, 2, k=0.5))
+    )
     assert list(masked_modules(model)) == ["0", "2.1"]
     assert list(batchnorm_modules(model)) == ["1"]
     assert math.isclose(kept_count(model[0].weight.numel(), 0.5), model[0].kept)
@@ -335,7 +347,7 @@ def test_threshold_hint_never_changes_the_mask():
             scores = scores + 0.01 * torch.randn(numel, generator=generator)
         if step % 5 == 0:  # plant ties straddling the current threshold
             order = torch.argsort(scores.abs(), descending=True, stable=True)
-            scores[order[kept - 3:kept + 3]] = scores[order[kept]].abs()
+            scores[order[kept - 3 : kept + 3]] = scores[order[kept]].abs()
         magnitudes = scores.abs()
         oracle = torch.zeros(numel, dtype=torch.bool)
         oracle[torch.argsort(-magnitudes, stable=True)[:kept]] = True

@@ -49,9 +49,17 @@ def test_the_writer_still_writes_the_legacy_bytes(name):
     artifact = load_artifact(DATA / name)
     model = artifact.create_model()
     document = artifact.document
-    rebuilt = build_artifact(model, arch=artifact.arch, arch_args=dict(artifact.arch_args), spec=artifact.spec,
-                             seed=artifact.seed, init=artifact.init, scale_fan=artifact.scale_fan, k=artifact.k,
-                             provenance=dict(document["provenance"]))
+    rebuilt = build_artifact(
+        model,
+        arch=artifact.arch,
+        arch_args=dict(artifact.arch_args),
+        spec=artifact.spec,
+        seed=artifact.seed,
+        init=artifact.init,
+        scale_fan=artifact.scale_fan,
+        k=artifact.k,
+        provenance=dict(document["provenance"]),
+    )
     assert artifact_bytes(rebuilt) == (DATA / name).read_bytes()
 
 

@@ -46,8 +46,9 @@ def test_a_second_search_into_a_busy_folder_is_refused_naming_the_first(tmp_path
         with pytest.raises(MaskforgeError) as caught:
             search(SearchConfig(**COMMON, out=str(out)))
         message = str(caught.value)
-        assert message.startswith(f"run folder {out} is in use by another search (pid {first.pid} on host "
-                                  f"{socket.gethostname()}, started "), message
+        assert message.startswith(
+            f"run folder {out} is in use by another search (pid {first.pid} on host {socket.gethostname()}, started "
+        ), message
         assert re.search(r"started \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", message), message
         assert message.endswith(f"lock file {out / LOCK_NAME}): wait for it to finish, or choose another out folder")
         assert sorted(p.name for p in out.iterdir()) == ["notes.txt", LOCK_NAME]  # the refused search wrote nothing
@@ -59,8 +60,13 @@ def test_a_second_search_into_a_busy_folder_is_refused_naming_the_first(tmp_path
     assert first.exitcode == 0
     # the holder is gone: the next search runs, and its lock goes with it
     search(SearchConfig(**COMMON, out=str(out)))
-    assert sorted(p.name for p in out.iterdir()) == ["artifact.safetensors", "config.json", "metrics.csv",
-                                                     "metrics.jsonl", "notes.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "artifact.safetensors",
+        "config.json",
+        "metrics.csv",
+        "metrics.jsonl",
+        "notes.txt",
+    ]
 
 
 def _lock_and_die(folder: str) -> None:
@@ -77,15 +83,21 @@ def test_a_lock_left_by_a_dead_search_is_taken_over(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="maskforge"):
         result = search(SearchConfig(**COMMON, out=str(out)))
     assert result.artifact_path.exists() and not (out / LOCK_NAME).exists()
-    assert any(record.getMessage().startswith(f"took over {out / LOCK_NAME}, left by a search that is no longer "
-                                              f"running (pid {dead.pid} on host ") for record in caplog.records)
+    assert any(
+        record.getMessage().startswith(
+            f"took over {out / LOCK_NAME}, left by a search that is no longer running (pid {dead.pid} on host "
+        )
+        for record in caplog.records
+    )
 
 
 def test_a_search_in_the_same_process_is_refused_too(tmp_path):
     lock = RunLock.acquire(tmp_path / "run")
     try:
-        with pytest.raises(MaskforgeError, match=f"^run folder {tmp_path / 'run'} is in use by this process "
-                                                 f"\\(pid {os.getpid()} on host "):
+        with pytest.raises(
+            MaskforgeError,
+            match=f"^run folder {tmp_path / 'run'} is in use by this process \\(pid {os.getpid()} on host ",
+        ):
             search(SearchConfig(**COMMON, out=str(tmp_path / "run")))
     finally:
         lock.release()

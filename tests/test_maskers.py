@@ -116,8 +116,13 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def _tiny_model(seed: int, k: float) -> nn.Module:
-    model = nn.Sequential(MaskedConv2d(2, 6, 3, padding=1, k=k), NonAffineBatchNorm2d(6), nn.ReLU(),
-                          nn.Flatten(), MaskedLinear(6 * 5 * 5, 4, k=k))
+    model = nn.Sequential(
+        MaskedConv2d(2, 6, 3, padding=1, k=k),
+        NonAffineBatchNorm2d(6),
+        nn.ReLU(),
+        nn.Flatten(),
+        MaskedLinear(6 * 5 * 5, 4, k=k),
+    )
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in masked_modules(model).values():

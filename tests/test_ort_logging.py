@@ -54,9 +54,12 @@ def test_the_shared_session_helper_keeps_stderr_silent(edited, capfd):
 
 def test_a_model_onnxruntime_cannot_load_is_one_clear_error_and_no_log(tmp_path, capfd):
     broken = tmp_path / "broken.onnx"
-    graph = helper.make_graph([helper.make_node("NoSuchOp", ["x"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    graph = helper.make_graph(
+        [helper.make_node("NoSuchOp", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8), str(broken))
     capfd.readouterr()
     pattern = rf"^onnxruntime cannot load {re.escape(str(broken))}: .*NoSuchOp"
@@ -72,6 +75,9 @@ def test_verify_of_an_edited_model_prints_exactly_one_line(edited, capfd):
     result = CliRunner().invoke(app, ["verify", str(model), "--artifact", str(artifact)])
     assert result.exit_code == 2, result.stderr
     lines = result.stderr.splitlines()
-    assert len(lines) == 1 and re.match(r"error: verification of .*edited\.onnx failed at onnx outputs: onnxruntime "
-                                        r"cannot run the model: Non-zero status code .*MatMul", lines[0]), lines
+    assert len(lines) == 1 and re.match(
+        r"error: verification of .*edited\.onnx failed at onnx outputs: onnxruntime "
+        r"cannot run the model: Non-zero status code .*MatMul",
+        lines[0],
+    ), lines
     assert capfd.readouterr().err == ""

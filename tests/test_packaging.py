@@ -57,8 +57,9 @@ def _imports_of_the_package() -> dict[str, set[bool]]:
             guarded = set()
             for node in ast.walk(tree):
                 if isinstance(node, ast.Try) and any(
-                        isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "ModuleNotFoundError")
-                        for h in node.handlers):
+                    isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "ModuleNotFoundError")
+                    for h in node.handlers
+                ):
                     guarded.update(id(inner) for stmt in node.body for inner in ast.walk(stmt))
             for node in ast.walk(tree):
                 if isinstance(node, ast.Import):

@@ -23,7 +23,7 @@ from maskforge.data import load_data
 from maskforge.errors import MaskforgeError
 from maskforge.prediction import predict
 
-PICKED = [0, 1, 2, 3, 10, 999]   # held-out rows
+PICKED = [0, 1, 2, 3, 10, 999]  # held-out rows
 
 
 @pytest.fixture(scope="module")
@@ -59,24 +59,26 @@ def test_top5_and_probabilities_match_an_independent_computation(run, model):
     predictions = predict(run / model, files, threads=1)
     probabilities, ranks = _oracle(run, [_pixels(f) for f in files])
     heldout = load_data("mnist5k").heldout
-    assert np.array_equal(_pixels(run / "heldout0.png"), heldout.images[0, 0].numpy())   # PNG is lossless
+    assert np.array_equal(_pixels(run / "heldout0.png"), heldout.images[0, 0].numpy())  # PNG is lossless
     assert [p.image for p in predictions] == [str(f) for f in files]
     for index, prediction in enumerate(predictions):
         assert [c.index for c in prediction.top] == ranks[index, :5].tolist()
         assert [c.name for c in prediction.top] == [str(c) for c in ranks[index, :5]]
         assert [c.rank for c in prediction.top] == [1, 2, 3, 4, 5]
-        assert [c.probability for c in prediction.top] == pytest.approx(probabilities[index, ranks[index, :5]],
-                                                                        abs=1e-6)
+        assert [c.probability for c in prediction.top] == pytest.approx(
+            probabilities[index, ranks[index, :5]], abs=1e-6
+        )
 
 
 def test_cli_json_top_is_capped_at_the_class_count(run):
-    result = CliRunner().invoke(app, ["predict", str(run / "model.onnx"), str(run / "heldout3.png"), "--top", "50",
-                                      "--json"])
+    result = CliRunner().invoke(
+        app, ["predict", str(run / "model.onnx"), str(run / "heldout3.png"), "--top", "50", "--json"]
+    )
     assert result.exit_code == 0, result.stderr
     document = json.loads(result.stdout)
     top = document["predictions"][0]["top"]
     assert len(top) == 10 and sorted(c["index"] for c in top) == list(range(10))
-    assert sum(c["probability"] for c in top) == pytest.approx(1.0, abs=1e-9)   # the whole distribution
+    assert sum(c["probability"] for c in top) == pytest.approx(1.0, abs=1e-9)  # the whole distribution
     assert [c["probability"] for c in top] == sorted((c["probability"] for c in top), reverse=True)
     table = CliRunner().invoke(app, ["predict", str(run / "artifact.safetensors"), str(run / "heldout3.png")])
     assert table.exit_code == 0 and f"{top[0]['probability']:.2%}" in table.stdout
@@ -95,8 +97,12 @@ def test_bad_input_is_one_line_exit_2(run, tmp_path, case):
     else:
         extra = ["--top", "0"]
     result = CliRunner().invoke(app, ["predict", str(run / "model.onnx"), image, *extra])
-    expected = {"missing image": r"image .*nope.png does not exist", "a folder": r"folder .* contains no images",
-                "corrupt image": r"cannot decode image .*cut.png", "top 0": "top must be a positive integer"}[case]
+    expected = {
+        "missing image": r"image .*nope.png does not exist",
+        "a folder": r"folder .* contains no images",
+        "corrupt image": r"cannot decode image .*cut.png",
+        "top 0": "top must be a positive integer",
+    }[case]
     lines = result.stderr.splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert re.search(expected, lines[0]), lines[0]

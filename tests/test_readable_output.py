@@ -32,6 +32,7 @@ def _help_text(output: str) -> str:
 
 # --- section 1: help pages --------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("command", ["search", "sweep"])
 def test_help_in_a_file_keeps_the_install_extra_and_shows_no_bool_placeholder(command):
     import importlib
@@ -54,8 +55,10 @@ def test_help_in_a_file_has_a_readable_description_column():
     assert max(len(line) for line in lines) == 120
     root = _invoke("--help")
     assert root.exit_code == 0 and "<bool>" not in root.stdout
-    assert any("Search a subnetwork of a seeded random network with edge-popup and save it as an artifact." in line
-               for line in root.stdout.splitlines())
+    assert any(
+        "Search a subnetwork of a seeded random network with edge-popup and save it as an artifact." in line
+        for line in root.stdout.splitlines()
+    )
 
 
 def test_reflow_joins_paragraph_lines_but_keeps_indented_examples():
@@ -66,6 +69,7 @@ def test_reflow_joins_paragraph_lines_but_keeps_indented_examples():
 
 
 # --- section 1: tables and long lines in a file -----------------------------------------------------------
+
 
 def test_a_table_in_a_file_keeps_one_row_per_line():
     from maskforge.registry import list_archs
@@ -96,12 +100,30 @@ def test_a_sweep_of_one_seed_says_n_1_not_a_zero_spread(tmp_path, monkeypatch):
     from maskforge.cli.sweep_cmd import _print_summary
 
     monkeypatch.delenv("COLUMNS", raising=False)
-    group = {"kind": "search", "values": {"arch": "conv4", "k": 0.5}, "runs": 1, "done": 1, "learned": 1,
-             "not_learned": 0, "failed": 0, "mean": 0.847, "std": 0.0, "wall_s": 12.0}
-    two = {**group, "values": {"arch": "conv4", "k": 0.3}, "runs": 2, "done": 2, "learned": 2, "mean": 0.85,
-           "std": 0.01}
-    result = SimpleNamespace(axes=["arch", "k", "seed"], summary=[group, two], out=tmp_path, figures=[],
-                             figure_note=None)
+    group = {
+        "kind": "search",
+        "values": {"arch": "conv4", "k": 0.5},
+        "runs": 1,
+        "done": 1,
+        "learned": 1,
+        "not_learned": 0,
+        "failed": 0,
+        "mean": 0.847,
+        "std": 0.0,
+        "wall_s": 12.0,
+    }
+    two = {
+        **group,
+        "values": {"arch": "conv4", "k": 0.3},
+        "runs": 2,
+        "done": 2,
+        "learned": 2,
+        "mean": 0.85,
+        "std": 0.01,
+    }
+    result = SimpleNamespace(
+        axes=["arch", "k", "seed"], summary=[group, two], out=tmp_path, figures=[], figure_note=None
+    )
     printed = console()
     with printed.capture() as captured:
         _print_summary(printed, result)
@@ -114,6 +136,7 @@ def test_a_sweep_of_one_seed_says_n_1_not_a_zero_spread(tmp_path, monkeypatch):
 
 def test_a_closed_pipe_ends_the_command_quietly(monkeypatch):
     """`maskforge ... | head`: the reader went away; not a bug, no traceback, the shell's exit status 141."""
+
     def closed(*args, **kwargs):
         raise BrokenPipeError(32, "Broken pipe")
 
@@ -124,17 +147,32 @@ def test_a_closed_pipe_ends_the_command_quietly(monkeypatch):
 
 # --- section 1: messages for what the user typed ----------------------------------------------------------
 
-@pytest.mark.parametrize("args,message", [
-    (["--k", "30"], "error: Invalid value for '--k': k is the fraction of weights kept, in (0, 1] (--k 0.3 keeps "
-                    "30 % of every layer); did you mean --k 0.3?"),
-    (["--k", "0.3,0.5"], "error: Invalid value for '--k': '0.3,0.5' is a list, but one search takes one value; "
-                         "`maskforge sweep --k 0.3,0.5` runs one search per value"),
-    (["--epochs", "5,10"], "error: Invalid value for '--epochs': '5,10' is a list, but one search takes one value; "
-                           "`maskforge sweep --epochs 5,10` runs one search per value"),
-    (["--lr", "fast"], "error: Invalid value for '--lr': 'fast' is not a valid number"),
-    (["--init", "gaussian"], "error: --init must be one of 'signed_constant', 'unsigned_constant' or "
-                             "'kaiming_normal', got 'gaussian'"),
-])
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["--k", "30"],
+            "error: Invalid value for '--k': k is the fraction of weights kept, in (0, 1] (--k 0.3 keeps "
+            "30 % of every layer); did you mean --k 0.3?",
+        ),
+        (
+            ["--k", "0.3,0.5"],
+            "error: Invalid value for '--k': '0.3,0.5' is a list, but one search takes one value; "
+            "`maskforge sweep --k 0.3,0.5` runs one search per value",
+        ),
+        (
+            ["--epochs", "5,10"],
+            "error: Invalid value for '--epochs': '5,10' is a list, but one search takes one value; "
+            "`maskforge sweep --epochs 5,10` runs one search per value",
+        ),
+        (["--lr", "fast"], "error: Invalid value for '--lr': 'fast' is not a valid number"),
+        (
+            ["--init", "gaussian"],
+            "error: --init must be one of 'signed_constant', 'unsigned_constant' or 'kaiming_normal', got 'gaussian'",
+        ),
+    ],
+)
 def test_search_usage_errors_name_flags_and_hint(args, message, tmp_path):
     result = _invoke("search", *args, "--out", str(tmp_path / "run"))
     assert (result.exit_code, result.stderr.splitlines()) == (2, [message]), result.output
@@ -148,8 +186,9 @@ def test_an_arch_name_spelled_otherwise_gets_did_you_mean(typed):
 
     with pytest.raises(MaskforgeError) as caught:
         get_arch(typed)
-    assert str(caught.value) == (f"unknown architecture {typed!r} (did you mean 'wrn50'?); choose from: "
-                                 f"{', '.join(ARCHS)}")
+    assert str(caught.value) == (
+        f"unknown architecture {typed!r} (did you mean 'wrn50'?); choose from: {', '.join(ARCHS)}"
+    )
 
 
 def test_no_guess_when_nothing_is_close_or_two_are_equally_close():
@@ -179,10 +218,20 @@ except SystemExit as exc:
 """
 
 
-@pytest.mark.parametrize("args", [["search", "--k", "2"], ["search", "--batch-size", "0"],
-                                  ["search", "--resume", "x", "--overwrite"], ["search", "--k", "0.3,0.5"],
-                                  ["eval", "x.safetensors", "--compare", "--size", "28"], ["verify", "--nope"],
-                                  ["predict"], ["plot", "--nope"], ["inspect"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["search", "--k", "2"],
+        ["search", "--batch-size", "0"],
+        ["search", "--resume", "x", "--overwrite"],
+        ["search", "--k", "0.3,0.5"],
+        ["eval", "x.safetensors", "--compare", "--size", "28"],
+        ["verify", "--nope"],
+        ["predict"],
+        ["plot", "--nope"],
+        ["inspect"],
+    ],
+)
 def test_a_usage_error_is_answered_before_torch_loads(args):
     """What makes `maskforge search --k 2` answer in about half a second instead of 4-6 (timed by hand: a
     test asserts no time)."""
@@ -192,6 +241,7 @@ def test_a_usage_error_is_answered_before_torch_loads(args):
 
 
 # --- section 2: one estimate of the time left -------------------------------------------------------------
+
 
 class _FakeClock:
     def __init__(self) -> None:
@@ -203,10 +253,14 @@ class _FakeClock:
 
 def _session(total_steps: int, steps_per_epoch: int, heldout: int = 1000, batch_size: int = 100):
     position = SimpleNamespace(step=0, epoch=0, batch_in_epoch=0)
-    return SimpleNamespace(position=position, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-                           splits=SimpleNamespace(heldout=[None] * heldout),
-                           config=SimpleNamespace(batch_size=batch_size),
-                           accelerator=SimpleNamespace(device=SimpleNamespace(type="cpu")))
+    return SimpleNamespace(
+        position=position,
+        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+        splits=SimpleNamespace(heldout=[None] * heldout),
+        config=SimpleNamespace(batch_size=batch_size),
+        accelerator=SimpleNamespace(device=SimpleNamespace(type="cpu")),
+    )
 
 
 def _take_step(session, clock, seconds: float, epoch_end_seconds: float = 0.0) -> None:
@@ -240,8 +294,10 @@ def test_the_estimate_comes_after_two_timed_steps_and_counts_the_real_evaluation
     assert etas[8] == pytest.approx(3 * 2.0 + 1 * 30.0)
     assert etas[11] == pytest.approx(0.0)
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("estimated time")]
-    assert line == (f"estimated time: about {notices.format_duration(etas[2])} for the remaining 9 steps (2 s per "
-                    f"step on cpu, held-out evaluations included)")
+    assert line == (
+        f"estimated time: about {notices.format_duration(etas[2])} for the remaining 9 steps (2 s per "
+        f"step on cpu, held-out evaluations included)"
+    )
 
 
 def test_a_resumed_search_times_from_its_own_second_step(monkeypatch):
@@ -250,7 +306,7 @@ def test_a_resumed_search_times_from_its_own_second_step(monkeypatch):
     clock = _FakeClock()
     monkeypatch.setattr(notices.time, "perf_counter", clock)
     session = _session(total_steps=20, steps_per_epoch=10)
-    session.position.step, session.position.batch_in_epoch = 13, 3   # continued from a checkpoint at step 13
+    session.position.step, session.position.batch_in_epoch = 13, 3  # continued from a checkpoint at step 13
     session.position.epoch = 1
     watch = notices.CostWatch(session, warned=True)
     etas = []
@@ -269,8 +325,12 @@ def test_every_display_shows_the_search_s_own_estimate(tmp_path, caplog):
 
     steps = []
     with caplog.at_level(logging.INFO, logger="maskforge"):
-        search(SearchConfig(arch="fc", epochs=1, max_steps=6, batch_size=64, device="cpu", workers=0,
-                            out=str(tmp_path / "run")), on_step=steps.append)
+        search(
+            SearchConfig(
+                arch="fc", epochs=1, max_steps=6, batch_size=64, device="cpu", workers=0, out=str(tmp_path / "run")
+            ),
+            on_step=steps.append,
+        )
     assert [s.eta_s is None for s in steps] == [True, True, False, False, False, False]
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("estimated time")]
     assert line.startswith(f"estimated time: about {notices.format_duration(steps[2].eta_s)} for the remaining 3 ")
@@ -281,8 +341,9 @@ def test_plain_progress_lines_show_that_estimate(capsys):
     from maskforge.cli.progress import LineProgress
 
     lines = LineProgress(heartbeat=0.0)
-    step = SimpleNamespace(step=3, total_steps=10, epoch=1, epochs=2, train_loss=1.25, train_acc=0.5,
-                           images_per_s=1234.0, eta_s=125.0)
+    step = SimpleNamespace(
+        step=3, total_steps=10, epoch=1, epochs=2, train_loss=1.25, train_acc=0.5, images_per_s=1234.0, eta_s=125.0
+    )
     lines.on_step(step)
     assert capsys.readouterr().err.rstrip().endswith("ETA 2 min 05 s")
     lines.on_step(SimpleNamespace(**{**vars(step), "step": 2, "eta_s": None}))  # dense baselines may have none
@@ -299,7 +360,8 @@ def test_the_stop_notice_names_what_happens_and_how_long(caplog):
         notices.stopping(signal.SIGTERM, None)
     assert [r.getMessage() for r in caplog.records] == [
         "stopping after this step (about 13 s); press Ctrl-C again to stop now",
-        "SIGTERM: stopping after this step to save a checkpoint"]
+        "SIGTERM: stopping after this step to save a checkpoint",
+    ]
 
 
 def test_the_stop_handler_answers_the_first_signal_once(monkeypatch):

@@ -89,13 +89,30 @@ def ref_log(x: float) -> float:
 
 # Acklam's published coefficients (P. J. Acklam, "An algorithm for computing the inverse normal cumulative
 # distribution function", 2003).
-ACK_A = [-3.969683028665376e+01, 2.209460984245205e+02, -2.759285104469687e+02, 1.383577518672690e+02,
-         -3.066479806614716e+01, 2.506628277459239e+00]
-ACK_B = [-5.447609879822406e+01, 1.615858368580409e+02, -1.556989798598866e+02, 6.680131188771972e+01,
-         -1.328068155288572e+01]
-ACK_C = [-7.784894002430293e-03, -3.223964580411365e-01, -2.400758277161838e+00, -2.549732539343734e+00,
-         4.374664141464968e+00, 2.938163982698783e+00]
-ACK_D = [7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e+00, 3.754408661907416e+00]
+ACK_A = [
+    -3.969683028665376e01,
+    2.209460984245205e02,
+    -2.759285104469687e02,
+    1.383577518672690e02,
+    -3.066479806614716e01,
+    2.506628277459239e00,
+]
+ACK_B = [
+    -5.447609879822406e01,
+    1.615858368580409e02,
+    -1.556989798598866e02,
+    6.680131188771972e01,
+    -1.328068155288572e01,
+]
+ACK_C = [
+    -7.784894002430293e-03,
+    -3.223964580411365e-01,
+    -2.400758277161838e00,
+    -2.549732539343734e00,
+    4.374664141464968e00,
+    2.938163982698783e00,
+]
+ACK_D = [7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e00, 3.754408661907416e00]
 
 
 def _poly(coefficients, x: float) -> float:
@@ -120,11 +137,12 @@ def ref_inverse_normal(u: float, log=ref_log) -> float:
 
 
 def ref_uniform_open(block: int) -> float:
-    return (float(block >> 11) + 0.5) * 2.0 ** -53
+    return (float(block >> 11) + 0.5) * 2.0**-53
 
 
-def ref_generate(seed: int, name: str, shape, distribution: str, k: float = 1.0,
-                 scale_fan: bool = False, log=ref_log) -> list[float]:
+def ref_generate(
+    seed: int, name: str, shape, distribution: str, k: float = 1.0, scale_fan: bool = False, log=ref_log
+) -> list[float]:
     """The weights as Python floats that are exactly representable in float32, C order."""
     count = math.prod(shape)
     sigma = ref_sigma(shape, k, scale_fan)
@@ -150,7 +168,7 @@ CASES = [
     (1, "classifier.1.weight", (37, 11), 0.5, True),
     (2**40 + 7, "layer1.0.conv1.weight", (5, 7, 3, 1), 0.3, True),
     (123456789, "1.weight", (10, 100), 0.25, False),
-    (5, "naïve/ünïcode.weight", (3, 65), 0.7, True),      # non-multiple of 64, UTF-8 name
+    (5, "naïve/ünïcode.weight", (3, 65), 0.7, True),  # non-multiple of 64, UTF-8 name
     (9, "w", (1, 1), 1.0, False),
 ]
 
@@ -162,8 +180,13 @@ CASES = [
 
 def test_splitmix64_reference_is_the_published_generator():
     # Vigna's splitmix64.c seeded with 1234567 gives these first outputs (a widely reproduced test vector).
-    assert ref_splitmix64(1234567, 5) == [6457827717110365317, 3203168211198807973, 9817491932198370423,
-                                          4593380528125082431, 16408922859458223821]
+    assert ref_splitmix64(1234567, 5) == [
+        6457827717110365317,
+        3203168211198807973,
+        9817491932198370423,
+        4593380528125082431,
+        16408922859458223821,
+    ]
 
 
 @pytest.mark.parametrize("seed,name", [(0, "a"), (17, "features.3.weight"), (2**62, "fc.weight")])
@@ -225,7 +248,7 @@ def test_sigma_values():
 def test_uniform_scores_match_reference():
     shape, bound = (13, 17), 0.25
     got = regen.uniform(7, "x.scores", shape, bound).reshape(-1)
-    expected = [f32(((b >> 11) * 2.0 ** -53 * 2.0 - 1.0) * bound) for b in ref_blocks(7, "x.scores", 13 * 17)]
+    expected = [f32(((b >> 11) * 2.0**-53 * 2.0 - 1.0) * bound) for b in ref_blocks(7, "x.scores", 13 * 17)]
     np.testing.assert_array_equal(got.view(np.uint32), as_u32(expected))
     assert got.min() >= -bound and got.max() < bound
 
@@ -235,8 +258,11 @@ def test_bad_inputs_raise_maskforge_error():
         regen.generate(-1, "a", (2, 2))
     with pytest.raises(MaskforgeError, match=r"^seed must be a non-negative integer, got True$"):
         regen.stream_key(True, "a")
-    with pytest.raises(MaskforgeError, match=r"^unknown weight distribution 'xavier'; choose from signed_constant, "
-                                             r"unsigned_constant, kaiming_normal$"):
+    with pytest.raises(
+        MaskforgeError,
+        match=r"^unknown weight distribution 'xavier'; choose from signed_constant, "
+        r"unsigned_constant, kaiming_normal$",
+    ):
         regen.generate(0, "a", (2, 2), "xavier")
     with pytest.raises(MaskforgeError, match=r"^cannot compute fan-in of a tensor of shape \(5,\)$"):
         regen.generate(0, "a", (5,))
@@ -248,18 +274,60 @@ def test_bad_inputs_raise_maskforge_error():
 
 GOLDEN = [
     # (seed, name, shape, distribution, scale_fan, k, sha256 of float32 LE bytes)
-    (0, "features.0.weight", (64, 3, 3, 3), "signed_constant", False, 1.0,
-     "84275912e807ab31368fa0b545456f0a0ee0396d2dee49cc9d813aff2b04bef4"),
-    (1, "classifier.4.weight", (256, 256), "signed_constant", True, 0.3,
-     "e6ddb68d405dfaab6555d30af7f357db8e11a288eba17512a06f2faa1583da1c"),
-    (42, "layer3.1.conv2.weight", (256, 256, 3, 3), "kaiming_normal", False, 0.5,
-     "ad330d002bd1c8eb0736c365b0e183b31a3267009003e43014529da369a4128e"),
-    (7, "fc.weight", (1000, 2048), "kaiming_normal", True, 0.3,
-     "b59f2bcd7cac48bb0195d76c736cb7785a12ef4cc74f785fe954772f12e7521a"),
-    (3, "1.weight", (300, 784), "unsigned_constant", True, 0.5,
-     "62910175945b0c05686f5dd16caf2426fcea37916f49a004b2e2f406f864c519"),
-    (2**63 - 1, "conv1.weight", (64, 3, 7, 7), "signed_constant", False, 1.0,
-     "4b65fe5f05cf46eee86bbd0ad0fa5f3291edbacc41bb09d7c55c1a08452e4d77"),
+    (
+        0,
+        "features.0.weight",
+        (64, 3, 3, 3),
+        "signed_constant",
+        False,
+        1.0,
+        "84275912e807ab31368fa0b545456f0a0ee0396d2dee49cc9d813aff2b04bef4",
+    ),
+    (
+        1,
+        "classifier.4.weight",
+        (256, 256),
+        "signed_constant",
+        True,
+        0.3,
+        "e6ddb68d405dfaab6555d30af7f357db8e11a288eba17512a06f2faa1583da1c",
+    ),
+    (
+        42,
+        "layer3.1.conv2.weight",
+        (256, 256, 3, 3),
+        "kaiming_normal",
+        False,
+        0.5,
+        "ad330d002bd1c8eb0736c365b0e183b31a3267009003e43014529da369a4128e",
+    ),
+    (
+        7,
+        "fc.weight",
+        (1000, 2048),
+        "kaiming_normal",
+        True,
+        0.3,
+        "b59f2bcd7cac48bb0195d76c736cb7785a12ef4cc74f785fe954772f12e7521a",
+    ),
+    (
+        3,
+        "1.weight",
+        (300, 784),
+        "unsigned_constant",
+        True,
+        0.5,
+        "62910175945b0c05686f5dd16caf2426fcea37916f49a004b2e2f406f864c519",
+    ),
+    (
+        2**63 - 1,
+        "conv1.weight",
+        (64, 3, 7, 7),
+        "signed_constant",
+        False,
+        1.0,
+        "4b65fe5f05cf46eee86bbd0ad0fa5f3291edbacc41bb09d7c55c1a08452e4d77",
+    ),
 ]
 
 
@@ -293,10 +361,12 @@ print(json.dumps(out))
 
 def test_single_threaded_subprocess_gives_identical_digests():
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-    child = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True,
-                           timeout=120, check=True)
+    child = subprocess.run(
+        [sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=120, check=True
+    )
     theirs = json.loads(child.stdout.strip().splitlines()[-1])
     from maskforge.archs import regenerate_weights
+
     for d in regen.DISTRIBUTIONS:
         ours = regen.weight_digest(regen.generate(5, "big.weight", (1000, 1000), d, k=0.5, scale_fan=True))
         assert theirs[d] == ours, d
@@ -307,8 +377,7 @@ def test_single_threaded_subprocess_gives_identical_digests():
     for name in weights:
         assert model.get_parameter(name.replace("weight", "scores")) is not None
         assert regen.weight_digest(model.get_buffer(name).numpy()) == theirs["conv4"][name]
-    assert theirs["conv4_scores"] == {n: regen.weight_digest(p.detach().numpy())
-                                      for n, p in model.named_parameters()}
+    assert theirs["conv4_scores"] == {n: regen.weight_digest(p.detach().numpy()) for n, p in model.named_parameters()}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -318,13 +387,30 @@ def test_single_threaded_subprocess_gives_identical_digests():
 
 def test_portable_log_matches_math_log():
     rng = np.random.default_rng(0)
-    x = np.concatenate([
-        np.exp(rng.uniform(-700, 700, 50_000)),        # wide dynamic range
-        rng.uniform(0.5, 2.0, 50_000),                  # around the mantissa reduction boundary
-        np.array([2.0 ** -1022, 2.0 ** -54, 1e-300, 0.02425, 0.5, 1.0, math.sqrt(2.0), math.sqrt(0.5),
-                  np.nextafter(math.sqrt(2.0), 3.0), np.nextafter(math.sqrt(2.0), 0.0), 2.0, 10.0, 1e300,
-                  np.finfo(np.float64).max]),
-    ])
+    x = np.concatenate(
+        [
+            np.exp(rng.uniform(-700, 700, 50_000)),  # wide dynamic range
+            rng.uniform(0.5, 2.0, 50_000),  # around the mantissa reduction boundary
+            np.array(
+                [
+                    2.0**-1022,
+                    2.0**-54,
+                    1e-300,
+                    0.02425,
+                    0.5,
+                    1.0,
+                    math.sqrt(2.0),
+                    math.sqrt(0.5),
+                    np.nextafter(math.sqrt(2.0), 3.0),
+                    np.nextafter(math.sqrt(2.0), 0.0),
+                    2.0,
+                    10.0,
+                    1e300,
+                    np.finfo(np.float64).max,
+                ]
+            ),
+        ]
+    )
     got = regen.portable_log(x)
     expected = np.array([math.log(v) for v in x])
     nonzero = expected != 0
@@ -349,9 +435,9 @@ def test_standard_normal_moments_and_ks():
     assert z.dtype == np.float64 and np.isfinite(z).all()
     n = z.size
     mean, var = z.mean(), z.var()
-    skew = ((z - mean) ** 3).mean() / var ** 1.5
-    kurt = ((z - mean) ** 4).mean() / var ** 2
-    assert abs(mean) < 4.5 / math.sqrt(n)                 # std of the mean is 1/sqrt(n)
+    skew = ((z - mean) ** 3).mean() / var**1.5
+    kurt = ((z - mean) ** 4).mean() / var**2
+    assert abs(mean) < 4.5 / math.sqrt(n)  # std of the mean is 1/sqrt(n)
     assert abs(var - 1) < 4.5 * math.sqrt(2 / n)
     assert abs(skew) < 4.5 * math.sqrt(6 / n)
     assert abs(kurt - 3) < 4.5 * math.sqrt(24 / n)

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from helpers import write_image_folder
 from maskforge import archs
-from maskforge.checkpoint import (CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint)
+from maskforge.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint
 from maskforge.cli import app
 from maskforge.errors import MaskforgeError
 from maskforge.layers import MaskedConv2d, MaskedLinear, NonAffineBatchNorm2d
@@ -90,17 +90,22 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_artifact(tmp_path
 
     # The search SIGKILLs itself right after the first checkpoint written two batches into the second
     # epoch (a hook, not a timer): the state a crash mid-epoch leaves.
-    victim = subprocess.run([sys.executable, "-c", _KILLED_AFTER_CHECKPOINT, *ARGS, "--checkpoint-every", "2",
-                             "--out", str(killed)], env=_env(), capture_output=True, text=True, timeout=240)
-    assert victim.returncode == -signal.SIGKILL, f"the run ended on its own before it could be killed: " \
-                                                 f"{victim.stderr}"
+    victim = subprocess.run(
+        [sys.executable, "-c", _KILLED_AFTER_CHECKPOINT, *ARGS, "--checkpoint-every", "2", "--out", str(killed)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert victim.returncode == -signal.SIGKILL, f"the run ended on its own before it could be killed: {victim.stderr}"
     assert not (killed / "artifact.safetensors").exists()
     on_disk = load_checkpoint(killed / CHECKPOINT_NAME).position
     assert on_disk["epoch"] == 1 and 0 < on_disk["batch_in_epoch"] < on_disk["steps_per_epoch"]
     assert on_disk["step"] == on_disk["steps_per_epoch"] + on_disk["batch_in_epoch"]
 
-    resumed = subprocess.run(_cli("--resume", str(killed), "-q"), env=_env(), capture_output=True, text=True,
-                             timeout=240)
+    resumed = subprocess.run(
+        _cli("--resume", str(killed), "-q"), env=_env(), capture_output=True, text=True, timeout=240
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert "done" in resumed.stdout
 
@@ -108,8 +113,11 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_artifact(tmp_path
     assert _metrics(killed) == _metrics(reference)
     assert len(_metrics(reference)) == 2
     # The recorded arguments are the original ones.
-    assert (json.loads((killed / "config.json").read_text()) ==
-            {**json.loads((reference / "config.json").read_text()), "out": str(killed), "checkpoint_every": 2})
+    assert json.loads((killed / "config.json").read_text()) == {
+        **json.loads((reference / "config.json").read_text()),
+        "out": str(killed),
+        "checkpoint_every": 2,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -122,9 +130,14 @@ def bn_arch():
     """A tiny conv net with (non-affine) batch norm, registered for this test only."""
 
     def build(in_channels, num_classes, image_size, k=0.5):
-        return nn.Sequential(MaskedConv2d(in_channels, 8, 3, padding=1, k=k), NonAffineBatchNorm2d(8),
-                             nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(),
-                             MaskedLinear(8 * (image_size[0] // 2) * (image_size[1] // 2), num_classes, k=k))
+        return nn.Sequential(
+            MaskedConv2d(in_channels, 8, 3, padding=1, k=k),
+            NonAffineBatchNorm2d(8),
+            nn.ReLU(),
+            nn.AvgPool2d(2),
+            nn.Flatten(),
+            MaskedLinear(8 * (image_size[0] // 2) * (image_size[1] // 2), num_classes, k=k),
+        )
 
     archs.register_arch("_test_bn", "test-only conv + BN")(build)
     yield "_test_bn"
@@ -137,8 +150,18 @@ class _Crash(Exception):
 
 def test_resume_is_exact_with_batchnorm_augmentation_and_momentum(tmp_path, bn_arch):
     data = write_image_folder(tmp_path / "images", 40)
-    common = dict(arch=bn_arch, k=0.4, data=str(data), epochs=3, batch_size=16, workers=0, device="cpu",
-                  lr=0.05, label_smoothing=0.1, warmup_epochs=1)
+    common = dict(
+        arch=bn_arch,
+        k=0.4,
+        data=str(data),
+        epochs=3,
+        batch_size=16,
+        workers=0,
+        device="cpu",
+        lr=0.05,
+        label_smoothing=0.1,
+        warmup_epochs=1,
+    )
     reference = search(SearchConfig(**common, out=str(tmp_path / "ref")))
     assert reference.artifact.bn_stats  # the network really has batch norm
 
@@ -175,14 +198,32 @@ def test_checkpoint_holds_what_the_search_had(tmp_path):
     def spy(record):
         seen["record"] = record
 
-    result = search(SearchConfig(arch="fc", epochs=1, max_steps=2, batch_size=500, device="cpu", workers=0,
-                                 keep_checkpoint=True, out=str(out)), on_epoch=spy)
+    result = search(
+        SearchConfig(
+            arch="fc",
+            epochs=1,
+            max_steps=2,
+            batch_size=500,
+            device="cpu",
+            workers=0,
+            keep_checkpoint=True,
+            out=str(out),
+        ),
+        on_epoch=spy,
+    )
     ckpt = load_checkpoint(out / CHECKPOINT_NAME)
     assert ckpt.position == {"epoch": 1, "batch_in_epoch": 0, "step": 2, "steps_per_epoch": 8, "total_steps": 2}
     assert ckpt.document["metrics"] == [seen["record"]]
     names = sorted(ckpt.tensors)
-    assert names == ["momentum/1.scores", "momentum/3.scores", "momentum/5.scores", "rng/torch_cpu",
-                     "scores/1.scores", "scores/3.scores", "scores/5.scores"]
+    assert names == [
+        "momentum/1.scores",
+        "momentum/3.scores",
+        "momentum/5.scores",
+        "rng/torch_cpu",
+        "scores/1.scores",
+        "scores/3.scores",
+        "scores/5.scores",
+    ]
     # The artifact's masks are the top-k of the checkpoint's scores.
     for param, mask in result.artifact.masks.items():
         scores = ckpt.tensors[f"scores/{param.rsplit('.', 1)[0]}.scores"].abs().reshape(-1)
@@ -200,8 +241,18 @@ def test_checkpoint_holds_what_the_search_had(tmp_path):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("finished") / "run"
-    search(SearchConfig(arch="fc", epochs=1, max_steps=2, batch_size=500, device="cpu", workers=0,
-                        keep_checkpoint=True, out=str(out)))
+    search(
+        SearchConfig(
+            arch="fc",
+            epochs=1,
+            max_steps=2,
+            batch_size=500,
+            device="cpu",
+            workers=0,
+            keep_checkpoint=True,
+            out=str(out),
+        )
+    )
     return out
 
 
@@ -242,13 +293,19 @@ def test_resume_of_a_folder_that_is_not_a_run(tmp_path):
     _fails(["search", "--resume", str(tmp_path / "empty")], "not a search run folder", tmp_path / "empty")
 
 
-@pytest.mark.parametrize("damage,message", [
-    ("flip a data byte", "error: checkpoint {path}: tensor rng/torch_cpu does not match its digest (corrupted)"),
-    ("truncate", "error: checkpoint {path} is truncated, or trailing data (safetensors: incomplete metadata, file not "
-                 "fully covered)"),
-    ("garbage", "error: checkpoint {path} is not a maskforge checkpoint (not a safetensors file, or truncated)"),
-    ("empty", "error: checkpoint {path} is not a maskforge checkpoint (only 0 bytes)"),
-])
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        ("flip a data byte", "error: checkpoint {path}: tensor rng/torch_cpu does not match its digest (corrupted)"),
+        (
+            "truncate",
+            "error: checkpoint {path} is truncated, or trailing data (safetensors: incomplete metadata, file not "
+            "fully covered)",
+        ),
+        ("garbage", "error: checkpoint {path} is not a maskforge checkpoint (not a safetensors file, or truncated)"),
+        ("empty", "error: checkpoint {path} is not a maskforge checkpoint (only 0 bytes)"),
+    ],
+)
 def test_resume_with_a_corrupt_checkpoint(finished_run, tmp_path, damage, message):
     run = _copy(finished_run, tmp_path)
     path = run / CHECKPOINT_NAME
@@ -271,9 +328,9 @@ def test_resume_with_edited_checkpoint_metadata(finished_run, tmp_path):
     text = (run / CHECKPOINT_NAME).read_bytes()
     # Change the recorded step inside the JSON header without fixing the digest.
     header_len = int.from_bytes(text[:8], "little")
-    header = text[8:8 + header_len].replace(b'\\"step\\":2', b'\\"step\\":1')
-    assert header != text[8:8 + header_len] and len(header) == header_len
-    (run / CHECKPOINT_NAME).write_bytes(text[:8] + header + text[8 + header_len:])
+    header = text[8 : 8 + header_len].replace(b'\\"step\\":2', b'\\"step\\":1')
+    assert header != text[8 : 8 + header_len] and len(header) == header_len
+    (run / CHECKPOINT_NAME).write_bytes(text[:8] + header + text[8 + header_len :])
     assert ckpt.position["step"] == 2
     _fails(["search", "--resume", str(run)], "metadata digest mismatch (the JSON document was modified", run)
 
@@ -285,9 +342,13 @@ def test_resume_with_a_checkpoint_of_another_search(finished_run, tmp_path, fiel
     config = json.loads((run / "config.json").read_text())
     config[field] = value
     (run / "config.json").write_text(json.dumps(config))
-    _fails(["search", "--resume", str(run)],
-           f"error: checkpoint {run / CHECKPOINT_NAME} was written by a different search: {field} {recorded} "
-           f"(this run: {value!r})", run, exact=True)
+    _fails(
+        ["search", "--resume", str(run)],
+        f"error: checkpoint {run / CHECKPOINT_NAME} was written by a different search: {field} {recorded} "
+        f"(this run: {value!r})",
+        run,
+        exact=True,
+    )
 
 
 def test_resume_with_a_checkpoint_whose_tensors_do_not_fit(finished_run, tmp_path):
@@ -298,13 +359,16 @@ def test_resume_with_a_checkpoint_whose_tensors_do_not_fit(finished_run, tmp_pat
     _fails(["search", "--resume", str(run)], "tensor scores/1.scores is [3, 3]", run)
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["--k", "0.3"], ": k 0.3 (recorded: 0.5) conflict with the arguments recorded in"),
-    (["--batch-size", "100"], ": batch_size 100 (recorded: 500) conflict with"),
-    (["--arch", "conv2", "--lr", "0.2"], ": arch conv2 (recorded: fc); lr 0.2 (recorded: 0.1) conflict with"),
-    (["--out", "somewhere/else"], ": out somewhere/else (the run folder is "),
-    (["--compile"], ": compile True (recorded: False) conflict with"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--k", "0.3"], ": k 0.3 (recorded: 0.5) conflict with the arguments recorded in"),
+        (["--batch-size", "100"], ": batch_size 100 (recorded: 500) conflict with"),
+        (["--arch", "conv2", "--lr", "0.2"], ": arch conv2 (recorded: fc); lr 0.2 (recorded: 0.1) conflict with"),
+        (["--out", "somewhere/else"], ": out somewhere/else (the run folder is "),
+        (["--compile"], ": compile True (recorded: False) conflict with"),
+    ],
+)
 def test_resume_with_conflicting_arguments(finished_run, tmp_path, argv, needle):
     run = _copy(finished_run, tmp_path)
     _fails(["search", "--resume", str(run), *argv], needle, run)
@@ -313,14 +377,35 @@ def test_resume_with_conflicting_arguments(finished_run, tmp_path, argv, needle)
 def test_resume_accepts_repeated_and_operational_arguments(finished_run, tmp_path):
     run = _copy(finished_run, tmp_path)
     before = (run / "artifact.safetensors").read_bytes()
-    result = CliRunner().invoke(app, ["search", "--resume", str(run), "--arch", "fc", "--k", "0.5",
-                                      "--workers", "3", "--checkpoint-every", "5", "--out", str(run), "-q"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "search",
+            "--resume",
+            str(run),
+            "--arch",
+            "fc",
+            "--k",
+            "0.5",
+            "--workers",
+            "3",
+            "--checkpoint-every",
+            "5",
+            "--out",
+            str(run),
+            "-q",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert (run / "artifact.safetensors").read_bytes() == before
     # the record holds what the run now uses: the new operational values, the same search
     recorded = json.loads((finished_run / "config.json").read_text())
-    assert json.loads((run / "config.json").read_text()) == {**recorded, "out": str(run), "workers": 3,
-                                                             "checkpoint_every": 5}
+    assert json.loads((run / "config.json").read_text()) == {
+        **recorded,
+        "out": str(run),
+        "workers": 3,
+        "checkpoint_every": 5,
+    }
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
@@ -338,8 +423,10 @@ def test_world_size_that_does_not_divide_the_batch(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
-    _fails(["search", "--arch", "fc", "--batch-size", "128", "--out", str(tmp_path / "new")],
-           "error: batch_size 128 is the global batch and must be a multiple of the number of processes (3), e.g. 129")
+    _fails(
+        ["search", "--arch", "fc", "--batch-size", "128", "--out", str(tmp_path / "new")],
+        "error: batch_size 128 is the global batch and must be a multiple of the number of processes (3), e.g. 129",
+    )
     assert not (tmp_path / "new").exists()
 
 
@@ -360,12 +447,13 @@ def test_fresh_search_refuses_to_overwrite_an_unfinished_run(finished_run, tmp_p
     _fails(["search", "--arch", "fc", "--out", str(run)], "holds an unfinished search with other arguments", run)
 
 
-
 def test_load_checkpoint_errors_are_maskforge_errors(tmp_path):
     with pytest.raises(MaskforgeError) as caught:
         load_checkpoint(tmp_path / "missing.safetensors")
-    assert str(caught.value) == (f"no checkpoint at {tmp_path / 'missing.safetensors'}: nothing to resume (a search "
-                                 f"writes one at the end of every epoch and every checkpoint_every steps)")
+    assert str(caught.value) == (
+        f"no checkpoint at {tmp_path / 'missing.safetensors'}: nothing to resume (a search "
+        f"writes one at the end of every epoch and every checkpoint_every steps)"
+    )
     with pytest.raises(MaskforgeError) as caught:
         load_checkpoint(tmp_path)
     assert str(caught.value) == f"{tmp_path} is a folder, not a checkpoint file"

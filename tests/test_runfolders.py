@@ -28,8 +28,11 @@ COMMON = dict(arch="fc", epochs=2, batch_size=500, device="cpu", workers=0)
 
 def _files(folder: Path) -> dict[str, str]:
     """Every file under `folder` (relative path -> SHA-256)."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -49,40 +52,105 @@ def _copy(folder: Path, tmp_path: Path) -> Path:
 
 # --- item 1: a finished run is never overwritten silently -------------------------------------------------
 
+
 def test_a_second_search_into_a_finished_run_is_refused(finished, tmp_path):
     run = _copy(finished, tmp_path)
     before = _files(run)
-    result = CliRunner().invoke(app, ["search", "--arch", "fc", "--k", "0.3", "--epochs", "1", "--max-steps", "1",
-                                      "--device", "cpu", "--out", str(run), "-q"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "search",
+            "--arch",
+            "fc",
+            "--k",
+            "0.3",
+            "--epochs",
+            "1",
+            "--max-steps",
+            "1",
+            "--device",
+            "cpu",
+            "--out",
+            str(run),
+            "-q",
+        ],
+    )
     assert result.exit_code == 2, result.output
     assert result.stderr.strip() == (
         f"error: {run} holds a finished search (artifact.safetensors) with other arguments (batch_size 128 "
         f"(recorded: 500); epochs 1 (recorded: 2); k 0.3 (recorded: 0.5); max_steps 1 (recorded: None)): choose another folder with --out, leave --out out to "
-        f"get a new numbered one, or add --overwrite to replace it (its files move to {run}/previous-N)")
+        f"get a new numbered one, or add --overwrite to replace it (its files move to {run}/previous-N)"
+    )
     assert _files(run) == before
 
 
 def test_overwrite_moves_the_old_run_and_its_exports_to_previous(finished, tmp_path):
     run = _copy(finished, tmp_path)
     before = _files(run)
-    result = CliRunner().invoke(app, ["search", "--arch", "fc", "--k", "0.3", "--epochs", "1", "--max-steps", "1",
-                                      "--batch-size", "500", "--device", "cpu", "--out", str(run), "--overwrite", "-q"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "search",
+            "--arch",
+            "fc",
+            "--k",
+            "0.3",
+            "--epochs",
+            "1",
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "500",
+            "--device",
+            "cpu",
+            "--out",
+            str(run),
+            "--overwrite",
+            "-q",
+        ],
+    )
     assert result.exit_code == 0, result.output
     after = _files(run)
     # everything the folder held, byte for byte, is now under previous-1/; the export no longer sits beside
     # the new artifact
-    assert {name[len("previous-1/"):]: digest for name, digest in after.items() if name.startswith("previous-1/")} \
-        == before
-    assert sorted(name for name in after if not name.startswith("previous-")) == \
-        ["artifact.safetensors", "config.json", "metrics.csv", "metrics.jsonl"]
+    assert {
+        name[len("previous-1/") :]: digest for name, digest in after.items() if name.startswith("previous-1/")
+    } == before
+    assert sorted(name for name in after if not name.startswith("previous-")) == [
+        "artifact.safetensors",
+        "config.json",
+        "metrics.csv",
+        "metrics.jsonl",
+    ]
     assert json.loads((run / "config.json").read_text())["k"] == 0.3
     # a second overwrite keeps the first generation: numbered, never replaced
-    result = CliRunner().invoke(app, ["search", "--arch", "fc", "--k", "0.2", "--epochs", "1", "--max-steps", "1",
-                                      "--batch-size", "500", "--device", "cpu", "--out", str(run), "--overwrite", "-q"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "search",
+            "--arch",
+            "fc",
+            "--k",
+            "0.2",
+            "--epochs",
+            "1",
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "500",
+            "--device",
+            "cpu",
+            "--out",
+            str(run),
+            "--overwrite",
+            "-q",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["previous-1", "previous-2"]
-    assert _files(run / "previous-1") == {n[len("previous-1/"):]: d for n, d in after.items()
-                                          if n.startswith("previous-1/")}
+    assert _files(run / "previous-1") == {
+        n[len("previous-1/") :]: d for n, d in after.items() if n.startswith("previous-1/")
+    }
 
 
 def test_an_overwrite_that_fails_to_start_changes_nothing(finished, tmp_path):
@@ -100,8 +168,10 @@ def test_each_search_gets_its_own_numbered_folder(tmp_path, monkeypatch):
     third = search(config.replace(k=0.25))
     # the documented names: runs/<arch>-k<k>-s<seed>, then -2, -3, ... when taken
     assert [r.artifact_path for r in (first, second, third)] == [
-        Path("runs/fc-k0.5-s7/artifact.safetensors"), Path("runs/fc-k0.5-s7-2/artifact.safetensors"),
-        Path("runs/fc-k0.25-s7/artifact.safetensors")]
+        Path("runs/fc-k0.5-s7/artifact.safetensors"),
+        Path("runs/fc-k0.5-s7-2/artifact.safetensors"),
+        Path("runs/fc-k0.25-s7/artifact.safetensors"),
+    ]
     assert json.loads(Path("runs/fc-k0.5-s7-2/config.json").read_text())["out"] == "runs/fc-k0.5-s7-2"
 
 
@@ -140,13 +210,23 @@ def test_a_folder_whose_search_never_checkpointed_is_started_over(tmp_path):
 
 # --- items 6 and 7: the checkpoint at the end; extending a finished search ---------------------------------
 
+
 def test_the_checkpoint_is_removed_when_the_search_finishes(tmp_path):
     plain = search(SearchConfig(**COMMON, max_steps=3, out=str(tmp_path / "plain")))
     kept = search(SearchConfig(**COMMON, max_steps=3, keep_checkpoint=True, out=str(tmp_path / "kept")))
-    assert sorted(p.name for p in plain.run_dir.iterdir()) == ["artifact.safetensors", "config.json", "metrics.csv",
-                                                               "metrics.jsonl"]
-    assert sorted(p.name for p in kept.run_dir.iterdir()) == ["artifact.safetensors", "checkpoint.safetensors",
-                                                              "config.json", "metrics.csv", "metrics.jsonl"]
+    assert sorted(p.name for p in plain.run_dir.iterdir()) == [
+        "artifact.safetensors",
+        "config.json",
+        "metrics.csv",
+        "metrics.jsonl",
+    ]
+    assert sorted(p.name for p in kept.run_dir.iterdir()) == [
+        "artifact.safetensors",
+        "checkpoint.safetensors",
+        "config.json",
+        "metrics.csv",
+        "metrics.jsonl",
+    ]
     assert plain.artifact_path.read_bytes() == kept.artifact_path.read_bytes()
 
 
@@ -175,14 +255,17 @@ def test_extending_needs_the_checkpoint_and_cannot_shorten(finished, tmp_path):
     assert str(caught.value) == (
         f"cannot extend the finished search in {run} to epochs 3: its checkpoint was removed when it finished "
         f"(keep_checkpoint keeps it), and the artifact holds the masks but not the scores and momentum a search "
-        f"continues from; start a new search with these arguments instead")
+        f"continues from; start a new search with these arguments instead"
+    )
     assert _files(run) == before
-    with pytest.raises(MaskforgeError, match="make 8 steps, but the checkpoint is at step 16; a search can be "
-                                             "extended, not shortened"):
+    with pytest.raises(
+        MaskforgeError, match="make 8 steps, but the checkpoint is at step 16; a search can be extended, not shortened"
+    ):
         resume(finished, {"epochs": 1})
 
 
 # --- item 16: TensorBoard --------------------------------------------------------------------------------
+
 
 def test_tensorboard_events_hold_the_metrics(tmp_path):
     event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
@@ -202,7 +285,10 @@ def test_a_search_that_max_steps_ended_inside_an_epoch_is_not_extended(tmp_path)
     search(SearchConfig(**{**COMMON, "epochs": 1}, max_steps=2, keep_checkpoint=True, out=str(run)))
     before = _files(run)
     for longer in ({"max_steps": 6}, {"max_steps": 6, "epochs": 2}):
-        with pytest.raises(MaskforgeError, match=f"cannot extend the search in {run}: max_steps 2 ended it inside "
-                                                 f"epoch 1, and a search is extended only from the end of an epoch"):
+        with pytest.raises(
+            MaskforgeError,
+            match=f"cannot extend the search in {run}: max_steps 2 ended it inside "
+            f"epoch 1, and a search is extended only from the end of an epoch",
+        ):
             resume(run, longer)
         assert _files(run) == before

@@ -16,27 +16,38 @@ from maskforge.schema import ArtifactDocument, InputSpec, SearchConfig, json_sch
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
-@pytest.mark.parametrize("values,field,expected", [
-    ({"epochs": 3}, "epochs", 3), ({"epochs": 3.0}, "epochs", 3), ({"k": 1}, "k", 1.0), ({"k": 1.0}, "k", 1.0),
-    ({"seed": 2 ** 63 - 1}, "seed", 2 ** 63 - 1), ({"seed": 4096.0}, "seed", 4096), ({"lr": 1}, "lr", 1.0),
-])
+@pytest.mark.parametrize(
+    "values,field,expected",
+    [
+        ({"epochs": 3}, "epochs", 3),
+        ({"epochs": 3.0}, "epochs", 3),
+        ({"k": 1}, "k", 1.0),
+        ({"k": 1.0}, "k", 1.0),
+        ({"seed": 2**63 - 1}, "seed", 2**63 - 1),
+        ({"seed": 4096.0}, "seed", 4096),
+        ({"lr": 1}, "lr", 1.0),
+    ],
+)
 def test_numbers_are_numbers_whatever_their_spelling(values, field, expected):
     value = getattr(SearchConfig.from_dict(values), field)
     assert value == expected and type(value) is type(expected)
 
 
-@pytest.mark.parametrize("values,message", [
-    ({"epochs": "3"}, "search config: epochs must be an integer, got '3'"),
-    ({"epochs": True}, "search config: epochs must be an integer, got True"),
-    ({"epochs": 2.5}, "search config: epochs must be an integer, got 2.5"),
-    ({"seed": float(2 ** 53 + 2)}, "search config: seed must be an integer, got 9007199254740994.0"),
-    ({"k": "0.5"}, "search config: k must be a number, got '0.5'"),
-    ({"k": None}, "search config: k must be a number, got None"),
-    ({"scale_fan": 1}, "search config: scale_fan must be true or false, got 1"),
-    ({"arch": 7}, "search config: arch must be a string, got 7"),
-    ({"speed": "fast"}, "search config: unknown field speed"),
-    ([1, 2], "search config: must be an object"),
-])
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"epochs": "3"}, "search config: epochs must be an integer, got '3'"),
+        ({"epochs": True}, "search config: epochs must be an integer, got True"),
+        ({"epochs": 2.5}, "search config: epochs must be an integer, got 2.5"),
+        ({"seed": float(2**53 + 2)}, "search config: seed must be an integer, got 9007199254740994.0"),
+        ({"k": "0.5"}, "search config: k must be a number, got '0.5'"),
+        ({"k": None}, "search config: k must be a number, got None"),
+        ({"scale_fan": 1}, "search config: scale_fan must be true or false, got 1"),
+        ({"arch": 7}, "search config: arch must be a string, got 7"),
+        ({"speed": "fast"}, "search config: unknown field speed"),
+        ([1, 2], "search config: must be an object"),
+    ],
+)
 def test_nothing_else_is_coerced_and_messages_name_the_field(values, message):
     with pytest.raises(MaskforgeError) as caught:
         SearchConfig.from_dict(values)
@@ -56,8 +67,13 @@ def test_nested_messages_name_the_path():
 def test_an_older_record_takes_the_defaults_of_newer_fields():
     config = SearchConfig.from_dict({"arch": "fc", "k": 0.3})
     assert (config.arch, config.k) == ("fc", 0.3)
-    assert (config.width, config.topk, config.precision, config.masker, config.deterministic) == \
-        (None, "layer", None, None, False)
+    assert (config.width, config.topk, config.precision, config.masker, config.deterministic) == (
+        None,
+        "layer",
+        None,
+        None,
+        False,
+    )
     assert SearchConfig.from_dict(config.to_dict()) == config
     assert json.loads(json.dumps(config.to_dict())) == config.to_dict()  # config.json round trip
 
@@ -78,5 +94,17 @@ def test_the_published_json_schema_is_the_schema():
     published = json.loads((DOCS / "artifact.schema.json").read_text())
     assert published == json_schema(ArtifactDocument)
     assert published["additionalProperties"] is False
-    assert set(published["required"]) == {"format", "format_version", "arch", "input", "seed", "init", "k",
-                                          "generator", "layers", "bn", "provenance", "digests"}
+    assert set(published["required"]) == {
+        "format",
+        "format_version",
+        "arch",
+        "input",
+        "seed",
+        "init",
+        "k",
+        "generator",
+        "layers",
+        "bn",
+        "provenance",
+        "digests",
+    }

@@ -61,8 +61,7 @@ def small_demo(tmp_path_factory) -> str:
 def test_search_never_changes_a_weight(tmp_path, arch, steps, data):
     source = str(write_mnist_folder(tmp_path / "data", *data)) if data else "mnist5k"
     with spy_arch(arch) as spy:
-        config = _config(tmp_path, arch=spy.name, max_steps=steps, batch_size=8 if data else 64, seed=7,
-                         data=source)
+        config = _config(tmp_path, arch=spy.name, max_steps=steps, batch_size=8 if data else 64, seed=7, data=source)
         result = search(config)
         model, start = spy.models[0], spy.first_state  # the model the search trained, as it started
 
@@ -74,8 +73,9 @@ def test_search_never_changes_a_weight(tmp_path, arch, steps, data):
             assert layer.weight.numpy().tobytes() == fresh.tobytes(), name
             # the scores started from their own seeded stream, and the search moved them
             bound = 1.0 / math.sqrt(math.prod(shape[1:]))
-            assert start[f"{name}.scores"].numpy().tobytes() == regen.uniform(7, f"{name}.scores", shape,
-                                                                              bound).tobytes(), name
+            assert (
+                start[f"{name}.scores"].numpy().tobytes() == regen.uniform(7, f"{name}.scores", shape, bound).tobytes()
+            ), name
             assert not torch.equal(layer.scores, start[f"{name}.scores"]), name
         assert {n for n, _ in model.named_parameters()} == {f"{n}.scores" for n in masked_modules(model)}
         for name, bn in batchnorm_modules(model).items():
@@ -124,8 +124,12 @@ def test_run_folder_contents_and_metrics(tmp_path, small_demo):
     result = search(config, on_step=lambda progress: steps.append(progress.step), on_epoch=epochs.append)
     out = Path(config.out)
     # the checkpoint is removed when the search finishes (keep_checkpoint keeps it)
-    assert sorted(p.name for p in out.iterdir()) == ["artifact.safetensors", "config.json", "metrics.csv",
-                                                      "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "artifact.safetensors",
+        "config.json",
+        "metrics.csv",
+        "metrics.jsonl",
+    ]
     assert result.artifact_path == out / "artifact.safetensors"
     assert SearchConfig.from_dict(json.loads((out / "config.json").read_text())) == config
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -133,8 +137,9 @@ def test_run_folder_contents_and_metrics(tmp_path, small_demo):
     # metrics.csv: the same records as a table, every field of a record a column (floats round-trip exactly)
     with open(out / "metrics.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert [{key: float(value) for key, value in row.items()} for row in rows] == \
-        [{key: float(value) for key, value in record.items()} for record in records]
+    assert [{key: float(value) for key, value in row.items()} for row in rows] == [
+        {key: float(value) for key, value in record.items()} for record in records
+    ]
     assert steps == [1, 2, 3, 4] and [r["step"] for r in records] == [2, 4] and [r["epoch"] for r in records] == [1, 2]
     for record in records:
         assert record["train_loss"] > 0 and np.isfinite(record["train_loss"]) and record["images_per_s"] > 0
@@ -145,11 +150,15 @@ def test_run_folder_contents_and_metrics(tmp_path, small_demo):
         logits = artifact.create_model()(_normalize(test_x[:200], artifact.spec))
     labels = torch.from_numpy(test_y[:200]).long()
     assert abs((logits.argmax(1) == labels).float().mean().item() - records[-1]["heldout_acc"]) <= 1 / 200 + 1e-12
-    assert math.isclose(torch.nn.functional.cross_entropy(logits, labels).item(), records[-1]["heldout_loss"],
-                        rel_tol=1e-5)
+    assert math.isclose(
+        torch.nn.functional.cross_entropy(logits, labels).item(), records[-1]["heldout_loss"], rel_tol=1e-5
+    )
     provenance = artifact.document["provenance"]
-    assert (provenance["heldout_acc"], provenance["steps"], provenance["heldout_examples"]) == \
-        (records[-1]["heldout_acc"], 4, 200)
+    assert (provenance["heldout_acc"], provenance["steps"], provenance["heldout_examples"]) == (
+        records[-1]["heldout_acc"],
+        4,
+        200,
+    )
     assert (provenance["device"], provenance["precision"], provenance["channels_last"]) == ("cpu", "fp32", False)
 
 
@@ -172,10 +181,10 @@ def test_every_training_image_is_used_once_per_epoch(tmp_path):
     assert [x.shape[0] for x in spy.trained] == ([128] * 31 + [32]) * 2
     expected = sorted(_rows(_normalize(demo_rows()[0], result.artifact.spec)))
     for epoch in range(2):
-        assert sorted(_rows(torch.cat(spy.trained[32 * epoch: 32 * (epoch + 1)]))) == expected, f"epoch {epoch}"
+        assert sorted(_rows(torch.cat(spy.trained[32 * epoch : 32 * (epoch + 1)]))) == expected, f"epoch {epoch}"
 
 
-@pytest.mark.parametrize("seed", [2 ** 45, 2 ** 63 - 1])
+@pytest.mark.parametrize("seed", [2**45, 2**63 - 1])
 def test_any_seed_the_format_allows_searches_end_to_end(tmp_path, seed):
     """Found from outside (bug 1): a seed above ~2^44 used to overflow the data order's generator."""
     from typer.testing import CliRunner
@@ -183,9 +192,27 @@ def test_any_seed_the_format_allows_searches_end_to_end(tmp_path, seed):
     from maskforge.cli import app
 
     out = tmp_path / "run"
-    result = CliRunner().invoke(app, ["search", "--arch", "fc", "--epochs", "1", "--max-steps", "1",
-                                      "--batch-size", "64", "--seed", str(seed), "--device", "cpu",
-                                      "--out", str(out), "-q"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "search",
+            "--arch",
+            "fc",
+            "--epochs",
+            "1",
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "64",
+            "--seed",
+            str(seed),
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "-q",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert load_artifact(out / "artifact.safetensors").seed == seed
 
@@ -199,11 +226,15 @@ def test_warmup_then_cosine_schedule(tmp_path, small_demo):
     """The learning rate of every step against the formula of docs/SCALE.md, written out here: step s of
     S (w warm-up steps) uses lr * (s + 1) / w while s < w, then lr / 2 * (1 + cos(pi * (s - w) / (S - w)))."""
     lrs = []
-    search(_config(tmp_path, data=small_demo, epochs=4, warmup_epochs=1, max_steps=None, batch_size=100, lr=0.2),
-           on_step=lambda progress: lrs.append(progress.lr))
+    search(
+        _config(tmp_path, data=small_demo, epochs=4, warmup_epochs=1, max_steps=None, batch_size=100, lr=0.2),
+        on_step=lambda progress: lrs.append(progress.lr),
+    )
     total, warmup = 4 * 3, 3  # 256 images at batch 100: 3 steps per epoch
-    expected = [0.2 * (s + 1) / warmup if s < warmup else 0.1 * (1 + np.cos(np.pi * (s - warmup) / (total - warmup)))
-                for s in range(total)]
+    expected = [
+        0.2 * (s + 1) / warmup if s < warmup else 0.1 * (1 + np.cos(np.pi * (s - warmup) / (total - warmup)))
+        for s in range(total)
+    ]
     assert np.allclose(lrs, expected, rtol=1e-12, atol=0)
 
 
@@ -224,26 +255,38 @@ def test_a_short_search_learns(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"k": 0.0}, "search config: k must be > 0, got 0.0"),
-    ({"k": 1.5}, "search config: k must be <= 1, got 1.5"),
-    ({"epochs": 0}, "search config: epochs must be >= 1, got 0"),
-    ({"init": "xavier"}, "search config: init must be one of 'signed_constant', 'unsigned_constant' or "
-                         "'kaiming_normal', got 'xavier'"),
-    ({"epochs": 2, "warmup_epochs": 2}, "search config: warmup_epochs (2) must be smaller than epochs (2)"),
-    ({"lr": float("inf")}, "search config: lr must be a finite number, got inf"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"k": 0.0}, "search config: k must be > 0, got 0.0"),
+        ({"k": 1.5}, "search config: k must be <= 1, got 1.5"),
+        ({"epochs": 0}, "search config: epochs must be >= 1, got 0"),
+        (
+            {"init": "xavier"},
+            "search config: init must be one of 'signed_constant', 'unsigned_constant' or "
+            "'kaiming_normal', got 'xavier'",
+        ),
+        ({"epochs": 2, "warmup_epochs": 2}, "search config: warmup_epochs (2) must be smaller than epochs (2)"),
+        ({"lr": float("inf")}, "search config: lr must be a finite number, got inf"),
+    ],
+)
 def test_bad_config_is_refused_when_built(tmp_path, change, message):
     with pytest.raises(MaskforgeError) as caught:
         _config(tmp_path, **change)
     assert str(caught.value) == message
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"data": "MISSING"}, "data source {tmp}/no-such-folder does not exist; expected one of: 'mnist5k'"),
-    ({"data": "EMPTY"}, "data source {tmp}/empty is not a recognized data folder; expected one of: 'mnist5k'"),
-    ({"arch": "resnet9000"}, "unknown architecture 'resnet9000' (did you mean 'resnet50'?); choose from: fc, conv2,"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"data": "MISSING"}, "data source {tmp}/no-such-folder does not exist; expected one of: 'mnist5k'"),
+        ({"data": "EMPTY"}, "data source {tmp}/empty is not a recognized data folder; expected one of: 'mnist5k'"),
+        (
+            {"arch": "resnet9000"},
+            "unknown architecture 'resnet9000' (did you mean 'resnet50'?); choose from: fc, conv2,",
+        ),
+    ],
+)
 def test_bad_search_raises_and_writes_nothing(tmp_path, change, message):
     change = dict(change)
     if change.get("data") == "MISSING":
@@ -303,14 +346,31 @@ def test_computing_choices_are_applied_and_recorded(tmp_path):
 
     before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic)
     with spy_arch("conv2") as spy:
-        result = search(_config(tmp_path, arch=spy.name, data=data, max_steps=2, batch_size=32, precision="bf16",
-                                channels_last=True, deterministic=True), on_step=during)
+        result = search(
+            _config(
+                tmp_path,
+                arch=spy.name,
+                data=data,
+                max_steps=2,
+                batch_size=32,
+                precision="bf16",
+                channels_last=True,
+                deterministic=True,
+            ),
+            on_step=during,
+        )
         inputs = spy.trained
     assert seen == [(True, True)] * 2
     assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic) == before
     assert all(x.is_contiguous(memory_format=torch.channels_last) for x in inputs)
     provenance = result.artifact.document["provenance"]
-    assert {key: provenance[key] for key in ("device", "precision", "channels_last", "masker", "compile",
-                                             "deterministic")} == \
-        {"device": "cpu", "precision": "bf16", "channels_last": True, "masker": "numpy", "compile": False,
-         "deterministic": True}
+    assert {
+        key: provenance[key] for key in ("device", "precision", "channels_last", "masker", "compile", "deterministic")
+    } == {
+        "device": "cpu",
+        "precision": "bf16",
+        "channels_last": True,
+        "masker": "numpy",
+        "compile": False,
+        "deterministic": True,
+    }

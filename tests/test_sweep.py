@@ -21,7 +21,7 @@ from maskforge.searches import SearchConfig, search
 from maskforge.sweeps.results import point_row
 from maskforge.sweeps import COLUMNS, collect_sweep, make_grid, parse_list, parse_seeds, parse_shard, sweep
 
-FC_LAYERS = [784 * 300, 300 * 100, 100 * 10]   # LeNet 300-100 on the demo's 1x28x28, 10 classes
+FC_LAYERS = [784 * 300, 300 * 100, 100 * 10]  # LeNet 300-100 on the demo's 1x28x28, 10 classes
 TINY = {"arch": "fc", "epochs": 1, "max_steps": 3, "batch_size": 64, "device": "cpu"}
 cli = CliRunner()
 
@@ -184,11 +184,29 @@ def test_sigterm_during_a_sweep_says_how_to_continue_and_the_same_command_does(t
                 on_step(progress)
             if len(calls) == 2 and progress.step == 2:
                 os.kill(os.getpid(), signal.SIGTERM)
+
         return real_search(config, on_step=step, **kwargs)
 
     monkeypatch.setattr(runner_module, "search", search_then_sigterm)
-    command = ["sweep", "--out", str(tmp_path / "sweep"), "--arch", "fc", "--k", "0.3,0.5", "--epochs", "1",
-               "--max-steps", "3", "--batch-size", "64", "--device", "cpu", "--quiet", "--no-figure"]
+    command = [
+        "sweep",
+        "--out",
+        str(tmp_path / "sweep"),
+        "--arch",
+        "fc",
+        "--k",
+        "0.3,0.5",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "64",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--no-figure",
+    ]
     stopped = cli.invoke(app, command)
     assert stopped.exit_code == 143, stopped.output
     second = tmp_path / "sweep" / _name(0.5, 0)
@@ -205,6 +223,7 @@ def test_sigterm_during_a_sweep_says_how_to_continue_and_the_same_command_does(t
             steps.append(progress.step)
             if on_step:
                 on_step(progress)
+
         return real_search(config, on_step=step, **kwargs)
 
     monkeypatch.setattr(runner_module, "search", recording)
@@ -223,8 +242,9 @@ def test_shards_then_collect_equal_the_unsharded_sweep(tmp_path):
     assert first.ran == points[0::2] and second.ran == points[1::2]
     assert {row["status"] for row in first.rows} == {"done", "pending"}
     collect_sweep(tmp_path / "sharded", figures=False)
-    assert _without_timing(_csv(tmp_path / "sharded" / "results.csv")) == \
-        _without_timing(_csv(tmp_path / "whole" / "results.csv"))
+    assert _without_timing(_csv(tmp_path / "sharded" / "results.csv")) == _without_timing(
+        _csv(tmp_path / "whole" / "results.csv")
+    )
     assert whole.ok and len(whole.rows) == 8
 
 
@@ -273,8 +293,10 @@ def test_extending_a_sweep_adds_points_and_other_fixed_options_are_refused(tmp_p
     (out / "sweep.json").write_text(json.dumps({**older, "version": 1}))
     with pytest.raises(MaskforgeError) as info:
         collect_sweep(out, figures=False)
-    assert str(info.value) == (f"{out / 'sweep.json'}: written by an older maskforge (sweep format 1, whose folder "
-                               f"names do not say topk); run the sweep again in a new folder")
+    assert str(info.value) == (
+        f"{out / 'sweep.json'}: written by an older maskforge (sweep format 1, whose folder "
+        f"names do not say topk); run the sweep again in a new folder"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -282,12 +304,19 @@ def test_extending_a_sweep_adds_points_and_other_fixed_options_are_refused(tmp_p
 # ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name,text,message", [
-    ("k", "", "k: malformed list ''"), ("k", "0.1,,0.3", "k: malformed list '0.1,,0.3'"),
-    ("k", "0.1,", "k: malformed list"), ("k", "a", "k: 'a' is not a number"),
-    ("k", "0.1,0.1", "k: value(s) 0.1 listed twice"), ("epochs", "2.5", "epochs: '2.5' is not an integer"),
-    ("scale_fan", "maybe", "scale_fan: 'maybe' is not true/false"), ("colour", "red", "unknown search option"),
-])
+@pytest.mark.parametrize(
+    "name,text,message",
+    [
+        ("k", "", "k: malformed list ''"),
+        ("k", "0.1,,0.3", "k: malformed list '0.1,,0.3'"),
+        ("k", "0.1,", "k: malformed list"),
+        ("k", "a", "k: 'a' is not a number"),
+        ("k", "0.1,0.1", "k: value(s) 0.1 listed twice"),
+        ("epochs", "2.5", "epochs: '2.5' is not an integer"),
+        ("scale_fan", "maybe", "scale_fan: 'maybe' is not true/false"),
+        ("colour", "red", "unknown search option"),
+    ],
+)
 def test_malformed_lists(name, text, message):
     with pytest.raises(MaskforgeError) as info:
         parse_list(name, text)
@@ -303,8 +332,12 @@ def test_learned_threshold():
 
 def test_seeds_and_shards():
     assert parse_seeds("3") == [0, 1, 2] and parse_seeds("0,5,9") == [0, 5, 9] and parse_seeds("7:10") == [7, 8, 9]
-    for text, message in [("0", "seeds: the count must be at least 1"), ("3:3", "seeds: the range 3:3 is empty"),
-                          ("x", "seeds: 'x' is neither"), ("1,1", "seed: value(s) 1 listed twice")]:
+    for text, message in [
+        ("0", "seeds: the count must be at least 1"),
+        ("3:3", "seeds: the range 3:3 is empty"),
+        ("x", "seeds: 'x' is neither"),
+        ("1,1", "seed: value(s) 1 listed twice"),
+    ]:
         with pytest.raises(MaskforgeError) as info:
             parse_seeds(text)
         assert str(info.value).startswith(message)
@@ -314,20 +347,29 @@ def test_seeds_and_shards():
             parse_shard(text)
 
 
-@pytest.mark.parametrize("options,message", [
-    ({"k": [0.5, 1.5]}, "grid point arch=fc,init=signed_constant,scale_fan=false,width=1.0,topk=layer,k=1.5,seed=0: "
-                        "search config: k must be <= 1, got 1.5"),
-    ({"k": [0.0]}, "search config: k must be > 0, got 0.0"),
-    ({"width": [0, 1]}, "search config: width must be > 0, got 0.0"),
-    ({"width": [65]}, "search config: width must be <= 64, got 65.0"),
-    ({"arch": ["fc", "resnet18"], "width": [2]}, "architecture resnet18 has fixed widths"),
-    ({"arch": ["vgg"]}, "grid point arch=vgg,init=signed_constant,scale_fan=false,width=1.0,topk=layer,k=0.5,seed=0: "
-                        "unknown architecture 'vgg'"),
-    ({"topk": ["layer", "row"]}, "search config: topk must be one of 'layer' or 'global', got 'row'"),
-    ({"k": []}, "k: the list of values is empty"),
-    ({"out": "x"}, "unknown sweep option(s) ['out']"),
-    ({"k": ["0.5"]}, "search config: k must be a number, got '0.5'"),
-])
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (
+            {"k": [0.5, 1.5]},
+            "grid point arch=fc,init=signed_constant,scale_fan=false,width=1.0,topk=layer,k=1.5,seed=0: "
+            "search config: k must be <= 1, got 1.5",
+        ),
+        ({"k": [0.0]}, "search config: k must be > 0, got 0.0"),
+        ({"width": [0, 1]}, "search config: width must be > 0, got 0.0"),
+        ({"width": [65]}, "search config: width must be <= 64, got 65.0"),
+        ({"arch": ["fc", "resnet18"], "width": [2]}, "architecture resnet18 has fixed widths"),
+        (
+            {"arch": ["vgg"]},
+            "grid point arch=vgg,init=signed_constant,scale_fan=false,width=1.0,topk=layer,k=0.5,seed=0: "
+            "unknown architecture 'vgg'",
+        ),
+        ({"topk": ["layer", "row"]}, "search config: topk must be one of 'layer' or 'global', got 'row'"),
+        ({"k": []}, "k: the list of values is empty"),
+        ({"out": "x"}, "unknown sweep option(s) ['out']"),
+        ({"k": ["0.5"]}, "search config: k must be a number, got '0.5'"),
+    ],
+)
 def test_bad_grids_are_refused_before_anything_runs(tmp_path, options, message):
     with pytest.raises(MaskforgeError) as info:
         sweep(tmp_path / "sweep", {**TINY, **options}, figures=False)
@@ -346,8 +388,22 @@ def _cli(*args: str):
 
 def test_cli_sweep_collect_and_summary(tmp_path):
     out = tmp_path / "sweep"
-    common = ["--arch", "fc", "--k", "0.3,0.5", "--seeds", "2", "--max-steps", "3", "--epochs", "1",
-              "--device", "cpu", "--no-figure", "--quiet"]
+    common = [
+        "--arch",
+        "fc",
+        "--k",
+        "0.3,0.5",
+        "--seeds",
+        "2",
+        "--max-steps",
+        "3",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--no-figure",
+        "--quiet",
+    ]
     result = _cli("--out", str(out), *common)
     assert result.exit_code == 0, result.output
     rows = _csv(out / "results.csv")
@@ -362,8 +418,20 @@ def test_cli_sweep_collect_and_summary(tmp_path):
 def test_cli_sweep_in_a_log_file_shows_each_points_epochs(tmp_path):
     """Outside a terminal (nohup, Slurm, CI) a sweep prints each point's epochs as `search` does, so a log is
     never silent for a whole point; --quiet keeps only the points' results."""
-    common = ["--arch", "fc", "--k", "0.3,0.5", "--epochs", "2", "--batch-size", "1000",
-              "--device", "cpu", "--no-figure", "--dense-baseline"]
+    common = [
+        "--arch",
+        "fc",
+        "--k",
+        "0.3,0.5",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "1000",
+        "--device",
+        "cpu",
+        "--no-figure",
+        "--dense-baseline",
+    ]
     result = _cli("--out", str(tmp_path / "loud"), *common)
     assert result.exit_code == 0, result.output
     epoch_lines = [line for line in result.stderr.splitlines() if line.startswith("epoch ")]
@@ -373,21 +441,31 @@ def test_cli_sweep_in_a_log_file_shows_each_points_epochs(tmp_path):
     assert quiet.stdout.count("done in") == 3
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--k", "0.1,,0.3"], "error: k: malformed list '0.1,,0.3'"),
-    (["--k", "1.5"], "search config: k must be <= 1, got 1.5"),
-    (["--width", "0"], "search config: width must be > 0, got 0.0"),
-    (["--topk", "global,row"], "search config: topk must be one of 'layer' or 'global', got 'row'"),
-    (["--shard", "2/2"], "error: shard 2/2: I must be in 0..N-1"),
-    (["--seeds", "0"], "error: seeds: the count must be at least 1"),
-    (["--hue", "colour", "--collect", "nowhere"], "error: nowhere is not a sweep folder"),
-    (["--collect", "nowhere", "--k", "0.1", "--seeds", "3"], "error: --collect runs nothing, so --k, --seeds do not apply"),
-    (["--x", "colour"], "error: cannot plot by 'colour': the sweep's axes are arch, init, scale_fan, width, topk, k, seed"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--k", "0.1,,0.3"], "error: k: malformed list '0.1,,0.3'"),
+        (["--k", "1.5"], "search config: k must be <= 1, got 1.5"),
+        (["--width", "0"], "search config: width must be > 0, got 0.0"),
+        (["--topk", "global,row"], "search config: topk must be one of 'layer' or 'global', got 'row'"),
+        (["--shard", "2/2"], "error: shard 2/2: I must be in 0..N-1"),
+        (["--seeds", "0"], "error: seeds: the count must be at least 1"),
+        (["--hue", "colour", "--collect", "nowhere"], "error: nowhere is not a sweep folder"),
+        (
+            ["--collect", "nowhere", "--k", "0.1", "--seeds", "3"],
+            "error: --collect runs nothing, so --k, --seeds do not apply",
+        ),
+        (
+            ["--x", "colour"],
+            "error: cannot plot by 'colour': the sweep's axes are arch, init, scale_fan, width, topk, k, seed",
+        ),
+    ],
+)
 def test_cli_bad_input_is_one_error_line(tmp_path, args, message):
     out = tmp_path / "sweep"
-    result = _cli("--out", str(out), "--arch", "fc", "--max-steps", "1", *args) if "--collect" not in args \
-        else _cli(*args)
+    result = (
+        _cli("--out", str(out), "--arch", "fc", "--max-steps", "1", *args) if "--collect" not in args else _cli(*args)
+    )
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
@@ -406,8 +484,10 @@ def test_cli_sweep_options_are_the_search_options():
             description = SearchConfig.__pydantic_fields__[field.name].description
             assert listed["--" + field.name.replace("_", "-")].startswith(f"LIST {description[:30]}"), field.name
     assert "--seed" not in listed and listed["--seeds"].startswith("SEEDS Seeds: a count")
-    assert listed["--topk"] == ("LIST Top-k rule: layer (k in every layer, the paper's) or global (one threshold over "
-                                "all layers, each keeps at least 1). [a comma list; default layer]")
+    assert listed["--topk"] == (
+        "LIST Top-k rule: layer (k in every layer, the paper's) or global (one threshold over "
+        "all layers, each keeps at least 1). [a comma list; default layer]"
+    )
     assert listed["--scale-fan"].endswith("[on or off (also true/false, yes/no, 1/0); both: on,off; default false]")
     assert listed["--width"].endswith("(default: the architecture's, 1). [a comma list]")
 
@@ -415,8 +495,9 @@ def test_cli_sweep_options_are_the_search_options():
 def test_cli_failing_point_exits_non_zero_after_the_others(tmp_path, monkeypatch):
     _fail_some(monkeypatch, lambda config: config.seed == 0, RuntimeError("kaboom"))
     out = tmp_path / "sweep"
-    result = _cli("--out", str(out), "--arch", "fc", "--seeds", "2", "--max-steps", "2", "--epochs", "1",
-                  "--no-figure", "-q")
+    result = _cli(
+        "--out", str(out), "--arch", "fc", "--seeds", "2", "--max-steps", "2", "--epochs", "1", "--no-figure", "-q"
+    )
     assert result.exit_code == 1  # an unexpected error in a point is a bug: exit 1, after every point ran
     assert (out / _name(0.5, 1) / "artifact.safetensors").is_file()
     last = result.output.strip().splitlines()[-1]
@@ -427,8 +508,26 @@ def test_topk_and_width_are_axes_end_to_end(tmp_path):
     """`--topk layer,global --width 0.5,1`: four points, each an ordinary search whose artifact records its
     rule and width; the kept counts follow docs/FORMAT.md 3.3 (per layer, or one K over all layers)."""
     out = tmp_path / "sweep"
-    result = _cli("--out", str(out), "--arch", "fc", "--topk", "layer,global", "--width", "0.5,1", "--k", "0.3",
-                  "--max-steps", "2", "--epochs", "1", "--device", "cpu", "--no-figure", "-q")
+    result = _cli(
+        "--out",
+        str(out),
+        "--arch",
+        "fc",
+        "--topk",
+        "layer,global",
+        "--width",
+        "0.5,1",
+        "--k",
+        "0.3",
+        "--max-steps",
+        "2",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--no-figure",
+        "-q",
+    )
     assert result.exit_code == 0, result.output
     rows = {(row["width"], row["topk"]): row for row in _csv(out / "results.csv")}
     assert set(rows) == {("0.5", "layer"), ("0.5", "global"), ("1.0", "layer"), ("1.0", "global")}
@@ -447,7 +546,9 @@ def test_where_selects_the_points_a_figure_shows(done_sweep, monkeypatch):
     import maskforge.sweeps.runner
 
     drawn = []
-    monkeypatch.setattr(maskforge.sweeps.runner, "plot_sweep", lambda rows, *a, **k: drawn.append(rows) or [Path("f.png")])
+    monkeypatch.setattr(
+        maskforge.sweeps.runner, "plot_sweep", lambda rows, *a, **k: drawn.append(rows) or [Path("f.png")]
+    )
     result = collect_sweep(done_sweep, where={"k": [0.5], "seed": [1]})
     assert [row["point"] for row in drawn[0]] == [_name(0.5, 1), "dense,arch=fc,width=1.0,seed=1"]
     assert len(result.rows) == 6 and len(_csv(done_sweep / "results.csv")) == 6  # the table keeps every point

@@ -73,21 +73,31 @@ def _scan(source: Path) -> list[str]:
                 problems.append(f"{where}: torch.load without weights_only=True")
             elif name in ("np.load", "numpy.load") and _is_true(_keyword(node, "allow_pickle")):
                 problems.append(f"{where}: np.load(allow_pickle=True)")
-            elif name in ("torch.jit.load", "yaml.load", "yaml.unsafe_load", "pd.read_pickle", "pandas.read_pickle",
-                          "torch.package.PackageImporter"):
+            elif name in (
+                "torch.jit.load",
+                "yaml.load",
+                "yaml.unsafe_load",
+                "pd.read_pickle",
+                "pandas.read_pickle",
+                "torch.package.PackageImporter",
+            ):
                 problems.append(f"{where}: {name}(...)")
             elif name in ("eval", "exec"):
                 problems.append(f"{where}: {name}(...)")
-            elif name == "__import__" and source.name != "commands.py" and not (
-                    node.args and isinstance(node.args[0], ast.Constant)):
+            elif (
+                name == "__import__"
+                and source.name != "commands.py"
+                and not (node.args and isinstance(node.args[0], ast.Constant))
+            ):
                 # a constant module name is a plain import; commands.py imports its own fixed command modules
                 problems.append(f"{where}: __import__ of a computed name")
     return problems
 
 
 def test_sources_are_found():
-    assert {PACKAGE_DIR / "artifact.py", UNPICKLER, PACKAGE_DIR / "schema" / "base.py", CLI_DIR / "app.py"} \
-        <= set(SOURCES)
+    assert {PACKAGE_DIR / "artifact.py", UNPICKLER, PACKAGE_DIR / "schema" / "base.py", CLI_DIR / "app.py"} <= set(
+        SOURCES
+    )
 
 
 def test_no_code_executing_loaders_in_the_library():
@@ -98,23 +108,30 @@ def test_no_code_executing_loaders_in_the_library():
 def test_the_only_unpickler_is_restricted():
     """data/cifar.py may use pickle only through a subclass of pickle.Unpickler that overrides find_class."""
     tree = ast.parse(UNPICKLER.read_text())
-    unpicklers = [node for node in ast.walk(tree) if isinstance(node, ast.ClassDef)
-                  and any(_dotted(base) == "pickle.Unpickler" for base in node.bases)]
+    unpicklers = [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ClassDef) and any(_dotted(base) == "pickle.Unpickler" for base in node.bases)
+    ]
     assert unpicklers, "expected data/cifar.py's restricted unpickler"
     for cls in unpicklers:
         methods = {item.name for item in cls.body if isinstance(item, ast.FunctionDef)}
         assert "find_class" in methods, f"{cls.name} must override find_class"
-    uses = [node for node in ast.walk(tree) if isinstance(node, ast.Attribute)
-            and isinstance(node.value, ast.Name) and node.value.id == "pickle"]
-    assert {node.attr for node in uses} <= {"Unpickler", "UnpicklingError", "PickleError"}, \
-        {node.attr for node in uses}
+    uses = [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "pickle"
+    ]
+    assert {node.attr for node in uses} <= {"Unpickler", "UnpicklingError", "PickleError"}, {node.attr for node in uses}
 
 
 def test_the_scanner_catches_what_it_claims(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("import pickle\nimport torch\nimport numpy as np\n"
-                   "torch.load('x')\ntorch.load('x', weights_only=False)\nnp.load('x', allow_pickle=True)\n"
-                   "pickle.loads(b'')\neval('1')\n")
+    bad.write_text(
+        "import pickle\nimport torch\nimport numpy as np\n"
+        "torch.load('x')\ntorch.load('x', weights_only=False)\nnp.load('x', allow_pickle=True)\n"
+        "pickle.loads(b'')\neval('1')\n"
+    )
     found = _scan(bad)
     assert len(found) == 6, found
     assert not _scan(_write(tmp_path / "ok.py", "import torch\ntorch.load('x', weights_only=True)\n"))
@@ -212,17 +229,21 @@ def _onnx_with_external(folder: Path, location: str, *, in_subgraph: bool = Fals
         # the weight hides in a Constant node inside the then-branch of an If
         const = helper.make_node("Constant", [], ["W"], value=weight)
         matmul = helper.make_node("MatMul", ["X", "W"], ["Y_then"])
-        then_graph = helper.make_graph([const, matmul], "then", [], [helper.make_tensor_value_info(
-            "Y_then", TensorProto.FLOAT, [1, 2])])
-        else_graph = helper.make_graph([helper.make_node("MatMul", ["X", "W0"], ["Y_else"])], "else", [],
-                                       [helper.make_tensor_value_info("Y_else", TensorProto.FLOAT, [1, 2])])
+        then_graph = helper.make_graph(
+            [const, matmul], "then", [], [helper.make_tensor_value_info("Y_then", TensorProto.FLOAT, [1, 2])]
+        )
+        else_graph = helper.make_graph(
+            [helper.make_node("MatMul", ["X", "W0"], ["Y_else"])],
+            "else",
+            [],
+            [helper.make_tensor_value_info("Y_else", TensorProto.FLOAT, [1, 2])],
+        )
         cond = numpy_helper.from_array(np.array(True), "cond")
         w0 = numpy_helper.from_array(np.zeros((4, 2), dtype=np.float32), "W0")
         node = helper.make_node("If", ["cond"], ["Y"], then_branch=then_graph, else_branch=else_graph)
         graph = helper.make_graph([node], "g", [x], [y], initializer=[cond, w0])
     else:
-        graph = helper.make_graph([helper.make_node("MatMul", ["X", "W"], ["Y"])], "g", [x], [y],
-                                  initializer=[weight])
+        graph = helper.make_graph([helper.make_node("MatMul", ["X", "W"], ["Y"])], "g", [x], [y], initializer=[weight])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     path = folder / "model.onnx"
     path.write_bytes(model.SerializeToString())
@@ -253,16 +274,19 @@ def test_external_data_inside_the_folder_is_accepted(layout, location):
     assert files == [(layout / location).resolve()]
 
 
-@pytest.mark.parametrize("location, reason", [
-    ("../secret.bin", r"climbs out of the model's folder"),
-    ("sub/../../secret.bin", r"climbs out of the model's folder"),
-    ("..\\secret.bin", r"climbs out of the model's folder"),
-    ("/etc/passwd", "absolute path"),
-    ("C:\\Windows\\win.ini", "absolute path"),
-    ("link.bin", r"outside the model's folder .*symlink"),
-    ("linkdir/weights.bin", r"outside the model's folder .*symlink"),
-    ("", "empty or invalid"),
-])
+@pytest.mark.parametrize(
+    "location, reason",
+    [
+        ("../secret.bin", r"climbs out of the model's folder"),
+        ("sub/../../secret.bin", r"climbs out of the model's folder"),
+        ("..\\secret.bin", r"climbs out of the model's folder"),
+        ("/etc/passwd", "absolute path"),
+        ("C:\\Windows\\win.ini", "absolute path"),
+        ("link.bin", r"outside the model's folder .*symlink"),
+        ("linkdir/weights.bin", r"outside the model's folder .*symlink"),
+        ("", "empty or invalid"),
+    ],
+)
 def test_external_data_outside_the_folder_is_refused(layout, location, reason):
     path = _onnx_with_external(layout, location)
     with pytest.raises(MaskforgeError, match=reason):
@@ -291,9 +315,16 @@ def test_verify_onnx_refuses_traversal_before_loading(layout, tmp_path):
     from maskforge.verify import verify_onnx
 
     args = arch_args(1, 2, (2, 2))
-    artifact = build_artifact(create_model("fc", **args, k=0.5, seed=0), arch="fc", arch_args=args,
-                              spec=InputSpec(1, 2, 2, (0.5,), (0.5,), ("a", "b")), seed=0,
-                              init="signed_constant", scale_fan=False, k=0.5)
+    artifact = build_artifact(
+        create_model("fc", **args, k=0.5, seed=0),
+        arch="fc",
+        arch_args=args,
+        spec=InputSpec(1, 2, 2, (0.5,), (0.5,), ("a", "b")),
+        seed=0,
+        init="signed_constant",
+        scale_fan=False,
+        k=0.5,
+    )
     artifact_path = save_artifact(artifact, tmp_path / "artifact.safetensors")
     report = verify_onnx(_onnx_with_external(layout, "../secret.bin"), artifact_path)
     assert not report.ok and report.failure.name == "onnx file"
@@ -322,13 +353,13 @@ def test_external_data_in_a_model_local_function_is_checked_too(layout):
     weight.CopyFrom(plain.graph.initializer[0])
     const = helper.make_node("Constant", [], ["W"], value=weight)
     matmul = helper.make_node("MatMul", ["X", "W"], ["Y"])
-    function = helper.make_function("local", "hidden", ["X"], ["Y"], [const, matmul],
-                                    [helper.make_opsetid("", 17)])
+    function = helper.make_function("local", "hidden", ["X"], ["Y"], [const, matmul], [helper.make_opsetid("", 17)])
     x = helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, [1, 4])
     y = helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, [1, 2])
     graph = helper.make_graph([helper.make_node("hidden", ["X"], ["Y"], domain="local")], "g", [x], [y])
-    model = helper.make_model(graph, functions=[function],
-                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)])
+    model = helper.make_model(
+        graph, functions=[function], opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)]
+    )
     path = layout / "function.onnx"
     path.write_bytes(model.SerializeToString())
     with pytest.raises(MaskforgeError, match="climbs out"):

@@ -27,8 +27,11 @@ def widened(tmp_path_factory):
 def test_search_records_the_width_and_the_artifact_rebuilds_it(widened):
     artifact = load_artifact(widened.artifact_path)
     assert artifact.arch_args == {"in_channels": 1, "num_classes": 10, "image_size": [28, 28], "width": 0.5}
-    assert {name: tuple(mask.shape) for name, mask in artifact.masks.items()} == \
-        {"1.weight": (150, 784), "3.weight": (50, 150), "5.weight": (10, 50)}
+    assert {name: tuple(mask.shape) for name, mask in artifact.masks.items()} == {
+        "1.weight": (150, 784),
+        "3.weight": (50, 150),
+        "5.weight": (10, 50),
+    }
     assert verify_artifact(widened.artifact_path).ok
     x = torch.randn(3, 1, 28, 28)
     with torch.no_grad():
@@ -46,8 +49,10 @@ def test_widened_artifact_exports_to_onnx(widened, tmp_path):
 
 
 def test_width_in_a_search_config_is_checked(tmp_path):
-    for width, message in ((0, "search config: width must be > 0, got 0"),
-                           (64.5, "search config: width must be <= 64, got 64.5")):
+    for width, message in (
+        (0, "search config: width must be > 0, got 0"),
+        (64.5, "search config: width must be <= 64, got 64.5"),
+    ):
         with pytest.raises(MaskforgeError) as info:
             SearchConfig(arch="fc", width=width)
         assert str(info.value) == message
@@ -64,12 +69,15 @@ def test_search_command_has_width_and_topk_options():
     from maskforge.cli import app
 
     output = CliRunner().invoke(app, ["search", "--help"], env={"COLUMNS": "300"}).output
-    lines = {line.split()[1]: " ".join(line.split()[2:-1]) for line in output.splitlines()
-             if line.startswith("│ --")}
-    assert lines["--width"] == ("<float> Width multiplier W of the conv and fc networks: each hidden layer gets "
-                                "max(1, round(W x its units)); the ResNets take only 1 (default: the architecture's, 1).")
-    assert lines["--topk"] == ("<str> Top-k rule: layer (k in every layer, the paper's) or global (one threshold over "
-                               "all layers, each keeps at least 1). [default: layer]")
+    lines = {line.split()[1]: " ".join(line.split()[2:-1]) for line in output.splitlines() if line.startswith("│ --")}
+    assert lines["--width"] == (
+        "<float> Width multiplier W of the conv and fc networks: each hidden layer gets "
+        "max(1, round(W x its units)); the ResNets take only 1 (default: the architecture's, 1)."
+    )
+    assert lines["--topk"] == (
+        "<str> Top-k rule: layer (k in every layer, the paper's) or global (one threshold over "
+        "all layers, each keeps at least 1). [default: layer]"
+    )
     result = CliRunner().invoke(app, ["search", "--width", "0", "--out", "unused"])
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == ["error: --width must be > 0, got 0.0"]

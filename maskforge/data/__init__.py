@@ -42,10 +42,26 @@ from .named import FASHION_MNIST, NAMED_SOURCES, fashion_mnist_folder, is_named
 from .sampling import derive_seed, iterate_batches, num_batches
 from .transforms import augment_batch, normalize
 
-__all__ = ["load_data", "DataSplits", "ImageDataset", "InMemoryImages", "ImageFileDataset", "InputSpec",
-           "iterate_batches", "num_batches", "derive_seed", "normalize", "augment_batch", "IMAGE_EXTENSIONS",
-           "heldout_fingerprint", "split_warnings", "check_heldout_data", "NAMED_SOURCES", "is_named",
-           "list_image_files"]
+__all__ = [
+    "load_data",
+    "DataSplits",
+    "ImageDataset",
+    "InMemoryImages",
+    "ImageFileDataset",
+    "InputSpec",
+    "iterate_batches",
+    "num_batches",
+    "derive_seed",
+    "normalize",
+    "augment_batch",
+    "IMAGE_EXTENSIONS",
+    "heldout_fingerprint",
+    "split_warnings",
+    "check_heldout_data",
+    "NAMED_SOURCES",
+    "is_named",
+    "list_image_files",
+]
 
 ACCEPTED_SOURCES = (
     "expected one of: 'mnist5k' (the built-in demo set); 'fashion-mnist' (Debian's dataset-fashion-mnist "
@@ -114,6 +130,10 @@ def check_heldout_data(provenance: dict, splits: DataSplits, source: str) -> boo
         return True
     logging.getLogger(__name__).warning(
         "the held-out data of %s differ from those the model was searched with (%s; held-out digest %s..., "
-        "now %s...): its accuracy here is not comparable with the search's", source,
-        provenance.get("data", "unknown data"), recorded[:12], found[:12])
+        "now %s...): its accuracy here is not comparable with the search's",
+        source,
+        provenance.get("data", "unknown data"),
+        recorded[:12],
+        found[:12],
+    )
     return False

@@ -116,13 +116,17 @@ def split_warnings(splits: DataSplits) -> list[str]:
     warnings = []
     unmeasured = [names[c] for c in range(count) if train[c] and not heldout[c]]
     if unmeasured:
-        warnings.append(f"the held-out split of {splits.name} has no images of class(es) {_listed(unmeasured)} "
-                        f"that training has: their accuracy is not measured")
+        warnings.append(
+            f"the held-out split of {splits.name} has no images of class(es) {_listed(unmeasured)} "
+            f"that training has: their accuracy is not measured"
+        )
     unlearnable = [names[c] for c in range(count) if heldout[c] and not train[c]]
     if unlearnable:
         share = sum(int(heldout[names.index(n)]) for n in unlearnable) / max(1, int(heldout.sum()))
-        warnings.append(f"the held-out split of {splits.name} has class(es) {_listed(unlearnable)} that never occur "
-                        f"in training ({share:.0%} of its images): the search cannot learn them")
+        warnings.append(
+            f"the held-out split of {splits.name} has class(es) {_listed(unlearnable)} that never occur "
+            f"in training ({share:.0%} of its images): the search cannot learn them"
+        )
     return warnings
 
 
@@ -169,7 +173,7 @@ def channel_histograms(images: np.ndarray, chunk: int = 1 << 22) -> np.ndarray:
     for c in range(images.shape[1]):
         pixels = images[:, c].reshape(-1)
         for start in range(0, pixels.size, chunk):
-            counts[c] += np.bincount(pixels[start:start + chunk], minlength=256)
+            counts[c] += np.bincount(pixels[start : start + chunk], minlength=256)
     return counts
 
 
@@ -198,7 +202,5 @@ def check_labels(labels: np.ndarray, count: int, num_classes: int, path: Path) -
     if labels.shape != (count,) or labels.dtype.kind not in "iu":
         raise MaskforgeError(f"{path}: expected {count} integer labels, got shape {labels.shape}")
     if count and (labels.min() < 0 or labels.max() >= num_classes):
-        raise MaskforgeError(
-            f"{path}: labels must be in [0, {num_classes}), found {labels.min()}..{labels.max()}"
-        )
+        raise MaskforgeError(f"{path}: labels must be in [0, {num_classes}), found {labels.min()}..{labels.max()}")
     return labels.astype(np.int64)

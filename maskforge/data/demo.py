@@ -31,6 +31,10 @@ def load_mnist5k() -> DataSplits:
     heldout = np.arange(len(labels)) % 5 == 4
     images = images[:, None]  # [N, 1, 28, 28]
     return in_memory_splits(
-        "mnist5k", "mnist5k", (images[~heldout], labels[~heldout]), (images[heldout], labels[heldout]),
-        DIGITS, augment=False,
+        "mnist5k",
+        "mnist5k",
+        (images[~heldout], labels[~heldout]),
+        (images[heldout], labels[heldout]),
+        DIGITS,
+        augment=False,
     )

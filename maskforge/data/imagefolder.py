@@ -37,8 +37,9 @@ class ImageFileDataset(ImageDataset):
     the file.
     """
 
-    def __init__(self, files: Sequence[Path], labels: Sequence[int], channels: int, size: int,
-                 root: Path | None = None) -> None:
+    def __init__(
+        self, files: Sequence[Path], labels: Sequence[int], channels: int, size: int, root: Path | None = None
+    ) -> None:
         if len(files) != len(labels):
             raise ValueError(f"{len(files)} files but {len(labels)} labels")
         if channels not in (1, 3):
@@ -145,8 +146,8 @@ class _Walk:
     `_Walk` spans the class folders of a split, so a file linked into two classes is caught too."""
 
     def __init__(self) -> None:
-        self._folders: dict[str, str] = {}   # resolved folder -> the path it was first reached by
-        self._files: dict[str, str] = {}     # resolved image file -> the path it was first reached by
+        self._folders: dict[str, str] = {}  # resolved folder -> the path it was first reached by
+        self._files: dict[str, str] = {}  # resolved image file -> the path it was first reached by
 
     def images(self, top: Path) -> list[Path]:
         found: list[tuple[str, list[str]]] = []
@@ -156,11 +157,15 @@ class _Walk:
     def _visit(self, folder: str, real: str, ancestors: tuple[str, ...], found: list) -> None:
         if ancestors and (real in ancestors or _inside(ancestors[-1], real)):
             # a link to a folder that holds this one: walking it comes back here, again and again
-            raise MaskforgeError(f"symbolic link loop: {folder} leads back to {real}, which contains it; remove "
-                                 f"the link (image folders are walked through links, and this one never ends)")
+            raise MaskforgeError(
+                f"symbolic link loop: {folder} leads back to {real}, which contains it; remove "
+                f"the link (image folders are walked through links, and this one never ends)"
+            )
         if real in self._folders:
-            raise MaskforgeError(f"{folder} and {self._folders[real]} are the same folder (through a symbolic "
-                                 f"link): its images would count twice; remove one")
+            raise MaskforgeError(
+                f"{folder} and {self._folders[real]} are the same folder (through a symbolic "
+                f"link): its images would count twice; remove one"
+            )
         self._folders[real] = folder
         try:
             entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
@@ -176,8 +181,10 @@ class _Walk:
                 # a plain file's resolved path is its folder's plus its name; only links need resolving
                 resolved = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(real, entry.name)
                 if resolved in self._files:
-                    raise MaskforgeError(f"{entry.path} and {self._files[resolved]} are the same file (through a "
-                                         f"symbolic link): it would count twice; remove one")
+                    raise MaskforgeError(
+                        f"{entry.path} and {self._files[resolved]} are the same file (through a "
+                        f"symbolic link): it would count twice; remove one"
+                    )
                 self._files[resolved] = entry.path
                 names.append(entry.name)
         found.append((folder, names))
@@ -217,10 +224,14 @@ def _default_size(first: Path) -> tuple[int, str]:
         width, height = image.size
     side = max(width, height)
     if side <= 64:
-        return side, (f"the size of its first training image {first.name} ({width}x{height}; images of at most "
-                      f"64 px keep their size); set image_size to choose another")
-    return 224, (f"ImageNet style, because its first training image {first.name} is {width}x{height}, larger than "
-                 f"64 px; set image_size to choose another")
+        return side, (
+            f"the size of its first training image {first.name} ({width}x{height}; images of at most "
+            f"64 px keep their size); set image_size to choose another"
+        )
+    return 224, (
+        f"ImageNet style, because its first training image {first.name} is {width}x{height}, larger than "
+        f"64 px; set image_size to choose another"
+    )
 
 
 def _sample_histograms(dataset: ImageFileDataset) -> np.ndarray:
@@ -243,9 +254,7 @@ def _open_image(path: Path) -> Image.Image:
     width, height = image.size
     if width * height > MAX_IMAGE_PIXELS:
         image.close()
-        raise MaskforgeError(
-            f"refusing to decode image {path}: {width}x{height} exceeds {MAX_IMAGE_PIXELS} pixels"
-        )
+        raise MaskforgeError(f"refusing to decode image {path}: {width}x{height} exceeds {MAX_IMAGE_PIXELS} pixels")
     return image
 
 
@@ -261,8 +270,7 @@ def _decode_image(path: Path, channels: int, size: int) -> torch.Tensor:
                     image.draft("L" if channels == 1 else "RGB", (size, size))
                 image = image.convert("L" if channels == 1 else "RGB")
                 # torchvision's Resize(size) + CenterCrop(size) arithmetic; an image of the right size is kept
-                image = F.center_crop(F.resize(image, [size], interpolation=F.InterpolationMode.BILINEAR),
-                                      [size, size])
+                image = F.center_crop(F.resize(image, [size], interpolation=F.InterpolationMode.BILINEAR), [size, size])
                 array = np.array(image, dtype=np.uint8)
         except Exception as exc:  # truncated or corrupt data surfaces only when pixels are decoded
             raise MaskforgeError(f"cannot decode image {path}: {type(exc).__name__}: {exc}") from None

@@ -19,7 +19,16 @@ from .datasets import DataSplits, check_labels, in_memory_splits
 from .demo import DIGITS
 
 FASHION_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 
 _MNIST_TRAIN_IMAGES = "train-images-idx3-ubyte"
@@ -30,6 +39,7 @@ _FASHION_TEST_LABELS_SHA256 = "3d0e6c6ea990b53b6f8f500a41cac93881d981b315f84578b
 
 def find_mnist_raw(path: Path) -> Path | None:
     """The folder holding the IDX files, if `path` is ROOT, ROOT/<MNIST|FashionMNIST> or the raw folder."""
+
     def has_idx(folder: Path) -> bool:
         name = _MNIST_TRAIN_IMAGES
         return (folder / name).is_file() or (folder / f"{name}.gz").is_file()
@@ -52,7 +62,7 @@ def _read_idx(folder: Path, name: str, ndim: int) -> np.ndarray:
     if not path.is_file():
         raise MaskforgeError(f"MNIST file {folder / name} (or {name}.gz) is missing")
     try:
-        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as handle:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as handle:
             data = handle.read()
     except (OSError, EOFError, gzip.BadGzipFile) as exc:
         raise MaskforgeError(f"cannot read MNIST file {path}: {exc}") from None
@@ -62,9 +72,7 @@ def _read_idx(folder: Path, name: str, ndim: int) -> np.ndarray:
         raise MaskforgeError(f"{path} is not an IDX file of {ndim}-D unsigned bytes (bad magic number)")
     dims = struct.unpack(f">{ndim}I", data[4:header])
     if len(data) - header != math.prod(dims):
-        raise MaskforgeError(
-            f"{path}: header says {dims} = {math.prod(dims)} bytes, file has {len(data) - header}"
-        )
+        raise MaskforgeError(f"{path}: header says {dims} = {math.prod(dims)} bytes, file has {len(data) - header}")
     # Copy: a frombuffer view is read-only, which torch.from_numpy warns about.
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims).copy()
 
@@ -84,8 +92,9 @@ def load_mnist_raw(raw: Path, name: str | None = None, fashion: bool | None = No
     train, heldout = _mnist_split(raw, "train"), _mnist_split(raw, "t10k")
     if fashion is None:
         fashion = _looks_fashion(raw, heldout[1])
-    return in_memory_splits(name or str(raw), "mnist", train, heldout, FASHION_CLASSES if fashion else DIGITS,
-                            augment=False)
+    return in_memory_splits(
+        name or str(raw), "mnist", train, heldout, FASHION_CLASSES if fashion else DIGITS, augment=False
+    )
 
 
 def _looks_fashion(raw: Path, test_labels: np.ndarray) -> bool:

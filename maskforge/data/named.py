@@ -31,8 +31,7 @@ DATA_ENV = "MASKFORGE_DATA"
 # tuple so that tests can point it at a folder of their own (or at nothing).
 SYSTEM_FOLDERS: tuple[str, ...] = ("/usr/share/datasets/fashion-mnist",)
 
-_IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-              "t10k-labels-idx1-ubyte")
+_IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
 def is_named(source: object) -> bool:

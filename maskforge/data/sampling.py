@@ -77,8 +77,9 @@ def iterate_batches(
     if n == 0 or start_batch >= total_batches:
         return
     order = epoch_order(n, shuffle=shuffle, seed=seed, epoch=epoch)
-    batches = (order[b * batch_size: (b + 1) * batch_size][rank::world_size]
-               for b in range(start_batch, total_batches))
+    batches = (
+        order[b * batch_size : (b + 1) * batch_size][rank::world_size] for b in range(start_batch, total_batches)
+    )
 
     if isinstance(dataset, InMemoryImages):
         pin = pin_memory and torch.cuda.is_available()
@@ -128,5 +129,5 @@ def _worker_error_message(exc: MaskforgeError) -> str:
     lines = str(exc).strip().splitlines()
     prefix = f"{MaskforgeError.__module__}.{MaskforgeError.__qualname__}: "
     if len(lines) > 1 and lines[-1].startswith(prefix):
-        return lines[-1][len(prefix):]
+        return lines[-1][len(prefix) :]
     return str(exc)

@@ -19,14 +19,46 @@ One module per job:
 from .compare import compare
 from .measure import COMPARE_LATENCY, SPLITS, LatencyOptions, evaluate
 from .figure import save_confusion_png
-from .report import (Accuracy, Agreement, ClassResult, CompareReport, Compute, EvalReport, Latency, ModelSummary,
-                     ModeRow, Size, Timing, write_report)
+from .report import (
+    Accuracy,
+    Agreement,
+    ClassResult,
+    CompareReport,
+    Compute,
+    EvalReport,
+    Latency,
+    ModelSummary,
+    ModeRow,
+    Size,
+    Timing,
+    write_report,
+)
 from .subject import parse_floats
 from .timing import latency_stats, median_ratio, probe_footprint, probe_session_starts, time_calls
 
 __all__ = [
-    "evaluate", "compare", "LatencyOptions", "COMPARE_LATENCY", "SPLITS",
-    "EvalReport", "CompareReport", "ModeRow", "ModelSummary", "Accuracy", "ClassResult", "Agreement", "Latency",
-    "Timing", "Size", "Compute", "write_report", "save_confusion_png", "parse_floats",
-    "time_calls", "latency_stats", "median_ratio", "probe_footprint", "probe_session_starts",
+    "evaluate",
+    "compare",
+    "LatencyOptions",
+    "COMPARE_LATENCY",
+    "SPLITS",
+    "EvalReport",
+    "CompareReport",
+    "ModeRow",
+    "ModelSummary",
+    "Accuracy",
+    "ClassResult",
+    "Agreement",
+    "Latency",
+    "Timing",
+    "Size",
+    "Compute",
+    "write_report",
+    "save_confusion_png",
+    "parse_floats",
+    "time_calls",
+    "latency_stats",
+    "median_ratio",
+    "probe_footprint",
+    "probe_session_starts",
 ]

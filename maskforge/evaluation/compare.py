@@ -33,13 +33,22 @@ from .scoring import Progress
 from .subject import open_model, open_onnx
 from .timing import SESSION_STARTS, median_ratio
 
-BASELINE = ExportMode("dense", "fp32")   # speed ratios are against the plain float32 file
+BASELINE = ExportMode("dense", "fp32")  # speed ratios are against the plain float32 file
 
 
-def compare(artifact: str | os.PathLike, *, modes: Sequence[ExportMode] = EXPORT_MODES, data: str | None = None,
-            split: str = "test", batch_size: int = 64, threads: int | None = None,
-            latency: LatencyOptions | None = COMPARE_LATENCY, memory: bool = True,
-            session_starts: int = SESSION_STARTS, progress: Progress | None = None) -> CompareReport:
+def compare(
+    artifact: str | os.PathLike,
+    *,
+    modes: Sequence[ExportMode] = EXPORT_MODES,
+    data: str | None = None,
+    split: str = "test",
+    batch_size: int = 64,
+    threads: int | None = None,
+    latency: LatencyOptions | None = COMPARE_LATENCY,
+    memory: bool = True,
+    session_starts: int = SESSION_STARTS,
+    progress: Progress | None = None,
+) -> CompareReport:
     """Evaluate the artifact exported in each of `modes`; one row per mode (see `ModeRow.summary`).
 
     int8 modes calibrate on the training split of the data evaluated on (`data`, default the artifact's
@@ -49,17 +58,20 @@ def compare(artifact: str | os.PathLike, *, modes: Sequence[ExportMode] = EXPORT
     per mode, the modes taking turns.
     """
     _check_modes(modes)
-    settings = Settings.from_options(split, batch_size, threads, latency, memory, session_starts,
-                                     budget_scale=len(modes))
+    settings = Settings.from_options(
+        split, batch_size, threads, latency, memory, session_starts, budget_scale=len(modes)
+    )
     subject = open_model(artifact)
     if subject.artifact is None:
-        raise MaskforgeError(f"{artifact} is an ONNX file; comparing export modes needs the artifact they are "
-                             f"exported from")
+        raise MaskforgeError(
+            f"{artifact} is an ONNX file; comparing export modes needs the artifact they are exported from"
+        )
     splits, source = load_matching_data(subject, data)
     dataset = split_of(splits, split, source)
     torch_model = materialize(subject.artifact, threads=settings.threads)
-    check_network_fits(torch_model, subject.spec, settings.batch_size, f"evaluating {artifact}",
-                       "give a smaller --batch-size")
+    check_network_fits(
+        torch_model, subject.spec, settings.batch_size, f"evaluating {artifact}", "give a smaller --batch-size"
+    )
     refused: dict[str, str] = {}
     exports = {}
     check_images = None  # the int8 modes' calibration and check images, loaded (and referenced) once
@@ -71,18 +83,25 @@ def compare(artifact: str | os.PathLike, *, modes: Sequence[ExportMode] = EXPORT
             try:
                 if mode.precision == "int8" and check_images is None:
                     check_images = load_check_images(subject.artifact, source, DEFAULT_CALIBRATION)
-                exports[mode.name] = export_onnx(subject.artifact, Path(workdir) / f"{index}.onnx",
-                                                 storage=mode.storage, precision=mode.precision, opset=mode.opset,
-                                                 model=torch_model,
-                                                 int8=Int8Options(data=source, prepared=check_images))
+                exports[mode.name] = export_onnx(
+                    subject.artifact,
+                    Path(workdir) / f"{index}.onnx",
+                    storage=mode.storage,
+                    precision=mode.precision,
+                    opset=mode.opset,
+                    model=torch_model,
+                    int8=Int8Options(data=source, prepared=check_images),
+                )
             except MaskforgeError as exc:
                 refused[mode.name] = str(exc)
                 continue
             subjects[mode.name] = open_onnx(exports[mode.name].path)
             subjects[mode.name].exported_here = True
         if not subjects:
-            raise MaskforgeError(f"{artifact} could not be exported in any mode: "
-                                 + "; ".join(f"{name}: {why}" for name, why in refused.items()))
+            raise MaskforgeError(
+                f"{artifact} could not be exported in any mode: "
+                + "; ".join(f"{name}: {why}" for name, why in refused.items())
+            )
         ref = Reference(TorchRunner(torch_model), "PyTorch, the materialized artifact (float32)")
         reports = measure(subjects, ref, dataset, source, settings, progress, artifact=subject)
     baseline = reports.get(BASELINE.name)
@@ -90,9 +109,15 @@ def compare(artifact: str | os.PathLike, *, modes: Sequence[ExportMode] = EXPORT
     for row in rows:
         row.report.model.path = f"{artifact} ({row.mode})"
     first = rows[0].report.agreement
-    return CompareReport(artifact=str(artifact), reference=first.reference, reference_top1=first.reference_top1,
-                         rows=rows, refused=refused, baseline=BASELINE.name if baseline is not None else None,
-                         modes=[mode.name for mode in modes])
+    return CompareReport(
+        artifact=str(artifact),
+        reference=first.reference,
+        reference_top1=first.reference_top1,
+        rows=rows,
+        refused=refused,
+        baseline=BASELINE.name if baseline is not None else None,
+        modes=[mode.name for mode in modes],
+    )
 
 
 def _check_modes(modes: Sequence[ExportMode]) -> None:

@@ -16,11 +16,10 @@ from ..fileio import atomic_path
 from ..export import check_output_path, output_folder
 from .report import Accuracy
 
-MAX_ANNOTATED = 30   # above this many classes the counts would not fit in the cells
+MAX_ANNOTATED = 30  # above this many classes the counts would not fit in the cells
 
 
-def save_confusion_png(accuracy: Accuracy, class_names: list[str], path: str | os.PathLike,
-                       title: str = "") -> Path:
+def save_confusion_png(accuracy: Accuracy, class_names: list[str], path: str | os.PathLike, title: str = "") -> Path:
     """Draw `accuracy.confusion` into a PNG at `path` (atomically; missing parent folders are created)."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -44,13 +43,24 @@ def save_confusion_png(accuracy: Accuracy, class_names: list[str], path: str | o
     axes.set_yticks(ticks, labels)
     axes.set_xlabel("predicted class")
     axes.set_ylabel("true class")
-    axes.set_title(title or f"{accuracy.data} / {accuracy.split}: top-1 {accuracy.top1:.2%} "
-                            f"({accuracy.correct:,} of {accuracy.examples:,})", fontsize=10)
+    axes.set_title(
+        title
+        or f"{accuracy.data} / {accuracy.split}: top-1 {accuracy.top1:.2%} "
+        f"({accuracy.correct:,} of {accuracy.examples:,})",
+        fontsize=10,
+    )
     if classes <= MAX_ANNOTATED:
         for (row, column), value in np.ndenumerate(counts):
             if value:
-                axes.text(column, row, str(value), ha="center", va="center", fontsize=7,
-                          color="white" if shares[row, column] > 0.5 else "black")
+                axes.text(
+                    column,
+                    row,
+                    str(value),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if shares[row, column] > 0.5 else "black",
+                )
     figure.tight_layout()
     with output_folder(path), atomic_path(path) as tmp:
         figure.savefig(tmp, format="png")

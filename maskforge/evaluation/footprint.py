@@ -23,11 +23,14 @@ def size_section(subject: Subject, artifact_subject: Subject | None = None) -> S
     bn_values = sum(s.numel() for s in artifact.bn_stats.values()) if artifact else info.get_int("bn_values")
     artifact_bytes = artifact.file_bytes if artifact else info.get_int("artifact_bytes")
     onnx_bytes = subject.onnx_path.stat().st_size
-    return Size(onnx_bytes=onnx_bytes, masked_weights=masked,
-                onnx_bits_per_weight=bits_per_weight(onnx_bytes, masked) if masked else None,
-                artifact_bytes=artifact_bytes,
-                artifact_bits_per_weight=bits_per_weight(artifact_bytes, masked) if artifact_bytes and masked else None,
-                dense_float32_bytes=4 * (masked + (bn_values or 0)) if masked else None)
+    return Size(
+        onnx_bytes=onnx_bytes,
+        masked_weights=masked,
+        onnx_bits_per_weight=bits_per_weight(onnx_bytes, masked) if masked else None,
+        artifact_bytes=artifact_bytes,
+        artifact_bits_per_weight=bits_per_weight(artifact_bytes, masked) if artifact_bytes and masked else None,
+        dense_float32_bytes=4 * (masked + (bn_values or 0)) if masked else None,
+    )
 
 
 def weight_counts(subject: Subject, source: Subject) -> tuple[int | None, int | None]:
@@ -47,8 +50,13 @@ def compute_section(subject: Subject, artifact_subject: Subject | None = None) -
     total, kept = weight_counts(subject, artifact_subject or subject)
     macs = macs_per_example(subject.proto)
     density = kept / total if total and kept is not None else None
-    return Compute(params_total=total, params_kept=kept, density=density, macs_dense=macs,
-                   macs_effective=int(round(macs * density)) if macs is not None and density is not None else None)
+    return Compute(
+        params_total=total,
+        params_kept=kept,
+        density=density,
+        macs_dense=macs,
+        macs_effective=int(round(macs * density)) if macs is not None and density is not None else None,
+    )
 
 
 def _weight_initializers(proto) -> list:

@@ -23,7 +23,7 @@ import sys
 import time
 
 if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    del sys.path[0]   # this folder's modules (report.py, ...) must not shadow anything
+    del sys.path[0]  # this folder's modules (report.py, ...) must not shadow anything
 
 
 def high_water_bytes() -> int | None:
@@ -40,7 +40,7 @@ def high_water_bytes() -> int | None:
     except ImportError:  # Windows
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak) if sys.platform == "darwin" else int(peak) * 1024   # macOS: bytes; Linux, BSD: KiB
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # macOS: bytes; Linux, BSD: KiB
 
 
 def _warm_up_onnxruntime(ort, options) -> None:
@@ -48,9 +48,12 @@ def _warm_up_onnxruntime(ort, options) -> None:
     import numpy as np
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
     session = _session(ort, model.SerializeToString(), options)
     session.run(None, {"x": np.zeros(1, dtype=np.float32)})
@@ -59,7 +62,7 @@ def _warm_up_onnxruntime(ort, options) -> None:
 
 def _options(ort, threads: int):
     options = ort.SessionOptions()
-    options.log_severity_level = 4   # as maskforge's own sessions: fatal only
+    options.log_severity_level = 4  # as maskforge's own sessions: fatal only
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -83,8 +86,11 @@ def memory(model: str, shape: tuple[int, ...], batches: list[int], threads: int)
     for x in inputs:
         session.run(None, {name: x})
     peak = high_water_bytes()
-    return {"baseline_rss_bytes": baseline, "peak_rss_bytes": peak,
-            "model_rss_bytes": peak - baseline if peak is not None and baseline is not None else None}
+    return {
+        "baseline_rss_bytes": baseline,
+        "peak_rss_bytes": peak,
+        "model_rss_bytes": peak - baseline if peak is not None and baseline is not None else None,
+    }
 
 
 def starts(models: list[str], repeat: int, threads: int) -> dict:
@@ -120,8 +126,12 @@ def main(argv: list[str]) -> dict:
     args = parser.parse_args(argv)
     if args.command == "starts":
         return starts(args.models, max(1, args.repeat), args.threads)
-    return memory(args.model, tuple(int(v) for v in args.shape.split(",")),
-                  [int(v) for v in args.batches.split(",")], args.threads)
+    return memory(
+        args.model,
+        tuple(int(v) for v in args.shape.split(",")),
+        [int(v) for v in args.batches.split(",")],
+        args.threads,
+    )
 
 
 if __name__ == "__main__":

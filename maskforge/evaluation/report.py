@@ -17,29 +17,33 @@ from ..export import ExportResult, check_output_path, output_folder
 from ..fileio import atomic_write
 
 REPORT_FORMAT = "maskforge-eval-report"
-REPORT_VERSION = 2   # 1: the flat dict of maskforge 0.1 (top5/latency_ms/... at the top level)
-SPARSITY_NOTE = ("Unstructured sparsity does not speed up dense kernels: onnxruntime and PyTorch run every "
-                 "weight, zeros included, so latency follows the dense MACs; the effective MACs are what a "
-                 "sparse kernel could skip.")
-MEMORY_NOTE = ("peak_rss_bytes: the resident-set high-water mark of a fresh process that only imports numpy and "
-               "onnxruntime, creates the session and runs one batch of 1 and one of the batch size; "
-               "model_rss_bytes: that peak minus the process's high-water mark before the session was created "
-               "(what the model itself costs: weights, folded constants, onnxruntime's arena).")
+REPORT_VERSION = 2  # 1: the flat dict of maskforge 0.1 (top5/latency_ms/... at the top level)
+SPARSITY_NOTE = (
+    "Unstructured sparsity does not speed up dense kernels: onnxruntime and PyTorch run every "
+    "weight, zeros included, so latency follows the dense MACs; the effective MACs are what a "
+    "sparse kernel could skip."
+)
+MEMORY_NOTE = (
+    "peak_rss_bytes: the resident-set high-water mark of a fresh process that only imports numpy and "
+    "onnxruntime, creates the session and runs one batch of 1 and one of the batch size; "
+    "model_rss_bytes: that peak minus the process's high-water mark before the session was created "
+    "(what the model itself costs: weights, folded constants, onnxruntime's arena)."
+)
 
 
 @dataclass
 class ModelSummary:
     """What was evaluated."""
 
-    path: str                       # the file given (an artifact or an .onnx file)
-    kind: str                       # "artifact" | "onnx"
-    storage: str | None             # "dense" | "compact" | "regen" (newer values are kept as written); None: unknown
-    precision: str | None           # "fp32" | "int8" | ...; None: unknown
+    path: str  # the file given (an artifact or an .onnx file)
+    kind: str  # "artifact" | "onnx"
+    storage: str | None  # "dense" | "compact" | "regen" (newer values are kept as written); None: unknown
+    precision: str | None  # "fp32" | "int8" | ...; None: unknown
     arch: str | None
-    k: float | None                 # fraction of weights kept
-    input_shape: list[int]          # [channels, height, width]
+    k: float | None  # fraction of weights kept
+    input_shape: list[int]  # [channels, height, width]
     class_names: list[str]
-    preprocessing: str              # "metadata", "given" (mean/std/size passed), or "metadata, overridden"
+    preprocessing: str  # "metadata", "given" (mean/std/size passed), or "metadata, overridden"
     notes: list[str] = field(default_factory=list)
 
 
@@ -50,8 +54,8 @@ class ClassResult:
     name: str
     examples: int
     correct: int
-    accuracy: float | None          # None when the split has no example of this class
-    confused_with: str | None       # the class most often predicted instead (None: never wrong)
+    accuracy: float | None  # None when the split has no example of this class
+    confused_with: str | None  # the class most often predicted instead (None: never wrong)
 
 
 @dataclass
@@ -63,12 +67,12 @@ class Accuracy:
     examples: int
     correct: int
     top1: float
-    k: int                          # min(5, number of classes): "top-5" with 3 classes would be a top-3
+    k: int  # min(5, number of classes): "top-5" with 3 classes would be a top-3
     correct_topk: int
     topk: float
     per_class: list[ClassResult]
-    confusion: list[list[int]]      # confusion[true][predicted] = examples
-    search_heldout_acc: float | None = None   # what the search recorded on this split (provenance)
+    confusion: list[list[int]]  # confusion[true][predicted] = examples
+    search_heldout_acc: float | None = None  # what the search recorded on this split (provenance)
     #: images of the split that could not be decoded, left out of every count: [{"image", "error"}]
     unreadable: list[dict] = field(default_factory=list)
 
@@ -81,27 +85,27 @@ class Accuracy:
 class Agreement:
     """The evaluated model against a float32 reference on the same examples."""
 
-    reference: str                  # what the reference is ("PyTorch, materialized artifact", a file...)
+    reference: str  # what the reference is ("PyTorch, materialized artifact", a file...)
     reference_correct: int
     reference_top1: float
-    top1_difference: float          # top1 - reference_top1 (negative: the model lost accuracy)
-    argmax_agreement: float         # fraction of examples whose predicted class is the reference's
-    max_abs_diff: float             # largest |logit - reference logit| seen
+    top1_difference: float  # top1 - reference_top1 (negative: the model lost accuracy)
+    argmax_agreement: float  # fraction of examples whose predicted class is the reference's
+    max_abs_diff: float  # largest |logit - reference logit| seen
 
 
 @dataclass
 class Latency:
     """Wall-clock time per call at one batch size, after warm-up."""
 
-    runtime: str                    # "onnxruntime" | "pytorch"
+    runtime: str  # "onnxruntime" | "pytorch"
     batch: int
-    runs: int                       # timed calls (fewer than asked only when the time budget ran out)
+    runs: int  # timed calls (fewer than asked only when the time budget ran out)
     p50_ms: float
     p90_ms: float
     p99_ms: float
     mean_ms: float
-    images_per_s: float             # batch / p50
-    block_p50_ms: list[float] = field(default_factory=list)   # p50 of each alternating block (for ratios)
+    images_per_s: float  # batch / p50
+    block_p50_ms: list[float] = field(default_factory=list)  # p50 of each alternating block (for ratios)
 
 
 @dataclass
@@ -111,8 +115,8 @@ class Timing:
     threads: int
     runs_requested: int
     latency: list[Latency]
-    session_start_ms: float | None = None   # median of session_start_runs_ms
-    session_start_runs_ms: list[float] = field(default_factory=list)   # session creations in a fresh process
+    session_start_ms: float | None = None  # median of session_start_runs_ms
+    session_start_runs_ms: list[float] = field(default_factory=list)  # session creations in a fresh process
     peak_rss_bytes: int | None = None
     model_rss_bytes: int | None = None
     memory_note: str = MEMORY_NOTE
@@ -130,7 +134,7 @@ class Size:
     onnx_bits_per_weight: float | None
     artifact_bytes: int | None
     artifact_bits_per_weight: float | None
-    dense_float32_bytes: int | None     # 4 bytes per masked weight and batch-norm value
+    dense_float32_bytes: int | None  # 4 bytes per masked weight and batch-norm value
 
 
 @dataclass
@@ -141,7 +145,7 @@ class Compute:
     params_kept: int | None
     density: float | None
     macs_dense: int | None
-    macs_effective: int | None          # macs_dense x density: what a sparse kernel could skip to
+    macs_effective: int | None  # macs_dense x density: what a sparse kernel could skip to
     note: str = SPARSITY_NOTE
 
 
@@ -166,7 +170,7 @@ class EvalReport:
     def to_dict(self) -> dict:
         out = {"format": REPORT_FORMAT, "format_version": REPORT_VERSION, **asdict(self)}
         accuracy = out["accuracy"]
-        accuracy[self.accuracy.topk_name] = accuracy.pop("topk")   # name it for what it is: top3 with 3 classes
+        accuracy[self.accuracy.topk_name] = accuracy.pop("topk")  # name it for what it is: top3 with 3 classes
         accuracy[f"correct_{self.accuracy.topk_name}"] = accuracy.pop("correct_topk")
         return out
 
@@ -175,16 +179,21 @@ class EvalReport:
 class ModeRow:
     """One export mode in the side-by-side table of `compare`."""
 
-    mode: str                       # ExportMode.name: "regen int8"
+    mode: str  # ExportMode.name: "regen int8"
     report: EvalReport
-    export: ExportResult | None = None   # what export_onnx wrote and how its own check came out
-    speedup: dict[int, float] = field(default_factory=dict)   # batch -> throughput / the baseline mode's
+    export: ExportResult | None = None  # what export_onnx wrote and how its own check came out
+    speedup: dict[int, float] = field(default_factory=dict)  # batch -> throughput / the baseline mode's
 
     def summary(self) -> dict:
         """The flat row (also what benchmarks/deploy.py prints): size, start, memory, speed, accuracy."""
         r = self.report
-        row = {"mode": self.mode, "storage": r.model.storage, "precision": r.model.precision,
-               "onnx_bytes": r.size.onnx_bytes, "bits_per_weight": r.size.onnx_bits_per_weight}
+        row = {
+            "mode": self.mode,
+            "storage": r.model.storage,
+            "precision": r.model.precision,
+            "onnx_bytes": r.size.onnx_bytes,
+            "bits_per_weight": r.size.onnx_bits_per_weight,
+        }
         timing = r.timing
         row["session_start_ms"] = timing.session_start_ms if timing else None
         row["peak_rss_bytes"] = timing.peak_rss_bytes if timing else None
@@ -213,15 +222,23 @@ class CompareReport:
     reference: str
     reference_top1: float
     rows: list[ModeRow]
-    refused: dict[str, str] = field(default_factory=dict)   # mode -> why export_onnx refused it
-    baseline: str | None = None     # the mode `speedup` is relative to (dense fp32), when it was measured
-    modes: list[str] = field(default_factory=list)   # every mode asked for, measured or refused, in order
+    refused: dict[str, str] = field(default_factory=dict)  # mode -> why export_onnx refused it
+    baseline: str | None = None  # the mode `speedup` is relative to (dense fp32), when it was measured
+    modes: list[str] = field(default_factory=list)  # every mode asked for, measured or refused, in order
 
     def to_dict(self) -> dict:
-        return {"format": REPORT_FORMAT + "-compare", "format_version": REPORT_VERSION,
-                "artifact": self.artifact, "reference": self.reference, "reference_top1": self.reference_top1,
-                "baseline": self.baseline, "modes": list(self.modes), "rows": [row.summary() for row in self.rows],
-                "reports": {row.mode: row.report.to_dict() for row in self.rows}, "refused": dict(self.refused)}
+        return {
+            "format": REPORT_FORMAT + "-compare",
+            "format_version": REPORT_VERSION,
+            "artifact": self.artifact,
+            "reference": self.reference,
+            "reference_top1": self.reference_top1,
+            "baseline": self.baseline,
+            "modes": list(self.modes),
+            "rows": [row.summary() for row in self.rows],
+            "reports": {row.mode: row.report.to_dict() for row in self.rows},
+            "refused": dict(self.refused),
+        }
 
 
 def write_report(report: EvalReport | CompareReport, path: str | os.PathLike) -> Path:

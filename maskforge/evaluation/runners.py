@@ -22,8 +22,11 @@ def onnxruntime_errors() -> tuple[type[BaseException], ...]:
     """onnxruntime's exception types for a model that cannot run on the inputs it was given."""
     from onnxruntime.capi import onnxruntime_pybind11_state as state
 
-    return tuple(getattr(state, name) for name in ("Fail", "InvalidArgument", "RuntimeException", "NotImplemented",
-                                                   "InvalidGraph") if hasattr(state, name))
+    return tuple(
+        getattr(state, name)
+        for name in ("Fail", "InvalidArgument", "RuntimeException", "NotImplemented", "InvalidGraph")
+        if hasattr(state, name)
+    )
 
 
 class OnnxRunner:
@@ -42,11 +45,15 @@ class OnnxRunner:
         except self._errors as exc:
             if not self.user_input:
                 raise
-            hint = ("the model does not fit the preprocessing given: check size, mean and std"
-                    if self.subject.preprocessing != "metadata" else
-                    "its graph does not fit its own maskforge metadata: a damaged or edited file?")
-            raise MaskforgeError(f"onnxruntime cannot run {self.subject.path} on a float32 batch of shape "
-                                 f"{list(x.shape)}: {ort_message(exc)} ({hint})") from None
+            hint = (
+                "the model does not fit the preprocessing given: check size, mean and std"
+                if self.subject.preprocessing != "metadata"
+                else "its graph does not fit its own maskforge metadata: a damaged or edited file?"
+            )
+            raise MaskforgeError(
+                f"onnxruntime cannot run {self.subject.path} on a float32 batch of shape "
+                f"{list(x.shape)}: {ort_message(exc)} ({hint})"
+            ) from None
 
 
 class TorchRunner:

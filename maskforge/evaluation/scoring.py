@@ -27,10 +27,10 @@ class Scores:
     """Running counts of one model over a split."""
 
     k: int
-    confusion: np.ndarray                   # int64 [classes, classes]: [true, predicted]
+    confusion: np.ndarray  # int64 [classes, classes]: [true, predicted]
     correct_topk: int = 0
-    predictions: list[np.ndarray] = field(default_factory=list)   # argmax per batch
-    max_abs_diff: float = 0.0               # vs the reference model's logits
+    predictions: list[np.ndarray] = field(default_factory=list)  # argmax per batch
+    max_abs_diff: float = 0.0  # vs the reference model's logits
 
     @property
     def examples(self) -> int:
@@ -49,14 +49,21 @@ def top_k(logits: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-logits, axis=1, kind="stable")[:, :k]
 
 
-def score(runners: dict[str, Runner], dataset, spec: InputSpec, batch_size: int, *, reference: str | None = None,
-          progress: Progress | None = None) -> dict[str, Scores]:
+def score(
+    runners: dict[str, Runner],
+    dataset,
+    spec: InputSpec,
+    batch_size: int,
+    *,
+    reference: str | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Scores]:
     """One pass over `dataset` (uint8 images, in order) through every runner; `reference` names the runner
     whose logits the others are compared with."""
     classes = spec.num_classes
     k = min(TOP_K, classes)
     scores = {name: Scores(k, np.zeros((classes, classes), dtype=np.int64)) for name in runners}
-    order = sorted(runners, key=lambda name: name != reference)   # the reference first
+    order = sorted(runners, key=lambda name: name != reference)  # the reference first
     total, done = len(dataset), 0
     for images, labels in iterate_batches(dataset, batch_size, shuffle=False):
         done += len(labels)
@@ -71,8 +78,10 @@ def score(runners: dict[str, Runner], dataset, spec: InputSpec, batch_size: int,
         for name in order:
             logits = runners[name](x)
             if logits.ndim != 2 or logits.shape != (len(y), classes):
-                raise MaskforgeError(f"the model's output has shape {list(logits.shape)}, expected "
-                                     f"[{len(y)}, {classes}] (batch, classes)")
+                raise MaskforgeError(
+                    f"the model's output has shape {list(logits.shape)}, expected "
+                    f"[{len(y)}, {classes}] (batch, classes)"
+                )
             _update(scores[name], logits, y, classes)
             if name == reference:
                 reference_logits = logits
@@ -92,14 +101,29 @@ def _update(scores: Scores, logits: np.ndarray, y: np.ndarray, classes: int) -> 
     scores.predictions.append(predicted)
 
 
-def accuracy_section(scores: Scores, spec: InputSpec, data: str, split: str,
-                     search_heldout_acc: float | None = None, unreadable: list[dict] | None = None) -> Accuracy:
+def accuracy_section(
+    scores: Scores,
+    spec: InputSpec,
+    data: str,
+    split: str,
+    search_heldout_acc: float | None = None,
+    unreadable: list[dict] | None = None,
+) -> Accuracy:
     examples = scores.examples
-    return Accuracy(data=data, split=split, examples=examples, correct=scores.correct,
-                    top1=scores.correct / examples, k=scores.k, correct_topk=scores.correct_topk,
-                    topk=scores.correct_topk / examples, per_class=per_class(scores.confusion, spec.class_names),
-                    confusion=scores.confusion.tolist(), search_heldout_acc=search_heldout_acc,
-                    unreadable=list(unreadable or []))
+    return Accuracy(
+        data=data,
+        split=split,
+        examples=examples,
+        correct=scores.correct,
+        top1=scores.correct / examples,
+        k=scores.k,
+        correct_topk=scores.correct_topk,
+        topk=scores.correct_topk / examples,
+        per_class=per_class(scores.confusion, spec.class_names),
+        confusion=scores.confusion.tolist(),
+        search_heldout_acc=search_heldout_acc,
+        unreadable=list(unreadable or []),
+    )
 
 
 def per_class(confusion: np.ndarray, names) -> list[ClassResult]:
@@ -119,7 +143,11 @@ def agreement_section(scores: Scores, reference: Scores, description: str) -> Ag
     """How the model's predictions compare with the reference's on the same examples."""
     examples = scores.examples
     agree = int((scores.predicted() == reference.predicted()).sum())
-    return Agreement(reference=description, reference_correct=reference.correct,
-                     reference_top1=reference.correct / examples,
-                     top1_difference=(scores.correct - reference.correct) / examples,
-                     argmax_agreement=agree / examples, max_abs_diff=scores.max_abs_diff)
+    return Agreement(
+        reference=description,
+        reference_correct=reference.correct,
+        reference_top1=reference.correct / examples,
+        top1_difference=(scores.correct - reference.correct) / examples,
+        argmax_agreement=agree / examples,
+        max_abs_diff=scores.max_abs_diff,
+    )

@@ -25,12 +25,12 @@ import numpy as np
 
 from .report import Latency
 
-SETTLE_S = 0.3   # pause before a timing block: lets the other runtime's spinning threads go to sleep
+SETTLE_S = 0.3  # pause before a timing block: lets the other runtime's spinning threads go to sleep
 PROBE_SCRIPT = Path(__file__).with_name("probe.py")
 PROBE_TIMEOUT_S = 600
-SESSION_STARTS = 3   # session creations per model (probe `starts`)
+SESSION_STARTS = 3  # session creations per model (probe `starts`)
 
-Blocks = list[list[float]]   # seconds of each timed call, one list per alternating block
+Blocks = list[list[float]]  # seconds of each timed call, one list per alternating block
 
 
 def block_sizes(runs: int, rounds: int) -> list[int]:
@@ -40,8 +40,14 @@ def block_sizes(runs: int, rounds: int) -> list[int]:
     return [runs // rounds + (1 if index < runs % rounds else 0) for index in range(rounds)]
 
 
-def time_calls(fns: dict[str, Callable[[], object]], runs: int, warmup: int, budget_s: float,
-               rounds: int = 2, settle_s: float = SETTLE_S) -> dict[str, Blocks]:
+def time_calls(
+    fns: dict[str, Callable[[], object]],
+    runs: int,
+    warmup: int,
+    budget_s: float,
+    rounds: int = 2,
+    settle_s: float = SETTLE_S,
+) -> dict[str, Blocks]:
     """Seconds per call of each function: exactly `runs` timed calls each, in `rounds` alternating blocks.
 
     Blocks, not call-by-call interleaving: onnxruntime's and PyTorch's (OpenMP) worker threads keep
@@ -80,14 +86,29 @@ def time_calls(fns: dict[str, Callable[[], object]], runs: int, warmup: int, bud
 def latency_stats(runtime: str, batch: int, blocks: Blocks) -> Latency:
     ms = np.asarray([s for block in blocks for s in block], dtype=np.float64) * 1000.0
     p50, p90, p99 = (float(v) for v in np.percentile(ms, [50, 90, 99]))
-    return Latency(runtime=runtime, batch=batch, runs=int(ms.size), p50_ms=p50, p90_ms=p90, p99_ms=p99,
-                   mean_ms=float(ms.mean()), images_per_s=batch * 1000.0 / p50,
-                   block_p50_ms=[1000.0 * float(np.median(block)) for block in blocks])
+    return Latency(
+        runtime=runtime,
+        batch=batch,
+        runs=int(ms.size),
+        p50_ms=p50,
+        p90_ms=p90,
+        p99_ms=p99,
+        mean_ms=float(ms.mean()),
+        images_per_s=batch * 1000.0 / p50,
+        block_p50_ms=[1000.0 * float(np.median(block)) for block in blocks],
+    )
 
 
-def measure_latency(runners: dict[str, Callable[[np.ndarray], object]], batch: np.ndarray, batch_sizes: list[int],
-                    runs: int, warmup: int, budget_s: float, rounds: int = 2, threads: int = 2
-                    ) -> dict[str, list[tuple[int, Blocks]]]:
+def measure_latency(
+    runners: dict[str, Callable[[np.ndarray], object]],
+    batch: np.ndarray,
+    batch_sizes: list[int],
+    runs: int,
+    warmup: int,
+    budget_s: float,
+    rounds: int = 2,
+    threads: int = 2,
+) -> dict[str, list[tuple[int, Blocks]]]:
     """Call times of every runner at every batch size (the first rows of `batch`), runners alternating;
     `threads` is the runners' intra-op thread count (with one, no pause is needed between blocks)."""
     out: dict[str, list[tuple[int, Blocks]]] = {name: [] for name in runners}
@@ -107,8 +128,9 @@ def median_ratio(numerators: Sequence[float], denominators: Sequence[float]) -> 
     return float(np.median(np.asarray(numerators, dtype=np.float64) / np.asarray(denominators, dtype=np.float64)))
 
 
-def probe_footprint(onnx_path: str | Path, shape: tuple[int, int, int], batch_sizes: list[int],
-                    threads: int) -> tuple[dict | None, str | None]:
+def probe_footprint(
+    onnx_path: str | Path, shape: tuple[int, int, int], batch_sizes: list[int], threads: int
+) -> tuple[dict | None, str | None]:
     """Peak memory of `onnx_path` (`baseline_rss_bytes`, `peak_rss_bytes`, `model_rss_bytes`), measured in
     a fresh process that creates its session and runs one batch of each size.
 
@@ -118,24 +140,39 @@ def probe_footprint(onnx_path: str | Path, shape: tuple[int, int, int], batch_si
     return probe_footprints([onnx_path], shape, batch_sizes, threads)[0]
 
 
-def probe_footprints(onnx_paths: Sequence[str | Path], shape: tuple[int, int, int], batch_sizes: list[int],
-                     threads: int) -> list[tuple[dict | None, str | None]]:
+def probe_footprints(
+    onnx_paths: Sequence[str | Path], shape: tuple[int, int, int], batch_sizes: list[int], threads: int
+) -> list[tuple[dict | None, str | None]]:
     """`probe_footprint` of each model, up to one process per CPU at a time (a process's own high-water
     mark does not depend on what runs beside it)."""
+
     def one(path) -> tuple[dict | None, str | None]:
-        return _probe(["memory", str(path), "--shape", ",".join(map(str, shape)), "--batches",
-                       ",".join(map(str, batch_sizes)), "--threads", str(threads)], "memory probe")
+        return _probe(
+            [
+                "memory",
+                str(path),
+                "--shape",
+                ",".join(map(str, shape)),
+                "--batches",
+                ",".join(map(str, batch_sizes)),
+                "--threads",
+                str(threads),
+            ],
+            "memory probe",
+        )
 
     with ThreadPoolExecutor(max_workers=max(1, min(len(onnx_paths), os.cpu_count() or 1))) as pool:
         return list(pool.map(one, onnx_paths))
 
 
-def probe_session_starts(onnx_paths: Sequence[str | Path], threads: int, repeat: int = SESSION_STARTS
-                         ) -> tuple[dict[str, list[float]] | None, str | None]:
+def probe_session_starts(
+    onnx_paths: Sequence[str | Path], threads: int, repeat: int = SESSION_STARTS
+) -> tuple[dict[str, list[float]] | None, str | None]:
     """Milliseconds of `repeat` session creations of each model ({str(path): [ms, ...]}), the models taking
     turns in one fresh process (after onnxruntime's own start-up), or (None, why)."""
-    result, why = _probe(["starts", *map(str, onnx_paths), "--repeat", str(repeat), "--threads", str(threads)],
-                         "session-start probe")
+    result, why = _probe(
+        ["starts", *map(str, onnx_paths), "--repeat", str(repeat), "--threads", str(threads)], "session-start probe"
+    )
     return (result["session_start_ms"], None) if result is not None else (None, why)
 
 

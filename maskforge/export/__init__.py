@@ -25,17 +25,51 @@ from .calibration import DEFAULT_CALIBRATION, matching_splits, searched_data
 from .compact import compact_weights
 from .metadata import META_PREFIX, OnnxModelInfo, artifact_identity, read_onnx_metadata
 from .destination import check_output_path, output_folder
-from .modes import (DEFAULT_OPSET, EXPORT_MODES, MAX_OPSET, MIN_OPSET, PRECISIONS, STORAGES, ExportMode,
-                    default_export_path, resolve_mode)
+from .modes import (
+    DEFAULT_OPSET,
+    EXPORT_MODES,
+    MAX_OPSET,
+    MIN_OPSET,
+    PRECISIONS,
+    STORAGES,
+    ExportMode,
+    default_export_path,
+    resolve_mode,
+)
 from .onnx_export import ExportResult, Int8Options, export_onnx
 from .parity import PARITY_RTOL, compare_logits, float_parity, ort_message, ort_session
 from .torch_export import TORCH_EXPORT_FORMAT, TORCH_EXPORT_KEY, export_torch, load_torch_export
 
 __all__ = [
-    "export_onnx", "Int8Options", "export_torch", "load_torch_export", "ExportResult", "ExportMode", "EXPORT_MODES",
-    "resolve_mode", "default_export_path", "check_output_path", "output_folder", "STORAGES", "PRECISIONS",
-    "DEFAULT_OPSET", "MIN_OPSET", "MAX_OPSET", "DEFAULT_CALIBRATION", "matching_splits", "searched_data",
-    "META_PREFIX", "OnnxModelInfo", "read_onnx_metadata", "artifact_identity", "TORCH_EXPORT_KEY",
-    "TORCH_EXPORT_FORMAT", "ort_session", "ort_message", "compare_logits", "float_parity", "PARITY_RTOL",
+    "export_onnx",
+    "Int8Options",
+    "export_torch",
+    "load_torch_export",
+    "ExportResult",
+    "ExportMode",
+    "EXPORT_MODES",
+    "resolve_mode",
+    "default_export_path",
+    "check_output_path",
+    "output_folder",
+    "STORAGES",
+    "PRECISIONS",
+    "DEFAULT_OPSET",
+    "MIN_OPSET",
+    "MAX_OPSET",
+    "DEFAULT_CALIBRATION",
+    "matching_splits",
+    "searched_data",
+    "META_PREFIX",
+    "OnnxModelInfo",
+    "read_onnx_metadata",
+    "artifact_identity",
+    "TORCH_EXPORT_KEY",
+    "TORCH_EXPORT_FORMAT",
+    "ort_session",
+    "ort_message",
+    "compare_logits",
+    "float_parity",
+    "PARITY_RTOL",
     "compact_weights",
 ]

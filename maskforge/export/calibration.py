@@ -19,7 +19,7 @@ from ..artifact import Artifact
 from ..data import DataSplits, InputSpec, is_named, load_data, normalize
 from ..errors import MaskforgeError
 
-DEFAULT_CALIBRATION = 256    # training images whose activation ranges set the int8 scales
+DEFAULT_CALIBRATION = 256  # training images whose activation ranges set the int8 scales
 DEFAULT_CHECK_IMAGES = 1000  # held-out images the int8 file is compared with fp32 on
 CALIBRATION_BATCH = 32
 
@@ -43,8 +43,9 @@ def check_calibration_count(calibration) -> int:
     return int(calibration)
 
 
-def load_check_images(artifact: Artifact, source: str | None, calibration: int,
-                      heldout: int = DEFAULT_CHECK_IMAGES) -> CheckImages:
+def load_check_images(
+    artifact: Artifact, source: str | None, calibration: int, heldout: int = DEFAULT_CHECK_IMAGES
+) -> CheckImages:
     """Load `calibration` training and up to `heldout` held-out images of `source` (or the artifact's data)."""
     calibration = check_calibration_count(calibration)
     if isinstance(heldout, bool) or not isinstance(heldout, int) or heldout < 1:
@@ -52,12 +53,15 @@ def load_check_images(artifact: Artifact, source: str | None, calibration: int,
     provenance = artifact.document.get("provenance", {})
     source = source or searched_data(provenance, "--data (Python: Int8Options(data=...))")
     if not source:
-        raise MaskforgeError("the artifact does not name the data it was searched on; give --data (Python: "
-                             "Int8Options(data=...))")
+        raise MaskforgeError(
+            "the artifact does not name the data it was searched on; give --data (Python: Int8Options(data=...))"
+        )
     splits = matching_splits(artifact.spec, source, "calibration data")
     if len(splits.train) == 0 or len(splits.heldout) == 0:
-        raise MaskforgeError(f"calibration data {source} needs training and held-out images; it has "
-                             f"{len(splits.train)} and {len(splits.heldout)}")
+        raise MaskforgeError(
+            f"calibration data {source} needs training and held-out images; it has "
+            f"{len(splits.train)} and {len(splits.heldout)}"
+        )
     spec = artifact.spec
     calibration_images = _images(splits.train, _spread(len(splits.train), calibration), spec)
     indices = list(range(min(heldout, len(splits.heldout))))
@@ -65,28 +69,33 @@ def load_check_images(artifact: Artifact, source: str | None, calibration: int,
     return CheckImages(source, calibration_images, _images(splits.heldout, indices, spec), labels)
 
 
-def matching_splits(spec: InputSpec, source: str, what: str = "data", *, check_names: bool = True,
-                    check_classes: bool = True) -> DataSplits:
+def matching_splits(
+    spec: InputSpec, source: str, what: str = "data", *, check_names: bool = True, check_classes: bool = True
+) -> DataSplits:
     """`load_data(source)`, refused with one clear message unless it fits a model of input `spec`
     (channels, size after resizing image folders, classes and, with `check_names`, class names).
     `check_classes=False`: the model does not say how many classes it predicts (a foreign ONNX graph)."""
     splits = load_data(source)
     if splits.kind == "imagefolder" and (splits.spec.height, splits.spec.width) != (spec.height, spec.width):
         if spec.height != spec.width:
-            raise MaskforgeError(f"the model takes {spec.height}x{spec.width} images; image folders are resized "
-                                 f"to squares only")
+            raise MaskforgeError(
+                f"the model takes {spec.height}x{spec.width} images; image folders are resized to squares only"
+            )
         splits = load_data(source, image_size=spec.height)
     got = splits.spec
     if got.channels != spec.channels:
         raise MaskforgeError(f"{what} {source} has {got.channels}-channel images, the model takes {spec.channels}")
     if (got.height, got.width) != (spec.height, spec.width):
-        raise MaskforgeError(f"{what} {source} has {got.height}x{got.width} images, the model takes "
-                             f"{spec.height}x{spec.width}")
+        raise MaskforgeError(
+            f"{what} {source} has {got.height}x{got.width} images, the model takes {spec.height}x{spec.width}"
+        )
     if check_classes and got.num_classes != spec.num_classes:
         raise MaskforgeError(f"{what} {source} has {got.num_classes} classes, the model predicts {spec.num_classes}")
     if check_classes and check_names and tuple(got.class_names) != tuple(spec.class_names):
-        raise MaskforgeError(f"{what} {source} has classes {_names(got.class_names)}, the model was searched on "
-                             f"{_names(spec.class_names)}")
+        raise MaskforgeError(
+            f"{what} {source} has classes {_names(got.class_names)}, the model was searched on "
+            f"{_names(spec.class_names)}"
+        )
     return splits
 
 
@@ -109,8 +118,9 @@ def calibration_reader(images: np.ndarray, input_name: str):
 
     class _Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = iter([{input_name: images[i:i + CALIBRATION_BATCH]}
-                                 for i in range(0, len(images), CALIBRATION_BATCH)])
+            self.batches = iter(
+                [{input_name: images[i : i + CALIBRATION_BATCH]} for i in range(0, len(images), CALIBRATION_BATCH)]
+            )
 
         def get_next(self):
             return next(self.batches, None)

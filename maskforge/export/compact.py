@@ -13,12 +13,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import MaskforgeError
-from .onnxio import (ZERO_NAMES, Subgraph, packed_bits, per_channel_magnitude, replace_weights, weight_refs,
-                     zero_tensors)
+from .onnxio import ZERO_NAMES, Subgraph, packed_bits, per_channel_magnitude, replace_weights, weight_refs, zero_tensors
 
 _SHIFTS, _TWO, _ONE_I32, _AXIS0, _FLAT, _START = (
-    "maskforge/bit_shifts", "maskforge/two_u8", "maskforge/one_i32", "maskforge/axis0",
-    "maskforge/flat_shape", "maskforge/start")
+    "maskforge/bit_shifts",
+    "maskforge/two_u8",
+    "maskforge/one_i32",
+    "maskforge/axis0",
+    "maskforge/flat_shape",
+    "maskforge/start",
+)
 
 
 @dataclass
@@ -38,9 +42,11 @@ class EncodeStats:
 
     def expect(self, total: int | None, kept: int | None, storage: str) -> "EncodeStats":
         if total is not None and (self.elements != total or (kept is not None and self.kept != kept)):
-            raise MaskforgeError(f"{storage} export found {self.elements:,} weights ({self.kept:,} nonzero) in the "
-                                 f"traced graph, the artifact has {total:,} ({kept:,} kept); this is a maskforge "
-                                 f"bug, use storage 'dense'")
+            raise MaskforgeError(
+                f"{storage} export found {self.elements:,} weights ({self.kept:,} nonzero) in the "
+                f"traced graph, the artifact has {total:,} ({kept:,} kept); this is a maskforge "
+                f"bug, use storage 'dense'"
+            )
         return self
 
 
@@ -88,7 +94,7 @@ def _encode_weight(name: str, weight: np.ndarray, index: int) -> tuple[Subgraph,
     if kept == 0:
         return None
     sub = Subgraph(f"{name}/maskforge")  # initializers: named after the weight they rebuild
-    q = f"_mf{index}"                      # intermediate values: short names (they are stored once per use)
+    q = f"_mf{index}"  # intermediate values: short names (they are stored once per use)
 
     def unpack(bits_name: str, length: int, tag: str) -> str:
         # bytes [B, 1] >> [0..7] -> [B, 8]; mod 2 -> bit j of byte b at position 8b + j (LSB first)
@@ -118,10 +124,10 @@ def _encode_weight(name: str, weight: np.ndarray, index: int) -> tuple[Subgraph,
     kept_values = flat[mask]
     mask_shaped = sub.node("Reshape", [mask_flat, shape], f"{q}/mask_shaped")
     if magnitude is not None and bool(np.all(kept_values > 0)):
-        encoding = "magnitude"       # all kept weights positive (unsigned constant)
+        encoding = "magnitude"  # all kept weights positive (unsigned constant)
         sub.node("Where", [mask_shaped, sub.init("magnitude", magnitude), zero], name)
     elif magnitude is not None and weight.dtype != np.uint8:
-        encoding = "sign"            # signed constant: one sign bit per kept weight
+        encoding = "sign"  # signed constant: one sign bit per kept weight
         signs = unpack(sub.init("sign_packed", packed(kept_values > 0)), kept, "sign")
         spread = sub.node("Gather", [signs, kept_index()], f"{q}/sign_all", axis=0)
         spread = sub.node("Reshape", [spread, shape], f"{q}/sign_shaped")
@@ -130,7 +136,7 @@ def _encode_weight(name: str, weight: np.ndarray, index: int) -> tuple[Subgraph,
         signed = sub.node("Where", [spread, positive, negative], f"{q}/signed")
         sub.node("Where", [mask_shaped, signed, zero], name)
     else:
-        encoding = "values"          # any other distribution: the kept values in C order
+        encoding = "values"  # any other distribution: the kept values in C order
         values = sub.init("values", kept_values)
         spread = sub.node("Gather", [values, kept_index()], f"{q}/values_all", axis=0)
         spread = sub.node("Reshape", [spread, shape], f"{q}/values_shaped")

@@ -23,7 +23,7 @@ def check_output_path(path: str | os.PathLike, what: str = "output") -> Path:
     if path.is_dir():
         raise MaskforgeError(f"{what} {path} is a folder; give a file name")
     try:
-        ensure_writable_dir(_nearest_existing(_parent(path)))   # it exists: nothing is created here
+        ensure_writable_dir(_nearest_existing(_parent(path)))  # it exists: nothing is created here
     except MaskforgeError as exc:
         raise MaskforgeError(f"cannot write {path}: {exc}") from None
     return path

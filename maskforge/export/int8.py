@@ -38,8 +38,8 @@ from .trace import INPUT_NAME
 class QuantizeInfo:
     """What quantization did: the weights it made exact (or not) and how it calibrated."""
 
-    exact_weights: bool            # every weight is -1/0/+1 times its per-channel scale
-    weight_max_error: float        # max |dequantized int8 - fp32| over all weights (0.0 when exact)
+    exact_weights: bool  # every weight is -1/0/+1 times its per-channel scale
+    weight_max_error: float  # max |dequantized int8 - fp32| over all weights (0.0 when exact)
     calibration_images: int
 
 
@@ -49,27 +49,39 @@ def quantize(proto_fp32, calibration: np.ndarray, *, lossy: bool):
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     overrides = {} if lossy else exact_scales(proto_fp32)
-    options = {"TensorQuantOverrides": overrides,
-               # keep c_j even when a bias is large: changing the scale would break -1/0/+1
-               "QDQDisableWeightAdjustForInt32Bias": not lossy}
+    options = {
+        "TensorQuantOverrides": overrides,
+        # keep c_j even when a bias is large: changing the scale would break -1/0/+1
+        "QDQDisableWeightAdjustForInt32Bias": not lossy,
+    }
     # a graph with float-only operators (a transformer): quantize only the weight operators' inputs
     only = weight_nodes(proto_fp32) if float_nodes(proto_fp32) else None
     with tempfile.TemporaryDirectory(prefix="maskforge-int8-") as tmp, _quiet_quantizer():
         source, out = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         try:
-            atomic_write(source, proto_fp32.SerializeToString())   # a path: given a proto, the quantizer edits it
-            quantize_static(source, out, calibration_reader(calibration, INPUT_NAME),
-                            quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=lossy,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax, extra_options=options,
-                            nodes_to_quantize=only)
+            atomic_write(source, proto_fp32.SerializeToString())  # a path: given a proto, the quantizer edits it
+            quantize_static(
+                source,
+                out,
+                calibration_reader(calibration, INPUT_NAME),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                reduce_range=lossy,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax,
+                extra_options=options,
+                nodes_to_quantize=only,
+            )
             return onnx.load(str(out))
         except Exception as exc:  # noqa: BLE001 - the quantizer raises ValueError/RuntimeError and others
             code = reported_errno(exc)  # also through atomic_write's MaskforgeError (its context is the OSError)
             if code in NO_ROOM:  # its working copies are internal: say where the room is missing, not their names
-                raise ScratchFull(f"no room for the int8 quantizer's working files in the temporary folder "
-                                  f"{Path(tmp).parent} ({NO_ROOM_WHY[code]}); set TMPDIR to a folder with room "
-                                  f"(a few times the model's size)") from None
+                raise ScratchFull(
+                    f"no room for the int8 quantizer's working files in the temporary folder "
+                    f"{Path(tmp).parent} ({NO_ROOM_WHY[code]}); set TMPDIR to a folder with room "
+                    f"(a few times the model's size)"
+                ) from None
             if isinstance(exc, MaskforgeError):
                 raise
             raise MaskforgeError(f"onnxruntime's quantizer failed: {first_line(exc)}") from None
@@ -91,16 +103,22 @@ FLOAT_OPS = ("Softmax", "LayerNormalization", "GroupNormalization", "InstanceNor
 def float_nodes(proto) -> list[str]:
     """`FLOAT_OPS` nodes and every MatMul of two activations (attention's q k^T and its weighted sum)."""
     initializers = {tensor.name for tensor in proto.graph.initializer}
-    return [node.name for node in proto.graph.node
-            if node.op_type in FLOAT_OPS
-            or (node.op_type == "MatMul" and not any(name in initializers for name in node.input))]
+    return [
+        node.name
+        for node in proto.graph.node
+        if node.op_type in FLOAT_OPS
+        or (node.op_type == "MatMul" and not any(name in initializers for name in node.input))
+    ]
 
 
 def weight_nodes(proto) -> list[str]:
     """The Conv/Gemm/MatMul nodes whose input 1 is a weight initializer."""
     initializers = {tensor.name for tensor in proto.graph.initializer}
-    return [node.name for node in proto.graph.node
-            if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1 and node.input[1] in initializers]
+    return [
+        node.name
+        for node in proto.graph.node
+        if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1 and node.input[1] in initializers
+    ]
 
 
 def exact_scales(proto) -> dict[str, list[dict]]:
@@ -116,12 +134,16 @@ def exact_scales(proto) -> dict[str, list[dict]]:
         magnitude = per_channel_magnitude(channels, mask)
         per_row = (len(channels),) + (1,) * (channels.ndim - 1)
         if magnitude is None or (magnitude.ndim and magnitude.shape != per_row):
-            raise MaskforgeError(f"weight {ref.name} is not one magnitude per output channel, so int8 cannot store "
-                                 f"it exactly (this is a maskforge bug for constant distributions)")
+            raise MaskforgeError(
+                f"weight {ref.name} is not one magnitude per output channel, so int8 cannot store "
+                f"it exactly (this is a maskforge bug for constant distributions)"
+            )
         scales = np.broadcast_to(magnitude.reshape(-1), (len(channels),))
         # an all-zero channel: any positive scale stores it exactly
-        overrides[ref.name] = [{"axis": ref.channel_axis, "scale": np.float32(s if s > 0 else 1.0),
-                                "zero_point": np.int8(0)} for s in scales]
+        overrides[ref.name] = [
+            {"axis": ref.channel_axis, "scale": np.float32(s if s > 0 else 1.0), "zero_point": np.int8(0)}
+            for s in scales
+        ]
     return overrides
 
 
@@ -141,8 +163,10 @@ def check_int8_weights(proto_int8, proto_fp32, *, exact: bool, calibration_image
             raise MaskforgeError(f"int8 weight {name} has no fp32 counterpart; this is a maskforge bug")
         error = max(error, float(np.abs(dequantized.astype(np.float64) - original).max()))
         if exact and (np.abs(quantized).max() > 1 or not np.array_equal(dequantized, original)):
-            raise MaskforgeError(f"int8 weight {name} does not reproduce the fp32 weight exactly (values "
-                                 f"{sorted(set(np.unique(quantized).tolist()))[:5]}); this is a maskforge bug")
+            raise MaskforgeError(
+                f"int8 weight {name} does not reproduce the fp32 weight exactly (values "
+                f"{sorted(set(np.unique(quantized).tolist()))[:5]}); this is a maskforge bug"
+            )
     return QuantizeInfo(exact, error, calibration_images)
 
 

@@ -38,8 +38,7 @@ def artifact_identity(artifact: Artifact) -> dict[str, str]:
     }
 
 
-def set_metadata(proto, artifact: Artifact, storage: str, precision: str, extra: dict[str, str] | None = None
-                 ) -> None:
+def set_metadata(proto, artifact: Artifact, storage: str, precision: str, extra: dict[str, str] | None = None) -> None:
     """Replace the model's metadata_props with maskforge's entries (plus `extra`, already strings)."""
     spec = artifact.spec
     bn_values = sum(stat.numel() for stat in artifact.bn_stats.values())
@@ -49,10 +48,19 @@ def set_metadata(proto, artifact: Artifact, storage: str, precision: str, extra:
         "precision": precision,
         **artifact_identity(artifact),
         "artifact_bytes": str(artifact.file_bytes if artifact.file_bytes is not None else ""),
-        "preprocessing": json.dumps({
-            "layout": "NCHW", "channels": spec.channels, "height": spec.height, "width": spec.width,
-            "scale": "1/255", "mean": list(spec.mean), "std": list(spec.std),
-            "formula": "x = (pixel / 255 - mean[c]) / std[c]"}, sort_keys=True),
+        "preprocessing": json.dumps(
+            {
+                "layout": "NCHW",
+                "channels": spec.channels,
+                "height": spec.height,
+                "width": spec.width,
+                "scale": "1/255",
+                "mean": list(spec.mean),
+                "std": list(spec.std),
+                "formula": "x = (pixel / 255 - mean[c]) / std[c]",
+            },
+            sort_keys=True,
+        ),
         "class_names": json.dumps(list(spec.class_names)),
         "masked_weights": str(artifact.masked_weights),
         "kept_weights": str(artifact.kept_weights),
@@ -65,9 +73,11 @@ def set_metadata(proto, artifact: Artifact, storage: str, precision: str, extra:
         prop = proto.metadata_props.add()
         prop.key, prop.value = META_PREFIX + key, value
     proto.producer_name, proto.producer_version = "maskforge", __version__
-    proto.doc_string = (f"maskforge {artifact.arch} k={artifact.k} seed={artifact.seed} ({storage}, {precision}); "
-                        f"input {spec.channels}x{spec.height}x{spec.width} NCHW float32 normalized as "
-                        f"(pixel/255 - mean)/std; output: logits over {spec.num_classes} classes")
+    proto.doc_string = (
+        f"maskforge {artifact.arch} k={artifact.k} seed={artifact.seed} ({storage}, {precision}); "
+        f"input {spec.channels}x{spec.height}x{spec.width} NCHW float32 normalized as "
+        f"(pixel/255 - mean)/std; output: logits over {spec.num_classes} classes"
+    )
 
 
 @dataclass
@@ -75,7 +85,7 @@ class OnnxModelInfo:
     """What maskforge knows about an ONNX file from its `metadata_props` (None where absent)."""
 
     spec: InputSpec | None
-    storage: str | None         # "dense" | "compact" | "regen"
+    storage: str | None  # "dense" | "compact" | "regen"
     metadata: dict[str, str]
 
     @property
@@ -84,7 +94,7 @@ class OnnxModelInfo:
 
     @property
     def precision(self) -> str | None:
-        """"fp32" or "int8"; files written before precisions existed are fp32."""
+        """ "fp32" or "int8"; files written before precisions existed are fp32."""
         if not self.has_maskforge_metadata:
             return None
         return self.metadata.get(META_PREFIX + "precision", "fp32")

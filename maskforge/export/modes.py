@@ -23,9 +23,9 @@ from .trace import TRACE_MAX_OPSET
 
 STORAGES = ("dense", "compact", "regen")
 PRECISIONS = ("fp32", "int8")
-DEFAULT_OPSET = 18                  # the lowest opset regen can use (bitwise operators)
-MIN_OPSET, MAX_OPSET = 13, TRACE_MAX_OPSET   # 13: per-channel DequantizeLinear, Slice/Unsqueeze with inputs
-EXACT_INT8 = ("signed_constant", "unsigned_constant")   # c_j x {-1, 0, +1} per channel after BN folding
+DEFAULT_OPSET = 18  # the lowest opset regen can use (bitwise operators)
+MIN_OPSET, MAX_OPSET = 13, TRACE_MAX_OPSET  # 13: per-channel DequantizeLinear, Slice/Unsqueeze with inputs
+EXACT_INT8 = ("signed_constant", "unsigned_constant")  # c_j x {-1, 0, +1} per channel after BN folding
 
 
 @dataclass(frozen=True)
@@ -39,11 +39,11 @@ class ExportMode:
     storage: str
     precision: str = "fp32"
     opset: int | None = None
-    lossy: bool = False        # int8 of weights int8 cannot hold exactly (allowed only when asked)
+    lossy: bool = False  # int8 of weights int8 cannot hold exactly (allowed only when asked)
 
     @property
     def name(self) -> str:
-        """"regen int8"; the opset is named only when it is not the default."""
+        """ "regen int8"; the opset is named only when it is not the default."""
         opset = f" opset {self.opset}" if self.opset not in (None, DEFAULT_OPSET) else ""
         return f"{self.storage} {self.precision}{opset}"
 
@@ -53,8 +53,14 @@ class ExportMode:
 EXPORT_MODES = tuple(ExportMode(storage, precision) for precision in PRECISIONS for storage in STORAGES)
 
 
-def resolve_mode(artifact: Artifact, storage: str | None = None, precision: str = "fp32",
-                 opset: int | None = None, *, allow_lossy: bool = False) -> ExportMode:
+def resolve_mode(
+    artifact: Artifact,
+    storage: str | None = None,
+    precision: str = "fp32",
+    opset: int | None = None,
+    *,
+    allow_lossy: bool = False,
+) -> ExportMode:
     """Check the choices against each other and the artifact; raise one clear `MaskforgeError` if they clash."""
     if storage is not None and storage not in STORAGES:
         raise MaskforgeError(f"storage must be one of {', '.join(STORAGES)}; got {storage!r}")
@@ -69,19 +75,24 @@ def resolve_mode(artifact: Artifact, storage: str | None = None, precision: str 
     if storage == "regen" and not regen_ok:
         raise MaskforgeError(regen_graph.refusal(artifact.init))
     if storage == "regen" and opset < regen_graph.MIN_OPSET:
-        raise MaskforgeError(f"storage 'regen' needs opset {regen_graph.MIN_OPSET} or later (BitwiseXor, "
-                             f"BitwiseAnd), got opset {opset}; use opset {regen_graph.MIN_OPSET} to {MAX_OPSET}, "
-                             f"or storage 'compact', which works from opset {MIN_OPSET}")
+        raise MaskforgeError(
+            f"storage 'regen' needs opset {regen_graph.MIN_OPSET} or later (BitwiseXor, "
+            f"BitwiseAnd), got opset {opset}; use opset {regen_graph.MIN_OPSET} to {MAX_OPSET}, "
+            f"or storage 'compact', which works from opset {MIN_OPSET}"
+        )
     lossy = precision == "int8" and artifact.init not in EXACT_INT8
     if lossy and not allow_lossy:
-        raise MaskforgeError(f"precision 'int8' of {artifact.init} weights is lossy (they are not c x {{-1, 0, +1}} "
-                             f"per output channel); pass --allow-lossy (allow_lossy=True) to export anyway (7-bit weights, checked "
-                             f"against fp32 top-1 on held-out data), or use precision 'fp32'")
+        raise MaskforgeError(
+            f"precision 'int8' of {artifact.init} weights is lossy (they are not c x {{-1, 0, +1}} "
+            f"per output channel); pass --allow-lossy (allow_lossy=True) to export anyway (7-bit weights, checked "
+            f"against fp32 top-1 on held-out data), or use precision 'fp32'"
+        )
     return ExportMode(storage, precision, opset, lossy)
 
 
-def default_export_path(artifact_path: str | os.PathLike | None, fmt: str = "onnx", *, storage: str | None = None,
-                        precision: str = "fp32") -> Path:
+def default_export_path(
+    artifact_path: str | os.PathLike | None, fmt: str = "onnx", *, storage: str | None = None, precision: str = "fp32"
+) -> Path:
     """The file an export writes next to its artifact, one name per mode.
 
     `runs/x/artifact.safetensors` -> `artifact.onnx` (regen fp32, the default), `artifact.compact.onnx`,

@@ -11,11 +11,14 @@ import numpy as np
 
 from ..errors import MaskforgeError, first_line
 
-WEIGHT_OPS = ("Conv", "Gemm", "MatMul")   # input 1 of these, when an initializer, is a weight
-MAX_IR_VERSION = 10                        # onnxruntime 1.32 refuses newer IR versions than it knows
+WEIGHT_OPS = ("Conv", "Gemm", "MatMul")  # input 1 of these, when an initializer, is a weight
+MAX_IR_VERSION = 10  # onnxruntime 1.32 refuses newer IR versions than it knows
 # Shared scalar zeros of each weight type, the "dropped weight" value of the encodings.
-ZERO_NAMES = {np.dtype(np.float32): "maskforge/zero_f32", np.dtype(np.int8): "maskforge/zero_i8",
-              np.dtype(np.uint8): "maskforge/zero_u8"}
+ZERO_NAMES = {
+    np.dtype(np.float32): "maskforge/zero_f32",
+    np.dtype(np.int8): "maskforge/zero_i8",
+    np.dtype(np.uint8): "maskforge/zero_u8",
+}
 
 
 def finalize(proto) -> None:
@@ -25,7 +28,7 @@ def finalize(proto) -> None:
     standard = [entry for entry in proto.opset_import if entry.domain in ("", "ai.onnx", "ai.onnx.ml")]
     needed = onnx.helper.find_min_ir_version_for(standard)
     if len(proto.functions):
-        needed = max(needed, 8)   # model-local functions arrived with IR version 8
+        needed = max(needed, 8)  # model-local functions arrived with IR version 8
     proto.ir_version = min(MAX_IR_VERSION, needed)
     try:
         onnx.checker.check_model(proto)
@@ -43,8 +46,8 @@ class WeightRef:
     """A weight initializer and how the layer that consumes it lays it out."""
 
     name: str
-    transposed: bool      # stored [in, out] (MatMul, Gemm without transB): the PyTorch weight transposed
-    channel_axis: int     # the output-channel axis of the stored tensor (per-channel scales run along it)
+    transposed: bool  # stored [in, out] (MatMul, Gemm without transB): the PyTorch weight transposed
+    channel_axis: int  # the output-channel axis of the stored tensor (per-channel scales run along it)
 
 
 def weight_refs(proto) -> list[WeightRef]:

@@ -27,17 +27,22 @@ from ..errors import MaskforgeError, first_line
 if TYPE_CHECKING:  # onnxruntime itself loads only when a session is made
     import onnxruntime
 
-PARITY_RTOL = 1e-4        # fp32: max |ort - torch| <= PARITY_RTOL * max(1, max |torch logits|)
-PARITY_BATCH = 4          # images in the fixed random batch
-PARITY_SEED = 20200601    # its torch.Generator seed (the batch need not be portable)
-INT8_KERNEL_STEPS = 8.0   # int8: optimized vs unoptimized run, in steps of the output's quantization scale
+PARITY_RTOL = 1e-4  # fp32: max |ort - torch| <= PARITY_RTOL * max(1, max |torch logits|)
+PARITY_BATCH = 4  # images in the fixed random batch
+PARITY_SEED = 20200601  # its torch.Generator seed (the batch need not be portable)
+INT8_KERNEL_STEPS = 8.0  # int8: optimized vs unoptimized run, in steps of the output's quantization scale
 INT8_MAX_TOP1_DROP = 1.0  # int8: held-out top-1 may be at most this many points below fp32
 INT8_MIN_AGREEMENT = 0.95  # int8: and predict the fp32 network's class for at least this share of images
 KERNEL_CHECK_IMAGES = 128  # int8: images run both optimized and unoptimized (the latter is slow)
 
 
-def ort_session(path: str | os.PathLike | bytes, threads: int | None = None, *, optimization: str = "default",
-                optimized_path: str | os.PathLike | None = None):
+def ort_session(
+    path: str | os.PathLike | bytes,
+    threads: int | None = None,
+    *,
+    optimization: str = "default",
+    optimized_path: str | os.PathLike | None = None,
+):
     """An onnxruntime CPU session with default options, except the thread count when given.
 
     `path` is a file, or the serialized model itself (bytes).
@@ -55,8 +60,11 @@ def ort_session(path: str | os.PathLike | bytes, threads: int | None = None, *, 
     if threads:
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1
-    levels = {"default": None, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-              "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
+    levels = {
+        "default": None,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    }
     if levels[optimization] is not None:
         options.graph_optimization_level = levels[optimization]
     if optimized_path is not None:
@@ -78,7 +86,7 @@ def ort_message(exc: BaseException, limit: int = 300) -> str:
 def run_session(session, x: np.ndarray, batch: int = 256) -> np.ndarray:
     """The session's first output for `x`, run `batch` images at a time."""
     name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
+    return np.concatenate([session.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)])
 
 
 def parity_inputs(spec: InputSpec, batch: int = PARITY_BATCH, seed: int = PARITY_SEED) -> torch.Tensor:
@@ -104,22 +112,30 @@ def compare_logits(got: np.ndarray, expected: np.ndarray, rtol: float = PARITY_R
     """Max abs difference within `rtol * max(1, max |expected|)`, and the same predicted classes (except
     where the reference's two best logits are closer than the tolerance: a tie within rounding)."""
     if got.shape != expected.shape:
-        return Parity(float("inf"), 0.0, f"onnxruntime output shape {list(got.shape)} differs from PyTorch's "
-                                         f"{list(expected.shape)}")
+        return Parity(
+            float("inf"),
+            0.0,
+            f"onnxruntime output shape {list(got.shape)} differs from PyTorch's {list(expected.shape)}",
+        )
     scale = float(np.abs(expected).max()) if expected.size else 0.0
     tolerance = rtol * max(1.0, scale)
     diff = float(np.abs(got.astype(np.float64) - expected).max()) if got.size else 0.0
     if not np.isfinite(diff) or diff > tolerance:
-        return Parity(diff, tolerance, f"onnxruntime and PyTorch disagree: max abs difference {diff:.3g} > "
-                                       f"{tolerance:.3g} ({rtol:g} x the largest logit, at least {rtol:g})")
+        return Parity(
+            diff,
+            tolerance,
+            f"onnxruntime and PyTorch disagree: max abs difference {diff:.3g} > "
+            f"{tolerance:.3g} ({rtol:g} x the largest logit, at least {rtol:g})",
+        )
     for row in range(expected.shape[0]):
         if got[row].argmax() != expected[row].argmax() and _top_gap(expected[row]) > tolerance:
             return Parity(diff, tolerance, f"onnxruntime and PyTorch predict different classes for example {row}")
     return Parity(diff, tolerance)
 
 
-def float_parity(path: str | os.PathLike | bytes | "onnxruntime.InferenceSession", model: nn.Module,
-                 spec: InputSpec) -> Parity:
+def float_parity(
+    path: str | os.PathLike | bytes | "onnxruntime.InferenceSession", model: nn.Module, spec: InputSpec
+) -> Parity:
     """Run an fp32 ONNX file (default session options; or an open session of one) and the PyTorch model
     on the fixed batch."""
     x = parity_inputs(spec)
@@ -135,17 +151,23 @@ def float_parity(path: str | os.PathLike | bytes | "onnxruntime.InferenceSession
 class Int8Check:
     """The int8 file's figures: kernels against float simulation, accuracy against fp32."""
 
-    kernel_max_abs_diff: float     # optimized (integer kernels) vs unoptimized (float Q/DQ) run
+    kernel_max_abs_diff: float  # optimized (integer kernels) vs unoptimized (float Q/DQ) run
     kernel_tolerance: float
-    top1: float | None             # held-out top-1 of the int8 file
-    reference_top1: float | None   # held-out top-1 of the fp32 network on the same images
+    top1: float | None  # held-out top-1 of the int8 file
+    reference_top1: float | None  # held-out top-1 of the fp32 network on the same images
     argmax_agreement: float | None
     examples: int
 
 
-def int8_parity(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray | None,
-                reference_logits: np.ndarray, *, max_top1_drop: float = INT8_MAX_TOP1_DROP,
-                min_agreement: float = INT8_MIN_AGREEMENT) -> Int8Check:
+def int8_parity(
+    path: str | os.PathLike,
+    images: np.ndarray,
+    labels: np.ndarray | None,
+    reference_logits: np.ndarray,
+    *,
+    max_top1_drop: float = INT8_MAX_TOP1_DROP,
+    min_agreement: float = INT8_MIN_AGREEMENT,
+) -> Int8Check:
     """Check an int8 file on normalized `images` (with `labels` when known) or raise `MaskforgeError`."""
     kernel_diff, tolerance = kernel_check(path, images[:KERNEL_CHECK_IMAGES])
     fused = run_session(ort_session(path), images)
@@ -156,13 +178,17 @@ def int8_parity(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray 
         reference_top1 = float((reference_logits.argmax(1) == labels).mean())
         drop = 100.0 * (reference_top1 - top1)
         if drop > max_top1_drop:
-            raise MaskforgeError(f"int8 top-1 {100 * top1:.2f} % is {drop:.2f} points below fp32's "
-                                 f"{100 * reference_top1:.2f} % on {len(labels)} held-out images (at most "
-                                 f"{max_top1_drop:g} allowed); the int8 file was not written")
+            raise MaskforgeError(
+                f"int8 top-1 {100 * top1:.2f} % is {drop:.2f} points below fp32's "
+                f"{100 * reference_top1:.2f} % on {len(labels)} held-out images (at most "
+                f"{max_top1_drop:g} allowed); the int8 file was not written"
+            )
     if agreement < min_agreement:
-        raise MaskforgeError(f"int8 predicts the fp32 network's class for only {100 * agreement:.1f} % of "
-                             f"{len(images)} held-out images (at least {100 * min_agreement:g} % required); "
-                             f"the int8 file was not written")
+        raise MaskforgeError(
+            f"int8 predicts the fp32 network's class for only {100 * agreement:.1f} % of "
+            f"{len(images)} held-out images (at least {100 * min_agreement:g} % required); "
+            f"the int8 file was not written"
+        )
     return Int8Check(kernel_diff, tolerance, top1, reference_top1, agreement, len(images))
 
 
@@ -177,9 +203,11 @@ def kernel_check(path: str | os.PathLike, images: np.ndarray) -> tuple[float, fl
     tolerance = INT8_KERNEL_STEPS * _output_scale(path)
     diff = float(np.abs(fused.astype(np.float64) - unfused).max())
     if not np.isfinite(diff) or diff > tolerance:
-        raise MaskforgeError(f"onnxruntime's int8 kernels disagree with the same graph run in float: max abs "
-                             f"difference {diff:.3g} > {tolerance:.3g} ({INT8_KERNEL_STEPS:g} output quantization "
-                             f"steps)")
+        raise MaskforgeError(
+            f"onnxruntime's int8 kernels disagree with the same graph run in float: max abs "
+            f"difference {diff:.3g} > {tolerance:.3g} ({INT8_KERNEL_STEPS:g} output quantization "
+            f"steps)"
+        )
     return diff, tolerance
 
 

@@ -48,7 +48,7 @@ def regen_weights(proto, artifact: Artifact, opset: int) -> EncodeStats:
     stats, nodes, tensors, replaced, kinds = EncodeStats(), [], [], set(), set()
     for ref in weight_refs(proto):
         stored = numpy_helper.to_array(initializers[ref.name])
-        weight = stored.T if ref.transposed else stored      # PyTorch layout: [out, in, ...]
+        weight = stored.T if ref.transposed else stored  # PyTorch layout: [out, in, ...]
         param, positive = layers.find(ref.name, weight)
         sub, kind = _weight_call(ref.name, param, weight, positive, artifact, ref.transposed)
         kinds.add(kind)
@@ -66,8 +66,10 @@ def regen_weights(proto, artifact: Artifact, opset: int) -> EncodeStats:
 
 
 def refusal(distribution: str) -> str:
-    return (f"storage 'regen' cannot rebuild {distribution} weights exactly with ONNX operators (it can "
-            f"signed_constant and unsigned_constant); use --storage compact or dense")
+    return (
+        f"storage 'regen' cannot rebuild {distribution} weights exactly with ONNX operators (it can "
+        f"signed_constant and unsigned_constant); use --storage compact or dense"
+    )
 
 
 class _LayerFinder:
@@ -94,32 +96,43 @@ class _LayerFinder:
                     continue
             self.unused.remove(param)
             return param, positive
-        raise MaskforgeError(f"traced weight {name} {list(weight.shape)} matches no layer of the artifact (mask "
-                             f"and signs); this is a maskforge bug, use --storage compact")
+        raise MaskforgeError(
+            f"traced weight {name} {list(weight.shape)} matches no layer of the artifact (mask "
+            f"and signs); this is a maskforge bug, use --storage compact"
+        )
 
     def _signs(self, param: str, shape: tuple) -> np.ndarray:
         a = self.artifact
         return regen.generate(a.seed, param, shape, a.init, k=a.k, scale_fan=a.scale_fan) > 0
 
 
-def _weight_call(name: str, param: str, weight: np.ndarray, positive: np.ndarray | None, artifact: Artifact,
-                 transposed: bool) -> tuple[Subgraph, str]:
+def _weight_call(
+    name: str, param: str, weight: np.ndarray, positive: np.ndarray | None, artifact: Artifact, transposed: bool
+) -> tuple[Subgraph, str]:
     """One generator call that rebuilds `weight` (PyTorch layout), checked here to be bit-exact."""
     mask = weight != 0
     magnitude = per_channel_magnitude(weight, mask)
     if magnitude is None or (positive is None and not np.all(weight[mask] > 0)):
-        raise MaskforgeError(f"weight {name} (layer {param}) is not one magnitude per output channel; "
-                             f"this is a maskforge bug, use --storage compact")
+        raise MaskforgeError(
+            f"weight {name} (layer {param}) is not one magnitude per output channel; "
+            f"this is a maskforge bug, use --storage compact"
+        )
     zero = np.zeros((), weight.dtype)
     signed = magnitude if positive is None else np.where(positive, magnitude, -magnitude)
     rebuilt = np.where(mask, signed, zero).astype(weight.dtype)
-    if rebuilt.tobytes() != np.ascontiguousarray(weight).tobytes():   # bit for bit, +0.0 included
-        raise MaskforgeError(f"regenerated weight {name} (layer {param}) differs from the traced one; this is a "
-                             f"maskforge bug, use --storage compact")
+    if rebuilt.tobytes() != np.ascontiguousarray(weight).tobytes():  # bit for bit, +0.0 included
+        raise MaskforgeError(
+            f"regenerated weight {name} (layer {param}) differs from the traced one; this is a "
+            f"maskforge bug, use --storage compact"
+        )
     sub = Subgraph(f"{name}/maskforge")
     kind = MASKED if positive is None else SIGNED
-    inputs = [sub.init("mask_packed", packed_bits(mask)), sub.init("shape", np.array(weight.shape, np.int64)),
-              sub.init("magnitude", magnitude), ZERO_NAMES[weight.dtype]]
+    inputs = [
+        sub.init("mask_packed", packed_bits(mask)),
+        sub.init("shape", np.array(weight.shape, np.int64)),
+        sub.init("magnitude", magnitude),
+        ZERO_NAMES[weight.dtype],
+    ]
     if kind == SIGNED:
         key = regen.stream_key(artifact.seed, param)
         inputs.insert(0, sub.init("key", np.array(key, dtype=np.uint64)))
@@ -154,24 +167,30 @@ def generator_function(kind: str, opset: int):
 
     def bits(packed: str, count: str, tag: str) -> str:
         """Bit i of the result is bit (i mod 8), LSB first, of byte (i div 8) of `packed`: bool, `shape`."""
-        cut = op("Slice", [split(packed, 8, 1, np.uint8, tag), const(f"{tag}_start", np.array([0], np.int64)),
-                           count], f"{tag}_cut")
+        cut = op(
+            "Slice",
+            [split(packed, 8, 1, np.uint8, tag), const(f"{tag}_start", np.array([0], np.int64)), count],
+            f"{tag}_cut",
+        )
         return op("Reshape", [op("Cast", [cut], f"{tag}_bool", to=TensorProto.BOOL), "shape"], f"{tag}_shaped")
 
-    count = op("ReduceProd", ["shape"], "count", keepdims=1)                         # n, as int64 [1]
+    count = op("ReduceProd", ["shape"], "count", keepdims=1)  # n, as int64 [1]
     mask = bits("mask_packed", count, "mask")
     if kind == SIGNED:
         # block j = SplitMix64 output j + 1 from state `key`; weight i uses bit (i mod 64) of block (i div 64)
         one = const("one", np.array(1, np.int64))
         n = op("Squeeze", [count], "n")
-        blocks = op("Div", [op("Add", [n, const("c63", np.array(63, np.int64))], "n63"),
-                            const("c64", np.array(64, np.int64))], "blocks")
-        j = op("Cast", [op("Range", [one, op("Add", [blocks, one], "stop"), one], "j_i64")], "j",
-               to=TensorProto.UINT64)
+        blocks = op(
+            "Div",
+            [op("Add", [n, const("c63", np.array(63, np.int64))], "n63"), const("c64", np.array(64, np.int64))],
+            "blocks",
+        )
+        j = op("Cast", [op("Range", [one, op("Add", [blocks, one], "stop"), one], "j_i64")], "j", to=TensorProto.UINT64)
         z = op("Add", [op("Mul", [j, const("gamma", np.array(_GAMMA, np.uint64))], "jg"), "key"], "z0")
         for step, (shift, mix) in enumerate(((30, _MIX1), (27, _MIX2), (31, None))):
-            shifted = op("BitShift", [z, const(f"s{shift}", np.array(shift, np.uint64))], f"z{step}_shr",
-                         direction="RIGHT")
+            shifted = op(
+                "BitShift", [z, const(f"s{shift}", np.array(shift, np.uint64))], f"z{step}_shr", direction="RIGHT"
+            )
             z = op("BitwiseXor", [z, shifted], f"z{step}_xor")
             if mix is not None:
                 z = op("Mul", [z, const(f"mix{step}", np.array(mix, np.uint64))], f"z{step + 1}")
@@ -183,5 +202,4 @@ def generator_function(kind: str, opset: int):
     else:
         value, inputs = "magnitude", ["mask_packed", "shape", "magnitude", "zero"]
     op("Where", [mask, value, "zero"], "weight")
-    return helper.make_function(DOMAIN, kind, inputs, ["weight"], body,
-                                opset_imports=[helper.make_opsetid("", opset)])
+    return helper.make_function(DOMAIN, kind, inputs, ["weight"], body, opset_imports=[helper.make_opsetid("", opset)])

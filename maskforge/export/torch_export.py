@@ -32,8 +32,13 @@ TORCH_EXPORT_KEY = "maskforge_torch_export"
 TORCH_EXPORT_FORMAT = "maskforge-torch-export"
 
 
-def export_torch(artifact: Artifact | str | os.PathLike, out: str | os.PathLike | None = None, *,
-                 threads: int | None = None, model: nn.Module | None = None) -> ExportResult:
+def export_torch(
+    artifact: Artifact | str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    *,
+    threads: int | None = None,
+    model: nn.Module | None = None,
+) -> ExportResult:
     """Write the materialized network's state dict as `.safetensors` plus the JSON needed to rebuild it.
 
     The file is reloaded and must give bit-identical outputs before it is kept.
@@ -50,10 +55,15 @@ def export_torch(artifact: Artifact | str | os.PathLike, out: str | os.PathLike 
     if model is None:
         model = materialize(artifact, threads=threads)
     document = {
-        "format": TORCH_EXPORT_FORMAT, "format_version": 1, "maskforge_version": __version__,
-        "arch": {"name": artifact.arch, "args": artifact.arch_args}, "k": artifact.k, "seed": artifact.seed,
+        "format": TORCH_EXPORT_FORMAT,
+        "format_version": 1,
+        "maskforge_version": __version__,
+        "arch": {"name": artifact.arch, "args": artifact.arch_args},
+        "k": artifact.k,
+        "seed": artifact.seed,
         "init": {"distribution": artifact.init, "scale_fan": artifact.scale_fan},
-        "input": artifact.spec.to_dict(), "artifact_digest": artifact.digest,
+        "input": artifact.spec.to_dict(),
+        "artifact_digest": artifact.digest,
         "layers": "plain bias-free Conv2d/Linear holding weight*mask; non-affine BatchNorm2d with running stats",
     }
     state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
@@ -64,12 +74,22 @@ def export_torch(artifact: Artifact | str | os.PathLike, out: str | os.PathLike 
         with torch.no_grad():
             diff = float((reloaded(x) - model(x)).abs().max())
         if diff != 0.0:
-            raise MaskforgeError(f"the reloaded torch export differs from the materialized model (max abs diff "
-                                 f"{diff:.3g}); nothing was written")
+            raise MaskforgeError(
+                f"the reloaded torch export differs from the materialized model (max abs diff "
+                f"{diff:.3g}); nothing was written"
+            )
     size = out.stat().st_size
-    return ExportResult(path=out, format="torch", file_bytes=size, masked_weights=artifact.masked_weights,
-                        kept_weights=artifact.kept_weights,
-                        bits_per_weight=bits_per_weight(size, artifact.masked_weights), seconds=time.perf_counter() - started, max_abs_diff=diff, parity_tolerance=0.0)
+    return ExportResult(
+        path=out,
+        format="torch",
+        file_bytes=size,
+        masked_weights=artifact.masked_weights,
+        kept_weights=artifact.kept_weights,
+        bits_per_weight=bits_per_weight(size, artifact.masked_weights),
+        seconds=time.perf_counter() - started,
+        max_abs_diff=diff,
+        parity_tolerance=0.0,
+    )
 
 
 def load_torch_export(path: str | os.PathLike) -> nn.Module:
@@ -94,8 +114,13 @@ def load_torch_export(path: str | os.PathLike) -> nn.Module:
     try:
         document = strict_json(metadata[TORCH_EXPORT_KEY], "metadata", "the JSON")
         arch, args, k = document["arch"]["name"], document["arch"]["args"], document["k"]
-        if not (isinstance(arch, str) and isinstance(args, dict) and isinstance(k, (int, float))
-                and not isinstance(k, bool) and 0.0 < k <= 1.0):
+        if not (
+            isinstance(arch, str)
+            and isinstance(args, dict)
+            and isinstance(k, (int, float))
+            and not isinstance(k, bool)
+            and 0.0 < k <= 1.0
+        ):
             raise TypeError("bad arch, args or k")
     except (ValueError, KeyError, TypeError, MaskforgeError) as exc:
         raise MaskforgeError(f"{path}: damaged maskforge torch-export metadata ({first_line(exc)})") from None

@@ -16,7 +16,7 @@ from ..data import InputSpec
 from ..errors import MaskforgeError, first_line
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
-TRACE_MAX_OPSET = 20   # the TorchScript exporter's newest opset
+TRACE_MAX_OPSET = 20  # the TorchScript exporter's newest opset
 
 
 def trace_to_onnx(model: nn.Module, spec: InputSpec, opset: int):
@@ -29,11 +29,20 @@ def trace_to_onnx(model: nn.Module, spec: InputSpec, opset: int):
         # The TorchScript exporter is deprecated in favour of the dynamo one, which needs onnxscript.
         warnings.simplefilter("ignore")
         try:
-            torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=opset,
-                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                              do_constant_folding=True)
+            torch.onnx.export(
+                model,
+                (example,),
+                buffer,
+                dynamo=False,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                do_constant_folding=True,
+            )
         except TypeError as exc:  # pragma: no cover - a torch without the TorchScript exporter
-            raise MaskforgeError(f"this PyTorch ({torch.__version__}) cannot export ONNX with the TorchScript "
-                                 f"exporter ({first_line(exc)})") from None
+            raise MaskforgeError(
+                f"this PyTorch ({torch.__version__}) cannot export ONNX with the TorchScript "
+                f"exporter ({first_line(exc)})"
+            ) from None
     return onnx.load_from_string(buffer.getvalue())

@@ -19,7 +19,7 @@ from .spec import InputSpec
 FORMAT_NAME = "maskforge-artifact"
 FORMAT_VERSION = 1
 METADATA_KEY = "maskforge"
-MAX_SEED = 2 ** 63 - 1
+MAX_SEED = 2**63 - 1
 TOPK_RULES = ("layer", "global")
 
 Distribution = Literal[regen.DISTRIBUTIONS]
@@ -43,16 +43,18 @@ class ArchArgs:
     in_channels: Annotated[Integer, Field(ge=1, le=64, description="image channels")]
     num_classes: Annotated[Integer, Field(ge=1, le=1_000_000, description="outputs")]
     image_size: Annotated[tuple[Side, Side], Field(description="[height, width] in pixels")]
-    width: Number = Field(1.0, gt=0, le=64, description="the paper's width multiplier; absent means 1 "
-                                                        "(and is not written at 1)")
+    width: Number = Field(
+        1.0, gt=0, le=64, description="the paper's width multiplier; absent means 1 (and is not written at 1)"
+    )
     builder_args: Optional[Annotated[dict[Text, Any], AfterValidator(_builder_args)]] = Field(
-        None, description="a builder reference's JSON keyword arguments (--arch-args); absent for the "
-                          "registered architectures")
+        None,
+        description="a builder reference's JSON keyword arguments (--arch-args); absent for the "
+        "registered architectures",
+    )
 
     def to_dict(self) -> dict:
         """The keyword arguments of `archs.create_model` (no `width` at 1, as the document stores them)."""
-        args = {"in_channels": self.in_channels, "num_classes": self.num_classes,
-                "image_size": list(self.image_size)}
+        args = {"in_channels": self.in_channels, "num_classes": self.num_classes, "image_size": list(self.image_size)}
         if self.width != 1.0:
             args["width"] = self.width
         if self.builder_args:
@@ -62,16 +64,26 @@ class ArchArgs:
 
 @record(frozen=True, label="arch")
 class ArchSpec:
-    name: Annotated[Text, Field(description="a registered architecture (`maskforge archs`) or a builder "
-                                            "reference (torchvision:NAME, module:callable, file.py:callable)")]
+    name: Annotated[
+        Text,
+        Field(
+            description="a registered architecture (`maskforge archs`) or a builder "
+            "reference (torchvision:NAME, module:callable, file.py:callable)"
+        ),
+    ]
     args: ArchArgs
-    library: Optional[Text] = Field(None, description="builder references: the code the network comes from and "
-                                                      "its version at search time ('torchvision 0.20.1')")
-    structure: Optional[list[Text]] = Field(None, description="builder references: the built model's parameters "
-                                            "and buffers, one 'name param|buffer shape ModuleClass' each, in "
-                                            "module order (FORMAT.md section 2.6)")
-    structure_digest: Optional[Hex64] = Field(None, description="SHA-256 of the structure lines joined by "
-                                                                "newlines")
+    library: Optional[Text] = Field(
+        None,
+        description="builder references: the code the network comes from and "
+        "its version at search time ('torchvision 0.20.1')",
+    )
+    structure: Optional[list[Text]] = Field(
+        None,
+        description="builder references: the built model's parameters "
+        "and buffers, one 'name param|buffer shape ModuleClass' each, in "
+        "module order (FORMAT.md section 2.6)",
+    )
+    structure_digest: Optional[Hex64] = Field(None, description="SHA-256 of the structure lines joined by newlines")
 
     @model_validator(mode="after")
     def _structure(self) -> "ArchSpec":
@@ -126,13 +138,32 @@ class ArtifactDigests:
 
 # Known provenance fields and what they hold; others may be added (free-form notes) if JSON scalars.
 PROVENANCE_FIELDS: dict[str, str] = {
-    "maskforge_version": "text", "torch_version": "text", "data": "text", "data_kind": "text",
-    "epochs": "count", "steps": "count", "batch_size": "count", "processes": "count", "heldout_examples": "count",
-    "lr": "amount", "heldout_acc": "fraction", "device": "text", "precision": "text", "channels_last": "flag",
-    "masker": "text", "compile": "flag", "deterministic": "flag", "heldout_digest": "text",
+    "maskforge_version": "text",
+    "torch_version": "text",
+    "data": "text",
+    "data_kind": "text",
+    "epochs": "count",
+    "steps": "count",
+    "batch_size": "count",
+    "processes": "count",
+    "heldout_examples": "count",
+    "lr": "amount",
+    "heldout_acc": "fraction",
+    "device": "text",
+    "precision": "text",
+    "channels_last": "flag",
+    "masker": "text",
+    "compile": "flag",
+    "deterministic": "flag",
+    "heldout_digest": "text",
 }
-_KIND_TEXT = {"text": "a string", "count": "a non-negative integer", "amount": "a non-negative number",
-              "fraction": "a number in [0, 1]", "flag": "true or false"}
+_KIND_TEXT = {
+    "text": "a string",
+    "count": "a non-negative integer",
+    "amount": "a non-negative number",
+    "fraction": "a number in [0, 1]",
+    "flag": "true or false",
+}
 
 
 def _fits(kind: str, value: Any) -> bool:
@@ -176,17 +207,25 @@ class ArtifactDocument:
     bn: Annotated[list[Text], Field(description="batch-norm module names, sorted, distinct")]
     provenance: Annotated[Provenance, Field(description="how the artifact was made (no timestamps)")]
     digests: ArtifactDigests
-    topk: TopkRule = Field("layer", description="'layer': the kept-count rule in every layer (absent: the "
-                                                "default); 'global': one threshold over all layers")
+    topk: TopkRule = Field(
+        "layer",
+        description="'layer': the kept-count rule in every layer (absent: the "
+        "default); 'global': one threshold over all layers",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> "ArtifactDocument":
         args, spec = self.arch.args, self.input
-        if (spec.channels, [spec.height, spec.width], spec.num_classes) != \
-                (args.in_channels, list(args.image_size), args.num_classes):
-            raise ValueError(f"input ({spec.channels} channel(s), {spec.height}x{spec.width}, "
-                             f"{spec.num_classes} class names) does not match arch.args ({args.in_channels} "
-                             f"channel(s), {args.image_size[0]}x{args.image_size[1]}, {args.num_classes} classes)")
+        if (spec.channels, [spec.height, spec.width], spec.num_classes) != (
+            args.in_channels,
+            list(args.image_size),
+            args.num_classes,
+        ):
+            raise ValueError(
+                f"input ({spec.channels} channel(s), {spec.height}x{spec.width}, "
+                f"{spec.num_classes} class names) does not match arch.args ({args.in_channels} "
+                f"channel(s), {args.image_size[0]}x{args.image_size[1]}, {args.num_classes} classes)"
+            )
         if self.bn != sorted(set(self.bn)):
             raise ValueError("bn must be a sorted list of distinct batch-norm module names")
         if set(self.digests.weights) != set(self.layers):

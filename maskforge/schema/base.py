@@ -33,12 +33,26 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 from ..errors import MaskforgeError
 from ..textguard import QUOTE_LIMIT, printable, quote
 
-__all__ = ["to_integer", "Integer", "Number", "Measurement", "Text", "Flag", "Hex64", "Field", "record", "parse",
-           "dump", "json_schema", "describe", "check_format"]
+__all__ = [
+    "to_integer",
+    "Integer",
+    "Number",
+    "Measurement",
+    "Text",
+    "Flag",
+    "Hex64",
+    "Field",
+    "record",
+    "parse",
+    "dump",
+    "json_schema",
+    "describe",
+    "check_format",
+]
 
 T = TypeVar("T")
 
-_EXACT_FLOAT_INTEGERS = 2 ** 53
+_EXACT_FLOAT_INTEGERS = 2**53
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -78,8 +92,8 @@ def _hex64(value: Any) -> str:
 
 
 Integer = Annotated[int, BeforeValidator(to_integer)]
-Number = Annotated[float, BeforeValidator(_finite)]             # finite
-Measurement = Annotated[float, BeforeValidator(_number)]        # may be NaN or infinite (a diverged search)
+Number = Annotated[float, BeforeValidator(_finite)]  # finite
+Measurement = Annotated[float, BeforeValidator(_number)]  # may be NaN or infinite (a diverged search)
 Text = Annotated[str, Strict()]
 Flag = Annotated[bool, Strict()]
 Hex64 = Annotated[str, BeforeValidator(_hex64), Field(pattern=_HEX64.pattern)]
@@ -144,8 +158,10 @@ def check_format(raw: Any, name: str, version: int, label: str, kind: str) -> No
     except ValueError:
         raise MaskforgeError(f"{label}: format_version is missing or not an integer") from None
     if found > version:
-        raise MaskforgeError(f"{label} uses {kind} format version {found}, newer than this maskforge reads "
-                             f"({version}); upgrade maskforge")
+        raise MaskforgeError(
+            f"{label} uses {kind} format version {found}, newer than this maskforge reads "
+            f"({version}); upgrade maskforge"
+        )
     if found != version:
         raise MaskforgeError(f"{label}: unsupported format version {found}")
 

@@ -43,8 +43,10 @@ class Position:
     @model_validator(mode="after")
     def _consistent(self) -> "Position":
         if self.batch_in_epoch > self.steps_per_epoch or self.step > self.total_steps:
-            raise ValueError(f"position is inconsistent: batch {self.batch_in_epoch} of {self.steps_per_epoch}, "
-                             f"step {self.step} of {self.total_steps}")
+            raise ValueError(
+                f"position is inconsistent: batch {self.batch_in_epoch} of {self.steps_per_epoch}, "
+                f"step {self.step} of {self.total_steps}"
+            )
         return self
 
 
@@ -80,8 +82,9 @@ class CheckpointDocument:
     identity: Identity
     config: SearchConfig
     position: Position
-    train_sums: Annotated[list[TrainSums], Field(description="per rank: [loss_sum, correct, seen] of the "
-                                                             "current epoch")]
+    train_sums: Annotated[
+        list[TrainSums], Field(description="per rank: [loss_sum, correct, seen] of the current epoch")
+    ]
     metrics: Annotated[list[EpochRecord], Field(description="the records of the finished epochs")]
     world_size: Annotated[Integer, Field(ge=1, description="processes that wrote it (a resume must use as many)")]
     versions: dict[Text, Text]

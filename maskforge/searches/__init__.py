@@ -39,18 +39,50 @@ from .device import resolve_device
 from .folders import METRICS_CSV_NAME, TENSORBOARD_DIR
 from ..metricfiles import TensorBoardLog, read_metrics, write_metrics
 from .plan import Plan, agree, check_world, plan_fresh, plan_resume
-from .runfolder import (ARTIFACT_NAME, CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, TIMING_FIELDS, finalize_artifact,
-                        open_run_folder, read_run_config, record_metrics, save_checkpoint)
+from .runfolder import (
+    ARTIFACT_NAME,
+    CHECKPOINT_NAME,
+    CONFIG_NAME,
+    METRICS_NAME,
+    TIMING_FIELDS,
+    finalize_artifact,
+    open_run_folder,
+    read_run_config,
+    record_metrics,
+    save_checkpoint,
+)
 from .setup import Session, prepare, setup
 from .stop import SearchInterrupted, StopAgreement, StopSignals
 from .train import StepProgress, end_epoch, lr_at, start_epoch, train_one_epoch
 
-__all__ = ["search", "resume", "SearchConfig", "SearchResult", "SearchInterrupted", "StepProgress",
-           "read_run_config", "prepare", "lr_at", "resolve_device", "RESUME_OVERRIDABLE", "RESUME_EXTENDABLE",
-           "TIMING_FIELDS", "ARTIFACT_NAME", "METRICS_NAME", "METRICS_CSV_NAME", "CONFIG_NAME", "CHECKPOINT_NAME",
-           "TENSORBOARD_DIR",
-           # the steps, for other training loops over the same data and schedule (maskforge.dense)
-           "Session", "setup", "start_epoch", "train_one_epoch", "end_epoch", "write_metrics"]
+__all__ = [
+    "search",
+    "resume",
+    "SearchConfig",
+    "SearchResult",
+    "SearchInterrupted",
+    "StepProgress",
+    "read_run_config",
+    "prepare",
+    "lr_at",
+    "resolve_device",
+    "RESUME_OVERRIDABLE",
+    "RESUME_EXTENDABLE",
+    "TIMING_FIELDS",
+    "ARTIFACT_NAME",
+    "METRICS_NAME",
+    "METRICS_CSV_NAME",
+    "CONFIG_NAME",
+    "CHECKPOINT_NAME",
+    "TENSORBOARD_DIR",
+    # the steps, for other training loops over the same data and schedule (maskforge.dense)
+    "Session",
+    "setup",
+    "start_epoch",
+    "train_one_epoch",
+    "end_epoch",
+    "write_metrics",
+]
 
 OnStep = Callable[[StepProgress], None]
 OnEpoch = Callable[[dict], None]
@@ -58,12 +90,12 @@ OnEpoch = Callable[[dict], None]
 
 @dataclass
 class SearchResult:
-    artifact: Artifact                # built on every rank from that rank's model (identical, checked)
+    artifact: Artifact  # built on every rank from that rank's model (identical, checked)
     artifact_path: Path
     metrics: list[dict] = field(default_factory=list)
-    rank: int = 0                     # under torchrun: this process's rank (only rank 0 wrote the files)
-    mask_digest: str = ""             # SHA-256 of this rank's masks (layer names + packed mask bytes)
-    already_done: bool = False        # the out folder held this very search, finished: nothing ran
+    rank: int = 0  # under torchrun: this process's rank (only rank 0 wrote the files)
+    mask_digest: str = ""  # SHA-256 of this rank's masks (layer names + packed mask bytes)
+    already_done: bool = False  # the out folder held this very search, finished: nothing ran
 
     @property
     def heldout_acc(self) -> float:
@@ -74,8 +106,14 @@ class SearchResult:
         return self.artifact_path.parent
 
 
-def search(config: SearchConfig, *, on_step: OnStep | None = None, on_epoch: OnEpoch | None = None,
-           overwrite: bool = False, handle_signals: bool = True) -> SearchResult:
+def search(
+    config: SearchConfig,
+    *,
+    on_step: OnStep | None = None,
+    on_epoch: OnEpoch | None = None,
+    overwrite: bool = False,
+    handle_signals: bool = True,
+) -> SearchResult:
     """Run edge-popup and write the run folder (`config.out`, default `runs/<arch>-k<k>-s<seed>`, numbered
     when taken): `artifact.safetensors`, `config.json`, `metrics.jsonl`, `metrics.csv` (README.md lists
     every file). Under torchrun, every process calls this; rank 0 writes the files.
@@ -100,9 +138,14 @@ def search(config: SearchConfig, *, on_step: OnStep | None = None, on_epoch: OnE
     return _run(world, lambda: plan_fresh(config, world, overwrite), on_step, on_epoch, handle_signals)
 
 
-def resume(run_dir: str | os.PathLike, overrides: Mapping[str, Any] | None = None, *, on_step: OnStep | None = None,
-           on_epoch: OnEpoch | None = None, handle_signals: bool = True
-           ) -> SearchResult:
+def resume(
+    run_dir: str | os.PathLike,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    on_step: OnStep | None = None,
+    on_epoch: OnEpoch | None = None,
+    handle_signals: bool = True,
+) -> SearchResult:
     """Continue the search in `run_dir` from its checkpoint, with the arguments recorded in its config.json.
 
     `overrides` are config fields given again (e.g. on the command line): those in `RESUME_OVERRIDABLE`
@@ -114,25 +157,30 @@ def resume(run_dir: str | os.PathLike, overrides: Mapping[str, Any] | None = Non
     >>> result = resume("runs/fc", {"workers": 4})                                   # doctest: +SKIP
     """
     world = distributed.detect()
-    return _run(world, lambda: plan_resume(Path(run_dir), dict(overrides or {}), world), on_step, on_epoch,
-                handle_signals)
+    return _run(
+        world, lambda: plan_resume(Path(run_dir), dict(overrides or {}), world), on_step, on_epoch, handle_signals
+    )
 
 
-def _run(world: World, plan_fn: Callable[[], Plan], on_step: OnStep | None, on_epoch: OnEpoch | None,
-         handle_signals: bool) -> SearchResult:
+def _run(
+    world: World, plan_fn: Callable[[], Plan], on_step: OnStep | None, on_epoch: OnEpoch | None, handle_signals: bool
+) -> SearchResult:
     with distributed.process_group(world), StopSignals(handle_signals) as signals:
         plan = agree(plan_fn, world)
         try:
             if plan.done:
                 return _already_done(plan, world)
             signals.run_dir, signals.resumable = Path(plan.config.out), plan.checkpoint is not None
-            return _search(plan, world, signals, on_step if world.is_main else None,
-                           on_epoch if world.is_main else None)
+            return _search(
+                plan, world, signals, on_step if world.is_main else None, on_epoch if world.is_main else None
+            )
         except RuntimeError as exc:
             if world.is_distributed and any(text in str(exc) for text in _PEER_LOST):
-                raise MaskforgeError(f"another process of this torchrun job stopped, so this one stops too (torchrun "
-                                     f"restarts the job if --max-restarts allows; it continues from the "
-                                     f"checkpoint): {' '.join(str(exc).split())[:300]}") from None
+                raise MaskforgeError(
+                    f"another process of this torchrun job stopped, so this one stops too (torchrun "
+                    f"restarts the job if --max-restarts allows; it continues from the "
+                    f"checkpoint): {' '.join(str(exc).split())[:300]}"
+                ) from None
             raise
         finally:
             plan.release()
@@ -148,8 +196,9 @@ def _already_done(plan: Plan, world: World) -> SearchResult:
 _PEER_LOST = ("Connection closed by peer", "Connection reset by peer")
 
 
-def _search(plan: Plan, world: World, signals: StopSignals, on_step: OnStep | None,
-            on_epoch: OnEpoch | None) -> SearchResult:
+def _search(
+    plan: Plan, world: World, signals: StopSignals, on_step: OnStep | None, on_epoch: OnEpoch | None
+) -> SearchResult:
     config = plan.config
     splits, model, arch_args = prepare(config)  # a bad argument fails here, before the folder changes
     warned = False
@@ -174,8 +223,14 @@ def _search(plan: Plan, world: World, signals: StopSignals, on_step: OnStep | No
     return SearchResult(artifact, path, session.metrics, world.rank, digest)
 
 
-def _epochs(session: Session, signals: StopSignals, tensorboard: TensorBoardLog | None, on_step: OnStep | None,
-            on_epoch: OnEpoch | None, cost: notices.CostWatch) -> None:
+def _epochs(
+    session: Session,
+    signals: StopSignals,
+    tensorboard: TensorBoardLog | None,
+    on_step: OnStep | None,
+    on_epoch: OnEpoch | None,
+    cost: notices.CostWatch,
+) -> None:
     """Train epoch by epoch from the session's position, checkpointing as configured, until the end or
     until every rank agrees to stop on a signal."""
     stop = StopAgreement(signals, session.world)
@@ -215,5 +270,9 @@ def _stopped(session: Session, stop: StopAgreement, signum: int) -> None:
 def _checkpoint_due(session: Session) -> bool:
     """Every `checkpoint_every` global steps, except where the end of the epoch checkpoints anyway."""
     every, position = session.config.checkpoint_every, session.position
-    return bool(every) and position.step % every == 0 and position.batch_in_epoch < session.steps_per_epoch \
+    return (
+        bool(every)
+        and position.step % every == 0
+        and position.batch_in_epoch < session.steps_per_epoch
         and position.step < session.total_steps
+    )

@@ -64,8 +64,9 @@ def compile_toolchain_problem(device_type: str) -> str | None:
         except ImportError:
             return "needs Triton (inductor's GPU code generator), which is not installed (pip install triton)"
         return _missing_compiler("CC", ("gcc", "clang"), "a C compiler for Triton's kernel launchers")
-    return _missing_compiler("CXX", ("clang++" if sys.platform == "darwin" else "g++",),
-                             "a C++ compiler for inductor's CPU kernels")
+    return _missing_compiler(
+        "CXX", ("clang++" if sys.platform == "darwin" else "g++",), "a C++ compiler for inductor's CPU kernels"
+    )
 
 
 def _missing_compiler(variable: str, defaults: tuple[str, ...], what: str) -> str | None:
@@ -84,18 +85,20 @@ class Accelerator:
     """The concrete computing choices of one search."""
 
     device: torch.device
-    precision: str          # "fp32" | "bf16": the autocast dtype of the network's forward/backward
-    channels_last: bool     # inputs, weights and scores in channels_last (conv nets)
-    masker: str             # "numpy" | "torch": the top-k implementation (maskforge.topk)
-    compile: bool           # the training model runs under torch.compile (inductor)
-    deterministic: bool     # deterministic kernels, no autotuning, no TF32
+    precision: str  # "fp32" | "bf16": the autocast dtype of the network's forward/backward
+    channels_last: bool  # inputs, weights and scores in channels_last (conv nets)
+    masker: str  # "numpy" | "torch": the top-k implementation (maskforge.topk)
+    compile: bool  # the training model runs under torch.compile (inductor)
+    deterministic: bool  # deterministic kernels, no autotuning, no TF32
 
     @staticmethod
     def check(config: SearchConfig, device: torch.device) -> None:
         """Refuse the choices this machine cannot honour (cheap: no data, no model needed)."""
         if config.precision == "bf16" and not bf16_supported(device):
-            raise MaskforgeError(f"precision 'bf16' was requested but device {device} has no bfloat16 support (a "
-                                 f"GPU of compute capability 8.0 or newer has it); use precision fp32")
+            raise MaskforgeError(
+                f"precision 'bf16' was requested but device {device} has no bfloat16 support (a "
+                f"GPU of compute capability 8.0 or newer has it); use precision fp32"
+            )
         if config.compile:
             problem = compile_toolchain_problem(device.type)
             if problem is not None:
@@ -113,8 +116,14 @@ class Accelerator:
 
     def provenance(self) -> dict:
         """The choices as the artifact's provenance records them."""
-        return {"device": self.device.type, "precision": self.precision, "channels_last": self.channels_last,
-                "masker": self.masker, "compile": self.compile, "deterministic": self.deterministic}
+        return {
+            "device": self.device.type,
+            "precision": self.precision,
+            "channels_last": self.channels_last,
+            "masker": self.masker,
+            "compile": self.compile,
+            "deterministic": self.deterministic,
+        }
 
     def autocast(self):
         if self.precision == "fp32":
@@ -142,8 +151,14 @@ class Accelerator:
         `MaskforgeError` naming it (PyTorch raises a RuntimeError; nothing was written by then that a
         failed step could spoil)."""
         cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-        saved = (cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32, matmul.allow_tf32,
-                 torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+        saved = (
+            cudnn.benchmark,
+            cudnn.deterministic,
+            cudnn.allow_tf32,
+            matmul.allow_tf32,
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+        )
         if self.deterministic:
             # cuBLAS is deterministic only with a fixed workspace (read when its first handle is made).
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -170,12 +185,16 @@ def deterministic_refusal(exc: BaseException, device: torch.device) -> Maskforge
     at = text.find(_NOT_DETERMINISTIC)
     if at >= 0:
         operation = text[:at].rsplit(None, 1)[-1] if text[:at].strip() else "an operation"
-        return MaskforgeError(f"deterministic: the operation {operation} of this search has no deterministic "
-                              f"implementation on {device.type} in PyTorch {torch.__version__.split('+')[0]}; "
-                              f"leave deterministic off for this search")
+        return MaskforgeError(
+            f"deterministic: the operation {operation} of this search has no deterministic "
+            f"implementation on {device.type} in PyTorch {torch.__version__.split('+')[0]}; "
+            f"leave deterministic off for this search"
+        )
     if _CUBLAS_NOT_DETERMINISTIC in text:
-        return MaskforgeError("deterministic: cuBLAS needs CUBLAS_WORKSPACE_CONFIG=:4096:8 set before CUDA starts "
-                              "in this process; set it in the environment and start again")
+        return MaskforgeError(
+            "deterministic: cuBLAS needs CUBLAS_WORKSPACE_CONFIG=:4096:8 set before CUDA starts "
+            "in this process; set it in the environment and start again"
+        )
     return None
 
 

@@ -44,17 +44,20 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class FolderState:
-    kind: str                         # "empty" | "started" | "unfinished" | "finished"
-    recorded: dict | None = None      # config.json's values (None: absent)
-    position: dict | None = None      # the checkpoint's position (None: absent or unreadable)
+    kind: str  # "empty" | "started" | "unfinished" | "finished"
+    recorded: dict | None = None  # config.json's values (None: absent)
+    position: dict | None = None  # the checkpoint's position (None: absent or unreadable)
 
     def differing(self, config: SearchConfig) -> list[str]:
         """The arguments in which `config` differs from the recorded search (all of them if none is recorded)."""
         if self.recorded is None:
             return ["(no config.json)"]
         wanted = config.to_dict()
-        return [f"{key} {wanted[key]!r} (recorded: {self.recorded.get(key)!r})" for key in sorted(wanted)
-                if key not in NOT_COMPARED and self.recorded.get(key) != wanted[key]]
+        return [
+            f"{key} {wanted[key]!r} (recorded: {self.recorded.get(key)!r})"
+            for key in sorted(wanted)
+            if key not in NOT_COMPARED and self.recorded.get(key) != wanted[key]
+        ]
 
 
 def default_folders(config: SearchConfig, root: str | os.PathLike = "runs") -> Iterator[Path]:
@@ -104,19 +107,23 @@ def _recorded_config(folder: Path) -> dict | None:
 def retire(folder: Path, keep: tuple[str, ...] = ()) -> Path | None:
     """Move every entry of `folder` except `keep`, the lock and earlier `previous-N/` into a new
     `previous-N/` (N one more than the highest there). Returns it (None if there was nothing to move)."""
-    moving = [entry for entry in sorted(folder.iterdir()) if entry.name not in (*keep, LOCK_NAME)
-              and not _is_previous(entry.name)]
+    moving = [
+        entry
+        for entry in sorted(folder.iterdir())
+        if entry.name not in (*keep, LOCK_NAME) and not _is_previous(entry.name)
+    ]
     if not moving:
         return None
-    numbers = [int(entry.name[len(PREVIOUS_PREFIX):]) for entry in folder.iterdir() if _is_previous(entry.name)]
+    numbers = [int(entry.name[len(PREVIOUS_PREFIX) :]) for entry in folder.iterdir() if _is_previous(entry.name)]
     target = folder / f"{PREVIOUS_PREFIX}{max(numbers, default=0) + 1}"
     try:
         target.mkdir()
         for entry in moving:
             os.replace(entry, target / entry.name)  # same folder tree: a rename, never a copy
     except OSError as exc:
-        raise MaskforgeError(f"cannot move the previous run's files from {folder} to {target}: "
-                             f"{exc.strerror or exc}") from None
+        raise MaskforgeError(
+            f"cannot move the previous run's files from {folder} to {target}: {exc.strerror or exc}"
+        ) from None
     log.info("moved the previous files of %s (%s) to %s", folder, ", ".join(e.name for e in moving), target)
     return target
 
@@ -135,4 +142,4 @@ def clear_records(folder: Path) -> None:
 
 
 def _is_previous(name: str) -> bool:
-    return name.startswith(PREVIOUS_PREFIX) and name[len(PREVIOUS_PREFIX):].isdigit()
+    return name.startswith(PREVIOUS_PREFIX) and name[len(PREVIOUS_PREFIX) :].isdigit()

@@ -93,8 +93,13 @@ class RunLock:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                log.warning("cannot lock %s (%s): this file system does not support locks; make sure no "
-                            "other search writes into %s", path, exc.strerror, path.parent)
+                log.warning(
+                    "cannot lock %s (%s): this file system does not support locks; make sure no "
+                    "other search writes into %s",
+                    path,
+                    exc.strerror,
+                    path.parent,
+                )
                 _write_record(fd, _holder_record())
                 lock = _HELD[key] = cls(path, fd, created)
                 return lock
@@ -160,8 +165,7 @@ def _same_file(fd: int, path: Path) -> bool:
 
 def _holder_record() -> dict:
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    return {"pid": os.getpid(), "host": socket.gethostname(), "started": started,
-            "command": " ".join(sys.argv)[:300]}
+    return {"pid": os.getpid(), "host": socket.gethostname(), "started": started, "command": " ".join(sys.argv)[:300]}
 
 
 def _write_record(fd: int, record: dict) -> None:
@@ -188,5 +192,7 @@ def _describe(record: dict) -> str:
 
 
 def _locked_message(path: Path, holder: str, who: str) -> str:
-    return (f"run folder {path.parent} is in use by {who} ({holder}; lock file {path}): wait for it to "
-            f"finish, or choose another out folder")
+    return (
+        f"run folder {path.parent} is in use by {who} ({holder}; lock file {path}): wait for it to "
+        f"finish, or choose another out folder"
+    )

@@ -35,8 +35,9 @@ LONG_ON_CPU_SECONDS = 3600.0
 #: The estimate is given once this many steps after the first (which pays one-off costs) are timed.
 ESTIMATE_STEPS = 2
 #: What to do about a slow CPU search.
-CPU_ADVICE = ("use a GPU (--device cuda), bound the search with --max-steps, or search a smaller --arch "
-              "(see `maskforge archs`)")
+CPU_ADVICE = (
+    "use a GPU (--device cuda), bound the search with --max-steps, or search a smaller --arch (see `maskforge archs`)"
+)
 
 
 def data_notices(splits: DataSplits) -> None:
@@ -53,13 +54,24 @@ def model_notices(model: nn.Module, config: SearchConfig, device: str) -> bool:
     tiny = [(name, layer.kept, layer.weight.numel()) for name, layer in layers.items() if layer.kept < HANDFUL]
     if tiny:
         shown = ", ".join(f"{name} keeps {kept} of {total}" for name, kept, total in tiny[:4])
-        log.warning("k %g keeps fewer than %d weights in %d layer(s) (%s%s): such a layer can pass almost "
-                    "nothing on; a larger k keeps more", config.k, HANDFUL, len(tiny), shown,
-                    ", ..." if len(tiny) > 4 else "")
+        log.warning(
+            "k %g keeps fewer than %d weights in %d layer(s) (%s%s): such a layer can pass almost "
+            "nothing on; a larger k keeps more",
+            config.k,
+            HANDFUL,
+            len(tiny),
+            shown,
+            ", ..." if len(tiny) > 4 else "",
+        )
     weights = sum(layer.weight.numel() for layer in layers.values())
     if device == "cpu" and weights > LARGE_ON_CPU:
-        log.warning("%s has %.1f M weights and runs on the CPU, where a search of it is slow (hours per epoch on "
-                    "large data): %s", config.arch, weights / 1e6, CPU_ADVICE)
+        log.warning(
+            "%s has %.1f M weights and runs on the CPU, where a search of it is slow (hours per epoch on "
+            "large data): %s",
+            config.arch,
+            weights / 1e6,
+            CPU_ADVICE,
+        )
         return True
     return False
 
@@ -69,14 +81,31 @@ def announce(session: Session, story: str) -> None:
     config, splits, world = session.config, session.splits, session.world
     spec = splits.spec
     position = session.position
-    steps = (f"{session.total_steps:,} steps ({config.epochs} epoch(s) of {session.steps_per_epoch:,}, "
-             f"batch {config.batch_size}" + (f", max_steps {config.max_steps}" if config.max_steps else "") + ")")
+    steps = (
+        f"{session.total_steps:,} steps ({config.epochs} epoch(s) of {session.steps_per_epoch:,}, "
+        f"batch {config.batch_size}" + (f", max_steps {config.max_steps}" if config.max_steps else "") + ")"
+    )
     if position.step:
         steps += f", from step {position.step:,}"
-    log.info("%ssearch %s k=%g seed %d on %s (%s train / %s held-out images, %dx%dx%d, %d classes) -> %s; "
-             "device %s, %d process(es); %s", f"{story}: " if story else "", config.arch, config.k, config.seed,
-             splits.name, f"{len(splits.train):,}", f"{len(splits.heldout):,}", spec.channels, spec.height,
-             spec.width, spec.num_classes, config.out, session.accelerator.device.type, world.world_size, steps)
+    log.info(
+        "%ssearch %s k=%g seed %d on %s (%s train / %s held-out images, %dx%dx%d, %d classes) -> %s; "
+        "device %s, %d process(es); %s",
+        f"{story}: " if story else "",
+        config.arch,
+        config.k,
+        config.seed,
+        splits.name,
+        f"{len(splits.train):,}",
+        f"{len(splits.heldout):,}",
+        spec.channels,
+        spec.height,
+        spec.width,
+        spec.num_classes,
+        config.out,
+        session.accelerator.device.type,
+        world.world_size,
+        steps,
+    )
 
 
 class CostWatch:
@@ -98,9 +127,9 @@ class CostWatch:
         self.warned = warned
         self.first_step = session.position.step + 1
         self.announced = not announce or session.total_steps - session.position.step <= ESTIMATE_STEPS + 1
-        self.per_step: float | None = None        # mean seconds of a timed step
-        self.evaluation: float | None = None      # seconds of the last held-out evaluation (and checkpoint)
-        self._last: float | None = None           # when the last step ended
+        self.per_step: float | None = None  # mean seconds of a timed step
+        self.evaluation: float | None = None  # seconds of the last held-out evaluation (and checkpoint)
+        self._last: float | None = None  # when the last step ended
         self._epoch = session.position.epoch
         self._timed_steps = 0
         self._timed_seconds = 0.0
@@ -126,9 +155,14 @@ class CostWatch:
         seconds = self.estimate(self.per_step)
         if not self.announced:
             self.announced = True
-            log.info("estimated time: about %s for the remaining %s steps (%.3g s per step on %s, held-out "
-                     "evaluations included)", format_duration(seconds), f"{session.total_steps - step:,}",
-                     self.per_step, session.accelerator.device.type)
+            log.info(
+                "estimated time: about %s for the remaining %s steps (%.3g s per step on %s, held-out "
+                "evaluations included)",
+                format_duration(seconds),
+                f"{session.total_steps - step:,}",
+                self.per_step,
+                session.accelerator.device.type,
+            )
             if session.accelerator.device.type == "cpu" and seconds > LONG_ON_CPU_SECONDS and not self.warned:
                 log.warning("this search would take about %s on the CPU: %s", format_duration(seconds), CPU_ADVICE)
         return seconds
@@ -144,8 +178,11 @@ class CostWatch:
         session = self.session
         remaining = session.total_steps - session.position.step
         evaluations = math.ceil(session.total_steps / session.steps_per_epoch) - session.position.epoch
-        each = self.evaluation if self.evaluation is not None else \
-            len(session.splits.heldout) * per_step / session.config.batch_size / 3
+        each = (
+            self.evaluation
+            if self.evaluation is not None
+            else len(session.splits.heldout) * per_step / session.config.batch_size / 3
+        )
         return remaining * per_step + evaluations * each
 
     def _now(self, synced: bool) -> float:

@@ -54,9 +54,9 @@ class Plan:
     checkpoint: Checkpoint | None = None
     lock: RunLock | None = None
     retire: tuple[str, ...] | None = None  # move every entry but these to previous-N/ (None: move nothing)
-    clear_records: bool = False            # remove the records of a search that never checkpointed
-    story: str = ""                        # what was decided, for the start line
-    done: bool = False                     # the folder holds this very search, finished: nothing to run
+    clear_records: bool = False  # remove the records of a search that never checkpointed
+    story: str = ""  # what was decided, for the start line
+    done: bool = False  # the folder holds this very search, finished: nothing to run
 
     def release(self) -> None:
         if self.lock is not None:
@@ -67,8 +67,10 @@ def check_world(config: SearchConfig, world: World) -> None:
     """The global batch must split evenly over the processes."""
     if config.batch_size % world.world_size:
         up = -(-config.batch_size // world.world_size) * world.world_size
-        raise MaskforgeError(f"batch_size {config.batch_size} is the global batch and must be a multiple of the "
-                             f"number of processes ({world.world_size}), e.g. {up}")
+        raise MaskforgeError(
+            f"batch_size {config.batch_size} is the global batch and must be a multiple of the "
+            f"number of processes ({world.world_size}), e.g. {up}"
+        )
 
 
 def normalized(config: SearchConfig) -> SearchConfig:
@@ -101,8 +103,17 @@ def _plan_default(config: SearchConfig, world: World, overwrite: bool) -> Plan:
         except RunLocked:
             continue  # a search is running there
         # the lambda runs inside _holding, within this iteration: the loop variables are the current ones
-        plan = _holding(lock, lambda: _decide(config.replace(out=str(folder)), folder, lock, world,  # noqa: B023
-                                              overwrite, default=True))
+        plan = _holding(
+            lock,
+            lambda: _decide(
+                config.replace(out=str(folder)),
+                folder,
+                lock,
+                world,  # noqa: B023
+                overwrite,
+                default=True,
+            ),
+        )
         if plan is not None:
             return plan
         lock.release()
@@ -118,8 +129,9 @@ def _holding(lock: RunLock, decide: Callable[[], Plan | None]) -> Plan | None:
         raise
 
 
-def _decide(config: SearchConfig, folder: Path, lock: RunLock, world: World, overwrite: bool, *,
-            default: bool) -> Plan | None:
+def _decide(
+    config: SearchConfig, folder: Path, lock: RunLock, world: World, overwrite: bool, *, default: bool
+) -> Plan | None:
     """The plan for `folder` given what it holds; None where a default folder is to be passed over."""
     state = read_state(folder)
     if state.kind == "empty":
@@ -145,13 +157,17 @@ def _decide(config: SearchConfig, folder: Path, lock: RunLock, world: World, ove
     if overwrite:
         return Plan(config, lock=lock, retire=(), story=f"replacing the {state.kind} search in {folder} (overwrite)")
     if state.kind == "finished":
-        raise MaskforgeError(f"{folder} holds a finished search ({ARTIFACT_NAME}) with other arguments "
-                             f"({'; '.join(differing)}): choose another folder with --out, leave --out out to "
-                             f"get a new numbered one, or add --overwrite to replace it (its files move to "
-                             f"{folder}/previous-N)")
-    raise MaskforgeError(f"{folder} holds an unfinished search with other arguments ({'; '.join(differing)}): "
-                         f"continue it with --resume {folder}, add --overwrite to replace it (its files move to "
-                         f"{folder}/previous-N), or choose another folder with --out")
+        raise MaskforgeError(
+            f"{folder} holds a finished search ({ARTIFACT_NAME}) with other arguments "
+            f"({'; '.join(differing)}): choose another folder with --out, leave --out out to "
+            f"get a new numbered one, or add --overwrite to replace it (its files move to "
+            f"{folder}/previous-N)"
+        )
+    raise MaskforgeError(
+        f"{folder} holds an unfinished search with other arguments ({'; '.join(differing)}): "
+        f"continue it with --resume {folder}, add --overwrite to replace it (its files move to "
+        f"{folder}/previous-N), or choose another folder with --out"
+    )
 
 
 def plan_resume(run: Path, overrides: dict, world: World, lock: RunLock | None = None) -> Plan:
@@ -178,43 +194,61 @@ def _plan_resume(run: Path, overrides: dict, world: World, lock: RunLock) -> Pla
     checkpoint = load_checkpoint(path)
     check_compatible(checkpoint, identity(config), f"checkpoint {path}")
     written = checkpoint.meta.config.to_dict()
-    differing = sorted(key for key in written if key not in RESUME_OVERRIDABLE + RESUME_EXTENDABLE + ("out",)
-                       and written[key] != values[key])
+    differing = sorted(
+        key
+        for key in written
+        if key not in RESUME_OVERRIDABLE + RESUME_EXTENDABLE + ("out",) and written[key] != values[key]
+    )
     if differing:
-        raise MaskforgeError(f"checkpoint {path} was written by a search with other arguments than "
-                             f"{run / CONFIG_NAME} records (differing: {', '.join(differing)})")
+        raise MaskforgeError(
+            f"checkpoint {path} was written by a search with other arguments than "
+            f"{run / CONFIG_NAME} records (differing: {', '.join(differing)})"
+        )
     written_by = checkpoint.meta.world_size
     if written_by != world.world_size:
-        raise MaskforgeError(f"checkpoint {path} was written by {written_by} process(es); resume it with "
-                             f"{written_by} (now {world.world_size}) so the batch order continues exactly")
+        raise MaskforgeError(
+            f"checkpoint {path} was written by {written_by} process(es); resume it with "
+            f"{written_by} (now {world.world_size}) so the batch order continues exactly"
+        )
     position = checkpoint.position
     total = total_steps(config, position["steps_per_epoch"])
     if total < position["step"]:
-        raise MaskforgeError(f"resume of {run}: epochs {config.epochs} and max_steps {config.max_steps} make "
-                             f"{total} steps, but the checkpoint is at step {position['step']}; a search can "
-                             f"be extended, not shortened")
+        raise MaskforgeError(
+            f"resume of {run}: epochs {config.epochs} and max_steps {config.max_steps} make "
+            f"{total} steps, but the checkpoint is at step {position['step']}; a search can "
+            f"be extended, not shortened"
+        )
     extended = total != position["total_steps"]
     cut_epoch = position["epoch"] * position["steps_per_epoch"] > position["step"]
     if extended and cut_epoch:
         # max_steps ended the search inside an epoch, and its checkpoint already counts that epoch as done:
         # continuing would skip the rest of it (or, with no epoch left, train nothing).
-        raise MaskforgeError(f"cannot extend the search in {run}: max_steps {position['total_steps']} ended it "
-                             f"inside epoch {position['epoch']}, and a search is extended only from the end of "
-                             f"an epoch; start a new search with these arguments instead")
+        raise MaskforgeError(
+            f"cannot extend the search in {run}: max_steps {position['total_steps']} ended it "
+            f"inside epoch {position['epoch']}, and a search is extended only from the end of "
+            f"an epoch; start a new search with these arguments instead"
+        )
     retire = KEPT_ON_EXTEND if extended and state.kind == "finished" else None
-    story = (f"extending the search in {run} from {position['total_steps']} to {total} steps" if extended else
-             f"resuming the search in {run}")
+    story = (
+        f"extending the search in {run} from {position['total_steps']} to {total} steps"
+        if extended
+        else f"resuming the search in {run}"
+    )
     return Plan(config, checkpoint, lock, retire=retire, story=story)
 
 
 def _finished_without_checkpoint(run: Path, values: dict, recorded: dict) -> str:
     longer = [f"{key} {values[key]}" for key in RESUME_EXTENDABLE if values[key] != recorded[key]]
     if longer:
-        return (f"cannot extend the finished search in {run} to {', '.join(longer)}: its checkpoint was removed "
-                f"when it finished (keep_checkpoint keeps it), and the artifact holds the masks but not the "
-                f"scores and momentum a search continues from; start a new search with these arguments instead")
-    return (f"{run} holds a finished search ({ARTIFACT_NAME}): nothing to resume (its checkpoint was removed "
-            f"when it finished; keep_checkpoint keeps it for extending a search)")
+        return (
+            f"cannot extend the finished search in {run} to {', '.join(longer)}: its checkpoint was removed "
+            f"when it finished (keep_checkpoint keeps it), and the artifact holds the masks but not the "
+            f"scores and momentum a search continues from; start a new search with these arguments instead"
+        )
+    return (
+        f"{run} holds a finished search ({ARTIFACT_NAME}): nothing to resume (its checkpoint was removed "
+        f"when it finished; keep_checkpoint keeps it for extending a search)"
+    )
 
 
 def _resumed_values(run: Path, values: dict, overrides: dict) -> dict:
@@ -234,8 +268,10 @@ def _resumed_values(run: Path, values: dict, overrides: dict) -> dict:
         elif value != values[key]:
             conflicts.append(f"{key} {value} (recorded: {values[key]})")
     if conflicts:
-        raise MaskforgeError(f"resume of {run}: {'; '.join(conflicts)} conflict with the arguments recorded in "
-                             f"{run / CONFIG_NAME}; leave them out to continue with the recorded ones")
+        raise MaskforgeError(
+            f"resume of {run}: {'; '.join(conflicts)} conflict with the arguments recorded in "
+            f"{run / CONFIG_NAME}; leave them out to continue with the recorded ones"
+        )
     values["out"] = str(run)
     return values
 

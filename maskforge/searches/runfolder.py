@@ -28,25 +28,37 @@ from ..distributed import World
 from ..fileio import atomic_write
 from ..layers import masked_modules
 from ..schema import SearchConfig
-from .folders import (ARTIFACT_NAME, CONFIG_NAME, METRICS_CSV_NAME, METRICS_NAME, clear_records, read_run_config,
-                      retire)
+from .folders import ARTIFACT_NAME, CONFIG_NAME, METRICS_CSV_NAME, METRICS_NAME, clear_records, read_run_config, retire
 from ..metricfiles import write_metrics
 from .setup import Session
 
 #: Fields of a metrics record that measure time (they differ between runs; nothing else may).
 TIMING_FIELDS = ("images_per_s", "epoch_seconds")
 
-__all__ = ["ARTIFACT_NAME", "METRICS_NAME", "METRICS_CSV_NAME", "CONFIG_NAME", "CHECKPOINT_NAME", "TIMING_FIELDS",
-           "read_run_config", "open_run_folder", "record_metrics", "save_checkpoint", "finalize_artifact",
-           "identity"]
+__all__ = [
+    "ARTIFACT_NAME",
+    "METRICS_NAME",
+    "METRICS_CSV_NAME",
+    "CONFIG_NAME",
+    "CHECKPOINT_NAME",
+    "TIMING_FIELDS",
+    "read_run_config",
+    "open_run_folder",
+    "record_metrics",
+    "save_checkpoint",
+    "finalize_artifact",
+    "identity",
+]
 
 
-def open_run_folder(config: SearchConfig, world: World, *, retire_except: tuple[str, ...] | None = None,
-                    clear: bool = False) -> None:
+def open_run_folder(
+    config: SearchConfig, world: World, *, retire_except: tuple[str, ...] | None = None, clear: bool = False
+) -> None:
     """Before the first step (rank 0; any rank's failure fails every rank): move the folder's previous
     files to previous-N/ except `retire_except` (None: move nothing), or `clear` the records of a search
     that never checkpointed; then write `config.json` (a resumed search records its new operational and
     extended fields)."""
+
     def write() -> None:
         folder = Path(config.out)
         if retire_except is not None:
@@ -60,8 +72,14 @@ def open_run_folder(config: SearchConfig, world: World, *, retire_except: tuple[
 
 def identity(config: SearchConfig, arch_args: dict | None = None) -> dict:
     """Which network a checkpoint's scores belong to (without `arch_args` when the data is not loaded)."""
-    values = {"arch": config.arch, "k": float(config.k), "seed": config.seed, "init": config.init,
-              "scale_fan": config.scale_fan, "topk": config.topk}
+    values = {
+        "arch": config.arch,
+        "k": float(config.k),
+        "seed": config.seed,
+        "init": config.init,
+        "scale_fan": config.scale_fan,
+        "topk": config.topk,
+    }
     if arch_args is not None:
         values["arch_args"] = arch_args
     return values
@@ -76,13 +94,21 @@ def save_checkpoint(session: Session, epoch_sums: list) -> None:
 
 def _write_checkpoint(session: Session, rows: list) -> None:
     position = session.position
-    document = {"identity": identity(session.config, session.arch_args), "config": session.config.to_dict(),
-                "world_size": session.world.world_size,
-                "position": {"epoch": position.epoch, "batch_in_epoch": position.batch_in_epoch,
-                             "step": position.step, "steps_per_epoch": session.steps_per_epoch,
-                             "total_steps": session.total_steps},
-                "train_sums": [[row[0], int(row[1]), int(row[2])] for row in rows], "metrics": session.metrics,
-                "versions": {"maskforge": __version__, "torch": torch.__version__.split("+")[0]}}
+    document = {
+        "identity": identity(session.config, session.arch_args),
+        "config": session.config.to_dict(),
+        "world_size": session.world.world_size,
+        "position": {
+            "epoch": position.epoch,
+            "batch_in_epoch": position.batch_in_epoch,
+            "step": position.step,
+            "steps_per_epoch": session.steps_per_epoch,
+            "total_steps": session.total_steps,
+        },
+        "train_sums": [[row[0], int(row[1]), int(row[2])] for row in rows],
+        "metrics": session.metrics,
+        "versions": {"maskforge": __version__, "torch": torch.__version__.split("+")[0]},
+    }
     write_checkpoint(capture(session.model, session.optimizer, document), Path(session.config.out) / CHECKPOINT_NAME)
 
 
@@ -112,9 +138,18 @@ def finalize_artifact(session: Session) -> tuple[Artifact, Path, str]:
     model.cpu()
     if session.accelerator.channels_last:
         model.to(memory_format=torch.contiguous_format)
-    artifact = build_artifact(model, arch=config.arch, arch_args=session.arch_args, spec=session.splits.spec,
-                              seed=config.seed, init=config.init, scale_fan=config.scale_fan, k=float(config.k),
-                              provenance=provenance(session), topk=config.topk)
+    artifact = build_artifact(
+        model,
+        arch=config.arch,
+        arch_args=session.arch_args,
+        spec=session.splits.spec,
+        seed=config.seed,
+        init=config.init,
+        scale_fan=config.scale_fan,
+        k=float(config.k),
+        provenance=provenance(session),
+        topk=config.topk,
+    )
     path = Path(config.out) / ARTIFACT_NAME
 
     def write() -> None:
@@ -129,9 +164,18 @@ def finalize_artifact(session: Session) -> tuple[Artifact, Path, str]:
 def provenance(session: Session) -> dict:
     """How the artifact was made: versions, data, schedule and the computing choices (no timestamps)."""
     config, accelerator, metrics = session.config, session.accelerator, session.metrics
-    return {"maskforge_version": __version__, "torch_version": torch.__version__.split("+")[0],
-            "data": session.splits.name, "data_kind": session.splits.kind,
-            "heldout_digest": heldout_fingerprint(session.splits), "epochs": config.epochs,
-            "steps": session.position.step, "batch_size": config.batch_size, "processes": session.world.world_size,
-            "lr": config.lr, "heldout_acc": metrics[-1]["heldout_acc"] if metrics else None,
-            "heldout_examples": len(session.splits.heldout), **accelerator.provenance()}
+    return {
+        "maskforge_version": __version__,
+        "torch_version": torch.__version__.split("+")[0],
+        "data": session.splits.name,
+        "data_kind": session.splits.kind,
+        "heldout_digest": heldout_fingerprint(session.splits),
+        "epochs": config.epochs,
+        "steps": session.position.step,
+        "batch_size": config.batch_size,
+        "processes": session.world.world_size,
+        "lr": config.lr,
+        "heldout_acc": metrics[-1]["heldout_acc"] if metrics else None,
+        "heldout_examples": len(session.splits.heldout),
+        **accelerator.provenance(),
+    }

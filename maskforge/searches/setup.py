@@ -44,8 +44,8 @@ class Session:
     world: World
     accelerator: Accelerator
     splits: DataSplits
-    model: nn.Module               # the plain model (what checkpoints and the artifact capture)
-    train_model: nn.Module         # the model the steps call: DDP- and/or compile-wrapped
+    model: nn.Module  # the plain model (what checkpoints and the artifact capture)
+    train_model: nn.Module  # the model the steps call: DDP- and/or compile-wrapped
     optimizer: torch.optim.Optimizer
     arch_args: dict
     steps_per_epoch: int
@@ -59,8 +59,12 @@ class Session:
 
     @property
     def bn_stats(self) -> list[torch.Tensor]:
-        return [t for bn in batchnorm_modules(self.model).values() for t in (bn.running_mean, bn.running_var)
-                if t is not None]
+        return [
+            t
+            for bn in batchnorm_modules(self.model).values()
+            for t in (bn.running_mean, bn.running_var)
+            if t is not None
+        ]
 
     @property
     def finished(self) -> bool:
@@ -79,12 +83,14 @@ def prepare(config: SearchConfig) -> tuple[DataSplits, nn.Module, dict]:
     splits = load_data(config.data, image_size=config.image_size)
     spec = splits.spec
     convert.trust(config.arch)  # the user named this builder: its code may run in this process
-    args = archs.arch_args(spec.channels, spec.num_classes, (spec.height, spec.width),
-                           builder_args=config.builder_args())
+    args = archs.arch_args(
+        spec.channels, spec.num_classes, (spec.height, spec.width), builder_args=config.builder_args()
+    )
     if config.width is not None and config.width != 1:
         args["width"] = config.width  # an architecture argument: recorded in the artifact's arch.args
-    model = archs.create_model(config.arch, **args, k=config.k, seed=config.seed, init=config.init,
-                               scale_fan=config.scale_fan)
+    model = archs.create_model(
+        config.arch, **args, k=config.k, seed=config.seed, init=config.init, scale_fan=config.scale_fan
+    )
     if config.topk != "layer":
         set_topk(model, config.topk, config.k)
     if config.deterministic:
@@ -92,8 +98,14 @@ def prepare(config: SearchConfig) -> tuple[DataSplits, nn.Module, dict]:
     return splits, model, args
 
 
-def setup(config: SearchConfig, splits: DataSplits, model: nn.Module, arch_args: dict,
-          checkpoint: Checkpoint | None, world: World) -> Session:
+def setup(
+    config: SearchConfig,
+    splits: DataSplits,
+    model: nn.Module,
+    arch_args: dict,
+    checkpoint: Checkpoint | None,
+    world: World,
+) -> Session:
     """The session of a fresh search, or of a resumed one at its checkpoint's position."""
     device = distributed.local_device(world, resolve_device(config.device).type)
     accelerator = Accelerator.resolve(config, device, model)
@@ -102,9 +114,20 @@ def setup(config: SearchConfig, splits: DataSplits, model: nn.Module, arch_args:
     scores = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(scores, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     steps_per_epoch = num_batches(len(splits.train), config.batch_size)  # the last batch may be short
-    session = Session(config, world, accelerator, splits, model, model, optimizer, arch_args, steps_per_epoch,
-                      total_steps(config, steps_per_epoch), config.warmup_epochs * steps_per_epoch,
-                      _workers(config, world))
+    session = Session(
+        config,
+        world,
+        accelerator,
+        splits,
+        model,
+        model,
+        optimizer,
+        arch_args,
+        steps_per_epoch,
+        total_steps(config, steps_per_epoch),
+        config.warmup_epochs * steps_per_epoch,
+        _workers(config, world),
+    )
     if checkpoint is not None:
         _resume_from(session, checkpoint)
     session.train_model = _wrap(model, config, world, device)
@@ -124,8 +147,7 @@ def _current(device: torch.device) -> torch.device:
     return device
 
 
-def _probe_determinism(config: SearchConfig, splits: DataSplits, model: nn.Module,
-                       accelerator: Accelerator) -> None:
+def _probe_determinism(config: SearchConfig, splits: DataSplits, model: nn.Module, accelerator: Accelerator) -> None:
     """One training forward and backward of a copy of `model` on two training images, under the search's
     deterministic settings: an operation without a deterministic kernel fails here (a MaskforgeError
     naming it, from `backend_settings`) instead of at the first step, after the run folder was written."""
@@ -147,22 +169,27 @@ def _probe_determinism(config: SearchConfig, splits: DataSplits, model: nn.Modul
 def _resume_from(session: Session, checkpoint: Checkpoint) -> None:
     recorded_args = checkpoint.identity.arch_args.to_dict()
     if recorded_args != session.arch_args:
-        raise MaskforgeError(f"the data {session.config.data} now gives a network with {session.arch_args}, but "
-                             f"the checkpoint was written for {recorded_args}")
+        raise MaskforgeError(
+            f"the data {session.config.data} now gives a network with {session.arch_args}, but "
+            f"the checkpoint was written for {recorded_args}"
+        )
     position = checkpoint.position
     # total_steps may differ: an extended search (the plan checked that it does not shrink below the step).
     if position["steps_per_epoch"] != session.steps_per_epoch:
-        raise MaskforgeError(f"the checkpoint expects {position['steps_per_epoch']} steps per epoch and "
-                             f"{position['total_steps']} in all, this data gives {session.steps_per_epoch} and "
-                             f"{session.total_steps}")
+        raise MaskforgeError(
+            f"the checkpoint expects {position['steps_per_epoch']} steps per epoch and "
+            f"{position['total_steps']} in all, this data gives {session.steps_per_epoch} and "
+            f"{session.total_steps}"
+        )
     _restore_everywhere(checkpoint, session.model, session.optimizer, session.world)
     session.position = Position(position["epoch"], position["batch_in_epoch"], position["step"])
     session.metrics = [dict(record) for record in checkpoint.document["metrics"]]
     session.epoch_sums = list(checkpoint.document["train_sums"][session.world.rank])
 
 
-def _restore_everywhere(checkpoint: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer,
-                        world: World) -> None:
+def _restore_everywhere(
+    checkpoint: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer, world: World
+) -> None:
     """Rank 0 loads the checkpoint's tensors; every other rank receives them by broadcast."""
     if world.is_main:
         restore(checkpoint, model, optimizer)
@@ -193,7 +220,8 @@ def _wrap(model: nn.Module, config: SearchConfig, world: World, device: torch.de
         # of broadcast from rank 0 each forward, so they see every rank's batches.
         model._ddp_params_and_buffers_to_ignore = [f"{name}.weight" for name in masked_modules(model)]
         train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, **_no_forward_buffer_sync())
+            model, device_ids=[device.index] if device.type == "cuda" else None, **_no_forward_buffer_sync()
+        )
     if config.compile:
         train_model = torch.compile(train_model)
     return train_model

@@ -39,8 +39,14 @@ class SearchInterrupted(KeyboardInterrupt):
     """A search stopped by a signal. `checkpoint_step` is the step its checkpoint holds (None: the search
     stopped before its first step and wrote nothing); `run_dir` the run folder (None: not chosen yet)."""
 
-    def __init__(self, signum: int, run_dir: str | Path | None = None, checkpoint_step: int | None = None,
-                 total_steps: int | None = None, resumable: bool = False) -> None:
+    def __init__(
+        self,
+        signum: int,
+        run_dir: str | Path | None = None,
+        checkpoint_step: int | None = None,
+        total_steps: int | None = None,
+        resumable: bool = False,
+    ) -> None:
         self.signal_name = signal.Signals(signum).name
         self.exit_code = 128 + int(signum)
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -50,8 +56,10 @@ class SearchInterrupted(KeyboardInterrupt):
 
     def describe(self) -> str:
         if self.checkpoint_step is not None:
-            return (f"interrupted by {self.signal_name} at step {self.checkpoint_step} of {self.total_steps}: "
-                    f"checkpoint saved in {self.run_dir}")
+            return (
+                f"interrupted by {self.signal_name} at step {self.checkpoint_step} of {self.total_steps}: "
+                f"checkpoint saved in {self.run_dir}"
+            )
         where = f" ({self.run_dir} is unchanged)" if self.run_dir is not None else ""
         return f"interrupted by {self.signal_name} during start-up, before the first step{where}"
 
@@ -62,10 +70,10 @@ class StopSignals:
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
         self.received = 0
-        self.stage = "startup"          # "startup" | "training" | "finishing"
+        self.stage = "startup"  # "startup" | "training" | "finishing"
         self.run_dir: Path | None = None
-        self.resumable = False          # start-up of a resume: the folder's checkpoint is still there
-        self.on_first: Callable[[int], None] | None = None   # told of the first signal while training
+        self.resumable = False  # start-up of a resume: the folder's checkpoint is still there
+        self.on_first: Callable[[int], None] | None = None  # told of the first signal while training
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> "StopSignals":
@@ -97,7 +105,7 @@ class StopSignals:
             try:
                 self.on_first(signum)
             except Exception:  # noqa: BLE001 - e.g. stderr was mid-write when the signal came: the stop
-                pass           # itself must not fail for a notice
+                pass  # itself must not fail for a notice
         self.received = self.received or signum
 
 

@@ -46,10 +46,10 @@ class StepProgress:
 
     step: int
     total_steps: int
-    epoch: int                  # 1-based
+    epoch: int  # 1-based
     epochs: int
     lr: float
-    _sums: tuple                # (loss sum tensor, correct tensor, seen)
+    _sums: tuple  # (loss sum tensor, correct tensor, seen)
     _started: float
     _seen_here: int
     _world_size: int
@@ -75,7 +75,7 @@ class EpochTotals:
     loss_sum: torch.Tensor
     correct: torch.Tensor
     seen: int
-    seen_here: int              # examples of this epoch trained by this call (not before a resume)
+    seen_here: int  # examples of this epoch trained by this call (not before a resume)
     started: float
 
     def as_row(self) -> list:
@@ -87,8 +87,13 @@ def start_epoch(session: Session) -> EpochTotals:
     loss_sum, correct, seen = session.epoch_sums
     session.epoch_sums = [0.0, 0, 0]
     device = session.accelerator.device
-    return EpochTotals(torch.tensor(float(loss_sum), dtype=torch.float64, device=device),
-                       torch.tensor(int(correct), dtype=torch.int64, device=device), int(seen), 0, time.perf_counter())
+    return EpochTotals(
+        torch.tensor(float(loss_sum), dtype=torch.float64, device=device),
+        torch.tensor(int(correct), dtype=torch.int64, device=device),
+        int(seen),
+        0,
+        time.perf_counter(),
+    )
 
 
 def train_one_epoch(session: Session, totals: EpochTotals) -> Iterator[StepProgress]:
@@ -96,25 +101,51 @@ def train_one_epoch(session: Session, totals: EpochTotals) -> Iterator[StepProgr
     config, world, accelerator = session.config, session.world, session.accelerator
     epoch, first = session.position.epoch, session.position.batch_in_epoch
     session.model.train()
-    batches = on_device(iterate_batches(
-        session.splits.train, config.batch_size, shuffle=True, seed=config.seed, epoch=epoch, start_batch=first,
-        rank=world.rank, world_size=world.world_size, workers=session.workers,
-        pin_memory=accelerator.device.type == "cuda"), accelerator.device)
+    batches = on_device(
+        iterate_batches(
+            session.splits.train,
+            config.batch_size,
+            shuffle=True,
+            seed=config.seed,
+            epoch=epoch,
+            start_batch=first,
+            rank=world.rank,
+            world_size=world.world_size,
+            workers=session.workers,
+            pin_memory=accelerator.device.type == "cuda",
+        ),
+        accelerator.device,
+    )
     try:
         for batch_index, (images, labels) in enumerate(batches, start=first):
             if session.position.step >= session.total_steps:
                 break
             lr = lr_at(session.position.step, session.total_steps, session.warmup_steps, config.lr)
             _step(session, totals, epoch, batch_index, images, labels, lr)
-            yield StepProgress(session.position.step, session.total_steps, epoch + 1, config.epochs, lr,
-                               (totals.loss_sum, totals.correct, totals.seen), totals.started, totals.seen_here,
-                               world.world_size)
+            yield StepProgress(
+                session.position.step,
+                session.total_steps,
+                epoch + 1,
+                config.epochs,
+                lr,
+                (totals.loss_sum, totals.correct, totals.seen),
+                totals.started,
+                totals.seen_here,
+                world.world_size,
+            )
     finally:
         batches.close()
 
 
-def _step(session: Session, totals: EpochTotals, epoch: int, batch_index: int, images: torch.Tensor,
-          labels: torch.Tensor, lr: float) -> None:
+def _step(
+    session: Session,
+    totals: EpochTotals,
+    epoch: int,
+    batch_index: int,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    lr: float,
+) -> None:
     config, world, accelerator = session.config, session.world, session.accelerator
     if session.splits.augment:
         # A generator on the batch's device: on CUDA the random draws need no host round trip.
@@ -152,24 +183,45 @@ def end_epoch(session: Session, totals: EpochTotals) -> dict:
     position = session.position
     train_time = time.perf_counter() - totals.started
     loss_total, correct_total, seen_total, here_total = distributed.sum_over_ranks(
-        [float(totals.loss_sum), int(totals.correct), totals.seen, totals.seen_here], session.world)
-    heldout_loss, heldout_acc = evaluate_accuracy(session.model, session.splits.heldout, session.splits.spec,
-                                                  session.accelerator, workers=session.workers,
-                                                  world=session.world)
+        [float(totals.loss_sum), int(totals.correct), totals.seen, totals.seen_here], session.world
+    )
+    heldout_loss, heldout_acc = evaluate_accuracy(
+        session.model,
+        session.splits.heldout,
+        session.splits.spec,
+        session.accelerator,
+        workers=session.workers,
+        world=session.world,
+    )
     step = position.step
-    record = {"epoch": position.epoch + 1, "step": step,
-              "lr": lr_at(step - 1, session.total_steps, session.warmup_steps, session.config.lr)
-              if step else session.config.lr,
-              "train_loss": loss_total / max(1, seen_total), "train_acc": correct_total / max(1, seen_total),
-              "heldout_loss": heldout_loss, "heldout_acc": heldout_acc,
-              "images_per_s": here_total / max(train_time, 1e-9), "epoch_seconds": train_time}
+    record = {
+        "epoch": position.epoch + 1,
+        "step": step,
+        "lr": lr_at(step - 1, session.total_steps, session.warmup_steps, session.config.lr)
+        if step
+        else session.config.lr,
+        "train_loss": loss_total / max(1, seen_total),
+        "train_acc": correct_total / max(1, seen_total),
+        "heldout_loss": heldout_loss,
+        "heldout_acc": heldout_acc,
+        "images_per_s": here_total / max(train_time, 1e-9),
+        "epoch_seconds": train_time,
+    }
     session.metrics.append(record)
     position.epoch, position.batch_in_epoch = position.epoch + 1, 0
     return record
 
 
-def evaluate_accuracy(model: nn.Module, dataset, spec, accelerator: Accelerator, batch_size: int = 256,
-                      workers: int = 0, *, world: World | None = None) -> tuple[float, float]:
+def evaluate_accuracy(
+    model: nn.Module,
+    dataset,
+    spec,
+    accelerator: Accelerator,
+    batch_size: int = 256,
+    workers: int = 0,
+    *,
+    world: World | None = None,
+) -> tuple[float, float]:
     """(loss, accuracy) of `model` on every example of `dataset` once.
 
     Under torchrun (`world`) each rank evaluates its share of every batch and the sums are added.
@@ -178,8 +230,15 @@ def evaluate_accuracy(model: nn.Module, dataset, spec, accelerator: Accelerator,
     model.eval()
     device = accelerator.device
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, examples
-    batches = iterate_batches(dataset, batch_size * world.world_size, shuffle=False, rank=world.rank,
-                              world_size=world.world_size, workers=workers, pin_memory=device.type == "cuda")
+    batches = iterate_batches(
+        dataset,
+        batch_size * world.world_size,
+        shuffle=False,
+        rank=world.rank,
+        world_size=world.world_size,
+        workers=workers,
+        pin_memory=device.type == "cuda",
+    )
     with torch.no_grad(), accelerator.autocast():
         for images, labels in on_device(batches, device):
             logits = model(accelerator.inputs(images, spec)).float()

@@ -9,6 +9,21 @@ from .grid import Grid, Point, make_grid, options_from_text, parse_list, parse_s
 from .results import COLUMNS, RESULTS_FILE, learned_threshold, read_results, summarize
 from .runner import SweepResult, collect_sweep, sweep
 
-__all__ = ["sweep", "collect_sweep", "SweepResult", "Grid", "Point", "make_grid", "options_from_text",
-           "parse_list", "parse_seeds", "parse_shard", "parse_where", "COLUMNS", "RESULTS_FILE", "learned_threshold",
-           "read_results", "summarize"]
+__all__ = [
+    "sweep",
+    "collect_sweep",
+    "SweepResult",
+    "Grid",
+    "Point",
+    "make_grid",
+    "options_from_text",
+    "parse_list",
+    "parse_seeds",
+    "parse_shard",
+    "parse_where",
+    "COLUMNS",
+    "RESULTS_FILE",
+    "learned_threshold",
+    "read_results",
+    "summarize",
+]

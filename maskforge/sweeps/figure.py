@@ -30,8 +30,8 @@ _LABELS = {
 }
 
 
-
 # --- a sweep -----------------------------------------------------------------------------------------
+
 
 def default_axes(rows: Sequence[dict], axes: Sequence[str], x: str | None = None) -> tuple[str, list[str]]:
     """x (unless given): k if it varies, else the first varying axis; hue: the other varying axes (never
@@ -42,8 +42,15 @@ def default_axes(rows: Sequence[dict], axes: Sequence[str], x: str | None = None
     return x, [a for a in varying if a != x]
 
 
-def plot_sweep(rows: Sequence[dict], axes: Sequence[str], folder: str | os.PathLike, *, x: str | None = None,
-               hue: Sequence[str] | None = None, stem: str | os.PathLike | None = None) -> list[Path]:
+def plot_sweep(
+    rows: Sequence[dict],
+    axes: Sequence[str],
+    folder: str | os.PathLike,
+    *,
+    x: str | None = None,
+    hue: Sequence[str] | None = None,
+    stem: str | os.PathLike | None = None,
+) -> list[Path]:
     """Draw held-out accuracy against `x` for the results `rows`; returns the PNG and SVG paths."""
     default_x, default_hue = default_axes(rows, axes)
     x = x or default_x
@@ -101,8 +108,16 @@ def _sort_key(value: Any) -> tuple:
 
 def _learned_stats(members: Sequence[dict], x: str | None, positions: dict) -> list[tuple[float, float, float, int]]:
     """(x position, mean %, std %, n) per x value over the rows that learned (the summary's statistics)."""
-    stats = [(positions[_key(group["values"][x])] if x else 0.0, 100.0 * group["mean"], 100.0 * group["std"],
-              group["learned"]) for group in summarize(members, [x] if x else []) if group["learned"]]
+    stats = [
+        (
+            positions[_key(group["values"][x])] if x else 0.0,
+            100.0 * group["mean"],
+            100.0 * group["std"],
+            group["learned"],
+        )
+        for group in summarize(members, [x] if x else [])
+        if group["learned"]
+    ]
     return sorted(stats)
 
 
@@ -117,8 +132,7 @@ def _draw_series(ax, members, x, positions, color, label) -> None:
     xs = [_scale(x, s[0]) for s in stats]
     means = [s[1] for s in stats]
     ax.plot(xs, means, marker="o", color=color, label=label or "edge-popup (mean)")
-    ax.fill_between(xs, [s[1] - s[2] for s in stats], [s[1] + s[2] for s in stats], color=color, alpha=0.2,
-                    linewidth=0)
+    ax.fill_between(xs, [s[1] - s[2] for s in stats], [s[1] + s[2] for s in stats], color=color, alpha=0.2, linewidth=0)
 
 
 def _draw_dense(ax, members, x, positions, color, hue_label: str) -> None:
@@ -128,8 +142,9 @@ def _draw_dense(ax, members, x, positions, color, hue_label: str) -> None:
         stats = _learned_stats(members, x, positions)
         xs = [_scale(x, s[0]) for s in stats]
         ax.plot(xs, [s[1] for s in stats], linestyle="--", marker="s", color=color, label=label)
-        ax.fill_between(xs, [s[1] - s[2] for s in stats], [s[1] + s[2] for s in stats], color=color, alpha=0.1,
-                        linewidth=0)
+        ax.fill_between(
+            xs, [s[1] - s[2] for s in stats], [s[1] + s[2] for s in stats], color=color, alpha=0.1, linewidth=0
+        )
         return
     stats = _learned_stats(members, None, positions)
     if stats:
@@ -144,8 +159,15 @@ def _draw_not_learned(ax, rows, x, positions) -> None:
         return
     xs = [_scale(x, positions[_key(row[x])]) for row in failures]
     ys = [100.0 * float(row["heldout_acc"]) if _finite(row["heldout_acc"]) else 0.0 for row in failures]
-    ax.scatter(xs, ys, marker="x", s=60, color=NOT_LEARNED_COLOR, zorder=5,
-               label=f"did not learn, not in the mean ({len(failures)} run{'s' * (len(failures) > 1)})")
+    ax.scatter(
+        xs,
+        ys,
+        marker="x",
+        s=60,
+        color=NOT_LEARNED_COLOR,
+        zorder=5,
+        label=f"did not learn, not in the mean ({len(failures)} run{'s' * (len(failures) > 1)})",
+    )
 
 
 def _finite(value) -> bool:
@@ -191,7 +213,9 @@ def _title(rows, axes, x, hue, failed: int) -> str:
     budget = f"{first['epochs']} epoch{'s' * (first['epochs'] != 1)}"
     if first["max_steps"] not in ("", None):
         budget += f" (at most {first['max_steps']} steps)"
-    line2 = (f"{recipe}; {budget}, batch {first['batch_size']}, SGD lr {spell(first['lr'])} cosine; "
-             f"mean ± std over {seeds} seed{'s' * (seeds != '1')}")
+    line2 = (
+        f"{recipe}; {budget}, batch {first['batch_size']}, SGD lr {spell(first['lr'])} cosine; "
+        f"mean ± std over {seeds} seed{'s' * (seeds != '1')}"
+    )
     note = f"; {failed} failed run{'s' * (failed > 1)} not shown" if failed else ""
     return f"Edge-popup on {Path(str(first['data'])).name}: held-out accuracy vs {x}{note}\n{line2}"

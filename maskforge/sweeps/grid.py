@@ -42,8 +42,9 @@ AXIS_DEFAULTS = {"width": 1.0}
 #: Options a re-run may change without changing any result (they are not part of the grid's identity).
 RUN_ONLY = tuple(RESUME_OVERRIDABLE)
 #: The search options a dense baseline shares (the others are the edge-popup recipe's).
-DENSE_SHARED = tuple(f.name for f in fields(DenseConfig)
-                     if f.name in {g.name for g in fields(SearchConfig)} and f.name not in RECIPE)
+DENSE_SHARED = tuple(
+    f.name for f in fields(DenseConfig) if f.name in {g.name for g in fields(SearchConfig)} and f.name not in RECIPE
+)
 _TYPES = typing.get_type_hints(SearchConfig)
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 _SAFE = re.compile(r"[^A-Za-z0-9._+-]")
@@ -54,16 +55,16 @@ class Point:
     """One run of a sweep: a search (`config` is a SearchConfig) or a dense baseline (a DenseConfig)."""
 
     name: str
-    kind: str                      # "search" or "dense"
-    values: dict                   # the axis values that name it
+    kind: str  # "search" or "dense"
+    values: dict  # the axis values that name it
     config: Any
 
 
 @dataclass
 class Grid:
-    axes: dict[str, list]          # axis -> values, in folder-name order
-    fixed: dict[str, Any]          # every other SearchConfig field except `out`
-    dense_baseline: bool = False   # also train the dense baseline once per (arch, width, seed, ...)
+    axes: dict[str, list]  # axis -> values, in folder-name order
+    fixed: dict[str, Any]  # every other SearchConfig field except `out`
+    dense_baseline: bool = False  # also train the dense baseline once per (arch, width, seed, ...)
 
     def search_points(self, out: Path) -> list[Point]:
         points = []
@@ -81,8 +82,7 @@ class Grid:
         for point in self.search_points(out):
             values = {axis: value for axis, value in point.values.items() if axis in DENSE_SHARED}
             name = "dense," + point_name(values)
-            points.setdefault(name, Point(name, "dense", values,
-                                          DenseConfig.like(point.config, out=str(out / name))))
+            points.setdefault(name, Point(name, "dense", values, DenseConfig.like(point.config, out=str(out / name))))
         return list(points.values())
 
     def points(self, out: Path) -> list[Point]:
@@ -100,13 +100,15 @@ def point_name(values: Mapping[str, Any]) -> str:
 
 # --- building and checking a grid ------------------------------------------------------------------------
 
+
 def make_grid(options: Mapping[str, Any], *, dense_baseline: bool = False) -> Grid:
     """A validated Grid from `{option: value or list}` (every point's SearchConfig is checked now)."""
     known = set(_TYPES) - {"out"}
     unknown = sorted(set(options) - known)
     if unknown:
-        raise MaskforgeError(f"unknown sweep option(s) {unknown}; the options are the search's: "
-                             f"{', '.join(sorted(known))}")
+        raise MaskforgeError(
+            f"unknown sweep option(s) {unknown}; the options are the search's: {', '.join(sorted(known))}"
+        )
     defaults = {**SearchConfig().to_dict(), **AXIS_DEFAULTS}
     axes: dict[str, list] = {}
     fixed: dict[str, Any] = {}
@@ -121,8 +123,10 @@ def make_grid(options: Mapping[str, Any], *, dense_baseline: bool = False) -> Gr
     names = set()
     for point in grid.points(Path(".")):  # builds (so validates) every point's config
         if point.name in names:
-            raise MaskforgeError(f"two grid points share the folder name {point.name}; use values that differ "
-                                 f"in letters, digits or . _ + -")
+            raise MaskforgeError(
+                f"two grid points share the folder name {point.name}; use values that differ "
+                f"in letters, digits or . _ + -"
+            )
         names.add(point.name)
     return grid
 
@@ -238,7 +242,9 @@ def parse_shard(text: str) -> tuple[int, int]:
         raise MaskforgeError(f"shard must be I/N (e.g. 0/4), got {text!r}")
     index, count = int(match.group(1)), int(match.group(2))
     if count < 1 or index >= count:
-        raise MaskforgeError(f"shard {index}/{count}: I must be in 0..N-1 (the shards of N are 0/N ... {max(count, 1) - 1}/N)")
+        raise MaskforgeError(
+            f"shard {index}/{count}: I must be in 0..N-1 (the shards of N are 0/N ... {max(count, 1) - 1}/N)"
+        )
     return index, count
 
 
@@ -252,6 +258,7 @@ def check_figure_axes(axes: Sequence[str], x: str | None, hue: Sequence[str] | N
 
 
 # --- the folder's record of its grids --------------------------------------------------------------------
+
 
 @dataclass
 class SweepRecord:
@@ -277,13 +284,17 @@ def read_record(out: Path) -> SweepRecord | None:
     try:
         document = strict_json(path.read_bytes(), str(path), "the sweep record")
         if document.get("format") == SWEEP_FORMAT and document.get("version") == 1:
-            raise MaskforgeError("written by an older maskforge (sweep format 1, whose folder names do not say "
-                                 "topk); run the sweep again in a new folder")
+            raise MaskforgeError(
+                "written by an older maskforge (sweep format 1, whose folder names do not say "
+                "topk); run the sweep again in a new folder"
+            )
         if document.get("format") != SWEEP_FORMAT or document.get("version") != SWEEP_VERSION:
             raise ValueError(f"not a {SWEEP_FORMAT} v{SWEEP_VERSION} document")
         fixed, axes = dict(document["fixed"]), list(document["axes"])
-        grids = [make_grid({**fixed, **{a: list(v) for a, v in g["axes"].items()}},
-                           dense_baseline=bool(g["dense_baseline"])) for g in document["grids"]]
+        grids = [
+            make_grid({**fixed, **{a: list(v) for a, v in g["axes"].items()}}, dense_baseline=bool(g["dense_baseline"]))
+            for g in document["grids"]
+        ]
     except MaskforgeError as exc:
         message = str(exc)
         raise MaskforgeError(message if message.startswith(str(path)) else f"{path}: {message}") from None
@@ -302,20 +313,31 @@ def record_grid(out: Path, grid: Grid) -> SweepRecord:
     if any(g.to_json() == grid.to_json() for g in record.grids):
         return record
     record.grids.append(grid)
-    document = {"format": SWEEP_FORMAT, "version": SWEEP_VERSION, "fixed": record.fixed, "axes": record.axes,
-                "grids": [g.to_json() for g in record.grids]}
+    document = {
+        "format": SWEEP_FORMAT,
+        "version": SWEEP_VERSION,
+        "fixed": record.fixed,
+        "axes": record.axes,
+        "grids": [g.to_json() for g in record.grids],
+    }
     atomic_write(out / SWEEP_FILE, json.dumps(document, indent=2) + "\n")
     return record
 
 
 def _check_comparable(out: Path, record: SweepRecord, grid: Grid) -> None:
     if list(grid.axes) != record.axes:
-        raise MaskforgeError(f"sweep folder {out} varies {', '.join(record.axes)}; this grid varies "
-                             f"{', '.join(grid.axes)}: choose another output folder")
+        raise MaskforgeError(
+            f"sweep folder {out} varies {', '.join(record.axes)}; this grid varies "
+            f"{', '.join(grid.axes)}: choose another output folder"
+        )
     defaults = SearchConfig().to_dict()
-    differing = [f"{name} {record.fixed.get(name, defaults.get(name))!r} (this grid: {grid.fixed.get(name)!r})"
-                 for name in sorted(set(record.fixed) | set(grid.fixed))
-                 if name not in RUN_ONLY and record.fixed.get(name, defaults.get(name)) != grid.fixed.get(name)]
+    differing = [
+        f"{name} {record.fixed.get(name, defaults.get(name))!r} (this grid: {grid.fixed.get(name)!r})"
+        for name in sorted(set(record.fixed) | set(grid.fixed))
+        if name not in RUN_ONLY and record.fixed.get(name, defaults.get(name)) != grid.fixed.get(name)
+    ]
     if differing:
-        raise MaskforgeError(f"sweep folder {out} was made with other fixed options: {'; '.join(differing)}; "
-                             f"rerun with the recorded values to extend it, or choose another output folder")
+        raise MaskforgeError(
+            f"sweep folder {out} was made with other fixed options: {'; '.join(differing)}; "
+            f"rerun with the recorded values to extend it, or choose another output folder"
+        )

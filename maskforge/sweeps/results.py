@@ -34,9 +34,23 @@ from .grid import DENSE_SHARED, Point
 #: Columns that measure time: the only ones that differ between two runs of the same grid.
 TIMING_COLUMNS = ("wall_s",)
 _OPTIONS = [f.name for f in fields(SearchConfig) if f.name != "out"]
-COLUMNS = (["point", "kind", "status", "learned"] + _OPTIONS + ["optimizer"]
-           + ["heldout_acc", "best_heldout_acc", "best_epoch", "epochs_done", "steps", "wall_s",
-              "artifact_bytes", "masked_weights", "kept_weights", "error"])
+COLUMNS = (
+    ["point", "kind", "status", "learned"]
+    + _OPTIONS
+    + ["optimizer"]
+    + [
+        "heldout_acc",
+        "best_heldout_acc",
+        "best_epoch",
+        "epochs_done",
+        "steps",
+        "wall_s",
+        "artifact_bytes",
+        "masked_weights",
+        "kept_weights",
+        "error",
+    ]
+)
 
 
 def learned_threshold(num_classes: int) -> float:
@@ -110,8 +124,11 @@ def _finished(point: Point, folder: Path) -> dict:
     metrics = read_metrics(folder)
     if point.kind == "search":
         artifact = load_artifact(folder / ARTIFACT_NAME)
-        sizes = {"artifact_bytes": artifact.file_bytes, "masked_weights": artifact.masked_weights,
-                 "kept_weights": artifact.kept_weights}
+        sizes = {
+            "artifact_bytes": artifact.file_bytes,
+            "masked_weights": artifact.masked_weights,
+            "kept_weights": artifact.kept_weights,
+        }
         classes = artifact.spec.num_classes
     else:
         try:
@@ -124,10 +141,15 @@ def _finished(point: Point, folder: Path) -> dict:
     accuracies = [_accuracy(m) for m in metrics]
     finite = [(acc, index) for index, acc in enumerate(accuracies) if math.isfinite(acc)]
     best, best_index = max(finite, key=lambda pair: (pair[0], -pair[1])) if finite else (math.nan, -1)
-    return {**sizes, "heldout_acc": final, "best_heldout_acc": best,
-            "best_epoch": metrics[best_index]["epoch"] if finite else "",
-            "epochs_done": len(metrics), "steps": metrics[-1]["step"] if metrics else 0,
-            "learned": math.isfinite(final) and final >= learned_threshold(classes)}
+    return {
+        **sizes,
+        "heldout_acc": final,
+        "best_heldout_acc": best,
+        "best_epoch": metrics[best_index]["epoch"] if finite else "",
+        "epochs_done": len(metrics),
+        "steps": metrics[-1]["step"] if metrics else 0,
+        "learned": math.isfinite(final) and final >= learned_threshold(classes),
+    }
 
 
 def _accuracy(record: dict) -> float:
@@ -136,6 +158,7 @@ def _accuracy(record: dict) -> float:
 
 
 # --- results.csv -----------------------------------------------------------------------------------------
+
 
 def write_results(out: Path, rows: Sequence[dict]) -> Path:
     """`out/results.csv`: a header of COLUMNS, then one row per point (numbers as Python spells them)."""
@@ -171,6 +194,7 @@ def _parse_cell(text: str) -> Any:
 
 # --- the summary: mean +- std over seeds -----------------------------------------------------------------
 
+
 def summarize(rows: Iterable[dict], axes: Sequence[str]) -> list[dict]:
     """One group per combination of `axes` other than seed (searches, then dense baselines).
 
@@ -185,13 +209,18 @@ def summarize(rows: Iterable[dict], axes: Sequence[str]) -> list[dict]:
     summary = []
     for (kind, *pairs), members in groups.items():
         learned = [float(r["heldout_acc"]) for r in members if r["status"] == "done" and r["learned"] is True]
-        summary.append({"kind": kind, "values": dict(pairs), "runs": len(members),
-                        "done": sum(r["status"] == "done" for r in members),
-                        "failed": sum(r["status"] == "failed" for r in members),
-                        "not_learned": sum(r["status"] == "done" and r["learned"] is not True for r in members),
-                        "learned": len(learned),
-                        "mean": statistics.fmean(learned) if learned else math.nan,
-                        "std": statistics.stdev(learned) if len(learned) > 1 else (0.0 if learned else math.nan),
-                        "wall_s": sum(float(r["wall_s"]) for r in members if r["wall_s"] not in ("", None))})
+        summary.append(
+            {
+                "kind": kind,
+                "values": dict(pairs),
+                "runs": len(members),
+                "done": sum(r["status"] == "done" for r in members),
+                "failed": sum(r["status"] == "failed" for r in members),
+                "not_learned": sum(r["status"] == "done" and r["learned"] is not True for r in members),
+                "learned": len(learned),
+                "mean": statistics.fmean(learned) if learned else math.nan,
+                "std": statistics.stdev(learned) if len(learned) > 1 else (0.0 if learned else math.nan),
+                "wall_s": sum(float(r["wall_s"]) for r in members if r["wall_s"] not in ("", None)),
+            }
+        )
     return summary
-

@@ -25,8 +25,7 @@ from ..fileio import ensure_writable_dir
 from ..searches import search
 from .figure import plot_sweep  # matplotlib itself loads only when a figure is drawn
 from .grid import DENSE_SHARED, Point, SweepRecord, check_figure_axes, make_grid, read_record, record_grid
-from .results import (BUG_PREFIX, is_done, point_row, read_status, summarize, write_results,
-                      write_status)
+from .results import BUG_PREFIX, is_done, point_row, read_status, summarize, write_results, write_status
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +41,13 @@ EpochCallback = Callable[[dict], None]
 class SweepResult:
     out: Path
     axes: list[str]
-    rows: list[dict]                               # every point of the folder, as in results.csv
-    summary: list[dict]                            # mean +- std over seeds (see results.summarize)
-    ran: list[str] = field(default_factory=list)   # points run (or resumed) by this call
+    rows: list[dict]  # every point of the folder, as in results.csv
+    summary: list[dict]  # mean +- std over seeds (see results.summarize)
+    ran: list[str] = field(default_factory=list)  # points run (or resumed) by this call
     skipped: list[str] = field(default_factory=list)  # points already finished
-    failed: list[str] = field(default_factory=list)   # points whose run failed in this call
+    failed: list[str] = field(default_factory=list)  # points whose run failed in this call
     figures: list[Path] = field(default_factory=list)
-    figure_note: str = ""                          # why no figure was drawn, if none was
+    figure_note: str = ""  # why no figure was drawn, if none was
 
     @property
     def ok(self) -> bool:
@@ -56,10 +55,19 @@ class SweepResult:
         return not any(row["status"] == "failed" for row in self.rows)
 
 
-def sweep(out: str | os.PathLike, options: Mapping[str, Any], *, dense_baseline: bool = False,
-          shard: tuple[int, int] = (0, 1), on_step: StepCallback | None = None, on_point: PointCallback | None = None,
-          on_epoch: EpochCallback | None = None, figures: bool = True, x: str | None = None,
-          hue: Sequence[str] | None = None) -> SweepResult:
+def sweep(
+    out: str | os.PathLike,
+    options: Mapping[str, Any],
+    *,
+    dense_baseline: bool = False,
+    shard: tuple[int, int] = (0, 1),
+    on_step: StepCallback | None = None,
+    on_point: PointCallback | None = None,
+    on_epoch: EpochCallback | None = None,
+    figures: bool = True,
+    x: str | None = None,
+    hue: Sequence[str] | None = None,
+) -> SweepResult:
     """Run the grid `options` ({search option: value or list}) under `out`; see the module docstring.
 
     Each point is an ordinary search run folder `out/<axis=value,...>` (dense baselines: `out/dense,...`).
@@ -68,8 +76,10 @@ def sweep(out: str | os.PathLike, options: Mapping[str, Any], *, dense_baseline:
     """
     world = distributed.detect()
     if world.is_distributed:
-        raise MaskforgeError("a sweep runs its points in one process; to use several GPUs or machines, start one "
-                             "process per shard (--shard I/N; Python: shard=(i, n)) instead of torchrun")
+        raise MaskforgeError(
+            "a sweep runs its points in one process; to use several GPUs or machines, start one "
+            "process per shard (--shard I/N; Python: shard=(i, n)) instead of torchrun"
+        )
     index, count = shard
     if not (isinstance(index, int) and isinstance(count, int) and 0 <= index < count):
         raise MaskforgeError(f"shard must be (i, n) with 0 <= i < n, got {shard!r}")
@@ -94,14 +104,27 @@ def sweep(out: str | os.PathLike, options: Mapping[str, Any], *, dense_baseline:
         # once per point: reading a row loads and checks the artifact (a skipped point's was read to skip it)
         rows[point.name] = row or point_row(point, out)
         if on_point:
-            on_point("end", point, {"outcome": "failed" if outcome == "bug" else outcome,
-                                    "seconds": time.perf_counter() - started, "row": rows[point.name]})
+            on_point(
+                "end",
+                point,
+                {
+                    "outcome": "failed" if outcome == "bug" else outcome,
+                    "seconds": time.perf_counter() - started,
+                    "row": rows[point.name],
+                },
+            )
     return _finish(out, record, result, [p.name for p in points], _Figure(figures, x, hue), rows)
 
 
-def collect_sweep(out: str | os.PathLike, *, figures: bool = True, x: str | None = None,
-                  hue: Sequence[str] | None = None, stem: str | os.PathLike | None = None,
-                  where: Mapping[str, Sequence] | None = None) -> SweepResult:
+def collect_sweep(
+    out: str | os.PathLike,
+    *,
+    figures: bool = True,
+    x: str | None = None,
+    hue: Sequence[str] | None = None,
+    stem: str | os.PathLike | None = None,
+    where: Mapping[str, Sequence] | None = None,
+) -> SweepResult:
     """Gather the results of every point in the sweep folder `out` (e.g. after its shards finished):
     rewrite `out/results.csv`, summarize, and draw the figure of every point (or, with `where`
     ({option: accepted values}), of the points that match). Nothing is run."""
@@ -111,8 +134,9 @@ def collect_sweep(out: str | os.PathLike, *, figures: bool = True, x: str | None
         raise MaskforgeError(f"{out} is not a sweep folder (no sweep.json)")
     check_figure_axes(record.axes, x, hue)
     result = SweepResult(out, list(record.axes), [], [])
-    return _finish(out, record, result, [p.name for p in record.points(out)],
-                   _Figure(figures, x, hue, stem, dict(where or {})))
+    return _finish(
+        out, record, result, [p.name for p in record.points(out)], _Figure(figures, x, hue, stem, dict(where or {}))
+    )
 
 
 @dataclass
@@ -123,15 +147,22 @@ class _Figure:
     x: str | None = None
     hue: Sequence[str] | None = None
     stem: str | os.PathLike | None = None
-    where: dict = field(default_factory=dict)   # option -> accepted values (dense rows: their options only)
+    where: dict = field(default_factory=dict)  # option -> accepted values (dense rows: their options only)
 
     def selects(self, row: dict) -> bool:
-        return all(row[key] in values for key, values in self.where.items()
-                   if row["kind"] == "search" or key in DENSE_SHARED)
+        return all(
+            row[key] in values for key, values in self.where.items() if row["kind"] == "search" or key in DENSE_SHARED
+        )
 
 
-def _finish(out: Path, record: SweepRecord, result: SweepResult, plotted: list[str], figure: _Figure,
-            known: Mapping[str, dict] | None = None) -> SweepResult:
+def _finish(
+    out: Path,
+    record: SweepRecord,
+    result: SweepResult,
+    plotted: list[str],
+    figure: _Figure,
+    known: Mapping[str, dict] | None = None,
+) -> SweepResult:
     """results.csv, the summary and the figure; `known` holds rows this call has already read."""
     known = known or {}
     result.rows = [known.get(point.name) or point_row(point, out) for point in record.points(out)]
@@ -150,8 +181,9 @@ def _finish(out: Path, record: SweepRecord, result: SweepResult, plotted: list[s
     return result
 
 
-def _run_point(point: Point, out: Path, on_step: StepCallback | None,
-               on_epoch: EpochCallback | None) -> tuple[str, dict | None]:
+def _run_point(
+    point: Point, out: Path, on_step: StepCallback | None, on_epoch: EpochCallback | None
+) -> tuple[str, dict | None]:
     """('skipped', its row) for a point finished earlier, else ('ran' | 'failed' (a MaskforgeError) | 'bug'
     (anything else), None)."""
     folder = out / point.name
@@ -161,8 +193,12 @@ def _run_point(point: Point, out: Path, on_step: StepCallback | None,
         if row["status"] == "done":
             return "skipped", row
         # finished, but its records cannot be read: a failed point, which running the sweep again retries
-        log.warning("point %s is finished but damaged (%s); running it again (its files move to %s)",
-                    point.name, row["error"], folder / "previous-N")
+        log.warning(
+            "point %s is finished but damaged (%s); running it again (its files move to %s)",
+            point.name,
+            row["error"],
+            folder / "previous-N",
+        )
         overwrite = True
     previous = read_status(folder)
     wall, attempts = float(previous.get("wall_s", 0.0)), int(previous.get("attempts", 0)) + 1
