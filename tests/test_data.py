@@ -578,12 +578,10 @@ def test_decompression_bomb_is_refused(tmp_path):
     _write_image_folder(tmp_path, rgb=False, per_class=1)
     # A hand-made PNG header claiming 20000 x 20000 pixels: refused before any pixel is decoded.
     ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)
-    chunk = lambda kind, body: (
-        struct.pack(">I", len(body))
-        + kind
-        + body  # noqa: E731
-        + struct.pack(">I", zlib.crc32(kind + body))
-    )
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
     message = _message(lambda: ImageFileDataset([bomb], [0], channels=1, size=8)[0])

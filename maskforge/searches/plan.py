@@ -105,14 +105,7 @@ def _plan_default(config: SearchConfig, world: World, overwrite: bool) -> Plan:
         # the lambda runs inside _holding, within this iteration: the loop variables are the current ones
         plan = _holding(
             lock,
-            lambda: _decide(
-                config.replace(out=str(folder)),
-                folder,
-                lock,
-                world,  # noqa: B023
-                overwrite,
-                default=True,
-            ),
+            lambda: _decide(config.replace(out=str(folder)), folder, lock, world, overwrite, default=True),  # noqa: B023
         )
         if plan is not None:
             return plan
