@@ -473,6 +473,24 @@ def _check_batchnorm(meta: ArtifactDocument, structure: nn.Module, tensors: dict
             _require(stat != "running_var" or bool((array >= 0).all()), label, f"{name} has negative variances")
 
 
+def regenerate_weights(
+    artifact: Artifact, *, digests: bool, keep: bool = True, threads: int | None = None
+) -> dict[str, tuple[np.ndarray | None, str | None]]:
+    """Every masked layer's weight regenerated from the artifact's seed and distribution (and, with
+    `digests`, hashed), in worker threads: `regen.generate_many` over the artifact's layer shapes."""
+    shapes = {param: tuple(info["shape"]) for param, info in artifact.document["layers"].items()}
+    return regen.generate_many(
+        artifact.seed,
+        shapes,
+        artifact.init,
+        k=artifact.k,
+        scale_fan=artifact.scale_fan,
+        digests=digests,
+        keep=keep,
+        threads=threads,
+    )
+
+
 def check_weight_digests(artifact: Artifact, digests: dict[str, str]) -> None:
     """Raise, naming the first layer in the artifact's order, if regenerated weights (given by their
     SHA-256, `regen.weight_digest`) differ from the digests recorded at search time."""

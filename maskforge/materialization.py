@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import archs, convert, regen
-from .artifact import Artifact, check_weight_digests, load_artifact
+from . import archs, convert
+from .artifact import Artifact, check_weight_digests, load_artifact, regenerate_weights
 from .layers import batchnorm_modules
 
 
@@ -39,16 +39,7 @@ def masked_weights(
     `MaskforgeError` naming the first failing layer in module order.
     """
     artifact = as_artifact(artifact_or_path=artifact)
-    shapes = {param: tuple(info["shape"]) for param, info in artifact.document["layers"].items()}
-    generated = regen.generate_many(
-        artifact.seed,
-        shapes,
-        artifact.init,
-        k=artifact.k,
-        scale_fan=artifact.scale_fan,
-        digests=verify,
-        threads=threads,
-    )
+    generated = regenerate_weights(artifact, digests=verify, threads=threads)
     if verify:
         check_weight_digests(artifact, {param: digest for param, (_, digest) in generated.items()})
     return {param: (weight, artifact.masks[param].numpy()) for param, (weight, _) in generated.items()}

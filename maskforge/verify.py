@@ -28,8 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import regen
-from .artifact import Artifact, artifact_from_bytes, check_weight_digests
+from .artifact import Artifact, artifact_from_bytes, check_weight_digests, regenerate_weights
 from .errors import MaskforgeError
 from .fileio import read_bytes
 
@@ -136,17 +135,7 @@ def _load_with_report(data: bytes, path: Path, report: VerifyReport) -> tuple[Ar
 
 def _check_weights(artifact: Artifact, report: VerifyReport, threads: int | None) -> None:
     """Regenerate each layer from the seed and compare its SHA-256 with the recorded one."""
-    shapes = {param: tuple(info["shape"]) for param, info in artifact.document["layers"].items()}
-    generated = regen.generate_many(
-        artifact.seed,
-        shapes,
-        artifact.init,
-        k=artifact.k,
-        scale_fan=artifact.scale_fan,
-        digests=True,
-        keep=False,
-        threads=threads,
-    )
+    generated = regenerate_weights(artifact, digests=True, keep=False, threads=threads)
     try:
         check_weight_digests(artifact, {param: digest for param, (_, digest) in generated.items()})
     except MaskforgeError as exc:
@@ -154,7 +143,7 @@ def _check_weights(artifact: Artifact, report: VerifyReport, threads: int | None
         return
     report._pass(
         "weights",
-        f"{len(shapes)} layers ({artifact.masked_weights:,} weights) regenerated from seed "
+        f"{len(generated)} layers ({artifact.masked_weights:,} weights) regenerated from seed "
         f"{artifact.seed} match their sha256",
     )
 
