@@ -123,43 +123,34 @@ def test_the_real_test_labels_are_recognized_in_a_folder_of_any_name(tmp_path):
     assert list(load_data(str(tmp_path / "data")).spec.class_names) == FASHION
 
 
+def _ok(*args: object):
+    """`maskforge ARGS` through the Typer app; it must succeed."""
+    result = CliRunner().invoke(app, [str(arg) for arg in args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def _search_export_eval(run: Path, report: Path, search: str, evaluate: str) -> float:
+    """Search into `run`, export its default ONNX, evaluate it into `report`; the search's last held-out
+    accuracy (a fraction)."""
+    _ok("search", *search.split(), "--out", run)
+    _ok("export", run / "artifact.safetensors")
+    _ok("eval", run / "artifact.onnx", "--latency-runs", "2", *evaluate.split(), "--json", report)
+    return json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["heldout_acc"]
+
+
 def test_the_name_is_recorded_and_reused_by_eval(no_system_copy, monkeypatch, tmp_path):
     """Search on the named source, then export and evaluate with no --data: eval finds the same data by
     the name the artifact recorded (here through $MASKFORGE_DATA) and scores the same held-out images."""
     _write_idx(tmp_path / "env" / "fashion-mnist")
     monkeypatch.setenv(named.DATA_ENV, str(tmp_path / "env"))
-    run = tmp_path / "run"
-    runner = CliRunner()
-    result = runner.invoke(
-        app,
-        [
-            "search",
-            "--arch",
-            "fc",
-            "--k",
-            "0.5",
-            "--data",
-            "fashion-mnist",
-            "--epochs",
-            "1",
-            "--batch-size",
-            "20",
-            "--out",
-            str(run),
-            "--json",
-        ],
+    run, report = tmp_path / "run", tmp_path / "report.json"
+    _search_export_eval(
+        run, report, "--arch fc --k 0.5 --data fashion-mnist --epochs 1 --batch-size 20 --quiet", "--threads 1"
     )
-    assert result.exit_code == 0, result.output
     assert json.loads((run / "config.json").read_text())["data"] == "fashion-mnist"
-    result = runner.invoke(app, ["inspect", str(run / "artifact.safetensors"), "--json"])
-    document = json.loads(result.stdout)
-    assert "fashion-mnist" in json.dumps(document) and "Ankle boot" in json.dumps(document)
-    assert runner.invoke(app, ["export", str(run / "artifact.safetensors")]).exit_code == 0
-    report = tmp_path / "report.json"
-    result = runner.invoke(
-        app, ["eval", str(run / "artifact.onnx"), "--latency-runs", "2", "--threads", "1", "--json", str(report)]
-    )
-    assert result.exit_code == 0, result.output
+    document = json.dumps(json.loads(_ok("inspect", run / "artifact.safetensors", "--json").stdout))
+    assert "fashion-mnist" in document and "Ankle boot" in document
     assert json.loads(report.read_text())["accuracy"]["examples"] == 20
 
 
@@ -169,38 +160,14 @@ def test_fc_reaches_the_paper_codes_accuracy_and_eval_agrees(tmp_path):
     """The issue's must-show: fc at k 0.5 for 10 epochs on Fashion-MNIST within 0.5 point of the paper
     code's 87.5 % (seed 0), and eval of its default export on `--data fashion-mnist` reports the same
     top-1 as the search's last held-out evaluation (10,000 images)."""
-    run = tmp_path / "run"
-    runner = CliRunner()
-    result = runner.invoke(
-        app,
-        [
-            "search",
-            "--arch",
-            "fc",
-            "--k",
-            "0.5",
-            "--epochs",
-            "10",
-            "--data",
-            "fashion-mnist",
-            "--seed",
-            "0",
-            "--out",
-            str(run),
-            "--quiet",
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-    searched = last["heldout_acc"]  # a fraction
-    assert abs(100 * searched - 87.5) <= 0.5, searched
-    assert runner.invoke(app, ["export", str(run / "artifact.safetensors")]).exit_code == 0
     report = tmp_path / "report.json"
-    result = runner.invoke(
-        app,
-        ["eval", str(run / "artifact.onnx"), "--data", "fashion-mnist", "--latency-runs", "2", "--json", str(report)],
+    searched = _search_export_eval(
+        tmp_path / "run",
+        report,
+        "--arch fc --k 0.5 --epochs 10 --data fashion-mnist --seed 0 --quiet",
+        "--data fashion-mnist",
     )
-    assert result.exit_code == 0, result.output
+    assert abs(100 * searched - 87.5) <= 0.5, searched
     accuracy = json.loads(report.read_text())["accuracy"]
     assert accuracy["examples"] == 10_000
     assert accuracy["correct"] == round(searched * 10_000)
