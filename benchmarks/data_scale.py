@@ -117,8 +117,11 @@ def main(argv: list[str] | None = None) -> int:
                     ],
                     capture_output=True,
                     text=True,
-                    check=True,
                 )
+                if out.returncode:  # the child's own one-line error (a bad --data), not a traceback of ours
+                    lines = out.stderr.strip().splitlines() or [f"{kind} {arch} exited {out.returncode}"]
+                    print(lines[-1], file=sys.stderr)
+                    return 2
                 record = json.loads(out.stdout.strip().splitlines()[-1])
                 record.update(repeat=repeat, load_before=load)
                 runs.append(record)
@@ -145,4 +148,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from maskforge.errors import MaskforgeError
+
+    try:
+        raise SystemExit(main())
+    except MaskforgeError as exc:  # a bad --data, a missing data set: one line, as the CLI does
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -37,6 +37,7 @@ import gzip
 import json
 import os
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -488,4 +489,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from maskforge.errors import MaskforgeError
+
+    try:
+        raise SystemExit(main())
+    except MaskforgeError as exc:  # a bad --data, a missing data set: one line, as the CLI does
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
