@@ -24,8 +24,8 @@ def eval_command(
     data: Annotated[
         Optional[str],
         typer.Option(
-            help="Data set (default: the one the model was searched on, "
-            "else mnist5k); with --compare, int8 also calibrates on "
+            help="Data set: any `maskforge search --data` source (mnist5k, fashion-mnist, a folder; default: "
+            "the one the model was searched on, else mnist5k); with --compare, int8 also calibrates on "
             "its training split."
         ),
     ] = None,
