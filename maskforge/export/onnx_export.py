@@ -62,11 +62,12 @@ class ExportResult:
     kept_weights: int
     bits_per_weight: float  # 8 * file_bytes / masked_weights
     seconds: float
-    max_abs_diff: float | None = None  # fp32: vs PyTorch; int8: integer kernels vs the graph run in float
+    max_abs_diff: float | None = None  # fp32: vs PyTorch; int8: logits, integer kernels vs the graph run in float
     opset: int | None = None
     storage: str | None = None  # "dense" | "compact" | "regen" (ONNX)
     precision: str | None = None  # "fp32" | "int8" (ONNX)
-    parity_tolerance: float | None = None  # the bound max_abs_diff was held to
+    parity_tolerance: float | None = None  # the bound max_abs_diff was held to (fp32; int8 bounds each kernel)
+    kernel_max_steps: int | None = None  # int8: worst kernel vs float on the same inputs, in quantization steps
     lossy: bool = False  # int8 of weights int8 cannot hold exactly (explicitly allowed)
     int8_weight_max_error: float | None = None  # max |dequantized int8 - fp32 weight|: 0.0 when exact
     calibration_data: str | None = None
@@ -234,8 +235,8 @@ def _float_figures(parity: Parity) -> dict:
 
 def _int8_figures(check: Int8Check) -> dict:
     return {
-        "max_abs_diff": check.kernel_max_abs_diff,
-        "parity_tolerance": check.kernel_tolerance,
+        "max_abs_diff": check.kernels.output_max_abs_diff,
+        "kernel_max_steps": check.kernels.max_steps,
         "top1": check.top1,
         "reference_top1": check.reference_top1,
         "argmax_agreement": check.argmax_agreement,
@@ -248,6 +249,7 @@ def _check_metadata(precision: str, figures: dict) -> dict[str, str]:
     keys = (
         "max_abs_diff",
         "parity_tolerance",
+        "kernel_max_steps",
         "int8_weight_max_error",
         "top1",
         "reference_top1",

@@ -4,10 +4,9 @@
   *relative* to the size of the logits: `max |ort - torch| <= PARITY_RTOL * max(1, max |torch|)`. A
   fixed absolute bound refused valid networks with large logits (an unsigned-constant conv2 gives
   logits near 9,400, where one float32 step is already 1e-3).
-* `int8_parity`: an int8 (QDQ) file run as onnxruntime optimizes it (QLinearConv/QLinearMatMul) against
-  the same graph run unoptimized, where every Q/DQ pair is evaluated in float: they may differ by
-  rounding only, which catches integer kernels that overflow or saturate. Then its top-1 and argmax
-  agreement against the fp32 network on held-out images.
+* `int8_parity`: an int8 (QDQ) file's integer kernels against the same graph run in float, kernel by
+  kernel (`kernels.check_kernels`: rounding only, which catches kernels that overflow or saturate).
+  Then its top-1 and argmax agreement against the fp32 network on held-out images.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ import torch.nn as nn
 
 from ..data import InputSpec
 from ..errors import MaskforgeError, first_line
+from .kernels import KernelCheck, check_kernels
 
 if TYPE_CHECKING:  # onnxruntime itself loads only when a session is made
     import onnxruntime
@@ -30,7 +30,6 @@ if TYPE_CHECKING:  # onnxruntime itself loads only when a session is made
 PARITY_RTOL = 1e-4  # fp32: max |ort - torch| <= PARITY_RTOL * max(1, max |torch logits|)
 PARITY_BATCH = 4  # images in the fixed random batch
 PARITY_SEED = 20200601  # its torch.Generator seed (the batch need not be portable)
-INT8_KERNEL_STEPS = 8.0  # int8: optimized vs unoptimized run, in steps of the output's quantization scale
 INT8_MAX_TOP1_DROP = 1.0  # int8: held-out top-1 may be at most this many points below fp32
 INT8_MIN_AGREEMENT = 0.95  # int8: and predict the fp32 network's class for at least this share of images
 KERNEL_CHECK_IMAGES = 128  # int8: images run both optimized and unoptimized (the latter is slow)
@@ -151,8 +150,7 @@ def float_parity(
 class Int8Check:
     """The int8 file's figures: kernels against float simulation, accuracy against fp32."""
 
-    kernel_max_abs_diff: float  # optimized (integer kernels) vs unoptimized (float Q/DQ) run
-    kernel_tolerance: float
+    kernels: KernelCheck  # integer kernels vs the graph run in float
     top1: float | None  # held-out top-1 of the int8 file
     reference_top1: float | None  # held-out top-1 of the fp32 network on the same images
     argmax_agreement: float | None
@@ -169,7 +167,7 @@ def int8_parity(
     min_agreement: float = INT8_MIN_AGREEMENT,
 ) -> Int8Check:
     """Check an int8 file on normalized `images` (with `labels` when known) or raise `MaskforgeError`."""
-    kernel_diff, tolerance = kernel_check(path, images[:KERNEL_CHECK_IMAGES])
+    kernels = check_kernels(path, images[:KERNEL_CHECK_IMAGES])
     fused = run_session(ort_session(path), images)
     agreement = float((fused.argmax(1) == reference_logits.argmax(1)).mean())
     top1 = reference_top1 = None
@@ -189,40 +187,7 @@ def int8_parity(
             f"{len(images)} held-out images (at least {100 * min_agreement:g} % required); "
             f"the int8 file was not written"
         )
-    return Int8Check(kernel_diff, tolerance, top1, reference_top1, agreement, len(images))
-
-
-def kernel_check(path: str | os.PathLike, images: np.ndarray) -> tuple[float, float]:
-    """Run an int8 file optimized (integer kernels) and unoptimized (each Q/DQ in float) on `images`.
-
-    Returns (max abs difference, tolerance) or raises `MaskforgeError`: rounding may differ by a few
-    output quantization steps, an overflowing or saturating kernel by far more.
-    """
-    fused = run_session(ort_session(path), images)
-    unfused = run_session(ort_session(path, optimization="none"), images)
-    tolerance = INT8_KERNEL_STEPS * _output_scale(path)
-    diff = float(np.abs(fused.astype(np.float64) - unfused).max())
-    if not np.isfinite(diff) or diff > tolerance:
-        raise MaskforgeError(
-            f"onnxruntime's int8 kernels disagree with the same graph run in float: max abs "
-            f"difference {diff:.3g} > {tolerance:.3g} ({INT8_KERNEL_STEPS:g} output quantization "
-            f"steps)"
-        )
-    return diff, tolerance
-
-
-def _output_scale(path: str | os.PathLike) -> float:
-    """The scale of the DequantizeLinear that produces the graph's output (1.0 if the output is float)."""
-    import onnx
-    from onnx import numpy_helper
-
-    proto = onnx.load(str(path))
-    initializers = {tensor.name: tensor for tensor in proto.graph.initializer}
-    output = proto.graph.output[0].name
-    for node in proto.graph.node:
-        if node.op_type == "DequantizeLinear" and node.output[0] == output and node.input[1] in initializers:
-            return float(np.max(numpy_helper.to_array(initializers[node.input[1]])))
-    return 1.0
+    return Int8Check(kernels, top1, reference_top1, agreement, len(images))
 
 
 def _top_gap(row: np.ndarray) -> float:
