@@ -201,8 +201,12 @@ def test_no_guess_when_nothing_is_close_or_two_are_equally_close():
 def test_the_large_network_warning_names_flags(tmp_path):
     from maskforge.searches import notices
 
-    assert "--device cuda" in notices.CPU_ADVICE and "--max-steps" in notices.CPU_ADVICE
-    assert "max_steps" not in notices.CPU_ADVICE
+    from maskforge.schema import SearchConfig
+
+    unbounded, bounded = (notices.cpu_advice(SearchConfig(max_steps=steps)) for steps in (None, 600))
+    assert "--device cuda" in unbounded and "bound the search with --max-steps" in unbounded
+    assert "a smaller --max-steps" in bounded and "bound the search" not in bounded  # it is bounded already
+    assert "max_steps" not in unbounded + bounded
 
 
 # --- section 2: usage errors before torch -----------------------------------------------------------------

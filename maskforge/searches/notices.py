@@ -34,10 +34,12 @@ LARGE_ON_CPU = 5_000_000
 LONG_ON_CPU_SECONDS = 3600.0
 #: The estimate is given once this many steps after the first (which pays one-off costs) are timed.
 ESTIMATE_STEPS = 2
-#: What to do about a slow CPU search.
-CPU_ADVICE = (
-    "use a GPU (--device cuda), bound the search with --max-steps, or search a smaller --arch (see `maskforge archs`)"
-)
+
+
+def cpu_advice(config: SearchConfig) -> str:
+    """What to do about a slow CPU search (a search already bounded is told to bound it more)."""
+    bound = "a smaller --max-steps" if config.max_steps else "bound the search with --max-steps"
+    return f"use a GPU (--device cuda), {bound}, or search a smaller --arch (see `maskforge archs`)"
 
 
 def data_notices(splits: DataSplits) -> None:
@@ -70,7 +72,7 @@ def model_notices(model: nn.Module, config: SearchConfig, device: str) -> bool:
             "large data): %s",
             config.arch,
             weights / 1e6,
-            CPU_ADVICE,
+            cpu_advice(config),
         )
         return True
     return False
@@ -164,7 +166,7 @@ class CostWatch:
                 session.accelerator.device.type,
             )
             if session.accelerator.device.type == "cpu" and seconds > LONG_ON_CPU_SECONDS and not self.warned:
-                log.warning("this search would take about %s on the CPU: %s", format_duration(seconds), CPU_ADVICE)
+                log.warning("this search would take about %s on the CPU: %s", format_duration(seconds), cpu_advice(session.config))
         return seconds
 
     def step_left(self) -> float | None:
