@@ -132,7 +132,7 @@ def test_a_large_network_on_the_cpu_is_said_once_with_what_to_do(tmp_path, caplo
         search(SearchConfig(**COMMON, out=str(tmp_path / "large")))
     assert _messages(caplog, logging.WARNING) == [
         "fc has 0.3 M weights and runs on the CPU, where a search of it is slow (hours per epoch on large data): use "
-        "a GPU (--device cuda), bound the search with --max-steps, or search a smaller --arch (see `maskforge archs`)"
+        "a GPU (--device cuda), a smaller --max-steps, or search a smaller --arch (see `maskforge archs`)"
     ]
     caplog.clear()
     # not large, but long: said once, after the estimate of the first steps

@@ -166,7 +166,11 @@ class CostWatch:
                 session.accelerator.device.type,
             )
             if session.accelerator.device.type == "cpu" and seconds > LONG_ON_CPU_SECONDS and not self.warned:
-                log.warning("this search would take about %s on the CPU: %s", format_duration(seconds), cpu_advice(session.config))
+                log.warning(
+                    "this search would take about %s on the CPU: %s",
+                    format_duration(seconds),
+                    cpu_advice(session.config),
+                )
         return seconds
 
     def step_left(self) -> float | None:
