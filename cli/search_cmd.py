@@ -62,6 +62,14 @@ def _option(name: str) -> inspect.Parameter:
     )
 
 
+def k_problem(value: float) -> str | None:
+    """What is wrong with a --k value, with the percentage it was probably meant as (None: nothing)."""
+    if 0 < value <= 1:
+        return None
+    meant = f"; did you mean --k {value / 100:g}?" if 10 <= value <= 100 else ""  # a percentage
+    return f"k is the fraction of weights kept, in (0, 1] (--k 0.3 keeps 30 % of every layer){meant}"
+
+
 def _number(name: str, kind: type):
     """The parser of a numeric option, with the hints a first-time user needs: one search takes one value
     (lists are for `maskforge sweep`), and k is a fraction."""
@@ -79,11 +87,8 @@ def _number(name: str, kind: type):
             value = kind(text)
         except ValueError:
             raise typer.BadParameter(f"{text!r} is not a valid {'integer' if kind is int else 'number'}") from None
-        if name == "k" and not 0 < value <= 1:
-            meant = f"; did you mean --k {value / 100:g}?" if 10 <= value <= 100 else ""  # a percentage
-            raise typer.BadParameter(
-                f"k is the fraction of weights kept, in (0, 1] (--k 0.3 keeps 30 % of every layer){meant}"
-            )
+        if name == "k" and k_problem(value):
+            raise typer.BadParameter(k_problem(value))
         return value
 
     parse.__name__ = kind.__name__

@@ -26,6 +26,7 @@ from maskforge.spelling import spell
 
 from .app import app
 from .console import console as output_console
+from .search_cmd import k_problem
 
 _NOT_OPTIONS = ("out", "seed")  # --out is the sweep folder; --seeds replaces --seed
 _BOOLEAN_HELP = "on or off (also true/false, yes/no, 1/0); both: on,off"
@@ -63,6 +64,7 @@ def sweep_command(
     quiet: bool = False,
     **texts: Optional[str],
 ) -> None:
+    _check_k(texts.get("k"))  # a usage error answers before torch loads
     from maskforge.sweeps import collect_sweep, options_from_text, parse_shard, sweep  # torch loads here
 
     from . import logs
@@ -121,6 +123,18 @@ def sweep_command(
             err=True,
         )
         raise typer.Exit(1 if bug else 2)
+
+
+def _check_k(text: str | None) -> None:
+    """Refuse a --k list with a value outside (0, 1] in one line, with search's hint (a percentage?)."""
+    for item in (text or "").split(","):
+        try:
+            value = float(item)
+        except ValueError:
+            continue  # not a number: the sweep's own parser names it
+        problem = k_problem(value)
+        if problem:
+            raise MaskforgeError(f"--k {text}: {item.strip()}: {problem}")
 
 
 def _report_stopped(stopped: KeyboardInterrupt) -> None:

@@ -209,6 +209,15 @@ def test_the_large_network_warning_names_flags(tmp_path):
     assert "max_steps" not in unbounded + bounded
 
 
+def test_a_sweep_k_given_as_a_percentage_gets_the_same_hint_as_search(tmp_path):
+    result = _invoke("sweep", "--k", "0.1,30", "--out", str(tmp_path / "sweep"))
+    assert result.exit_code == 2 and not (tmp_path / "sweep").exists()
+    assert result.stderr.strip() == (
+        "error: --k 0.1,30: 30: k is the fraction of weights kept, in (0, 1] (--k 0.3 keeps 30 % of every "
+        "layer); did you mean --k 0.3?"
+    )
+
+
 # --- section 2: usage errors before torch -----------------------------------------------------------------
 
 _NO_TORCH_YET = """
@@ -229,6 +238,7 @@ except SystemExit as exc:
         ["search", "--batch-size", "0"],
         ["search", "--resume", "x", "--overwrite"],
         ["search", "--k", "0.3,0.5"],
+        ["sweep", "--k", "0.1,30", "--out", "x"],
         ["eval", "x.safetensors", "--compare", "--size", "28"],
         ["verify", "--nope"],
         ["predict"],

@@ -13,6 +13,7 @@ One module per job:
 * `destination`  the output path: checked up front, missing folders made (and removed on failure)
 * `metadata`     the `maskforge.*` metadata_props that tie a file to its artifact
 * `parity`       the onnxruntime session helper and the output checks shared with `verify`
+* `kernels`      the int8 kernel check: integer kernels against the graph run in float, kernel by kernel
 * `onnx_export`  `export_onnx`: the steps above, then the check, then the atomic rename
 * `torch_export` `export_torch` / `load_torch_export`
 
