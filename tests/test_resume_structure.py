@@ -138,3 +138,20 @@ def test_cli_resume_after_a_module_type_change_is_one_error_line(run):
     assert "no longer builds the searched network (entry 1: recorded '1.weight param 8 GroupNorm', " in lines[0]
     assert "rebuild it as it was at search time (user code " in lines[0]
     assert _ckpt(run).read_bytes() == before
+
+
+def test_an_edit_during_the_search_is_not_recorded_as_the_searched_network(searched, tmp_path):
+    """The artifact records the structure the search started with: the code edited after the first step
+    no longer loads it (before, the artifact recorded the edited code and loaded with a network the masks
+    were not searched on)."""
+    net = _write_net(tmp_path, GROUP_NORM)
+
+    def edit_after_the_first_step(progress) -> None:
+        if progress.step == 1:
+            _write_net(tmp_path, "nn.InstanceNorm2d(8, affine=True)")
+
+    config = load_checkpoint(_ckpt(searched)).meta.config.replace(arch=f"{net}:build", out=str(tmp_path / "run"))
+    result = search(config, on_step=edit_after_the_first_step)
+    assert result.artifact.meta.arch.structure[1] == "1.weight param 8 GroupNorm"
+    with pytest.raises(MaskforgeError, match="recorded '1.weight param 8 GroupNorm', the code now gives '1.weight"):
+        load_artifact(result.artifact_path)
