@@ -148,8 +148,13 @@ def build_artifact(
     k: float,
     provenance: dict | None = None,
     topk: str = "layer",
+    builder: dict | None = None,
 ) -> Artifact:
-    """Capture a searched model's masks and BN statistics into a sealed, validated `Artifact`."""
+    """Capture a searched model's masks and BN statistics into a sealed, validated `Artifact`.
+
+    `builder`: a builder reference's record at search start (`convert.builder_record`; the search passes
+    the one its checkpoints carry, so that an edit of the code during the search is not recorded as the
+    searched network); by default it is taken from the code now."""
     named = masked_modules(model)
     masks = {f"{name}.weight": layer.mask().detach().cpu().clone() for name, layer in named.items()}
     bn_stats = {
@@ -158,10 +163,11 @@ def build_artifact(
         for stat in BN_STATS
     }
     weights = {f"{name}.weight": layer.weight.detach().cpu().numpy() for name, layer in named.items()}
+    record = convert.builder_record(arch, arch_args) if builder is None else builder
     document = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "arch": {"name": arch, "args": dump(ArchArgs(**arch_args)), **_builder_record(arch, arch_args)},
+        "arch": {"name": arch, "args": dump(ArchArgs(**arch_args)), **record},
         "input": spec.to_dict(),
         "seed": int(seed),
         "init": {"distribution": init, "scale_fan": bool(scale_fan)},
@@ -184,18 +190,6 @@ def build_artifact(
         document["topk"] = topk
     document = container.seal(document, stored_tensors(masks, bn_stats))
     return Artifact(document, masks, bn_stats)
-
-
-def _builder_record(arch: str, arch_args: dict) -> dict:
-    """A builder reference's library and structure (FORMAT.md section 2.6); nothing for a registered name."""
-    if not convert.is_reference(arch):
-        return {}
-    entries = convert.structure_entries(convert.source_model(arch, arch_args))
-    return {
-        "library": convert.library_of(arch),
-        "structure": entries,
-        "structure_digest": convert.structure_digest(entries),
-    }
 
 
 def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
@@ -385,7 +379,7 @@ def check_structure(meta: ArtifactDocument, tensors: dict[str, np.ndarray], labe
     try:
         with torch.device("meta"):
             if reference:
-                structure = _check_builder(meta, label)
+                structure = convert.build_recorded(name, args, meta.k, meta.arch.structure, meta.arch.library)
             else:
                 structure = archs.build_structure(name, args, meta.k)
     except MaskforgeError as exc:
@@ -401,21 +395,6 @@ def check_structure(meta: ArtifactDocument, tensors: dict[str, np.ndarray], labe
     unexpected = sorted(set(tensors) - expected)
     _require(not unexpected, label, f"unexpected tensors in file: {unexpected[:3]}")
     return structure
-
-
-def _check_builder(meta: ArtifactDocument, label: str) -> nn.Module:
-    """A builder reference's model, refused when its structure differs from the recorded one."""
-    name, args = meta.arch.name, meta.arch.args.to_dict()
-    source = convert.source_model(name, args, check=False)
-    current = convert.structure_entries(source)
-    if current != meta.arch.structure:
-        raise MaskforgeError(
-            f"architecture {name} no longer builds the searched network "
-            f"({convert.first_difference(meta.arch.structure, current)}); rebuild it as it was "
-            f"at search time ({meta.arch.library})"
-        )
-    convert.check_output(source, name, args)
-    return convert.convert(source, meta.k, name)
 
 
 def _check_layers(meta: ArtifactDocument, structure: nn.Module, tensors: dict[str, np.ndarray], label: str) -> None:

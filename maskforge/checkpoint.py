@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from . import archs, container
+from . import archs, container, convert
 from .errors import MaskforgeError
 from .layers import batchnorm_modules, masked_modules
 from .schema import CheckpointDocument, Position, dump, parse, parse_checkpoint_document
@@ -140,10 +140,7 @@ def check_compatible(checkpoint: Checkpoint, identity: dict, label: str) -> None
     if differences:
         raise MaskforgeError(f"{label} was written by a different search: {'; '.join(differences)}")
     recorded_identity = checkpoint.identity
-    with torch.device("meta"):
-        structure = archs.build_structure(
-            recorded_identity.arch, recorded_identity.arch_args.to_dict(), recorded_identity.k
-        )
+    structure = _structure(recorded_identity, label)
     expected = expected_tensors(structure)
     names = set(checkpoint.tensors) - {RNG_STATE}
     missing = sorted(n for n in expected if n not in names and not n.startswith("momentum/"))
@@ -164,6 +161,21 @@ def check_compatible(checkpoint: Checkpoint, identity: dict, label: str) -> None
     momenta = {n for n in names if n.startswith("momentum/")}
     if momenta and len(momenta) != sum(n.startswith("scores/") for n in expected):
         raise MaskforgeError(f"{label}: momentum buffers exist for some layers only")
+
+
+def _structure(identity: Identity, label: str) -> nn.Module:
+    """The checkpoint's architecture on the meta device. A builder reference's code must still build the
+    structure recorded at search start (the artifact's rule, `convert.build_recorded`): an edit that keeps
+    every shape (a BatchNorm now a GroupNorm) still changes the network the scores belong to. Checkpoints
+    from before the record compare shapes only."""
+    arch, args, k = identity.arch, identity.arch_args.to_dict(), identity.k
+    with torch.device("meta"):
+        if identity.structure is None:
+            return archs.build_structure(arch, args, k)
+        try:
+            return convert.build_recorded(arch, args, k, identity.structure, identity.library)
+        except MaskforgeError as exc:
+            raise MaskforgeError(f"{label}: {exc}") from None
 
 
 def dump_identity(identity: Identity) -> dict:

@@ -79,6 +79,8 @@ __all__ = [
     "structure_entries",
     "structure_digest",
     "first_difference",
+    "builder_record",
+    "build_recorded",
     "library_of",
     "convert",
     "build",
@@ -373,6 +375,31 @@ def first_difference(recorded: list[str], current: list[str]) -> str:
     if len(current) > len(recorded):
         return f"entry {len(recorded)}: the code now gives '{current[len(recorded)]}', not recorded"
     return "none"
+
+
+def builder_record(reference: str, args: dict) -> dict:
+    """What a search records of its builder, at its start (the artifact's `arch` and the checkpoint's
+    `identity`: FORMAT.md section 2.6): `library`, `structure`, `structure_digest`; nothing for a
+    registered name."""
+    if not is_reference(reference):
+        return {}
+    entries = structure_entries(source_model(reference, args))
+    return {"library": library_of(reference), "structure": entries, "structure_digest": structure_digest(entries)}
+
+
+def build_recorded(reference: str, args: dict, k: float, structure: list[str], library: str | None) -> nn.Module:
+    """The masked network of a builder reference whose structure was recorded at search time (an
+    artifact's or a checkpoint's), refused in one line naming the first difference when the code now
+    builds another: the masks and scores belong to the recorded network, not to whatever the code gives."""
+    source = source_model(reference, args, check=False)
+    current = structure_entries(source)
+    if current != structure:
+        raise MaskforgeError(
+            f"architecture {reference} no longer builds the searched network "
+            f"({first_difference(structure, current)}); rebuild it as it was at search time ({library})"
+        )
+    check_output(source, reference, args)
+    return finish(convert(source, k, reference))
 
 
 # --- the conversion rules ---------------------------------------------------------------------------------

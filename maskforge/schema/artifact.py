@@ -87,15 +87,19 @@ class ArchSpec:
 
     @model_validator(mode="after")
     def _structure(self) -> "ArchSpec":
-        if (self.structure is None) != (self.structure_digest is None):
-            raise ValueError("structure and structure_digest go together")
-        if self.structure is not None:
-            import hashlib
-
-            digest = hashlib.sha256("\n".join(self.structure).encode("utf-8")).hexdigest()
-            if digest != self.structure_digest:
-                raise ValueError("structure_digest is not the SHA-256 of the structure lines")
+        check_structure_record(self.structure, self.structure_digest)
         return self
+
+
+def check_structure_record(structure: list[str] | None, digest: str | None) -> None:
+    """A recorded builder structure (artifact `arch`, checkpoint `identity`) comes with its SHA-256."""
+    if (structure is None) != (digest is None):
+        raise ValueError("structure and structure_digest go together")
+    if structure is not None:
+        import hashlib
+
+        if hashlib.sha256("\n".join(structure).encode("utf-8")).hexdigest() != digest:
+            raise ValueError("structure_digest is not the SHA-256 of the structure lines")
 
 
 @record(frozen=True, label="init")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Optional
 
 from pydantic import model_validator
 
-from .artifact import MAX_SEED, ArchArgs, Distribution, TopkRule
+from .artifact import MAX_SEED, ArchArgs, Distribution, TopkRule, check_structure_record
 from .base import Field, Flag, Hex64, Integer, Measurement, Number, Text, check_format, parse, record
 from .config import SearchConfig
 
@@ -28,6 +28,19 @@ class Identity:
     init: Distribution
     scale_fan: Flag
     topk: TopkRule = "layer"
+    # builder references, since issue 15 (older checkpoints lack them: a resume then compares shapes only)
+    library: Optional[Text] = Field(None, description="builder references: as the artifact's arch.library")
+    structure: Optional[list[Text]] = Field(
+        None,
+        description="builder references: the built model's structure at search start, as the artifact's "
+        "arch.structure; a resume is refused when the code now builds another",
+    )
+    structure_digest: Optional[Hex64] = Field(None, description="SHA-256 of the structure lines joined by newlines")
+
+    @model_validator(mode="after")
+    def _structure(self) -> "Identity":
+        check_structure_record(self.structure, self.structure_digest)
+        return self
 
 
 @record(frozen=True, label="position")

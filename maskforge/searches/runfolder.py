@@ -95,7 +95,7 @@ def save_checkpoint(session: Session, epoch_sums: list) -> None:
 def _write_checkpoint(session: Session, rows: list) -> None:
     position = session.position
     document = {
-        "identity": identity(session.config, session.arch_args),
+        "identity": {**identity(session.config, session.arch_args), **session.builder},
         "config": session.config.to_dict(),
         "world_size": session.world.world_size,
         "position": {
@@ -149,6 +149,7 @@ def finalize_artifact(session: Session) -> tuple[Artifact, Path, str]:
         k=float(config.k),
         provenance=provenance(session),
         topk=config.topk,
+        builder=session.builder,
     )
     path = Path(config.out) / ARTIFACT_NAME
 

@@ -56,6 +56,9 @@ class Session:
     metrics: list[dict] = field(default_factory=list)
     # This rank's running train sums of the current epoch: loss sum, correct, seen.
     epoch_sums: list = field(default_factory=lambda: [0.0, 0, 0])
+    # A builder reference's library and structure at search start (convert.builder_record; {} for a
+    # registered name): every checkpoint and the artifact record it, and a resume compares the code with it.
+    builder: dict = field(default_factory=dict)
 
     @property
     def bn_stats(self) -> list[torch.Tensor]:
@@ -128,6 +131,7 @@ def setup(
         config.warmup_epochs * steps_per_epoch,
         _workers(config, world),
     )
+    session.builder = _builder_record(config, arch_args, checkpoint)
     if checkpoint is not None:
         _resume_from(session, checkpoint)
     session.train_model = _wrap(model, config, world, device)
@@ -164,6 +168,19 @@ def _probe_determinism(config: SearchConfig, splits: DataSplits, model: nn.Modul
             logits = probe(accelerator.inputs(images, splits.spec))
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
         loss.backward()
+
+
+def _builder_record(config: SearchConfig, arch_args: dict, checkpoint: Checkpoint | None) -> dict:
+    """The record of the search's start: a resumed search keeps its checkpoint's (the plan checked that the
+    code still builds it); a fresh one, or a checkpoint from before the record, takes the code's now."""
+    identity = checkpoint.identity if checkpoint is not None else None
+    if identity is not None and identity.structure is not None:
+        return {
+            "library": identity.library,
+            "structure": list(identity.structure),
+            "structure_digest": identity.structure_digest,
+        }
+    return convert.builder_record(config.arch, arch_args)
 
 
 def _resume_from(session: Session, checkpoint: Checkpoint) -> None:
