@@ -112,7 +112,10 @@ def test_resume_refuses_a_changed_structure_whose_shapes_still_fit(run):
     message = str(refused.value)
     assert "\n" not in message
     assert "no longer builds the searched network" in message
-    assert "entry 1: recorded '1.weight param 8 GroupNorm', the code now gives '1.weight param 8 InstanceNorm2d'" in message
+    assert (
+        "entry 1: recorded '1.weight param 8 GroupNorm', the code now gives '1.weight param 8 InstanceNorm2d'"
+        in message
+    )
 
 
 def test_a_checkpoint_without_the_record_compares_shapes_only(run):
