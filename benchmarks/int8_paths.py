@@ -6,8 +6,8 @@ holds one of `FLOAT_OPS` (a transformer's softmax and norms), where it quantizes
 and leaves the rest in float32. This script exports one artifact three ways, as dense ONNX files:
 
 * `fp32`         the plain float graph;
-* `int8 weights` the weight operators only (`FLOAT_OPS` forced to match every graph);
-* `int8 whole`   every operator (`FLOAT_OPS` emptied),
+* `int8 weights` the weight operators only, the first in float (`float_nodes` forced to find one);
+* `int8 whole`   every operator (`float_nodes` forced to find none),
 
 each through `export_onnx`, so each is checked (kernels, top-1 and agreement with fp32 on held-out
 images) or the row says why it was refused. Then it times the three in onnxruntime, interleaved in one
@@ -41,24 +41,16 @@ from maskforge.export import export_onnx, ort_session
 from maskforge.export import int8 as int8_module
 
 
-class _AllOps(tuple):
-    """A FLOAT_OPS that every graph "contains": `float_nodes` then lists every node, so the weight-only
-    path is taken (the membership test is all it is used for)."""
-
-    def __contains__(self, op) -> bool:
-        return True
-
-
 def export_three(artifact: Path, folder: Path) -> dict[str, dict]:
     """The three files, each with its export figures, or the reason it was refused."""
-    saved = int8_module.FLOAT_OPS
+    saved = int8_module.float_nodes
     rows = {}
-    for name, float_ops, precision in (
+    for name, float_nodes, precision in (
         ("fp32", saved, "fp32"),
-        ("int8 weights", _AllOps(), "int8"),
-        ("int8 whole", (), "int8"),
+        ("int8 weights", lambda proto: ["(forced)"], "int8"),
+        ("int8 whole", lambda proto: [], "int8"),
     ):
-        int8_module.FLOAT_OPS = float_ops
+        int8_module.float_nodes = float_nodes  # what decides the path: any float-only node
         path = folder / (name.replace(" ", "_") + ".onnx")
         try:
             result = export_onnx(artifact, path, storage="dense", precision=precision)
@@ -73,7 +65,7 @@ def export_three(artifact: Path, folder: Path) -> dict[str, dict]:
         except MaskforgeError as exc:
             rows[name] = {"refused": str(exc)}
         finally:
-            int8_module.FLOAT_OPS = saved
+            int8_module.float_nodes = saved
     return rows
 
 
