@@ -96,8 +96,8 @@ class ScratchFull(MaskforgeError):
 #: residual sums span ranges a per-tensor uint8 scale cannot hold (a converted ViT kept the fp32 class
 #: for 68 % of images with everything quantized, for over 98 % with the weight operators only). Sigmoid
 #: (SiLU, squeeze-excitation) is not among them: EfficientNet-B0 quantized whole keeps the fp32 class for
-#: 99.4 % of held-out images (99.6 % weight operators only) and runs 1.24x faster than fp32 where the
-#: weight operators alone gave 0.97x (1 thread, batch 8 at 32x32, BENCHMARKS.md). (It was listed while the
+#: 99.4 % of held-out images (99.6 % weight operators only) and runs 1.25x faster than fp32 where the
+#: weight operators alone gave 0.98x (1 thread, batch 8 at 32x32, BENCHMARKS.md §11). (It was listed while the
 #: kernel check compared only the logits, where a deep network's one-step roundings add up.)
 #:
 #: On that path the first weight operator, the one that reads the image, stays float32 too. A per-tensor
