@@ -319,6 +319,7 @@ def artifact_from_bytes(
     rebuilt = (
         f"; its code ({meta.arch.library} at search time) rebuilds the recorded structure "
         f"(sha256 {(meta.arch.structure_digest or '')[:16]}...)"
+        + (f" and module calls (sha256 {meta.arch.calls_digest[:16]}...)" if meta.arch.calls_digest else "")
         if meta.arch.structure is not None
         else ""
     )
@@ -379,7 +380,9 @@ def check_structure(meta: ArtifactDocument, tensors: dict[str, np.ndarray], labe
     try:
         with torch.device("meta"):
             if reference:
-                structure = convert.build_recorded(name, args, meta.k, meta.arch.structure, meta.arch.library)
+                structure = convert.build_recorded(
+                    name, args, meta.k, meta.arch.structure, meta.arch.library, meta.arch.calls
+                )
             else:
                 structure = archs.build_structure(name, args, meta.k)
     except MaskforgeError as exc:

@@ -173,7 +173,7 @@ def _structure(identity: Identity, label: str) -> nn.Module:
         if identity.structure is None:
             return archs.build_structure(arch, args, k)
         try:
-            return convert.build_recorded(arch, args, k, identity.structure, identity.library)
+            return convert.build_recorded(arch, args, k, identity.structure, identity.library, identity.calls)
         except MaskforgeError as exc:
             raise MaskforgeError(f"{label}: {exc}") from None
 

@@ -79,6 +79,7 @@ __all__ = [
     "structure_entries",
     "structure_digest",
     "first_difference",
+    "call_entries",
     "builder_record",
     "build_recorded",
     "library_of",
@@ -365,6 +366,42 @@ def structure_digest(entries: list[str]) -> str:
     return hashlib.sha256("\n".join(entries).encode("utf-8")).hexdigest()
 
 
+def call_entries(model: nn.Module, args: dict) -> list[str]:
+    """One line per module call in an evaluation-mode forward pass of one image on the meta device, in the
+    order the calls end: `name ModuleClass output-shape` (FORMAT.md section 2.6). What the parameter and
+    buffer listing cannot see: modules without tensors (an activation, a pooling) and the arguments that
+    change shapes (stride, padding, kernel size)."""
+    in_channels, image_size = args["in_channels"], tuple(args["image_size"])
+    lines: list[str] = []
+
+    def recorder(name: str):
+        def record(module: nn.Module, inputs, output) -> None:
+            lines.append(f"{name} {type(module).__name__} {_shapes(output)}")
+
+        return record
+
+    hooks = [module.register_forward_hook(recorder(name)) for name, module in model.named_modules() if name]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.empty(1, in_channels, *image_size, device="meta"))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return lines
+
+
+def _shapes(output) -> str:
+    """`AxBxC` for a tensor, comma-joined for a tuple or list of outputs, the type's name for anything else."""
+    if isinstance(output, torch.Tensor):
+        return "x".join(str(size) for size in output.shape) or "scalar"
+    if isinstance(output, (tuple, list)):
+        return ",".join(_shapes(item) for item in output)
+    return type(output).__name__
+
+
 def first_difference(recorded: list[str], current: list[str]) -> str:
     """The first line where two structures differ, in words."""
     for index, (old, new) in enumerate(zip(recorded, current)):
@@ -383,14 +420,24 @@ def builder_record(reference: str, args: dict) -> dict:
     registered name."""
     if not is_reference(reference):
         return {}
-    entries = structure_entries(source_model(reference, args))
-    return {"library": library_of(reference), "structure": entries, "structure_digest": structure_digest(entries)}
+    source = source_model(reference, args)
+    entries, calls = structure_entries(source), call_entries(source, args)
+    return {
+        "library": library_of(reference),
+        "structure": entries,
+        "structure_digest": structure_digest(entries),
+        "calls": calls,
+        "calls_digest": structure_digest(calls),
+    }
 
 
-def build_recorded(reference: str, args: dict, k: float, structure: list[str], library: str | None) -> nn.Module:
-    """The masked network of a builder reference whose structure was recorded at search time (an
-    artifact's or a checkpoint's), refused in one line naming the first difference when the code now
-    builds another: the masks and scores belong to the recorded network, not to whatever the code gives."""
+def build_recorded(
+    reference: str, args: dict, k: float, structure: list[str], library: str | None, calls: list[str] | None = None
+) -> nn.Module:
+    """The masked network of a builder reference whose structure (and, when recorded, its module calls)
+    was recorded at search time (an artifact's or a checkpoint's), refused in one line naming the first
+    difference when the code now builds or computes another: the masks and scores belong to the recorded
+    network, not to whatever the code gives. (Records from before the call listing have `calls` None.)"""
     source = source_model(reference, args, check=False)
     current = structure_entries(source)
     if current != structure:
@@ -399,6 +446,13 @@ def build_recorded(reference: str, args: dict, k: float, structure: list[str], l
             f"({first_difference(structure, current)}); rebuild it as it was at search time ({library})"
         )
     check_output(source, reference, args)
+    if calls is not None:
+        now = call_entries(source, args)
+        if now != calls:
+            raise MaskforgeError(
+                f"architecture {reference} no longer computes the searched network (module calls, "
+                f"{first_difference(calls, now)}); rebuild it as it was at search time ({library})"
+            )
     return finish(convert(source, k, reference))
 
 

@@ -42,9 +42,12 @@ NET = textwrap.dedent("""
 GROUP_NORM = "nn.GroupNorm(2, 8)"
 
 
-def _write_net(folder: Path, norm: str) -> Path:
+def _write_net(folder: Path, norm: str, *edits: tuple[str, str]) -> Path:
     path = folder / "net.py"
-    path.write_text(NET.replace("NORM", norm))
+    text = NET.replace("NORM", norm)
+    for old, new in edits:
+        text = text.replace(old, new)
+    path.write_text(text)
     convert._file_modules.clear()  # this process imported the file before its edit
     return path
 
@@ -82,9 +85,9 @@ def run(searched, tmp_path) -> Path:
     return target
 
 
-def _edit(run: Path, norm: str) -> None:
+def _edit(run: Path, norm: str, *edits: tuple[str, str]) -> None:
     """Edit the user's module that the run's reference names (an absolute path)."""
-    _write_net(Path(load_checkpoint(_ckpt(run)).identity.arch.split(":")[0]).parent, norm)
+    _write_net(Path(load_checkpoint(_ckpt(run)).identity.arch.split(":")[0]).parent, norm, *edits)
 
 
 def _ckpt(run: Path) -> Path:
@@ -158,3 +161,55 @@ def test_an_edit_during_the_search_is_not_recorded_as_the_searched_network(searc
     assert result.artifact.meta.arch.structure[1] == "1.weight param 8 GroupNorm"
     with pytest.raises(MaskforgeError, match="recorded '1.weight param 8 GroupNorm', the code now gives '1.weight"):
         load_artifact(result.artifact_path)
+
+
+# --- module calls: what the parameter and buffer listing cannot see ---------------------------------------
+
+RELU_TO_GELU = ("nn.ReLU()", "nn.GELU()")
+STRIDE_2 = ("padding=1, bias=False", "padding=1, stride=2, bias=False")  # the pooling hides it from shapes
+
+
+def test_the_calls_are_recorded_with_the_structure(run):
+    identity = load_checkpoint(_ckpt(run)).identity
+    # written out by hand: one 3x8x8 image through the builder's model, each module call as it ends
+    assert identity.calls == [
+        "0 Conv2d 1x8x8x8",
+        "1 GroupNorm 1x8x8x8",
+        "2 ReLU 1x8x8x8",
+        "3 AdaptiveAvgPool2d 1x8x1x1",
+        "4 Flatten 1x8",
+        "5 Linear 1x2",
+    ]
+    assert load_artifact(run / "artifact.safetensors").meta.arch.calls == identity.calls
+
+
+def test_resume_refuses_an_activation_swap(run):
+    _edit(run, GROUP_NORM, RELU_TO_GELU)
+    with pytest.raises(MaskforgeError) as refused:
+        resume(run)
+    assert str(refused.value).endswith(
+        "no longer computes the searched network (module calls, entry 2: recorded '2 ReLU 1x8x8x8', the code "
+        f"now gives '2 GELU 1x8x8x8'); rebuild it as it was at search time ({load_checkpoint(_ckpt(run)).identity.library})"
+    )
+
+
+def test_loading_refuses_a_stride_that_no_parameter_shows(run):
+    _edit(run, GROUP_NORM, STRIDE_2)
+    with pytest.raises(
+        MaskforgeError,
+        match=r"no longer computes the searched network \(module calls, entry 0: recorded '0 Conv2d 1x8x8x8', "
+        r"the code now gives '0 Conv2d 1x8x4x4'\)",
+    ):
+        load_artifact(run / "artifact.safetensors")
+
+
+def test_records_without_calls_still_load_and_resume(run):
+    """Artifacts and checkpoints of 0.2.0 have no call listing: they load, and the same edit then goes
+    unnoticed (which is why the listing exists)."""
+    checkpoint = load_checkpoint(_ckpt(run))
+    for key in ("calls", "calls_digest"):
+        del checkpoint.document["identity"][key]
+    save_checkpoint(checkpoint, _ckpt(run))
+    _edit(run, GROUP_NORM, RELU_TO_GELU)
+    result = resume(run, {"keep_checkpoint": True})
+    assert result.artifact.meta.arch.calls is None  # the checkpoint's record, as it was

@@ -84,22 +84,32 @@ class ArchSpec:
         "module order (FORMAT.md section 2.6)",
     )
     structure_digest: Optional[Hex64] = Field(None, description="SHA-256 of the structure lines joined by newlines")
+    calls: Optional[list[Text]] = Field(
+        None,
+        description="builder references (since 0.3): the module calls of a forward pass, one "
+        "'name ModuleClass output-shape' each, in the order they end (FORMAT.md section 2.6)",
+    )
+    calls_digest: Optional[Hex64] = Field(None, description="SHA-256 of the call lines joined by newlines")
 
     @model_validator(mode="after")
     def _structure(self) -> "ArchSpec":
         check_structure_record(self.structure, self.structure_digest)
+        check_structure_record(self.calls, self.calls_digest, "calls")
+        if self.calls is not None and self.structure is None:
+            raise ValueError("calls come with a structure")
         return self
 
 
-def check_structure_record(structure: list[str] | None, digest: str | None) -> None:
-    """A recorded builder structure (artifact `arch`, checkpoint `identity`) comes with its SHA-256."""
-    if (structure is None) != (digest is None):
-        raise ValueError("structure and structure_digest go together")
-    if structure is not None:
+def check_structure_record(lines: list[str] | None, digest: str | None, what: str = "structure") -> None:
+    """A recorded builder listing (artifact `arch`, checkpoint `identity`: the structure, or the calls)
+    comes with its SHA-256."""
+    if (lines is None) != (digest is None):
+        raise ValueError(f"{what} and {what}_digest go together")
+    if lines is not None:
         import hashlib
 
-        if hashlib.sha256("\n".join(structure).encode("utf-8")).hexdigest() != digest:
-            raise ValueError("structure_digest is not the SHA-256 of the structure lines")
+        if hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest() != digest:
+            raise ValueError(f"{what}_digest is not the SHA-256 of the {what} lines")
 
 
 @record(frozen=True, label="init")

@@ -36,10 +36,13 @@ class Identity:
         "arch.structure; a resume is refused when the code now builds another",
     )
     structure_digest: Optional[Hex64] = Field(None, description="SHA-256 of the structure lines joined by newlines")
+    calls: Optional[list[Text]] = Field(None, description="builder references: as the artifact's arch.calls")
+    calls_digest: Optional[Hex64] = Field(None, description="SHA-256 of the call lines joined by newlines")
 
     @model_validator(mode="after")
     def _structure(self) -> "Identity":
         check_structure_record(self.structure, self.structure_digest)
+        check_structure_record(self.calls, self.calls_digest, "calls")
         return self
 
 

@@ -175,11 +175,14 @@ def _builder_record(config: SearchConfig, arch_args: dict, checkpoint: Checkpoin
     code still builds it); a fresh one, or a checkpoint from before the record, takes the code's now."""
     identity = checkpoint.identity if checkpoint is not None else None
     if identity is not None and identity.structure is not None:
-        return {
+        record = {
             "library": identity.library,
             "structure": list(identity.structure),
             "structure_digest": identity.structure_digest,
         }
+        if identity.calls is not None:  # checkpoints from before the call listing have none
+            record.update(calls=list(identity.calls), calls_digest=identity.calls_digest)
+        return record
     return convert.builder_record(config.arch, arch_args)
 
 
