@@ -333,3 +333,27 @@ def test_torchrun_two_gpus_nccl(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     artifact = load_artifact(out / "artifact.safetensors")
     assert artifact.document["provenance"]["processes"] == 2
+
+
+VIT_ARGS = '{"image_size": 28, "patch_size": 4, "num_layers": 2, "num_heads": 4, "hidden_dim": 64, "mlp_dim": 128}'
+
+
+@pytest.mark.parametrize(
+    "arch,arch_args", [("torchvision:mobilenet_v3_small", None), ("torchvision:VisionTransformer", VIT_ARGS)]
+)
+@pytest.mark.parametrize("compile_model", [False, True])
+def test_converted_models_search_on_the_gpu(tmp_path, arch, arch_args, compile_model):
+    """Issue 15's CUDA leg: converted models (depthwise convolutions, attention) on the fast recipe (bf16,
+    channels_last for the convolutions, the device's masker) with and without torch.compile, then the
+    artifact verifies and exports with parity (the export runs on the CPU: the weights are the seed's)."""
+    from maskforge.export import export_onnx
+    from maskforge.verify import verify_artifact
+
+    result = search(
+        _config(tmp_path, arch=arch, arch_args=arch_args, max_steps=20, compile=compile_model, batch_size=128)
+    )
+    assert result.metrics[-1]["step"] == 20 and result.heldout_acc > 0.1
+    assert result.artifact.document["provenance"]["device"].startswith("cuda")
+    assert verify_artifact(result.artifact_path).ok
+    exported = export_onnx(result.artifact_path, tmp_path / "model.onnx")
+    assert exported.max_abs_diff <= exported.parity_tolerance
