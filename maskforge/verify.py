@@ -237,7 +237,8 @@ def _check_onnx_metadata(proto, artifact: Artifact, report: VerifyReport):
 
 
 def _check_float_outputs(onnx_path: Path, artifact: Artifact, rtol: float) -> str:
-    from .export.parity import PARITY_BATCH, compare_logits, ort_session, parity_inputs, run_session
+    from .export.parity import PARITY_BATCH, compare_logits, parity_inputs
+    from .export.sessions import ort_session, run_session
     from .materialization import materialize
 
     x = parity_inputs(artifact.spec)

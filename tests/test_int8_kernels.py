@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from maskforge.errors import MaskforgeError
 from maskforge.export.kernels import KERNEL_MAX_STEPS, activation_quantizers, check_kernels
-from maskforge.export.parity import ort_session, run_session
+from maskforge.export.sessions import ort_session, run_session
 
 PIXEL, WEIGHT, EXACT_STEPS = 255, 127, 200
 INT32_MAX = 2**31 - 1

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from maskforge.cli.app import app
 from maskforge.errors import MaskforgeError
 from maskforge.export import export_onnx, ort_session
-from maskforge.export.parity import run_session
+from maskforge.export.sessions import run_session
 from eval_helpers import edited_to_fail_while_running
 from test_export import make_artifact
 

@@ -12,7 +12,8 @@ One module per job:
 * `regen_graph`  weights regenerated from the seed inside the graph (SplitMix64 in ONNX integer ops)
 * `destination`  the output path: checked up front, missing folders made (and removed on failure)
 * `metadata`     the `maskforge.*` metadata_props that tie a file to its artifact
-* `parity`       the onnxruntime session helper and the output checks shared with `verify`
+* `sessions`     onnxruntime sessions: CPU, quiet, an optimization level, one error for a bad model
+* `parity`       the output checks shared with `verify`
 * `kernels`      the int8 kernel check: integer kernels against the graph run in float, kernel by kernel
 * `onnx_export`  `export_onnx`: the steps above, then the check, then the atomic rename
 * `torch_export` `export_torch` / `load_torch_export`
@@ -38,7 +39,8 @@ from .modes import (
     resolve_mode,
 )
 from .onnx_export import ExportResult, Int8Options, export_onnx
-from .parity import PARITY_RTOL, compare_logits, float_parity, ort_message, ort_session
+from .parity import PARITY_RTOL, compare_logits, float_parity
+from .sessions import ort_message, ort_session
 from .torch_export import TORCH_EXPORT_FORMAT, TORCH_EXPORT_KEY, export_torch, load_torch_export
 
 __all__ = [

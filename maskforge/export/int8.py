@@ -207,7 +207,7 @@ def folded_weights(path: str | os.PathLike) -> list[tuple[str, np.ndarray, np.nd
     constant-folded into initializers first (basic optimization keeps the DequantizeLinear nodes)."""
     import onnx
 
-    from .parity import ort_session
+    from .sessions import ort_session
 
     with tempfile.TemporaryDirectory(prefix="maskforge-folded-") as tmp:
         folded = Path(tmp) / "folded.onnx"

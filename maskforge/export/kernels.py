@@ -48,7 +48,7 @@ def check_kernels(path: str | os.PathLike, images: np.ndarray) -> KernelCheck:
     kernel differs from the float run by more than `KERNEL_MAX_STEPS` steps."""
     import onnx
 
-    from .parity import ort_session, run_session
+    from .sessions import ort_session, run_session
 
     proto = onnx.load(str(path))
     cuts = activation_quantizers(proto)

@@ -44,9 +44,8 @@ from .parity import (
     Parity,
     float_parity,
     int8_parity,
-    ort_session,
-    run_session,
 )
+from .sessions import ort_session, run_session
 from .regen_graph import regen_weights
 from .trace import trace_to_onnx
 
