@@ -134,7 +134,7 @@ def _check_k(text: str | None) -> None:
             continue  # not a number: the sweep's own parser names it
         problem = k_problem(value)
         if problem:
-            raise MaskforgeError(f"--k {text}: {item.strip()}: {problem}")
+            raise MaskforgeError(f"--k {text}: " + (f"{item.strip()}: " if "," in text else "") + problem)
 
 
 def _report_stopped(stopped: KeyboardInterrupt) -> None:

@@ -445,7 +445,10 @@ def test_cli_sweep_in_a_log_file_shows_each_points_epochs(tmp_path):
     "args,message",
     [
         (["--k", "0.1,,0.3"], "error: k: malformed list '0.1,,0.3'"),
-        (["--k", "1.5"], "search config: k must be <= 1, got 1.5"),
+        (
+            ["--k", "1.5"],
+            "error: --k 1.5: k is the fraction of weights kept, in (0, 1] (--k 0.3 keeps 30 % of every layer)",
+        ),
         (["--width", "0"], "search config: width must be > 0, got 0.0"),
         (["--topk", "global,row"], "search config: topk must be one of 'layer' or 'global', got 'row'"),
         (["--shard", "2/2"], "error: shard 2/2: I must be in 0..N-1"),
