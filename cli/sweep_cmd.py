@@ -127,7 +127,9 @@ def sweep_command(
 
 def _check_k(text: str | None) -> None:
     """Refuse a --k list with a value outside (0, 1] in one line, with search's hint (a percentage?)."""
-    for item in (text or "").split(","):
+    if not text:
+        return
+    for item in text.split(","):
         try:
             value = float(item)
         except ValueError:
