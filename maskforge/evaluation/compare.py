@@ -23,7 +23,8 @@ from typing import Sequence
 
 from ..errors import MaskforgeError
 from ..export import EXPORT_MODES, ExportMode, Int8Options, export_onnx
-from ..export.calibration import DEFAULT_CALIBRATION, load_check_images
+from ..export.calibration import load_check_images
+from ..exportchoices import DEFAULT_CALIBRATION
 from ..materialization import materialize
 from ..memory import check_network_fits
 from .measure import COMPARE_LATENCY, LatencyOptions, Reference, Settings, load_matching_data, measure, split_of

@@ -23,7 +23,8 @@ One module per job:
 ('regen', 'fp32', True)
 """
 
-from .calibration import DEFAULT_CALIBRATION, matching_splits, searched_data
+from ..exportchoices import DEFAULT_CALIBRATION
+from .calibration import matching_splits, searched_data
 from .compact import compact_weights
 from .metadata import META_PREFIX, OnnxModelInfo, artifact_identity, read_onnx_metadata
 from .destination import check_output_path, output_folder

@@ -19,7 +19,6 @@ from ..artifact import Artifact
 from ..data import DataSplits, InputSpec, is_named, load_data, normalize
 from ..errors import MaskforgeError
 
-DEFAULT_CALIBRATION = 256  # training images whose activation ranges set the int8 scales
 DEFAULT_CHECK_IMAGES = 1000  # held-out images the int8 file is compared with fp32 on
 CALIBRATION_BATCH = 32
 

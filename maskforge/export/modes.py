@@ -18,13 +18,10 @@ from pathlib import Path
 
 from ..artifact import Artifact
 from ..errors import MaskforgeError
+from ..exportchoices import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, PRECISIONS, STORAGES, check_choices
 from . import regen_graph
-from .trace import TRACE_MAX_OPSET
 
-STORAGES = ("dense", "compact", "regen")
-PRECISIONS = ("fp32", "int8")
-DEFAULT_OPSET = 18  # the lowest opset regen can use (bitwise operators)
-MIN_OPSET, MAX_OPSET = 13, TRACE_MAX_OPSET  # 13: per-channel DequantizeLinear, Slice/Unsqueeze with inputs
+__all__ = ["DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "PRECISIONS", "STORAGES", "EXPORT_MODES", "ExportMode"]
 EXACT_INT8 = ("signed_constant", "unsigned_constant")  # c_j x {-1, 0, +1} per channel after BN folding
 
 
@@ -62,13 +59,7 @@ def resolve_mode(
     allow_lossy: bool = False,
 ) -> ExportMode:
     """Check the choices against each other and the artifact; raise one clear `MaskforgeError` if they clash."""
-    if storage is not None and storage not in STORAGES:
-        raise MaskforgeError(f"storage must be one of {', '.join(STORAGES)}; got {storage!r}")
-    if precision not in PRECISIONS:
-        raise MaskforgeError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
-    opset = DEFAULT_OPSET if opset is None else opset
-    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
-        raise MaskforgeError(f"opset must be an integer from {MIN_OPSET} to {MAX_OPSET}, got {opset!r}")
+    opset = check_choices(storage, precision, opset)
     regen_ok = artifact.init in regen_graph.DISTRIBUTIONS
     if storage is None:
         storage = "regen" if regen_ok and opset >= regen_graph.MIN_OPSET else "compact"

@@ -22,8 +22,8 @@ from ..errors import MaskforgeError
 from ..fileio import atomic_path
 from ..materialization import as_artifact, materialize
 from ..memory import check_network_fits
+from ..exportchoices import DEFAULT_CALIBRATION
 from .calibration import (
-    DEFAULT_CALIBRATION,
     DEFAULT_CHECK_IMAGES,
     CheckImages,
     check_calibration_count,

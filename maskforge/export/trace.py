@@ -16,7 +16,6 @@ from ..data import InputSpec
 from ..errors import MaskforgeError, first_line
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
-TRACE_MAX_OPSET = 20  # the TorchScript exporter's newest opset
 
 
 def trace_to_onnx(model: nn.Module, spec: InputSpec, opset: int):
