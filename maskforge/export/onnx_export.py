@@ -234,7 +234,7 @@ def _float_figures(parity: Parity) -> dict:
 
 def _int8_figures(check: Int8Check) -> dict:
     return {
-        "max_abs_diff": check.kernels.output_max_abs_diff,
+        "max_abs_diff": check.output_max_abs_diff,
         "kernel_max_steps": check.kernels.max_steps,
         "top1": check.top1,
         "reference_top1": check.reference_top1,

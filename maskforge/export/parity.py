@@ -97,7 +97,8 @@ def float_parity(
 class Int8Check:
     """The int8 file's figures: kernels against float simulation, accuracy against fp32."""
 
-    kernels: KernelCheck  # integer kernels vs the graph run in float
+    kernels: KernelCheck  # integer kernels vs the graph run in float, kernel by kernel
+    output_max_abs_diff: float  # the logits, optimized vs unoptimized (reported, not bounded)
     top1: float | None  # held-out top-1 of the int8 file
     reference_top1: float | None  # held-out top-1 of the fp32 network on the same images
     argmax_agreement: float | None
@@ -116,6 +117,8 @@ def int8_parity(
     """Check an int8 file on normalized `images` (with `labels` when known) or raise `MaskforgeError`."""
     kernels = check_kernels(path, images[:KERNEL_CHECK_IMAGES])
     fused = run_session(ort_session(path), images)
+    # end to end, for the record: one-step roundings add up through a deep network (kernels.py)
+    output_diff = float(np.abs(fused[: len(kernels.float_output)].astype(np.float64) - kernels.float_output).max())
     agreement = float((fused.argmax(1) == reference_logits.argmax(1)).mean())
     top1 = reference_top1 = None
     if labels is not None:
@@ -134,7 +137,7 @@ def int8_parity(
             f"{len(images)} held-out images (at least {100 * min_agreement:g} % required); "
             f"the int8 file was not written"
         )
-    return Int8Check(kernels, top1, reference_top1, agreement, len(images))
+    return Int8Check(kernels, output_diff, top1, reference_top1, agreement, len(images))
 
 
 def _top_gap(row: np.ndarray) -> float:
