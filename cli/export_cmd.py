@@ -90,8 +90,10 @@ def export_command(
 ) -> None:
     """Materialize an artifact and export it; every file is checked in onnxruntime before it is kept.
 
-    fp32 files are compared with PyTorch; int8 files with the same graph run in float and with fp32
-    top-1 on held-out images.
+    fp32 files are compared with PyTorch; int8 files with the same graph run in float, kernel by kernel
+    on the same inputs (each quantized tensor within 2 steps: docs/DEPLOY.md), and with fp32 top-1 on
+    held-out images. Graphs with a transformer's softmax or norms quantize their weight operators only,
+    the first (which reads the image) staying float.
 
     Examples:
       maskforge export runs/conv4/artifact.safetensors                    # -> runs/conv4/artifact.onnx
